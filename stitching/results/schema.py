@@ -1,0 +1,26 @@
+"""The columns of ``result.csv`` (one row per finished run) and how plots read them.
+
+Conventions
+-----------
+- ``kind`` is ``stitched`` (prefix -> adapters -> suffix), ``finetune`` (the fine-tuning baseline) or
+  ``original`` (an unstitched model: the reference rows; its stages, gap, adapter and resize are empty).
+- ``gap`` is the label ``"s->t"`` (e.g. ``"1->3"``); ``source_stage``/``destination_stage`` hold the ints.
+- ``top1``/``top5`` are percentages (0-100). ``macs`` are multiply-accumulates of one forward pass at the
+  run's input resolution (the paper's "FLOPs"); ``flops`` = 2 x ``macs``.
+- ``resize`` is the *effective* mode: where every adapter's input and output sizes already match, the
+  three modes build the same module and the row says ``none``.
+"""
+
+RESULT_COLUMNS = [
+    "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "gap",
+    "adapter", "resize", "schedule", "num_adapters", "pretrained", "dataset", "num_classes", "img_size",
+    "epochs", "batch_size", "lr", "weight_decay", "seed",
+    "top1", "top5", "val_loss", "train_loss",
+    "macs", "flops", "params", "trainable_params",
+    "images_per_s", "wall_time_s", "world_size", "device", "precision", "git_sha", "finished_at",
+]
+
+METRICS_COLUMNS = [
+    "epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "top1", "top5",
+    "images_per_s", "epoch_time_s",
+]

@@ -1,0 +1,1 @@
+"""Stitch: shape planning, adapters, the stitched module (prefix -> adapters -> suffix) and its cost."""

@@ -1,0 +1,245 @@
+"""The shape plan of a stitch: which tensors meet at each join, before any weight is loaded.
+
+:func:`plan_stitch` turns (source cut, destination cut, gap, adapter, resize, schedule) into the list
+of adapter steps with their input/output channels and spatial sizes, or raises :class:`PlanError`
+naming the offending config key. It works on shapes only, so configs are validated from the registry's
+declared cuts (at a nominal 224 px) before anything is built, and the stitcher calls it again with the
+shapes traced from the real models at the run's resolution.
+
+Schedules for a gap crossing k = t - s scale changes (k adapters, one when k = 0):
+``paper``: channels double from the source's width, capped at the destination's (halve, floored at it,
+when the destination is narrower); the spatial size halves per adapter, floored at the destination's
+(doubles, capped, when the destination is larger); the last adapter lands on the destination's shape.
+``destination``: adapter i lands on the destination's own shape after the first block of stage s + i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stitching.models.formats import channels_after
+from stitching.models.registry import ModelSpec
+
+ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck", "vit_block", "finetune")
+RESIZES = ("none", "bilinear", "strided")
+SCHEDULES = ("paper", "destination")
+STRIDED_ADAPTERS = ("conv3x3", "bottleneck")
+
+
+class PlanError(ValueError):
+    """An impossible stitch; ``key``/``value`` name the config entry responsible."""
+
+    def __init__(self, key: str, value, message: str):
+        super().__init__(message)
+        self.key, self.value = key, value
+
+
+@dataclass(frozen=True)
+class Shape:
+    format: str
+    channels: int
+    height: int
+    width: int
+
+    def __str__(self) -> str:
+        return f"{self.channels}@{self.height}x{self.width} ({self.format})"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One adapter: input -> output channels and sizes, and how it resizes (``stride`` when strided)."""
+
+    c_in: int
+    c_out: int
+    size_in: tuple[int, int]
+    size_out: tuple[int, int]
+    resize: str
+    stride: int = 1
+
+
+@dataclass
+class StitchPlan:
+    source: str
+    destination: str
+    source_stage: int
+    destination_stage: int
+    adapter: str
+    resize: str
+    schedule: str
+    source_cut: Shape
+    destination_cut: Shape
+    working_format: str
+    steps: list[Step] = field(default_factory=list)
+    kept_blocks: list[int] = field(default_factory=list)  # finetune: destination stages whose first block stays
+
+    @property
+    def kind(self) -> str:
+        return "finetune" if self.adapter == "finetune" else "stitched"
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.steps)
+
+    @property
+    def effective_resize(self) -> str:
+        """``none`` where no adapter changes the spatial size: the three modes build the same module."""
+        if all(s.size_in == s.size_out for s in self.steps):
+            return "none"
+        return self.resize
+
+    def signature(self) -> tuple:
+        """Equal signatures build identical modules (used to drop duplicate runs from sweeps)."""
+        return (self.source, self.destination, self.source_stage, self.destination_stage, self.adapter,
+                self.working_format, tuple(self.steps), tuple(self.kept_blocks))
+
+    def joins(self) -> list[dict]:
+        """Every tensor handed from one part to the next, for summaries and logs."""
+        out = [{"at": f"{self.source} stage {self.source_stage} (after first block)", **_d(self.source_cut)}]
+        for i, s in enumerate(self.steps, 1):
+            out.append({"at": f"adapter {i} ({self.adapter}, {s.resize}, stride {s.stride})",
+                        "in": f"{s.c_in}@{s.size_in[0]}x{s.size_in[1]}",
+                        "out": f"{s.c_out}@{s.size_out[0]}x{s.size_out[1]}"})
+        for st in self.kept_blocks:
+            out.append({"at": f"{self.destination} stage {st} first block (kept, fine-tuned)"})
+        where = (f"after first block of stage {self.destination_stage}" if self.destination_stage > self.source_stage
+                 else f"end of stage {self.source_stage}")
+        out.append({"at": f"{self.destination} ({where})", **_d(self.destination_cut)})
+        return out
+
+
+def _d(s: Shape) -> dict:
+    return {"format": s.format, "shape": [s.channels, s.height, s.width]}
+
+
+def nominal_shape(spec: ModelSpec, stage: int, where: str, img_size: int = 224) -> Shape:
+    cut = spec.cut(stage, where)
+    side = max(1, img_size // cut.stride)
+    return Shape(cut.format, cut.channels, side, side)
+
+
+def destination_target(spec: ModelSpec, s: int, t: int) -> tuple[int, str]:
+    """The destination cut a gap s -> t lands on: after stage t's first block, or the end of stage s."""
+    return (t, "first") if t > s else (s, "end")
+
+
+def check_stages(source_stage: int, destination_stage: int) -> None:
+    if source_stage not in (1, 2, 3, 4):
+        raise PlanError("model.source_stage", source_stage, "must be 1, 2, 3 or 4")
+    if destination_stage not in (1, 2, 3, 4):
+        raise PlanError("model.destination_stage", destination_stage, "must be 1, 2, 3 or 4")
+    if destination_stage < source_stage:
+        raise PlanError("model.destination_stage", destination_stage,
+                        f"must be >= source_stage ({source_stage}): stitching goes from lower to higher stages")
+
+
+def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, resize: str, schedule: str,
+                shapes_src: dict | None = None, shapes_dst: dict | None = None) -> StitchPlan:
+    """Plan the stitch. ``shapes_*`` map (stage, 'first'|'end') to (C, H, W) traced from the real models;
+    without them the declared cuts at a nominal 224 px are used (config validation)."""
+    check_stages(s, t)
+    if adapter not in ADAPTERS:
+        raise PlanError("model.adapter", adapter, f"must be one of {', '.join(ADAPTERS)}")
+    if resize not in RESIZES:
+        raise PlanError("model.resize", resize, f"must be one of {', '.join(RESIZES)}")
+    if schedule not in SCHEDULES:
+        raise PlanError("model.schedule", schedule, f"must be one of {', '.join(SCHEDULES)}")
+
+    def shape(spec, shapes, stage, where):
+        if shapes is None:
+            return nominal_shape(spec, stage, where)
+        c, h, w = shapes[(stage, where)]
+        return Shape(spec.cut(stage, where).format, c, h, w)
+
+    source_cut = shape(src, shapes_src, s, "first")
+    destination_cut = shape(dst, shapes_dst, *destination_target(dst, s, t))
+    plan = StitchPlan(src.name, dst.name, s, t, adapter, resize, schedule, source_cut, destination_cut,
+                      working_format=source_cut.format)
+
+    if adapter == "finetune":
+        return _plan_finetune(plan, src, dst, lambda st, w: shape(dst, shapes_dst, st, w))
+
+    if resize == "strided" and adapter not in STRIDED_ADAPTERS:
+        raise PlanError("model.resize", resize, f"strided resizing needs a 3x3 conv inside the adapter "
+                        f"({' or '.join(STRIDED_ADAPTERS)}), not {adapter!r}")
+    if adapter == "vit_block":
+        if destination_cut.format != "tokens_cls":
+            raise PlanError("model.adapter", adapter, f"vit_block works on class-token sequences and needs a "
+                            f"ViT-like destination; {dst.name} takes {destination_cut.format!r}")
+        plan.working_format = "tokens_cls"
+    else:
+        plan.working_format = "image"
+
+    k = max(t - s, 1)
+    c_first_in = channels_after(source_cut.format, plan.working_format, source_cut.channels)
+    if schedule == "paper":
+        chans = _channel_schedule(source_cut.channels, destination_cut.channels, k)
+        sizes = [_size_schedule(source_cut.height, destination_cut.height, k),
+                 _size_schedule(source_cut.width, destination_cut.width, k)]
+        sizes = list(zip(*sizes))
+    else:
+        inter = [shape(dst, shapes_dst, st, "first") for st in range(s + 1, s + k)]
+        chans = [x.channels for x in inter] + [destination_cut.channels]
+        sizes = [(x.height, x.width) for x in inter] + [(destination_cut.height, destination_cut.width)]
+
+    c_in, size_in = c_first_in, (source_cut.height, source_cut.width)
+    for i, (c_out, size_out) in enumerate(zip(chans, sizes)):
+        if resize == "none":
+            size_out = size_in
+        stride = 1
+        if resize == "strided" and size_out != size_in:
+            stride = _integer_stride(size_in, size_out, src, dst, s, t, i + 1)
+        plan.steps.append(Step(c_in, c_out, size_in, size_out, resize, stride))
+        c_in, size_in = c_out, size_out
+    return plan
+
+
+def _plan_finetune(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, dst_shape) -> StitchPlan:
+    if src.name != dst.name:
+        raise PlanError("model.adapter", "finetune", f"the fine-tuning baseline keeps the destination's own "
+                        f"blocks and only joins a model to itself, not {src.name} to {dst.name}")
+    s, t = plan.source_stage, plan.destination_stage
+    prev, prev_at = plan.source_cut, f"stage {s}'s first block"
+    for st in range(s, t + 1):
+        expected = dst_shape(st, "end")   # what stage st + 1's first block (or the head) takes
+        if st < t or t == s:
+            if prev.channels != expected.channels:
+                nxt = f"stage {st + 1}'s first block" if st < 4 else "the head"
+                raise PlanError("model.adapter", "finetune",
+                                f"{dst.name}: {prev_at} gives {prev.channels} channels but {nxt} expects "
+                                f"{expected.channels} (the blocks dropped in gap {s}->{t} change the width); "
+                                f"use an adapter instead")
+        if st < t:
+            plan.kept_blocks.append(st + 1)
+            prev, prev_at = dst_shape(st + 1, "first"), f"stage {st + 1}'s first block"
+    plan.working_format = plan.source_cut.format
+    return plan
+
+
+def _channel_schedule(c_src: int, c_dst: int, k: int) -> list[int]:
+    out, c = [], c_src
+    for _ in range(k):
+        c = min(2 * c, c_dst) if c_dst >= c_src else max(c // 2, c_dst)
+        out.append(c)
+    out[-1] = c_dst
+    return out
+
+
+def _size_schedule(h_src: int, h_dst: int, k: int) -> list[int]:
+    out, h = [], h_src
+    for _ in range(k):
+        h = max(-(-h // 2), h_dst) if h_dst <= h_src else min(2 * h, h_dst)
+        out.append(h)
+    out[-1] = h_dst
+    return out
+
+
+def _integer_stride(size_in, size_out, src, dst, s, t, i) -> int:
+    r = size_in[0] // size_out[0]
+    ok = all(o <= n for n, o in zip(size_in, size_out)) and r >= 1 and all(
+        -(-n // r) == o for n, o in zip(size_in, size_out))
+    if not ok:
+        raise PlanError("model.resize", "strided",
+                        f"adapter {i} of {src.name} {s} -> {dst.name} {t} maps {size_in[0]}x{size_in[1]} to "
+                        f"{size_out[0]}x{size_out[1]}, which no strided convolution does (upsampling or a "
+                        f"non-integer factor); use resize=bilinear")
+    return r

@@ -1,0 +1,113 @@
+"""The stitched network and its assembly from the registry.
+
+:class:`StitchedModel` is ``prefix -> adapters -> suffix``, each a visible ``nn.Sequential``:
+
+- ``prefix``: the source's stem and blocks up to and including the first block of the source stage;
+- ``adapters``: format conversion into the adapters' working format, the chained adapters, conversion
+  into the destination's format (for the fine-tuning baseline: the destination's kept first blocks);
+- ``suffix``: the destination's remaining blocks and head.
+
+For stitched models the prefix and suffix are frozen: ``requires_grad=False``, kept in eval mode when
+``.train()`` is called on the whole (no BatchNorm statistic updates, no dropout or stochastic depth), and
+the prefix runs under ``torch.no_grad()`` (no autograd graph, no stored activations). The fine-tuning
+baseline trains every weight in train mode.
+
+:func:`build_model` is the single entry point from a config's ``model`` section: it loads each network
+once (source and destination share one instance when they are the same weights), traces the real shapes
+at the cut points, plans the stitch (:mod:`stitching.stitch.plan`) and assembles the parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stitching.models.formats import Convert
+from stitching.models.registry import get_spec, load_model, trace_cuts
+from stitching.stitch.adapters import Adapter
+from stitching.stitch.plan import StitchPlan, destination_target, plan_stitch
+
+
+class StitchedModel(nn.Module):
+    def __init__(self, prefix: nn.Sequential, adapters: nn.Sequential, suffix: nn.Sequential,
+                 frozen: bool = True, plan: StitchPlan | None = None):
+        super().__init__()
+        self.prefix, self.adapters, self.suffix = prefix, adapters, suffix
+        self.frozen = frozen
+        self.plan = plan
+        if frozen:
+            self.prefix.requires_grad_(False)
+            self.suffix.requires_grad_(False)
+            self.prefix.eval()
+            self.suffix.eval()
+
+    def frozen_parts(self) -> list[nn.Module]:
+        return [self.prefix, self.suffix] if self.frozen else []
+
+    def train(self, mode: bool = True) -> "StitchedModel":
+        super().train(mode)
+        for part in self.frozen_parts():
+            part.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            with torch.no_grad():
+                x = self.prefix(x)
+        else:
+            x = self.prefix(x)
+        return self.suffix(self.adapters(x))
+
+
+@dataclass
+class BuiltModel:
+    """What :func:`build_model` returns: the module, its kind, the source's eval preprocessing, the plan."""
+
+    model: nn.Module
+    kind: str               # original | stitched | finetune
+    data_config: dict       # the source model's own preprocessing (timm data config)
+    plan: StitchPlan | None
+
+
+def build_model(mcfg, img_size: int = 224, num_classes: int = 1000) -> BuiltModel:
+    """Build the network a config's ``model`` section describes (see :mod:`stitching.config`)."""
+    src_spec = get_spec(mcfg.source)
+    src_model = load_model(mcfg.source, mcfg.pretrained, mcfg.source_weights, num_classes)
+    data_config = src_spec.data_config(src_model)
+    if mcfg.source_stage is None:
+        return BuiltModel(src_model, "original", data_config, None)
+
+    dst_name = mcfg.destination or mcfg.source
+    same = dst_name == mcfg.source and mcfg.destination_weights in (None, mcfg.source_weights)
+    dst_spec = get_spec(dst_name)
+    dst_model = src_model if same else load_model(dst_name, mcfg.pretrained, mcfg.destination_weights,
+                                                  num_classes)
+    src_parts = src_spec.split(src_model)
+    dst_parts = src_parts if same else dst_spec.split(dst_model)
+    src_shapes = trace_cuts(src_spec, src_parts, img_size)
+    dst_shapes = src_shapes if same else trace_cuts(dst_spec, dst_parts, img_size)
+
+    s, t = mcfg.source_stage, mcfg.destination_stage
+    plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
+                       src_shapes, dst_shapes)
+
+    src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
+    prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
+    stage, where = destination_target(dst_spec, s, t)
+    start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
+    suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
+
+    if plan.kind == "finetune":
+        middle = nn.Sequential(*[dst_parts.stages[st - 1][0] for st in plan.kept_blocks])
+        model = StitchedModel(prefix, middle, suffix, frozen=False, plan=plan)
+        return BuiltModel(model, "finetune", data_config, plan)
+
+    grid = (plan.source_cut.height, plan.source_cut.width)
+    last = plan.steps[-1]
+    layers = [Convert(plan.source_cut.format, plan.working_format, grid)]
+    layers += [Adapter(mcfg.adapter, step) for step in plan.steps]
+    layers.append(Convert(plan.working_format, plan.destination_cut.format, last.size_out))
+    model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan)
+    return BuiltModel(model, "stitched", data_config, plan)
