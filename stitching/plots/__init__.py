@@ -1,0 +1,40 @@
+"""Plots: the paper's figures and Table 1 from a results CSV.
+
+Input is the tidy table written by ``python -m stitching.collect`` (one row per finished run, columns in
+:mod:`stitching.results.schema`). The modules, in the order data flows through them:
+
+- :mod:`~stitching.plots.labels`: the paper's names for methods and architectures, and line styles.
+- :mod:`~stitching.plots.aggregate`: seeds -> mean and standard error per scenario; the fine-tuning
+  baseline's learning rate chosen by the best *mean* over seeds.
+- :mod:`~stitching.plots.figures`: accuracy vs. stage (Figs. 3, 4-left, 9-11), accuracy vs. MACs
+  (Figs. 4-right, 5, 12-14) and the cross-architecture comparison (Figs. 6, 15).
+- :mod:`~stitching.plots.table`: Table 1 (Markdown and LaTeX).
+- :mod:`~stitching.plots.draw`: everything at once for every architecture combination present.
+
+Figures are drawn on matplotlib's Agg canvas without touching the global backend, so the same
+functions work in scripts and inline in notebooks.
+"""
+
+from stitching.plots.aggregate import (
+    aggregate,
+    best_finetune_lr,
+    load_results,
+    originals,
+    prepare,
+    share_resize_free,
+)
+from stitching.plots.draw import draw_all
+from stitching.plots.figures import (
+    NoData,
+    plot_accuracy_vs_macs,
+    plot_accuracy_vs_stage,
+    plot_cross_architecture,
+)
+from stitching.plots.labels import add_labels, arch_name, method_label
+from stitching.plots.table import table1, write_table1
+
+__all__ = [
+    "NoData", "add_labels", "aggregate", "arch_name", "best_finetune_lr", "draw_all", "load_results",
+    "method_label", "originals", "plot_accuracy_vs_macs", "plot_accuracy_vs_stage",
+    "plot_cross_architecture", "prepare", "share_resize_free", "table1", "write_table1",
+]

@@ -1,0 +1,187 @@
+"""From one row per run to one row per scenario: what every figure and table plots.
+
+Owns:
+
+- :func:`load_results`: read a results CSV written by ``python -m stitching.collect``.
+- :func:`share_resize_free`: where a gap needs no resizing, the three resize modes build the same module,
+  so the sweep trains it once and the row says ``resize=none`` (see :mod:`stitching.results.schema`);
+  this copies those rows to the other resize modes so every method's line is complete.
+- :func:`best_finetune_lr`: the fine-tuning baseline's learning rate per scenario, chosen by the best
+  **mean over seeds** (never the best single seed), as the paper does.
+- :func:`select_adapter_lr`: one learning rate per stitched scenario when a sweep ran several.
+- :func:`aggregate`: mean, standard error (std / sqrt(n), ddof=1; 0 for n = 1) and n over seeds.
+- :func:`prepare`: all of the above in the order the figures need.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stitching.plots.labels import add_labels, arch_name
+from stitching.results.collect import REQUIRED_COLUMNS, normalize_columns
+
+#: One scenario = one point of one line in a figure; seeds are averaged within it.
+SCENARIO_KEYS = ["source", "destination", "source_stage", "destination_stage", "method", "lr"]
+#: The recipe's learning rate for adapters (paper: AdamW lr 0.002).
+ADAPTER_LR = 0.002
+
+
+def load_results(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a results CSV; raise ``FileNotFoundError`` / ``ValueError`` with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results CSV not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype={"gap": str, "run_id": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"results CSV is empty: {path}") from None
+    if df.empty:
+        raise ValueError(f"results CSV has no rows: {path}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"results CSV {path} lacks columns: {', '.join(missing)}")
+    return normalize_columns(df)
+
+
+def _none_like(series: pd.Series) -> pd.Series:
+    return series.isna() | (series.astype(str) == "none")
+
+
+def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
+    """Copy ``resize=none`` stitched rows to the resize modes that share their module.
+
+    For each (source, destination, adapter[, schedule]) whose rows use a resize mode other than ``none``
+    somewhere, a gap where *every* row says ``none`` is a gap whose sizes already match (the modes build the
+    same module and the sweep trained it once), so its rows are copied under each of those other modes.
+    Copies carry ``resize_shared=True``; every other row has ``False``. Non-stitched rows are untouched.
+    """
+    out = df.copy()
+    if "resize_shared" in out.columns:
+        out["resize_shared"] = out["resize_shared"].fillna(False).astype(bool)
+    else:
+        out["resize_shared"] = False
+    stitched = out[out["kind"] == "stitched"]
+    if stitched.empty:
+        return out
+    keys = ["source", "destination", "adapter"]
+    if "schedule" in stitched.columns and stitched["schedule"].notna().any():
+        keys.append("schedule")
+    none = _none_like(stitched["resize"])
+    # the other modes each (source, destination, adapter) was run with somewhere
+    modes = stitched.loc[~none, keys + ["resize"]].drop_duplicates()
+    if modes.empty:
+        return out
+    gap_keys = [stitched[k] for k in keys + ["source_stage", "destination_stage"]]
+    all_none = none.groupby(gap_keys, dropna=False).transform("all").astype(bool)
+    shared = stitched[all_none].drop(columns="resize").merge(modes, on=keys, how="inner")
+    if shared.empty:
+        return out
+    shared["resize_shared"] = True
+    return pd.concat([out, shared[out.columns]], ignore_index=True)
+
+
+def _best_mean_lr(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Keep, per ``keys`` group, the rows of the lr whose mean top1 over seeds is highest."""
+    if rows.empty:
+        return rows
+    means = rows.groupby(keys + ["lr"], dropna=False)["top1"].mean().reset_index()
+    # highest mean first; ties go to the smaller lr so the choice is deterministic
+    means = means.sort_values(["top1", "lr"], ascending=[False, True], kind="stable")
+    best = means.drop_duplicates(keys, keep="first")[keys + ["lr"]]
+    return rows.merge(best, on=keys + ["lr"], how="inner")
+
+
+def best_finetune_lr(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep, per fine-tuning scenario, only the rows of the lr with the best **mean** top1 over seeds.
+
+    A scenario is (source, destination, source_stage, destination_stage). Rows of other kinds are returned
+    unchanged. (Choosing by the best single seed would reward noise; the paper reports the best mean.)
+    """
+    is_ft = df["kind"] == "finetune"
+    keys = ["source", "destination", "source_stage", "destination_stage"]
+    chosen = _best_mean_lr(df[is_ft], keys)
+    return pd.concat([df[~is_ft], chosen], ignore_index=True)
+
+
+def select_adapter_lr(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
+    """Keep one lr per stitched scenario when several were run (e.g. the paper's Figure 7 sweep).
+
+    The recipe's ``adapter_lr`` where that scenario ran it, otherwise the lr with the best mean over seeds.
+    Rows of other kinds are returned unchanged.
+    """
+    df = df if "method" in df.columns else add_labels(df)
+    is_st = df["kind"] == "stitched"
+    keys = ["source", "destination", "source_stage", "destination_stage", "method"]
+    stitched = df[is_st]
+    if stitched.empty:
+        return df
+    is_default = pd.Series(np.isclose(stitched["lr"].astype(float), adapter_lr), index=stitched.index)
+    has_default = is_default.groupby([stitched[k] for k in keys], dropna=False).transform("any").astype(bool)
+    at_default = stitched[is_default]
+    others = _best_mean_lr(stitched[~has_default], keys)
+    return pd.concat([df[~is_st], at_default, others], ignore_index=True)
+
+
+def prepare(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
+    """Runs ready for plotting: shared resize-free rows, ``method`` labels, one lr per scenario."""
+    out = share_resize_free(df)
+    out = add_labels(out)
+    out = best_finetune_lr(out)
+    return select_adapter_lr(out, adapter_lr)
+
+
+def _se(values: pd.core.groupby.SeriesGroupBy) -> pd.Series:
+    count = values.count()
+    se = values.std(ddof=1) / np.sqrt(count)
+    return se.where(count > 1, 0.0).where(count > 0)
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per scenario (source, destination, source_stage, destination_stage, method, lr).
+
+    Columns: the scenario keys, ``kind``, ``adapter``, ``resize``, ``n`` (runs averaged), ``top1_mean``,
+    ``top1_se``, ``macs_mean``, ``macs_se``. Standard error is std (ddof=1) / sqrt(n), 0 when n = 1.
+    Adds ``method`` labels first when ``df`` has none. Does not choose learning rates: see :func:`prepare`.
+    """
+    df = df if "method" in df.columns else add_labels(df)
+    columns = SCENARIO_KEYS + ["kind", "adapter", "resize", "n", "top1_mean", "top1_se", "macs_mean",
+                               "macs_se"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = df.groupby(SCENARIO_KEYS, dropna=False, sort=True)
+    out = pd.DataFrame({
+        "kind": grouped["kind"].first(),
+        "adapter": grouped["adapter"].first(),
+        "resize": grouped["resize"].first(),
+        "n": grouped["top1"].count(),
+        "top1_mean": grouped["top1"].mean(),
+        "top1_se": _se(grouped["top1"]),
+        "macs_mean": grouped["macs"].mean(),
+        "macs_se": _se(grouped["macs"]),
+    }).reset_index()
+    return out[columns]
+
+
+def originals(df: pd.DataFrame) -> pd.DataFrame:
+    """The unstitched reference models (``kind == "original"``), one row per model.
+
+    Columns: ``model`` (raw name), ``name`` (short name), ``n``, ``top1_mean``, ``top1_se``, ``macs_mean``.
+    """
+    rows = df[df["kind"] == "original"]
+    columns = ["model", "name", "n", "top1_mean", "top1_se", "macs_mean"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    rows = rows.assign(model=rows["source"].where(rows["source"].notna(), rows["destination"]).astype(str))
+    grouped = rows.groupby("model", sort=True)
+    out = pd.DataFrame({
+        "n": grouped["top1"].count(),
+        "top1_mean": grouped["top1"].mean(),
+        "top1_se": _se(grouped["top1"]),
+        "macs_mean": grouped["macs"].mean(),
+    }).reset_index()
+    out["name"] = out["model"].map(arch_name)
+    return out[columns]

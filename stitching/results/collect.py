@@ -1,0 +1,186 @@
+"""Collect many run directories into one tidy results table.
+
+Owns: walking a runs folder, reading each run's ``result.csv``, deciding which runs are finished,
+unfinished (``config.yaml`` but no ``result.csv``), damaged (a ``result.csv`` that does not parse, has
+other than one row or lacks a required column) or duplicated (the same ``run_id`` twice: the newest
+``finished_at`` wins), and writing the table atomically. Problems are reported, never fatal.
+
+The command line front end is :mod:`stitching.collect`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from stitching.results.schema import RESULT_COLUMNS
+
+CONFIG_NAME = "config.yaml"
+RESULT_NAME = "result.csv"
+
+#: Columns a ``result.csv`` must have to be usable by the plots; the other RESULT_COLUMNS are filled
+#: with missing values when absent (older runs, hand-made rows).
+REQUIRED_COLUMNS = [
+    "run_id", "kind", "source", "destination", "source_stage", "destination_stage",
+    "adapter", "resize", "lr", "seed", "top1", "macs",
+]
+KINDS = ("stitched", "finetune", "original")
+
+#: Extra column added by :func:`collect`: the run directory, relative to the runs folder.
+RUN_DIR_COLUMN = "run_dir"
+
+_INT_COLUMNS = [
+    "source_stage", "destination_stage", "num_adapters", "num_classes", "img_size", "epochs",
+    "batch_size", "seed", "params", "trainable_params", "world_size",
+]
+_FLOAT_COLUMNS = [
+    "lr", "weight_decay", "top1", "top5", "val_loss", "train_loss", "macs", "flops",
+    "images_per_s", "wall_time_s",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One run that was not collected (or was superseded).
+
+    ``kind`` is ``"unfinished"``, ``"damaged"`` or ``"duplicate"``; ``path`` is the run directory
+    (for ``duplicate``: the directory whose row was dropped).
+    """
+
+    kind: str
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.path}: {self.message}"
+
+
+class DamagedResult(ValueError):
+    """A ``result.csv`` that cannot be used."""
+
+
+def read_result(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and check one ``result.csv``; return its single row (all values as strings).
+
+    Raises :class:`DamagedResult` when it cannot be parsed, does not have exactly one row, lacks a
+    required column, has an unknown ``kind`` or a non-numeric ``top1``.
+    """
+    try:
+        row = pd.read_csv(path, dtype=str)
+    except Exception as exc:  # pandas raises several types (EmptyDataError, ParserError, Unicode...)
+        raise DamagedResult(f"cannot parse: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+    if len(row) != 1:
+        raise DamagedResult(f"expected exactly 1 row, found {len(row)}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in row.columns]
+    if missing:
+        raise DamagedResult(f"missing required columns: {', '.join(missing)}")
+    kind = row["kind"].iloc[0]
+    if kind not in KINDS:
+        raise DamagedResult(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if pd.isna(pd.to_numeric(row["top1"], errors="coerce").iloc[0]):
+        raise DamagedResult(f"top1 is not a number: {row['top1'].iloc[0]!r}")
+    return row
+
+
+def normalize_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Order the columns (RESULT_COLUMNS first, extras after) and give numeric columns numeric dtypes."""
+    df = df.copy()
+    for col in RESULT_COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.NA
+    for col in _FLOAT_COLUMNS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in _INT_COLUMNS:
+        values = pd.to_numeric(df[col], errors="coerce")
+        whole = values.dropna()
+        df[col] = values.astype("Int64") if (whole == whole.round()).all() else values
+    extras = [c for c in df.columns if c not in RESULT_COLUMNS]
+    return df[RESULT_COLUMNS + extras]
+
+
+def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
+    """Walk ``runs_dir`` recursively and return ``(results, problems)``.
+
+    ``results`` has one row per finished run: the columns of RESULT_COLUMNS first (numeric ones typed),
+    any extra columns after, plus ``run_dir`` (relative to ``runs_dir``). A run directory is any folder
+    holding ``config.yaml`` or ``result.csv``. Unfinished and damaged runs are skipped and reported; for a
+    duplicated ``run_id`` the row with the newest ``finished_at`` is kept and the others reported.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs directory does not exist: {root}")
+    rows: list[pd.DataFrame] = []
+    problems: list[Problem] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        if RESULT_NAME in filenames:
+            try:
+                row = read_result(here / RESULT_NAME)
+            except DamagedResult as exc:
+                problems.append(Problem("damaged", here, str(exc)))
+                continue
+            row[RUN_DIR_COLUMN] = str(here.relative_to(root))
+            if pd.isna(row["run_id"].iloc[0]) or not str(row["run_id"].iloc[0]).strip():
+                row["run_id"] = here.name
+            rows.append(row)
+        elif CONFIG_NAME in filenames:
+            problems.append(Problem("unfinished", here, f"{CONFIG_NAME} but no {RESULT_NAME}"))
+    if not rows:
+        return normalize_columns(pd.DataFrame(columns=RESULT_COLUMNS + [RUN_DIR_COLUMN])), problems
+
+    df = pd.concat(rows, ignore_index=True)
+    df, dropped = _drop_duplicates(df)
+    for _, row in dropped.iterrows():
+        problems.append(Problem(
+            "duplicate", root / row[RUN_DIR_COLUMN],
+            f"run_id {row['run_id']!r} also finished at {row['_kept_at']} in {row['_kept_dir']}; "
+            f"kept the newest",
+        ))
+    df = df.sort_values(RUN_DIR_COLUMN, kind="stable").reset_index(drop=True)
+    return normalize_columns(df), problems
+
+
+def _drop_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep, per run_id, the row with the newest ``finished_at`` (unparseable times count as oldest)."""
+    when = pd.to_datetime(df["finished_at"], errors="coerce", utc=True, format="mixed")
+    order = df.assign(_when=when).sort_values(["run_id", "_when", RUN_DIR_COLUMN], na_position="first",
+                                              kind="stable")
+    keep_mask = ~order.duplicated("run_id", keep="last")
+    kept = order[keep_mask]
+    dropped = order[~keep_mask].copy()
+    if len(dropped):
+        kept_by_id = kept.set_index("run_id")
+        dropped["_kept_at"] = dropped["run_id"].map(kept_by_id["finished_at"])
+        dropped["_kept_dir"] = dropped["run_id"].map(kept_by_id[RUN_DIR_COLUMN])
+    return kept.drop(columns="_when"), dropped
+
+
+def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``df`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            df.to_csv(fh, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def summarize(df: pd.DataFrame, problems: list[Problem]) -> str:
+    """Human-readable counts: finished, unfinished, damaged (with paths) and duplicates."""
+    lines = [f"finished:   {len(df)}"]
+    for kind in ("unfinished", "damaged", "duplicate"):
+        found = [p for p in problems if p.kind == kind]
+        lines.append(f"{kind + ':':<11} {len(found)}")
+        for p in found:
+            lines.append(f"  {p.path}" + ("" if kind == "unfinished" else f"  ({p.message})"))
+    return "\n".join(lines)

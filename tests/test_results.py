@@ -1,0 +1,335 @@
+"""Results pipeline: run directories -> one CSV -> aggregation -> the paper's figures, Table 1, notebook.
+
+The fixture is a small but realistic sweep: ResNet-50 stitched to itself (source stages 1-2, every
+destination stage, linear and bottleneck adapters, bilinear and no resize — where sizes already match the
+row says ``none``, as real runs do), the fine-tuning baseline at three learning rates (one scenario where
+the best single seed and the best mean disagree), a ResNet-50 -> Swin-T pair, a pair with a single run
+(missing data), originals, plus an unfinished run, a damaged ``result.csv`` and a duplicated ``run_id``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stitching.plots import (
+    aggregate,
+    best_finetune_lr,
+    draw_all,
+    load_results,
+    plot_accuracy_vs_macs,
+    plot_accuracy_vs_stage,
+    plot_cross_architecture,
+    prepare,
+    table1,
+    write_table1,
+)
+from stitching.plots.labels import arch_name, method_label
+from stitching.results.collect import collect
+from stitching.results.schema import RESULT_COLUMNS
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_OFFSETS = (-0.2, 0.0, 0.2)  # three seeds: std 0.2, standard error 0.2 / sqrt(3)
+SE3 = 0.2 / math.sqrt(3)
+
+# ResNet-50 self-stitch, bottleneck + bilinear: top1 and MACs per gap (1->2 and 1->4 are the paper's Table 1)
+R50_BOTTLENECK = {
+    (1, 1): (79.4, 3.95e9), (1, 2): (78.3, 3.58e9), (1, 3): (74.0, 2.90e9), (1, 4): (67.4, 1.67e9),
+    (2, 2): (79.8, 4.00e9), (2, 3): (76.5, 3.30e9), (2, 4): (70.0, 2.20e9),
+}
+R50_SWIN = {(1, 1): (79.0, 4.1e9), (1, 2): (78.6, 3.9e9), (1, 3): (78.2, 3.0e9), (1, 4): (69.5, 1.57e9),
+            (2, 2): (79.5, 4.3e9), (2, 3): (78.8, 3.4e9), (2, 4): (71.0, 2.0e9)}
+ORIGINALS = {"resnet50": (80.4, 4.09e9), "resnet34": (76.4, 3.66e9), "resnet18": (71.5, 1.81e9),
+             "swin_t": (81.5, 4.49e9)}
+# fine-tuning at gap 1->3: lr 0.002 has the best single seed (79.0) but lr 0.0002 the best mean (74.3)
+FT_TRAP = {0.01: [60.0, 61.0, 62.0], 0.002: [66.0, 66.5, 79.0], 0.0002: [74.1, 74.3, 74.5]}
+
+
+def _row(**kw) -> dict:
+    row = dict.fromkeys(RESULT_COLUMNS, None)
+    row.update(pretrained=True, dataset="imagenet", num_classes=1000, img_size=224, epochs=10,
+               batch_size=512, weight_decay=0.05, schedule="doubling", world_size=1, device="cuda",
+               precision="bf16", git_sha="abc1234", finished_at="2025-01-02T03:04:05+00:00")
+    row.update(kw)
+    if row["kind"] != "original":
+        row["gap"] = f"{row['source_stage']}->{row['destination_stage']}"
+        row["num_adapters"] = max(1, row["destination_stage"] - row["source_stage"])
+    row["top5"] = min(99.9, row["top1"] + 15)
+    row["flops"] = 2 * row["macs"] if row["macs"] is not None else None
+    row["run_id"] = "-".join(str(row[k]) for k in ("kind", "source", "destination", "source_stage",
+                                                   "destination_stage", "adapter", "resize", "lr", "seed"))
+    return row
+
+
+def make_results() -> pd.DataFrame:
+    rows = []
+    for (s, t), (top1, macs) in R50_BOTTLENECK.items():
+        for adapter, drop, cost in (("bottleneck", 0.0, 0.0), ("linear", 1.5 * (t - s) + 0.5, -0.1e9)):
+            # where sizes match (s == t) the resize modes build one module: the run says "none"
+            # (top1 penalty, MACs factor) of each mode: no resize costs more and does a little worse
+            modes = {"none": (0.0, 1.0)} if s == t else {"bilinear": (0.0, 1.0), "none": (1.0, 1.4)}
+            for resize, (penalty, factor) in modes.items():
+                for seed, off in enumerate(SEED_OFFSETS):
+                    rows.append(_row(kind="stitched", source="resnet50", destination="resnet50",
+                                     source_stage=s, destination_stage=t, adapter=adapter, resize=resize,
+                                     lr=0.002, seed=seed, top1=top1 - drop - penalty + off,
+                                     macs=(macs + cost) * factor))
+        for lr in (0.01, 0.002, 0.0002):
+            for seed in range(3):
+                if (s, t) == (1, 3):
+                    value = FT_TRAP[lr][seed]
+                else:
+                    value = top1 + {0.01: -5.0, 0.002: -1.0, 0.0002: 0.3}[lr] + SEED_OFFSETS[seed]
+                rows.append(_row(kind="finetune", source="resnet50", destination="resnet50", source_stage=s,
+                                 destination_stage=t, adapter="finetune", resize="none", lr=lr, seed=seed,
+                                 top1=value, macs=macs + 0.05e9))
+    for (s, t), (top1, macs) in R50_SWIN.items():
+        resize = "none" if (s, t) == (1, 1) else "bilinear"  # ResNet 56x56 -> Swin 56x56: no resize
+        for seed, off in enumerate(SEED_OFFSETS):
+            rows.append(_row(kind="stitched", source="resnet50", destination="swin_t", source_stage=s,
+                             destination_stage=t, adapter="bottleneck", resize=resize, lr=0.002, seed=seed,
+                             top1=top1 + off, macs=macs))
+    # a combination with a single run and no MACs: figures must skip or cope, never crash
+    rows.append(_row(kind="stitched", source="resnet50", destination="vit_small_patch16_224",
+                     source_stage=1, destination_stage=1, adapter="linear", resize="none", lr=0.002, seed=0,
+                     top1=40.0, macs=None))
+    for model, (top1, macs) in ORIGINALS.items():
+        rows.append(_row(kind="original", source=model, destination=model, source_stage=None,
+                         destination_stage=None, gap=None, adapter=None, resize=None, lr=None, seed=0,
+                         top1=top1, macs=macs, epochs=0))
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+@pytest.fixture(scope="module")
+def results() -> pd.DataFrame:
+    return make_results()
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, results) -> Path:
+    """One run directory per row (some nested), plus unfinished, damaged and duplicated runs."""
+    root = tmp_path_factory.mktemp("runs")
+    for i, row in results.iterrows():
+        run = root / ("sweep_a" if i % 2 else "sweep_b") / f"run{i:03d}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"run_id: {row['run_id']}\nkind: {row['kind']}\n")
+        pd.DataFrame([row]).to_csv(run / "result.csv", index=False)
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / "config.yaml").write_text("run_id: still-training\n")
+    (root / "damaged").mkdir()
+    (root / "damaged" / "config.yaml").write_text("run_id: damaged\n")
+    (root / "damaged" / "result.csv").write_text("run_id,kind\n")  # header only: zero rows
+    # an older copy of run 0 (e.g. a rerun elsewhere) with a different value: the newer one must win
+    old = results.iloc[[0]].copy()
+    old["top1"] = 1.0
+    old["finished_at"] = "2024-06-01T00:00:00+00:00"
+    (root / "old_copy").mkdir()
+    (root / "old_copy" / "config.yaml").write_text("run_id: copy\n")
+    old.to_csv(root / "old_copy" / "result.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def results_csv(tmp_path_factory, results) -> Path:
+    path = tmp_path_factory.mktemp("csv") / "results.csv"
+    results.to_csv(path, index=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ collect
+
+def test_collect_counts_and_problems(runs_dir, results):
+    df, problems = collect(runs_dir)
+    assert len(df) == len(results)
+    assert list(df.columns[:len(RESULT_COLUMNS)]) == RESULT_COLUMNS
+    kinds = sorted(p.kind for p in problems)
+    assert kinds == ["damaged", "duplicate", "unfinished"]
+    by_kind = {p.kind: p for p in problems}
+    assert by_kind["unfinished"].path == runs_dir / "unfinished"
+    assert by_kind["damaged"].path == runs_dir / "damaged"
+    assert "1 row" in by_kind["damaged"].message
+    assert by_kind["duplicate"].path == runs_dir / "old_copy"
+    kept = df[df["run_id"] == results["run_id"].iloc[0]]
+    assert len(kept) == 1 and kept["top1"].iloc[0] == pytest.approx(results["top1"].iloc[0])
+    assert df["source_stage"].dtype == "Int64" and df["top1"].dtype == "float64"
+    assert df.loc[df["kind"] == "original", "source_stage"].isna().all()
+
+
+def test_collect_cli(runs_dir, tmp_path):
+    out = tmp_path / "out" / "results.csv"
+    proc = subprocess.run([sys.executable, "-m", "stitching.collect", str(runs_dir), "-o", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    counts = dict(re.findall(r"^(\w+):\s+(\d+)$", proc.stdout, re.M))
+    assert counts == {"finished": str(len(make_results())), "unfinished": "1", "damaged": "1", "duplicate": "1"}
+    assert str(runs_dir / "damaged") in proc.stdout and str(runs_dir / "unfinished") in proc.stdout
+    written = load_results(out)
+    assert len(written) == len(make_results())
+    assert list(written.columns[:len(RESULT_COLUMNS)]) == RESULT_COLUMNS
+    assert not list(out.parent.glob("*.tmp"))
+
+    missing = subprocess.run([sys.executable, "-m", "stitching.collect", str(tmp_path / "nope")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2
+    assert len(missing.stderr.strip().splitlines()) == 1 and "does not exist" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+def test_labels():
+    assert method_label("stitched", "bottleneck", "bilinear") == "Downsample, Bottleneck"
+    assert method_label("stitched", "linear_relu", "none") == "No Downsample, Linear + ReLU"
+    assert method_label("stitched", "conv3x3", "strided") == "Integrated Downsample, Conv3x3"
+    assert method_label("finetune", "finetune", "none") == "Fine-Tuning"
+    assert [arch_name(a) for a in ("resnet50", "mobilenetv3_large_100", "vit_small_patch16_224", "swin_t",
+                                   "resnet18", "mystery_net")] == \
+        ["ResNet-50", "MobileNetV3-L", "ViT-S", "Swin-T", "ResNet-18", "mystery_net"]
+
+
+def test_aggregate_mean_and_standard_error(results):
+    agg = aggregate(results)
+    one = agg[(agg["method"] == "Downsample, Bottleneck") & (agg["source"] == "resnet50")
+              & (agg["destination"] == "resnet50") & (agg["source_stage"] == 1) & (agg["destination_stage"] == 4)]
+    assert len(one) == 1
+    one = one.iloc[0]
+    assert one["n"] == 3
+    assert one["top1_mean"] == pytest.approx(67.4)
+    assert one["top1_se"] == pytest.approx(SE3)
+    assert one["macs_mean"] == pytest.approx(1.67e9) and one["macs_se"] == pytest.approx(0.0)
+    # fine-tuning lrs stay separate scenarios in aggregate(); n = 1 gives se 0
+    trap = agg[(agg["method"] == "Fine-Tuning") & (agg["source_stage"] == 1) & (agg["destination_stage"] == 3)]
+    assert len(trap) == 3
+    mid = trap[np.isclose(trap["lr"], 0.002)].iloc[0]
+    assert mid["top1_mean"] == pytest.approx(np.mean(FT_TRAP[0.002]))
+    assert mid["top1_se"] == pytest.approx(np.std(FT_TRAP[0.002], ddof=1) / math.sqrt(3))
+    single = agg[agg["destination"] == "vit_small_patch16_224"].iloc[0]
+    assert single["n"] == 1 and single["top1_se"] == 0.0
+
+
+def test_best_finetune_lr_uses_the_mean(results):
+    chosen = best_finetune_lr(results)
+    ft = chosen[chosen["kind"] == "finetune"]
+    trap = ft[(ft["source_stage"] == 1) & (ft["destination_stage"] == 3)]
+    assert len(trap) == 3 and np.allclose(trap["lr"], 0.0002)  # best mean 74.3, not the 79.0 single seed
+    assert sorted(trap["top1"]) == FT_TRAP[0.0002]
+    assert ft.groupby(["source_stage", "destination_stage"])["lr"].nunique().eq(1).all()
+    assert len(chosen[chosen["kind"] != "finetune"]) == len(results[results["kind"] != "finetune"])
+
+
+def test_prepare_shares_resize_free_gaps(results):
+    prepared = prepare(results)
+    line = prepared[(prepared["method"] == "Downsample, Bottleneck") & (prepared["destination"] == "resnet50")
+                    & (prepared["source_stage"] == 1)]
+    assert sorted(line["destination_stage"].unique()) == [1, 2, 3, 4]
+    assert line[line["destination_stage"] == 1]["resize_shared"].all()
+    assert not line[line["destination_stage"] > 1]["resize_shared"].any()
+
+
+# ------------------------------------------------------------------------------------------ table 1
+
+def test_table1(results, tmp_path):
+    table = table1(results)
+    assert list(table.columns) == ["Model", "Accuracy", "MACs"]
+    models = list(table["Model"])
+    # originals and stitched rows interleaved, sorted by MACs
+    assert models[:3] == ["ResNet-50 Stage 1 → 4", "ResNet-18", "ResNet-50 Stage 1 → 3"]
+    assert "ResNet-34" in models and "Swin-T" in models
+    row = table[table["Model"] == "ResNet-50 Stage 1 → 4"].iloc[0]
+    assert row["Accuracy"] == "67.4 ± 0.1" and row["MACs"] == "1.67e09"
+    assert table[table["Model"] == "ResNet-18"].iloc[0].tolist() == ["ResNet-18", "71.5", "1.81e09"]
+    # 1 -> 1 needs no resize: its (shared) run appears too
+    assert "ResNet-50 Stage 1 → 1" in models
+
+    md, tex = write_table1(results, tmp_path)
+    text = md.read_text()
+    for expected in ("| ResNet-50 Stage 1 → 2", "78.3 ± 0.1", "3.58e09", "80.4", "4.09e09"):
+        assert expected in text
+    latex = tex.read_text()
+    assert r"\begin{tabular}" in latex and r"$\pm$" in latex and "1.67e09" in latex
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+def _png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 10_000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_write_png(results, tmp_path):
+    _png(plot_accuracy_vs_stage(results, "resnet50", "resnet50", tmp_path / "stage.png"))
+    _png(plot_accuracy_vs_stage(results, "resnet50", "swin_t", tmp_path / "stage_swin.png"))
+    _png(plot_accuracy_vs_macs(results, "resnet50", "resnet50", tmp_path / "macs.png"))
+    _png(plot_cross_architecture(results, tmp_path / "cross.png"))
+
+
+def test_draw_all_skips_missing_data(results, tmp_path):
+    written = draw_all(results, tmp_path)
+    names = sorted(p.name for p in written)
+    assert "accuracy_vs_stage_resnet50_to_resnet50.png" in names
+    assert "accuracy_vs_macs_resnet50_to_swin_t.png" in names
+    assert "cross_architecture.png" in names and "table1.md" in names and "table1.tex" in names
+    # the single run without MACs still gets its stage figure, but no MACs figure
+    assert "accuracy_vs_stage_resnet50_to_vit_small_patch16_224.png" in names
+    assert "accuracy_vs_macs_resnet50_to_vit_small_patch16_224.png" not in names
+    for path in written:
+        assert path.is_file() and path.stat().st_size > 0
+
+
+def test_plot_results_script(results_csv, tmp_path):
+    out = tmp_path / "figures"
+    script = str(REPO / "scripts" / "plot_results.py")
+    proc = subprocess.run([sys.executable, script, str(results_csv), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = [Path(line) for line in proc.stdout.splitlines()]
+    assert out / "cross_architecture.png" in printed and all(p.is_file() for p in printed)
+
+    for bad in (tmp_path / "missing.csv", tmp_path / "empty.csv"):
+        if bad.name == "empty.csv":
+            bad.write_text("")
+        proc = subprocess.run([sys.executable, script, str(bad), "--out", str(out)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1 and str(bad) in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ notebook
+
+def test_notebook_executes(results_csv, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+    except NoSuchKernel:
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user"], check=True, timeout=60)
+    nb = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), \
+        "commit the notebook with outputs cleared"
+    env = {**os.environ, "STITCHING_RESULTS": str(results_csv), "PYTHONPATH": str(REPO)}
+    old = {k: os.environ.get(k) for k in ("STITCHING_RESULTS", "PYTHONPATH")}
+    os.environ.update({k: env[k] for k in old})
+    try:
+        client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                         resources={"metadata": {"path": str(tmp_path)}})
+        client.execute()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 3
