@@ -188,7 +188,8 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
         stride = 1
         if resize == "strided" and size_out != size_in:
             stride = _integer_stride(size_in, size_out, src, dst, s, t, i + 1)
-        plan.steps.append(Step(c_in, c_out, size_in, size_out, resize, stride))
+        # where the size does not change the three modes build the same adapter: record it as "none"
+        plan.steps.append(Step(c_in, c_out, size_in, size_out, resize if size_out != size_in else "none", stride))
         c_in, size_in = c_out, size_out
     return plan
 

@@ -1,0 +1,289 @@
+"""The run configuration: one YAML file is the whole truth of a run.
+
+Sections and defaults are the dataclasses below. A file may build on another with ``base: other.yaml``
+(a path relative to the file; chains allowed), and any key can be overridden on the command line as
+``section.key=value`` (the value is parsed as YAML). Every leaf remembers the file it came from, so an
+error names the key, the value and the file: an unknown key, a wrong type, an impossible combination
+(checked against the registry's declared shapes, before anything is built) or a missing file raises
+:class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CLI = "command line"
+EXIT_CONFIG = 2
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, value, source: str, message: str):
+        self.key, self.value, self.source, self.message = key, value, source, message
+        super().__init__(f"{source}: {key}={value!r}: {message}" if key else f"{source}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "resnet50"
+    destination: str | None = None          # defaults to source
+    source_stage: int | None = None         # None: the original, unstitched source model
+    destination_stage: int | None = None
+    adapter: str = "bottleneck"             # linear | linear_relu | conv3x3 | bottleneck | vit_block | finetune
+    resize: str = "bilinear"                # none | bilinear | strided
+    schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
+    pretrained: bool = True                 # false: random init
+    source_weights: str | None = None       # local weights file (safetensors / torch state dict)
+    destination_weights: str | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"                 # synthetic | imagefolder
+    root: str | None = None                 # imagefolder: root/train/<class>/..., root/val/<class>/...
+    img_size: int = 224
+    num_classes: int | None = None          # synthetic: 10; imagefolder: 1000 (checked against the folders)
+    train_size: int = 2000                  # synthetic only
+    val_size: int = 500                     # synthetic only
+    workers: int = 4
+    auto_augment: bool = True
+    seed: int = 0                           # synthetic data seed
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 512                   # effective batch = per-device x world size x accumulation
+    per_device_batch_size: int | None = None  # None: batch_size / world size (no accumulation)
+    lr: float = 0.002
+    weight_decay: float = 0.05
+    lr_schedule: str = "cosine"             # cosine (to 0) | constant
+    lr_schedule_unit: str = "step"          # step | epoch
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"                    # auto | cpu | cuda
+    precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: str | bool = "auto"      # auto (on CUDA for conv parts) | true | false
+    fold_bn: bool = True                    # fold frozen BatchNorm into convs (stitched runs only)
+    compile: bool = False                   # torch.compile the trainable part
+    max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole epoch
+    log_every: int = 10
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None                  # default: runs/<config file stem>
+    save_model: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    path: str | None = field(default=None, repr=False)          # the file it was loaded from
+    origins: dict = field(default_factory=dict, repr=False)     # dotted key -> file or "command line"
+
+    @property
+    def is_original(self) -> bool:
+        return self.model.source_stage is None
+
+    @property
+    def num_classes(self) -> int:
+        if self.data.num_classes is not None:
+            return self.data.num_classes
+        return 10 if self.data.name == "synthetic" else 1000
+
+    def to_dict(self) -> dict:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def source_of(self, key: str) -> str:
+        return self.origins.get(key, self.path or "defaults")
+
+    def error(self, key: str, message: str) -> ConfigError:
+        section, name = key.split(".", 1)
+        return ConfigError(key, getattr(getattr(self, section), name), self.source_of(key), message)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), check: bool = True) -> Config:
+    """Load ``path`` (its ``base:`` chain first), apply ``overrides`` and validate."""
+    tree: dict = {}
+    origins: dict = {}
+    if path is not None:
+        _merge_file(Path(path), tree, origins, seen=())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(item, None, CLI, "overrides are written section.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        section, name = key.split(".", 1)
+        node = tree.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(section, node, origins.get(section, CLI), "must be a mapping of keys")
+        node[name] = value
+        origins[key] = CLI
+    cfg = _from_tree(tree, origins, str(path) if path is not None else None)
+    if check:
+        validate(cfg)
+    return cfg
+
+
+def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
+    src = str(path)
+    if path.resolve() in seen:
+        raise ConfigError("base", src, str(seen[-1]), "base files form a cycle")
+    if not path.is_file():
+        where = str(seen[-1]) if seen else CLI
+        raise ConfigError("base" if seen else "--config", src, where, "file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", None, src, "a config file must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError("base", base, src, "must be a path relative to this file")
+        _merge_file(path.parent / base, tree, origins, seen + (path.resolve(),))
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(section, values, src, "must be a mapping of keys")
+        node = tree.setdefault(section, {})
+        for key, value in values.items():
+            node[key] = copy.deepcopy(value)
+            origins[f"{section}.{key}"] = src
+
+
+def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
+    cfg = Config(path=path, origins=origins)
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            src = next((v for k, v in origins.items() if k.startswith(section + ".")), path or CLI)
+            raise ConfigError(section, None, src, f"unknown section; expected one of {', '.join(SECTIONS)}")
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        obj = getattr(cfg, section)
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            src = origins.get(dotted, path or CLI)
+            if key not in hints:
+                raise ConfigError(dotted, value, src,
+                                  f"unknown key; {section} takes {', '.join(f.name for f in dataclasses.fields(cls))}")
+            setattr(obj, key, _coerce(hints[key], value, dotted, src))
+    return cfg
+
+
+def _coerce(hint, value, key: str, src: str):
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(key, value, src, f"must be {names}")
+
+
+# ---------------------------------------------------------------------------------------------- checking
+def validate(cfg: Config) -> None:
+    """Everything that can be known wrong before building: names, ranges and impossible stitches."""
+    from stitching.models.registry import available, get_spec
+    from stitching.stitch.plan import PlanError, plan_stitch
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    names = available()
+    if m.source not in names:
+        raise cfg.error("model.source", f"unknown model; available: {', '.join(names)}")
+    if m.destination is not None and m.destination not in names:
+        raise cfg.error("model.destination", f"unknown model; available: {', '.join(names)}")
+    if m.source_stage is None:
+        for key in ("destination_stage", "destination", "destination_weights"):
+            if getattr(m, key) is not None:
+                raise cfg.error(f"model.{key}", "needs model.source_stage (without it the config "
+                                "describes the original source model)")
+    else:
+        if m.destination_stage is None:
+            raise cfg.error("model.destination_stage", f"required with source_stage (source_stage..4)")
+        try:
+            plan_stitch(get_spec(m.source), get_spec(m.destination or m.source), m.source_stage,
+                        m.destination_stage, m.adapter, m.resize, m.schedule)
+        except PlanError as err:
+            raise cfg.error(err.key, str(err)) from None
+    _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
+    _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
+    _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
+    _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))
+    _one_of(cfg, "train.precision", ("auto", "bf16", "fp32"))
+    if isinstance(t.channels_last, str) and t.channels_last != "auto":
+        raise cfg.error("train.channels_last", "must be auto, true or false")
+    spec = get_spec(m.source)
+    if d.img_size < spec.min_img_size:
+        raise cfg.error("data.img_size", f"must be at least {spec.min_img_size} for {m.source}")
+    for key, low in [("data.num_classes", 2), ("data.train_size", 1), ("data.val_size", 1), ("data.workers", 0),
+                     ("train.epochs", 0), ("train.batch_size", 1), ("train.per_device_batch_size", 1),
+                     ("train.max_steps_per_epoch", 1), ("train.log_every", 1)]:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value < low:
+            raise cfg.error(key, f"must be >= {low}")
+    for key in ("train.lr", "train.weight_decay", "train.label_smoothing"):
+        if getattr(t, key.split(".")[1]) < 0:
+            raise cfg.error(key, "must be >= 0")
+    if d.name == "imagefolder" and not d.root:
+        raise cfg.error("data.root", "imagefolder data needs a root folder (root/train, root/val)")
+    if cfg.is_original and t.epochs > 0 and m.pretrained and m.source_weights is None:
+        pass  # fine: fine-tunes the pretrained original model
+
+
+def check_files(cfg: Config) -> None:
+    """Files a run needs (weights, data root): checked by commands that will read them."""
+    for key in ("model.source_weights", "model.destination_weights"):
+        value = getattr(cfg.model, key.split(".")[1])
+        if value is not None and not Path(value).is_file():
+            raise cfg.error(key, "weights file not found")
+    if cfg.data.name == "imagefolder":
+        root = Path(cfg.data.root)
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise cfg.error("data.root", f"missing folder {root / split}")
+
+
+def _one_of(cfg: Config, key: str, choices: tuple) -> None:
+    section, name = key.split(".")
+    if getattr(getattr(cfg, section), name) not in choices:
+        raise cfg.error(key, f"must be one of {', '.join(choices)}")
+
+
+def run_cli(main: typing.Callable[[], int | None]) -> typing.NoReturn:
+    """Run a command's ``main``; a :class:`ConfigError` becomes one line on stderr and exit code 2."""
+    try:
+        code = main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(code or 0)

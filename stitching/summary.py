@@ -1,0 +1,48 @@
+"""``python -m stitching.summary --config FILE [section.key=value ...]``: what a config builds and costs.
+
+Prints one JSON object: the model's kind, MACs (the paper's "FLOPs"), FLOPs (2 x MACs), parameters,
+trainable parameters, the number of adapters and the tensor shape at every join, at the config's
+``data.img_size``. Shapes and costs do not depend on weights, so it builds with random init (no download,
+no weight files read) -- a cost estimate before a single GPU-hour is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from stitching.config import load_config, run_cli
+
+
+def summarize(cfg) -> dict:
+    from stitching.stitch.cost import count_cost
+    from stitching.stitch.stitcher import build_model
+
+    mcfg = dataclasses.replace(cfg.model, pretrained=False, source_weights=None, destination_weights=None)
+    built = build_model(mcfg, cfg.data.img_size, cfg.num_classes)
+    out = {"kind": built.kind, "source": cfg.model.source, "img_size": cfg.data.img_size,
+           "num_classes": cfg.num_classes, **count_cost(built.model, cfg.data.img_size)}
+    plan = built.plan
+    out["num_adapters"] = plan.num_adapters if plan else 0
+    if plan:
+        out.update(destination=plan.destination, source_stage=plan.source_stage,
+                   destination_stage=plan.destination_stage, adapter=plan.adapter,
+                   resize=plan.effective_resize, schedule=plan.schedule, joins=plan.joins())
+    else:
+        out["joins"] = []
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stitching.summary", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(summarize(cfg), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
