@@ -1,0 +1,12 @@
+"""stitching.data: owns datasets (synthetic and ImageFolder), transforms and data loaders.
+
+* :mod:`stitching.data.synthetic` -- :class:`SyntheticImages`, a procedural, learnable dataset.
+* :mod:`stitching.data.transforms` -- the paper's training augmentation and timm-based evaluation
+  preprocessing.
+* :mod:`stitching.data.loaders` -- dataset construction from a data config, seeded loaders whose
+  epoch order (and augmentation) is a pure function of ``(seed, epoch)``.
+"""
+
+from stitching.data.synthetic import MAX_CLASSES, SyntheticImages
+
+__all__ = ["MAX_CLASSES", "SyntheticImages"]

@@ -1,0 +1,286 @@
+"""Datasets from a data config, and seeded data loaders whose epochs are reproducible.
+
+This module owns:
+
+* :func:`build_datasets` -- the ``(train, val)`` datasets named by a data config
+  (``"synthetic"``: :class:`~stitching.data.synthetic.SyntheticImages`; ``"imagefolder"``:
+  ``torchvision.datasets.ImageFolder`` on ``root/train`` and ``root/val``).
+* :func:`build_loader` / :func:`set_epoch` -- DataLoaders for which epoch ``e`` is a pure function
+  of ``(seed, e)``, so a run resumed at epoch ``e`` sees exactly the batches an uninterrupted run
+  sees.
+
+**Contract: call** ``set_epoch(loader, epoch)`` **before iterating each epoch** (also the first,
+and also after resuming). It sets the sample order (DistributedSampler's epoch, or re-seeds the
+RandomSampler's generator with ``seed + epoch``) and, with ``epoch_seeded=True``, the seed of each
+sample's augmentation. A train loader iterated twice without ``set_epoch`` in between advances the
+epoch by itself and warns.
+
+Why per-sample augmentation seeds: the random crops/flips/AutoAugment draw from torch's global
+RNG inside whichever process loads the sample. With worker processes (persistent or not) that state
+depends on the worker count and on how many epochs the worker has already served, so a resumed
+run would get the same images in a different augmentation. With ``epoch_seeded=True`` each sample
+is loaded under RNGs (torch CPU, ``random``, ``numpy``) seeded from ``(seed, epoch, index)`` and
+restored afterwards, which makes batches identical for any ``workers`` and across resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+
+from stitching.data.synthetic import SyntheticImages
+
+__all__ = ["build_datasets", "build_loader", "set_epoch", "sample_seed", "seed_worker", "DATASET_NAMES"]
+
+DATASET_NAMES = ("synthetic", "imagefolder")
+_MASK64 = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def build_datasets(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]) -> tuple[Dataset, Dataset]:
+    """``(train_ds, val_ds)`` for a data config.
+
+    ``data`` has attributes ``name`` (``"synthetic"`` | ``"imagefolder"``), ``root``
+    (imagefolder: ``root/train/<class>/*``, ``root/val/<class>/*``), ``num_classes``,
+    ``train_size`` / ``val_size`` (synthetic lengths), ``img_size`` (synthetic render size) and
+    ``seed``. The train set gets ``train_tf``, the val set ``eval_tf``.
+
+    Raises ``FileNotFoundError`` (naming the path) for a missing root or split folder, and
+    ``ValueError`` for an unknown name, an unset root, or class folders that differ between the
+    splits or from ``num_classes``.
+    """
+    name = getattr(data, "name", None)
+    if name == "synthetic":
+        common = dict(num_classes=data.num_classes, img_size=data.img_size, seed=data.seed)
+        train = SyntheticImages(length=data.train_size, split="train", transform=train_tf, **common)
+        val = SyntheticImages(length=data.val_size, split="val", transform=eval_tf, **common)
+        return train, val
+    if name == "imagefolder":
+        return _build_imagefolders(data, train_tf, eval_tf)
+    raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
+
+
+def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]) -> tuple[Dataset, Dataset]:
+    from torchvision.datasets import ImageFolder
+
+    root = getattr(data, "root", None)
+    if root is None or str(root) == "":
+        raise ValueError("data.root must be set for the 'imagefolder' dataset (layout root/train/<class>, root/val/<class>)")
+    root = os.path.expanduser(str(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"imagefolder root does not exist or is not a directory: {root}")
+    datasets = []
+    for split, tf in (("train", train_tf), ("val", eval_tf)):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"imagefolder split folder does not exist: {path} (expected root/{split}/<class>/...)")
+        datasets.append(ImageFolder(path, transform=tf))
+    train, val = datasets
+    # ImageFolder numbers classes by sorted folder name: a class folder missing from one split
+    # would silently shift every later label, so insist on identical class lists.
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise ValueError(
+            f"class folders differ between {root}/train and {root}/val "
+            f"(only in train: {only_train[:10]}, only in val: {only_val[:10]})"
+        )
+    num_classes = getattr(data, "num_classes", None)
+    if num_classes is not None and num_classes != len(train.classes):
+        raise ValueError(f"data.num_classes is {num_classes} but {root}/train has {len(train.classes)} class folders")
+    return train, val
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` in ``epoch`` of a run seeded ``seed`` (splitmix64 mixing)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(index) * 0x94D049BB133111EB) & _MASK64
+    for _ in range(2):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed ``numpy`` and ``random`` from the worker's torch seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+class _EpochSeededSampler(Sampler):
+    """Wraps a sampler; yields ``(index, sample_seed(seed, epoch, index))`` and owns the epoch."""
+
+    def __init__(self, sampler: Sampler, seed: int, warn_unset: bool) -> None:
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.epoch = 0
+        self._epoch_set = False
+        self._iterated = False
+        self._warn_unset = warn_unset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._epoch_set = True
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(self.epoch)
+        elif isinstance(self.sampler, RandomSampler) and self.sampler.generator is not None:
+            self.sampler.generator.manual_seed(self.seed + self.epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterated and not self._epoch_set:
+            if self._warn_unset:
+                warnings.warn(
+                    "data loader iterated again without set_epoch(loader, epoch); advancing the epoch "
+                    "automatically, but call set_epoch each epoch so that resumed runs reproduce batches",
+                    stacklevel=3,
+                )
+            self.set_epoch(self.epoch + 1)
+        self._iterated, self._epoch_set = True, False
+        for index in self.sampler:
+            yield (index, sample_seed(self.seed, self.epoch, index))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _SeededSampleDataset(Dataset):
+    """Loads ``dataset[index]`` with torch (CPU), ``random`` and ``numpy`` RNGs seeded for that sample.
+
+    In the main process (``workers=0``) the global RNG states are restored afterwards, so loading
+    does not disturb the training loop's own randomness.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        # delegate e.g. ``classes`` / ``targets``; guard against recursion during unpickling
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        if torch.utils.data.get_worker_info() is not None:
+            # a worker process: nobody else draws from its RNGs, so skip saving/restoring them
+            _seed_all(seed)
+            return self.dataset[index]
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            _seed_all(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def _seed_all(seed: int) -> None:
+    """Seed torch's CPU generator, ``random`` and ``numpy``'s global RNG (not CUDA's)."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch_seeded: bool = True,
+) -> DataLoader:
+    """A DataLoader whose epoch ``e`` (after ``set_epoch(loader, e)``) depends only on ``(seed, e)``.
+
+    * ``world_size > 1``: ``DistributedSampler(shuffle=train, seed=seed, drop_last=train)``; each
+      rank gets its shard.
+    * otherwise: a ``RandomSampler`` driven by its own ``torch.Generator`` (seeded ``seed + epoch``
+      by :func:`set_epoch`) when ``train``, sequential order when not.
+    * ``drop_last=train``; ``pin_memory`` when CUDA is available; ``persistent_workers`` when
+      ``workers > 0``; workers seeded via :func:`seed_worker` and a seeded loader generator.
+    * ``epoch_seeded=True`` (default): every sample's augmentation is seeded from
+      ``(seed, epoch, index)``, so batches are identical for any worker count and across resumes.
+      ``epoch_seeded=False``: the plain PyTorch behaviour (augmentation from the worker RNG
+      streams; only the order is reproducible).
+
+    Call :func:`set_epoch` before each epoch.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    train = bool(train)
+    if world_size > 1:
+        sampler: Sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train
+        )
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(int(seed)))
+    else:
+        sampler = SequentialSampler(dataset)
+
+    if epoch_seeded:
+        sampler = _EpochSeededSampler(sampler, seed, warn_unset=train)
+        dataset = _SeededSampleDataset(dataset)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        worker_init_fn=seed_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(int(seed) + 1),
+    )
+    loader.seed = int(seed)  # read by set_epoch
+    if len(loader) == 0:
+        raise ValueError(
+            f"loader has no batches: {len(sampler)} samples per rank with batch_size={batch_size}, drop_last={train}"
+        )
+    return loader
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Make the next iteration of ``loader`` epoch ``epoch``: call this before every epoch.
+
+    Sets the DistributedSampler's epoch, or re-seeds the RandomSampler's generator to
+    ``seed + epoch``, and (``epoch_seeded`` loaders) the epoch of the per-sample augmentation seeds.
+    A no-op for the order of sequential (eval) loaders.
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+    sampler = loader.sampler
+    if isinstance(sampler, _EpochSeededSampler):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
+        seed = getattr(loader, "seed", None)
+        if seed is None:
+            raise ValueError("set_epoch needs a loader made by build_loader (it records the seed)")
+        sampler.generator.manual_seed(seed + epoch)

@@ -1,0 +1,90 @@
+"""Image transforms: the paper's training augmentation and each model's own evaluation preprocessing.
+
+This module owns how a PIL image becomes a normalised tensor:
+
+* :func:`train_transform` -- RandomResizedCrop, RandomHorizontalFlip(0.5), AutoAugment(IMAGENET),
+  ToTensor, Normalize (the paper's training recipe, SPEC "Training recipe").
+* :func:`eval_transform` -- the source model's pretrained preprocessing, built by timm itself from
+  a timm data config (resize, crop_pct, crop_mode, interpolation, mean/std -- ViT augreg uses
+  mean/std 0.5, not ImageNet's).
+* :func:`data_config_for_size` -- the same data config at another input resolution.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import timm.data
+from torchvision import transforms as T
+from torchvision.transforms import AutoAugmentPolicy, InterpolationMode
+
+__all__ = ["train_transform", "eval_transform", "data_config_for_size", "EVAL_CONFIG_KEYS"]
+
+#: keys of a timm data config that :func:`eval_transform` passes on to ``timm.data.create_transform``
+EVAL_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+_INTERPOLATIONS = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+                   "bicubic": InterpolationMode.BICUBIC}
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    return mean, std
+
+
+def train_transform(
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    auto_augment: bool = True,
+    interpolation: str = "bilinear",
+) -> T.Compose:
+    """The paper's training augmentation, ending in a normalised ``(3, img_size, img_size)`` tensor.
+
+    RandomResizedCrop(img_size) -> RandomHorizontalFlip(0.5) -> AutoAugment(IMAGENET policy, if
+    ``auto_augment``) -> ToTensor -> Normalize(mean, std). Randomness comes from torch's global RNG
+    (seeded per sample by :func:`stitching.data.loaders.build_loader`).
+    """
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
+    mean, std = _check_mean_std(mean, std)
+    mode = _INTERPOLATIONS[interpolation]
+    steps: list[Any] = [T.RandomResizedCrop(img_size, interpolation=mode), T.RandomHorizontalFlip(0.5)]
+    if auto_augment:
+        steps.append(T.AutoAugment(AutoAugmentPolicy.IMAGENET, interpolation=mode))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def eval_transform(data_config: Mapping[str, Any]) -> T.Compose:
+    """A model's evaluation preprocessing from its timm data config, built by timm.
+
+    ``data_config`` is what ``timm.data.resolve_model_data_config(model)`` returns (keys
+    ``input_size`` (3, H, W), ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``).
+    The result resizes (to ``H / crop_pct``), centre-crops to ``H x W``, converts to a tensor and
+    normalises with the config's own mean/std.
+    """
+    missing = [k for k in ("input_size", "mean", "std") if k not in data_config]
+    if missing:
+        raise ValueError(f"data_config lacks {missing}; expected timm data config keys {EVAL_CONFIG_KEYS}")
+    _check_mean_std(data_config["mean"], data_config["std"])
+    kwargs = {k: data_config[k] for k in EVAL_CONFIG_KEYS if k in data_config}
+    return timm.data.create_transform(**kwargs, is_training=False)
+
+
+def data_config_for_size(data_config: Mapping[str, Any], img_size: int) -> dict:
+    """A copy of ``data_config`` whose ``input_size`` is ``(C, img_size, img_size)`` (low-resolution runs)."""
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    if "input_size" not in data_config:
+        raise ValueError("data_config lacks 'input_size'")
+    config = copy.deepcopy(dict(data_config))
+    channels = tuple(config["input_size"])[0]
+    config["input_size"] = (channels, img_size, img_size)
+    return config
