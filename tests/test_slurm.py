@@ -1,0 +1,352 @@
+"""SLURM job-array launcher, tested against a real single-node SLURM.
+
+The session fixture starts munged/slurmctld/slurmd with
+scripts/slurm/start_local_slurm.sh (installing slurm-wlm + munge with apt if
+needed) and stops them at the end.  With STITCHING_SLURM=1 or CI set, failing
+to start the cluster is an error; otherwise the cluster tests are skipped when
+SLURM cannot be had (not root, no apt).  STITCHING_SLURM_KEEP=1 leaves the
+cluster running after the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from stitching.launch import slurm
+from stitching.launch.slurm import SlurmResources
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+START = REPO / "scripts" / "slurm" / "start_local_slurm.sh"
+STOP = REPO / "scripts" / "slurm" / "stop_local_slurm.sh"
+
+SMALL = dict(cpus_per_task=1, mem="100M", time="00:05:00")
+
+
+def _must_run() -> bool:
+    return os.environ.get("STITCHING_SLURM") == "1" or bool(os.environ.get("CI"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    must = _must_run()
+    if os.geteuid() != 0 and not must:
+        pytest.skip("starting the local SLURM cluster needs root (or set STITCHING_SLURM=1 / CI)")
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        msg = (
+            f"{START.name} failed (exit {proc.returncode}) after {time.monotonic() - t0:.0f}s:\n"
+            f"{proc.stderr[-4000:]}"
+        )
+        if not must and shutil.which("sbatch") is None:
+            pytest.skip("SLURM is not installed and could not be installed: " + msg)
+        pytest.fail(msg)
+    exports = [ln for ln in proc.stdout.splitlines() if ln.startswith("export SLURM_CONF=")]
+    assert exports, f"no 'export SLURM_CONF=' line in:\n{proc.stdout}"
+    old_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = exports[-1].split("=", 1)[1]
+    print(f"local SLURM started in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        if os.environ.get("STITCHING_SLURM_KEEP") != "1":
+            subprocess.run(["bash", str(STOP)], capture_output=True, text=True, timeout=120)
+        if old_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old_conf
+
+
+def _wait_until(cond, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _write_script(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _submit(tmp_path: Path, run_dirs: list[Path], command: str, **res) -> str:
+    resources = SlurmResources(**{**SMALL, **res})
+    task_file = tmp_path / "tasks.txt"
+    slurm.write_task_file(task_file, run_dirs)
+    script = tmp_path / "array.sbatch"
+    script.write_text(
+        slurm.render_array_script(
+            task_file, len(run_dirs), resources, tmp_path / "logs", "test", command, chdir=tmp_path
+        )
+    )
+    return slurm.submit(script)
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text()}" for p in sorted((tmp_path / "logs").glob("*.out"))
+    )
+
+
+def _running(job_id: str, task: int) -> bool:
+    return slurm.job_states(job_id).get(task) == "RUNNING"
+
+
+# ---------------------------------------------------------------------------
+# (a) plain array, one-job-per-run-dir bookkeeping
+# ---------------------------------------------------------------------------
+def test_array_of_three_tasks_completes(slurm_cluster, tmp_path):
+    run_dirs = [tmp_path / f"run{i}" for i in range(3)]
+    for d in run_dirs:
+        d.mkdir()
+    command = 'sleep 2; echo "task=$SLURM_ARRAY_TASK_ID dir=$RUN_DIR" > "$RUN_DIR/out.txt"'
+    job_id, submitted = slurm.submit_array(
+        run_dirs, tmp_path / "sweep", SlurmResources(**SMALL, max_parallel=2), "array3", command
+    )
+    assert job_id is not None and submitted == [str(d) for d in run_dirs]
+
+    # While queued/running, the run dirs are taken: re-submitting adds nothing.
+    assert slurm.pending_or_running(run_dirs[2])
+    assert str(run_dirs[0]) in slurm.active_run_dirs()
+    again_id, again = slurm.submit_array(
+        run_dirs, tmp_path / "sweep", SlurmResources(**SMALL), "array3", command
+    )
+    assert (again_id, again) == (None, [])
+
+    states = slurm.wait_for(job_id, timeout_s=90, poll_s=0.5, n_tasks=3)
+    assert states == {0: "COMPLETED", 1: "COMPLETED", 2: "COMPLETED"}, _logs(tmp_path / "sweep")
+    for i, d in enumerate(run_dirs):
+        assert (d / "out.txt").read_text() == f"task={i} dir={d}\n"
+        assert (d / slurm.MARKER_FILE).read_text() == f"{job_id}_{i}\n"
+    assert not any(slurm.pending_or_running(d) for d in run_dirs)
+    logs = sorted(p.name for p in (tmp_path / "sweep" / "logs").glob("*.out"))
+    assert logs == [f"{job_id}_{i}.out" for i in range(3)]
+
+
+# ---------------------------------------------------------------------------
+# (b) requeue by the scheduler (scontrol requeue while running)
+# ---------------------------------------------------------------------------
+def test_scontrol_requeue_restarts_task(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = _write_script(
+        tmp_path / "job.sh",
+        """\
+        #!/bin/bash
+        echo start >> "$RUN_DIR/starts"
+        if [[ -e "$RUN_DIR/started_once" ]]; then
+            echo "restart=${SLURM_RESTART_COUNT:-0}" > "$RUN_DIR/done"
+            exit 0
+        fi
+        touch "$RUN_DIR/started_once"
+        sleep 120 & wait
+        """,
+    )
+    job_id = _submit(tmp_path, [run_dir], f"bash {script}")
+    _wait_until(lambda: (run_dir / "started_once").exists() and _running(job_id, 0), 30,
+                "first start")
+    t0 = time.monotonic()
+    subprocess.run(["scontrol", "requeue", f"{job_id}_0"], check=True, capture_output=True)
+    _wait_until(lambda: (run_dir / "done").exists(), 60, "the second run", poll=0.5)
+    restart_s = time.monotonic() - t0
+    states = slurm.wait_for(job_id, timeout_s=30, poll_s=0.5)
+    assert states == {0: "COMPLETED"}, _logs(tmp_path)
+    assert (run_dir / "starts").read_text().count("start") == 2
+    assert (run_dir / "done").read_text() == "restart=1\n"
+    assert slurm.job_info(job_id)[0]["Restarts"] == "1"
+    # --open-mode=append: both runs are in the same log
+    assert _logs(tmp_path).count("(restart ") == 2, _logs(tmp_path)
+    print(f"requeued task restarted after {restart_s:.1f}s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# (c) USR1 to the batch shell -> forwarded -> exit 75 -> self-requeue
+# ---------------------------------------------------------------------------
+def test_usr1_forwarded_then_exit_75_requeues(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer = _write_script(
+        tmp_path / "trainer.py",
+        """\
+        import os, signal, sys, time
+        run = os.environ["RUN_DIR"]
+        p = lambda name: os.path.join(run, name)
+        with open(p("starts"), "a") as f:
+            f.write(f"pid={os.getpid()} restart={os.environ.get('SLURM_RESTART_COUNT', '0')}\\n")
+        if os.path.exists(p("checkpoint")):
+            open(p("done"), "w").close()
+            sys.exit(0)
+
+        def on_usr1(signum, frame):
+            open(p("got_usr1"), "w").write(str(os.getpid()))
+            open(p("checkpoint"), "w").close()
+            sys.exit(75)  # EX_TEMPFAIL: checkpointed, please requeue
+
+        signal.signal(signal.SIGUSR1, on_usr1)
+        open(p("ready"), "w").close()
+        time.sleep(120)
+        sys.exit(1)
+        """,
+    )
+    command = f'{sys.executable} {trainer}'
+    job_id = _submit(tmp_path, [run_dir], command)
+    _wait_until(lambda: (run_dir / "ready").exists() and _running(job_id, 0), 30, "trainer ready")
+
+    # What --signal=B:USR1@N does at the deadline: signal the batch shell only.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job_id}_0"], check=True,
+                   capture_output=True)
+    _wait_until(lambda: (run_dir / "got_usr1").exists(), 15, "the forwarded USR1")
+    _wait_until(lambda: (run_dir / "done").exists(), 60, "the requeued run", poll=0.5)
+    states = slurm.wait_for(job_id, timeout_s=30, poll_s=0.5)
+    logs = _logs(tmp_path)
+    assert states == {0: "COMPLETED"}, logs
+
+    starts = (run_dir / "starts").read_text().splitlines()
+    assert len(starts) == 2 and starts[1].endswith("restart=1"), starts
+    # the trainer process itself got the signal (the bash -c layer exec'ed it)
+    assert (run_dir / "got_usr1").read_text() == starts[0].split()[0].removeprefix("pid=")
+    assert slurm.job_info(job_id)[0]["Restarts"] == "1"
+    assert "caught SIGUSR1" in logs and "status 75" in logs and "scontrol requeue" in logs
+    assert not (run_dir / ".requeue_requested").exists()
+
+
+def test_time_limit_signal_checkpoint_requeue(slurm_cluster, tmp_path):
+    """End to end: --signal=B:USR1@110 with a 2-minute limit really fires (slurmctld
+    checks every ~30 s, so it comes 10-40 s after the start), the trainer exits 75
+    and the task requeues itself long before the TIMEOUT kill."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer = _write_script(
+        tmp_path / "trainer.py",
+        """\
+        import os, signal, sys, time
+        run = os.environ["RUN_DIR"]
+        if os.path.exists(os.path.join(run, "checkpoint")):
+            open(os.path.join(run, "done"), "w").close()
+            sys.exit(0)
+
+        def on_signal(signum, frame):
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # duplicates: ignore
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            with open(os.path.join(run, "signals"), "a") as f:
+                f.write(f"{signal.Signals(signum).name}\\n")
+            open(os.path.join(run, "checkpoint"), "w").close()
+            sys.exit(75)
+
+        signal.signal(signal.SIGUSR1, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        time.sleep(300)
+        """,
+    )
+    t0 = time.monotonic()
+    job_id = _submit(tmp_path, [run_dir], f"{sys.executable} {trainer}",
+                     time="00:02:00", signal="USR1@110")
+    states = slurm.wait_for(job_id, timeout_s=100, poll_s=1)
+    elapsed = time.monotonic() - t0
+    assert states == {0: "COMPLETED"}, _logs(tmp_path)
+    assert (run_dir / "signals").read_text() == "SIGUSR1\n"
+    assert (run_dir / "done").exists()
+    assert slurm.job_info(job_id)[0]["Restarts"] == "1"
+    assert elapsed < 100
+    print(f"time-limit signal + requeue + rerun took {elapsed:.1f}s", file=sys.stderr)
+
+
+def test_requeue_file_works_like_exit_75_and_no_requeue_fails(slurm_cluster, tmp_path):
+    """The torchrun path ($STITCHING_REQUEUE_FILE), and requeue=False."""
+    run_dirs = [tmp_path / "file", tmp_path / "noreq"]
+    for d in run_dirs:
+        d.mkdir()
+    command = (
+        'if [[ -e "$RUN_DIR/again" ]]; then exit 0; fi; touch "$RUN_DIR/again"; '
+        'if [[ "$RUN_DIR" == */file ]]; then touch "$STITCHING_REQUEUE_FILE"; exit 1; fi; exit 75'
+    )
+    job_a = _submit(tmp_path / "", [run_dirs[0]], command)
+    states = slurm.wait_for(job_a, timeout_s=60, poll_s=0.5)
+    assert states == {0: "COMPLETED"}, _logs(tmp_path)
+    assert slurm.job_info(job_a)[0]["Restarts"] == "1"
+
+    sub = tmp_path / "noreq_sweep"
+    sub.mkdir()
+    job_b = _submit(sub, [run_dirs[1]], command, requeue=False)
+    states = slurm.wait_for(job_b, timeout_s=60, poll_s=0.5)
+    assert states == {0: "FAILED"}, _logs(sub)
+    info = slurm.job_info(job_b)[0]
+    assert info["Restarts"] == "0" and info["ExitCode"] == "75:0"
+
+
+def test_submit_errors(slurm_cluster, tmp_path, monkeypatch):
+    script = tmp_path / "bad.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --partition=no_such_partition\ntrue\n")
+    with pytest.raises(RuntimeError, match="(?i)sbatch.*partition"):
+        slurm.submit(script)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(RuntimeError, match="'sbatch' not found"):
+        slurm.submit(script)
+
+
+# ---------------------------------------------------------------------------
+# (d) rendering and validation (no cluster needed)
+# ---------------------------------------------------------------------------
+def test_render_multi_gpu_script(tmp_path):
+    res = SlurmResources(partition="gpu", gpus_per_task=4, cpus_per_task=16, mem="128G",
+                         time="1-00:00:00", max_parallel=3, account="proj", qos="high",
+                         extra=["#SBATCH --constraint=a100", "--exclusive"])
+    cmd = slurm.train_command("/opt/venv/bin/python", 4)
+    assert cmd == ('/opt/venv/bin/python -m torch.distributed.run --standalone '
+                   '--nproc_per_node=4 -m stitching.train --run-dir "$RUN_DIR"')
+    text = slurm.render_array_script(tmp_path / "tasks.txt", 10, res, tmp_path / "logs",
+                                     "sweep1", cmd)
+    sbatch = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    for opt in [
+        "--job-name=stitching:sweep1", "--array=0-9%3", f"--output={tmp_path}/logs/%A_%a.out",
+        "--open-mode=append", "--ntasks=1", "--gpus-per-task=4", "--cpus-per-task=16",
+        "--mem=128G", "--time=1-00:00:00", "--partition=gpu", "--account=proj", "--qos=high",
+        "--requeue", "--signal=B:USR1@300", "--constraint=a100", "--exclusive",
+        f"--comment=stitching-tasks={tmp_path}/tasks.txt",
+    ]:
+        assert f"#SBATCH {opt}" in sbatch, (opt, sbatch)
+    assert "torch.distributed.run" in text and "--nproc_per_node=4" in text
+    assert "SIGNAL_CHILDREN=1" in text
+    assert "trap 'forward USR1' USR1" in text and "trap 'forward TERM' TERM" in text
+    assert 'scontrol requeue "$TASK_ID"' in text
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+    gres = SlurmResources(gpus_per_task=2, gpu_flag="gres", requeue=False, signal="SIGUSR2@120")
+    text = slurm.render_array_script(tmp_path / "t.txt", 1, gres, tmp_path, "x",
+                                     slurm.train_command("python", 1))
+    assert "#SBATCH --gres=gpu:2" in text and "--gpus-per-task" not in text
+    assert "#SBATCH --array=0-0\n" in text and "#SBATCH --no-requeue" in text
+    assert "#SBATCH --signal=B:USR2@120" in text and "trap 'forward USR2' USR2" in text
+    assert 'python -m stitching.train --run-dir "$RUN_DIR"' in text
+    assert "SIGNAL_CHILDREN=0" in text and "#SBATCH --partition" not in text
+    assert slurm.train_command("python", 0) == slurm.train_command("python", 1)
+
+
+def test_resources_from_dict_validation():
+    r = SlurmResources.from_dict({"gpus_per_task": 1, "time": 43200, "mem": 2048}, source="a.yaml")
+    assert (r.time, r.mem) == ("12:00:00", "2048M")  # YAML 1.1 reads 12:00:00 as 43200
+    with pytest.raises(ValueError, match=r"sweep\.yaml.*'gpus'"):
+        SlurmResources.from_dict({"gpus": 2}, source="sweep.yaml")
+    with pytest.raises(ValueError, match=r"sweep\.yaml.*time"):
+        SlurmResources.from_dict({"time": "12h"}, source="sweep.yaml")
+    with pytest.raises(ValueError, match="max_parallel"):
+        SlurmResources(max_parallel=0)
+    with pytest.raises(ValueError, match="signal"):
+        SlurmResources(signal="USR1")
+    with pytest.raises(ValueError, match="extra"):
+        SlurmResources(extra="--exclusive")
+    with pytest.raises(ValueError, match="gpus_per_task"):
+        SlurmResources(gpus_per_task=True)
