@@ -379,3 +379,29 @@ def test_synthetic_is_learnable_by_a_small_cnn_but_not_by_a_linear_model():
     assert cnn_accuracy > 0.6, f"small CNN reached only {cnn_accuracy:.2f} val accuracy (chance 0.10)"
     assert linear_accuracy < 0.6, f"a linear model on raw pixels reached {linear_accuracy:.2f}: dataset too easy"
     assert cnn_accuracy > linear_accuracy + 0.2
+
+
+def test_start_at_resumes_mid_epoch_with_the_same_batches_without_loading_skipped_ones():
+    from stitching.data.loaders import build_loader, set_epoch, start_at
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self):
+            self.loaded = []
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            self.loaded.append(i)
+            return torch.tensor([i])
+
+    ds = Counting()
+    loader = build_loader(ds, batch_size=4, train=True, seed=3, workers=0)
+    set_epoch(loader, 2)
+    full = [b.flatten().tolist() for b in loader]
+    ds.loaded.clear()
+    set_epoch(loader, 2)
+    start_at(loader, 6)
+    rest = [b.flatten().tolist() for b in loader]
+    assert rest == full[6:]
+    assert sorted(ds.loaded) == sorted(i for b in full[6:] for i in b)

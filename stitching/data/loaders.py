@@ -25,6 +25,7 @@ restored afterwards, which makes batches identical for any ``workers`` and acros
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import warnings
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from stitching.data.synthetic import SyntheticImages
 
-__all__ = ["build_datasets", "build_loader", "set_epoch", "sample_seed", "seed_worker", "DATASET_NAMES"]
+__all__ = ["build_datasets", "build_loader", "set_epoch", "start_at", "sample_seed", "seed_worker", "DATASET_NAMES"]
 
 DATASET_NAMES = ("synthetic", "imagefolder")
 _MASK64 = (1 << 64) - 1
@@ -131,6 +132,7 @@ class _EpochSeededSampler(Sampler):
         self._epoch_set = False
         self._iterated = False
         self._warn_unset = warn_unset
+        self.skip = 0  # indices to pass over on the next iteration (resuming mid-epoch), see start_at
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -150,7 +152,8 @@ class _EpochSeededSampler(Sampler):
                 )
             self.set_epoch(self.epoch + 1)
         self._iterated, self._epoch_set = True, False
-        for index in self.sampler:
+        skip, self.skip = self.skip, 0
+        for index in itertools.islice(self.sampler, skip, None):
             yield (index, sample_seed(self.seed, self.epoch, index))
 
     def __len__(self) -> int:
@@ -172,7 +175,9 @@ class _SeededSampleDataset(Dataset):
 
     def __getattr__(self, name: str) -> Any:
         # delegate e.g. ``classes`` / ``targets``; guard against recursion during unpickling
-        if name == "dataset":
+        # never delegate dunders: DataLoader would find e.g. a wrapped Subset's ``__getitems__`` and bypass
+        # the seeding ``__getitem__`` below
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
@@ -284,3 +289,17 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         if seed is None:
             raise ValueError("set_epoch needs a loader made by build_loader (it records the seed)")
         sampler.generator.manual_seed(seed + epoch)
+
+
+def start_at(loader: DataLoader, batch: int) -> None:
+    """Make the next iteration of ``loader`` begin at batch ``batch`` of the epoch set by :func:`set_epoch`.
+
+    For resuming mid-epoch: the skipped samples' indices are drawn from the sampler (so the order is the
+    uninterrupted run's) but their images are never loaded. Call after :func:`set_epoch`.
+    """
+    sampler = loader.sampler
+    if not isinstance(sampler, _EpochSeededSampler):
+        raise ValueError("start_at needs a loader made by build_loader with epoch_seeded=True")
+    if batch < 0:
+        raise ValueError(f"batch must be >= 0, got {batch!r}")
+    sampler.skip = batch * loader.batch_size

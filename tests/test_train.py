@@ -1,0 +1,177 @@
+"""``python -m stitching.train``: run directory, learning, resume after SIGTERM, torchrun, bad configs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+BASE = """\
+model:
+  source: resnet18
+  source_stage: 1
+  destination_stage: 3
+  adapter: bottleneck
+  pretrained: false
+data:
+  name: synthetic
+  img_size: 32
+  num_classes: 10
+  train_size: 512
+  val_size: 256
+  workers: 0
+train:
+  epochs: 2
+  batch_size: 64
+  log_every: 1
+"""
+
+
+def write_cfg(tmp_path: Path, text: str = BASE, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def train(*args, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stitching.train", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_writes_every_file_with_sane_values(tmp_path):
+    from stitching.results.schema import RESULT_COLUMNS
+
+    out = tmp_path / "r"
+    proc = train("--config", write_cfg(tmp_path), f"output.dir={out}")
+    assert f"results in {out / 'result.csv'}" in proc.stdout
+    for f in ("config.yaml", "metrics.csv", "result.csv", "checkpoint.pt", "model.safetensors", "train.log"):
+        assert (out / f).is_file(), f
+    [row] = rows(out / "result.csv")
+    assert list(row) == RESULT_COLUMNS
+    assert row["kind"] == "stitched" and row["gap"] == "1->3" and row["num_adapters"] == "2"
+    assert 0 <= float(row["top1"]) <= 100 and float(row["top5"]) >= float(row["top1"])
+    assert float(row["val_loss"]) > 0 and float(row["train_loss"]) > 0
+    assert 0 < int(row["trainable_params"]) < int(row["params"]) and int(row["flops"]) == 2 * int(row["macs"])
+    assert float(row["images_per_s"]) > 0 and row["world_size"] == "1" and row["device"] == "cpu"
+    assert row["precision"] == "fp32" and row["epochs"] == "2" and row["batch_size"] == "64"
+    metrics = rows(out / "metrics.csv")
+    assert [m["epoch"] for m in metrics] == ["1", "2"] and metrics[-1]["step"] == "16"
+    assert float(metrics[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)   # cosine to 0 at the last step
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["position"]["epoch"] == 2 and ckpt["position"]["step"] == 16
+    assert all(k.startswith(("0.", "1.", "2.", "3.")) for k in ckpt["trainable"])   # adapters only
+    from stitching.train.loop import load_trained
+
+    model = load_trained(out)
+    assert model.plan.num_adapters == 2
+    log = (out / "train.log").read_text()
+    assert "epoch 2/2" in log and "top1" in log
+
+
+def test_a_finished_run_is_skipped_and_force_keeps_the_old_files(tmp_path):
+    out = tmp_path / "r"
+    cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
+    train("--config", cfg, f"output.dir={out}")
+    before = (out / "result.csv").read_text()
+    proc = train("--config", cfg, f"output.dir={out}")
+    assert "already finished" in proc.stdout and (out / "result.csv").read_text() == before
+    proc = train("--config", cfg, f"output.dir={out}", "--force")
+    [archived] = list((out / "previous").iterdir())
+    assert (archived / "result.csv").read_text() == before and (out / "result.csv").is_file()
+
+
+def _interrupted_and_resumed(tmp_path: Path, cfg: Path, out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stitching.train", "--config", str(cfg), f"output.dir={out}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "metrics.csv").is_file():
+        time.sleep(0.05)
+    assert (out / "metrics.csv").is_file(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)          # during epoch 2 (after the first epoch's checkpoint)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    assert "checkpoint saved" in stderr
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["position"]["epoch"] == 1 and not (out / "result.csv").exists()
+    proc = train("--config", cfg, f"output.dir={out}")
+    assert "resuming" in proc.stderr
+
+
+def test_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    text = BASE.replace("epochs: 2", "epochs: 3").replace("train_size: 512", "train_size: 1024")
+    cfg = write_cfg(tmp_path, text)
+    train("--config", cfg, f"output.dir={tmp_path / 'straight'}")
+    _interrupted_and_resumed(tmp_path, cfg, tmp_path / "resumed")
+    [a] = rows(tmp_path / "straight" / "result.csv")
+    [b] = rows(tmp_path / "resumed" / "result.csv")
+    for key in ("top1", "top5", "val_loss", "train_loss"):
+        assert float(a[key]) == float(b[key]), key
+    ma, mb = rows(tmp_path / "straight" / "metrics.csv"), rows(tmp_path / "resumed" / "metrics.csv")
+    assert [m["val_loss"] for m in ma] == [m["val_loss"] for m in mb]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+
+
+def test_torchrun_two_processes_same_steps_one_row(tmp_path):
+    cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
+    one = tmp_path / "one"
+    train("--config", cfg, f"output.dir={one}")
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "stitching.train", "--config", str(cfg), f"output.dir={two}",
+                           "train.per_device_batch_size=16"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(rows(two / "result.csv")) == 1 and rows(two / "result.csv")[0]["world_size"] == "2"
+    steps_one = torch.load(one / "checkpoint.pt", weights_only=True)["position"]["step"]
+    steps_two = torch.load(two / "checkpoint.pt", weights_only=True)["position"]["step"]
+    assert steps_one == steps_two == 512 // 64
+    assert rows(two / "metrics.csv")[-1]["step"] == str(steps_one)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.bogus=1", "train.bogus"),
+    ("train.per_device_batch_size=48", "train.batch_size"),
+    ("data.root=/nonexistent/imagenet", "data.root"),
+    ("model.source_weights=/nonexistent/w.safetensors", "model.source_weights"),
+])
+def test_bad_configs_stop_before_training_and_keep_earlier_results(tmp_path, override, key):
+    out = tmp_path / "r"
+    cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
+    train("--config", cfg, f"output.dir={out}")
+    snapshot = {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()}
+    extra = ["data.name=imagefolder"] if key == "data.root" else []
+    proc = train("--config", cfg, f"output.dir={out}", override, *extra, "--force", check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in proc.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()} == snapshot
+    assert not (out / "previous").exists()
+
+
+def test_a_different_config_does_not_overwrite_a_run_dir(tmp_path):
+    out = tmp_path / "r"
+    cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
+    train("--config", cfg, f"output.dir={out}")
+    (out / "result.csv").unlink()       # an unfinished run of another config
+    proc = train("--config", cfg, f"output.dir={out}", "train.lr=0.1", check=False)
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "different run" in proc.stderr
