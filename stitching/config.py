@@ -54,6 +54,7 @@ class DataConfig:
     val_size: int = 500                     # synthetic only
     workers: int = 4
     auto_augment: bool = True
+    min_crop_scale: float = 0.08            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
     seed: int = 0                           # synthetic data seed
 
 
@@ -251,6 +252,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value is not None and value < low:
             raise cfg.error(key, f"must be >= {low}")
+    if not 0 < d.min_crop_scale <= 1:
+        raise cfg.error("data.min_crop_scale", "must be in (0, 1]")
     for key in ("train.lr", "train.weight_decay", "train.label_smoothing"):
         if getattr(t, key.split(".")[1]) < 0:
             raise cfg.error(key, "must be >= 0")

@@ -42,10 +42,11 @@ def train_transform(
     std: Sequence[float],
     auto_augment: bool = True,
     interpolation: str = "bilinear",
+    min_crop_scale: float = 0.08,
 ) -> T.Compose:
     """The paper's training augmentation, ending in a normalised ``(3, img_size, img_size)`` tensor.
 
-    RandomResizedCrop(img_size) -> RandomHorizontalFlip(0.5) -> AutoAugment(IMAGENET policy, if
+    RandomResizedCrop(img_size, scale=(min_crop_scale, 1)) -> RandomHorizontalFlip(0.5) -> AutoAugment(IMAGENET policy, if
     ``auto_augment``) -> ToTensor -> Normalize(mean, std). Randomness comes from torch's global RNG
     (seeded per sample by :func:`stitching.data.loaders.build_loader`).
     """
@@ -55,7 +56,10 @@ def train_transform(
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
     mean, std = _check_mean_std(mean, std)
     mode = _INTERPOLATIONS[interpolation]
-    steps: list[Any] = [T.RandomResizedCrop(img_size, interpolation=mode), T.RandomHorizontalFlip(0.5)]
+    if not 0 < min_crop_scale <= 1:
+        raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale!r}")
+    steps: list[Any] = [T.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), interpolation=mode),
+                        T.RandomHorizontalFlip(0.5)]
     if auto_augment:
         steps.append(T.AutoAugment(AutoAugmentPolicy.IMAGENET, interpolation=mode))
     steps += [T.ToTensor(), T.Normalize(mean, std)]

@@ -153,7 +153,8 @@ def _run(cfg: Config, path: Path, force: bool, device: torch.device, info: D.Dis
     model = built.model
     dcfg = data_config_for_size(built.data_config, cfg.data.img_size)
     train_tf = train_transform(cfg.data.img_size, dcfg["mean"], dcfg["std"], auto_augment=cfg.data.auto_augment,
-                               interpolation=dcfg.get("interpolation", "bilinear"))
+                               interpolation=dcfg.get("interpolation", "bilinear"),
+                               min_crop_scale=cfg.data.min_crop_scale)
     try:
         train_ds, val_ds = build_datasets(dataclasses.replace(cfg.data, num_classes=cfg.num_classes), train_tf,
                                           eval_transform(dcfg))
