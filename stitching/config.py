@@ -121,12 +121,21 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "out
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), check: bool = True) -> Config:
-    """Load ``path`` (its ``base:`` chain first), apply ``overrides`` and validate."""
+def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), check: bool = True,
+                updates: typing.Mapping[str, typing.Any] | None = None, updates_source: str = CLI) -> Config:
+    """Load ``path`` (its ``base:`` chain first), apply ``updates`` (dotted key -> value, e.g. one point
+    of a sweep grid, attributed to ``updates_source``), then the ``overrides`` (``section.key=value``
+    strings from the command line), and validate."""
     tree: dict = {}
     origins: dict = {}
     if path is not None:
         _merge_file(Path(path), tree, origins, seen=())
+    for key, value in (updates or {}).items():
+        section, _, name = key.partition(".")
+        if not name or not isinstance(tree.setdefault(section, {}), dict):
+            raise ConfigError(key, value, updates_source, "keys are written section.key")
+        tree[section][name] = copy.deepcopy(value)
+        origins[key] = updates_source
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +15,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+START = ROOT / "scripts" / "slurm" / "start_local_slurm.sh"
+STOP = ROOT / "scripts" / "slurm" / "stop_local_slurm.sh"
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -42,3 +47,43 @@ def model_cfg(**kw) -> SimpleNamespace:
              source_weights=None, destination_weights=None)
     d.update(kw)
     return SimpleNamespace(**d)
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+# One real single-node SLURM for the session (scripts/slurm/start_local_slurm.sh installs slurm-wlm and
+# munge with apt if needed, starts the daemons; they are stopped at the end). With STITCHING_SLURM=1 or
+# CI set, failing to start it is an error; otherwise the SLURM tests are skipped when it cannot be had.
+# STITCHING_SLURM_KEEP=1 leaves it running after the session.
+def _must_run() -> bool:
+    return os.environ.get("STITCHING_SLURM") == "1" or bool(os.environ.get("CI"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    must = _must_run()
+    if os.geteuid() != 0 and not must:
+        pytest.skip("starting the local SLURM cluster needs root (or set STITCHING_SLURM=1 / CI)")
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        msg = (
+            f"{START.name} failed (exit {proc.returncode}) after {time.monotonic() - t0:.0f}s:\n"
+            f"{proc.stderr[-4000:]}"
+        )
+        if not must and shutil.which("sbatch") is None:
+            pytest.skip("SLURM is not installed and could not be installed: " + msg)
+        pytest.fail(msg)
+    exports = [ln for ln in proc.stdout.splitlines() if ln.startswith("export SLURM_CONF=")]
+    assert exports, f"no 'export SLURM_CONF=' line in:\n{proc.stdout}"
+    old_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = exports[-1].split("=", 1)[1]
+    print(f"local SLURM started in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        if os.environ.get("STITCHING_SLURM_KEEP") != "1":
+            subprocess.run(["bash", str(STOP)], capture_output=True, text=True, timeout=120)
+        if old_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old_conf

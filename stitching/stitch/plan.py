@@ -133,9 +133,9 @@ def check_stages(source_stage: int, destination_stage: int) -> None:
 
 
 def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, resize: str, schedule: str,
-                shapes_src: dict | None = None, shapes_dst: dict | None = None) -> StitchPlan:
+                shapes_src: dict | None = None, shapes_dst: dict | None = None, img_size: int = 224) -> StitchPlan:
     """Plan the stitch. ``shapes_*`` map (stage, 'first'|'end') to (C, H, W) traced from the real models;
-    without them the declared cuts at a nominal 224 px are used (config validation)."""
+    without them the declared cuts at a nominal ``img_size`` are used (config validation, sweeps)."""
     check_stages(s, t)
     if adapter not in ADAPTERS:
         raise PlanError("model.adapter", adapter, f"must be one of {', '.join(ADAPTERS)}")
@@ -146,7 +146,7 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
 
     def shape(spec, shapes, stage, where):
         if shapes is None:
-            return nominal_shape(spec, stage, where)
+            return nominal_shape(spec, stage, where, img_size)
         c, h, w = shapes[(stage, where)]
         return Shape(spec.cut(stage, where).format, c, h, w)
 

@@ -1,0 +1,212 @@
+"""Sweep files and their expansion into runs.
+
+A sweep file is one block, or a list of ``blocks:``, each with
+
+``base``     a run config (path relative to the sweep file) the runs build on;
+``grid``     dotted config keys mapped to lists of values -- the runs are their product (a one-element
+             list fixes a value);
+``exclude``  optional rules: a mapping of dotted keys to a value (or list of values); a run matching every
+             key of a rule is left out;
+``slurm``    optional resources for ``--launcher slurm`` (see :class:`stitching.launch.slurm.SlurmResources`).
+
+Top-level ``base``/``exclude``/``slurm`` are defaults for every block. Expansion validates each run like
+``stitching.train`` would (an impossible combination -- stage 3 -> 2, strided linear adapters,
+fine-tuning across architectures, a gap whose blocks do not join -- is dropped and counted with its
+reason) and drops duplicates: runs that build the same module (equal stitch-plan signatures, e.g. the
+three resize modes where sizes already match) with the same recipe. Each run gets a stable directory name
+(readable prefix + hash of its resolved config), so expanding the same sweep again finds the same
+directories: finished runs are skipped, unfinished ones resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stitching.config import SECTIONS, Config, ConfigError, load_config, validate
+
+SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks"}
+BLOCK_KEYS = {"name", "base", "grid", "exclude", "slurm"}
+
+
+class SweepError(ConfigError):
+    pass
+
+
+@dataclass
+class Block:
+    name: str
+    base: Path
+    grid: dict
+    exclude: list
+    slurm: dict
+
+
+@dataclass
+class Run:
+    name: str
+    block: str
+    config: Config
+    key: tuple = field(repr=False)
+
+    @property
+    def pair(self) -> str:
+        m = self.config.model
+        return m.source if self.config.is_original else f"{m.source} -> {m.destination or m.source}"
+
+    @property
+    def method(self) -> str:
+        m = self.config.model
+        if self.config.is_original:
+            return "original"
+        if m.adapter == "finetune":
+            return "finetune"
+        return f"{m.adapter}/{m.resize}"
+
+
+@dataclass
+class Expansion:
+    runs: list[Run]
+    excluded: Counter          # (block, rule) -> count
+    impossible: Counter        # (block, reason) -> count
+    duplicates: Counter        # (block, "same as <run>") -> count
+    total: int                 # grid points before dropping
+
+
+def load_sweep(path: str | Path) -> tuple[str, list[Block]]:
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise SweepError("sweep", src, "command line", "file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SweepError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SweepError("", None, src, "a sweep file must be a mapping")
+    for key in data:
+        if key not in SWEEP_KEYS:
+            raise SweepError(key, data[key], src, f"unknown key; a sweep takes {', '.join(sorted(SWEEP_KEYS))}")
+    defaults = {k: data[k] for k in ("base", "exclude", "slurm") if k in data}
+    raw_blocks = data.get("blocks")
+    if raw_blocks is None:
+        raw_blocks = [{k: v for k, v in data.items() if k in BLOCK_KEYS}]
+    if not isinstance(raw_blocks, list) or not raw_blocks:
+        raise SweepError("blocks", raw_blocks, src, "must be a non-empty list of blocks")
+    blocks = []
+    for i, raw in enumerate(raw_blocks):
+        if not isinstance(raw, dict):
+            raise SweepError(f"blocks[{i}]", raw, src, "must be a mapping")
+        for key in raw:
+            if key not in BLOCK_KEYS:
+                raise SweepError(f"blocks[{i}].{key}", raw[key], src,
+                                 f"unknown key; a block takes {', '.join(sorted(BLOCK_KEYS))}")
+        name = str(raw.get("name", f"block{i}"))
+        base = raw.get("base", defaults.get("base"))
+        if not isinstance(base, str):
+            raise SweepError(f"{name}.base", base, src, "every block needs a base run config (a relative path)")
+        grid = raw.get("grid") or {}
+        if not isinstance(grid, dict):
+            raise SweepError(f"{name}.grid", grid, src, "must map dotted config keys to lists of values")
+        for key, values in grid.items():
+            section, _, field_ = str(key).partition(".")
+            if section not in SECTIONS or field_ not in {f for f in SECTIONS[section].__dataclass_fields__}:
+                raise SweepError(f"{name}.grid.{key}", values, src, "not a config key (section.key)")
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{name}.grid.{key}", values, src, "must be a non-empty list of values")
+        exclude = list(defaults.get("exclude") or []) + list(raw.get("exclude") or [])
+        for rule in exclude:
+            if not isinstance(rule, dict) or not rule:
+                raise SweepError(f"{name}.exclude", rule, src, "each rule maps dotted keys to values")
+        slurm = {**(defaults.get("slurm") or {}), **(raw.get("slurm") or {})}
+        blocks.append(Block(name, path.parent / base, grid, exclude, slurm))
+    names = [b.name for b in blocks]
+    if len(set(names)) != len(names):
+        raise SweepError("blocks", names, src, "block names must be unique")
+    return str(data.get("name", path.stem)), blocks
+
+
+def expand(path: str | Path, runs_dir: str | Path) -> tuple[str, list[Block], Expansion]:
+    """Every run of the sweep at ``path``, validated, with impossible and duplicate runs dropped."""
+    from stitching.models.registry import get_spec
+    from stitching.stitch.plan import plan_stitch
+
+    name, blocks = load_sweep(path)
+    src = str(path)
+    runs, seen = [], {}
+    excluded, impossible, duplicates = Counter(), Counter(), Counter()
+    total = 0
+    for block in blocks:
+        keys = list(block.grid)
+        for values in itertools.product(*(block.grid[k] for k in keys)):
+            total += 1
+            point = dict(zip(keys, values))
+            rule = _matching_rule(block, point, block.base)
+            if rule is not None:
+                excluded[(block.name, rule)] += 1
+                continue
+            # unknown keys and wrong types are mistakes in the files: they stop the sweep (ConfigError)
+            cfg = load_config(block.base, updates=point, updates_source=src, check=False)
+            try:
+                validate(cfg)       # an impossible combination is dropped and counted
+            except ConfigError as err:
+                impossible[(block.name, f"{err.key}: {err.message.split(';')[0]}")] += 1
+                continue
+            m = cfg.model
+            if cfg.is_original:
+                structure = ("original", m.source)
+            else:
+                plan = plan_stitch(get_spec(m.source), get_spec(m.destination or m.source), m.source_stage,
+                                   m.destination_stage, m.adapter, m.resize, m.schedule, img_size=cfg.data.img_size)
+                structure = plan.signature()
+            recipe = cfg.to_dict()
+            for k in ("source", "destination", "source_stage", "destination_stage", "adapter", "resize", "schedule"):
+                recipe["model"].pop(k)
+            recipe.pop("output")
+            key = (structure, json.dumps(recipe, sort_keys=True, default=str))
+            run_name = run_dir_name(cfg)
+            if key in seen:
+                differ = sorted(k for k in set(point) | set(seen[key]) if point.get(k) != seen[key].get(k))
+                duplicates[(block.name, f"differs from a kept run only in {', '.join(differ) or 'nothing'}, "
+                                        "which changes nothing in the built model or recipe")] += 1
+                continue
+            seen[key] = point
+            cfg.output.dir = str(Path(runs_dir) / run_name)
+            runs.append(Run(run_name, block.name, cfg, key))
+    return name, blocks, Expansion(runs, excluded, impossible, duplicates, total)
+
+
+def _matching_rule(block: Block, point: dict, base: Path) -> str | None:
+    for i, rule in enumerate(block.exclude):
+        def matches(key, want):
+            have = point.get(key, _UNSET)
+            if have is _UNSET:
+                return False
+            return have in want if isinstance(want, list) else have == want
+        if all(matches(k, v) for k, v in rule.items()):
+            return f"exclude rule {i + 1} ({', '.join(f'{k}={v}' for k, v in rule.items())})"
+    return None
+
+
+_UNSET = object()
+
+
+def run_dir_name(cfg: Config) -> str:
+    """Readable and stable: ``resnet50.1-swin_t.3.bottleneck.bilinear.lr0.002.seed0.<hash>``."""
+    m, t = cfg.model, cfg.train
+    d = cfg.to_dict()
+    d.pop("output")
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    if cfg.is_original:
+        head = f"original.{m.source}.ep{t.epochs}"
+    else:
+        head = f"{m.source}.{m.source_stage}-{m.destination or m.source}.{m.destination_stage}.{m.adapter}"
+        if m.adapter != "finetune":
+            head += f".{m.resize}"
+    return f"{head}.lr{t.lr:g}.seed{t.seed}.{digest}"
