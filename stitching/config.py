@@ -70,7 +70,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda
-    precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (V100) | fp32
     channels_last: str | bool = "auto"      # auto (on CUDA for conv parts) | true | false
     fold_bn: bool = True                    # fold frozen BatchNorm into convs (stitched runs only)
     compile: bool = False                   # torch.compile the trainable part
@@ -248,7 +248,7 @@ def validate(cfg: Config) -> None:
     _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
     _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
     _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(cfg, "train.precision", ("auto", "bf16", "fp32"))
+    _one_of(cfg, "train.precision", ("auto", "bf16", "fp16", "fp32"))
     if isinstance(t.channels_last, str) and t.channels_last != "auto":
         raise cfg.error("train.channels_last", "must be auto, true or false")
     spec = get_spec(m.source)

@@ -470,8 +470,9 @@ def load_trained(run_dir: str | Path) -> nn.Module:
     cfg = load_config(cfg_path, check=False)
     mcfg = dataclasses.replace(cfg.model, pretrained=False, source_weights=None, destination_weights=None)
     built = build_model(mcfg, cfg.data.img_size, cfg.num_classes)
+    if meta.get("kind") != built.kind:
+        raise ValueError(f"{file} holds a {meta.get('kind')} model but {cfg_path} builds a {built.kind} one")
     built.model.load_state_dict(load_file(str(file)), strict=True)
-    assert meta.get("kind") == built.kind
     return built.model.eval()
 
 
