@@ -1,0 +1,95 @@
+"""``scripts/toy_study.py``: the sweep it writes expands (the study itself is too slow for the tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "toy_study.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("toy_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fake_weights(tmp_path_factory):
+    """Random-init weights of both models, saved where the trained ones would be."""
+    from safetensors.torch import save_file
+
+    from stitching.models import load_model
+
+    toy = _script()
+    out = tmp_path_factory.mktemp("toy")
+    torch.manual_seed(0)
+    for model in toy.MODELS:
+        path = toy.weights_path(out, model)
+        path.parent.mkdir(parents=True)
+        state = {k: v.contiguous() for k, v in load_model(model, num_classes=10).state_dict().items()}
+        save_file(state, str(path))
+    return out
+
+
+def test_written_sweep_expands_into_the_study(fake_weights, tmp_path):
+    from stitching.config import check_files
+    from stitching.sweep.spec import expand
+
+    toy = _script()
+    sweep = toy.write_sweep(fake_weights)
+    assert sweep == fake_weights / "toy.yaml"
+    _, blocks, exp = expand(sweep, tmp_path / "sweep")
+    per_block = Counter(r.block for r in exp.runs)
+    assert per_block == {
+        "resnet18_self": 7 * 2 * 2,               # gaps 1->1..4, 2->2..4; linear, bottleneck; 2 seeds
+        "resnet18_self_no_resize": 2 * 2,
+        "resnet18_finetune": 3 * 2,               # 3 gaps x 2 lrs
+        "resnet18_to_vit_tiny": 3 * 2,            # 1->2..4, 2 seeds
+        "vit_tiny_to_resnet18": 3 * 2,
+        "original_resnet18": 1,
+        "original_vit_tiny": 1,
+    }
+    assert sum(exp.impossible.values()) == 4 and not exp.duplicates     # 2->1 dropped
+    weights = {m: str(toy.weights_path(fake_weights, m).resolve()) for m in toy.MODELS}
+    for run in exp.runs:
+        cfg, m = run.config, run.config.model
+        check_files(cfg)                                                 # the weights files exist
+        assert m.source_weights == weights[m.source] and not m.pretrained
+        assert m.destination_weights in (None, weights.get(m.destination))
+        assert cfg.data.img_size == 64 and cfg.num_classes == 10
+        if cfg.is_original:
+            assert cfg.train.epochs == 0
+        else:
+            assert 1 <= cfg.train.epochs <= 2
+    assert {r.config.model.destination for r in exp.runs if r.block.endswith("_to_resnet18")} == {"resnet18"}
+    # written again: nothing changes, the same run directories come out (finished runs are found again)
+    text = sweep.read_text()
+    assert toy.write_sweep(fake_weights) == sweep and sweep.read_text() == text
+    assert [r.name for r in expand(sweep, tmp_path / "sweep")[2].runs] == [r.name for r in exp.runs]
+
+
+def test_trained_model_configs_train_the_originals():
+    from stitching.config import load_config
+
+    toy = _script()
+    for model, (_, config) in toy.MODELS.items():
+        cfg = load_config(config)
+        assert cfg.is_original and cfg.model.source == model and cfg.train.epochs > 0
+        assert not cfg.model.pretrained and cfg.model.source_weights is None
+    with open(toy.SWEEP_TEMPLATE) as f:
+        assert yaml.safe_load(f)["name"] == "toy"
+
+
+def test_help():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--out" in proc.stdout and "--figures" in proc.stdout
