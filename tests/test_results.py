@@ -333,3 +333,33 @@ def test_notebook_executes(results_csv, tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3
+
+
+def test_rows_that_resample_nothing_stand_for_every_resize_mode():
+    """A pair run only where sizes already match (resize recorded as none, resamples False) still shows up
+    as "Downsample, Bottleneck" in the cross-architecture figure; a real no-resize row does not."""
+    import pandas as pd
+
+    from stitching.plots.aggregate import prepare, share_resize_free
+    from stitching.plots.figures import best_adapter_rows
+    from stitching.results.schema import RESULT_COLUMNS
+
+    base = {c: "" for c in RESULT_COLUMNS}
+    rows = []
+    for seed, top1 in [(0, 41.0), (1, 43.0)]:
+        rows.append({**base, "run_id": f"a{seed}", "kind": "stitched", "source": "vit_tiny_patch16_224",
+                     "destination": "resnet18", "source_stage": 1, "destination_stage": 3, "gap": "1->3",
+                     "adapter": "bottleneck", "resize": "none", "resamples": False, "seed": seed, "top1": top1,
+                     "top5": 90.0, "macs": 1e8, "lr": 0.002})
+        rows.append({**base, "run_id": f"b{seed}", "kind": "stitched", "source": "resnet18",
+                     "destination": "vit_tiny_patch16_224", "source_stage": 1, "destination_stage": 3, "gap": "1->3",
+                     "adapter": "bottleneck", "resize": "none", "resamples": True, "seed": seed, "top1": top1 + 10,
+                     "top5": 90.0, "macs": 2e8, "lr": 0.002})
+    df = pd.DataFrame(rows)
+    shared = share_resize_free(df)
+    free = shared[shared["source"] == "vit_tiny_patch16_224"]
+    assert sorted(free["resize"]) == ["bilinear", "bilinear", "none", "none", "strided", "strided"]
+    assert set(shared[shared["source"] == "resnet18"]["resize"]) == {"none"}
+    prepared = prepare(df)
+    assert len(best_adapter_rows(prepared, "vit_tiny_patch16_224", "resnet18")) == 2
+    assert best_adapter_rows(prepared, "resnet18", "vit_tiny_patch16_224").empty

@@ -67,6 +67,7 @@ def test_a_run_writes_every_file_with_sane_values(tmp_path):
     [row] = rows(out / "result.csv")
     assert list(row) == RESULT_COLUMNS
     assert row["kind"] == "stitched" and row["gap"] == "1->3" and row["num_adapters"] == "2"
+    assert row["resize"] == "bilinear" and row["resamples"] == "True"
     assert 0 <= float(row["top1"]) <= 100 and float(row["top5"]) >= float(row["top1"])
     assert float(row["val_loss"]) > 0 and float(row["train_loss"]) > 0
     assert 0 < int(row["trainable_params"]) < int(row["params"]) and int(row["flops"]) == 2 * int(row["macs"])

@@ -71,7 +71,18 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
     if "schedule" in stitched.columns and stitched["schedule"].notna().any():
         keys.append("schedule")
     none = _none_like(stitched["resize"])
-    # the other modes each (source, destination, adapter) was run with somewhere
+    if "resamples" in stitched.columns and stitched["resamples"].notna().any():
+        # the trainer says which rows change no size: those stand for every mode their adapter allows
+        free = stitched[none & ~stitched["resamples"].map(lambda v: str(v).strip().lower() in ("true", "1"))
+                        & stitched["resamples"].notna() & (stitched["resamples"].astype(str) != "")]
+        copies = [free.assign(resize="bilinear"),
+                  free[free["adapter"].isin(["conv3x3", "bottleneck"])].assign(resize="strided")]
+        shared = pd.concat(copies, ignore_index=True)
+        if shared.empty:
+            return out
+        shared["resize_shared"] = True
+        return pd.concat([out, shared[out.columns]], ignore_index=True)
+    # older results without ``resamples``: infer from the modes each (source, destination, adapter) was run with
     modes = stitched.loc[~none, keys + ["resize"]].drop_duplicates()
     if modes.empty:
         return out

@@ -8,12 +8,13 @@ Conventions
 - ``top1``/``top5`` are percentages (0-100). ``macs`` are multiply-accumulates of one forward pass at the
   run's input resolution (the paper's "FLOPs"); ``flops`` = 2 x ``macs``.
 - ``resize`` is the *effective* mode: where every adapter's input and output sizes already match, the
-  three modes build the same module and the row says ``none``.
+  three modes build the same module and the row says ``none``. ``resamples`` says whether any adapter
+  changes the spatial size (False: the row stands for every resize mode; a sweep trains it once).
 """
 
 RESULT_COLUMNS = [
     "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "gap",
-    "adapter", "resize", "schedule", "num_adapters", "pretrained", "dataset", "num_classes", "img_size",
+    "adapter", "resize", "resamples", "schedule", "num_adapters", "pretrained", "dataset", "num_classes", "img_size",
     "epochs", "batch_size", "lr", "weight_decay", "seed",
     "top1", "top5", "val_loss", "train_loss",
     "macs", "flops", "params", "trainable_params",

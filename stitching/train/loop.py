@@ -485,6 +485,7 @@ def _result_row(cfg, built, cost, ev, metrics, state, precision, device, info, p
         "source_stage": plan.source_stage if plan else "", "destination_stage": plan.destination_stage if plan else "",
         "gap": f"{plan.source_stage}->{plan.destination_stage}" if plan else "",
         "adapter": plan.adapter if plan else "", "resize": plan.effective_resize if plan and plan.kind == "stitched" else "",
+        "resamples": any(st.size_in != st.size_out for st in plan.steps) if plan and plan.kind == "stitched" else "",
         "schedule": plan.schedule if plan and plan.kind == "stitched" else "",
         "num_adapters": plan.num_adapters if plan else 0,
         "pretrained": m.pretrained if not (m.source_weights or m.destination_weights) else "weights_file",
