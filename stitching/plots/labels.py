@@ -24,6 +24,8 @@ ARCH_NAMES = {
     "vit_base_patch16_224": "ViT-B",
     "vit_base_patch16_224": "ViT-B",
     "swin_t": "Swin-T",
+    "swin_s": "Swin-S",
+    "swin_b": "Swin-B",
     "swin_tiny_patch4_window7_224": "Swin-T",
 }
 
