@@ -32,9 +32,14 @@ other weights into the frozen parts.
 from __future__ import annotations
 
 import copy
+import ctypes
+import os
+import platform
+import sys
 from collections import Counter
 
 import torch
+import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -227,9 +232,13 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-# Measured with benchmarks/train_step.py (2026-11-20, AMD EPYC Zen 5, 2 cores, torch 2.15 CPU, fp32, batch 16,
-# 224 px, ResNet-50 1->3 bottleneck+bilinear, folded): see benchmarks/README.md. On CUDA channels-last is
-# cuDNN's fast layout for (b)f16 convolutions on tensor cores (not measured here: no GPU was lent).
+# Measured 2026-11-20 on an AMD EPYC (Zen 5) VM, 2 cores, torch 2.15 (oneDNN 3.13), fp32, batch 16, 224 px,
+# ResNet-50 1->3 bottleneck+bilinear, framework step (interleaved steps, median of 6; benchmarks/README.md):
+#   folded + channels_last 513 ms | folded, NCHW 655 ms | unfolded + channels_last 553 ms |
+#   folded + channels_last + torch.compile 581 ms (so compile stays off by default on CPU).
+# oneDNN's NHWC convolutions (and its 1x1 GEMM: 441 vs 346 GFLOP/s NCHW) are the fast path on this CPU.
+# CUDA: channels-last is cuDNN's native layout for (b)f16 tensor-core convolutions (not measured here: no GPU
+# was lent to this task; run benchmarks/train_step.py --device cuda --precision bf16 to check).
 _CHANNELS_LAST_DEFAULT = {"cpu": True, "cuda": True}
 
 
@@ -238,7 +247,44 @@ def default_channels_last(device: torch.device | str) -> bool:
     return _CHANNELS_LAST_DEFAULT.get(torch.device(device).type, False)
 
 
-def prepare_for_training(model: nn.Module, *, fold_bn: bool, channels_last: bool, compile: bool) -> nn.Module:
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_allocator_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed tensor memory in glibc's heap between training steps (process-wide; Linux/glibc only).
+
+    PyTorch's CPU allocator is plain ``malloc``: glibc serves large blocks with ``mmap`` and returns them to
+    the OS on ``free``, so every step page-faults its activations in again (seconds of system time per
+    minute). Fixing the mmap threshold at its maximum (32 MiB) and the trim threshold at 1 GiB keeps them.
+    Measured on the ResNet-50 1->3 step (CPU, batch 16): ~495 ms and steady against 550-650 ms with glibc's
+    defaults, peak RSS unchanged. Skipped when ``MALLOC_*`` tunables are set in the environment. Returns
+    whether the setting is in effect.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(k.startswith("MALLOC_") for k in os.environ) or os.environ.get("GLIBC_TUNABLES"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _allocator_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+    return _allocator_tuned
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    p = next(iter(model.parameters()), None)
+    return p is not None and p.device.type == "cpu"
+
+
+def prepare_for_training(model: nn.Module, *, fold_bn: bool, channels_last: bool, compile: bool,
+                         tune_allocator: bool | None = None) -> nn.Module:
     """The module that runs the training step for ``model`` (the canonical model, already on its device).
 
     - ``fold_bn``: a stitched model's frozen parts become inference copies (:func:`fold_frozen`); ignored for
@@ -246,11 +292,14 @@ def prepare_for_training(model: nn.Module, *, fold_bn: bool, channels_last: bool
     - ``channels_last``: :func:`to_channels_last` on the returned module. The caller must convert its
       inputs too: ``x = x.contiguous(memory_format=torch.channels_last)``.
     - ``compile``: ``torch.compile`` of the whole returned module.
+    - ``tune_allocator``: :func:`tune_cpu_allocator` (process-wide); ``None``: when ``model`` is on the CPU.
 
     Optimise ``model``'s trainable parameters: they are the returned module's (shared, not copied), so
-    checkpoints and evaluation of ``model`` see the training. Without any switch ``model`` itself is
-    returned.
+    checkpoints and evaluation of ``model`` see the training. Without fold, layout or compile ``model``
+    itself is returned.
     """
+    if tune_allocator or (tune_allocator is None and _on_cpu(model)):
+        tune_cpu_allocator()
     runner = model
     if fold_bn and isinstance(model, StitchedModel):
         runner = fold_frozen(model)
