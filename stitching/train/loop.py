@@ -322,6 +322,9 @@ def _train_epoch(runner, model, optimizer, scheduler, scaler, loader, state, epo
     bar = tqdm(total=steps, initial=skip // accum, disable=not info.is_main, desc=f"epoch {epoch + 1}",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False)
     t0, images = time.time(), 0
+    # running (loss sum, correct, count) on the device: no host sync per step; seeded with the checkpointed
+    # sums so a resumed epoch adds in the same order as an uninterrupted one
+    acc = torch.tensor(state["sums"], dtype=torch.float64, device=device)
     for i, (x, y) in enumerate(batches, start=skip):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -333,9 +336,9 @@ def _train_epoch(runner, model, optimizer, scheduler, scaler, loader, state, epo
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
         scaler.scale(loss / accum).backward()
         with torch.no_grad():
-            state["sums"][0] += loss.item() * len(y)
-            state["sums"][1] += (logits.argmax(1) == y).sum().item()
-            state["sums"][2] += len(y)
+            acc[0] += loss.detach() * len(y)
+            acc[1] += (logits.argmax(1) == y).sum()
+            acc[2] += len(y)
         images += len(y) * info.world_size
         state["batch"] = i + 1
         if last_micro:
@@ -350,6 +353,7 @@ def _train_epoch(runner, model, optimizer, scheduler, scaler, loader, state, epo
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{_lr(optimizer):.2e}",
                                 img_s=f"{images / max(elapsed, 1e-9):.0f}")
             if D.any_rank(preempt.signal is not None, device, info):
+                state["sums"] = acc.tolist()
                 _account(state, images, t0)
                 bar.close()
                 if info.is_main:
@@ -360,6 +364,7 @@ def _train_epoch(runner, model, optimizer, scheduler, scaler, loader, state, epo
                 D.barrier(info)
                 return True
     bar.close()
+    state["sums"] = acc.tolist()
     _account(state, images, t0)
     return False
 
