@@ -238,7 +238,7 @@ def validate(cfg: Config) -> None:
                                 "describes the original source model)")
     else:
         if m.destination_stage is None:
-            raise cfg.error("model.destination_stage", f"required with source_stage (source_stage..4)")
+            raise cfg.error("model.destination_stage", "required with source_stage (source_stage..4)")
         try:
             plan_stitch(get_spec(m.source), get_spec(m.destination or m.source), m.source_stage,
                         m.destination_stage, m.adapter, m.resize, m.schedule)
@@ -268,8 +268,6 @@ def validate(cfg: Config) -> None:
             raise cfg.error(key, "must be >= 0")
     if d.name == "imagefolder" and not d.root:
         raise cfg.error("data.root", "imagefolder data needs a root folder (root/train, root/val)")
-    if cfg.is_original and t.epochs > 0 and m.pretrained and m.source_weights is None:
-        pass  # fine: fine-tunes the pretrained original model
 
 
 def check_files(cfg: Config) -> None:

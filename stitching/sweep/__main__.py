@@ -50,14 +50,13 @@ def _print_dropped(title: str, counter: Counter) -> None:
 
 
 def _write_config(run: Run) -> None:
-    from stitching.train.loop import _comparable
-    from stitching.train.rundir import atomic_write
+    from stitching.train.rundir import atomic_write, comparable_config
 
     d = Path(run.config.output.dir)
     path = d / "config.yaml"
     if path.is_file():
         old = yaml.safe_load(path.read_text()) or {}
-        if _comparable(old) != _comparable(run.config.to_dict()):
+        if comparable_config(old) != comparable_config(run.config.to_dict()):
             raise ConfigError("output.dir", str(d), "sweep", "holds a different run's config.yaml")
         return
     atomic_write(path, run.config.to_yaml().encode())

@@ -147,7 +147,7 @@ def expand(path: str | Path, runs_dir: str | Path) -> tuple[str, list[Block], Ex
         for values in itertools.product(*(block.grid[k] for k in keys)):
             total += 1
             point = dict(zip(keys, values))
-            rule = _matching_rule(block, point, block.base)
+            rule = _matching_rule(block, point)
             if rule is not None:
                 excluded[(block.name, rule)] += 1
                 continue
@@ -182,7 +182,7 @@ def expand(path: str | Path, runs_dir: str | Path) -> tuple[str, list[Block], Ex
     return name, blocks, Expansion(runs, excluded, impossible, duplicates, total)
 
 
-def _matching_rule(block: Block, point: dict, base: Path) -> str | None:
+def _matching_rule(block: Block, point: dict) -> str | None:
     for i, rule in enumerate(block.exclude):
         def matches(key, want):
             have = point.get(key, _UNSET)

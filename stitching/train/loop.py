@@ -11,6 +11,7 @@ the same command again resumes from it, mid-epoch included, and reproduces an un
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -33,7 +34,7 @@ from stitching.config import Config, ConfigError, check_files, load_config
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import EXIT_PREEMPTED
 from stitching.train import distributed as D
-from stitching.train.rundir import RunDir
+from stitching.train.rundir import RunDir, comparable_config
 
 log = logging.getLogger("stitching.train")
 
@@ -76,12 +77,6 @@ def git_sha() -> str:
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _comparable(d: dict) -> dict:
-    d = {k: dict(v) for k, v in d.items()}
-    d.get("output", {}).pop("dir", None)
-    return d
 
 
 class _Preemption:
@@ -136,8 +131,8 @@ def _run(cfg: Config, path: Path, force: bool, device: torch.device, info: D.Dis
     old_cfg = rundir.file("config.yaml")
     if old_cfg.is_file() and not force:
         old = yaml.safe_load(old_cfg.read_text()) or {}
-        if _comparable(old) != _comparable(cfg.to_dict()):
-            diff = sorted(f"{s}.{k}" for s, v in _comparable(cfg.to_dict()).items() for k in v
+        if comparable_config(old) != comparable_config(cfg.to_dict()):
+            diff = sorted(f"{s}.{k}" for s, v in comparable_config(cfg.to_dict()).items() for k in v
                           if old.get(s, {}).get(k) != v[k])
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
                               f"holds a different run (differs in {', '.join(diff) or 'sections'}); "
@@ -330,7 +325,7 @@ def _train_epoch(runner, model, optimizer, scheduler, scaler, loader, state, epo
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         last_micro = (i + 1) % accum == 0
-        sync = runner.no_sync() if info.enabled and not last_micro else _null()
+        sync = runner.no_sync() if info.enabled and not last_micro else contextlib.nullcontext()
         with sync, _autocast(precision, device):
             logits = runner(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.train.label_smoothing)
@@ -382,14 +377,6 @@ def _skipped(loader, skip: int):
 
     start_at(loader, skip)
     return iter(loader)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
@@ -456,7 +443,7 @@ def _save_model(rundir: RunDir, model: nn.Module, cfg: Config, kind: str) -> Non
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = rundir.file(f".model.safetensors.tmp")
+    tmp = rundir.file(".model.safetensors.tmp")
     save_file(tensors, str(tmp), metadata={"config": cfg.to_yaml(), "kind": kind})
     tmp.replace(rundir.file("model.safetensors"))
 

@@ -74,6 +74,14 @@ class RunDir:
         return dest
 
 
+def comparable_config(d: dict) -> dict:
+    """A resolved config without what does not change the run (its own directory): two runs are the same
+    run, and may share a directory, exactly when these are equal."""
+    d = {k: dict(v) for k, v in d.items()}
+    d.get("output", {}).pop("dir", None)
+    return d
+
+
 def atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
