@@ -56,6 +56,8 @@ class DataConfig:
     auto_augment: bool = True
     min_crop_scale: float = 0.08            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
     seed: int = 0                           # synthetic data seed
+    bad_images: str = "error"               # imagefolder: an unreadable file stops the run naming it (error)
+                                            # or is left out of its batch and counted in train.log (skip)
 
 
 @dataclass
@@ -245,6 +247,9 @@ def validate(cfg: Config) -> None:
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
+    from stitching.data.loaders import BAD_IMAGE_MODES
+
+    _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
     _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
     _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
     _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))

@@ -8,6 +8,12 @@ This module owns:
 * :func:`build_loader` / :func:`set_epoch` -- DataLoaders for which epoch ``e`` is a pure function
   of ``(seed, e)``, so a run resumed at epoch ``e`` sees exactly the batches an uninterrupted run
   sees.
+* :class:`BadImageError` and ``data.bad_images`` -- an unreadable or non-image file in an image
+  folder (a corrupt or truncated JPEG, a text file named ``.jpg``, no read permission) is found when
+  it is loaded (no scan of the whole folder first): ``"error"`` stops with an error naming the file
+  (also from DataLoader worker processes, whose exceptions PyTorch wraps); ``"skip"`` leaves the file
+  out of its batch and counts it, and every pass over the data that skipped files logs the count and
+  the first file's name (on the ``stitching.train`` log, i.e. ``train.log``).
 
 **Contract: call** ``set_epoch(loader, epoch)`` **before iterating each epoch** (also the first,
 and also after resuming). It sets the sample order (DistributedSampler's epoch, or re-seeds the
@@ -26,6 +32,8 @@ restored afterwards, which makes batches identical for any ``workers`` and acros
 from __future__ import annotations
 
 import itertools
+import logging
+import multiprocessing
 import os
 import random
 import warnings
@@ -34,12 +42,16 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import default_collate
 
 from stitching.data.synthetic import SyntheticImages
 
-__all__ = ["build_datasets", "build_loader", "set_epoch", "start_at", "sample_seed", "seed_worker", "DATASET_NAMES"]
+__all__ = ["build_datasets", "build_loader", "set_epoch", "start_at", "sample_seed", "seed_worker", "DATASET_NAMES",
+           "BAD_IMAGE_MODES", "BadImageError"]
 
 DATASET_NAMES = ("synthetic", "imagefolder")
+BAD_IMAGE_MODES = ("error", "skip")  # data.bad_images: stop naming the file | leave it out and count it
+log = logging.getLogger("stitching.train.data")  # a child of the trainer's log: lands in train.log
 _MASK64 = (1 << 64) - 1
 
 
@@ -75,6 +87,9 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
     root = getattr(data, "root", None)
     if root is None or str(root) == "":
         raise ValueError("data.root must be set for the 'imagefolder' dataset (layout root/train/<class>, root/val/<class>)")
+    mode = getattr(data, "bad_images", "error")
+    if mode not in BAD_IMAGE_MODES:
+        raise ValueError(f"data.bad_images must be one of {', '.join(BAD_IMAGE_MODES)}, got {mode!r}")
     root = os.path.expanduser(str(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"imagefolder root does not exist or is not a directory: {root}")
@@ -83,7 +98,8 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"imagefolder split folder does not exist: {path} (expected root/{split}/<class>/...)")
-        datasets.append(ImageFolder(path, transform=tf))
+        folder = ImageFolder(path, transform=tf, loader=load_image)
+        datasets.append(_SkipBadFiles(folder) if mode == "skip" else folder)
     train, val = datasets
     # ImageFolder numbers classes by sorted folder name: a class folder missing from one split
     # would silently shift every later label, so insist on identical class lists.
@@ -98,6 +114,114 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
     if num_classes is not None and num_classes != len(train.classes):
         raise ValueError(f"data.num_classes is {num_classes} but {root}/train has {len(train.classes)} class folders")
     return train, val
+
+
+# --------------------------------------------------------------------------- unreadable files
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be read or decoded; :attr:`message` is one line naming the file.
+
+    Raised in a DataLoader worker, it reaches the main process re-created by PyTorch from a text holding the
+    worker's whole traceback; the constructor recovers the original one-line message from that text.
+    """
+
+    _PREFIX = "unreadable image file "
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        lines = [line for line in str(message).splitlines() if self._PREFIX in line]
+        line = lines[-1] if lines else str(message).strip().splitlines()[-1]
+        self.message = line[line.find(self._PREFIX):] if self._PREFIX in line else line
+
+    @classmethod
+    def for_file(cls, path: str, err: BaseException) -> "BadImageError":
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return cls(f"{cls._PREFIX}{path} ({type(err).__name__}: {reason})")
+
+
+def load_image(path: str):
+    """Open ``path`` as an RGB PIL image, decoding all of it; :class:`BadImageError` naming it otherwise."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")  # decodes the whole file: a truncated one fails here, not later
+    except Exception as err:  # noqa: BLE001 - whatever PIL raises for a bad file (OSError, SyntaxError, ...)
+        raise BadImageError.for_file(path, err) from None
+
+
+class _SkipBadFiles(Dataset):
+    """Wraps an ImageFolder: an unreadable file loads as ``None`` (left out of its batch by the collate
+    function) and is counted in memory shared with the DataLoader's worker processes."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.skipped = multiprocessing.Value("q", 0)
+        self.first_skipped = multiprocessing.Array("c", 4096)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:  # classes, targets, root, ... of the ImageFolder
+        if name == "dataset" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except BadImageError as err:
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+                if not self.first_skipped.value:
+                    self.first_skipped.value = err.message.encode()[: len(self.first_skipped) - 1]
+            return None
+
+
+def _collate_present(batch: list):
+    """``default_collate`` of the samples that loaded (an unreadable file skipped by ``bad_images: skip``
+    arrives as ``None``)."""
+    kept = [b for b in batch if b is not None]
+    if len(kept) == len(batch):
+        return default_collate(batch)
+    if not kept:
+        raise BadImageError(f"every file of a batch of {len(batch)} is unreadable (data.bad_images=skip)")
+    return default_collate(kept)
+
+
+def _skip_counter(dataset: Dataset) -> "_SkipBadFiles | None":
+    """The :class:`_SkipBadFiles` under a loader's dataset (wrapped by Subset / the seeding wrapper), or None."""
+    for _ in range(8):
+        if isinstance(dataset, _SkipBadFiles):
+            return dataset
+        dataset = getattr(dataset, "__dict__", {}).get("dataset")
+    return None
+
+
+class _Loader(DataLoader):
+    """A DataLoader that logs how many files ``bad_images: skip`` left out of each pass over the data."""
+
+    skipped_last_pass = 0
+
+    def __iter__(self):
+        counter = _skip_counter(self.dataset)
+        if counter is None:
+            yield from super().__iter__()
+            return
+        with counter.skipped.get_lock():
+            counter.skipped.value = 0
+            counter.first_skipped.value = b""
+        try:
+            yield from super().__iter__()
+        finally:
+            self.skipped_last_pass = skipped = counter.skipped.value
+            if skipped:
+                split = os.path.basename(str(getattr(counter.dataset, "root", ""))) or "data"
+                first = counter.first_skipped.value.decode(errors="replace")
+                log.warning("data.bad_images=skip: %d unreadable file(s) left out of this pass over %s; first: %s",
+                            skipped, split, first)
 
 
 # --------------------------------------------------------------------------- seeding
@@ -251,7 +375,7 @@ def build_loader(
     if epoch_seeded:
         sampler = _EpochSeededSampler(sampler, seed, warn_unset=train)
         dataset = _SeededSampleDataset(dataset)
-    loader = DataLoader(
+    loader = _Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -261,6 +385,7 @@ def build_loader(
         persistent_workers=workers > 0,
         worker_init_fn=seed_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(int(seed) + 1),
+        collate_fn=_collate_present,
     )
     loader.seed = int(seed)  # read by set_epoch
     if len(loader) == 0:

@@ -107,8 +107,13 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     check_files(cfg)
     device = resolve_device(cfg.train.device)
     info = D.init(device.type)
+    from stitching.data.loaders import BadImageError
+
     try:
         return _run(cfg, Path(run_dir) if run_dir else default_run_dir(cfg), force, device, info)
+    except BadImageError as err:  # met while loading (also when re-raised from a DataLoader worker)
+        hint = " (data.bad_images=skip leaves such files out)" if cfg.data.bad_images == "error" else ""
+        raise cfg.error("data.root", err.message + hint) from None
     finally:
         D.shutdown()
 
@@ -143,7 +148,8 @@ def _run(cfg: Config, path: Path, force: bool, device: torch.device, info: D.Dis
     try:
         built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
     except (ValueError, FileNotFoundError) as err:
-        key = "model.destination_weights" if "destination" in str(err) else "model.source_weights"
+        key = getattr(err, "key", None) or ("model.destination_weights" if "destination" in str(err)
+                                            else "model.source_weights")
         raise cfg.error(key, str(err).splitlines()[0]) from None
     model = built.model
     dcfg = data_config_for_size(built.data_config, cfg.data.img_size)
