@@ -1,41 +1,69 @@
-"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run]``.
+"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--paper-only]``.
 
 Expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
 ``local`` runs them here (``--parallel N`` at a time); ``slurm`` submits one job array per distinct set of
 resources (``slurm:`` in the sweep file, overridden by ``--slurm key=value``), never a second job for a run
-directory that already has a pending or running task. ``--dry-run`` prints the table of runs (count per
-architecture pair and method) and the totals, and writes or submits nothing.
+directory that already has a pending or running task. ``--dry-run`` prints, for the paper part and the
+extension part (blocks with ``extension:``) each, the table of runs per architecture pair and method, and the
+totals per seed of the paper part alone and of the full sweep; it writes or submits nothing.
+``--paper-only`` / ``--extensions`` switch the extension blocks off / on (default: the file's
+``extensions:``, itself true by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 import yaml
 
+from stitching import rundir as R
 from stitching.config import ConfigError, run_cli
-from stitching.sweep.spec import Run, expand
+from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
 def _status(run: Run) -> str:
-    d = Path(run.config.output.dir)
-    if (d / "result.csv").is_file():
-        return "finished"
-    return "started" if (d / "checkpoint.pt").is_file() else "new"
+    return R.status(run.config.output.dir)
 
 
-def table(runs: list[Run]) -> str:
+def table(runs: list[Run], part: str | None = None) -> str:
+    """Runs to train per architecture pair (rows) and method (columns). A cell ``18+9`` is a line with 18
+    runs of its own and 9 rows shared from a run that builds the same module (a duplicate: e.g. the three
+    resize modes where sizes already match, or an integrated variant that must upsample). ``part``: count
+    only the runs and duplicates of that part (``paper``/``extension``); the ``total`` column counts runs."""
     import pandas as pd
 
-    if not runs:
+    own = [r.points[0] for r in runs if part is None or r.part == part]
+    shared = [p for r in runs for p in r.shared if part is None or p["part"] == part]
+    if not own and not shared:
         return "(no runs)"
-    df = pd.DataFrame({"pair": [r.pair for r in runs], "method": [r.method for r in runs]})
-    tab = pd.crosstab(df["pair"], df["method"], margins=True, margins_name="total")
-    return tab.to_string()
+    df = pd.DataFrame([{"pair": p["pair"], "method": p["method"], "own": 1} for p in own]
+                      + [{"pair": p["pair"], "method": p["method"], "own": 0} for p in shared])
+    trained = df.pivot_table(index="pair", columns="method", values="own", aggfunc="sum", fill_value=0)
+    rows = df.pivot_table(index="pair", columns="method", values="own", aggfunc="count", fill_value=0)
+    cells = trained.astype(int).astype(str).where(rows == trained, trained.astype(int).astype(str) + "+"
+                                                 + (rows - trained).astype(int).astype(str))
+    cells[trained == 0] = cells[trained == 0].where(rows[trained == 0] > 0, "-")   # no such line: "-"
+    cells["total"] = trained.sum(axis=1).astype(int)
+    cells.loc["total"] = [*(str(int(v)) for v in trained.sum(axis=0)), int(trained.to_numpy().sum())]
+    cells.columns.name, cells.index.name = "method", "pair"
+    return cells.to_string()
+
+
+def totals(runs: list[Run]) -> str:
+    """Runs of the paper part alone and of the whole sweep, per seed and overall."""
+    seeds = sorted({r.config.train.seed for r in runs})
+    parts = [("paper only", [r for r in runs if r.part == PAPER]), ("full (paper + extensions)", runs)]
+    head = f"{'':28}" + "".join(f"{'seed ' + str(s):>10}" for s in seeds) + f"{'total':>10}"
+    lines = [head]
+    for label, rs in parts:
+        per = Counter(r.config.train.seed for r in rs)
+        lines.append(f"{label:28}" + "".join(f"{per[s]:>10}" for s in seeds) + f"{len(rs):>10}")
+    return "\n".join(lines)
 
 
 def _print_dropped(title: str, counter: Counter) -> None:
@@ -50,16 +78,14 @@ def _print_dropped(title: str, counter: Counter) -> None:
 
 
 def _write_config(run: Run) -> None:
-    from stitching.train.rundir import atomic_write, comparable_config
-
-    d = Path(run.config.output.dir)
-    path = d / "config.yaml"
-    if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        if comparable_config(old) != comparable_config(run.config.to_dict()):
-            raise ConfigError("output.dir", str(d), "sweep", "holds a different run's config.yaml")
+    d = R.RunDir(run.config.output.dir)
+    if d.config.is_file():
+        old = yaml.safe_load(d.config.read_text()) or {}
+        if not R.same_run(old, run.config.to_dict()):
+            raise ConfigError("output.dir", str(d.path), "sweep", f"holds a different run's {R.CONFIG} (differs in "
+                              f"{', '.join(R.differing_keys(old, run.config.to_dict()))})")
         return
-    atomic_write(path, run.config.to_yaml().encode())
+    d.write_text(R.CONFIG, run.config.to_yaml())
 
 
 def main(argv=None) -> int:
@@ -68,6 +94,11 @@ def main(argv=None) -> int:
     parser.add_argument("--launcher", choices=("local", "slurm"), required=True)
     parser.add_argument("--runs-dir", help="where run directories go (default: runs/<sweep name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs; write and submit nothing")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--paper-only", dest="extensions", action="store_false", default=None,
+                      help="leave the extension blocks out (the sweep file's 'extensions: false' does the same)")
+    part.add_argument("--extensions", dest="extensions", action="store_true",
+                      help="include the extension blocks even where the sweep file switches them off")
     parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (partition, gpus_per_task, cpus_per_task, mem, time, "
@@ -76,20 +107,42 @@ def main(argv=None) -> int:
 
     from stitching.sweep.spec import load_sweep
 
-    name, _ = load_sweep(args.sweep)
+    name, _, switch = load_sweep(args.sweep)
+    extensions = switch if args.extensions is None else args.extensions
     runs_dir = Path(args.runs_dir or Path("runs") / name)
-    name, blocks, exp = expand(args.sweep, runs_dir)
-    status = Counter(_status(r) for r in exp.runs)
-    print(f"sweep {name}: {exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}")
-    _print_dropped("excluded by rules", exp.excluded)
-    _print_dropped("impossible combinations dropped", exp.impossible)
-    _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
+    # the whole sweep is expanded for the totals; the paper part's runs do not depend on the extensions
+    name, blocks, exp = expand(args.sweep, runs_dir, extensions=True)
+    ext_blocks = {b.name: b.extension for b in blocks if b.extension}
+    runs = exp.runs if extensions else exp.part(PAPER)
+
+    def chosen(counter: Counter) -> Counter:
+        return Counter({k: v for k, v in counter.items() if extensions or k[0] not in ext_blocks})
+
+    points = exp.total - (0 if extensions else sum(math.prod(map(len, b.grid.values()))
+                                                   for b in blocks if b.extension))
+    status = Counter(_status(r) for r in runs)
+    print(f"sweep {name}: {points} grid points -> {len(runs)} runs in {runs_dir}"
+          + ("" if extensions else " (paper part only: extension blocks switched off)"))
+    _print_dropped("excluded by rules", chosen(exp.excluded))
+    _print_dropped("impossible combinations dropped", chosen(exp.impossible))
+    _print_dropped("duplicates dropped (same model, same recipe; their rows are shared)", chosen(exp.duplicates))
     print()
-    print(table(exp.runs))
+    print("paper part: the runs the paper's study needs (rows: pairs; columns: adapter/resize; "
+          "a+b: a runs, b rows shared from a duplicate)")
+    print(table(runs, PAPER))
+    if ext_blocks:
+        print()
+        state = "on" if extensions else "OFF (--paper-only or 'extensions: false'; shown for reference)"
+        print(f"extension part ({state}): runs beyond the paper's own")
+        for block, why in ext_blocks.items():
+            print(f"  {block}: {why}")
+        print(table(exp.runs, EXTENSION))
     print()
-    print(f"total runs: {len(exp.runs)} ({status['finished']} finished, {status['started']} started, "
-          f"{status['new']} new)")
-    todo = [r for r in exp.runs if _status(r) != "finished"]
+    print(totals(exp.runs))
+    print()
+    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
+    print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    todo = [r for r in runs if _status(r) != R.FINISHED]
     if args.dry_run:
         print("dry run: nothing written or submitted")
         return 0
@@ -103,10 +156,10 @@ def main(argv=None) -> int:
         from stitching.launch.local import run_local
 
         codes = run_local([r.config.output.dir for r in todo], parallel=max(1, args.parallel))
-        failed = {d: c for d, c in codes.items() if c not in (0, 75)}
-        print(f"local: {sum(c == 0 for c in codes.values())} done, {sum(c == 75 for c in codes.values())} "
-              f"preempted, {len(failed)} failed")
-        return 1 if failed else (75 if any(c == 75 for c in codes.values()) else 0)
+        failed = {d: c for d, c in codes.items() if c not in (R.EXIT_OK, R.EXIT_PREEMPTED)}
+        preempted = sum(c == R.EXIT_PREEMPTED for c in codes.values())
+        print(f"local: {sum(c == R.EXIT_OK for c in codes.values())} done, {preempted} preempted, {len(failed)} failed")
+        return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
     return _submit_slurm(todo, blocks, runs_dir, name, args.slurm)
 
 

@@ -7,9 +7,14 @@ A sweep file is one block, or a list of ``blocks:``, each with
              list fixes a value);
 ``exclude``  optional rules: a mapping of dotted keys to a value (or list of values); a run matching every
              key of a rule is left out;
-``slurm``    optional resources for ``--launcher slurm`` (see :class:`stitching.launch.slurm.SlurmResources`).
+``slurm``    optional resources for ``--launcher slurm`` (see :class:`stitching.launch.slurm.SlurmResources`);
+``extension`` optional: one line saying why the block goes past the reproduced study (e.g. "the paper's code
+             has no conv3x3 without resizing"). Blocks without it are the *paper part*.
 
-Top-level ``base``/``exclude``/``slurm`` are defaults for every block. Expansion validates each run like
+Top-level ``base``/``exclude``/``slurm`` are defaults for every block; top-level ``extensions: false``
+switches every extension block off (``python -m stitching.sweep --paper-only`` / ``--extensions`` override
+it). The paper part is expanded first, so an extension run that builds the same module as a paper run is
+the duplicate, never the other way round, and the paper part's runs are the same with extensions on or off. Expansion validates each run like
 ``stitching.train`` would (an impossible combination -- stage 3 -> 2, strided linear adapters,
 fine-tuning across architectures, a gap whose blocks do not join -- is dropped and counted with its
 reason) and drops duplicates: runs that build the same module (equal stitch-plan signatures, e.g. the
@@ -20,9 +25,9 @@ directories: finished runs are skipped, unfinished ones resume.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +36,9 @@ import yaml
 
 from stitching.config import SECTIONS, Config, ConfigError, load_config, validate
 
-SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks"}
-BLOCK_KEYS = {"name", "base", "grid", "exclude", "slurm"}
+SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}
+BLOCK_KEYS = {"name", "base", "grid", "exclude", "slurm", "extension"}
+PAPER, EXTENSION = "paper", "extension"        # the two parts of a sweep
 
 
 class SweepError(ConfigError):
@@ -46,6 +52,11 @@ class Block:
     grid: dict
     exclude: list
     slurm: dict
+    extension: str | None = None    # why this block goes past the paper (None: the paper part)
+
+    @property
+    def part(self) -> str:
+        return EXTENSION if self.extension else PAPER
 
 
 @dataclass
@@ -54,20 +65,33 @@ class Run:
     block: str
     config: Config
     key: tuple = field(repr=False)
+    part: str = PAPER
+    #: grid points this run stands for: its own first, then every duplicate that builds the same module
+    #: with the same recipe (their rows are this run's row, shared under their resize mode)
+    points: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def pair(self) -> str:
-        m = self.config.model
-        return m.source if self.config.is_original else f"{m.source} -> {m.destination or m.source}"
+        return _describe(self.config)["pair"]
 
     @property
     def method(self) -> str:
-        m = self.config.model
-        if self.config.is_original:
-            return "original"
-        if m.adapter == "finetune":
-            return "finetune"
-        return f"{m.adapter}/{m.resize}"
+        return method_of(self.config)
+
+    @property
+    def shared(self) -> list[dict]:
+        """The duplicates' grid points, each with the ``part`` it came from and its ``method``."""
+        return self.points[1:]
+
+
+def method_of(cfg: Config) -> str:
+    """The sweep table's column: ``adapter/resize``, ``finetune`` or ``original``."""
+    m = cfg.model
+    if cfg.is_original:
+        return "original"
+    if m.adapter == "finetune":
+        return "finetune"
+    return f"{m.adapter}/{m.resize}"
 
 
 @dataclass
@@ -76,10 +100,16 @@ class Expansion:
     excluded: Counter          # (block, rule) -> count
     impossible: Counter        # (block, reason) -> count
     duplicates: Counter        # (block, "same as <run>") -> count
-    total: int                 # grid points before dropping
+    total: int                 # grid points before dropping (of the blocks expanded)
+    extensions: bool = True    # whether the extension blocks were expanded
+    skipped: Counter = field(default_factory=Counter)   # extension block -> grid points not expanded
+
+    def part(self, part: str) -> list[Run]:
+        return [r for r in self.runs if r.part == part]
 
 
-def load_sweep(path: str | Path) -> tuple[str, list[Block]]:
+def load_sweep(path: str | Path) -> tuple[str, list[Block], bool]:
+    """(name, blocks, whether the extension blocks are on) of the sweep file at ``path``."""
     path = Path(path)
     src = str(path)
     if not path.is_file():
@@ -94,6 +124,9 @@ def load_sweep(path: str | Path) -> tuple[str, list[Block]]:
         if key not in SWEEP_KEYS:
             raise SweepError(key, data[key], src, f"unknown key; a sweep takes {', '.join(sorted(SWEEP_KEYS))}")
     defaults = {k: data[k] for k in ("base", "exclude", "slurm") if k in data}
+    extensions = data.get("extensions", True)
+    if not isinstance(extensions, bool):
+        raise SweepError("extensions", extensions, src, "must be true or false (switches the extension blocks)")
     raw_blocks = data.get("blocks")
     if raw_blocks is None:
         raw_blocks = [{k: v for k, v in data.items() if k in BLOCK_KEYS}]
@@ -125,24 +158,36 @@ def load_sweep(path: str | Path) -> tuple[str, list[Block]]:
             if not isinstance(rule, dict) or not rule:
                 raise SweepError(f"{name}.exclude", rule, src, "each rule maps dotted keys to values")
         slurm = {**(defaults.get("slurm") or {}), **(raw.get("slurm") or {})}
-        blocks.append(Block(name, path.parent / base, grid, exclude, slurm))
+        extension = raw.get("extension")
+        if extension is not None and (not isinstance(extension, str) or not extension.strip()):
+            raise SweepError(f"{name}.extension", extension, src,
+                             "must be one line saying why the block goes past the paper")
+        blocks.append(Block(name, path.parent / base, grid, exclude, slurm, extension))
     names = [b.name for b in blocks]
     if len(set(names)) != len(names):
         raise SweepError("blocks", names, src, "block names must be unique")
-    return str(data.get("name", path.stem)), blocks
+    return str(data.get("name", path.stem)), blocks, extensions
 
 
-def expand(path: str | Path, runs_dir: str | Path) -> tuple[str, list[Block], Expansion]:
-    """Every run of the sweep at ``path``, validated, with impossible and duplicate runs dropped."""
+def expand(path: str | Path, runs_dir: str | Path, extensions: bool | None = None
+           ) -> tuple[str, list[Block], Expansion]:
+    """Every run of the sweep at ``path``, validated, with impossible and duplicate runs dropped.
+
+    ``extensions``: expand the extension blocks (None: as the sweep file's ``extensions`` switch says).
+    The paper part comes first (see the module docstring)."""
     from stitching.models.registry import get_spec
     from stitching.stitch.plan import plan_stitch
 
-    name, blocks = load_sweep(path)
+    name, blocks, switch = load_sweep(path)
+    extensions = switch if extensions is None else extensions
     src = str(path)
     runs, seen = [], {}
-    excluded, impossible, duplicates = Counter(), Counter(), Counter()
+    excluded, impossible, duplicates, skipped = Counter(), Counter(), Counter(), Counter()
     total = 0
-    for block in blocks:
+    for block in sorted(blocks, key=lambda b: b.part != PAPER):      # stable: file order within a part
+        if block.extension and not extensions:
+            skipped[block.name] = math.prod(len(v) for v in block.grid.values())
+            continue
         keys = list(block.grid)
         for values in itertools.product(*(block.grid[k] for k in keys)):
             total += 1
@@ -163,7 +208,8 @@ def expand(path: str | Path, runs_dir: str | Path) -> tuple[str, list[Block], Ex
                 structure = ("original", m.source)
             else:
                 plan = plan_stitch(get_spec(m.source), get_spec(m.destination or m.source), m.source_stage,
-                                   m.destination_stage, m.adapter, m.resize, m.schedule, img_size=cfg.data.img_size)
+                                   m.destination_stage, m.adapter, m.resize, m.schedule, img_size=cfg.data.img_size,
+                                   style=m.adapter_style)
                 structure = plan.signature()
             recipe = cfg.to_dict()
             for k in ("source", "destination", "source_stage", "destination_stage", "adapter", "resize", "schedule"):
@@ -171,15 +217,27 @@ def expand(path: str | Path, runs_dir: str | Path) -> tuple[str, list[Block], Ex
             recipe.pop("output")
             key = (structure, json.dumps(recipe, sort_keys=True, default=str))
             run_name = run_dir_name(cfg)
+            here = {**_describe(cfg), "part": block.part, "block": block.name}
             if key in seen:
-                differ = sorted(k for k in set(point) | set(seen[key]) if point.get(k) != seen[key].get(k))
+                kept = seen[key]
+                first = kept.points[0]["grid"]
+                differ = sorted(k for k in set(point) | set(first) if point.get(k) != first.get(k))
                 duplicates[(block.name, f"differs from a kept run only in {', '.join(differ) or 'nothing'}, "
                                         "which changes nothing in the built model or recipe")] += 1
+                kept.points.append({**here, "grid": point})
                 continue
-            seen[key] = point
             cfg.output.dir = str(Path(runs_dir) / run_name)
-            runs.append(Run(run_name, block.name, cfg, key))
-    return name, blocks, Expansion(runs, excluded, impossible, duplicates, total)
+            seen[key] = run = Run(run_name, block.name, cfg, key, block.part, [{**here, "grid": point}])
+            runs.append(run)
+    return name, blocks, Expansion(runs, excluded, impossible, duplicates, total, extensions, skipped)
+
+
+def _describe(cfg: Config) -> dict:
+    """What a grid point is, for tables: pair, method, gap, lr, seed."""
+    m = cfg.model
+    pair = m.source if cfg.is_original else f"{m.source} -> {m.destination or m.source}"
+    gap = "" if cfg.is_original else f"{m.source_stage}->{m.destination_stage}"
+    return {"pair": pair, "method": method_of(cfg), "gap": gap, "lr": cfg.train.lr, "seed": cfg.train.seed}
 
 
 def _matching_rule(block: Block, point: dict) -> str | None:
@@ -199,10 +257,10 @@ _UNSET = object()
 
 def run_dir_name(cfg: Config) -> str:
     """Readable and stable: ``resnet50.1-swin_t.3.bottleneck.bilinear.lr0.002.seed0.<hash>``."""
+    from stitching.rundir import run_key
+
     m, t = cfg.model, cfg.train
-    d = cfg.to_dict()
-    d.pop("output")
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = run_key(cfg.to_dict())
     if cfg.is_original:
         head = f"original.{m.source}.ep{t.epochs}"
     else:
