@@ -10,15 +10,22 @@ Conventions
 - ``resize`` is the *effective* mode: where every adapter's input and output sizes already match, the
   three modes build the same module and the row says ``none``. ``resamples`` says whether any adapter
   changes the spatial size (False: the row stands for every resize mode; a sweep trains it once).
+  ``resize_modes`` lists (``|``-joined) every resize mode that builds this row's very module -- also
+  ``bilinear|strided`` for an "integrated" chain that must upsample -- and the plots share the row with each.
+- The recipe (dataset, epochs, batch sizes, lr, weight decay, schedule, image size, precision, adapter style,
+  frozen-BN mode, preprocessing, ...) is :data:`stitching.results.recipe.RECIPE_COLUMNS`; rows of two
+  recipes are never averaged together.
 """
+
+from stitching.results.recipe import RECIPE_COLUMNS
 
 RESULT_COLUMNS = [
     "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "gap",
-    "adapter", "resize", "resamples", "schedule", "num_adapters", "pretrained", "dataset", "num_classes", "img_size",
-    "epochs", "batch_size", "lr", "weight_decay", "seed",
+    "adapter", "resize", "resamples", "resize_modes", "schedule", "num_adapters",
+    *RECIPE_COLUMNS, "seed",
     "top1", "top5", "val_loss", "train_loss",
     "macs", "flops", "params", "trainable_params",
-    "images_per_s", "wall_time_s", "world_size", "device", "precision", "git_sha", "finished_at",
+    "images_per_s", "wall_time_s", "world_size", "device", "git_sha", "finished_at",
 ]
 
 METRICS_COLUMNS = [

@@ -1,0 +1,197 @@
+"""The recipe of a run -- how it was trained and evaluated -- as result columns, and what a row stands for.
+
+Owns:
+
+- :data:`RECIPE_COLUMNS`: the recipe's result columns (the one list; the schema, the trainer's result row,
+  the aggregation keys, the plots' checks and captions all read it). Two runs whose recipes differ are
+  never averaged together.
+- :func:`recipe_columns`: a run's recipe values, from its config (``train.per_device_batch_size`` resolved for
+  the world size, ``train.precision`` as resolved on the device).
+- :func:`resize_modes`: the resize modes whose module equals this run's (``none|bilinear|strided`` where no
+  adapter changes a size; ``bilinear|strided`` for an "integrated" chain that must upsample, which is
+  bilinear upsampling then stride-1 adapters): a sweep trains that module once and the plots share its row.
+- :func:`recipe_of`, :func:`split_by_recipe`, :func:`recipe_label`: the recipe a results table holds, one
+  table per recipe, and the recipe in words for titles and captions (:class:`MixedRecipes` when one is
+  needed and a table holds several).
+
+The learning rate is a recipe column but a figure may show several (the fine-tuning baseline's best lr per
+scenario, learning-rate sweeps), so the checks and splits leave it to the scenario keys
+(:data:`PER_SCENARIO`). Reference rows of the original models (``kind == "original"``, no training) belong to
+every recipe whose evaluation (:data:`EVAL_COLUMNS`) equals theirs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+#: result column -> dotted config key (``None``: derived below). Order = column order in ``result.csv``.
+RECIPE: dict[str, str | None] = {
+    "dataset": None,                               # synthetic, or the ImageFolder root's name
+    "num_classes": None,
+    "pretrained": None,                            # True / False / weights_file
+    "img_size": "data.img_size",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",              # effective batch (per device x devices x accumulation)
+    "per_device_batch_size": None,                 # resolved: what each device's BatchNorm sees
+    "lr": "train.lr",
+    "weight_decay": "train.weight_decay",
+    "lr_schedule": "train.lr_schedule",
+    "lr_schedule_unit": "train.lr_schedule_unit",
+    "label_smoothing": "train.label_smoothing",
+    "max_steps_per_epoch": "train.max_steps_per_epoch",
+    "precision": None,                             # resolved (auto -> bf16 / fp32)
+    "adapter_style": "model.adapter_style",
+    "frozen_bn": "train.frozen_bn",
+    "normalize": "data.normalize",
+    "auto_augment": "data.auto_augment",
+    "min_crop_scale": "data.min_crop_scale",
+    "train_interpolation": "data.train_interpolation",
+    "auto_augment_interpolation": "data.auto_augment_interpolation",
+    "eval_crop_pct": "data.eval_crop_pct",
+    "eval_interpolation": "data.eval_interpolation",
+}
+RECIPE_COLUMNS = list(RECIPE)
+#: chosen per scenario by the plots (never a reason to split a figure)
+PER_SCENARIO = ("lr",)
+#: what an evaluate-only row (an original model) depends on
+EVAL_COLUMNS = ("dataset", "num_classes", "pretrained", "img_size", "precision", "normalize", "eval_crop_pct",
+                "eval_interpolation")
+
+
+class MixedRecipes(ValueError):
+    """A figure or table was asked to draw rows of more than one recipe."""
+
+
+def recipe_columns(cfg, world_size: int, precision: str) -> dict:
+    """The recipe values of the result row of the run ``cfg`` (a :class:`stitching.config.Config`)."""
+    m, t = cfg.model, cfg.train
+    derived = {
+        "dataset": cfg.data.name if cfg.data.name == "synthetic" else Path(cfg.data.root).name,
+        "num_classes": cfg.num_classes,
+        "pretrained": m.pretrained if not (m.source_weights or m.destination_weights) else "weights_file",
+        "per_device_batch_size": t.per_device_batch_size or t.batch_size // max(1, world_size),
+        "precision": precision,
+    }
+    out = {}
+    for column, key in RECIPE.items():
+        if key is None:
+            out[column] = derived[column]
+        else:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            out[column] = "" if value is None else value
+    return out
+
+
+def resize_modes(cfg) -> str:
+    """``|``-joined resize modes that build the same module as the run ``cfg`` ('' for unstitched runs)."""
+    from stitching.models.registry import get_spec
+    from stitching.stitch.plan import RESIZES, PlanError, plan_stitch
+
+    m = cfg.model
+    if cfg.is_original or m.adapter == "finetune":
+        return ""
+    src, dst = get_spec(m.source), get_spec(m.destination or m.source)
+
+    def signature(resize):
+        try:
+            return plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, resize, m.schedule,
+                               img_size=cfg.data.img_size, style=m.adapter_style).signature()
+        except PlanError:
+            return None
+
+    own = signature(m.resize)
+    return "|".join(r for r in RESIZES if own is not None and signature(r) == own)
+
+
+# ------------------------------------------------------------------------------------------ tables of runs
+def canonical(value) -> str:
+    """One spelling per value, whatever the CSV round trip made of it (``10`` / ``10.0`` / ``"10"``)."""
+    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    text = str(value).strip()
+    if text.lower() in ("nan", "<na>", "none"):
+        return ""
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
+def _columns(df: pd.DataFrame, columns) -> list[str]:
+    return [c for c in columns if c in df.columns]
+
+
+def group_columns(df: pd.DataFrame) -> list[str]:
+    """The recipe columns a figure must not mix (those ``df`` has, the per-scenario lr left out)."""
+    return _columns(df, [c for c in RECIPE_COLUMNS if c not in PER_SCENARIO])
+
+
+def canonical_recipes(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: df[c].map(canonical) for c in columns}, index=df.index)
+
+
+def split_by_recipe(df: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """One ``(recipe, rows)`` per recipe of the trained rows, each with the original models evaluated like
+    it. Without trained rows: one per evaluation recipe of the originals. Recipes as canonical strings."""
+    columns = group_columns(df)
+    trained = df[df["kind"] != "original"]
+    originals = df[df["kind"] == "original"]
+    if trained.empty:
+        base, columns = originals, _columns(df, EVAL_COLUMNS)
+    else:
+        base = trained
+    if base.empty:
+        return []
+    keys = canonical_recipes(base, columns)
+    eval_cols = [c for c in columns if c in EVAL_COLUMNS]
+    orig_keys = canonical_recipes(originals, eval_cols)
+    groups = keys.groupby(columns, sort=True, dropna=False).groups.items() if columns else [((), keys.index)]
+    out = []
+    for values, idx in groups:
+        values = values if isinstance(values, tuple) else (values,)
+        recipe = dict(zip(columns, values))
+        rows = base.loc[idx]
+        if not trained.empty and not originals.empty:
+            match = (orig_keys == pd.Series({c: recipe[c] for c in eval_cols})).all(axis=1) if eval_cols else \
+                pd.Series(True, index=originals.index)
+            rows = pd.concat([rows, originals[match]])
+        out.append((recipe, rows.sort_index()))
+    return out
+
+
+def recipe_of(df: pd.DataFrame, what: str = "this figure") -> tuple[dict, pd.DataFrame]:
+    """The one recipe of ``df`` and its rows (originals evaluated otherwise left out); raise
+    :class:`MixedRecipes` naming the columns that differ when there are several."""
+    groups = split_by_recipe(df)
+    if not groups:
+        return {}, df
+    if len(groups) > 1:
+        differ = [c for c in groups[0][0] if len({g[0][c] for g in groups}) > 1]
+        detail = "; ".join(f"{c}: {', '.join(sorted({g[0][c] or '(none)' for g in groups}))}" for c in differ)
+        raise MixedRecipes(f"{what} would mix {len(groups)} recipes (they differ in {detail}); filter the "
+                           f"results to one recipe or draw them all with draw_all, which splits them")
+    return groups[0]
+
+
+_UNITS = [
+    ("dataset", "{}"), ("epochs", "{} epochs"), ("batch_size", "batch {}"), ("per_device_batch_size", "{}/device"),
+    ("weight_decay", "wd {}"), ("lr_schedule", "{}"), ("lr_schedule_unit", "per {}"),
+    ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", "max {} steps/epoch"), ("img_size", "{} px"),
+    ("precision", "{}"), ("adapter_style", "adapters: {}"), ("frozen_bn", "frozen BN: {}"),
+    ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
+    ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
+    ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),
+    ("pretrained", "pretrained: {}"), ("num_classes", "{} classes"),
+]
+
+
+def recipe_label(recipe: dict) -> str:
+    """The recipe in one line for a title or caption (columns the table lacks or leaves empty are omitted;
+    an empty preprocessing entry means the source model's own)."""
+    parts = [fmt.format(recipe[c]) for c, fmt in _UNITS if canonical(recipe.get(c, ""))]
+    return "Recipe: " + " · ".join(parts) if parts else "Recipe: (not recorded)"
