@@ -58,6 +58,8 @@ class DataConfig:
     seed: int = 0                           # synthetic data seed
     bad_images: str = "error"               # imagefolder: an unreadable file stops the run naming it (error)
                                             # or is left out of its batch and counted in train.log (skip)
+    bad_images: str = "error"               # imagefolder: an unreadable file stops the run naming it (error)
+                                            # or is left out of its batch and counted in train.log (skip)
 
 
 @dataclass
@@ -250,6 +252,9 @@ def validate(cfg: Config) -> None:
     from stitching.data.loaders import BAD_IMAGE_MODES
 
     _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
+    from stitching.data.loaders import BAD_IMAGE_MODES
+
+    _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
     _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
     _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
     _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))
@@ -275,13 +280,16 @@ def validate(cfg: Config) -> None:
         raise cfg.error("data.root", "imagefolder data needs a root folder (root/train, root/val)")
 
 
-def check_files(cfg: Config) -> None:
-    """Files a run needs (weights, data root): checked by commands that will read them."""
+def check_files(cfg: Config, data: bool = True) -> None:
+    """Files a run needs (weights; with ``data``, the data root): checked by commands that will read them,
+    without reading them."""
     for key in ("model.source_weights", "model.destination_weights"):
         value = getattr(cfg.model, key.split(".")[1])
         if value is not None and not Path(value).is_file():
             raise cfg.error(key, "weights file not found")
-    if cfg.data.name == "imagefolder":
+        if value is not None and not os.access(value, os.R_OK):
+            raise cfg.error(key, "weights file not readable (permissions)")
+    if data and cfg.data.name == "imagefolder":
         root = Path(cfg.data.root)
         for split in ("train", "val"):
             if not (root / split).is_dir():

@@ -3,7 +3,10 @@
 Prints one JSON object: the model's kind, MACs (the paper's "FLOPs"), FLOPs (2 x MACs), parameters,
 trainable parameters, the number of adapters and the tensor shape at every join, at the config's
 ``data.img_size``. Shapes and costs do not depend on weights, so it builds with random init (no download,
-no weight files read) -- a cost estimate before a single GPU-hour is spent.
+no weights loaded) -- a cost estimate before a single GPU-hour is spent. It is also the cheap check of the
+weights files the config names (``model.source_weights`` / ``destination_weights``): each must exist and,
+read from its header alone (the tensors are never loaded), fit its model's keys and shapes; otherwise one
+line naming the key, the file and the first mismatch, and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,7 +15,24 @@ import argparse
 import dataclasses
 import json
 
-from stitching.config import load_config, run_cli
+from stitching.config import check_files, load_config, run_cli
+
+
+def check_weights(cfg) -> None:
+    """The config's weights files exist and fit their models (keys and shapes from the files' headers)."""
+    from stitching.models.registry import WeightsError, check_weights_file
+
+    check_files(cfg, data=False)
+    m = cfg.model
+    for key, name, file in (("model.source_weights", m.source, m.source_weights),
+                            ("model.destination_weights", m.destination or m.source, m.destination_weights)):
+        if file is None:
+            continue
+        try:
+            check_weights_file(name, file, cfg.num_classes)
+        except WeightsError as err:
+            err.key = key
+            raise cfg.error(key, str(err)) from None
 
 
 def summarize(cfg) -> dict:
@@ -40,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    check_weights(cfg)
     print(json.dumps(summarize(cfg), indent=2))
     return 0
 

@@ -121,3 +121,131 @@ def test_bad_images_switch_is_checked(tmp_path, bad_folder):
     proc = cli("stitching.train", "--config", _folder_cfg(tmp_path, root), "data.bad_images=ignore")
     assert proc.returncode == EXIT_CONFIG
     assert "data.bad_images='ignore': must be one of error, skip" in error_line(proc)
+
+
+# ------------------------------------------------------------------------------ weights that do not fit
+def _weights(tmp_path: Path, name: str, num_classes: int, file: str) -> Path:
+    from safetensors.torch import save_file
+
+    from stitching.models.registry import load_model
+
+    path = tmp_path / file
+    state = {k: v.contiguous() for k, v in load_model(name, num_classes=num_classes).state_dict().items()}
+    if file.endswith(".safetensors"):
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return path
+
+
+def _weights_cfg(tmp_path: Path, model: str) -> Path:
+    path = tmp_path / "weights.yaml"
+    path.write_text(f"""\
+model: {{{model}, pretrained: false}}
+data: {{name: synthetic, img_size: 32, num_classes: 20, train_size: 64, val_size: 32, workers: 0}}
+train: {{epochs: 1, batch_size: 32, device: cpu}}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def weight_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("weights")
+    text = d / "notes.pt"
+    text.write_text("not weights\n")
+    return {"r18_10": _weights(d, "resnet18", 10, "r18_10.safetensors"),
+            "r18_20": _weights(d, "resnet18", 20, "r18_20.pt"),
+            "r34_20": _weights(d, "resnet34", 20, "r34_20.safetensors"),
+            "text": text}
+
+
+@pytest.mark.parametrize("model,key,file,message", [
+    # classes: a 10-class head where the config wants 20 (data.num_classes)
+    ("source: resnet18", "model.source_weights", "r18_10",
+     "does not fit resnet18: fc.weight has shape (10, 512), the model expects (20, 512): the file's classifier "
+     "has 10 classes, the config 20 (data.num_classes) (and 1 more shape mismatches)"),
+    # another architecture's weights as the destination of a stitch
+    ("source: resnet18, destination: resnet18, source_stage: 1, destination_stage: 3, adapter: linear",
+     "model.destination_weights", "r34_20",
+     r"does not fit resnet18: layer1\.2\.\w+\.weight is in the file but not in the model \(and 95 more extra keys\)"),
+    # not a weights file at all
+    ("source: resnet18", "model.source_weights", "text", "not a safetensors or torch state-dict file"),
+])
+@pytest.mark.parametrize("command", ["stitching.train", "stitching.summary"])
+def test_weights_that_do_not_fit_exit_2_naming_key_and_mismatch(tmp_path, weight_files, model, key, file,
+                                                                message, command, capsys):
+    """The trainer (loading the file) and the summary (reading only its header) say the same thing. In this
+    process (``run_cli`` as ``python -m`` calls it) to keep the suite fast; one case also as a subprocess."""
+    import importlib
+
+    from stitching.config import run_cli
+
+    path = weight_files[file]
+    if key == "model.destination_weights":
+        extra = [f"model.source_weights={weight_files['r18_20']}", f"{key}={path}"]
+    else:
+        extra = [f"{key}={path}"]
+    argv = ["--config", str(_weights_cfg(tmp_path, model)), f"output.dir={tmp_path / 'run'}", *extra]
+    main = importlib.import_module(command if command == "stitching.summary" else command + ".__main__").main
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: main(argv))
+    assert exit_.value.code == EXIT_CONFIG
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: command line: {key}={str(path)!r}: "), line
+    assert re.search(message, line) if "\\" in message else message in line, line
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_weights_with_other_classes_exit_2_from_the_command_line(tmp_path, weight_files):
+    path = weight_files["r18_10"]
+    proc = cli("stitching.train", "--config", _weights_cfg(tmp_path, "source: resnet18"),
+               f"model.source_weights={path}")
+    assert proc.returncode == EXIT_CONFIG
+    assert error_line(proc) == (f"error: command line: model.source_weights={str(path)!r}: does not fit resnet18: "
+                                "fc.weight has shape (10, 512), the model expects (20, 512): the file's classifier "
+                                "has 10 classes, the config 20 (data.num_classes) (and 1 more shape mismatches)")
+
+
+def test_weights_that_fit_load_and_train(tmp_path, weight_files):
+    out = tmp_path / "run"
+    proc = cli("stitching.train", "--config", _weights_cfg(tmp_path, "source: resnet18"), f"output.dir={out}",
+               f"model.source_weights={weight_files['r18_20']}", "train.epochs=0")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "result.csv").is_file()
+
+
+# ------------------------------------------------------------------------------ the summary's cheap check
+def test_summary_checks_weights_files_exist(tmp_path):
+    missing = tmp_path / "nowhere" / "w.safetensors"
+    proc = cli("stitching.summary", "--config", _weights_cfg(tmp_path, "source: resnet18"),
+               f"model.source_weights={missing}")
+    assert proc.returncode == EXIT_CONFIG
+    assert error_line(proc) == f"error: command line: model.source_weights={str(missing)!r}: weights file not found"
+    proc = cli("stitching.summary", "--config", _weights_cfg(
+        tmp_path, "source: resnet18, source_stage: 1, destination_stage: 3, adapter: linear, destination: resnet34"),
+        f"model.destination_weights={missing}")
+    assert proc.returncode == EXIT_CONFIG
+    assert "model.destination_weights=" in error_line(proc) and "weights file not found" in error_line(proc)
+
+
+def test_summary_reads_no_tensors(tmp_path, weight_files, monkeypatch, capsys):
+    """A fitting file passes the summary with every way of loading tensors disabled: only headers are read."""
+    import json
+
+    import safetensors.torch
+
+    import stitching.models.registry as registry
+    from stitching.summary import main
+
+    def no(*a, **k):
+        raise AssertionError("the summary loaded weights")
+
+    monkeypatch.setattr(registry, "read_state_dict", no)
+    monkeypatch.setattr(safetensors.torch, "load_file", no)
+    assert main(["--config", str(_weights_cfg(tmp_path, "source: resnet18")),
+                 f"model.source_weights={weight_files['r18_20']}"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "original"
+    cfg = _weights_cfg(tmp_path, "source: resnet18, source_stage: 1, destination_stage: 3, adapter: linear, "
+                                 "destination: resnet34")
+    assert main(["--config", str(cfg), f"model.destination_weights={weight_files['r34_20']}",
+                 f"model.source_weights={weight_files['r18_20']}"]) == 0

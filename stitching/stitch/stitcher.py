@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from stitching.models.formats import Convert
-from stitching.models.registry import get_spec, load_model, trace_cuts
+from stitching.models.registry import WeightsError, get_spec, load_model, trace_cuts
 from stitching.stitch.adapters import Adapter
 from stitching.stitch.plan import StitchPlan, destination_target, plan_stitch
 
@@ -61,6 +61,15 @@ class StitchedModel(nn.Module):
         return self.suffix(self.adapters(x))
 
 
+def _load(key: str, *args) -> nn.Module:
+    """:func:`load_model`; a :class:`WeightsError` learns the config ``key`` that named the file."""
+    try:
+        return load_model(*args)
+    except WeightsError as err:
+        err.key = key
+        raise
+
+
 @dataclass
 class BuiltModel:
     """What :func:`build_model` returns: the module, its kind, the source's eval preprocessing, the plan."""
@@ -74,7 +83,7 @@ class BuiltModel:
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000) -> BuiltModel:
     """Build the network a config's ``model`` section describes (see :mod:`stitching.config`)."""
     src_spec = get_spec(mcfg.source)
-    src_model = load_model(mcfg.source, mcfg.pretrained, mcfg.source_weights, num_classes)
+    src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained, mcfg.source_weights, num_classes)
     data_config = src_spec.data_config(src_model)
     if mcfg.source_stage is None:
         return BuiltModel(src_model, "original", data_config, None)
@@ -82,8 +91,8 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000) -> BuiltMode
     dst_name = mcfg.destination or mcfg.source
     same = dst_name == mcfg.source and mcfg.destination_weights in (None, mcfg.source_weights)
     dst_spec = get_spec(dst_name)
-    dst_model = src_model if same else load_model(dst_name, mcfg.pretrained, mcfg.destination_weights,
-                                                  num_classes)
+    dst_model = src_model if same else _load("model.destination_weights", dst_name, mcfg.pretrained,
+                                             mcfg.destination_weights, num_classes)
     src_parts = src_spec.split(src_model)
     dst_parts = src_parts if same else dst_spec.split(dst_model)
     src_shapes = trace_cuts(src_spec, src_parts, img_size)
