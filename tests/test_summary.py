@@ -31,7 +31,7 @@ def test_resnet_to_swin_costs_what_the_paper_says():
     swin = summarize(load_config(PAPER / "original_swin_t.yaml"))["macs"]
     s13 = summarize(load_config(PAPER / "resnet50_to_swin_t_1to3.yaml"))["macs"]
     s14 = summarize(load_config(PAPER / "resnet50_to_swin_t_1to3.yaml", ["model.destination_stage=4"]))["macs"]
-    assert 0.22 <= 1 - s13 / swin <= 0.25      # SPEC: 22-25% fewer for 1->3
+    assert 0.22 <= 1 - s13 / swin <= 0.25      # docs/method.md: 23% fewer for 1->3, not 33%
     assert 0.64 <= 1 - s14 / swin <= 0.66      # paper: "about 65% fewer" for 1->4
 
 

@@ -116,12 +116,12 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in cells)]) + "\n"
 
 
-_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
 def _latex_cell(value) -> str:
-    text = "".join(_LATEX_SPECIALS.get(ch, ch) for ch in str(value))
+    text = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(value))
     text = re.sub(r'"([^"]*)"', r"``\1''", text)
     return text.replace("±", r"$\pm$").replace("→", r"$\rightarrow$").replace("–", "--")
 

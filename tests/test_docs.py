@@ -1,0 +1,79 @@
+"""The documentation stays inside the project and true to the code.
+
+- Nothing a user receives (README, package, configs, scripts, docs, benchmarks, notebooks) refers to files
+  outside the repository: the method lives in ``docs/method.md``.
+- Every config key and every repository path that ``docs/method.md`` names exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stitching.config import SECTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+METHOD = ROOT / "docs" / "method.md"
+SHIPPED = ["README.md", "stitching", "configs", "scripts", "docs", "benchmarks", "notebooks"]
+# a path into a sibling folder of the checkout, or the name of a notes file that users never get
+OUTSIDE = re.compile(r"shared/|SPEC\.md|\bSPEC\b")
+
+
+def _shipped_files() -> list[Path]:
+    """Tracked files and new files git does not ignore, under :data:`SHIPPED` (a plain walk without git)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *SHIPPED],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        files = [ROOT / line for line in out.splitlines() if line]
+    except (OSError, subprocess.CalledProcessError):
+        files = [p for name in SHIPPED for p in ([ROOT / name] if (ROOT / name).is_file()
+                                                 else (ROOT / name).rglob("*"))]
+    return [f for f in files if f.is_file()]
+
+
+def test_nothing_shipped_refers_outside_the_project():
+    files = _shipped_files()
+    assert any(f.name == "method.md" for f in files) and any(f.suffix == ".py" for f in files)
+    hits = []
+    for path in files:
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+        for n, line in enumerate(text.splitlines(), 1):
+            if OUTSIDE.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}")
+    assert not hits, "refers to files outside the project (point to docs/method.md instead):\n" + "\n".join(hits)
+
+
+def test_readme_points_to_the_method():
+    assert "docs/method.md" in (ROOT / "README.md").read_text()
+
+
+def _method_text() -> str:
+    return METHOD.read_text()
+
+
+def test_config_keys_named_in_the_method_exist():
+    named = set(re.findall(r"`((?:model|data|train|output)\.[a-z_]+)\b(?!\()", _method_text()))
+    assert {"model.adapter_style", "train.frozen_bn", "model.resize", "model.schedule"} <= named
+    fields = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert sorted(named - fields) == []
+
+
+def test_paths_named_in_the_method_exist():
+    named = set(re.findall(r"`((?:stitching|configs|scripts|benchmarks|docs|tests|notebooks)/[\w./*-]*)`",
+                           _method_text()))
+    assert "configs/paper/imagenet_code.yaml" in named and "stitching/stitch/cost.py" in named
+    missing = [p for p in sorted(named) if not list(ROOT.glob(p.rstrip("/")))]
+    assert missing == []
+
+
+@pytest.mark.parametrize("config", ["resnet50_1to4_bottleneck", "resnet50_1to2_bottleneck",
+                                    "resnet50_to_swin_t_1to3", "imagenet", "imagenet_code"])
+def test_configs_named_in_the_method_load(config):
+    from stitching.config import load_config
+
+    assert f"configs/paper/{config}.yaml" in _method_text()
+    load_config(ROOT / "configs" / "paper" / f"{config}.yaml", ["model.pretrained=false"])
