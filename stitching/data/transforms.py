@@ -3,7 +3,7 @@
 This module owns how a PIL image becomes a normalised tensor:
 
 * :func:`train_transform` -- RandomResizedCrop, RandomHorizontalFlip(0.5), AutoAugment(IMAGENET),
-  ToTensor, Normalize (the paper's training recipe, SPEC "Training recipe").
+  ToTensor, Normalize (the paper's training recipe: ``docs/method.md``, "Training recipe").
 * :func:`eval_transform` -- the source model's pretrained preprocessing, built by timm itself from
   a timm data config (resize, crop_pct, crop_mode, interpolation, mean/std -- ViT augreg uses
   mean/std 0.5, not ImageNet's).

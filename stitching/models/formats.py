@@ -7,8 +7,8 @@ Formats
 ``tokens``      (B, N, C)         a token sequence with N = H * W (row-major grid), no class token
 ``tokens_cls``  (B, 1 + N, C)     a class token followed by the N grid tokens (ViT)
 
-Rules (SPEC.md): image<->bhwc is a permute; image<->tokens a row-major flatten / reshape to the grid
-(a token count that is not the grid is an error, never a silent truncation); going *into*
+Rules (``docs/method.md``, "Tensor formats"): image<->bhwc is a permute; image<->tokens a row-major
+flatten / reshape to the grid (a token count that is not the grid is an error, never a silent truncation); going *into*
 ``tokens_cls`` from a format without a class token, the class token is the mean of the tokens; going
 *out of* ``tokens_cls`` into a format without one, the class token is concatenated onto every token, so
 the channel count doubles (:func:`channels_after` says so, and adapters account for it).
