@@ -249,3 +249,50 @@ def test_summary_reads_no_tensors(tmp_path, weight_files, monkeypatch, capsys):
                                  "destination: resnet34")
     assert main(["--config", str(cfg), f"model.destination_weights={weight_files['r34_20']}",
                  f"model.source_weights={weight_files['r18_20']}"]) == 0
+
+
+# ------------------------------------------------------------------------------ GPU placement, local launcher
+@pytest.mark.slow
+def test_local_launcher_maps_runs_onto_the_visible_gpus_and_shares_the_cpus(tmp_path, monkeypatch):
+    """Three runs at a time under a parent ``CUDA_VISIBLE_DEVICES=2,5``: the real launcher starts the real
+    trainer through a ``python`` that first records the environment it was given."""
+    from stitching.launch.local import run_local, usable_cpus
+
+    from stitching.config import load_config
+
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        cfg = load_config(ROOT / "configs" / "synthetic" / "tiny.yaml",
+                          ["train.epochs=0", "train.device=cpu", f"output.dir={d}"])
+        (d / "config.yaml").write_text(cfg.to_yaml())   # as the sweep writes it
+        dirs.append(d)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nenv > "$4/env.txt"\nexec {sys.executable} "$@"\n')   # $4: the run dir
+    python.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(ROOT)
+
+    codes = run_local(dirs, parallel=3, python=str(python))
+
+    assert codes == {str(d): 0 for d in dirs}, [(d / "launcher.log").read_text() for d in dirs]
+    envs = [dict(line.split("=", 1) for line in (d / "env.txt").read_text().splitlines() if "=" in line)
+            for d in dirs]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "5", "2"]   # physical ids, round-robin
+    threads = str(max(1, usable_cpus() // 3))
+    assert all(e[v] == threads for e in envs for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
+    assert all((d / "result.csv").is_file() for d in dirs)    # the real trainer ran to the end
+
+
+def test_visible_gpus_follow_the_parent():
+    from stitching.launch.local import least_busy, run_env, visible_gpus
+
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,5"}) == ["2", "5"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb,-1,3"}) == ["GPU-aa", "GPU-bb"]
+    assert least_busy(["2", "5"], ["2", "5", "2"]) == "5" and least_busy([], []) is None
+    env = run_env({"OMP_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": "2,5"}, "5", 8)
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "8"

@@ -1,8 +1,12 @@
 """Run a list of run directories on this machine, one after another or N at a time.
 
 Each run is ``python -m stitching.train --run-dir DIR`` in its own process, its output appended to
-``DIR/launcher.log``. With N > 1 and CUDA devices present, runs are spread over the devices through
-``CUDA_VISIBLE_DEVICES``. SIGTERM/SIGINT to the launcher is forwarded to the running trainers (which
+``DIR/launcher.log``. Placement: each run gets one of the GPUs this process may use -- the entries of
+the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never
+``"0"``), else every device CUDA reports -- the least busy one, so runs go round-robin when they outnumber
+the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
+``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its affinity, e.g. a SLURM allocation) / N,
+unless the parent sets them. SIGTERM/SIGINT to the launcher is forwarded to the running trainers (which
 checkpoint and exit with 75); nothing new is started afterwards. Re-running the launcher resumes them.
 """
 
@@ -22,7 +26,8 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
     running: dict[Path, tuple[subprocess.Popen, object, int | None]] = {}
     codes: dict[str, int] = {}
     stop = {"signal": None}
-    gpus = _gpu_count()
+    gpus = visible_gpus()
+    threads = max(1, usable_cpus() // max(1, min(parallel, len(pending))))
 
     def handle(signum, frame):
         stop["signal"] = signum
@@ -34,15 +39,11 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
         while pending or running:
             while pending and len(running) < parallel and stop["signal"] is None:
                 d = pending.pop(0)
-                slot = _free_slot(running, parallel) if gpus >= parallel > 1 else None
-                env = dict(os.environ)
-                if parallel > 1 and gpus == 0 and "OMP_NUM_THREADS" not in env:
-                    # N CPU runs at once: share the cores instead of oversubscribing them (3-12x slower)
-                    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-                if slot is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = str(slot)
+                slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
+                env = run_env(os.environ, slot, threads)
                 log = open(d / "launcher.log", "a")
-                print(f"[local] start {d}", flush=True)
+                print(f"[local] start {d}" + (f" on GPU {slot}" if slot is not None else "")
+                      + f", {env['OMP_NUM_THREADS']} threads", flush=True)
                 proc = subprocess.Popen([python, "-m", "stitching.train", "--run-dir", str(d)], stdout=log,
                                         stderr=subprocess.STDOUT, env=env)
                 running[d] = (proc, log, slot)
@@ -64,9 +65,46 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
     return codes
 
 
-def _free_slot(running: dict, parallel: int) -> int:
-    used = {slot for _, _, slot in running.values()}
-    return next(i for i in range(parallel) if i not in used)
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def visible_gpus(environ=os.environ) -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` entries: the parent's list when set (indices
+    or UUIDs, in its order, up to the first invalid entry as CUDA reads it; empty: none), else ``0..n-1`` for
+    the n devices CUDA reports."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return [str(i) for i in range(_gpu_count())]
+    gpus = []
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        gpus.append(entry)
+    return gpus
+
+
+def least_busy(gpus: list[str], in_use: list[str | None]) -> str | None:
+    """The GPU with the fewest runs on it (the first such in ``gpus``), or None without GPUs."""
+    return min(gpus, key=lambda g: in_use.count(g)) if gpus else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a SLURM allocation, taskset, a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def run_env(environ, gpu: str | None, threads: int) -> dict[str, str]:
+    """A run's environment: ``environ`` with its GPU and thread counts (those ``environ`` sets are kept)."""
+    env = dict(environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    for var in THREAD_VARS:
+        env.setdefault(var, str(threads))
+    return env
 
 
 def _gpu_count() -> int:
