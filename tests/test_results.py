@@ -363,3 +363,131 @@ def test_rows_that_resample_nothing_stand_for_every_resize_mode():
     prepared = prepare(df)
     assert len(best_adapter_rows(prepared, "vit_tiny_patch16_224", "resnet18")) == 2
     assert best_adapter_rows(prepared, "resnet18", "vit_tiny_patch16_224").empty
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+def _two_recipes(results: pd.DataFrame) -> pd.DataFrame:
+    """The fixture's runs twice: once with the code's adapters, once with the text's (5 points worse)."""
+    code = results.assign(adapter_style="code", frozen_bn="eval")
+    text = results[results["kind"] != "original"].assign(adapter_style="text", frozen_bn="eval")
+    text = text.assign(top1=text["top1"] - 5.0, run_id=text["run_id"] + "-text")
+    return pd.concat([code, text], ignore_index=True)
+
+
+def test_two_recipes_in_one_csv_are_never_averaged(results, tmp_path):
+    path = tmp_path / "results.csv"
+    _two_recipes(results).to_csv(path, index=False)
+    df = load_results(path)                                   # through the CSV: 10 vs "10" vs 10.0 agree
+    agg = aggregate(prepare(df))
+    one = agg[(agg["source"] == "resnet50") & (agg["destination"] == "resnet50") & (agg["source_stage"] == 1)
+              & (agg["destination_stage"] == 4) & (agg["method"] == method_label("stitched", "bottleneck",
+                                                                                   "bilinear"))]
+    assert sorted(one["adapter_style"]) == ["code", "text"] and list(one["n"]) == [3, 3]
+    by_style = one.set_index("adapter_style")["top1_mean"]
+    assert by_style["code"] == pytest.approx(67.4) and by_style["text"] == pytest.approx(62.4)
+    # the fine-tuning lr is chosen per recipe, by the best mean within it
+    ft = agg[(agg["kind"] == "finetune") & (agg["source_stage"] == 1) & (agg["destination_stage"] == 3)]
+    assert sorted(zip(ft["adapter_style"], ft["lr"])) == [("code", 0.0002), ("text", 0.0002)]
+    # a recipe key the CSV spells in different ways (10 / 10.0) is still one recipe
+    same = df.assign(epochs=df["epochs"].astype(float))
+    assert len(aggregate(prepare(same))) == len(aggregate(prepare(df)))
+    # a second batch size is a second recipe too
+    other = results.assign(per_device_batch_size=256)
+    other.loc[other.index[:10], "per_device_batch_size"] = 128
+    assert aggregate(other)["per_device_batch_size"].nunique() == 2
+
+
+def test_figures_and_table1_name_their_recipe_and_refuse_mixed_ones(results, tmp_path):
+    from stitching.results.recipe import MixedRecipes
+
+    single = results.assign(adapter_style="code", frozen_bn="train", per_device_batch_size=256)
+    fig = plot_accuracy_vs_stage(single, "resnet50", "resnet50")
+    title = fig.legends[0].get_title().get_text().replace("\n", " ")
+    for part in ("Recipe:", "10 epochs", "batch 512", "256/device", "wd 0.05", "224 px", "bf16",
+                 "adapters: code", "frozen BN: train"):
+        assert part in title
+    assert "adapters: code" in plot_cross_architecture(single).legends[0].get_title().get_text().replace("\n", " ")
+    written = write_table1(single, tmp_path / "one")
+    assert "adapters: code · frozen BN: train" in written[0].read_text().replace("\n", " ")
+
+    mixed = _two_recipes(results)
+    for draw in (lambda: plot_accuracy_vs_stage(mixed, "resnet50", "resnet50"),
+                 lambda: plot_accuracy_vs_macs(mixed, "resnet50", "swin_t"),
+                 lambda: plot_cross_architecture(mixed), lambda: table1(mixed)):
+        with pytest.raises(MixedRecipes, match="adapter_style: code, text"):
+            draw()
+    # one recipe's rows of the mixed table draw fine, and only that recipe's numbers are in them
+    text_only = mixed[(mixed["adapter_style"] == "text") | (mixed["kind"] == "original")]
+    t = table1(text_only)
+    assert "62.4 ± 0.1" in set(t["Accuracy"]) and "67.4 ± 0.1" not in set(t["Accuracy"])
+    # draw_all splits: one folder per recipe, each saying which
+    files = draw_all(mixed, tmp_path / "all")
+    folders = sorted({f.parent.name for f in files})
+    assert folders == ["recipe-1", "recipe-2"]
+    notes = {d: (tmp_path / "all" / d / "recipe.txt").read_text() for d in folders}
+    assert "adapter_style: code" in notes["recipe-1"] and "adapter_style: text" in notes["recipe-2"]
+    for d in folders:
+        assert (tmp_path / "all" / d / "accuracy_vs_stage_resnet50_to_resnet50.png").is_file()
+        assert f"adapters: {notes[d].split('adapter_style: ')[1].split()[0]}" in \
+            (tmp_path / "all" / d / "table1.md").read_text()
+        assert "ResNet-50" in (tmp_path / "all" / d / "table1.md").read_text()   # originals in both
+
+
+def test_upsampling_integrated_rows_share_the_bilinear_row():
+    """ViT-S -> ResNet-50 1->1 must upsample: the strided ("integrated") chain is the bilinear module, the row
+    names both modes, and the plots draw it on both lines (no hole)."""
+    from stitching.config import load_config
+    from stitching.results.recipe import resize_modes
+
+    def modes(**model):
+        cfg = load_config(REPO / "configs" / "paper" / "imagenet.yaml",
+                          updates={f"model.{k}": v for k, v in model.items()}, check=False)
+        return resize_modes(cfg)
+
+    vit_r50 = dict(source="vit_small_patch16_224", destination="resnet50", source_stage=1)
+    assert modes(**vit_r50, destination_stage=1, adapter="bottleneck", resize="strided") == "bilinear|strided"
+    assert modes(**vit_r50, destination_stage=1, adapter="bottleneck", resize="bilinear") == "bilinear|strided"
+    assert modes(**vit_r50, destination_stage=4, adapter="bottleneck", resize="strided") == "strided"
+    assert modes(**vit_r50, destination_stage=3, adapter="conv3x3", resize="bilinear") == "none|bilinear|strided"
+    assert modes(source="resnet50", source_stage=2, destination_stage=2, adapter="linear",
+                 resize="none") == "none|bilinear"
+    assert modes(source="resnet50", source_stage=1, destination_stage=2, adapter="linear",
+                 resize="none") == "none"
+
+    base = dict.fromkeys(RESULT_COLUMNS, "")
+    rows = [{**base, "run_id": f"r{t}{seed}", "kind": "stitched", "source": "vit_small_patch16_224",
+             "destination": "resnet50", "source_stage": 1, "destination_stage": t, "gap": f"1->{t}",
+             "adapter": "bottleneck", "resize": resize, "resamples": True, "resize_modes": rm, "seed": seed,
+             "top1": 50.0 + t + seed, "top5": 90.0, "macs": 1e9 * t, "lr": 0.002}
+            for t, resize, rm in [(1, "bilinear", "bilinear|strided"), (2, "bilinear", "bilinear|strided"),
+                                  (3, "none", "none|bilinear|strided"), (4, "strided", "strided"),
+                                  (4, "bilinear", "bilinear")]
+            for seed in (0, 1)]
+    agg = aggregate(prepare(pd.DataFrame(rows)))
+    strided = agg[agg["method"] == method_label("stitched", "bottleneck", "strided")]
+    bilinear = agg[agg["method"] == method_label("stitched", "bottleneck", "bilinear")]
+    assert list(strided["destination_stage"]) == [1, 2, 3, 4] == list(bilinear["destination_stage"])
+    assert list(strided["n"]) == [2, 2, 2, 2]
+    assert strided["top1_mean"].iloc[0] == bilinear["top1_mean"].iloc[0] == 51.5
+
+
+def test_a_trained_run_writes_its_recipe(tmp_path):
+    """The real trainer on a tiny synthetic run: the result row carries the recipe and the resize modes."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stitching.train", "--config", str(REPO / "configs" / "synthetic" / "tiny.yaml"),
+         f"output.dir={out}", "model.adapter_style=text", "train.lr_schedule_unit=epoch",
+         "train.per_device_batch_size=32", "train.max_steps_per_epoch=1", "data.train_size=64",
+         "data.val_size=32", "data.normalize=imagenet", "data.eval_crop_pct=0.875", "output.save_model=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = pd.read_csv(out / "result.csv", dtype=str).iloc[0]
+    assert list(row.index) == RESULT_COLUMNS
+    expected = {"adapter_style": "text", "frozen_bn": "eval", "lr_schedule": "cosine", "lr_schedule_unit": "epoch",
+                "batch_size": "64", "per_device_batch_size": "32", "epochs": "1", "lr": "0.002",
+                "weight_decay": "0.05", "img_size": "32", "precision": "fp32", "normalize": "imagenet",
+                "eval_crop_pct": "0.875", "max_steps_per_epoch": "1", "auto_augment": "False",
+                "dataset": "synthetic", "resize_modes": "bilinear", "resize": "bilinear"}   # downsamples
+    assert {k: row[k] for k in expected} == expected

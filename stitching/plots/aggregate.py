@@ -11,6 +11,9 @@ Owns:
 - :func:`select_adapter_lr`: one learning rate per stitched scenario when a sweep ran several.
 - :func:`aggregate`: mean, standard error (std / sqrt(n), ddof=1; 0 for n = 1) and n over seeds.
 - :func:`prepare`: all of the above in the order the figures need.
+
+Every grouping (scenarios, learning-rate choices, originals) also keys on the recipe
+(:data:`stitching.results.recipe.RECIPE_COLUMNS`): rows of two recipes are never averaged together.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pandas as pd
 
 from stitching.plots.labels import add_labels, arch_name
 from stitching.results.collect import REQUIRED_COLUMNS, normalize_columns
+from stitching.results.recipe import EVAL_COLUMNS, canonical, group_columns
 
 #: One scenario = one point of one line in a figure; seeds are averaged within it.
 SCENARIO_KEYS = ["source", "destination", "source_stage", "destination_stage", "method", "lr"]
@@ -47,14 +51,24 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
     return normalize_columns(df)
 
 
+def _recipe_keys(df: pd.DataFrame, columns: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """``df`` with its recipe columns in canonical spelling (so ``10`` and ``10.0`` group together), and them."""
+    columns = group_columns(df) if columns is None else [c for c in columns if c in df.columns]
+    if not columns:
+        return df, []
+    return df.assign(**{c: df[c].map(canonical) for c in columns}), columns
+
+
 def _none_like(series: pd.Series) -> pd.Series:
     return series.isna() | (series.astype(str) == "none")
 
 
 def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
-    """Copy ``resize=none`` stitched rows to the resize modes that share their module.
+    """Copy stitched rows to the resize modes that share their module.
 
-    For each (source, destination, adapter[, schedule]) whose rows use a resize mode other than ``none``
+    Rows with ``resize_modes`` (the trainer names every mode that builds the row's module) are copied to each
+    of those modes -- resize-free gaps and "integrated" chains that must upsample (the bilinear module).
+    Rows of older runs: for each (source, destination, adapter[, schedule]) whose rows use a resize mode other than ``none``
     somewhere, a gap where *every* row says ``none`` is a gap whose sizes already match (the modes build the
     same module and the sweep trained it once), so its rows are copied under each of those other modes.
     Copies carry ``resize_shared=True``; every other row has ``False``. Non-stitched rows are untouched.
@@ -71,6 +85,22 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
     if "schedule" in stitched.columns and stitched["schedule"].notna().any():
         keys.append("schedule")
     none = _none_like(stitched["resize"])
+    if "resize_modes" in stitched.columns:
+        # the trainer names every resize mode that builds the row's module (resize-free gaps; "integrated"
+        # chains that must upsample, which are the bilinear module): the row is shared with the others
+        modes = stitched["resize_modes"].map(canonical)
+        known = modes != ""
+        own = stitched["resize"].map(canonical)
+        copies = [stitched[known & modes.map(lambda ms, m=mode: m in ms.split("|")) & (own != mode)]
+                  .assign(resize=mode) for mode in ("none", "bilinear", "strided")]
+        shared = pd.concat(copies, ignore_index=True)
+        if not shared.empty:
+            shared["resize_shared"] = True
+            out = pd.concat([out, shared[out.columns]], ignore_index=True)
+        # rows of older runs (no resize_modes) follow the rules below
+        stitched, none = stitched[~known], none[~known]
+        if stitched.empty:
+            return out
     if "resamples" in stitched.columns and stitched["resamples"].notna().any():
         # the trainer says which rows change no size: those stand for every mode their adapter allows
         free = stitched[none & ~stitched["resamples"].map(lambda v: str(v).strip().lower() in ("true", "1"))
@@ -99,6 +129,8 @@ def _best_mean_lr(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Keep, per ``keys`` group, the rows of the lr whose mean top1 over seeds is highest."""
     if rows.empty:
         return rows
+    rows, recipe = _recipe_keys(rows)
+    keys = keys + recipe
     means = rows.groupby(keys + ["lr"], dropna=False)["top1"].mean().reset_index()
     # highest mean first; ties go to the smaller lr so the choice is deterministic
     means = means.sort_values(["top1", "lr"], ascending=[False, True], kind="stable")
@@ -130,8 +162,10 @@ def select_adapter_lr(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.Da
     stitched = df[is_st]
     if stitched.empty:
         return df
+    stitched, recipe = _recipe_keys(stitched)
     is_default = pd.Series(np.isclose(stitched["lr"].astype(float), adapter_lr), index=stitched.index)
-    has_default = is_default.groupby([stitched[k] for k in keys], dropna=False).transform("any").astype(bool)
+    has_default = is_default.groupby([stitched[k] for k in keys + recipe], dropna=False
+                                     ).transform("any").astype(bool)
     at_default = stitched[is_default]
     others = _best_mean_lr(stitched[~has_default], keys)
     return pd.concat([df[~is_st], at_default, others], ignore_index=True)
@@ -152,18 +186,21 @@ def _se(values: pd.core.groupby.SeriesGroupBy) -> pd.Series:
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per scenario (source, destination, source_stage, destination_stage, method, lr).
+    """One row per scenario (source, destination, source_stage, destination_stage, method, lr) and recipe.
 
-    Columns: the scenario keys, ``kind``, ``adapter``, ``resize``, ``n`` (runs averaged), ``top1_mean``,
+    Columns: the scenario keys, the recipe columns ``df`` has (canonical spelling; see
+    :mod:`stitching.results.recipe`), ``kind``, ``adapter``, ``resize``, ``n`` (runs averaged), ``top1_mean``,
     ``top1_se``, ``macs_mean``, ``macs_se``. Standard error is std (ddof=1) / sqrt(n), 0 when n = 1.
     Adds ``method`` labels first when ``df`` has none. Does not choose learning rates: see :func:`prepare`.
+    Two recipes in ``df`` give two rows per scenario, never one average.
     """
     df = df if "method" in df.columns else add_labels(df)
-    columns = SCENARIO_KEYS + ["kind", "adapter", "resize", "n", "top1_mean", "top1_se", "macs_mean",
-                               "macs_se"]
+    df, recipe = _recipe_keys(df)
+    keys = SCENARIO_KEYS + recipe
+    columns = keys + ["kind", "adapter", "resize", "n", "top1_mean", "top1_se", "macs_mean", "macs_se"]
     if df.empty:
         return pd.DataFrame(columns=columns)
-    grouped = df.groupby(SCENARIO_KEYS, dropna=False, sort=True)
+    grouped = df.groupby(keys, dropna=False, sort=True)
     out = pd.DataFrame({
         "kind": grouped["kind"].first(),
         "adapter": grouped["adapter"].first(),
@@ -187,7 +224,8 @@ def originals(df: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=columns)
     rows = rows.assign(model=rows["source"].where(rows["source"].notna(), rows["destination"]).astype(str))
-    grouped = rows.groupby("model", sort=True)
+    rows, recipe = _recipe_keys(rows, list(EVAL_COLUMNS))   # evaluated otherwise: another reference row
+    grouped = rows.groupby(["model", *recipe], sort=True, dropna=False)
     out = pd.DataFrame({
         "n": grouped["top1"].count(),
         "top1_mean": grouped["top1"].mean(),
@@ -195,4 +233,4 @@ def originals(df: pd.DataFrame) -> pd.DataFrame:
         "macs_mean": grouped["macs"].mean(),
     }).reset_index()
     out["name"] = out["model"].map(arch_name)
-    return out[columns]
+    return out[columns + recipe]

@@ -2,7 +2,8 @@
 
 Owns :func:`draw_all`: for each (source, destination) combination with stitched or fine-tuning runs, the
 accuracy-vs-stage and accuracy-vs-MACs figures; the cross-architecture figure; Table 1. Combinations
-without data for a figure are skipped (logged), never fatal.
+without data for a figure are skipped (logged), never fatal. A table holding runs of several recipes is
+split: one folder ``recipe-<i>/`` per recipe, each with its figures, Table 1 and ``recipe.txt``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 from stitching.plots.figures import NoData, plot_accuracy_vs_macs, plot_accuracy_vs_stage, \
     plot_cross_architecture
 from stitching.plots.table import write_table1
+from stitching.results.recipe import recipe_label, split_by_recipe
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,27 @@ def draw_all(df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
 
     Files: ``accuracy_vs_stage_<source>_to_<destination>.png``,
     ``accuracy_vs_macs_<source>_to_<destination>.png``, ``cross_architecture.png``, ``table1.md``,
-    ``table1.tex``.
+    ``table1.tex`` and ``recipe.txt`` (the recipe they show) -- in ``out_dir``, or, when ``df`` holds several
+    recipes, in ``out_dir/recipe-1``, ``recipe-2``, ... (never two recipes in one figure).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    groups = split_by_recipe(df) or [({}, df)]
+    if len(groups) == 1:
+        return _draw_one(groups[0][1], out_dir, groups[0][0])
+    log.warning("the results hold %d recipes: drawing each into its own folder", len(groups))
     written: list[Path] = []
+    for i, (recipe, rows) in enumerate(groups, 1):
+        written += _draw_one(rows, out_dir / f"recipe-{i}", recipe)
+    return written
+
+
+def _draw_one(df: pd.DataFrame, out_dir: Path, recipe: dict) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    note = out_dir / "recipe.txt"
+    note.write_text(recipe_label(recipe) + "\n\n" + "".join(f"{k}: {v}\n" for k, v in recipe.items()),
+                    encoding="utf-8")
+    written: list[Path] = [note]
 
     def attempt(what: str, draw) -> None:
         try:

@@ -12,12 +12,15 @@ Owns three figure kinds (PNG, Agg canvas, no global pyplot state):
 
 Each takes the raw results (it runs :func:`stitching.plots.aggregate.prepare` itself), writes ``out_path``
 and returns it; with ``out_path=None`` it returns the :class:`~matplotlib.figure.Figure` instead (for
-notebooks). A figure with nothing to draw raises :class:`NoData`.
+notebooks). A figure with nothing to draw raises :class:`NoData`; one asked to draw rows of several recipes
+raises :class:`~stitching.results.recipe.MixedRecipes` (filter first, or let
+:func:`stitching.plots.draw.draw_all` split them). Every figure names its recipe (the legend's title).
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import matplotlib  # the colormap registry only; the global backend is never selected
@@ -28,12 +31,14 @@ from matplotlib.figure import Figure
 
 from stitching.plots.aggregate import aggregate, originals, prepare
 from stitching.plots.labels import ORIGINAL_COLOR, arch_name, method_sort_key, method_style
+from stitching.results.recipe import recipe_label, recipe_of
 
 DPI = 150
 PANEL_SIZE = (4.6, 3.6)
 MIN_WIDTH = 6.0
 LEGEND_COLUMN_WIDTH = 2.9  # inches per legend column ("Integrated Downsample, Linear + ReLU")
 LEGEND_ROW_HEIGHT = 0.22
+RECIPE_CHARS_PER_INCH = 17  # the recipe line (legend title, x-small) wraps at this many characters per inch
 BAND_ALPHA = 0.2
 ACCURACY_LABEL = "Top-1 accuracy (%)"
 MACS_LABEL = "GMACs (the paper's \"FLOPs\")"
@@ -52,7 +57,14 @@ def _new_figure(ncols: int, nrows: int = 1) -> tuple[Figure, list]:
     return fig, list(axes.ravel())
 
 
-def _finish(fig: Figure, out_path: str | os.PathLike | None) -> Path | Figure:
+def _one_recipe(df: pd.DataFrame, what: str, keep: pd.Series | None = None) -> tuple[pd.DataFrame, dict]:
+    """The rows a figure draws (``keep`` and the originals evaluated like them) and their one recipe."""
+    rows = df if keep is None else df[keep | (df["kind"] == "original")]
+    recipe, rows = recipe_of(rows, what)
+    return rows, recipe
+
+
+def _finish(fig: Figure, out_path: str | os.PathLike | None, recipe: dict) -> Path | Figure:
     handles, labels, seen = [], [], set()
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -60,13 +72,14 @@ def _finish(fig: Figure, out_path: str | os.PathLike | None) -> Path | Figure:
                 seen.add(label)
                 handles.append(handle)
                 labels.append(label)
-    if handles:
-        # below the panels, as many columns as fit; the figure grows by the legend's rows
-        width, height = fig.get_size_inches()
-        ncols = max(1, min(len(handles), int(width // LEGEND_COLUMN_WIDTH)))
-        rows = -(-len(handles) // ncols)
-        fig.set_size_inches(width, height + LEGEND_ROW_HEIGHT * rows + 0.2)
-        fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
+    # below the panels, as many columns as fit, titled with the recipe; the figure grows by the legend's rows
+    width, height = fig.get_size_inches()
+    title = textwrap.fill(recipe_label(recipe), int(width * RECIPE_CHARS_PER_INCH))
+    ncols = max(1, min(len(handles), int(width // LEGEND_COLUMN_WIDTH)))
+    rows = -(-len(handles) // ncols) + title.count("\n") + 1
+    fig.set_size_inches(width, height + LEGEND_ROW_HEIGHT * rows + 0.2)
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False,
+               title=title, title_fontsize="x-small")
     if out_path is None:
         return fig
     out_path = Path(out_path)
@@ -159,6 +172,8 @@ def _source_stages(scenarios: pd.DataFrame) -> list[int]:
 def plot_accuracy_vs_stage(df: pd.DataFrame, source: str, destination: str,
                            out_path: str | os.PathLike | None = None) -> Path | Figure:
     """Accuracy vs. destination stage, one panel per source stage (paper Figures 3, 4 left, 9-11)."""
+    df, recipe = _one_recipe(df, f"accuracy vs. stage {source} -> {destination}",
+                             (df["source"] == source) & (df["destination"] == destination))
     scenarios = _pair_scenarios(df, source, destination)
     stages = _source_stages(scenarios)
     fig, axes = _new_figure(len(stages))
@@ -183,12 +198,14 @@ def plot_accuracy_vs_stage(df: pd.DataFrame, source: str, destination: str,
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ACCURACY_LABEL)
     fig.suptitle(f"{_pair_title(source, destination)}: accuracy vs. stitching gap")
-    return _finish(fig, out_path)
+    return _finish(fig, out_path, recipe)
 
 
 def plot_accuracy_vs_macs(df: pd.DataFrame, source: str, destination: str,
                           out_path: str | os.PathLike | None = None) -> Path | Figure:
     """Accuracy vs. MACs, one panel per source stage, originals as stars (Figures 4 right, 5, 12-14)."""
+    df, recipe = _one_recipe(df, f"accuracy vs. MACs {source} -> {destination}",
+                             (df["source"] == source) & (df["destination"] == destination))
     scenarios = _pair_scenarios(df, source, destination).dropna(subset=["macs_mean"])
     if scenarios.empty:
         raise NoData(f"no MACs recorded for {source} -> {destination}")
@@ -210,7 +227,7 @@ def plot_accuracy_vs_macs(df: pd.DataFrame, source: str, destination: str,
     _macs_axis(axes, xs)
     axes[0].set_ylabel(ACCURACY_LABEL)
     fig.suptitle(f"{_pair_title(source, destination)}: accuracy vs. compute")
-    return _finish(fig, out_path)
+    return _finish(fig, out_path, recipe)
 
 
 def best_adapter_rows(prepared: pd.DataFrame, source: str, destination: str) -> pd.DataFrame:
@@ -235,6 +252,7 @@ def plot_cross_architecture(df: pd.DataFrame, out_path: str | os.PathLike | None
 
     Stars mark the original models (accuracy and MACs of each architecture that appears).
     """
+    df, recipe = _one_recipe(df, "the cross-architecture figure")
     prepared = prepare(df)
     stitched = prepared[prepared["kind"] == "stitched"]
     pairs = sorted(set(zip(stitched["source"].astype(str), stitched["destination"].astype(str))))
@@ -269,4 +287,4 @@ def plot_cross_architecture(df: pd.DataFrame, out_path: str | os.PathLike | None
     _macs_axis(axes, xs)
     axes[0].set_ylabel(ACCURACY_LABEL)
     fig.suptitle("Best adapter per architecture combination (Bottleneck; ViT Block for ViT → ViT)")
-    return _finish(fig, out_path)
+    return _finish(fig, out_path, recipe)

@@ -19,6 +19,7 @@ import pandas as pd
 from stitching.plots.aggregate import aggregate, originals, prepare
 from stitching.plots.figures import NoData
 from stitching.plots.labels import arch_name, gap_label
+from stitching.results.recipe import recipe_label, recipe_of
 
 PREFERRED_SOURCE = "resnet50"
 TABLE_COLUMNS = ["Model", "Accuracy", "MACs"]
@@ -45,8 +46,10 @@ def table1_numbers(df: pd.DataFrame, source: str | None = None,
 
     ``source``: the self-stitched architecture (default ``resnet50`` if it has such rows, else the one with
     most). ``models``: restrict the original rows to these raw names (default: all originals present).
-    Sorted by MACs. Raises :class:`NoData` when neither originals nor stitched rows exist.
+    Sorted by MACs. Raises :class:`NoData` when neither originals nor stitched rows exist, and
+    :class:`~stitching.results.recipe.MixedRecipes` when ``df`` holds runs of several recipes.
     """
+    _, df = recipe_of(df, "Table 1")
     source, rows = _self_stitch_rows(prepare(df), source)
     parts = []
     if not rows.empty:
@@ -145,12 +148,14 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
 
 def write_table1(df: pd.DataFrame, out_dir: str | os.PathLike, source: str | None = None,
                  models: list[str] | None = None) -> list[Path]:
-    """Write ``table1.md`` and ``table1.tex`` into ``out_dir``; returns their paths."""
+    """Write ``table1.md`` and ``table1.tex`` into ``out_dir``; returns their paths. The caption names the
+    recipe of the runs shown."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = table1(df, source, models)
     chosen, _ = _self_stitch_rows(prepare(df), source)
-    caption = CAPTION.format(name=arch_name(chosen) if chosen else "model")
+    recipe, _ = recipe_of(df, "Table 1")
+    caption = CAPTION.format(name=arch_name(chosen) if chosen else "model") + f" {recipe_label(recipe)}."
     md = out_dir / "table1.md"
     md.write_text(f"**Table 1.** {caption}\n\n" + to_markdown(table), encoding="utf-8")
     tex = out_dir / "table1.tex"
