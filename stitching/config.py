@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from stitching.rundir import EXIT_CONFIG  # noqa: E402,F401 - re-exported: the exit code of a ConfigError
+
 CLI = "command line"
-EXIT_CONFIG = 2
 
 
 class ConfigError(Exception):

@@ -36,6 +36,7 @@ import logging
 import multiprocessing
 import os
 import random
+import signal
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -240,7 +241,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed ``numpy`` and ``random`` from the worker's torch seed."""
+    """DataLoader ``worker_init_fn``: seed ``numpy`` and ``random`` from the worker's torch seed, and ignore
+    the preemption signals (SIGTERM, SIGUSR1): SLURM sends them to every process of a job, and a worker that
+    died of one would make the main process fail (exit 1) before it could checkpoint; the main process
+    checkpoints and exits, and its workers are shut down with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

@@ -7,7 +7,7 @@ the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`
 the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
 ``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its affinity, e.g. a SLURM allocation) / N,
 unless the parent sets them. SIGTERM/SIGINT to the launcher is forwarded to the running trainers (which
-checkpoint and exit with 75); nothing new is started afterwards. Re-running the launcher resumes them.
+checkpoint and exit with ``EXIT_PREEMPTED``); nothing new is started afterwards. Re-running the launcher resumes them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from stitching.rundir import EXIT_OK, EXIT_PREEMPTED, LAUNCHER_LOG, describe_exit
+
 
 def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.executable) -> dict[str, int]:
-    """Run every directory; returns run dir -> exit code (0 done, 75 preempted, other = failed)."""
+    """Run every directory; returns run dir -> exit code (``rundir.EXIT_OK`` done,
+    ``rundir.EXIT_PREEMPTED`` preempted, other = failed)."""
     pending = [Path(d) for d in run_dirs]
     running: dict[Path, tuple[subprocess.Popen, object, int | None]] = {}
     codes: dict[str, int] = {}
@@ -41,7 +44,7 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
                 d = pending.pop(0)
                 slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
                 env = run_env(os.environ, slot, threads)
-                log = open(d / "launcher.log", "a")
+                log = open(d / LAUNCHER_LOG, "a")
                 print(f"[local] start {d}" + (f" on GPU {slot}" if slot is not None else "")
                       + f", {env['OMP_NUM_THREADS']} threads", flush=True)
                 proc = subprocess.Popen([python, "-m", "stitching.train", "--run-dir", str(d)], stdout=log,
@@ -55,8 +58,9 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
                     log.close()
                     codes[str(d)] = code
                     del running[d]
-                    state = {0: "done", 75: "preempted (checkpoint saved)"}.get(code, f"FAILED (exit {code})")
-                    print(f"[local] {state}: {d}" + ("" if code in (0, 75) else f" -- see {d / 'launcher.log'}"),
+                    state = describe_exit(code)
+                    print(f"[local] {state}: {d}" + ("" if code in (EXIT_OK, EXIT_PREEMPTED)
+                                                     else f" -- see {d / LAUNCHER_LOG}"),
                           flush=True)
             time.sleep(0.2)
     finally:

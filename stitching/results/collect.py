@@ -1,8 +1,10 @@
 """Collect many run directories into one tidy results table.
 
 Owns: walking a runs folder, reading each run's ``result.csv``, deciding which runs are finished,
-unfinished (``config.yaml`` but no ``result.csv``), damaged (a ``result.csv`` that does not parse, has
-other than one row or lacks a required column) or duplicated (the same ``run_id`` twice: the newest
+unfinished (``config.yaml`` but no ``result.csv``; reported with :func:`stitching.rundir.status` and, for a
+failed run, its trainer's last message), damaged (a ``result.csv`` that does not parse, has other than one
+row or lacks a required column) or duplicated (the same run twice: two directories whose ``config.yaml``
+are the same run by :func:`stitching.rundir.run_key`, or, without a config, the same ``run_id``; the newest
 ``finished_at`` wins), and writing the table atomically. Problems are reported, never fatal.
 
 The command line front end is :mod:`stitching.collect`.
@@ -17,10 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from stitching import rundir
 from stitching.results.schema import RESULT_COLUMNS
 
-CONFIG_NAME = "config.yaml"
-RESULT_NAME = "result.csv"
+CONFIG_NAME = rundir.CONFIG
+RESULT_NAME = rundir.RESULT
 
 #: Columns a ``result.csv`` must have to be usable by the plots; the other RESULT_COLUMNS are filled
 #: with missing values when absent (older runs, hand-made rows).
@@ -127,9 +130,13 @@ def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
             row[RUN_DIR_COLUMN] = str(here.relative_to(root))
             if pd.isna(row["run_id"].iloc[0]) or not str(row["run_id"].iloc[0]).strip():
                 row["run_id"] = here.name
+            row[_SAME_RUN] = _run_key(here) or f"run_id:{row['run_id'].iloc[0]}"
             rows.append(row)
         elif CONFIG_NAME in filenames:
-            problems.append(Problem("unfinished", here, f"{CONFIG_NAME} but no {RESULT_NAME}"))
+            state = rundir.RunDir(here).read_state()
+            why = f": {state.get('message')}" if rundir.status(here) == rundir.FAILED and state.get("message") else ""
+            problems.append(Problem("unfinished", here, f"{CONFIG_NAME} but no {RESULT_NAME} "
+                                                        f"({rundir.status(here)}{why})"))
     if not rows:
         return normalize_columns(pd.DataFrame(columns=RESULT_COLUMNS + [RUN_DIR_COLUMN])), problems
 
@@ -138,25 +145,42 @@ def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
     for _, row in dropped.iterrows():
         problems.append(Problem(
             "duplicate", root / row[RUN_DIR_COLUMN],
-            f"run_id {row['run_id']!r} also finished at {row['_kept_at']} in {row['_kept_dir']}; "
+            f"the same run ({row['run_id']!r}) also finished at {row['_kept_at']} in {row['_kept_dir']}; "
             f"kept the newest",
         ))
-    df = df.sort_values(RUN_DIR_COLUMN, kind="stable").reset_index(drop=True)
+    df = df.drop(columns=_SAME_RUN).sort_values(RUN_DIR_COLUMN, kind="stable").reset_index(drop=True)
     return normalize_columns(df), problems
 
 
+_SAME_RUN = "_same_run"
+
+
+def _run_key(run_dir: Path) -> str | None:
+    """:func:`stitching.rundir.run_key` of the directory's ``config.yaml`` when it holds a resolved config."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict) or not rundir.identity(config):
+        return None
+    return rundir.run_key(config)
+
+
 def _drop_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Keep, per run_id, the row with the newest ``finished_at`` (unparseable times count as oldest)."""
+    """Keep, per run (same run key, or same run_id without a config), the row with the newest
+    ``finished_at`` (unparseable times count as oldest)."""
     when = pd.to_datetime(df["finished_at"], errors="coerce", utc=True, format="mixed")
-    order = df.assign(_when=when).sort_values(["run_id", "_when", RUN_DIR_COLUMN], na_position="first",
+    order = df.assign(_when=when).sort_values([_SAME_RUN, "_when", RUN_DIR_COLUMN], na_position="first",
                                               kind="stable")
-    keep_mask = ~order.duplicated("run_id", keep="last")
+    keep_mask = ~order.duplicated(_SAME_RUN, keep="last")
     kept = order[keep_mask]
     dropped = order[~keep_mask].copy()
     if len(dropped):
-        kept_by_id = kept.set_index("run_id")
-        dropped["_kept_at"] = dropped["run_id"].map(kept_by_id["finished_at"])
-        dropped["_kept_dir"] = dropped["run_id"].map(kept_by_id[RUN_DIR_COLUMN])
+        kept_by_key = kept.set_index(_SAME_RUN)
+        dropped["_kept_at"] = dropped[_SAME_RUN].map(kept_by_key["finished_at"])
+        dropped["_kept_dir"] = dropped[_SAME_RUN].map(kept_by_key[RUN_DIR_COLUMN])
     return kept.drop(columns="_when"), dropped
 
 

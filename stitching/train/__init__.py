@@ -1,8 +1,8 @@
 """Train: the paper's recipe on one or many devices, the run directory, resume and preemption.
 
 ``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``) runs
-:func:`stitching.train.loop.run`. Modules: ``distributed`` (torchrun/DDP set-up), ``rundir`` (files of a
-run, atomic writes, checkpoints), ``loop`` (optimizer, schedule, steps, evaluation, result row).
+:func:`stitching.train.loop.run`. Modules: ``distributed`` (torchrun/DDP set-up), ``step`` (the training step as
+a unit), ``checkpoint`` (what a checkpoint holds, per-rank RNG, loading the newest good one), ``loop``
+(optimizer, schedule, epochs, evaluation, result row). The run directory and the exit codes are
+:mod:`stitching.rundir`'s.
 """
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on SIGTERM/SIGUSR1; run the same command again

@@ -3,8 +3,9 @@
 Trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
 (``output.dir``, default ``runs/<config name>``). Re-running the same command resumes from the last
 checkpoint; a finished run is not redone unless ``--force`` (which keeps the old files under
-``previous/``). Exit codes: 0 done (or already finished), 2 bad config/input (one line on stderr, nothing
-computed or overwritten), 75 preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
+``previous/``). Exit codes (:mod:`stitching.rundir`): done (or already finished), bad config/input (one
+line on stderr, nothing computed or overwritten), non-finite loss, run directory held by another trainer,
+a file that cannot be written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
 """
 
@@ -14,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from stitching.config import ConfigError, load_config, run_cli
+from stitching.rundir import CONFIG
 
 
 def main(argv=None) -> int:
@@ -26,9 +28,9 @@ def main(argv=None) -> int:
     if bool(args.config) == bool(args.run_dir):
         parser.error("give exactly one of --config FILE or --run-dir DIR")
     if args.run_dir:
-        config = Path(args.run_dir) / "config.yaml"
+        config = Path(args.run_dir) / CONFIG
         if not config.is_file():
-            raise ConfigError("--run-dir", args.run_dir, "command line", "no config.yaml in it")
+            raise ConfigError("--run-dir", args.run_dir, "command line", f"no {CONFIG} in it")
         cfg = load_config(config, [*args.overrides, f"output.dir={args.run_dir}"])
     else:
         cfg = load_config(args.config, args.overrides)

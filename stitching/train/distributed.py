@@ -63,3 +63,12 @@ def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def all_min(value: float, device: torch.device, info: DistInfo) -> float:
+    """The smallest of one number over ranks."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()

@@ -1,0 +1,405 @@
+"""The run directory: the one module that knows what a run directory holds and what a trainer's exit means.
+
+Standard library only, so the trainer, the sweep, the launchers and results collection all import it
+(and nothing else spells a run-directory file name or an exit code).
+
+What a run directory holds (:class:`RunDir`; every file written to a temporary name, flushed to disk and
+renamed into place, so a file is either the old complete one or the new complete one, never half):
+
+==========================  =====================================================================
+``config.yaml``             the resolved config: the whole truth of the run
+``metrics.csv``             a row per epoch
+``result.csv``              one row once finished; its presence means *finished*
+``checkpoint.pt``           weights being trained, optimizer, scheduler, scaler, RNG, position
+``checkpoint.prev.pt``      the checkpoint before it (the fallback when the newest is damaged)
+``model.safetensors``       the final model, with the config in its metadata
+``train.log``               the trainer's log
+``state.json``              how the last trainer process ended (status, exit code, one-line message)
+``lock``                    who trains in it now (host, pid): one trainer per directory
+``launcher.log``            output of ``stitching.launch.local``
+``slurm_job``               ``<jobid>_<task>`` of the last SLURM submission (for humans)
+``.requeue_requested``      the requeue request of a multi-process trainer (see below)
+``previous/<stamp>/``       an earlier run's files moved aside by ``--force``
+==========================  =====================================================================
+
+A run's status (:func:`status`): ``new`` (nothing trained yet), ``started`` (a checkpoint or a trainer
+that has not said how it ended: running, or killed), ``preempted`` (checkpointed after a signal; run it
+again to resume), ``finished`` (``result.csv``) or ``failed`` (the trainer stopped with an error; the
+message is in ``state.json``).
+
+Identity (:func:`identity`, :func:`run_key`, :func:`same_run`): two runs are the same run exactly when
+their resolved configs are equal without the ``output`` section (where a run writes and whether it also
+saves the model do not change what it computes). The sweep names directories with :func:`run_key`, the
+trainer refuses a directory holding a different run with :func:`same_run`, and collection treats two
+finished directories with the same key as duplicates.
+
+Exit codes (of ``python -m stitching.train``; the launchers and the SLURM batch script read them):
+:data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (an unexpected error; traceback in the log),
+:data:`EXIT_CONFIG` 2 (bad config or input, nothing computed or overwritten), :data:`EXIT_NONFINITE` 65
+(the loss became NaN/Inf: no result, the last good checkpoint kept), :data:`EXIT_BUSY` 73 (another
+trainer holds the directory), :data:`EXIT_IO` 74 (a file could not be written, e.g. disk full; earlier
+files intact), :data:`EXIT_PREEMPTED` 75 (``EX_TEMPFAIL``: checkpoint saved after SIGTERM/SIGUSR1,
+run the same command again).
+
+Requeue request: ``torch.distributed.run`` does not pass its workers' exit codes through (it exits 1 when
+a worker exits 75), so when ``$STITCHING_REQUEUE_FILE`` is set (the SLURM batch script sets it to
+``<run dir>/.requeue_requested``) rank 0 creates that file (:func:`request_requeue`) before exiting with
+:data:`EXIT_PREEMPTED`; the batch script treats it exactly like exit code 75.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+# ------------------------------------------------------------------------------------------- file names
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+RESULT = "result.csv"
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_PREVIOUS = "checkpoint.prev.pt"
+MODEL = "model.safetensors"
+LOG = "train.log"
+STATE = "state.json"
+LOCK = "lock"
+LAUNCHER_LOG = "launcher.log"
+SLURM_MARKER = "slurm_job"
+REQUEUE_REQUEST = ".requeue_requested"
+PREVIOUS_DIR = "previous"
+#: what ``--force`` moves aside (the lock stays: it is the current trainer's)
+RUN_FILES = (CONFIG, METRICS, RESULT, CHECKPOINT, CHECKPOINT_PREVIOUS, MODEL, LOG, STATE)
+
+# ------------------------------------------------------------------------------------------- exit codes
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 65      # EX_DATAERR: the loss became NaN/Inf
+EXIT_BUSY = 73           # EX_CANTCREAT: another trainer holds the run directory
+EXIT_IO = 74             # EX_IOERR: a run-directory file could not be written (disk full, ...)
+EXIT_PREEMPTED = 75      # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; run the same command again
+REQUEUE_ENV = "STITCHING_REQUEUE_FILE"
+
+# ------------------------------------------------------------------------------------------- statuses
+NEW, STARTED, PREEMPTED, FINISHED, FAILED = "new", "started", "preempted", "finished", "failed"
+STATUSES = (NEW, STARTED, PREEMPTED, FINISHED, FAILED)
+
+#: a lock taken on another host whose holder has not touched it for this long is stale
+LOCK_STALE_S = 900.0
+
+
+def describe_exit(code: int) -> str:
+    """A few words for a trainer's exit code (launchers print them)."""
+    return {EXIT_OK: "done", EXIT_PREEMPTED: "preempted (checkpoint saved)", EXIT_CONFIG: "FAILED: bad config",
+            EXIT_NONFINITE: "FAILED: non-finite loss", EXIT_BUSY: "FAILED: run directory in use",
+            EXIT_IO: "FAILED: could not write the run directory"}.get(code, f"FAILED (exit {code})")
+
+
+def status_of_exit(code: int) -> str:
+    return FINISHED if code == EXIT_OK else PREEMPTED if code == EXIT_PREEMPTED else FAILED
+
+
+class RunDirError(Exception):
+    """A run-directory problem the trainer reports as one line with :attr:`exit_code`."""
+
+    exit_code = EXIT_FAILED
+
+
+class WriteError(RunDirError):
+    exit_code = EXIT_IO
+
+
+class BusyError(RunDirError):
+    exit_code = EXIT_BUSY
+
+
+# ------------------------------------------------------------------------------------------- identity
+def identity(config: dict) -> dict:
+    """A resolved config (``Config.to_dict()`` or a loaded ``config.yaml``) without what does not change
+    what the run computes: the ``output`` section."""
+    return {k: dict(v) for k, v in config.items() if k != "output" and isinstance(v, dict)}
+
+
+def run_key(config: dict) -> str:
+    """8 hex digits naming a run's identity (the tail of a sweep's directory names)."""
+    return hashlib.sha1(json.dumps(identity(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def same_run(a: dict, b: dict) -> bool:
+    return identity(a) == identity(b)
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    """Dotted keys whose values differ between two configs' identities."""
+    ia, ib = identity(a), identity(b)
+    return sorted(f"{s}.{k}" for s in set(ia) | set(ib) for k in set(ia.get(s, {})) | set(ib.get(s, {}))
+                  if ia.get(s, {}).get(k) != ib.get(s, {}).get(k))
+
+
+# ------------------------------------------------------------------------------------------- writing
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, flushed and renamed: a
+    crash or a kill at any point leaves the old file (or none), never a part. An OSError (disk full, ...)
+    removes the temporary file and raises :class:`WriteError` naming the file; the old file is intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        why = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        raise WriteError(f"cannot write {path}: {why} (errno {err.errno}); the files already there are "
+                         "intact") from err
+    return path
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """The one place bytes reach the disk (tests replace it to simulate a full disk or a slow write)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------------------- the directory
+class RunDir:
+    """Paths and safe writes of one run directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def result(self) -> Path:
+        return self.path / RESULT
+
+    @property
+    def finished(self) -> bool:
+        return self.result.is_file()
+
+    def status(self) -> str:
+        return status(self.path)
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        return atomic_write(self.path / name, data)
+
+    def write_text(self, name: str, text: str) -> Path:
+        return self.write_bytes(name, text.encode())
+
+    def write_rows(self, name: str, columns: list[str], rows: list[dict]) -> Path:
+        return self.write_bytes(name, csv_bytes(columns, rows))
+
+    def read_rows(self, name: str) -> list[dict]:
+        path = self.path / name
+        if not path.is_file():
+            return []
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    # ---- checkpoints: the newest and the one before it
+    def checkpoint_candidates(self) -> list[Path]:
+        """Existing checkpoints, newest first (``checkpoint.pt``, then ``checkpoint.prev.pt``)."""
+        return [p for p in (self.path / CHECKPOINT, self.path / CHECKPOINT_PREVIOUS) if p.is_file()]
+
+    def write_checkpoint(self, data: bytes) -> Path:
+        """Write the serialized checkpoint; the former newest becomes ``checkpoint.prev.pt``. A kill between
+        the two renames leaves ``checkpoint.prev.pt`` only, which :meth:`checkpoint_candidates` finds."""
+        path = self.path / CHECKPOINT
+        tmp = self.write_bytes(f".{CHECKPOINT}.new", data)
+        try:
+            if path.is_file():
+                os.replace(path, self.path / CHECKPOINT_PREVIOUS)
+            os.replace(tmp, path)
+        except OSError as err:
+            raise WriteError(f"cannot write {path}: {err.strerror or err}") from err
+        return path
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged file to ``<name>.damaged-<stamp>`` (kept for inspection, never deleted)."""
+        dest = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, dest)
+        return dest
+
+    def archive(self) -> Path | None:
+        """Move the files of an earlier run into ``previous/<timestamp>/`` (``--force``)."""
+        present = [self.path / f for f in RUN_FILES if (self.path / f).exists()]
+        if not present:
+            return None
+        dest = self.path / PREVIOUS_DIR / time.strftime("%Y%m%d-%H%M%S")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in present:
+            shutil.move(str(f), dest / f.name)
+        return dest
+
+    # ---- how the last trainer ended
+    def write_state(self, status_: str, exit_code: int | None = None, message: str = "") -> None:
+        data = {"status": status_, "exit_code": exit_code, "message": message, "host": socket.gethostname(),
+                "pid": os.getpid(), "at": _now()}
+        try:
+            self.write_text(STATE, json.dumps(data) + "\n")
+        except WriteError:
+            pass  # the state is a convenience; never let it hide the real outcome
+
+    def read_state(self) -> dict:
+        try:
+            return json.loads((self.path / STATE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    # ---- one trainer per directory
+    def lock(self) -> "Lock":
+        return Lock(self.path / LOCK)
+
+
+def status(path: str | os.PathLike) -> str:
+    """``new``, ``started``, ``preempted``, ``finished`` or ``failed`` (see the module docstring)."""
+    d = Path(path)
+    if (d / RESULT).is_file():
+        return FINISHED
+    state = RunDir(d).read_state().get("status")
+    if state in (PREEMPTED, FAILED):
+        return state
+    if state == STARTED or any((d / f).is_file() for f in (CHECKPOINT, CHECKPOINT_PREVIOUS)):
+        return STARTED
+    return NEW
+
+
+# ------------------------------------------------------------------------------------------- requeue
+def request_requeue(env: dict | None = None) -> Path | None:
+    """Create the file ``$STITCHING_REQUEUE_FILE`` names (rank 0 of a preempted multi-process trainer)."""
+    name = (os.environ if env is None else env).get(REQUEUE_ENV)
+    if not name:
+        return None
+    path = Path(name)
+    atomic_write(path, f"{socket.gethostname()} {os.getpid()} {_now()}\n".encode())
+    return path
+
+
+# ------------------------------------------------------------------------------------------- the lock
+class Lock:
+    """``lock`` = JSON {host, pid, started}: created exclusively; a second trainer is refused with the
+    holder's name. A lock whose process is gone (same host: no such pid, or a pid reused by another
+    process; another host: not touched for :data:`LOCK_STALE_S` seconds -- the holder touches it at
+    every step) is stale and taken over."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.held = False
+        self.took_over: dict | None = None
+
+    def _mine(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
+                "started": _now()}
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`BusyError` naming its holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.read()
+                if not holder and time.time() - self._mtime() < 5:
+                    time.sleep(0.2)      # being written by another trainer right now
+                    continue
+                if self._alive(holder):
+                    raise BusyError(f"{self.path.parent} is in use by pid {holder.get('pid')} on host "
+                                    f"{holder.get('host')} (since {holder.get('started')}); wait for it or stop it "
+                                    f"(a lock left by a process that is gone is taken over)") from None
+                self.took_over = holder or {"host": "?", "pid": "?"}
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._mine()) + "\n")
+            self.held = True
+            return
+        raise BusyError(f"{self.path.parent}: could not take its lock {self.path}")
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _alive(self, holder: dict) -> bool:
+        if not holder:
+            return False
+        pid = holder.get("pid")
+        if holder.get("host") != socket.gethostname():
+            return time.time() - self._mtime() < LOCK_STALE_S
+        if not isinstance(pid, int):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        start = holder.get("start")
+        return start is None or _process_start(pid) in (None, start)
+
+    def touch(self) -> None:
+        """Say the holder is alive (cheap; called at every step by the trainer)."""
+        if self.held:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self.held:
+            if self.read().get("pid") == os.getpid():
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+            self.held = False
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart); None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,0 +1,107 @@
+"""Checkpoints: what is saved, per-rank RNG states, and loading the newest good one.
+
+A checkpoint is a dict loadable with ``torch.load(weights_only=True)``: ``trainable`` (the state of
+:func:`checkpointed_module`), ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (a list: one entry per rank,
+each with the CPU generators and that rank's *own* CUDA device's state, so a run resumes on more or fewer
+visible GPUs), ``position`` (epoch, micro-batch, optimizer step, metric sums, times) and ``saved_at``.
+Rank 0 writes it through :meth:`stitching.rundir.RunDir.write_checkpoint` (atomic; the one before it kept
+as the fallback). :func:`load_latest` takes the newest checkpoint that loads; a damaged one (truncated,
+not a checkpoint) is said so in one line and set aside (renamed, never deleted).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from torch import nn
+
+from stitching.rundir import RunDir
+from stitching.train import distributed as D
+
+log = logging.getLogger("stitching.train")
+
+REQUIRED = ("trainable", "optimizer", "scheduler", "scaler", "rng", "position")
+
+
+def checkpointed_module(model: nn.Module, kind: str, frozen_bn: str = "eval") -> nn.Module:
+    """The part of the model whose state a checkpoint holds: the adapters of a stitched model, unless the
+    frozen parts' BatchNorm statistics change during training (``train.frozen_bn: train``): then, like the
+    fine-tuning baseline and an original model, the whole model."""
+    return model.adapters if kind == "stitched" and frozen_bn != "train" else model
+
+
+def get_rng(device: torch.device) -> dict:
+    """This process's RNG states: CPU generators and, on CUDA, its own device's only."""
+    np_state = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+           "numpy_pos": int(np_state[2]), "python": list(random.getstate()[1]),
+           "python_version": random.getstate()[0]}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+    random.setstate((rng["python_version"], tuple(rng["python"]), None))
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def gather_rng(device: torch.device, info: D.DistInfo) -> list[dict]:
+    """Every rank's RNG states (a collective: call on all ranks); index = rank."""
+    mine = get_rng(device)
+    if not info.enabled:
+        return [mine]
+    everyone: list = [None] * info.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_rng(rngs, device: torch.device, info: D.DistInfo) -> None:
+    """Set this rank's RNG from a checkpoint's list (a run resumed with more ranks reuses them round-robin)."""
+    if isinstance(rngs, dict):   # checkpoints written before per-rank states
+        rngs = [rngs]
+    set_rng(rngs[info.rank % len(rngs)], device)
+
+
+def make(module: nn.Module, optimizer, scheduler, scaler, rng: list[dict], position: dict) -> dict:
+    return {"trainable": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer else {},
+            "scheduler": scheduler.state_dict() if scheduler else {},
+            "scaler": scaler.state_dict(), "rng": rng, "position": dict(position),
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def save(rundir: RunDir, ckpt: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    rundir.write_checkpoint(buf.getvalue())
+
+
+def load_latest(rundir: RunDir, set_aside: bool = True) -> dict | None:
+    """The newest checkpoint that loads and has every part, or None. A damaged one is reported (one line on
+    the log) and, with ``set_aside`` (rank 0), renamed to ``<name>.damaged-<stamp>``."""
+    for path in rundir.checkpoint_candidates():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED)
+            if missing:
+                raise ValueError(f"not a checkpoint of this trainer (no {', '.join(missing)})")
+        except FileNotFoundError:
+            continue        # rank 0 set it aside meanwhile
+        except Exception as err:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if set_aside:
+                moved = rundir.set_aside(path)
+                log.warning("damaged checkpoint %s (%s): set aside as %s; trying the previous one", path,
+                            why[:200], moved.name)
+            continue
+        return ckpt
+    return None
