@@ -315,3 +315,38 @@ def test_resources_from_dict_validation():
         SlurmResources(extra="--exclusive")
     with pytest.raises(ValueError, match="gpus_per_task"):
         SlurmResources(gpus_per_task=True)
+
+
+# ---------------------------------------------------------------------------
+# (e) a request the cluster can never satisfy is said at once, not left queued
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("override,reason", [
+    # accepted by sbatch, then PENDING for ever: more CPUs than the partition's (single) node has
+    ("cpus_per_task=4096", r"can never start: SLURM keeps it PENDING with reason PartitionConfig for the request "
+                           r"--cpus-per-task=4096 .*partition debug has nodes with at most \d+ CPUs"),
+    # refused by sbatch: more memory than any node has
+    ("mem=100000G", r"sbatch refused .*Memory specification can not be satisfied.*\(request: .*--mem=100000G"),
+])
+def test_sweep_says_when_slurm_can_never_run_it(slurm_cluster, tmp_path, override, reason):
+    import re
+
+    spec = tmp_path / "big.yaml"
+    spec.write_text(f"base: {REPO / 'configs' / 'synthetic' / 'tiny.yaml'}\n"
+                    "grid: {train.seed: [0]}\nslurm: {cpus_per_task: 1, mem: 100M, time: '00:05:00'}\n")
+    runs = tmp_path / "runs"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "stitching.sweep", str(spec), "--launcher", "slurm",
+                           "--runs-dir", str(runs), "--slurm", override], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and "1 runs not submitted" in errors[1], proc.stderr
+    assert errors[0].startswith("error: slurm resources of block block0 (1 runs): "), errors[0]
+    assert re.search(reason, errors[0]), errors[0]
+    if "PENDING" in reason:
+        job = re.search(r"job (\d+) can never start", errors[0]).group(1)
+        assert "cancelled it" in errors[0]
+        _wait_until(lambda: slurm.job_states(job).get(0, "CANCELLED") == "CANCELLED", 30, "the job cancelled")
+    [run_dir] = [p for p in runs.iterdir() if (p / "config.yaml").is_file()]
+    assert not slurm.pending_or_running(run_dir)     # nothing left queued on it: a corrected sweep can go
+    print(f"unsatisfiable request ({override}) reported after {time.monotonic() - t0:.1f}s", file=sys.stderr)

@@ -54,6 +54,15 @@ their jobs are queued.
 No accounting is assumed (``sacct`` may not work): states come from ``squeue``
 and, for tasks that already finished, ``scontrol show job`` (which remembers
 them for ``MinJobAge`` seconds, 300 by default).
+
+A request the cluster can never satisfy is said at once, not left queued:
+sbatch's refusal (e.g. more memory than any node has) and, after
+submitting, a pending reason that no waiting clears (:data:`NEVER_REASONS`,
+e.g. ``PartitionConfig`` for more CPUs than the partition's nodes have, found
+by polling ``squeue`` for up to ``check_s`` seconds) raise
+:class:`UnsatisfiableJob` naming the job, the reason, the request and what
+the partition offers; such a job is cancelled, so the corrected sweep can be
+submitted again.
 """
 
 from __future__ import annotations
@@ -89,6 +98,9 @@ __all__ = [
     "wait_for",
     "active_run_dirs",
     "pending_or_running",
+    "NEVER_REASONS",
+    "UnsatisfiableJob",
+    "check_startable",
 ]
 
 #: Exit code meaning "checkpointed after a signal, please requeue me" (EX_TEMPFAIL): the run directory's.
@@ -444,6 +456,60 @@ def _run(cmd: list[str], check: bool = True, timeout: float = 60) -> subprocess.
     return proc
 
 
+#: Pending reasons that waiting never clears: the request exceeds what the partition, QOS or account allows.
+NEVER_REASONS = frozenset({"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                           "InvalidQOS", "InvalidAccount", "AccountNotAllowed", "QOSNotAllowed"})
+_NEVER_RE = re.compile(r"^QOS(Max\w*PerJob\w*|Min\w+)$")
+# sbatch refusals that are about the request (not a controller that is busy or down)
+_TRANSIENT = ("Socket timed out", "Unable to contact", "temporarily unavailable", "Slurm backup controller")
+
+
+class UnsatisfiableJob(RuntimeError):
+    """A job SLURM refuses, or accepts but can never start, for what it asks (one line)."""
+
+
+def _request(resources: "SlurmResources") -> str:
+    skip = ("--ntasks", "--requeue", "--no-requeue", "--signal")
+    return " ".join(o for o in resources.sbatch_options() if not o.startswith(skip))
+
+
+def partition_offer(partition: str | None) -> str:
+    """What ``partition`` (None: the default one) has, per node, from ``sinfo``; '' if unknown."""
+    proc = _run(["sinfo", "-h", "-o", "%P|%c|%m|%l|%G"] + (["-p", partition] if partition else []), check=False)
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.count("|") == 4]
+    if not partition:
+        rows = [r for r in rows if r[0].endswith("*")] or rows
+    if proc.returncode != 0 or not rows:
+        return ""
+    name = rows[0][0].rstrip("*")
+    cpus = max(int(r[1].rstrip("+")) for r in rows if r[1].rstrip("+").isdigit()) if rows else "?"
+    mem = max(int(r[2].rstrip("+")) for r in rows if r[2].rstrip("+").isdigit()) if rows else "?"
+    gres = sorted({r[4] for r in rows if r[4] not in ("(null)", "")})
+    return (f"partition {name} has nodes with at most {cpus} CPUs and {mem}M memory, time limit {rows[0][3]}, "
+            f"GPUs/GRES: {', '.join(gres) or 'none'}")
+
+
+def check_startable(job_id: str, resources: "SlurmResources", check_s: float = 15.0, poll_s: float = 0.5) -> None:
+    """Poll ``squeue`` (up to ``check_s`` seconds, until SLURM gives a pending reason or starts the job) and
+    raise :class:`UnsatisfiableJob` after cancelling ``job_id`` if its reason is one of :data:`NEVER_REASONS`."""
+    deadline = time.monotonic() + check_s
+    while True:
+        proc = _run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r"], check=False)
+        rows = [line.split("|", 1) for line in proc.stdout.splitlines() if "|" in line]
+        never = sorted({r for state, r in rows if state == "PENDING" and (r in NEVER_REASONS or _NEVER_RE.match(r))})
+        if never:
+            _run(["scancel", str(job_id)], check=False)
+            offer = partition_offer(resources.partition)
+            raise UnsatisfiableJob(
+                f"job {job_id} can never start: SLURM keeps it PENDING with reason {never[0]} for the request "
+                f"{_request(resources)}" + (f" ({offer})" if offer else "")
+                + "; cancelled it -- ask for less (the sweep's slurm: section or --slurm key=value) and submit again")
+        decided = not rows or any(state != "PENDING" or r not in ("None", "") for state, r in rows)
+        if decided or time.monotonic() >= deadline:
+            return
+        time.sleep(poll_s)
+
+
 def submit(script_path: Path) -> str:
     """``sbatch --parsable script`` -> job id.  Creates the directories of the
     script's ``--output``/``--error`` paths first (sbatch does not)."""
@@ -453,6 +519,9 @@ def submit(script_path: Path) -> str:
         if m and m.group(2).startswith("/"):
             Path(m.group(2)).parent.mkdir(parents=True, exist_ok=True)
     proc = _run(["sbatch", "--parsable", str(script_path)], check=False)
+    if proc.returncode != 0 and "submission failed" in proc.stderr and not any(t in proc.stderr for t in _TRANSIENT):
+        why = "; ".join(line.removeprefix("sbatch: error: ").strip() for line in proc.stderr.splitlines() if line.strip())
+        raise UnsatisfiableJob(f"sbatch refused {script_path}: {why}")
     if proc.returncode != 0:
         raise RuntimeError(
             f"sbatch {script_path} failed (exit code {proc.returncode}): {proc.stderr.strip()}"
@@ -472,10 +541,13 @@ def submit_array(
     *,
     chdir: Path | None = None,
     skip_active: bool = True,
+    check_s: float = 15.0,
 ) -> tuple[str | None, list[str]]:
     """Submit one array over ``run_dirs`` (minus those already pending or
     running when ``skip_active``).  Returns ``(job_id, submitted run dirs)``;
-    ``job_id`` is None when there was nothing to submit."""
+    ``job_id`` is None when there was nothing to submit.  :class:`UnsatisfiableJob`
+    when sbatch refuses the request or (:func:`check_startable`, up to
+    ``check_s`` seconds; 0: no check) SLURM accepts but can never start it."""
     dirs = [_norm(d) for d in run_dirs]
     if skip_active:
         active = active_run_dirs()
@@ -492,7 +564,12 @@ def submit_array(
         render_array_script(task_file, len(dirs), resources, work_dir / "logs", job_name, command,
                             chdir=chdir)
     )
-    job_id = submit(script)
+    try:
+        job_id = submit(script)
+    except UnsatisfiableJob as err:
+        raise UnsatisfiableJob(f"{err} (request: {_request(resources)})") from None
+    if check_s > 0:
+        check_startable(job_id, resources, check_s)
     for i, d in enumerate(dirs):
         try:
             (Path(d) / MARKER_FILE).write_text(f"{job_id}_{i}\n")

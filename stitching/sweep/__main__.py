@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from stitching import rundir as R
-from stitching.config import ConfigError, run_cli
+from stitching.config import EXIT_CONFIG, ConfigError, run_cli
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
@@ -183,10 +183,16 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
         key = repr(res)
         groups.setdefault(key, (res, []))[1].append(run)
     submitted = 0
+    refused = 0
     for res, runs in groups.values():
         command = slurm.train_command(sys.executable, res.gpus_per_task)
-        job, dirs = slurm.submit_array([r.config.output.dir for r in runs], runs_dir.absolute() / "slurm", res,
-                                       name, command, chdir=Path.cwd())
+        try:
+            job, dirs = slurm.submit_array([r.config.output.dir for r in runs], runs_dir.absolute() / "slurm", res,
+                                           name, command, chdir=Path.cwd())
+        except slurm.UnsatisfiableJob as err:  # more than the cluster has: said now, not left queued
+            print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
+            refused += len(runs)
+            continue
         skipped = len(runs) - len(dirs)
         if job:
             print(f"slurm: submitted job array {job} with {len(dirs)} tasks"
@@ -196,6 +202,10 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
         submitted += len(dirs)
     print(f"logs: {runs_dir / 'slurm' / 'logs'}; collect with: python -m stitching.collect {runs_dir} "
           f"-o {runs_dir}/results.csv")
+    if refused:
+        print(f"error: {refused} runs not submitted: their SLURM request can never be met (see above)",
+              file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
