@@ -482,8 +482,8 @@ def partition_offer(partition: str | None) -> str:
     if proc.returncode != 0 or not rows:
         return ""
     name = rows[0][0].rstrip("*")
-    cpus = max(int(r[1].rstrip("+")) for r in rows if r[1].rstrip("+").isdigit()) if rows else "?"
-    mem = max(int(r[2].rstrip("+")) for r in rows if r[2].rstrip("+").isdigit()) if rows else "?"
+    cpus = max((int(r[1].rstrip("+")) for r in rows if r[1].rstrip("+").isdigit()), default="?")
+    mem = max((int(r[2].rstrip("+")) for r in rows if r[2].rstrip("+").isdigit()), default="?")
     gres = sorted({r[4] for r in rows if r[4] not in ("(null)", "")})
     return (f"partition {name} has nodes with at most {cpus} CPUs and {mem}M memory, time limit {rows[0][3]}, "
             f"GPUs/GRES: {', '.join(gres) or 'none'}")
