@@ -40,6 +40,7 @@ class ModelConfig:
     adapter: str = "bottleneck"             # linear | linear_relu | conv3x3 | bottleneck | vit_block | finetune
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
+    adapter_style: str = "code"             # code | text: adapters as the paper's code or its text builds them
     pretrained: bool = True                 # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
@@ -56,9 +57,12 @@ class DataConfig:
     workers: int = 4
     auto_augment: bool = True
     min_crop_scale: float = 0.08            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
+    normalize: str = "model"                # model (the source's own mean/std) | imagenet (ImageNet's, any model)
+    train_interpolation: str | None = None  # crop resizing: null = the source model's | nearest | bilinear | bicubic
+    auto_augment_interpolation: str | None = None  # null = train_interpolation (the paper's code: nearest)
+    eval_crop_pct: float | None = None      # null = the source model's own (0.875 = resize 256, crop 224)
+    eval_interpolation: str | None = None   # null = the source model's own
     seed: int = 0                           # synthetic data seed
-    bad_images: str = "error"               # imagefolder: an unreadable file stops the run naming it (error)
-                                            # or is left out of its batch and counted in train.log (skip)
     bad_images: str = "error"               # imagefolder: an unreadable file stops the run naming it (error)
                                             # or is left out of its batch and counted in train.log (skip)
 
@@ -79,6 +83,8 @@ class TrainConfig:
     channels_last: str | bool = "auto"      # auto (on CUDA for conv parts) | true | false
     fold_bn: bool = True                    # fold frozen BatchNorm into convs (stitched runs only)
     compile: bool = False                   # torch.compile the trainable part
+    frozen_bn: str = "eval"                 # eval | train (the paper's code: frozen parts in train mode, BatchNorm
+                                            # statistics re-estimated, stochastic depth on; weights stay frozen)
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole epoch
     log_every: int = 10
 
@@ -227,8 +233,10 @@ def _coerce(hint, value, key: str, src: str):
 # ---------------------------------------------------------------------------------------------- checking
 def validate(cfg: Config) -> None:
     """Everything that can be known wrong before building: names, ranges and impossible stitches."""
+    from stitching.data.transforms import INTERPOLATIONS, NORMALIZATIONS
     from stitching.models.registry import available, get_spec
-    from stitching.stitch.plan import PlanError, plan_stitch
+    from stitching.stitch.plan import ADAPTER_STYLES, PlanError, plan_stitch
+    from stitching.stitch.stitcher import FROZEN_BN_MODES
 
     m, d, t = cfg.model, cfg.data, cfg.train
     names = available()
@@ -246,16 +254,24 @@ def validate(cfg: Config) -> None:
             raise cfg.error("model.destination_stage", "required with source_stage (source_stage..4)")
         try:
             plan_stitch(get_spec(m.source), get_spec(m.destination or m.source), m.source_stage,
-                        m.destination_stage, m.adapter, m.resize, m.schedule)
+                        m.destination_stage, m.adapter, m.resize, m.schedule, style=m.adapter_style)
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
+    _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
     from stitching.data.loaders import BAD_IMAGE_MODES
 
     _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
-    from stitching.data.loaders import BAD_IMAGE_MODES
-
-    _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
+    _one_of(cfg, "data.normalize", NORMALIZATIONS)
+    for key in ("data.train_interpolation", "data.auto_augment_interpolation", "data.eval_interpolation"):
+        if getattr(d, key.split(".")[1]) is not None:
+            _one_of(cfg, key, INTERPOLATIONS)
+    if d.eval_crop_pct is not None and not 0 < d.eval_crop_pct <= 1:
+        raise cfg.error("data.eval_crop_pct", "must be in (0, 1] (or null: the model's own)")
+    _one_of(cfg, "train.frozen_bn", FROZEN_BN_MODES)
+    if t.frozen_bn == "train" and t.fold_bn:
+        raise cfg.error("train.frozen_bn", "train mode re-estimates the frozen BatchNorm statistics, which "
+                        "folded BatchNorms cannot: set train.fold_bn=false")
     _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
     _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
     _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))

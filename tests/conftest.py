@@ -42,9 +42,14 @@ def cached_models(monkeypatch):
 
 
 def model_cfg(**kw) -> SimpleNamespace:
-    d = dict(source="resnet50", destination=None, source_stage=None, destination_stage=None,
-             adapter="bottleneck", resize="bilinear", schedule="paper", pretrained=False,
-             source_weights=None, destination_weights=None)
+    """A config's ``model`` section: the defaults of :class:`stitching.config.ModelConfig`, random init."""
+    import dataclasses
+
+    from stitching.config import ModelConfig
+
+    d = dataclasses.asdict(ModelConfig(pretrained=False))
+    unknown = set(kw) - set(d)
+    assert not unknown, f"not model config keys: {unknown}"
     d.update(kw)
     return SimpleNamespace(**d)
 

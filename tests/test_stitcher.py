@@ -11,6 +11,7 @@ from stitching.stitch.stitcher import StitchedModel, build_model
 from tests.conftest import model_cfg
 
 MAIN = ["resnet50", "mobilenetv3_large_100", "vit_small_patch16_224", "swin_t"]
+VIT = "vit_small_patch16_224"
 GAPS = [(s, t) for s in range(1, 5) for t in range(s, 5)]
 RES = 64
 
@@ -19,9 +20,10 @@ RES = 64
 def test_every_pair_and_gap_builds_bottleneck_bilinear(source, destination, cached_models):
     assert len(GAPS) == 10
     x = torch.randn(2, 3, RES, RES)
+    adapter = "linear" if source == destination == VIT else "bottleneck"   # no conv adapter between tokens
     for s, t in GAPS:
         built = build_model(model_cfg(source=source, destination=destination, source_stage=s,
-                                      destination_stage=t), img_size=RES)
+                                      destination_stage=t, adapter=adapter), img_size=RES)
         model = built.model
         assert isinstance(model, StitchedModel) and built.kind == "stitched"
         assert built.plan.num_adapters == max(t - s, 1)
@@ -45,9 +47,11 @@ def test_every_adapter_and_resize_on_representative_pairs(source, destination, s
         try:
             plan_stitch(get_spec(source), get_spec(destination), s, t, adapter, resize, "paper")
         except PlanError as err:
-            # the only refusals: strided without a 3x3 conv, strided upsampling, vit_block off ViT
-            assert (resize == "strided" and (adapter not in ("conv3x3", "bottleneck") or "upsampling" in str(err))
-                    or adapter == "vit_block" and "ViT-like" in str(err)), (adapter, resize, err)
+            # the only refusals: strided without a 3x3 conv, vit_block off ViT, conv adapters between tokens
+            assert (resize == "strided" and adapter not in ("conv3x3", "bottleneck")
+                    or adapter == "vit_block" and "ViT-like" in str(err)
+                    or source == destination == VIT and adapter in ("conv3x3", "bottleneck")
+                    and "feature map" in str(err)), (adapter, resize, err)
             with pytest.raises(PlanError):
                 build_model(cfg, img_size=RES)
             continue
@@ -70,6 +74,9 @@ def test_linear_adapter_has_no_padding_and_bottleneck_has_the_papers_shape(cache
                         img_size=RES)
     core = built.model.adapters[1].core
     assert (core.conv1.out_channels, core.conv2.stride, core.conv3.out_channels) == (128, (2, 2), 512)
+    assert isinstance(built.model.adapters[1].norm_in, torch.nn.Identity)      # code style: no outer norms
+    built = build_model(model_cfg(source_stage=1, destination_stage=2, adapter="bottleneck", resize="strided",
+                                  adapter_style="text"), img_size=RES)
     assert isinstance(built.model.adapters[1].norm_in, torch.nn.BatchNorm2d)
 
 

@@ -8,6 +8,10 @@ This module owns how a PIL image becomes a normalised tensor:
   a timm data config (resize, crop_pct, crop_mode, interpolation, mean/std -- ViT augreg uses
   mean/std 0.5, not ImageNet's).
 * :func:`data_config_for_size` -- the same data config at another input resolution.
+* :func:`build_transforms` -- both, from the source model's data config and a config's ``data`` section
+  (which may override normalisation, interpolations and the evaluation crop: the code-faithful preset
+  ``configs/paper/imagenet_code.yaml`` uses ImageNet mean/std, Resize 256 / CenterCrop 224 bilinear and
+  AutoAugment with nearest interpolation for every model, as the paper's code did).
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import timm.data
 from torchvision import transforms as T
 from torchvision.transforms import AutoAugmentPolicy, InterpolationMode
 
-__all__ = ["train_transform", "eval_transform", "data_config_for_size", "EVAL_CONFIG_KEYS"]
+__all__ = ["train_transform", "eval_transform", "data_config_for_size", "build_transforms", "EVAL_CONFIG_KEYS",
+           "INTERPOLATIONS", "NORMALIZATIONS"]
 
 #: keys of a timm data config that :func:`eval_transform` passes on to ``timm.data.create_transform``
 EVAL_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 _INTERPOLATIONS = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
                    "bicubic": InterpolationMode.BICUBIC}
+INTERPOLATIONS = tuple(_INTERPOLATIONS)
+#: ``data.normalize``: the source model's own mean/std, or ImageNet's for every model (the paper's code)
+NORMALIZATIONS = ("model", "imagenet")
 
 
 def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -43,17 +51,21 @@ def train_transform(
     auto_augment: bool = True,
     interpolation: str = "bilinear",
     min_crop_scale: float = 0.08,
+    auto_augment_interpolation: str | None = None,
 ) -> T.Compose:
     """The paper's training augmentation, ending in a normalised ``(3, img_size, img_size)`` tensor.
 
     RandomResizedCrop(img_size, scale=(min_crop_scale, 1)) -> RandomHorizontalFlip(0.5) -> AutoAugment(IMAGENET policy, if
-    ``auto_augment``) -> ToTensor -> Normalize(mean, std). Randomness comes from torch's global RNG
+    ``auto_augment``, with ``auto_augment_interpolation``, default ``interpolation``) -> ToTensor ->
+    Normalize(mean, std). Randomness comes from torch's global RNG
     (seeded per sample by :func:`stitching.data.loaders.build_loader`).
     """
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {interpolation!r}")
+    auto_augment_interpolation = auto_augment_interpolation or interpolation
+    for value in (interpolation, auto_augment_interpolation):
+        if value not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {value!r}")
     mean, std = _check_mean_std(mean, std)
     mode = _INTERPOLATIONS[interpolation]
     if not 0 < min_crop_scale <= 1:
@@ -61,7 +73,8 @@ def train_transform(
     steps: list[Any] = [T.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), interpolation=mode),
                         T.RandomHorizontalFlip(0.5)]
     if auto_augment:
-        steps.append(T.AutoAugment(AutoAugmentPolicy.IMAGENET, interpolation=mode))
+        steps.append(T.AutoAugment(AutoAugmentPolicy.IMAGENET,
+                                   interpolation=_INTERPOLATIONS[auto_augment_interpolation]))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
@@ -92,3 +105,23 @@ def data_config_for_size(data_config: Mapping[str, Any], img_size: int) -> dict:
     channels = tuple(config["input_size"])[0]
     config["input_size"] = (channels, img_size, img_size)
     return config
+
+
+def build_transforms(model_data_config: Mapping[str, Any], data) -> tuple[T.Compose, T.Compose]:
+    """(train, eval) transforms for a run: the source model's data config at ``data.img_size``, with the
+    overrides of a config's ``data`` section (``normalize``, ``train_interpolation``,
+    ``auto_augment_interpolation``, ``eval_crop_pct``, ``eval_interpolation``; null keeps the model's)."""
+    dcfg = data_config_for_size(model_data_config, data.img_size)
+    if data.normalize == "imagenet":
+        dcfg["mean"], dcfg["std"] = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+    elif data.normalize != "model":
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {data.normalize!r}")
+    train = train_transform(data.img_size, dcfg["mean"], dcfg["std"], auto_augment=data.auto_augment,
+                            interpolation=data.train_interpolation or dcfg.get("interpolation", "bilinear"),
+                            min_crop_scale=data.min_crop_scale,
+                            auto_augment_interpolation=data.auto_augment_interpolation)
+    if data.eval_crop_pct is not None:
+        dcfg["crop_pct"], dcfg["crop_mode"] = data.eval_crop_pct, "center"
+    if data.eval_interpolation is not None:
+        dcfg["interpolation"] = data.eval_interpolation
+    return train, eval_transform(dcfg)

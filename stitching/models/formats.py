@@ -22,6 +22,19 @@ import torch
 from torch import nn
 
 FORMATS = ("image", "bhwc", "tokens", "tokens_cls")
+TOKEN_FORMATS = ("tokens", "tokens_cls")     # sequences: adapters between two of them work per token
+
+
+def is_token(fmt: str) -> bool:
+    """Whether ``fmt`` is a token sequence (B, N, C) rather than a feature map."""
+    _check(fmt)
+    return fmt in TOKEN_FORMATS
+
+
+def prefix_tokens(fmt: str) -> int:
+    """How many non-grid tokens lead a sequence of format ``fmt`` (the class token of ``tokens_cls``)."""
+    _check(fmt)
+    return 1 if fmt == "tokens_cls" else 0
 
 
 class FormatError(ValueError):

@@ -1,19 +1,34 @@
 """Adapters: the small trainable modules between a source prefix and a destination suffix.
 
-Each :class:`Adapter` is ``resize -> norm_in -> core -> norm_out`` (BatchNorm on feature maps, LayerNorm on
-tokens, as in Bansal et al.). Cores:
+Each :class:`Adapter` is ``resize -> norm_in -> core -> norm_out -> act``, built from a planned
+:class:`~stitching.stitch.plan.Step`, the chain's working format and a construction *style*
+(:data:`~stitching.stitch.plan.ADAPTER_STYLES`; method and reasons: ``docs/method.md``):
 
-``linear``       1x1 conv with bias, no padding
-``linear_relu``  1x1 conv + ReLU
-``conv3x3``      3x3 conv (padding 1, stride = the strided-resize factor) + ReLU
-``bottleneck``   ResNet bottleneck: 1x1 to out/4, 3x3 (strided when resizing that way), 1x1 to out;
-                 projection shortcut when the shape changes; ReLU after the add
+``code`` (default)  as the paper's published code builds them: the simple adapters (``linear``,
+                    ``linear_relu``, ``conv3x3``) are norm -> conv (or per-token Linear) -> norm -> activation,
+                    the activation being LeakyReLU(0.1) after the second norm (none for ``linear``);
+                    ``bottleneck`` and ``vit_block`` have no norms around them.
+``text``            as the paper's text describes them: a norm before and after *every* adapter, ReLU inside
+                    the core (before the second norm).
+
+Norms are BatchNorm on feature maps and LayerNorm on token sequences. Cores:
+
+``linear``       1x1 conv with bias, no padding (feature maps) or an ``nn.Linear`` applied to every token
+``linear_relu``  the same with an activation
+``conv3x3``      3x3 conv (padding 1, stride = the strided-resize factor) with an activation (maps only)
+``bottleneck``   ResNet bottleneck: 1x1 to out/4, 3x3 (strided when resizing that way), 1x1 to out, each
+                 followed by BatchNorm; projection shortcut (1x1 conv + BatchNorm) when the shape changes;
+                 ReLU after the add (maps only)
 ``vit_block``    pre-norm transformer encoder block (timm's ``Block``) on class-token sequences, with a
                  linear projection first when the width changes
 
-Resizing: ``bilinear`` interpolates to the adapter's output size just before it; ``strided`` puts the
-factor into the 3x3 conv; ``none`` leaves the size alone. The bottleneck is written here rather than taken
-from timm/torchvision because theirs fix the output width to 4 x the inner width.
+Initialisation, in both styles: adapter convolutions Kaiming-normal (fan_out), and the last BatchNorm of
+the bottleneck's residual branch starts at zero, so a same-shape bottleneck starts as the identity.
+
+Resizing: ``bilinear`` interpolates to the adapter's output size just before it (the grid of a token
+sequence, its leading class token left alone); ``strided`` puts the factor into the 3x3 conv; ``none``
+leaves the size alone. The bottleneck is written here rather than taken from timm/torchvision because
+theirs fix the output width to 4 x the inner width.
 """
 
 from __future__ import annotations
@@ -22,28 +37,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitching.stitch.plan import Step
+from stitching.models.formats import is_token, prefix_tokens
+from stitching.stitch.plan import CONV_ADAPTERS, Step
+
+SIMPLE_ADAPTERS = ("linear", "linear_relu", "conv3x3")   # norm -> core -> norm in both styles
+ACTIVATED = ("linear_relu", "conv3x3")
+LEAKY_SLOPE = 0.1                                        # the paper code's LeakyReLU
 
 
 class Resize(nn.Module):
-    """Bilinear resize of a feature map (``image``) or of the grid tokens of a ``tokens_cls`` sequence."""
+    """Bilinear resize of a feature map, or of the grid tokens of a token sequence (leading tokens kept)."""
 
-    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int], tokens: bool = False):
+    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int], lead: int | None = None):
         super().__init__()
-        self.size_in, self.size_out, self.tokens = tuple(size_in), tuple(size_out), tokens
+        self.size_in, self.size_out, self.lead = tuple(size_in), tuple(size_out), lead
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.tokens:
+        if self.lead is None:
             return F.interpolate(x, size=self.size_out, mode="bilinear", align_corners=False)
-        cls, grid = x[:, :1], x[:, 1:]
+        head, grid = x[:, : self.lead], x[:, self.lead:]
         b, n, c = grid.shape
-        h, w = self.size_in
-        grid = grid.transpose(1, 2).reshape(b, c, h, w)
+        grid = grid.transpose(1, 2).reshape(b, c, *self.size_in)
         grid = F.interpolate(grid, size=self.size_out, mode="bilinear", align_corners=False)
-        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+        return torch.cat([head, grid.flatten(2).transpose(1, 2)], dim=1)
 
     def extra_repr(self) -> str:
-        return f"{self.size_in} -> {self.size_out}" + (", tokens" if self.tokens else "")
+        return f"{self.size_in} -> {self.size_out}" + (f", tokens (+{self.lead} leading)" if self.lead is not None
+                                                        else "")
 
 
 class Bottleneck(nn.Module):
@@ -57,6 +77,7 @@ class Bottleneck(nn.Module):
         if c_in != c_out or stride != 1:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(c_out))
+        nn.init.zeros_(self.bn3.weight)       # the residual branch starts at zero: identity when shapes match
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -66,7 +87,8 @@ class Bottleneck(nn.Module):
 
 
 class TokenBlock(nn.Module):
-    """Width projection (if needed) and a timm ViT encoder block."""
+    """Width projection (if needed) and a timm ViT encoder block, its linear layers initialised as ViT
+    encoders are (Xavier-uniform weights, near-zero biases)."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -76,38 +98,54 @@ class TokenBlock(nn.Module):
         # ViT's 64-wide heads (ViT-Ti/S/B: 3/6/12 heads); one head for widths below 128
         heads = max(h for h in range(1, c_out + 1) if c_out % h == 0 and (c_out // h >= 64 or h == 1))
         self.block = Block(dim=c_out, num_heads=heads, mlp_ratio=4.0, qkv_bias=True)
+        for m in self.block.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.normal_(m.bias, std=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(self.proj(x))
 
 
-def make_core(kind: str, c_in: int, c_out: int, stride: int = 1) -> nn.Module:
-    if kind == "linear":
-        return nn.Conv2d(c_in, c_out, 1, padding=0, bias=True)
-    if kind == "linear_relu":
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, padding=0, bias=True), nn.ReLU(inplace=True))
-    if kind == "conv3x3":
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True), nn.ReLU(inplace=True))
-    if kind == "bottleneck":
+def make_core(kind: str, c_in: int, c_out: int, stride: int = 1, tokens: bool = False,
+              relu_inside: bool = False) -> nn.Module:
+    """The adapter's core; ``relu_inside`` puts a ReLU at its end (the text style's activated adapters)."""
+    if kind in CONV_ADAPTERS and tokens:
+        raise ValueError(f"{kind} needs a feature map, not a token sequence")
+    if kind in ("linear", "linear_relu"):
+        layer = nn.Linear(c_in, c_out) if tokens else nn.Conv2d(c_in, c_out, 1, padding=0, bias=True)
+    elif kind == "conv3x3":
+        layer = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True)
+    elif kind == "bottleneck":
         return Bottleneck(c_in, c_out, stride)
-    if kind == "vit_block":
+    elif kind == "vit_block":
         return TokenBlock(c_in, c_out)
-    raise ValueError(f"unknown adapter {kind!r}")
+    else:
+        raise ValueError(f"unknown adapter {kind!r}")
+    return nn.Sequential(layer, nn.ReLU(inplace=True)) if relu_inside else layer
 
 
 class Adapter(nn.Module):
-    """One adapter of a chain, built from its planned :class:`~stitching.stitch.plan.Step`."""
+    """One adapter of a chain, built from its planned step in the chain's working format and style."""
 
-    def __init__(self, kind: str, step: Step):
+    def __init__(self, kind: str, step: Step, working_format: str = "image", style: str = "code"):
         super().__init__()
-        tokens = kind == "vit_block"
-        self.kind, self.step = kind, step
+        tokens = is_token(working_format)
+        self.kind, self.step, self.style = kind, step, style
         resize = step.resize == "bilinear" and step.size_in != step.size_out
-        self.resize = Resize(step.size_in, step.size_out, tokens) if resize else nn.Identity()
+        lead = prefix_tokens(working_format) if tokens else None
+        self.resize = Resize(step.size_in, step.size_out, lead) if resize else nn.Identity()
+        outer = style == "text" or kind in SIMPLE_ADAPTERS
         norm = nn.LayerNorm if tokens else nn.BatchNorm2d
-        self.norm_in = norm(step.c_in)
-        self.core = make_core(kind, step.c_in, step.c_out, step.stride)
-        self.norm_out = norm(step.c_out)
+        self.norm_in = norm(step.c_in) if outer else nn.Identity()
+        self.core = make_core(kind, step.c_in, step.c_out, step.stride, tokens,
+                              relu_inside=style == "text" and kind in ACTIVATED)
+        self.norm_out = norm(step.c_out) if outer else nn.Identity()
+        self.act = (nn.LeakyReLU(LEAKY_SLOPE, inplace=True) if style == "code" and kind in ACTIVATED
+                    else nn.Identity())
+        for m in self.core.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_out(self.core(self.norm_in(self.resize(x))))
+        return self.act(self.norm_out(self.core(self.norm_in(self.resize(x)))))

@@ -7,23 +7,34 @@ declared cuts (at a nominal 224 px) before anything is built, and the stitcher c
 shapes traced from the real models at the run's resolution.
 
 Schedules for a gap crossing k = t - s scale changes (k adapters, one when k = 0):
-``paper``: channels double from the source's width, capped at the destination's (halve, floored at it,
-when the destination is narrower); the spatial size halves per adapter, floored at the destination's
-(doubles, capped, when the destination is larger); the last adapter lands on the destination's shape.
+``paper``: channels double from the width the chain starts at, capped at the destination's (halve, floored
+at it, when the destination is narrower); the spatial size halves per adapter, floored at the destination's
+(a larger destination is reached at once, by the first adapter); the last adapter lands on the
+destination's shape. A class-token source entering an image-like chain starts at its *doubled* width (the
+class token is concatenated onto every token first), as the paper's code builds it.
 ``destination``: adapter i lands on the destination's own shape after the first block of stage s + i.
+
+Working format: a chain between two token formats stays a token sequence (per-token linear maps on every
+token, the class token included); any other chain works on feature maps (``image``), and ``vit_block``
+works on class-token sequences. Convolutional adapters between two token formats are refused. Where a
+``strided`` step would have to upsample, it is bilinear upsampling then a stride-1 adapter: the same
+module as ``bilinear``, recorded as such so that sweeps see the duplicate. Method: ``docs/method.md``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stitching.models.formats import channels_after
+from stitching.models.formats import channels_after, is_token
 from stitching.models.registry import ModelSpec
 
 ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck", "vit_block", "finetune")
 RESIZES = ("none", "bilinear", "strided")
 SCHEDULES = ("paper", "destination")
 STRIDED_ADAPTERS = ("conv3x3", "bottleneck")
+CONV_ADAPTERS = ("conv3x3", "bottleneck")          # need a feature map: refused between two token formats
+TOKEN_ADAPTERS = ("linear", "linear_relu")         # per-token linear maps when both ends are token formats
+ADAPTER_STYLES = ("code", "text")                  # construction: the paper's code, or its text (adapters.py)
 
 
 class PlanError(ValueError):
@@ -66,6 +77,7 @@ class StitchPlan:
     adapter: str
     resize: str
     schedule: str
+    style: str
     source_cut: Shape
     destination_cut: Shape
     working_format: str
@@ -82,15 +94,19 @@ class StitchPlan:
 
     @property
     def effective_resize(self) -> str:
-        """``none`` where no adapter changes the spatial size: the three modes build the same module."""
-        if all(s.size_in == s.size_out for s in self.steps):
+        """The resizing the built module does: ``none`` where no adapter changes the spatial size (the three
+        modes build the same module), ``bilinear`` where every resizing step is bilinear (also a strided
+        config whose steps must upsample), else the configured mode."""
+        modes = {s.resize for s in self.steps if s.size_in != s.size_out}
+        if not modes:
             return "none"
-        return self.resize
+        return modes.pop() if len(modes) == 1 else self.resize
 
     def signature(self) -> tuple:
         """Equal signatures build identical modules (used to drop duplicate runs from sweeps)."""
         return (self.source, self.destination, self.source_stage, self.destination_stage, self.adapter,
-                self.working_format, tuple(self.steps), tuple(self.kept_blocks))
+                self.style if self.kind == "stitched" else "", self.working_format, tuple(self.steps),
+                tuple(self.kept_blocks))
 
     def joins(self) -> list[dict]:
         """Every tensor handed from one part to the next, for summaries and logs."""
@@ -133,9 +149,11 @@ def check_stages(source_stage: int, destination_stage: int) -> None:
 
 
 def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, resize: str, schedule: str,
-                shapes_src: dict | None = None, shapes_dst: dict | None = None, img_size: int = 224) -> StitchPlan:
+                shapes_src: dict | None = None, shapes_dst: dict | None = None, img_size: int = 224,
+                style: str = "code") -> StitchPlan:
     """Plan the stitch. ``shapes_*`` map (stage, 'first'|'end') to (C, H, W) traced from the real models;
-    without them the declared cuts at a nominal ``img_size`` are used (config validation, sweeps)."""
+    without them the declared cuts at a nominal ``img_size`` are used (config validation, sweeps).
+    ``style`` is the adapters' construction (:data:`ADAPTER_STYLES`): it changes modules, not shapes."""
     check_stages(s, t)
     if adapter not in ADAPTERS:
         raise PlanError("model.adapter", adapter, f"must be one of {', '.join(ADAPTERS)}")
@@ -143,6 +161,8 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
         raise PlanError("model.resize", resize, f"must be one of {', '.join(RESIZES)}")
     if schedule not in SCHEDULES:
         raise PlanError("model.schedule", schedule, f"must be one of {', '.join(SCHEDULES)}")
+    if style not in ADAPTER_STYLES:
+        raise PlanError("model.adapter_style", style, f"must be one of {', '.join(ADAPTER_STYLES)}")
 
     def shape(spec, shapes, stage, where):
         if shapes is None:
@@ -152,7 +172,7 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
 
     source_cut = shape(src, shapes_src, s, "first")
     destination_cut = shape(dst, shapes_dst, *destination_target(dst, s, t))
-    plan = StitchPlan(src.name, dst.name, s, t, adapter, resize, schedule, source_cut, destination_cut,
+    plan = StitchPlan(src.name, dst.name, s, t, adapter, resize, schedule, style, source_cut, destination_cut,
                       working_format=source_cut.format)
 
     if adapter == "finetune":
@@ -166,13 +186,19 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
             raise PlanError("model.adapter", adapter, f"vit_block works on class-token sequences and needs a "
                             f"ViT-like destination; {dst.name} takes {destination_cut.format!r}")
         plan.working_format = "tokens_cls"
+    elif is_token(source_cut.format) and is_token(destination_cut.format):
+        if adapter in CONV_ADAPTERS:
+            raise PlanError("model.adapter", adapter, f"convolutional adapters need a feature map at one end; "
+                            f"{src.name} gives {source_cut.format!r} and {dst.name} takes "
+                            f"{destination_cut.format!r}: use {', '.join(TOKEN_ADAPTERS)} or vit_block")
+        plan.working_format = destination_cut.format
     else:
         plan.working_format = "image"
 
     k = max(t - s, 1)
     c_first_in = channels_after(source_cut.format, plan.working_format, source_cut.channels)
     if schedule == "paper":
-        chans = _channel_schedule(source_cut.channels, destination_cut.channels, k)
+        chans = _channel_schedule(c_first_in, destination_cut.channels, k)
         sizes = [_size_schedule(source_cut.height, destination_cut.height, k),
                  _size_schedule(source_cut.width, destination_cut.width, k)]
         sizes = list(zip(*sizes))
@@ -185,11 +211,14 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
     for i, (c_out, size_out) in enumerate(zip(chans, sizes)):
         if resize == "none":
             size_out = size_in
-        stride = 1
-        if resize == "strided" and size_out != size_in:
+        stride, how = 1, resize
+        if size_out == size_in:
+            how = "none"            # the three modes build the same adapter: record it as "none"
+        elif resize == "strided" and _upsamples(size_in, size_out):
+            how = "bilinear"        # "integrated" upsampling: bilinear then stride 1, the bilinear module
+        elif resize == "strided":
             stride = _integer_stride(size_in, size_out, src, dst, s, t, i + 1)
-        # where the size does not change the three modes build the same adapter: record it as "none"
-        plan.steps.append(Step(c_in, c_out, size_in, size_out, resize if size_out != size_in else "none", stride))
+        plan.steps.append(Step(c_in, c_out, size_in, size_out, how, stride))
         c_in, size_in = c_out, size_out
     return plan
 
@@ -228,10 +257,14 @@ def _channel_schedule(c_src: int, c_dst: int, k: int) -> list[int]:
 def _size_schedule(h_src: int, h_dst: int, k: int) -> list[int]:
     out, h = [], h_src
     for _ in range(k):
-        h = max(-(-h // 2), h_dst) if h_dst <= h_src else min(2 * h, h_dst)
+        h = max(-(-h // 2), h_dst)      # halve, floored at the destination (a larger one at once)
         out.append(h)
     out[-1] = h_dst
     return out
+
+
+def _upsamples(size_in: tuple[int, int], size_out: tuple[int, int]) -> bool:
+    return any(o > n for n, o in zip(size_in, size_out))
 
 
 def _integer_stride(size_in, size_out, src, dst, s, t, i) -> int:
@@ -241,6 +274,6 @@ def _integer_stride(size_in, size_out, src, dst, s, t, i) -> int:
     if not ok:
         raise PlanError("model.resize", "strided",
                         f"adapter {i} of {src.name} {s} -> {dst.name} {t} maps {size_in[0]}x{size_in[1]} to "
-                        f"{size_out[0]}x{size_out[1]}, which no strided convolution does (upsampling or a "
-                        f"non-integer factor); use resize=bilinear")
+                        f"{size_out[0]}x{size_out[1]}, which no strided convolution does (not an integer "
+                        f"factor); use resize=bilinear")
     return r

@@ -9,8 +9,11 @@
 
 For stitched models the prefix and suffix are frozen: ``requires_grad=False``, kept in eval mode when
 ``.train()`` is called on the whole (no BatchNorm statistic updates, no dropout or stochastic depth), and
-the prefix runs under ``torch.no_grad()`` (no autograd graph, no stored activations). The fine-tuning
-baseline trains every weight in train mode.
+the prefix runs under ``torch.no_grad()`` (no autograd graph, no stored activations). The paper's code
+instead ran its frozen parts in train mode; ``frozen_bn="train"`` (config ``train.frozen_bn``) reproduces
+that on request: the frozen parts follow ``.train()``/``.eval()`` (BatchNorm statistics re-estimated on
+stitched features, stochastic depth on) while their weights stay frozen. The fine-tuning baseline trains
+every weight in train mode.
 
 :func:`build_model` is the single entry point from a config's ``model`` section: it loads each network
 once (source and destination share one instance when they are the same weights), traces the real shapes
@@ -29,13 +32,18 @@ from stitching.models.registry import WeightsError, get_spec, load_model, trace_
 from stitching.stitch.adapters import Adapter
 from stitching.stitch.plan import StitchPlan, destination_target, plan_stitch
 
+FROZEN_BN_MODES = ("eval", "train")   # frozen parts in eval mode (default) or, as the paper's code, train mode
+
 
 class StitchedModel(nn.Module):
     def __init__(self, prefix: nn.Sequential, adapters: nn.Sequential, suffix: nn.Sequential,
-                 frozen: bool = True, plan: StitchPlan | None = None):
+                 frozen: bool = True, plan: StitchPlan | None = None, frozen_bn: str = "eval"):
         super().__init__()
+        if frozen_bn not in FROZEN_BN_MODES:
+            raise ValueError(f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}, not {frozen_bn!r}")
         self.prefix, self.adapters, self.suffix = prefix, adapters, suffix
         self.frozen = frozen
+        self.frozen_bn = frozen_bn
         self.plan = plan
         if frozen:
             self.prefix.requires_grad_(False)
@@ -48,8 +56,9 @@ class StitchedModel(nn.Module):
 
     def train(self, mode: bool = True) -> "StitchedModel":
         super().train(mode)
-        for part in self.frozen_parts():
-            part.eval()
+        if self.frozen_bn == "eval":
+            for part in self.frozen_parts():
+                part.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +89,9 @@ class BuiltModel:
     plan: StitchPlan | None
 
 
-def build_model(mcfg, img_size: int = 224, num_classes: int = 1000) -> BuiltModel:
-    """Build the network a config's ``model`` section describes (see :mod:`stitching.config`)."""
+def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
+    """Build the network a config's ``model`` section describes (see :mod:`stitching.config`);
+    ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
     src_spec = get_spec(mcfg.source)
     src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained, mcfg.source_weights, num_classes)
     data_config = src_spec.data_config(src_model)
@@ -100,7 +110,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000) -> BuiltMode
 
     s, t = mcfg.source_stage, mcfg.destination_stage
     plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
-                       src_shapes, dst_shapes)
+                       src_shapes, dst_shapes, style=mcfg.adapter_style)
 
     src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
     prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
@@ -116,7 +126,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000) -> BuiltMode
     grid = (plan.source_cut.height, plan.source_cut.width)
     last = plan.steps[-1]
     layers = [Convert(plan.source_cut.format, plan.working_format, grid)]
-    layers += [Adapter(mcfg.adapter, step) for step in plan.steps]
+    layers += [Adapter(mcfg.adapter, step, plan.working_format, plan.style) for step in plan.steps]
     layers.append(Convert(plan.working_format, plan.destination_cut.format, last.size_out))
-    model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan)
+    model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
     return BuiltModel(model, "stitched", data_config, plan)

@@ -37,6 +37,7 @@ from torch import nn
 
 from stitching import rundir as R
 from stitching.config import Config, ConfigError, check_files, load_config
+from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
 from stitching.train import distributed as D
@@ -194,7 +195,7 @@ def _start(r: Run, force: bool) -> int | None:
     """Checks, model, data, then the run directory (locked, config written) and the step; None to train
     on, or an exit code (an already finished run)."""
     from stitching.data.loaders import build_datasets, build_loader
-    from stitching.data.transforms import data_config_for_size, eval_transform, train_transform
+    from stitching.data.transforms import build_transforms
     from stitching.stitch.cost import count_cost
     from stitching.stitch.stitcher import build_model
 
@@ -218,16 +219,12 @@ def _start(r: Run, force: bool) -> int | None:
     # ---- model and data (all checks before any compute or write)
     torch.manual_seed(cfg.train.seed)
     try:
-        r.built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
+        r.built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes, frozen_bn=cfg.train.frozen_bn)
     except (ValueError, FileNotFoundError) as err:
         key = getattr(err, "key", None) or ("model.destination_weights" if "destination" in str(err)
                                             else "model.source_weights")
         raise cfg.error(key, str(err).splitlines()[0]) from None
-    dcfg = data_config_for_size(r.built.data_config, cfg.data.img_size)
-    train_tf = train_transform(cfg.data.img_size, dcfg["mean"], dcfg["std"], auto_augment=cfg.data.auto_augment,
-                               interpolation=dcfg.get("interpolation", "bilinear"),
-                               min_crop_scale=cfg.data.min_crop_scale)
-    eval_tf = eval_transform(dcfg)
+    train_tf, eval_tf = build_transforms(r.built.data_config, cfg.data)
     try:
         train_ds, val_ds = build_datasets(dataclasses.replace(cfg.data, num_classes=cfg.num_classes), train_tf,
                                           eval_tf)
@@ -364,25 +361,27 @@ def _train_epoch(r: Run, epoch: int) -> bool:
     t0, images, preempted = time.time(), 0, False
     # the sums start from the checkpointed ones so a resumed epoch adds in the same order as an uninterrupted one
     st.reset_sums(pos["sums"])
-    for i, (x, y) in enumerate(batches, start=skip):
-        loss = train_step(st, x, y, i)
-        images += len(y) * info.world_size
-        pos["batch"] = i + 1
-        if (i + 1) % r.accum:
-            continue
-        pos["step"] = st.step
-        bar.update(1)
-        if r.lock is not None:
-            r.lock.touch()
-        done = st.step - epoch * r.steps_per_epoch    # (not bar.n: a disabled bar, on ranks > 0, does not count)
-        if done % r.cfg.train.log_every == 0 or done == r.steps_per_epoch:
-            _check_finite(r, epoch)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{st.lr():.2e}",
-                            img_s=f"{images / max(time.time() - t0, 1e-9):.0f}")
-        if D.any_rank(r.preempt.signal is not None, r.device, info):
-            preempted = True
-            break
-    bar.close()
+    try:
+        for i, (x, y) in enumerate(batches, start=skip):
+            loss = train_step(st, x, y, i)
+            images += len(y) * info.world_size
+            pos["batch"] = i + 1
+            if (i + 1) % r.accum:
+                continue
+            pos["step"] = st.step
+            bar.update(1)
+            if r.lock is not None:
+                r.lock.touch()
+            done = st.step - epoch * r.steps_per_epoch    # (not bar.n: a disabled bar, ranks > 0, does not count)
+            if done % r.cfg.train.log_every == 0 or done == r.steps_per_epoch:
+                _check_finite(r, epoch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{st.lr():.2e}",
+                                img_s=f"{images / max(time.time() - t0, 1e-9):.0f}")
+            if D.any_rank(r.preempt.signal is not None, r.device, info):
+                preempted = True
+                break
+    finally:
+        bar.close()     # (an error message then starts on a line of its own)
     pos["sums"] = st.sums.tolist()
     elapsed = time.time() - t0
     pos["train_time"] += elapsed
@@ -549,15 +548,13 @@ def _result_row(r: Run, ev: dict) -> dict:
         "gap": f"{plan.source_stage}->{plan.destination_stage}" if plan else "",
         "adapter": plan.adapter if plan else "", "resize": plan.effective_resize if stitched else "",
         "resamples": any(s.size_in != s.size_out for s in plan.steps) if stitched else "",
+        "resize_modes": resize_modes(cfg) if stitched else "",
         "schedule": plan.schedule if stitched else "",
         "num_adapters": plan.num_adapters if plan else 0,
-        "pretrained": m.pretrained if not (m.source_weights or m.destination_weights) else "weights_file",
-        "dataset": cfg.data.name if cfg.data.name == "synthetic" else Path(cfg.data.root).name,
-        "num_classes": cfg.num_classes, "img_size": cfg.data.img_size, "epochs": cfg.train.epochs,
-        "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
+        **recipe_columns(cfg, info.world_size, r.precision),
         "seed": cfg.train.seed, "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["val_loss"],
         "train_loss": r.metrics[-1]["train_loss"] if r.metrics else "",
         **cost, "images_per_s": _ips(pos), "wall_time_s": pos["wall"], "world_size": info.world_size,
-        "device": dev, "precision": r.precision, "git_sha": git_sha(),
+        "device": dev, "git_sha": git_sha(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
