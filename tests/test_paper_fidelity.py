@@ -209,3 +209,14 @@ def test_code_preset_frozen_bn_option_through_the_trainer(tmp_path, frozen_bn):
         assert len(moved) == len(stats), "every destination BatchNorm re-estimates its statistics"
     else:
         assert moved == []
+
+
+def test_the_token_rule_is_general_any_token_join_any_width(cached_models):
+    tiny, small = get_spec("vit_tiny_patch16_224"), get_spec(VIT)
+    plan = plan_stitch(tiny, small, 1, 3, "linear_relu", "bilinear", "paper")
+    assert plan.working_format == "tokens_cls"
+    assert [(st.c_in, st.c_out) for st in plan.steps] == [(192, 384), (384, 384)]
+    built = build_model(model_cfg(source="vit_tiny_patch16_224", destination=VIT, source_stage=1,
+                                  destination_stage=3, adapter="linear_relu"), img_size=64)
+    assert all(isinstance(a.core, torch.nn.Linear) for a in built.model.adapters[1:-1])
+    assert built.model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
