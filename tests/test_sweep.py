@@ -17,6 +17,20 @@ from tests.conftest import ROOT
 SMOKE = ROOT / "configs" / "sweeps" / "smoke.yaml"
 
 
+def cpu_smoke(tmp_path: Path) -> Path:
+    """The smoke sweep with every run pinned to the CPU (tests assert CPU results; on a GPU node ``auto`` picks
+    CUDA)."""
+    import yaml
+
+    spec = yaml.safe_load(SMOKE.read_text())
+    for block in spec["blocks"]:
+        block["base"] = str((SMOKE.parent / block["base"]).resolve())
+        block["grid"]["train.device"] = ["cpu"]
+    path = tmp_path / SMOKE.name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
 def sweep(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "stitching.sweep", *map(str, args)], cwd=ROOT, env=env,
@@ -46,6 +60,7 @@ def paper(tmp_path_factory):
     return out, expand(PAPER, runs)[2]
 
 
+@pytest.mark.slow   # the paper sweep's expansion (shared fixture): ~35 s
 def test_paper_dry_run_counts_every_combination_and_writes_nothing(paper):
     out, exp = paper
     dropped = sum(exp.excluded.values()) + sum(exp.impossible.values()) + sum(exp.duplicates.values())
@@ -103,6 +118,7 @@ def where(exp) -> dict:
     return {(p["pair"], p["method"], p["gap"], p["lr"], p["seed"]): r for r in exp.runs for p in r.points}
 
 
+@pytest.mark.slow   # the paper sweep's expansion (shared fixture): ~35 s
 def test_paper_part_is_the_paper_codes_637_runs_per_seed_each_difference_counted(paper):
     out, exp = paper
     code = paper_code_runs()
@@ -135,6 +151,7 @@ def test_paper_part_is_the_paper_codes_637_runs_per_seed_each_difference_counted
     assert sum(full) == len(exp.runs) > sum(per_seed)
 
 
+@pytest.mark.slow   # the paper sweep's expansion (shared fixture): ~35 s
 def test_paper_part_has_no_hole_and_upsampling_integrated_runs_share_the_bilinear_row(paper):
     from stitching.models.registry import get_spec
     from stitching.stitch.plan import plan_stitch
@@ -271,17 +288,18 @@ def test_bad_sweep_files_exit_2_with_one_line(tmp_path):
 
 def test_local_sweep_runs_collects_and_never_repeats_a_run(tmp_path):
     runs = tmp_path / "runs"
-    out = sweep(SMOKE, "--launcher", "local", "--runs-dir", runs).stdout
+    smoke = cpu_smoke(tmp_path)
+    out = sweep(smoke, "--launcher", "local", "--runs-dir", runs).stdout
     assert "local: 5 done, 0 preempted, 0 failed" in out
     rows = collect(runs)
     assert len(rows) == 5 and sorted(r["kind"] for r in rows) == ["original"] + ["stitched"] * 4
     assert {r["adapter"] for r in rows if r["kind"] == "stitched"} == {"linear", "bottleneck"}
     # re-submitting a finished sweep launches nothing
-    assert "nothing to do" in sweep(SMOKE, "--launcher", "local", "--runs-dir", runs).stdout
+    assert "nothing to do" in sweep(smoke, "--launcher", "local", "--runs-dir", runs).stdout
     # half-finished: one run lost its result (its checkpoint is there) -> only that one runs again
     victim = next(p for p in runs.iterdir() if p.name.startswith("resnet18.1-resnet18.3.linear"))
     (victim / "result.csv").unlink()
-    out = sweep(SMOKE, "--launcher", "local", "--runs-dir", runs).stdout
+    out = sweep(smoke, "--launcher", "local", "--runs-dir", runs).stdout
     assert "4 finished" in out and "local: 1 done" in out and out.count("[local] start") == 1
     assert len(collect(runs)) == 5
 
@@ -301,9 +319,10 @@ def _wait_for_results(dirs: list[Path], timeout: float) -> None:
 @pytest.mark.slurm
 def test_slurm_sweep_end_to_end_and_resubmission(slurm_cluster, tmp_path):
     runs = tmp_path / "runs"
-    first = sweep(SMOKE, "--launcher", "slurm", "--runs-dir", runs).stdout
+    smoke = cpu_smoke(tmp_path)
+    first = sweep(smoke, "--launcher", "slurm", "--runs-dir", runs).stdout
     assert "submitted job array" in first and "with 5 tasks" in first
-    again = sweep(SMOKE, "--launcher", "slurm", "--runs-dir", runs).stdout   # while queued/running
+    again = sweep(smoke, "--launcher", "slurm", "--runs-dir", runs).stdout   # while queued/running
     assert "already queued or running" in again and "submitted job array" not in again
     dirs = [p for p in runs.iterdir() if (p / "config.yaml").is_file()]
     assert len(dirs) == 5
@@ -313,7 +332,7 @@ def test_slurm_sweep_end_to_end_and_resubmission(slurm_cluster, tmp_path):
     for row in rows:
         assert row["run_id"] in {d.name for d in dirs} and 0 <= float(row["top1"]) <= 100
         assert float(row["macs"]) > 0 and row["device"] == "cpu"
-    assert "nothing to do" in sweep(SMOKE, "--launcher", "slurm", "--runs-dir", runs).stdout
+    assert "nothing to do" in sweep(smoke, "--launcher", "slurm", "--runs-dir", runs).stdout
 
 
 @pytest.mark.slurm
@@ -326,6 +345,7 @@ base: {ROOT / 'configs' / 'synthetic' / 'tiny.yaml'}
 grid:
   train.epochs: [4]
   data.train_size: [1024]
+  train.device: [cpu]
 slurm: {{cpus_per_task: 1, mem: 2G, time: "00:20:00"}}
 """)
     runs = tmp_path / "runs"
