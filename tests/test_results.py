@@ -480,7 +480,8 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
         [sys.executable, "-m", "stitching.train", "--config", str(REPO / "configs" / "synthetic" / "tiny.yaml"),
          f"output.dir={out}", "model.adapter_style=text", "train.lr_schedule_unit=epoch",
          "train.per_device_batch_size=32", "train.max_steps_per_epoch=1", "data.train_size=64",
-         "data.val_size=32", "data.normalize=imagenet", "data.eval_crop_pct=0.875", "output.save_model=false"],
+         "data.val_size=32", "data.normalize=imagenet", "data.eval_crop_pct=0.875", "output.save_model=false",
+         "train.device=cpu"],   # it asserts fp32, the CPU's precision
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     row = pd.read_csv(out / "result.csv", dtype=str).iloc[0]

@@ -33,6 +33,7 @@ train:
   epochs: 2
   batch_size: 64
   log_every: 1
+  device: cpu          # the tests assert CPU results (fp32, bit-exact resume); on a GPU node auto picks CUDA
 """
 
 
@@ -197,6 +198,7 @@ data:
 train:
   epochs: 4
   batch_size: 64
+  device: cpu
 """
     train("--config", write_cfg(tmp_path, text, "full.yaml"), f"output.dir={full}")
     [orig] = rows(full / "result.csv")
