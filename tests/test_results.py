@@ -492,3 +492,29 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
                 "eval_crop_pct": "0.875", "max_steps_per_epoch": "1", "auto_augment": "False",
                 "dataset": "synthetic", "resize_modes": "bilinear", "resize": "bilinear"}   # downsamples
     assert {k: row[k] for k in expected} == expected
+
+
+# every config key is either part of the recipe or says here why not: a new key must be classified
+NOT_RECIPE = {
+    "model.source": "structure (scenario key)", "model.destination": "structure", "model.source_stage": "structure",
+    "model.destination_stage": "structure", "model.adapter": "structure", "model.resize": "structure",
+    "model.schedule": "structure (its own result column)", "model.source_weights": "-> pretrained",
+    "model.destination_weights": "-> pretrained", "model.pretrained": "-> pretrained",
+    "data.name": "-> dataset", "data.root": "-> dataset", "data.num_classes": "-> num_classes",
+    "data.train_size": "synthetic data only", "data.val_size": "synthetic data only",
+    "data.seed": "synthetic data only", "data.workers": "execution", "data.bad_images": "unreadable files only",
+    "train.seed": "averaged over", "train.device": "execution", "train.precision": "-> precision (resolved)",
+    "train.channels_last": "execution (same numbers)", "train.fold_bn": "execution (same function)",
+    "train.compile": "execution", "train.log_every": "logging", "train.per_device_batch_size":
+    "-> per_device_batch_size (resolved)", "output.dir": "where", "output.save_model": "what is kept",
+}
+
+
+def test_every_config_key_is_recipe_or_says_why_not():
+    from stitching.config import SECTIONS
+    from stitching.results.recipe import RECIPE
+
+    keys = {f"{s}.{f}" for s, cls in SECTIONS.items() for f in cls.__dataclass_fields__}
+    in_recipe = {k for k in RECIPE.values() if k is not None}
+    assert not in_recipe & set(NOT_RECIPE)
+    assert keys == in_recipe | set(NOT_RECIPE), sorted(keys ^ (in_recipe | set(NOT_RECIPE)))
