@@ -35,6 +35,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from stitching import rundir  # noqa: E402
+
 TOY_CONFIGS = ROOT / "configs" / "toy"
 STITCH_CONFIG = TOY_CONFIGS / "stitch.yaml"
 SWEEP_TEMPLATE = ROOT / "configs" / "sweeps" / "toy.yaml"
@@ -52,7 +57,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 def weights_path(out: Path, model: str) -> Path:
     """Where the trained ``model`` leaves its weights (native timm keys, loadable as a weights file)."""
-    return out / MODELS[model][0] / "model.safetensors"
+    return out / MODELS[model][0] / rundir.MODEL
 
 
 def base_configs(weights: dict[str, Path]) -> dict[str, dict]:
@@ -155,7 +160,7 @@ def summary(out: Path, results: Path) -> str:
 
     lines = ["originals (trained here, top-1 % on the synthetic val split, 10 classes, chance 10%):"]
     for model, (folder, _) in MODELS.items():
-        result = out / folder / "result.csv"
+        result = out / folder / rundir.RESULT
         if result.is_file():
             row = pd.read_csv(result).iloc[0]
             lines.append(f"  {arch_name(model):<22} top1 {row['top1']:5.1f}  top5 {row['top5']:5.1f}  "
