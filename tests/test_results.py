@@ -518,3 +518,14 @@ def test_every_config_key_is_recipe_or_says_why_not():
     in_recipe = {k for k in RECIPE.values() if k is not None}
     assert not in_recipe & set(NOT_RECIPE)
     assert keys == in_recipe | set(NOT_RECIPE), sorted(keys ^ (in_recipe | set(NOT_RECIPE)))
+
+
+def test_a_mode_also_run_on_its_own_is_not_doubled():
+    base = dict.fromkeys(RESULT_COLUMNS, "")
+    rows = [{**base, "run_id": f"{resize}{seed}", "kind": "stitched", "source": "vit_small_patch16_224",
+             "destination": "resnet50", "source_stage": 1, "destination_stage": 1, "gap": "1->1",
+             "adapter": "bottleneck", "resize": resize, "resamples": True, "resize_modes": "bilinear|strided",
+             "seed": seed, "top1": top1 + seed, "top5": 90.0, "macs": 1e9, "lr": 0.002}
+            for resize, top1 in (("bilinear", 50.0), ("strided", 60.0)) for seed in (0, 1)]
+    agg = aggregate(prepare(pd.DataFrame(rows)))
+    assert sorted(zip(agg["resize"], agg["n"], agg["top1_mean"])) == [("bilinear", 2, 50.5), ("strided", 2, 60.5)]

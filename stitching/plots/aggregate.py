@@ -95,6 +95,14 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
                   .assign(resize=mode) for mode in ("none", "bilinear", "strided")]
         shared = pd.concat(copies, ignore_index=True)
         if not shared.empty:
+            # a mode that was also run on its own (outside a sweep) keeps its own rows only
+            same = [c for c in ["source", "destination", "source_stage", "destination_stage", "adapter",
+                                "schedule", "resize", "lr", "seed", *group_columns(stitched)] if c in shared]
+            mine = _recipe_keys(shared, same)[0][same]                      # canonical strings
+            theirs = _recipe_keys(stitched, same)[0][same].drop_duplicates()
+            run_too = mine.merge(theirs, how="left", on=same, indicator=True)["_merge"] == "both"
+            shared = shared[~run_too.to_numpy()]
+        if not shared.empty:
             shared["resize_shared"] = True
             out = pd.concat([out, shared[out.columns]], ignore_index=True)
         # rows of older runs (no resize_modes) follow the rules below
