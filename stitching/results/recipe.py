@@ -23,8 +23,10 @@ every recipe whose evaluation (:data:`EVAL_COLUMNS`) equals theirs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:          # the trainer imports this module (via the schema): pandas only where tables are
+    import pandas as pd
 
 #: result column -> dotted config key (``None``: derived below). Order = column order in ``result.csv``.
 RECIPE: dict[str, str | None] = {
@@ -109,6 +111,8 @@ def resize_modes(cfg) -> str:
 # ------------------------------------------------------------------------------------------ tables of runs
 def canonical(value) -> str:
     """One spelling per value, whatever the CSV round trip made of it (``10`` / ``10.0`` / ``"10"``)."""
+    import pandas as pd
+
     if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
         return ""
     if isinstance(value, bool):
@@ -132,12 +136,16 @@ def group_columns(df: pd.DataFrame) -> list[str]:
 
 
 def canonical_recipes(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
     return pd.DataFrame({c: df[c].map(canonical) for c in columns}, index=df.index)
 
 
 def split_by_recipe(df: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     """One ``(recipe, rows)`` per recipe of the trained rows, each with the original models evaluated like
     it. Without trained rows: one per evaluation recipe of the originals. Recipes as canonical strings."""
+    import pandas as pd
+
     columns = group_columns(df)
     trained = df[df["kind"] != "original"]
     originals = df[df["kind"] == "original"]
