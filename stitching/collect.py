@@ -2,7 +2,8 @@
 
     python -m stitching.collect RUNS_DIR -o results.csv
 
-Prints how many runs are finished, unfinished and damaged (with their paths) and exits 0 even when some
+Prints how many runs are finished, unfinished and damaged (with their paths) and how many recipes the
+finished ones were trained with (never averaged together by the plots), and exits 0 even when some
 runs have problems; exits 2 with a one-line message when RUNS_DIR does not exist. The CSV is written
 atomically (temporary file + rename). The work is done by :mod:`stitching.results.collect`.
 """
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from stitching.results.collect import collect, summarize, write_csv_atomic
+from stitching.results.recipe import describe_recipes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     df, problems = collect(args.runs_dir)
     print(summarize(df, problems))
+    if len(df):
+        print(f"recipes:    {describe_recipes(df)}")
     write_csv_atomic(df, args.output)
     print(f"wrote {args.output} ({len(df)} rows)")
     return 0

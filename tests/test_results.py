@@ -529,3 +529,15 @@ def test_a_mode_also_run_on_its_own_is_not_doubled():
             for resize, top1 in (("bilinear", 50.0), ("strided", 60.0)) for seed in (0, 1)]
     agg = aggregate(prepare(pd.DataFrame(rows)))
     assert sorted(zip(agg["resize"], agg["n"], agg["top1_mean"])) == [("bilinear", 2, 50.5), ("strided", 2, 60.5)]
+
+
+def test_collect_says_how_many_recipes_it_found(results, tmp_path):
+    mixed = _two_recipes(results)
+    picks = pd.concat([mixed[mixed["adapter_style"] == "code"].head(2), mixed[mixed["adapter_style"] == "text"].head(1)])
+    for i, (_, row) in enumerate(picks.iterrows()):
+        (tmp_path / "runs" / f"r{i}").mkdir(parents=True)
+        pd.DataFrame([row]).to_csv(tmp_path / "runs" / f"r{i}" / "result.csv", index=False)
+    proc = subprocess.run([sys.executable, "-m", "stitching.collect", str(tmp_path / "runs"), "-o",
+                           str(tmp_path / "results.csv")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "recipes:    2 recipes (they differ in adapter_style: code, text)" in proc.stdout

@@ -10,8 +10,8 @@ Owns:
 - :func:`resize_modes`: the resize modes whose module equals this run's (``none|bilinear|strided`` where no
   adapter changes a size; ``bilinear|strided`` for an "integrated" chain that must upsample, which is
   bilinear upsampling then stride-1 adapters): a sweep trains that module once and the plots share its row.
-- :func:`recipe_of`, :func:`split_by_recipe`, :func:`recipe_label`: the recipe a results table holds, one
-  table per recipe, and the recipe in words for titles and captions (:class:`MixedRecipes` when one is
+- :func:`recipe_of`, :func:`split_by_recipe`, :func:`recipe_label`, :func:`describe_recipes`: the recipe a
+  results table holds, one table per recipe, the recipe in words for titles and captions, and a summary (:class:`MixedRecipes` when one is
   needed and a table holds several).
 
 The learning rate is a recipe column but a figure may show several (the fine-tuning baseline's best lr per
@@ -172,6 +172,19 @@ def split_by_recipe(df: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     return out
 
 
+def _differences(recipes: list[dict]) -> str:
+    differ = [c for c in recipes[0] if len({r[c] for r in recipes}) > 1]
+    return "; ".join(f"{c}: {', '.join(sorted({r[c] or '(none)' for r in recipes}))}" for c in differ)
+
+
+def describe_recipes(df: pd.DataFrame) -> str:
+    """``1 recipe`` or ``2 recipes (they differ in adapter_style: code, text)``, for summaries."""
+    recipes = [r for r, _ in split_by_recipe(df)]
+    if len(recipes) <= 1:
+        return f"{len(recipes)} recipe" + ("" if recipes else "s")
+    return f"{len(recipes)} recipes (they differ in {_differences(recipes)}); plots draw them apart"
+
+
 def recipe_of(df: pd.DataFrame, what: str = "this figure") -> tuple[dict, pd.DataFrame]:
     """The one recipe of ``df`` and its rows (originals evaluated otherwise left out); raise
     :class:`MixedRecipes` naming the columns that differ when there are several."""
@@ -179,10 +192,9 @@ def recipe_of(df: pd.DataFrame, what: str = "this figure") -> tuple[dict, pd.Dat
     if not groups:
         return {}, df
     if len(groups) > 1:
-        differ = [c for c in groups[0][0] if len({g[0][c] for g in groups}) > 1]
-        detail = "; ".join(f"{c}: {', '.join(sorted({g[0][c] or '(none)' for g in groups}))}" for c in differ)
-        raise MixedRecipes(f"{what} would mix {len(groups)} recipes (they differ in {detail}); filter the "
-                           f"results to one recipe or draw them all with draw_all, which splits them")
+        raise MixedRecipes(f"{what} would mix {len(groups)} recipes (they differ in "
+                           f"{_differences([r for r, _ in groups])}); filter the results to one recipe or draw "
+                           f"them all with draw_all, which splits them")
     return groups[0]
 
 
