@@ -54,10 +54,12 @@ def table(runs: list[Run], part: str | None = None) -> str:
     return cells.to_string()
 
 
-def totals(runs: list[Run]) -> str:
-    """Runs of the paper part alone and of the whole sweep, per seed and overall."""
+def totals(runs: list[Run], has_extensions: bool = True) -> str:
+    """Runs of the paper part alone and of the whole sweep, per seed and overall (one row, ``all runs``,
+    for a sweep without extension blocks)."""
     seeds = sorted({r.config.train.seed for r in runs})
-    parts = [("paper only", [r for r in runs if r.part == PAPER]), ("full (paper + extensions)", runs)]
+    parts = [("paper only", [r for r in runs if r.part == PAPER]), ("full (paper + extensions)", runs)] \
+        if has_extensions else [("all runs", runs)]
     head = f"{'':28}" + "".join(f"{'seed ' + str(s):>10}" for s in seeds) + f"{'total':>10}"
     lines = [head]
     for label, rs in parts:
@@ -127,8 +129,8 @@ def main(argv=None) -> int:
     _print_dropped("impossible combinations dropped", chosen(exp.impossible))
     _print_dropped("duplicates dropped (same model, same recipe; their rows are shared)", chosen(exp.duplicates))
     print()
-    print("paper part: the runs the paper's study needs (rows: pairs; columns: adapter/resize; "
-          "a+b: a runs, b rows shared from a duplicate)")
+    legend = "rows: pairs; columns: adapter/resize; a+b: a runs, b rows shared from a duplicate"
+    print(f"paper part: the runs the paper's study needs ({legend})" if ext_blocks else f"runs ({legend})")
     print(table(runs, PAPER))
     if ext_blocks:
         print()
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
             print(f"  {block}: {why}")
         print(table(exp.runs, EXTENSION))
     print()
-    print(totals(exp.runs))
+    print(totals(exp.runs, bool(ext_blocks)))
     print()
     order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
     print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
