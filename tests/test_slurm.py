@@ -229,27 +229,20 @@ def test_time_limit_signal_checkpoint_requeue(slurm_cluster, tmp_path):
     print(f"time-limit signal + requeue + rerun took {elapsed:.1f}s", file=sys.stderr)
 
 
-def test_requeue_file_works_like_exit_75_and_no_requeue_fails(slurm_cluster, tmp_path):
-    """The torchrun path ($STITCHING_REQUEUE_FILE), and requeue=False."""
-    run_dirs = [tmp_path / "file", tmp_path / "noreq"]
-    for d in run_dirs:
-        d.mkdir()
-    command = (
-        'if [[ -e "$RUN_DIR/again" ]]; then exit 0; fi; touch "$RUN_DIR/again"; '
-        'if [[ "$RUN_DIR" == */file ]]; then touch "$STITCHING_REQUEUE_FILE"; exit 1; fi; exit 75'
-    )
-    job_a = _submit(tmp_path / "", [run_dirs[0]], command)
-    states = slurm.wait_for(job_a, timeout_s=60, poll_s=0.5)
-    assert states == {0: "COMPLETED"}, _logs(tmp_path)
-    assert slurm.job_info(job_a)[0]["Restarts"] == "1"
+def test_no_requeue_leaves_a_preempted_task_failed_with_its_exit_code(slurm_cluster, tmp_path):
+    """requeue=False: exit EXIT_PREEMPTED is passed on (a cluster with RequeueExit may still requeue it).
+    The multi-process path ($STITCHING_REQUEUE_FILE) is tried with the real trainer under torchrun in
+    tests/test_preemption.py."""
+    from stitching.rundir import EXIT_PREEMPTED
 
-    sub = tmp_path / "noreq_sweep"
-    sub.mkdir()
-    job_b = _submit(sub, [run_dirs[1]], command, requeue=False)
-    states = slurm.wait_for(job_b, timeout_s=60, poll_s=0.5)
-    assert states == {0: "FAILED"}, _logs(sub)
-    info = slurm.job_info(job_b)[0]
-    assert info["Restarts"] == "0" and info["ExitCode"] == "75:0"
+    run_dir = tmp_path / "noreq"
+    run_dir.mkdir()
+    command = f'if [[ -e "$RUN_DIR/again" ]]; then exit 0; fi; touch "$RUN_DIR/again"; exit {EXIT_PREEMPTED}'
+    job = _submit(tmp_path, [run_dir], command, requeue=False)
+    states = slurm.wait_for(job, timeout_s=60, poll_s=0.5)
+    assert states == {0: "FAILED"}, _logs(tmp_path)
+    info = slurm.job_info(job)[0]
+    assert info["Restarts"] == "0" and info["ExitCode"] == f"{EXIT_PREEMPTED}:0"
 
 
 def test_submit_errors(slurm_cluster, tmp_path, monkeypatch):

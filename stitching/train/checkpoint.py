@@ -3,7 +3,8 @@
 A checkpoint is a dict loadable with ``torch.load(weights_only=True)``: ``trainable`` (the state of
 :func:`checkpointed_module`), ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (a list: one entry per rank,
 each with the CPU generators and that rank's *own* CUDA device's state, so a run resumes on more or fewer
-visible GPUs), ``position`` (epoch, micro-batch, optimizer step, metric sums, times) and ``saved_at``.
+visible GPUs), ``position`` (epoch, micro-batch, optimizer step, every rank's metric sums, times) and
+``saved_at``.
 Rank 0 writes it through :meth:`stitching.rundir.RunDir.write_checkpoint` (atomic; the one before it kept
 as the fallback). :func:`load_latest` takes the newest checkpoint that loads; a damaged one (truncated,
 not a checkpoint) is said so in one line and set aside (renamed, never deleted).
@@ -54,14 +55,23 @@ def set_rng(rng: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def gather_rng(device: torch.device, info: D.DistInfo) -> list[dict]:
-    """Every rank's RNG states (a collective: call on all ranks); index = rank."""
-    mine = get_rng(device)
+def gather(mine, info: D.DistInfo) -> list:
+    """Every rank's ``mine`` (a collective: call on all ranks); index = rank."""
     if not info.enabled:
         return [mine]
     everyone: list = [None] * info.world_size
     torch.distributed.all_gather_object(everyone, mine)
     return everyone
+
+
+def rank_sums(sums: list, info: D.DistInfo) -> list[float]:
+    """This rank's metric sums from a checkpoint's per-rank list (with another number of ranks: their total on
+    rank 0, zeros elsewhere, so the epoch's totals stay right)."""
+    if not sums or not isinstance(sums[0], list):     # one list: written before per-rank sums
+        sums = [sums or [0.0, 0.0, 0.0]]
+    if len(sums) == info.world_size:
+        return list(sums[info.rank])
+    return [sum(col) for col in zip(*sums)] if info.rank == 0 else [0.0] * len(sums[0])
 
 
 def restore_rng(rngs, device: torch.device, info: D.DistInfo) -> None:

@@ -307,6 +307,7 @@ def _resume(r: Run, force: bool) -> None:
         ckpt = C.load_latest(r.rundir, set_aside=False)
     if ckpt is None:
         r.metrics = []
+        r.pos["world_size"] = info.world_size
         m = r.cfg.model
         stitch = (f" {m.source_stage}->{m.destination_stage} {m.destination or m.source}" if r.built.plan else "")
         r.say(f"run {r.rundir.path}: {r.built.kind} {m.source}{stitch}, {r.cost['macs'] / 1e9:.3f} GMACs, "
@@ -321,7 +322,16 @@ def _resume(r: Run, force: bool) -> None:
     r.st.scaler.load_state_dict(ckpt["scaler"])
     C.restore_rng(ckpt["rng"], r.device, info)
     r.pos = ckpt["position"]
+    r.pos["sums"] = C.rank_sums(r.pos["sums"], info)
     r.st.step = r.pos["step"]
+    # checkpoints are taken at optimizer-step boundaries: the micro-batch to go on from follows from the step,
+    # which also holds when the number of processes (so the accumulation) changed since
+    r.pos["batch"] = (r.pos["step"] - r.pos["epoch"] * r.steps_per_epoch) * r.accum
+    written_by = r.pos.get("world_size", info.world_size)
+    if written_by != info.world_size:
+        r.say(f"the checkpoint was written by {written_by} processes, this run has {info.world_size}: it goes on "
+              "with the new batch split (not bit-exact)")
+    r.pos["world_size"] = info.world_size
     r.metrics = (r.rundir.read_rows(R.METRICS) if not force else [])[: r.pos["epoch"]]
     r.say(f"resuming {r.rundir.path} at epoch {r.pos['epoch'] + 1}, batch {r.pos['batch']} "
           f"(step {r.pos['step']} of {r.total_steps})")
@@ -419,12 +429,14 @@ def _end_epoch(r: Run, epoch: int) -> dict:
 
 
 def _save_checkpoint(r: Run) -> None:
-    """Every rank's RNG gathered, rank 0 writes; all ranks wait for it."""
-    rng = C.gather_rng(r.device, r.info)
+    """Every rank's RNG states and metric sums gathered, rank 0 writes; all ranks wait for it."""
+    ranks = C.gather({"rng": C.get_rng(r.device), "sums": r.pos["sums"]}, r.info)
     if r.info.is_main:
         r.pos["wall"] += time.time() - r.started
         r.started = time.time()
-        C.save(r.rundir, C.make(r.checkpointed(), r.st.optimizer, r.st.scheduler, r.st.scaler, rng, r.pos))
+        position = {**r.pos, "sums": [x["sums"] for x in ranks]}
+        C.save(r.rundir, C.make(r.checkpointed(), r.st.optimizer, r.st.scheduler, r.st.scaler,
+                                [x["rng"] for x in ranks], position))
     D.barrier(r.info)
 
 
