@@ -1,19 +1,21 @@
-"""Benchmark of one training step of a stitched model: the framework's step against naive and full training.
+"""Benchmark of one training step of a stitched model: the trainer's own step against the paper's way and full training.
 
 For each stitch (defaults: ResNet-50 1->3 self-stitch and ResNet-50 1 -> Swin-T 3, bottleneck adapters with
 bilinear resizing) it times, on synthetic tensors (random-init models, random images and labels):
 
-(a) ``framework``: the module from :func:`stitching.stitch.fast.prepare_for_training` (frozen BatchNorms
-    folded, channels-last per ``--channels-last``, ``--precision``, optional ``--compile``; on CPU glibc's
-    allocator keeps freed memory, :func:`~stitching.stitch.fast.tune_cpu_allocator`), AdamW over the
-    trainable (adapter) parameters, cross-entropy, ``model.train()``;
-(b) ``naive``: the same modules deep-copied and trained the naive way: every module in train mode
-    (frozen BatchNorms too), ``requires_grad=True`` on every parameter so autograd runs through the prefix
-    and computes every weight gradient, but only the adapters in the optimizer; fp32, default layout, default
-    allocator;
-(c) ``full``: the whole destination model (random init) trained as the framework trains an original model
-    (``prepare_for_training`` without folding: (a)'s layout, precision and allocator setting), train mode,
-    AdamW on every weight.
+(a) ``framework``: the trainer's own step -- :func:`stitching.train.loop.build_step` (the module from
+    :func:`stitching.stitch.fast.prepare_for_training`: frozen BatchNorms folded, channels-last per
+    ``--channels-last``, ``--precision``, optional ``--compile``; AdamW over the trainable (adapter)
+    parameters with the paper's lr/weight decay, the cosine schedule, the fp16 scaler) and
+    :func:`stitching.train.step.train_step` (forward, loss, backward, optimizer and scheduler step, on-device
+    metric sums); on CPU glibc's allocator keeps freed memory (:func:`~stitching.stitch.fast.tune_cpu_allocator`);
+(b) ``baseline``: what a researcher writes, the way the paper's own code trains: the same modules
+    deep-copied, the frozen parameters with ``requires_grad=False``, the *whole* model in train mode (frozen
+    BatchNorms re-estimating their statistics), fp32, default (NCHW) layout, default allocator, AdamW over
+    the adapters, a plain ``zero_grad / forward / cross_entropy / backward / step`` loop;
+(c) ``full``: the whole destination model (random init) trained by the trainer's own step as it trains an
+    original model (``build_step`` without folding: (a)'s layout, precision and allocator), AdamW on every
+    weight.
 
 Each variant runs in its own worker process (fresh allocator, its own peak memory). The workers are built
 one after the other, then their steps are interleaved round-robin (a, b, c, a, b, c, ...): load from other
@@ -39,7 +41,7 @@ process's peak (with the models themselves: (a) also holds the canonical model n
 the frozen parts).
 
 The output ends with one JSON line: the first stitch's figures at top level (``ms_per_step``,
-``images_per_s``, ``peak_mem_mb``, ``peak_total_mb`` with keys a/b/c, ``speedup_vs_naive`` = b/a,
+``images_per_s``, ``peak_mem_mb``, ``peak_total_mb`` with keys a/b/c, ``speedup_vs_baseline`` = b/a,
 ``speedup_vs_full`` = c/a, ``matmul_share``, ...) and every stitch under ``"stitches"``.
 
     python benchmarks/train_step.py                          # both default stitches, CPU, fp32
@@ -59,7 +61,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -73,45 +74,64 @@ PAIRS = {
     "resnet50-1-3": dict(source="resnet50", destination="resnet50", source_stage=1, destination_stage=3),
     "resnet50-swin_t-1-3": dict(source="resnet50", destination="swin_t", source_stage=1, destination_stage=3),
 }
-VARIANTS = {"a": "framework", "b": "naive", "c": "full destination"}
+VARIANTS = {"a": "framework", "b": "baseline", "c": "full destination"}
 
 
-def model_cfg(stitch: dict) -> SimpleNamespace:
-    """A config ``model`` section (as in tests' ``model_cfg``) for a random-init stitch."""
-    return SimpleNamespace(source=stitch["source"], destination=stitch["destination"],
-                           source_stage=stitch["source_stage"], destination_stage=stitch["destination_stage"],
-                           adapter=stitch["adapter"], resize=stitch["resize"], schedule="paper", pretrained=False,
-                           source_weights=None, destination_weights=None)
+def model_cfg(stitch: dict):
+    """A config ``model`` section (the defaults otherwise) for a random-init stitch."""
+    from stitching.config import ModelConfig
+
+    return ModelConfig(source=stitch["source"], destination=stitch["destination"], source_stage=stitch["source_stage"],
+                       destination_stage=stitch["destination_stage"], adapter=stitch["adapter"],
+                       resize=stitch["resize"], pretrained=False)
 
 
 # ------------------------------------------------------------------------------------------ the variants
+def recipe(opts: dict):
+    """A run config with the paper's recipe (defaults) and the benchmark's device options."""
+    from stitching.config import Config
+
+    cfg = Config()
+    cfg.train.epochs = 1
+    cfg.train.channels_last = opts["channels_last"]
+    cfg.train.compile = opts["compile"]
+    cfg.train.precision = opts["precision"]
+    return cfg
+
+
 def build_variant(variant: str, stitch: dict, opts: dict, device: torch.device):
-    """``(module run by the step, optimizer, channels_last, autocast dtype)`` for variant a, b or c."""
+    """A function running one optimizer step of variant a, b or c on ``(x, y)``."""
     from stitching.models.registry import load_model
-    from stitching.stitch import fast
     from stitching.stitch.stitcher import StitchedModel, build_model
+    from stitching.train.loop import build_step
+    from stitching.train.step import train_step
 
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if opts["precision"] == "bf16" else None
+    steps = 10_000  # the schedule's length: far beyond the benchmark's steps
     if variant == "c":  # trained as the framework trains an original model
         model = load_model(stitch["destination"], False, None, 1000).to(device)
-        runner = fast.prepare_for_training(model, fold_bn=False, channels_last=opts["channels_last"],
-                                           compile=opts["compile"]).train()
-        return runner, torch.optim.AdamW(model.parameters(), lr=1e-3), opts["channels_last"], dtype
+        st = build_step(model, recipe(opts), "original", device, opts["precision"], 1, steps)
+        return (lambda x, y: train_step(st, x, y, 0)), st.channels_last
     built = build_model(model_cfg(stitch), img_size=opts["img_size"])
     model = built.model.to(device)
     if variant == "a":
-        runner = fast.prepare_for_training(model, fold_bn=True, channels_last=opts["channels_last"],
-                                           compile=opts["compile"])
-        runner.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        return runner, torch.optim.AdamW(trainable, lr=1e-3), opts["channels_last"], dtype
-    # (b): the same modules, naively: train mode everywhere, autograd everywhere, only adapters optimised
-    naive = StitchedModel(copy.deepcopy(model.prefix), copy.deepcopy(model.adapters), copy.deepcopy(model.suffix),
-                          frozen=False, plan=model.plan)
+        st = build_step(model, recipe(opts), built.kind, device, opts["precision"], 1, steps)
+        return (lambda x, y: train_step(st, x, y, 0)), st.channels_last
+    # (b): as the paper's code trains: frozen weights without gradients, the whole model in train mode, fp32
+    base = StitchedModel(copy.deepcopy(model.prefix), copy.deepcopy(model.adapters), copy.deepcopy(model.suffix),
+                         frozen=False, plan=model.plan)
     del built, model
-    naive.requires_grad_(True).train()
-    return naive, torch.optim.AdamW(naive.adapters.parameters(), lr=1e-3), False, None
+    base.prefix.requires_grad_(False)
+    base.suffix.requires_grad_(False)
+    base.train()
+    optimizer = torch.optim.AdamW(base.adapters.parameters(), lr=0.002, weight_decay=0.05)
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(base(x.to(device)), y.to(device)).backward()
+        optimizer.step()
+
+    return step, False
 
 
 def _sync(device: torch.device) -> None:
@@ -165,8 +185,7 @@ class Trainer:
 
     def __init__(self, variant: str, stitch: dict, opts: dict):
         self.device = torch.device(opts["device"])
-        self.runner, self.optimizer, self.channels_last, self.dtype = build_variant(variant, stitch, opts,
-                                                                                    self.device)
+        self.run_step, self.channels_last = build_variant(variant, stitch, opts, self.device)
         g = torch.Generator().manual_seed(1)
         b, s = opts["batch_size"], opts["img_size"]
         self.x = torch.randn(b, 3, s, s, generator=g).to(self.device)
@@ -177,12 +196,7 @@ class Trainer:
     def step(self) -> float:
         """One optimizer step; returns its wall time in ms."""
         t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.runner(self.x)
-        loss = F.cross_entropy(logits.float(), self.y)
-        loss.backward()
-        self.optimizer.step()
+        self.run_step(self.x, self.y)
         _sync(self.device)
         return 1000 * (time.perf_counter() - t0)
 
@@ -323,7 +337,7 @@ def bench_stitch(stitch: dict, opts: dict, probe) -> dict:
         "peak_mem_mb": {v: round(res[v]["peak_mem_mb"], 1) for v in VARIANTS},
         "peak_total_mb": {v: round(res[v]["peak_total_mb"], 1) for v in VARIANTS},
         "ms_all": {v: res[v]["ms_all"] for v in VARIANTS},
-        "speedup_vs_naive": round(ms["b"] / ms["a"], 3),
+        "speedup_vs_baseline": round(ms["b"] / ms["a"], 3),
         "speedup_vs_full": round(ms["c"] / ms["a"], 3),
         "ratio_a_over_b": round(ms["a"] / ms["b"], 3),
         "ratio_a_over_c": round(ms["a"] / ms["c"], 3),
@@ -352,7 +366,7 @@ def print_table(r: dict, rate: float) -> None:
               f"{r['peak_mem_mb'][v]:>10.0f}{r['peak_total_mb'][v]:>10.0f}"
               f"{r['gflops'][v]:>10.1f}{100 * r['matmul_share_by_variant'][v]:>9.1f}%   "
               f"{r['ms_all'][v]}")
-    print(f"a/b = {r['ratio_a_over_b']:.3f} (speedup vs naive {r['speedup_vs_naive']:.2f}x), "
+    print(f"a/b = {r['ratio_a_over_b']:.3f} (speedup vs baseline {r['speedup_vs_baseline']:.2f}x), "
           f"a/c = {r['ratio_a_over_c']:.3f} (speedup vs full {r['speedup_vs_full']:.2f}x), "
           f"useful work of (a) at {100 * r['matmul_share']:.1f}% of the {rate / 1e9:.1f} GFLOP/s matmul rate")
 
@@ -374,7 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="autocast dtype of (a) and (c); (b) is always fp32")
+                   help="precision of (a) and (c) (the trainer's autocast); (b) is always fp32")
     p.add_argument("--channels-last", choices=["auto", "true", "false"], default="auto",
                    help="layout of (a) and (c); auto: stitching.stitch.fast.default_channels_last(device)")
     p.add_argument("--compile", action="store_true", help="torch.compile (a) and (c)")
@@ -429,7 +443,7 @@ def main(argv=None) -> None:
         print_table(r, rate)
     first = results[0]
     summary = {k: first[k] for k in ("stitch", "ms_per_step", "images_per_s", "peak_mem_mb", "peak_total_mb",
-                                     "speedup_vs_naive", "speedup_vs_full", "matmul_share")}
+                                     "speedup_vs_baseline", "speedup_vs_full", "matmul_share")}
     summary.update({"matmul_gflops": round(rate / 1e9, 1),
                     "matmul_gflops_by_kind": {k: round(v / 1e9, 1) for k, v in best.items()},
                     "device": args.device, "precision": args.precision,
