@@ -31,6 +31,7 @@ restored afterwards, which makes batches identical for any ``workers`` and acros
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -38,6 +39,7 @@ import os
 import random
 import signal
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -132,7 +134,8 @@ class BadImageError(ValueError):
     def __init__(self, message: str):
         super().__init__(message)
         lines = [line for line in str(message).splitlines() if self._PREFIX in line]
-        line = lines[-1] if lines else str(message).strip().splitlines()[-1]
+        line = lines[-1] if lines else (str(message).strip().splitlines() or [""])[-1]
+        line = line.split("BadImageError: ", 1)[-1]  # the worker traceback's last line names the class
         self.message = line[line.find(self._PREFIX):] if self._PREFIX in line else line
 
     @classmethod
@@ -146,8 +149,7 @@ def load_image(path: str):
     from PIL import Image
 
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
+        with Image.open(path) as img:
             return img.convert("RGB")  # decodes the whole file: a truncated one fails here, not later
     except Exception as err:  # noqa: BLE001 - whatever PIL raises for a bad file (OSError, SyntaxError, ...)
         raise BadImageError.for_file(path, err) from None
@@ -201,12 +203,29 @@ def _skip_counter(dataset: Dataset) -> "_SkipBadFiles | None":
     return None
 
 
+_LIVE_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
+def _shutdown_live_workers() -> None:
+    """Stop the worker processes of loaders still alive at exit (an exception's traceback keeps their iterator
+    referenced). Otherwise multiprocessing's exit hook would terminate them with SIGTERM, which workers
+    ignore (preemption signals are the main process's), and wait for them for ever."""
+    for loader in list(_LIVE_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 class _Loader(DataLoader):
-    """A DataLoader that logs how many files ``bad_images: skip`` left out of each pass over the data."""
+    """A DataLoader that logs how many files ``bad_images: skip`` left out of each pass over the data, and
+    whose worker processes are stopped at exit whatever ended the program."""
 
     skipped_last_pass = 0
 
     def __iter__(self):
+        if self.num_workers > 0:
+            _LIVE_LOADERS.add(self)
         counter = _skip_counter(self.dataset)
         if counter is None:
             yield from super().__iter__()
