@@ -319,6 +319,8 @@ def test_resources_from_dict_validation():
                            r"--cpus-per-task=4096 .*partition debug has nodes with at most \d+ CPUs"),
     # refused by sbatch: more memory than any node has
     ("mem=100000G", r"sbatch refused .*Memory specification can not be satisfied.*\(request: .*--mem=100000G"),
+    # refused by sbatch: GPUs on a cluster without any
+    ("gpus_per_task=1", r"sbatch refused .*Invalid generic resource.*\(request: .*--gpus-per-task=1"),
 ])
 def test_sweep_says_when_slurm_can_never_run_it(slurm_cluster, tmp_path, override, reason):
     import re
