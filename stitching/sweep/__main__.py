@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from stitching import rundir as R
-from stitching.config import EXIT_CONFIG, ConfigError, run_cli
+from stitching.config import ConfigError, run_cli
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
@@ -207,7 +207,7 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
     if refused:
         print(f"error: {refused} runs not submitted: their SLURM request can never be met (see above)",
               file=sys.stderr)
-        return EXIT_CONFIG
+        return R.EXIT_CONFIG
     return 0
 
 
