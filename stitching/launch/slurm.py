@@ -521,7 +521,8 @@ def submit(script_path: Path) -> str:
     proc = _run(["sbatch", "--parsable", str(script_path)], check=False)
     refused = any(m in proc.stderr for m in ("submission failed", "Invalid", "can not be satisfied"))
     if proc.returncode != 0 and refused and not any(t in proc.stderr for t in _TRANSIENT):
-        why = "; ".join(line.removeprefix("sbatch: error: ").strip() for line in proc.stderr.splitlines() if line.strip())
+        why = "; ".join(line.removeprefix("sbatch: error: ").strip() for line in proc.stderr.splitlines()
+                        if line.strip())
         raise UnsatisfiableJob(f"sbatch refused {script_path}: {why}")
     if proc.returncode != 0:
         raise RuntimeError(
