@@ -225,7 +225,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_checkpoint(tmp_path,
 
 def test_exploding_learning_rate_stops_with_its_own_exit_code(tmp_path):
     out = tmp_path / "run"
-    proc = train(out, "train.epochs=1", "train.lr=1e30", "train.log_every=1", check=False)
+    proc = train(out, "train.epochs=1", "train.lr=1.0e+30", "train.log_every=1", check=False)
     assert proc.returncode == R.EXIT_NONFINITE, proc.stderr[-3000:]
     assert "NaN/Inf at epoch 1, step" in error_line(proc.stderr)
     assert not (out / R.RESULT).exists() and not (out / R.CHECKPOINT).exists()

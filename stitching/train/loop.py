@@ -12,9 +12,9 @@ same command again resumes from it, mid-epoch included, and reproduces an uninte
 NaN/Inf loss stops the run (``EXIT_NONFINITE``) without a result and without overwriting the last good
 checkpoint; a file that cannot be written (disk full) stops it with ``EXIT_IO``, earlier files intact.
 
-Reading order: :func:`run` (outcome -> exit code) -> :func:`_start` (checks, model, data, the directory)
--> :func:`_train` (epochs) -> :func:`_train_epoch` -> :func:`_end_epoch` / :func:`_stop_preempted` ->
-:func:`_finish`.
+Reading order: :func:`run` (outcome -> exit code) -> :func:`_start` (:func:`_already_finished`,
+:func:`_build`, :func:`_open_rundir`, :func:`build_step`, :func:`_resume`) -> :func:`_train` (epochs) ->
+:func:`_train_epoch` -> :func:`_end_epoch` / :func:`_stop_preempted` -> :func:`_finish`.
 """
 
 from __future__ import annotations
@@ -194,20 +194,38 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
 def _start(r: Run, force: bool) -> int | None:
     """Checks, model, data, then the run directory (locked, config written) and the step; None to train
     on, or an exit code (an already finished run)."""
-    from stitching.data.loaders import build_datasets, build_loader
-    from stitching.data.transforms import build_transforms
+    from stitching.data.loaders import build_loader
     from stitching.stitch.cost import count_cost
-    from stitching.stitch.stitcher import build_model
 
-    cfg, info, path = r.cfg, r.info, r.rundir.path
+    cfg, info = r.cfg, r.info
     r.per_device, r.accum = batch_split(cfg, info.world_size)
-    cfg.output.dir = str(path)
-
-    # ---- the run directory's state, decided before anything is written
-    if r.rundir.finished and not force:
-        if info.is_main:
-            print(f"run already finished: results in {r.rundir.result} (pass --force to redo it)")
+    cfg.output.dir = str(r.rundir.path)
+    if _already_finished(r, force):
         return R.EXIT_OK
+    train_ds, val_ds = _build(r)
+    _open_rundir(r, force)
+
+    r.cost = count_cost(r.model, cfg.data.img_size)
+    r.model.to(r.device)
+    r.precision = cfg.train.precision if cfg.train.precision != "auto" else \
+        ("bf16" if r.device.type == "cuda" else "fp32")
+    r.st = build_step(r.model, cfg, r.built.kind, r.device, r.precision, r.accum, r.steps_per_epoch, info)
+    r.train_loader = build_loader(train_ds, r.per_device, True, cfg.train.seed, cfg.data.workers, info.rank,
+                                  info.world_size) if r.epochs > 0 else None
+    r.val_loader = build_loader(torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size)),
+                                r.per_device, False, cfg.train.seed, cfg.data.workers)
+    _resume(r, force)
+    return None
+
+
+def _already_finished(r: Run, force: bool) -> bool:
+    """The run directory's state, decided before anything is written: finished (skip), or a different run's
+    directory (ConfigError)."""
+    cfg, path = r.cfg, r.rundir.path
+    if r.rundir.finished and not force:
+        if r.info.is_main:
+            print(f"run already finished: results in {r.rundir.result} (pass --force to redo it)")
+        return True
     if r.rundir.config.is_file() and not force:
         old = yaml.safe_load(r.rundir.config.read_text()) or {}
         if not R.same_run(old, cfg.to_dict()):
@@ -215,8 +233,16 @@ def _start(r: Run, force: bool) -> int | None:
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
                               f"holds a different run (differs in {', '.join(diff) or 'sections'}); "
                               "choose another output.dir or pass --force (the old files are kept in previous/)")
+    return False
 
-    # ---- model and data (all checks before any compute or write)
+
+def _build(r: Run) -> tuple:
+    """The model and the datasets, every check before any compute or write (ConfigError); (train, val)."""
+    from stitching.data.loaders import build_datasets
+    from stitching.data.transforms import build_transforms
+    from stitching.stitch.stitcher import build_model
+
+    cfg = r.cfg
     torch.manual_seed(cfg.train.seed)
     try:
         r.built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes, frozen_bn=cfg.train.frozen_bn)
@@ -241,35 +267,27 @@ def _start(r: Run, force: bool) -> int | None:
     if r.epochs > 0 and r.built.kind == "original" and not any(p.requires_grad for p in r.model.parameters()):
         raise cfg.error("train.epochs", "nothing to train")
     r.total_steps = max(1, r.epochs * r.steps_per_epoch)
+    return train_ds, val_ds
 
-    # ---- now the run directory may be touched: one trainer at a time
-    if info.is_main:
-        path.mkdir(parents=True, exist_ok=True)
+
+def _open_rundir(r: Run, force: bool) -> None:
+    """Now the run directory may be touched: one trainer at a time (its lock), earlier files moved aside on
+    ``--force``, the resolved config written, the log opened."""
+    if r.info.is_main:
+        r.rundir.path.mkdir(parents=True, exist_ok=True)
         r.lock = r.rundir.lock()
         r.lock.acquire()
         if force:
             moved = r.rundir.archive()
             if moved:
                 print(f"--force: earlier files moved to {moved}")
-        r.rundir.write_text(R.CONFIG, cfg.to_yaml())
+        r.rundir.write_text(R.CONFIG, r.cfg.to_yaml())
         _setup_logging(r.rundir.file(R.LOG))
         if r.lock.took_over:
             log.info("took over the stale lock of pid %s on host %s (that process is gone)",
                      r.lock.took_over.get("pid"), r.lock.took_over.get("host"))
         r.rundir.write_state(R.STARTED)
-    D.barrier(info)
-
-    r.cost = count_cost(r.model, cfg.data.img_size)
-    r.model.to(r.device)
-    r.precision = cfg.train.precision if cfg.train.precision != "auto" else \
-        ("bf16" if r.device.type == "cuda" else "fp32")
-    r.st = build_step(r.model, cfg, r.built.kind, r.device, r.precision, r.accum, r.steps_per_epoch, info)
-    r.train_loader = build_loader(train_ds, r.per_device, True, cfg.train.seed, cfg.data.workers, info.rank,
-                                  info.world_size) if r.epochs > 0 else None
-    r.val_loader = build_loader(torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size)),
-                                r.per_device, False, cfg.train.seed, cfg.data.workers)
-    _resume(r, force)
-    return None
+    D.barrier(r.info)
 
 
 def build_step(model: nn.Module, cfg: Config, kind: str, device: torch.device, precision: str, accum: int,
