@@ -331,7 +331,7 @@ class Lock:
     def acquire(self) -> None:
         """Take the lock or raise :class:`BusyError` naming its holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -343,17 +343,34 @@ class Lock:
                     raise BusyError(f"{self.path.parent} is in use by pid {holder.get('pid')} on host "
                                     f"{holder.get('host')} (since {holder.get('started')}); wait for it or stop it "
                                     f"(a lock left by a process that is gone is taken over)") from None
-                self.took_over = holder or {"host": "?", "pid": "?"}
-                try:
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
+                self._remove_stale(holder)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(self._mine()) + "\n")
             self.held = True
             return
         raise BusyError(f"{self.path.parent}: could not take its lock {self.path}")
+
+    def _remove_stale(self, holder: dict) -> None:
+        """Move the stale lock aside -- only if it is still the one judged stale (another trainer may have
+        taken it over and written a fresh one meanwhile: that one is put back)."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = {}
+        if moved != holder:
+            try:
+                os.link(aside, self.path)      # never replaces a lock created in between
+            except FileExistsError:
+                pass
+        else:
+            self.took_over = holder or {"host": "?", "pid": "?"}
+        aside.unlink(missing_ok=True)
 
     def _mtime(self) -> float:
         try:
