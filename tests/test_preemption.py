@@ -80,6 +80,7 @@ def _first_epoch_done(run: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------- without SLURM
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_checkpoints(tmp_path):
     """What SLURM does on preemption, reproduced without it: SIGTERM to the trainer *and* its DataLoader
     workers. Before the workers ignored it, the main process died with exit 1 and no checkpoint."""
@@ -99,6 +100,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints(tmp_path):
     _same_numbers(tmp_path / "straight", out)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
     """Fewer devices on resume: every rank's RNG is saved for its own device, and a run checkpointed by 2
     processes continues in 1 (with gradient accumulation keeping the effective batch)."""
