@@ -61,6 +61,8 @@ def calibrate_batchnorms(model: StitchedModel, seed: int = 0) -> None:
 
 
 def stitched(source, destination, s=1, t=3, calibrate=False, **kw) -> StitchedModel:
+    if source == destination == "vit_small_patch16_224":
+        kw.setdefault("adapter", "linear")          # no convolutional adapter between two token sequences
     model = build_model(model_cfg(source=source, destination=destination, source_stage=s, destination_stage=t,
                                   **kw), img_size=RES).model
     if calibrate:

@@ -122,6 +122,8 @@ def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
 
 # --------------------------------------------------------------------------------------- real SLURM
 def _submit(tmp_path: Path, run: Path, command: str) -> str:
+    """Submit one task; sbatch exports this environment, so the job runs with the uninterrupted runs'
+    thread count (a different count changes the float summation order, and so the last digits)."""
     from stitching.launch import slurm
 
     res = slurm.SlurmResources(cpus_per_task=2, mem="4G", time="00:15:00")   # no GPU asked for
@@ -130,7 +132,11 @@ def _submit(tmp_path: Path, run: Path, command: str) -> str:
     script = tmp_path / "array.sbatch"
     script.write_text(slurm.render_array_script(task_file, 1, res, tmp_path / "logs", "preempt", command,
                                                 chdir=ROOT))
-    return slurm.submit(script)
+    os.environ["OMP_NUM_THREADS"] = _env()["OMP_NUM_THREADS"]
+    try:
+        return slurm.submit(script)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS")
 
 
 def _logs(tmp_path: Path) -> str:
