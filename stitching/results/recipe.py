@@ -95,7 +95,7 @@ def resize_modes(cfg) -> str:
     m = cfg.model
     if cfg.is_original or m.adapter == "finetune":
         return ""
-    src, dst = get_spec(m.source), get_spec(m.destination or m.source)
+    src, dst = get_spec(m.source, m.source_args()), get_spec(m.destination or m.source, m.destination_args())
 
     def signature(resize):
         try:
