@@ -165,3 +165,31 @@ def test_summary_works_for_a_derived_model_by_name(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "6 blocks cannot be split into four equal stages" in bad.stderr
+
+
+def test_the_trainer_runs_a_derived_pair_with_constructor_arguments(tmp_path):
+    """A real run: DeiT (distilled, built for 32 px) -> ConvNeXt, trained, its result row naming the arguments."""
+    import csv
+    import os
+
+    from stitching.train.loop import load_trained
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("""\
+model: {source: deit_tiny_distilled_patch16_224, source_kwargs: {img_size: 32}, destination: convnext_atto,
+        source_stage: 1, destination_stage: 3, adapter: linear_relu, pretrained: false}
+data: {name: synthetic, img_size: 32, num_classes: 10, train_size: 64, val_size: 32, workers: 0}
+train: {epochs: 1, batch_size: 32, log_every: 1, device: cpu}
+""")
+    out = tmp_path / "r"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "stitching.train", "--config", str(cfg), f"output.dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with (out / "result.csv").open() as f:
+        [row] = list(csv.DictReader(f))
+    assert row["kind"] == "stitched" and row["source"] == "deit_tiny_distilled_patch16_224"
+    assert json.loads(row["model_kwargs"]) == {"source": {"img_size": 32}}
+    assert row["num_adapters"] == "2" and 0 < int(row["trainable_params"]) < int(row["params"])
+    model = load_trained(out)
+    assert model.plan.source_cut.format == "tokens+2" and model.plan.destination == "convnext_atto"
