@@ -193,3 +193,22 @@ train: {epochs: 1, batch_size: 32, log_every: 1, device: cpu}
     assert row["num_adapters"] == "2" and 0 < int(row["trainable_params"]) < int(row["params"])
     model = load_trained(out)
     assert model.plan.source_cut.format == "tokens+2" and model.plan.destination == "convnext_atto"
+
+
+@pytest.mark.parametrize("adapter", ["linear", "vit_block"])
+def test_token_chains_between_different_prefix_counts(adapter):
+    """DeiT (class + distillation token) -> DINOv2-style ViT (class + 4 registers) and back: the chain works in
+    the destination's prefixed format, whose missing prefix tokens start as the source's class token."""
+    deit, reg = "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"   # built with dynamic_img_size
+    for src, dst in ((deit, reg), (reg, deit)):
+        cfg = load_config(None, [f"model.source={src}", f"model.destination={dst}", "model.source_stage=2",
+                                 "model.destination_stage=3", f"model.adapter={adapter}", "model.pretrained=false",
+                                 "data.img_size=112"])   # 7x7 and 8x8 patches
+        built = build_model(cfg.model, 112, 10)
+        plan = built.plan
+        assert plan.working_format == plan.destination_cut.format == ("tokens+5" if dst == reg else "tokens+2")
+        # the first adapter keeps the width: no channel doubling between two prefixed formats
+        assert plan.steps[0].c_in == plan.source_cut.channels
+        with torch.no_grad():
+            out = built.model.eval()(torch.randn(2, 3, 112, 112))
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
