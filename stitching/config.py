@@ -296,6 +296,13 @@ def validate(cfg: Config) -> None:
     _one_of(cfg, "train.precision", ("auto", "bf16", "fp16", "fp32"))
     if isinstance(t.channels_last, str) and t.channels_last != "auto":
         raise cfg.error("train.channels_last", "must be auto, true or false")
+    for role in ("source", "destination"):
+        size = (model_args(m, role) or {}).get("img_size")
+        if size is not None and size not in (d.img_size, [d.img_size] * 2):
+            own = role == "source" or m.destination_kwargs is not None
+            key = f"model.{role}_kwargs" if own else "model.source_kwargs"
+            raise cfg.error(key, f"img_size {size} differs from data.img_size {d.img_size}: both models run on "
+                            "data.img_size images (their cuts are traced there)")
     if d.img_size < src_spec.min_img_size:
         raise cfg.error("data.img_size", f"must be at least {src_spec.min_img_size} for {m.source}")
     for key, low in [("data.num_classes", 2), ("data.train_size", 1), ("data.val_size", 1), ("data.workers", 0),

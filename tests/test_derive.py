@@ -116,6 +116,11 @@ def test_the_derivation_speaks_one_line_where_it_cannot(tmp_path):
         load_config(None, ["model.source=convnext_atto", "model.source_kwargs={no_such_arg: 1}"])
     with pytest.raises(ConfigError, match=r"model.source_kwargs=.*must be dict or null"):
         load_config(None, ["model.source=convnext_atto", "model.source_kwargs=3"])
+    with pytest.raises(ConfigError, match=r"model.source_kwargs=.*img_size 56 differs from data.img_size 64"):
+        load_config(None, ["model.source=eva02_tiny_patch14_224", "model.source_kwargs={img_size: 56}",
+                           "data.img_size=64"])
+    with pytest.raises(ConfigError, match=r"model.source_kwargs=.*building and tracing it failed"):
+        load_config(None, ["model.source=convnext_atto", "model.source_kwargs={depths: [1, 1]}"])
     with pytest.raises(ConfigError, match=r"model.destination_kwargs=.*needs model.source_stage"):
         load_config(None, ["model.source=convnext_atto", "model.destination_kwargs={drop_rate: 0.1}"])
 

@@ -426,11 +426,20 @@ def derive_spec(name: str, kwargs: dict | None = None, family: str | None = None
     """The :class:`~stitching.models.registry.ModelSpec` of ``name`` (constructor ``kwargs``; ``tag``: the
     pretrained weights when the name has none), derived from the model. ``KeyError`` for an unknown name;
     :class:`SplitError` (one line) where it cannot be cut."""
+    library, arch, own_tag = split_name(name)
+    try:
+        return _derive(name, library, arch, own_tag or tag, dict(kwargs or {}), family)
+    except SplitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the library says, as one line
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        cls = ArgumentsError if kwargs else SplitError
+        raise cls(f"{name}: building and tracing it failed ({type(err).__name__}: {first})") from None
+
+
+def _derive(name: str, library: str, arch: str, tag: str | None, kwargs: dict, family: str | None):
     from stitching.models.registry import ModelSpec
 
-    kwargs = dict(kwargs or {})
-    library, arch, own_tag = split_name(name)
-    tag = own_tag or tag
     if library == "timm":
         build = functools.partial(timm_build, arch, tag, kwargs)
         data_config = timm_data_config
