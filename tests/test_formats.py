@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from stitching.models.formats import (FORMATS, FormatError, channels_after, convert, from_image, is_token, prefix_tokens,
-                                      spatial_shape, to_image, token_format)
+from stitching.models.formats import (FORMATS, FormatError, channels_after, convert, from_image, is_token,
+                                      prefix_tokens, spatial_shape, to_image, token_format)
 
 
 def test_round_trips_without_class_token_are_exact():
