@@ -46,11 +46,7 @@ def _size(name, kwargs):
     return 56 if kwargs.get("img_size") == 56 else IMG
 
 
-BIG = {"resnet101", "vit_base_patch16_224", "swin_s", "swin_b"}   # derived at 224 px: several seconds each
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n
-                                  for n in sorted(available())])
+@pytest.mark.parametrize("name", sorted(available()))
 def test_derivation_agrees_with_every_hand_entry(name):
     """Same cuts (format, channels, stride), the very same blocks in each stage, same stem and head."""
     hand = get_spec(name)
