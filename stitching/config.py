@@ -44,6 +44,23 @@ class ModelConfig:
     pretrained: bool = True                 # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
+    source_kwargs: dict | None = None       # constructor arguments (timm / torchvision), e.g. {img_size: 64}
+    destination_kwargs: dict | None = None  # null: the source's when the destination is the source, else none
+
+    def source_args(self) -> dict | None:
+        return model_args(self, "source")
+
+    def destination_args(self) -> dict | None:
+        return model_args(self, "destination")
+
+
+def model_args(m, role: str) -> dict | None:
+    """Constructor arguments of a ``model`` section's ``source`` or ``destination`` (None: the constructor's
+    defaults): ``<role>_kwargs``; a destination without its own takes the source's when it is the source."""
+    own = getattr(m, f"{role}_kwargs", None)
+    if role == "source" or own is not None:
+        return own or None
+    return model_args(m, "source") if (m.destination or m.source) == m.source else None
 
 
 @dataclass
@@ -226,6 +243,11 @@ def _coerce(hint, value, key: str, src: str):
             return float(value)
         if t is str and isinstance(value, str):
             return value
+        if t is dict and isinstance(value, dict):
+            bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
+            if bad:
+                raise ConfigError(key, value, src, f"argument names must be identifiers, not {bad[0]!r}")
+            return copy.deepcopy(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(key, value, src, f"must be {names}")
 
@@ -234,26 +256,22 @@ def _coerce(hint, value, key: str, src: str):
 def validate(cfg: Config) -> None:
     """Everything that can be known wrong before building: names, ranges and impossible stitches."""
     from stitching.data.transforms import INTERPOLATIONS, NORMALIZATIONS
-    from stitching.models.registry import available, get_spec
     from stitching.stitch.plan import ADAPTER_STYLES, PlanError, plan_stitch
     from stitching.stitch.stitcher import FROZEN_BN_MODES
 
     m, d, t = cfg.model, cfg.data, cfg.train
-    names = available()
-    if m.source not in names:
-        raise cfg.error("model.source", f"unknown model; available: {', '.join(names)}")
-    if m.destination is not None and m.destination not in names:
-        raise cfg.error("model.destination", f"unknown model; available: {', '.join(names)}")
+    src_spec = model_spec(cfg, "source")
     if m.source_stage is None:
-        for key in ("destination_stage", "destination", "destination_weights"):
+        for key in ("destination_stage", "destination", "destination_weights", "destination_kwargs"):
             if getattr(m, key) is not None:
                 raise cfg.error(f"model.{key}", "needs model.source_stage (without it the config "
                                 "describes the original source model)")
     else:
         if m.destination_stage is None:
             raise cfg.error("model.destination_stage", "required with source_stage (source_stage..4)")
+        dst_spec = model_spec(cfg, "destination")
         try:
-            plan_stitch(get_spec(m.source), get_spec(m.destination or m.source), m.source_stage,
+            plan_stitch(src_spec, dst_spec, m.source_stage,
                         m.destination_stage, m.adapter, m.resize, m.schedule, style=m.adapter_style)
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
@@ -278,9 +296,15 @@ def validate(cfg: Config) -> None:
     _one_of(cfg, "train.precision", ("auto", "bf16", "fp16", "fp32"))
     if isinstance(t.channels_last, str) and t.channels_last != "auto":
         raise cfg.error("train.channels_last", "must be auto, true or false")
-    spec = get_spec(m.source)
-    if d.img_size < spec.min_img_size:
-        raise cfg.error("data.img_size", f"must be at least {spec.min_img_size} for {m.source}")
+    for role in ("source", "destination"):
+        size = (model_args(m, role) or {}).get("img_size")
+        if size is not None and size not in (d.img_size, [d.img_size] * 2):
+            own = role == "source" or m.destination_kwargs is not None
+            key = f"model.{role}_kwargs" if own else "model.source_kwargs"
+            raise cfg.error(key, f"img_size {size} differs from data.img_size {d.img_size}: both models run on "
+                            "data.img_size images (their cuts are traced there)")
+    if d.img_size < src_spec.min_img_size:
+        raise cfg.error("data.img_size", f"must be at least {src_spec.min_img_size} for {m.source}")
     for key, low in [("data.num_classes", 2), ("data.train_size", 1), ("data.val_size", 1), ("data.workers", 0),
                      ("train.epochs", 0), ("train.batch_size", 1), ("train.per_device_batch_size", 1),
                      ("train.max_steps_per_epoch", 1), ("train.log_every", 1)]:
@@ -295,6 +319,28 @@ def validate(cfg: Config) -> None:
             raise cfg.error(key, "must be >= 0")
     if d.name == "imagefolder" and not d.root:
         raise cfg.error("data.root", "imagefolder data needs a root folder (root/train, root/val)")
+
+
+def model_spec(cfg: Config, role: str):
+    """The registry spec of the config's ``source`` or ``destination`` model with its constructor arguments; a
+    name no library knows, a model that cannot be cut into four stages or arguments its constructor refuses
+    are a :class:`ConfigError` on ``model.<role>`` / ``model.<role>_kwargs``."""
+    from stitching.models.derive import ArgumentsError, SplitError
+    from stitching.models.registry import available, get_spec
+
+    m = cfg.model
+    name = m.source if role == "source" else (m.destination or m.source)
+    kwargs = m.source_args() if role == "source" else m.destination_args()
+    key = f"model.{role}" if role == "source" or m.destination is not None else "model.source"
+    try:
+        return get_spec(name, kwargs)
+    except KeyError as err:
+        raise cfg.error(key, f"{err.args[0]}; registered by hand: {', '.join(available())}") from None
+    except ArgumentsError as err:
+        kw = f"model.{role}_kwargs" if role == "source" or m.destination_kwargs is not None else "model.source_kwargs"
+        raise cfg.error(kw, str(err)) from None
+    except SplitError as err:
+        raise cfg.error(key, str(err)) from None
 
 
 def check_files(cfg: Config, data: bool = True) -> None:

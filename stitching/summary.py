@@ -24,12 +24,13 @@ def check_weights(cfg) -> None:
 
     check_files(cfg, data=False)
     m = cfg.model
-    for key, name, file in (("model.source_weights", m.source, m.source_weights),
-                            ("model.destination_weights", m.destination or m.source, m.destination_weights)):
+    for key, name, file, kwargs in (
+            ("model.source_weights", m.source, m.source_weights, m.source_args()),
+            ("model.destination_weights", m.destination or m.source, m.destination_weights, m.destination_args())):
         if file is None:
             continue
         try:
-            check_weights_file(name, file, cfg.num_classes)
+            check_weights_file(name, file, cfg.num_classes, kwargs)
         except WeightsError as err:
             err.key = key
             raise cfg.error(key, str(err)) from None

@@ -29,12 +29,12 @@ def cached_models(monkeypatch):
     import stitching.stitch.stitcher as stitcher
     from stitching.models.registry import load_model
 
-    def cached(name, pretrained=False, weights_file=None, num_classes=1000):
+    def cached(name, pretrained=False, weights_file=None, num_classes=1000, kwargs=None):
         assert not pretrained and weights_file is None
-        key = (name, num_classes)
+        key = (name, num_classes, repr(sorted((kwargs or {}).items())))
         if key not in _CACHE:
             torch.manual_seed(0)
-            _CACHE[key] = load_model(name, False, None, num_classes)
+            _CACHE[key] = load_model(name, False, None, num_classes, kwargs)
         return copy.deepcopy(_CACHE[key])
 
     monkeypatch.setattr(stitcher, "load_model", cached)

@@ -7,7 +7,8 @@ format, channels, stride). The cut points are those of ``docs/method.md``: *afte
 checked against the real module by :func:`trace_cuts` (tests do it for every entry; the stitcher does it
 on every build).
 
-Entries live in :mod:`stitching.models.zoo`; adding an architecture is one call to :func:`register` there.
+Hand entries live in :mod:`stitching.models.zoo` (one call to :func:`register` each); any other timm or
+torchvision classifier name gets a spec derived from the model itself (:mod:`stitching.models.derive`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class ModelSpec:
     split: Callable[[nn.Module], Parts] = field(repr=False)
     data_config: Callable[[nn.Module], dict] = field(repr=False)
     min_img_size: int = 32
+    kwargs: tuple = ()                  # constructor arguments, as sorted (key, value) pairs (derived specs)
+    layout: object = field(default=None, repr=False)   # derived specs: the module paths of each part
 
     def cut(self, stage: int, where: str) -> Cut:
         return (self.first if where == "first" else self.end)[stage - 1]
@@ -87,16 +90,29 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+_DERIVED: dict[tuple[str, str], ModelSpec] = {}
+
+
 def available() -> list[str]:
+    """The hand-registered names (any timm or torchvision classifier name works too: :func:`get_spec`)."""
     _ensure_zoo()
     return sorted(_REGISTRY)
 
 
-def get_spec(name: str) -> ModelSpec:
+def get_spec(name: str, kwargs: dict | None = None) -> ModelSpec:
+    """The spec of ``name``: its hand entry (without constructor ``kwargs``), else one derived from the model
+    (:mod:`stitching.models.derive`, cached). ``KeyError`` for a name no library knows,
+    :class:`~stitching.models.derive.SplitError` (one line) for a model that cannot be cut into four stages."""
     _ensure_zoo()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    if name in _REGISTRY and not kwargs:
+        return _REGISTRY[name]
+    key = (name, repr(sorted((kwargs or {}).items())))
+    if key not in _DERIVED:
+        from stitching.models.derive import derive_spec
+
+        hand = _REGISTRY.get(name)      # a hand entry with constructor arguments: its family and weights
+        _DERIVED[key] = derive_spec(name, kwargs, hand and hand.family, hand and hand.weights.partition(".")[2])
+    return _DERIVED[key]
 
 
 def _ensure_zoo() -> None:
@@ -121,16 +137,17 @@ class WeightsError(ValueError):
 
 
 def load_model(name: str, pretrained: bool = False, weights_file: str | None = None,
-               num_classes: int = 1000) -> nn.Module:
+               num_classes: int = 1000, kwargs: dict | None = None) -> nn.Module:
     """Build model ``name``: pretrained from its library, from a local weights file, or random init.
 
     ``weights_file`` (safetensors or a torch state dict, possibly wrapped as ``{"state_dict": ...}`` or
     ``{"model": ...}``) takes precedence over ``pretrained`` and serves offline cluster nodes and models
     trained by this framework (their ``model.safetensors``). Loading is strict: a file that is not a state
     dict, or a key or shape that differs from the model's, is a :class:`WeightsError` naming the file and the
-    first mismatch (e.g. ``fc.weight has shape (10, 512), the model expects (1000, 512)``).
+    first mismatch (e.g. ``fc.weight has shape (10, 512), the model expects (1000, 512)``). ``kwargs`` are
+    constructor arguments (config ``model.source_kwargs`` / ``destination_kwargs``).
     """
-    spec = get_spec(name)
+    spec = get_spec(name, kwargs)
     if weights_file is not None:
         model = spec.build(False, num_classes)
         try:
@@ -139,7 +156,7 @@ def load_model(name: str, pretrained: bool = False, weights_file: str | None = N
             raise
         except Exception as err:  # noqa: BLE001 - whatever torch/safetensors say about a bad file
             raise WeightsError(weights_file, "", _unreadable(err)) from None
-        check_fit(name, model, {k: tuple(v.shape) for k, v in state.items()}, weights_file, num_classes)
+        check_fit(name, model, {k: tuple(v.shape) for k, v in state.items()}, weights_file, num_classes, kwargs)
         model.load_state_dict(state, strict=True)
         return model
     return spec.build(pretrained, num_classes)
@@ -175,7 +192,7 @@ def weights_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
 
 
 def check_fit(name: str, model: nn.Module, shapes: dict[str, tuple[int, ...]], file: str,
-              num_classes: int | None = None) -> None:
+              num_classes: int | None = None, kwargs: dict | None = None) -> None:
     """:class:`WeightsError` naming the first key of ``shapes`` (a weights file's) that does not fit ``model``
     (an instance of registry entry ``name``, possibly on the meta device): a shape mismatch (with the class
     counts when it is the classifier head), a key the model lacks, or one the file lacks."""
@@ -188,7 +205,7 @@ def check_fit(name: str, model: nn.Module, shapes: dict[str, tuple[int, ...]], f
     if wrong:
         k = wrong[0]
         detail = f"{k} has shape {_shape(shapes[k])}, the model expects {_shape(want[k])}"
-        if k in _head_keys(name, model) and shapes[k][:1] != want[k][:1] and num_classes:
+        if k in _head_keys(name, model, kwargs) and shapes[k][:1] != want[k][:1] and num_classes:
             detail += (f": the file's classifier has {shapes[k][0]} classes, the config {num_classes} "
                        "(data.num_classes)")
         raise WeightsError(file, name, detail + more(wrong, "shape mismatches"))
@@ -202,30 +219,30 @@ def check_fit(name: str, model: nn.Module, shapes: dict[str, tuple[int, ...]], f
         raise WeightsError(file, name, f"{extra[0]} is in the file but not in the model{more(extra, 'extra keys')}")
 
 
-def check_weights_file(name: str, file: str, num_classes: int = 1000) -> None:
+def check_weights_file(name: str, file: str, num_classes: int = 1000, kwargs: dict | None = None) -> None:
     """Check, without loading its tensors, that ``file`` holds weights that fit model ``name`` (keys and shapes
     from the file's header, against the model built on the meta device): :class:`WeightsError` or
     ``FileNotFoundError`` otherwise. A file whose shapes cannot be read cheaply passes."""
     shapes = weights_shapes(file)
     if shapes is None:
         return
-    spec = get_spec(name)
+    spec = get_spec(name, kwargs)
     try:
         with torch.device("meta"):
             model = spec.build(False, num_classes)
     except Exception:  # noqa: BLE001 - an architecture that cannot be built on meta: build it for real
         model = spec.build(False, num_classes)
-    check_fit(name, model, shapes, file, num_classes)
+    check_fit(name, model, shapes, file, num_classes, kwargs)
 
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _head_keys(name: str, model: nn.Module) -> set[str]:
+def _head_keys(name: str, model: nn.Module, kwargs: dict | None = None) -> set[str]:
     """State-dict keys of the classifier head (as the registry splits the model)."""
     try:
-        head = {id(m) for m in get_spec(name).split(model).head.modules()}
+        head = {id(m) for m in get_spec(name, kwargs).split(model).head.modules()}
     except Exception:  # noqa: BLE001 - only used to word a message
         return set()
     keys = set()
@@ -256,8 +273,8 @@ def _unwrap(obj, path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def split_model(name: str, model: nn.Module) -> Parts:
-    return get_spec(name).split(model)
+def split_model(name: str, model: nn.Module, kwargs: dict | None = None) -> Parts:
+    return get_spec(name, kwargs).split(model)
 
 
 @torch.no_grad()

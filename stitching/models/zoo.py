@@ -1,4 +1,9 @@
-"""The architectures this framework can cut: one :func:`register` call per family member.
+"""The hand-registered architectures: one :func:`register` call per family member.
+
+Any other timm or torchvision classifier is cut by :mod:`stitching.models.derive` from the model itself; these
+entries are the paper's networks, and ``tests/test_derive.py`` checks that the derivation agrees with every
+one of them (same cuts, same blocks, same stem and head), so they are a check on the derivation as much as
+the mechanism for their names.
 
 Families (timm unless noted), with the stitch point of stage s = its first, downsampling block:
 
@@ -12,8 +17,9 @@ Families (timm unless noted), with the stitch point of stage s = its first, down
 - Swin-T/S/B (torchvision): ``features.0`` (patch embedding) and the patch-merging layers
   ``features.2/.4/.6`` are the first blocks; tensors are channels-last (``bhwc``).
 
-To add an architecture: write its ``build``/``split``/``data_config`` (reuse the helpers here) and call
-:func:`register` with the cut points you expect -- the registry test checks them against the real model.
+To add a family the derivation cannot handle: write its ``build``/``split``/``data_config`` (reuse the helpers
+here) and call :func:`register` with the cut points you expect -- the registry test checks them against the
+real model.
 """
 
 from __future__ import annotations

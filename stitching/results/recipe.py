@@ -33,6 +33,7 @@ RECIPE: dict[str, str | None] = {
     "dataset": None,                               # synthetic, or the ImageFolder root's name
     "num_classes": None,
     "pretrained": None,                            # True / False / weights_file
+    "model_kwargs": None,                          # constructor arguments (JSON {source, destination}; '' none)
     "img_size": "data.img_size",
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",              # effective batch (per device x devices x accumulation)
@@ -74,6 +75,7 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
         "num_classes": cfg.num_classes,
         "pretrained": m.pretrained if not (m.source_weights or m.destination_weights) else "weights_file",
         "per_device_batch_size": t.per_device_batch_size or t.batch_size // max(1, world_size),
+        "model_kwargs": model_kwargs_column(cfg),
         "precision": precision,
     }
     out = {}
@@ -87,6 +89,19 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
     return out
 
 
+def model_kwargs_column(cfg) -> str:
+    """The constructor arguments of the run's models as one JSON cell (``''`` when both use the defaults)."""
+    import json
+
+    from stitching.config import model_args
+
+    args = {"source": model_args(cfg.model, "source")}
+    if not cfg.is_original:
+        args["destination"] = model_args(cfg.model, "destination")
+    args = {k: v for k, v in args.items() if v}
+    return json.dumps(args, sort_keys=True) if args else ""
+
+
 def resize_modes(cfg) -> str:
     """``|``-joined resize modes that build the same module as the run ``cfg`` ('' for unstitched runs)."""
     from stitching.models.registry import get_spec
@@ -95,7 +110,7 @@ def resize_modes(cfg) -> str:
     m = cfg.model
     if cfg.is_original or m.adapter == "finetune":
         return ""
-    src, dst = get_spec(m.source), get_spec(m.destination or m.source)
+    src, dst = get_spec(m.source, m.source_args()), get_spec(m.destination or m.source, m.destination_args())
 
     def signature(resize):
         try:

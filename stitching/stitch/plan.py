@@ -16,7 +16,8 @@ class token is concatenated onto every token first), as the paper's code builds 
 
 Working format: a chain between two token formats stays a token sequence (per-token linear maps on every
 token, the class token included); any other chain works on feature maps (``image``), and ``vit_block``
-works on class-token sequences. Convolutional adapters between two token formats are refused. Where a
+works on the destination's prefixed sequence (class token, any number of prefix tokens). Convolutional
+adapters between two token formats are refused. Where a
 ``strided`` step would have to upsample, it is bilinear upsampling then a stride-1 adapter: the same
 module as ``bilinear``, recorded as such so that sweeps see the duplicate. Method: ``docs/method.md``.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stitching.models.formats import channels_after, is_token
+from stitching.models.formats import channels_after, is_token, prefix_tokens
 from stitching.models.registry import ModelSpec
 
 ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck", "vit_block", "finetune")
@@ -182,10 +183,10 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
         raise PlanError("model.resize", resize, f"strided resizing needs a 3x3 conv inside the adapter "
                         f"({' or '.join(STRIDED_ADAPTERS)}), not {adapter!r}")
     if adapter == "vit_block":
-        if destination_cut.format != "tokens_cls":
+        if prefix_tokens(destination_cut.format) == 0:
             raise PlanError("model.adapter", adapter, f"vit_block works on class-token sequences and needs a "
                             f"ViT-like destination; {dst.name} takes {destination_cut.format!r}")
-        plan.working_format = "tokens_cls"
+        plan.working_format = destination_cut.format
     elif is_token(source_cut.format) and is_token(destination_cut.format):
         if adapter in CONV_ADAPTERS:
             raise PlanError("model.adapter", adapter, f"convolutional adapters need a feature map at one end; "

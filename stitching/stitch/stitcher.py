@@ -92,17 +92,22 @@ class BuiltModel:
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
     """Build the network a config's ``model`` section describes (see :mod:`stitching.config`);
     ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
-    src_spec = get_spec(mcfg.source)
-    src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained, mcfg.source_weights, num_classes)
+    from stitching.config import model_args
+
+    src_args, dst_args = model_args(mcfg, "source"), model_args(mcfg, "destination")
+    src_spec = get_spec(mcfg.source, src_args)
+    src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained, mcfg.source_weights, num_classes,
+                      src_args)
     data_config = src_spec.data_config(src_model)
     if mcfg.source_stage is None:
         return BuiltModel(src_model, "original", data_config, None)
 
     dst_name = mcfg.destination or mcfg.source
-    same = dst_name == mcfg.source and mcfg.destination_weights in (None, mcfg.source_weights)
-    dst_spec = get_spec(dst_name)
+    same = (dst_name == mcfg.source and mcfg.destination_weights in (None, mcfg.source_weights)
+            and dst_args == src_args)
+    dst_spec = get_spec(dst_name, dst_args)
     dst_model = src_model if same else _load("model.destination_weights", dst_name, mcfg.pretrained,
-                                             mcfg.destination_weights, num_classes)
+                                             mcfg.destination_weights, num_classes, dst_args)
     src_parts = src_spec.split(src_model)
     dst_parts = src_parts if same else dst_spec.split(dst_model)
     src_shapes = trace_cuts(src_spec, src_parts, img_size)

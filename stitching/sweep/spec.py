@@ -207,7 +207,8 @@ def expand(path: str | Path, runs_dir: str | Path, extensions: bool | None = Non
             if cfg.is_original:
                 structure = ("original", m.source)
             else:
-                plan = plan_stitch(get_spec(m.source), get_spec(m.destination or m.source), m.source_stage,
+                plan = plan_stitch(get_spec(m.source, m.source_args()),
+                                   get_spec(m.destination or m.source, m.destination_args()), m.source_stage,
                                    m.destination_stage, m.adapter, m.resize, m.schedule, img_size=cfg.data.img_size,
                                    style=m.adapter_style)
                 structure = plan.signature()
