@@ -87,6 +87,8 @@ class BuiltModel:
     kind: str               # original | stitched | finetune
     data_config: dict       # the source model's own preprocessing (timm data config)
     plan: StitchPlan | None
+    target: nn.Module | None = None   # stitched: the destination's own network up to the receiving point
+                                      # (its stem and blocks before the suffix; modules shared, not copied)
 
 
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
@@ -122,6 +124,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     stage, where = destination_target(dst_spec, s, t)
     start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
     suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
+    target = nn.Sequential(dst_parts.stem, *dst_blocks[:start])
 
     if plan.kind == "finetune":
         middle = nn.Sequential(*[dst_parts.stages[st - 1][0] for st in plan.kept_blocks])
@@ -134,4 +137,4 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     layers += [Adapter(mcfg.adapter, step, plan.working_format, plan.style) for step in plan.steps]
     layers.append(Convert(plan.working_format, plan.destination_cut.format, last.size_out))
     model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
-    return BuiltModel(model, "stitched", data_config, plan)
+    return BuiltModel(model, "stitched", data_config, plan, target)
