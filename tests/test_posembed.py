@@ -77,3 +77,21 @@ def test_a_refusal_through_the_cli_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     line, = proc.stderr.strip().splitlines()
     assert "model.pos_embed='reinject'" in line and str(cfg) in line
+
+
+@pytest.mark.slow
+def test_a_reinjecting_run_trains_and_says_so_in_result_csv(tmp_path):
+    """The real trainer (folded frozen parts, checkpoint) with re-injection: the recipe column reads it."""
+    import os
+
+    import pandas as pd
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stitching.train", "--config", str(TINY), f"output.dir={out}", *TO_VIT,
+         "model.pos_embed=reinject", "train.batch_size=16", "train.max_steps_per_epoch=2", "data.train_size=32",
+         "data.val_size=16", "train.device=cpu"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = pd.read_csv(out / "result.csv", dtype=str).iloc[0]
+    assert row["pos_embed"] == "reinject" and row["destination"] == "vit_tiny_patch16_224"
