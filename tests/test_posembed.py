@@ -79,7 +79,6 @@ def test_a_refusal_through_the_cli_is_one_line_and_exit_2(tmp_path):
     assert "model.pos_embed='reinject'" in line and str(cfg) in line
 
 
-@pytest.mark.slow
 def test_a_reinjecting_run_trains_and_says_so_in_result_csv(tmp_path):
     """The real trainer (folded frozen parts, checkpoint) with re-injection: the recipe column reads it."""
     import os
