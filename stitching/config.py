@@ -41,6 +41,8 @@ class ModelConfig:
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
     adapter_style: str = "code"             # code | text: adapters as the paper's code or its text builds them
+    pos_embed: str = "none"                 # none | reinject: the destination's position embedding re-added
+                                            # to the adapters' output tokens (ViT-like destinations)
     pretrained: bool = True                 # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
@@ -276,6 +278,7 @@ def validate(cfg: Config) -> None:
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
     _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
+    _check_pos_embed(cfg)
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
     from stitching.data.loaders import BAD_IMAGE_MODES
 
@@ -319,6 +322,36 @@ def validate(cfg: Config) -> None:
             raise cfg.error(key, "must be >= 0")
     if d.name == "imagefolder" and not d.root:
         raise cfg.error("data.root", "imagefolder data needs a root folder (root/train, root/val)")
+
+
+def _check_pos_embed(cfg: Config) -> None:
+    """``model.pos_embed``: one of the modes; ``reinject`` needs adapters and a destination with a learned
+    absolute position embedding (checked on the destination built on the meta device: no weights read)."""
+    import torch
+
+    from stitching.models.formats import is_token
+    from stitching.stitch.posembed import POS_EMBED_MODES, learned_pos_embed
+
+    _one_of(cfg, "model.pos_embed", POS_EMBED_MODES)
+    m = cfg.model
+    if m.pos_embed == "none":
+        return
+    if m.source_stage is None or m.adapter == "finetune":
+        raise cfg.error("model.pos_embed", "reinject adds the destination's position embedding after the adapters: "
+                        "it needs a stitched config with adapters (model.source_stage, not finetune)")
+    spec = model_spec(cfg, "destination")
+    name = m.destination or m.source
+    found = None
+    if is_token(spec.cut(m.destination_stage, "first").format):
+        try:
+            with torch.device("meta"):
+                model = spec.build(False, cfg.num_classes)
+        except Exception:  # noqa: BLE001 - an architecture that cannot be built on meta: build it for real
+            model = spec.build(False, cfg.num_classes)
+        found = learned_pos_embed(model)
+    if found is None:
+        raise cfg.error("model.pos_embed", f"destination {name} has no learned position embedding to re-inject "
+                        "(ViT-like destinations only)")
 
 
 def model_spec(cfg: Config, role: str):

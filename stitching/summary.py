@@ -7,6 +7,11 @@ no weights loaded) -- a cost estimate before a single GPU-hour is spent. It is a
 weights files the config names (``model.source_weights`` / ``destination_weights``): each must exist and,
 read from its header alone (the tensors are never loaded), fit its model's keys and shapes; otherwise one
 line naming the key, the file and the first mismatch, and exit code 2.
+
+``--similarity N`` adds ``similarity_before``: for a stitched config, before any training, linear CKA and the
+affine least-squares residual between the source's features at the join and the destination's own activation
+at the receiving point (:mod:`stitching.stitch.join`), on the first N training images with the evaluation
+transforms. This one builds the config's real models (its pretrained weights or weights files).
 """
 
 from __future__ import annotations
@@ -55,14 +60,49 @@ def summarize(cfg) -> dict:
     return out
 
 
+def similarity(cfg, n: int) -> dict:
+    """``{cka, ls_residual, n}`` at the join of the stitched config ``cfg``, on its first ``n`` training images
+    (evaluation transforms), before training."""
+    import torch
+
+    from stitching.data.loaders import build_datasets
+    from stitching.data.transforms import build_transforms
+    from stitching.stitch.join import similarity_before
+    from stitching.stitch.stitcher import build_model
+
+    check_files(cfg)
+    if cfg.is_original or cfg.model.adapter == "finetune":
+        raise cfg.error("model.source_stage" if cfg.is_original else "model.adapter",
+                        "--similarity needs a stitched config (a join between two networks)")
+    cuda = cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
+    built.model.to(device)
+    built.target.to(device)
+    _, eval_tf = build_transforms(built.data_config, cfg.data)
+    data = dataclasses.replace(cfg.data, num_classes=cfg.num_classes)
+    train_set, _ = build_datasets(data, eval_tf, eval_tf)
+    subset = torch.utils.data.Subset(train_set, range(min(n, len(train_set))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=min(64, max(n, 1)), shuffle=False,
+                                         num_workers=cfg.data.workers)
+    return similarity_before(built, (x for x, _ in loader), device)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stitching.summary", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--similarity", type=int, metavar="N", default=0,
+                        help="also measure CKA and the least-squares residual at the join on N training images")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    if args.similarity < 0:
+        parser.error("--similarity takes a number of images >= 0")
     cfg = load_config(args.config, args.overrides)
     check_weights(cfg)
-    print(json.dumps(summarize(cfg), indent=2))
+    out = summarize(cfg)
+    if args.similarity:
+        out["similarity_before"] = similarity(cfg, args.similarity)
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -490,7 +490,8 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
                 "batch_size": "64", "per_device_batch_size": "32", "epochs": "1", "lr": "0.002",
                 "weight_decay": "0.05", "img_size": "32", "precision": "fp32", "normalize": "imagenet",
                 "eval_crop_pct": "0.875", "max_steps_per_epoch": "1", "auto_augment": "False",
-                "dataset": "synthetic", "resize_modes": "bilinear", "resize": "bilinear"}   # downsamples
+                "dataset": "synthetic", "resize_modes": "bilinear", "resize": "bilinear",   # downsamples
+                "pos_embed": "none"}
     assert {k: row[k] for k in expected} == expected
 
 

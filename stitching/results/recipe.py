@@ -46,6 +46,7 @@ RECIPE: dict[str, str | None] = {
     "max_steps_per_epoch": "train.max_steps_per_epoch",
     "precision": None,                             # resolved (auto -> bf16 / fp32)
     "adapter_style": "model.adapter_style",
+    "pos_embed": "model.pos_embed",                # none | reinject (stitching/stitch/posembed.py)
     "frozen_bn": "train.frozen_bn",
     "normalize": "data.normalize",
     "auto_augment": "data.auto_augment",
@@ -217,7 +218,8 @@ _UNITS = [
     ("dataset", "{}"), ("epochs", "{} epochs"), ("batch_size", "batch {}"), ("per_device_batch_size", "{}/device"),
     ("weight_decay", "wd {}"), ("lr_schedule", "{}"), ("lr_schedule_unit", "per {}"),
     ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", "max {} steps/epoch"), ("img_size", "{} px"),
-    ("precision", "{}"), ("adapter_style", "adapters: {}"), ("frozen_bn", "frozen BN: {}"),
+    ("precision", "{}"), ("adapter_style", "adapters: {}"), ("pos_embed", "pos. embed: {}"),
+    ("frozen_bn", "frozen BN: {}"),
     ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
     ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
     ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),

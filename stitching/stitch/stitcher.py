@@ -4,7 +4,8 @@
 
 - ``prefix``: the source's stem and blocks up to and including the first block of the source stage;
 - ``adapters``: format conversion into the adapters' working format, the chained adapters, conversion
-  into the destination's format (for the fine-tuning baseline: the destination's kept first blocks);
+  into the destination's format, with ``model.pos_embed: reinject`` the destination's position embedding
+  (:mod:`stitching.stitch.posembed`) (for the fine-tuning baseline: the destination's kept first blocks);
 - ``suffix``: the destination's remaining blocks and head.
 
 For stitched models the prefix and suffix are frozen: ``requires_grad=False``, kept in eval mode when
@@ -27,10 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from stitching.models.formats import Convert
+from stitching.models.formats import Convert, prefix_tokens
 from stitching.models.registry import WeightsError, get_spec, load_model, trace_cuts
 from stitching.stitch.adapters import Adapter
 from stitching.stitch.plan import StitchPlan, destination_target, plan_stitch
+from stitching.stitch.posembed import PosReinject, learned_pos_embed
 
 FROZEN_BN_MODES = ("eval", "train")   # frozen parts in eval mode (default) or, as the paper's code, train mode
 
@@ -87,6 +89,8 @@ class BuiltModel:
     kind: str               # original | stitched | finetune
     data_config: dict       # the source model's own preprocessing (timm data config)
     plan: StitchPlan | None
+    target: nn.Module | None = None   # stitched: the destination's own network up to the receiving point
+                                      # (its stem and blocks before the suffix; modules shared, not copied)
 
 
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
@@ -122,6 +126,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     stage, where = destination_target(dst_spec, s, t)
     start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
     suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
+    target = nn.Sequential(dst_parts.stem, *dst_blocks[:start])
 
     if plan.kind == "finetune":
         middle = nn.Sequential(*[dst_parts.stages[st - 1][0] for st in plan.kept_blocks])
@@ -133,5 +138,10 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     layers = [Convert(plan.source_cut.format, plan.working_format, grid)]
     layers += [Adapter(mcfg.adapter, step, plan.working_format, plan.style) for step in plan.steps]
     layers.append(Convert(plan.working_format, plan.destination_cut.format, last.size_out))
+    if getattr(mcfg, "pos_embed", "none") == "reinject":
+        found = learned_pos_embed(dst_model)
+        if found is None:    # the config check refuses this first (model.pos_embed)
+            raise ValueError(f"model.pos_embed=reinject: {dst_name} has no learned position embedding")
+        layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), last.size_out))
     model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
-    return BuiltModel(model, "stitched", data_config, plan)
+    return BuiltModel(model, "stitched", data_config, plan, target)

@@ -1,0 +1,62 @@
+"""The two representations that meet at a join, on the same images, and how alike they are.
+
+Owns, for a built stitched model (:func:`stitching.stitch.stitcher.build_model`):
+
+- :func:`source_at_join`: the source's features at its cut, converted into the chain's working format,
+  resized (bilinear, ``align_corners=False``, the grid tokens of a sequence with its prefix tokens left
+  alone) to the destination cut's size where the sizes differ, and converted into the destination cut's
+  format -- the format conventions of the adapter chain (:mod:`stitching.models.formats`), without adapters;
+- :func:`destination_at_join`: the destination's own activation at the receiving point (its own network up to
+  where the suffix starts, ``BuiltModel.target``);
+- :func:`similarity_before`: linear CKA and the affine least-squares residual between the two
+  (:mod:`stitching.similarity`) over a stream of images; positions / tokens of the destination's format are
+  the least-squares samples, so the two sides always have the same number of them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from stitching.models.formats import convert, is_token, prefix_tokens
+from stitching.similarity import LeastSquares, MinibatchCKA, channels_last_samples
+from stitching.stitch.adapters import Resize
+
+
+@torch.no_grad()
+def source_at_join(built, x: torch.Tensor) -> torch.Tensor:
+    plan, model = built.plan, built.model
+    src, dst = plan.source_cut, plan.destination_cut
+    work = plan.working_format
+    y = convert(model.prefix(x), src.format, work, (src.height, src.width))
+    size_in, size_out = (src.height, src.width), (dst.height, dst.width)
+    if size_in != size_out:
+        y = Resize(size_in, size_out, prefix_tokens(work) if is_token(work) else None)(y)
+    return convert(y, work, dst.format, size_out)
+
+
+@torch.no_grad()
+def destination_at_join(built, x: torch.Tensor) -> torch.Tensor:
+    return built.target(x)
+
+
+@torch.no_grad()
+def similarity_before(built, images: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> dict:
+    """``{cka, ls_residual, n}`` between :func:`source_at_join` and :func:`destination_at_join` over the
+    batches of ``images`` (batches of fewer than 4 images count for least squares only: the unbiased HSIC
+    estimator needs 4)."""
+    if built.plan is None or built.target is None:
+        raise ValueError("similarity at the join needs a stitched model with adapters")
+    built.model.eval()
+    built.target.eval()
+    fmt = built.plan.destination_cut.format
+    cka, ls, n = MinibatchCKA(), LeastSquares(), 0
+    for x in images:
+        x = x.to(device)
+        a, b = source_at_join(built, x).float(), destination_at_join(built, x).float()
+        if x.shape[0] >= 4:
+            cka.update(a, b)
+        ls.update(channels_last_samples(a, fmt), channels_last_samples(b, fmt))
+        n += x.shape[0]
+    return {"cka": cka.value() if cka.n else float("nan"), "ls_residual": ls.value(), "n": n}
