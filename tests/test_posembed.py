@@ -38,7 +38,9 @@ def test_reinjection_adds_exactly_the_interpolated_embedding():
     assert isinstance(reinject.model.adapters[-1], PosReinject)
     assert sum(p.numel() for p in reinject.model.adapters.parameters()) == \
         sum(p.numel() for p in plain.model.adapters.parameters())            # no new parameters
-    assert not any("embedding" in k for k in reinject.model.state_dict())     # not checkpointed
+    # saved with the model: the destination's stem, which holds the embedding, is not part of it
+    assert [k for k in reinject.model.state_dict() if "embedding" in k] == \
+        [f"adapters.{len(reinject.model.adapters) - 1}.embedding"]
     pos = reinject.target[0].pos_embed                                         # the destination's (ViTStem)
     assert torch.equal(pos, plain.target[0].pos_embed)
     x = torch.randn(2, 3, 32, 32)
@@ -94,3 +96,10 @@ def test_a_reinjecting_run_trains_and_says_so_in_result_csv(tmp_path):
     assert proc.returncode == 0, proc.stderr
     row = pd.read_csv(out / "result.csv", dtype=str).iloc[0]
     assert row["pos_embed"] == "reinject" and row["destination"] == "vit_tiny_patch16_224"
+    # the reloaded model re-injects the embedding it was trained with (the trainer's seeded destination)
+    from stitching.train.loop import load_trained
+
+    cfg = load_config(out / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    trained_with = build_model(cfg.model, cfg.data.img_size, cfg.num_classes).model.adapters[-1].embedding
+    assert torch.equal(load_trained(out).adapters[-1].embedding, trained_with)

@@ -8,8 +8,9 @@ adapters give it. With ``reinject`` the destination's learned absolute position 
 where the grid differs, is added to the adapter chain's output (:class:`PosReinject`, the last module of
 ``StitchedModel.adapters``). Prefix tokens (class, distillation, registers) get their own rows of the
 embedding where the model has rows for them (``no_embed_class=False``), else nothing. The module has no
-parameters: the embedding is a non-persistent buffer (not trained, not in checkpoints; rebuilt from the
-destination's weights), computed once at build time.
+parameters: the embedding is a buffer (not trained), computed once at build time and saved with the
+model, because the destination's stem that holds the embedding is not part of a stitched model: a run
+reloaded from its ``model.safetensors`` re-injects the embedding it was trained with.
 
 :func:`learned_pos_embed` says whether a destination has such an embedding (the config check and the
 stitcher both ask it).
@@ -56,7 +57,7 @@ class PosReinject(nn.Module):
         k = min(prefix, embedded)
         add[:, :k] = pos[:, :k]
         self.prefix, self.grid = prefix, tuple(grid)
-        self.register_buffer("embedding", add, persistent=False)
+        self.register_buffer("embedding", add)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1:] != self.embedding.shape[1:]:
