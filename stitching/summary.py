@@ -41,12 +41,15 @@ def check_weights(cfg) -> None:
             raise cfg.error(key, str(err)) from None
 
 
-def summarize(cfg) -> dict:
+def summarize(cfg, built=None) -> dict:
+    """Kind, cost and joins of ``cfg``'s model: of ``built`` if given, else of the model built with random
+    weights (costs and shapes do not depend on them, and no weights file is read)."""
     from stitching.stitch.cost import count_cost
     from stitching.stitch.stitcher import build_model
 
-    mcfg = dataclasses.replace(cfg.model, pretrained=False, source_weights=None, destination_weights=None)
-    built = build_model(mcfg, cfg.data.img_size, cfg.num_classes)
+    if built is None:
+        mcfg = dataclasses.replace(cfg.model, pretrained=False, source_weights=None, destination_weights=None)
+        built = build_model(mcfg, cfg.data.img_size, cfg.num_classes)
     out = {"kind": built.kind, "source": cfg.model.source, "img_size": cfg.data.img_size,
            "num_classes": cfg.num_classes, **count_cost(built.model, cfg.data.img_size)}
     plan = built.plan
@@ -60,23 +63,17 @@ def summarize(cfg) -> dict:
     return out
 
 
-def similarity(cfg, n: int) -> dict:
-    """``{cka, ls_residual, n}`` at the join of the stitched config ``cfg``, on its first ``n`` training images
-    (evaluation transforms), before training."""
+def similarity(cfg, n: int, built) -> dict:
+    """``{cka, ls_residual, n}`` at the join of ``built``, the stitched model of ``cfg`` with its real weights
+    (:func:`build_stitched`), on the first ``n`` training images (evaluation transforms), before training."""
     import torch
 
     from stitching.data.loaders import build_datasets
     from stitching.data.transforms import build_transforms
     from stitching.stitch.join import similarity_before
-    from stitching.stitch.stitcher import build_model
 
-    check_files(cfg)
-    if cfg.is_original or cfg.model.adapter == "finetune":
-        raise cfg.error("model.source_stage" if cfg.is_original else "model.adapter",
-                        "--similarity needs a stitched config (a join between two networks)")
     cuda = cfg.train.device in ("auto", "cuda") and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
     built.model.to(device)
     built.target.to(device)
     _, eval_tf = build_transforms(built.data_config, cfg.data)
@@ -86,6 +83,18 @@ def similarity(cfg, n: int) -> dict:
     loader = torch.utils.data.DataLoader(subset, batch_size=min(64, max(n, 1)), shuffle=False,
                                          num_workers=cfg.data.workers)
     return similarity_before(built, (x for x, _ in loader), device)
+
+
+def build_stitched(cfg):
+    """The stitched model of ``cfg`` with its real weights, for ``--similarity`` (one build serves the cost
+    too); a config without a join is a one-line error."""
+    from stitching.stitch.stitcher import build_model
+
+    check_files(cfg)
+    if cfg.is_original or cfg.model.adapter == "finetune":
+        raise cfg.error("model.source_stage" if cfg.is_original else "model.adapter",
+                        "--similarity needs a stitched config (a join between two networks)")
+    return build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
 
 
 def main(argv=None) -> int:
@@ -99,9 +108,10 @@ def main(argv=None) -> int:
         parser.error("--similarity takes a number of images >= 0")
     cfg = load_config(args.config, args.overrides)
     check_weights(cfg)
-    out = summarize(cfg)
+    built = build_stitched(cfg) if args.similarity else None
+    out = summarize(cfg, built)
     if args.similarity:
-        out["similarity_before"] = similarity(cfg, args.similarity)
+        out["similarity_before"] = similarity(cfg, args.similarity, built)
     print(json.dumps(out, indent=2))
     return 0
 
