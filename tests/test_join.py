@@ -32,6 +32,10 @@ def test_the_destination_side_is_the_destinations_own_activation_at_the_receivin
     assert destination_at_join(built, x).shape == (3, dst.channels, dst.height, dst.width)
     # the source side is resized to the destination's size (8x8 -> 2x2 here), its own channels kept
     assert source_at_join(built, x).shape == (3, built.plan.source_cut.channels, dst.height, dst.width)
+    with torch.no_grad():   # ... by bilinear interpolation of the source's features at its cut
+        resized = torch.nn.functional.interpolate(built.model.prefix(x), size=(dst.height, dst.width),
+                                                  mode="bilinear", align_corners=False)
+    assert torch.equal(source_at_join(built, x), resized)
 
 
 def test_a_cnn_source_reaches_a_vit_destination_in_its_token_format():
