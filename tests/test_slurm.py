@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 
-SMALL = dict(cpus_per_task=1, mem="100M", time="00:05:00")
+SMALL = dict(cpus_per_task=1, mem="100M", time="00:10:00")   # longer than the default USR1@300 lead
 
 
 
@@ -304,6 +304,11 @@ def test_resources_from_dict_validation():
         SlurmResources(max_parallel=0)
     with pytest.raises(ValueError, match="signal"):
         SlurmResources(signal="USR1")
+    # a lead as long as the time limit would signal every task as soon as it starts
+    with pytest.raises(ValueError, match=r"sweep\.yaml.*signal.*as soon as a task starts"):
+        SlurmResources.from_dict({"time": "00:05:00", "signal": "USR1@300"}, source="sweep.yaml")
+    assert SlurmResources(time="00:05:01", signal="USR1@300").signal_parts() == ("USR1", 300)
+    assert SlurmResources(time="1-00:00:00").signal_parts() == ("USR1", 300)
     with pytest.raises(ValueError, match="extra"):
         SlurmResources(extra="--exclusive")
     with pytest.raises(ValueError, match="gpus_per_task"):
@@ -327,7 +332,7 @@ def test_sweep_says_when_slurm_can_never_run_it(slurm_cluster, tmp_path, overrid
 
     spec = tmp_path / "big.yaml"
     spec.write_text(f"base: {REPO / 'configs' / 'synthetic' / 'tiny.yaml'}\n"
-                    "grid: {train.seed: [0]}\nslurm: {cpus_per_task: 1, mem: 100M, time: '00:05:00'}\n")
+                    "grid: {train.seed: [0]}\nslurm: {cpus_per_task: 1, mem: 100M, time: '00:10:00'}\n")
     runs = tmp_path / "runs"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "stitching.sweep", str(spec), "--launcher", "slurm",

@@ -133,6 +133,13 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.:+=@,/-]+$")
 _GPU_FLAGS = ("gpus-per-task", "gres")
 
 
+def _time_to_seconds(time: str) -> int:
+    """Seconds of a SLURM time limit ``[D-]HH:MM:SS``."""
+    days, _, hms = time.rpartition("-")
+    h, m, sec = (int(v) for v in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
 def _seconds_to_time(seconds: int) -> str:
     days, rest = divmod(seconds, 86400)
     hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
@@ -194,6 +201,10 @@ class SlurmResources:
         if self.signal is not None and self.signal != "":
             if not isinstance(self.signal, str) or not _SIGNAL_RE.match(self.signal.upper()):
                 fail("signal", "must look like 'USR1@300' (signal@seconds before the time limit)")
+            lead = int(_SIGNAL_RE.match(self.signal.upper()).group(2))
+            if lead >= _time_to_seconds(self.time):
+                fail("signal", f"{self.signal} signals {lead} s before a time limit of {self.time}, i.e. as soon "
+                               "as a task starts: use a longer time or a shorter lead")
         if isinstance(self.extra, str) or not isinstance(self.extra, (list, tuple)):
             fail("extra", "must be a list of '#SBATCH ...' lines")
         lines = []
