@@ -46,6 +46,8 @@ class ModelConfig:
     pretrained: bool = True                 # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
+    random_init: str = "none"               # none | source | destination | both: that side built with random
+                                            # weights whatever pretrained / *_weights say (matrix controls)
     source_kwargs: dict | None = None       # constructor arguments (timm / torchvision), e.g. {img_size: 64}
     destination_kwargs: dict | None = None  # null: the source's when the destination is the source, else none
 
@@ -278,6 +280,7 @@ def validate(cfg: Config) -> None:
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
     _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
+    _check_random_init(cfg)
     _check_pos_embed(cfg)
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
     from stitching.data.loaders import BAD_IMAGE_MODES
@@ -352,6 +355,17 @@ def _check_pos_embed(cfg: Config) -> None:
     if found is None:
         raise cfg.error("model.pos_embed", f"destination {name} has no learned position embedding to re-inject "
                         "(ViT-like destinations only)")
+
+
+def _check_random_init(cfg: Config) -> None:
+    """``model.random_init``: which side is built with random weights (:data:`RANDOM_INIT`); a random
+    destination needs a stitched config."""
+    from stitching.stitch.stitcher import RANDOM_INIT
+
+    _one_of(cfg, "model.random_init", RANDOM_INIT)
+    if cfg.model.source_stage is None and cfg.model.random_init in ("destination", "both"):
+        raise cfg.error("model.random_init", "an original (unstitched) model has no destination: use none or "
+                        "source")
 
 
 def model_spec(cfg: Config, role: str):

@@ -33,6 +33,7 @@ RECIPE: dict[str, str | None] = {
     "dataset": None,                               # synthetic, or the ImageFolder root's name
     "num_classes": None,
     "pretrained": None,                            # True / False / weights_file
+    "random_init": "model.random_init",            # none | source | destination | both (random-init controls)
     "model_kwargs": None,                          # constructor arguments (JSON {source, destination}; '' none)
     "img_size": "data.img_size",
     "epochs": "train.epochs",
@@ -60,8 +61,8 @@ RECIPE_COLUMNS = list(RECIPE)
 #: chosen per scenario by the plots (never a reason to split a figure)
 PER_SCENARIO = ("lr",)
 #: what an evaluate-only row (an original model) depends on
-EVAL_COLUMNS = ("dataset", "num_classes", "pretrained", "img_size", "precision", "normalize", "eval_crop_pct",
-                "eval_interpolation")
+EVAL_COLUMNS = ("dataset", "num_classes", "pretrained", "random_init", "img_size", "precision", "normalize",
+                "eval_crop_pct", "eval_interpolation")
 
 
 class MixedRecipes(ValueError):
@@ -223,7 +224,7 @@ _UNITS = [
     ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
     ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
     ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),
-    ("pretrained", "pretrained: {}"), ("num_classes", "{} classes"),
+    ("pretrained", "pretrained: {}"), ("random_init", "random init: {}"), ("num_classes", "{} classes"),
 ]
 
 

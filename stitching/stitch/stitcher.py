@@ -18,7 +18,10 @@ every weight in train mode.
 
 :func:`build_model` is the single entry point from a config's ``model`` section: it loads each network
 once (source and destination share one instance when they are the same weights), traces the real shapes
-at the cut points, plans the stitch (:mod:`stitching.stitch.plan`) and assembles the parts.
+at the cut points, plans the stitch (:mod:`stitching.stitch.plan`) and assembles the parts. ``model.random_init``
+(:data:`RANDOM_INIT`) builds the named side(s) with random weights, whatever ``pretrained`` and the weights
+files say: the controls of a stitching matrix. With ``both`` on a model stitched to itself the two sides stay
+one (random) network, as the real cells are one network.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from stitching.stitch.plan import StitchPlan, destination_target, plan_stitch
 from stitching.stitch.posembed import PosReinject, learned_pos_embed
 
 FROZEN_BN_MODES = ("eval", "train")   # frozen parts in eval mode (default) or, as the paper's code, train mode
+#: config ``model.random_init``: the side(s) built with random weights whatever ``pretrained`` and the weights
+#: files say (the random-init controls of a stitching matrix; the random weights follow ``train.seed``)
+RANDOM_INIT = ("none", "source", "destination", "both")
 
 
 class StitchedModel(nn.Module):
@@ -100,18 +106,22 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
 
     src_args, dst_args = model_args(mcfg, "source"), model_args(mcfg, "destination")
     src_spec = get_spec(mcfg.source, src_args)
-    src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained, mcfg.source_weights, num_classes,
-                      src_args)
+    random = getattr(mcfg, "random_init", "none")
+    src_random, dst_random = random in ("source", "both"), random in ("destination", "both")
+    src_weights = None if src_random else mcfg.source_weights
+    dst_weights = None if dst_random else mcfg.destination_weights
+    src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained and not src_random, src_weights,
+                      num_classes, src_args)
     data_config = src_spec.data_config(src_model)
     if mcfg.source_stage is None:
         return BuiltModel(src_model, "original", data_config, None)
 
     dst_name = mcfg.destination or mcfg.source
-    same = (dst_name == mcfg.source and mcfg.destination_weights in (None, mcfg.source_weights)
-            and dst_args == src_args)
+    same = (dst_name == mcfg.source and dst_args == src_args and src_random == dst_random
+            and (dst_random or mcfg.destination_weights in (None, mcfg.source_weights)))
     dst_spec = get_spec(dst_name, dst_args)
-    dst_model = src_model if same else _load("model.destination_weights", dst_name, mcfg.pretrained,
-                                             mcfg.destination_weights, num_classes, dst_args)
+    dst_model = src_model if same else _load("model.destination_weights", dst_name,
+                                             mcfg.pretrained and not dst_random, dst_weights, num_classes, dst_args)
     src_parts = src_spec.split(src_model)
     dst_parts = src_parts if same else dst_spec.split(dst_model)
     src_shapes = trace_cuts(src_spec, src_parts, img_size)
