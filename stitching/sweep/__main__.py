@@ -151,18 +151,26 @@ def main(argv=None) -> int:
     if not todo:
         print("nothing to do: every run has finished")
         return 0
+    return launch(todo, blocks, runs_dir, name, args.launcher, args.parallel, args.slurm)
+
+
+def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, parallel: int = 1,
+           slurm_overrides: list[str] = ()) -> int:
+    """Write each unfinished run's ``config.yaml`` and run them: ``local`` here (``parallel`` at a time; the
+    exit code says whether any failed or was preempted), ``slurm`` as job arrays (never twice for a run
+    directory already queued or running). Shared by every command that expands runs (sweeps, matrices)."""
     for run in todo:
         _write_config(run)
 
-    if args.launcher == "local":
+    if launcher == "local":
         from stitching.launch.local import run_local
 
-        codes = run_local([r.config.output.dir for r in todo], parallel=max(1, args.parallel))
+        codes = run_local([r.config.output.dir for r in todo], parallel=max(1, parallel))
         failed = {d: c for d, c in codes.items() if c not in (R.EXIT_OK, R.EXIT_PREEMPTED)}
         preempted = sum(c == R.EXIT_PREEMPTED for c in codes.values())
         print(f"local: {sum(c == R.EXIT_OK for c in codes.values())} done, {preempted} preempted, {len(failed)} failed")
         return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
-    return _submit_slurm(todo, blocks, runs_dir, name, args.slurm)
+    return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides))
 
 
 def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str]) -> int:

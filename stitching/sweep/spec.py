@@ -175,12 +175,17 @@ def expand(path: str | Path, runs_dir: str | Path, extensions: bool | None = Non
 
     ``extensions``: expand the extension blocks (None: as the sweep file's ``extensions`` switch says).
     The paper part comes first (see the module docstring)."""
+    name, blocks, switch = load_sweep(path)
+    return name, blocks, expand_blocks(blocks, runs_dir, switch if extensions is None else extensions, str(path))
+
+
+def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = True, src: str = "sweep"
+                  ) -> Expansion:
+    """:func:`expand` of blocks already read (a sweep file's, or blocks another command generates, e.g. a
+    stitching matrix's); ``src`` names where they come from in error messages."""
     from stitching.models.registry import get_spec
     from stitching.stitch.plan import plan_stitch
 
-    name, blocks, switch = load_sweep(path)
-    extensions = switch if extensions is None else extensions
-    src = str(path)
     runs, seen = [], {}
     excluded, impossible, duplicates, skipped = Counter(), Counter(), Counter(), Counter()
     total = 0
@@ -230,7 +235,7 @@ def expand(path: str | Path, runs_dir: str | Path, extensions: bool | None = Non
             cfg.output.dir = str(Path(runs_dir) / run_name)
             seen[key] = run = Run(run_name, block.name, cfg, key, block.part, [{**here, "grid": point}])
             runs.append(run)
-    return name, blocks, Expansion(runs, excluded, impossible, duplicates, total, extensions, skipped)
+    return Expansion(runs, excluded, impossible, duplicates, total, extensions, skipped)
 
 
 def _describe(cfg: Config) -> dict:
@@ -268,4 +273,6 @@ def run_dir_name(cfg: Config) -> str:
         head = f"{m.source}.{m.source_stage}-{m.destination or m.source}.{m.destination_stage}.{m.adapter}"
         if m.adapter != "finetune":
             head += f".{m.resize}"
+    if m.random_init != "none":         # a random-init control of a stitching matrix
+        head += f".random-{m.random_init}"
     return f"{head}.lr{t.lr:g}.seed{t.seed}.{digest}"
