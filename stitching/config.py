@@ -100,7 +100,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda
-    precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (V100) | fp32
+    precision: str = "auto"                 # auto (bf16 on CUDA >= 8.0, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: str | bool = "auto"      # auto (on CUDA for conv parts) | true | false
     fold_bn: bool = True                    # fold frozen BatchNorm into convs (stitched runs only)
     compile: bool = False                   # torch.compile the trainable part
@@ -108,6 +108,8 @@ class TrainConfig:
                                             # statistics re-estimated, stochastic depth on; weights stay frozen)
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole epoch
     log_every: int = 10
+    preempt_check_every: int = 10           # under DDP the ranks agree on a SIGTERM/SIGUSR1 every N optimizer
+                                            # steps (one host sync; one process looks every step), train/perf.py
 
 
 @dataclass
@@ -313,7 +315,8 @@ def validate(cfg: Config) -> None:
         raise cfg.error("data.img_size", f"must be at least {src_spec.min_img_size} for {m.source}")
     for key, low in [("data.num_classes", 2), ("data.train_size", 1), ("data.val_size", 1), ("data.workers", 0),
                      ("train.epochs", 0), ("train.batch_size", 1), ("train.per_device_batch_size", 1),
-                     ("train.max_steps_per_epoch", 1), ("train.log_every", 1)]:
+                     ("train.max_steps_per_epoch", 1), ("train.log_every", 1),
+                     ("train.preempt_check_every", 1)]:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value is not None and value < low:

@@ -7,7 +7,9 @@
 - DataLoader workers (``data.workers: 2``): SLURM's SIGTERM to every process of the job (``scancel --full``)
   no longer kills the workers under the main process: it checkpoints, exits 75, the task requeues and the
   result equals an uninterrupted run's;
-- a run checkpointed by 2 processes resumes in 1 (fewer devices; per-rank RNG states).
+- a run checkpointed by 2 processes resumes in 1 (fewer devices; per-rank RNG states);
+- 2 processes agree on a SIGUSR1 only every ``train.preempt_check_every`` steps (no host sync per step):
+  they stop together within that many steps of it and resume exactly.
 
 Exactness: on CPU a resumed run equals an uninterrupted one bit for bit (same world size). On CUDA the
 backward of bilinear resizing uses atomic adds and is not deterministic, so there the numbers agree to
@@ -118,6 +120,42 @@ def test_checkpoint_of_two_processes_resumes_in_one(tmp_path):
     row = _row(out)
     assert row["world_size"] == "1" and 0 <= float(row["top1"]) <= 100
     assert [m["step"] for m in _metrics(out)] == ["10", "20", "30"]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux ``/proc``): torchrun's workers."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_a_signal_every_k_steps_and_resume_exactly(tmp_path):
+    """SIGUSR1 to both workers (what SLURM's batch shell forwards) in the middle of epoch 2: they look at it
+    together every 4th optimizer step only (``train.preempt_check_every=4``), stop at the same step boundary,
+    at most 3 steps after rank 0 first saw it, and the resumed run equals an uninterrupted one."""
+    extra = ("train.per_device_batch_size=32", "data.workers=0", "train.preempt_check_every=4",
+             "data.train_size=1280", "train.epochs=2")         # 20 steps per epoch
+    _train(TORCHRUN, tmp_path / "straight", *extra)
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([*TORCHRUN, "-m", "stitching.train", "--config", str(TINY), *COMMON, *extra,
+                             f"output.dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait(lambda: _first_epoch_done(out) or proc.poll() is not None, 300, "the first epoch")
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=120)
+    log = (out / R.LOG).read_text()
+    assert "checkpoint saved" in log, stderr[-3000:]
+    position = torch.load(out / R.CHECKPOINT, weights_only=True)["position"]
+    assert position["step"] % 4 == 0 and 20 < position["step"] <= 40, position
+    seen = log.split("(seen after step ")[1].split(")")[0]     # None: only the other rank had it in time
+    assert seen == "None" or 0 <= position["step"] - int(seen) < 4, (seen, position["step"])
+    _train(TORCHRUN, out, *extra)
+    _same_numbers(tmp_path / "straight", out)
 
 
 # --------------------------------------------------------------------------------------- real SLURM

@@ -507,7 +507,8 @@ NOT_RECIPE = {
     "data.seed": "synthetic data only", "data.workers": "execution", "data.bad_images": "unreadable files only",
     "train.seed": "averaged over", "train.device": "execution", "train.precision": "-> precision (resolved)",
     "train.channels_last": "execution (same numbers)", "train.fold_bn": "execution (same function)",
-    "train.compile": "execution", "train.log_every": "logging", "train.per_device_batch_size":
+    "train.compile": "execution", "train.log_every": "logging", "train.preempt_check_every": "execution",
+    "train.per_device_batch_size":
     "-> per_device_batch_size (resolved)", "output.dir": "where", "output.save_model": "what is kept",
 }
 

@@ -51,8 +51,16 @@ def all_sum(values: list[float], device: torch.device, info: DistInfo) -> list[f
     return t.tolist()
 
 
+def all_sum_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a device tensor over ranks in place (no host sync: read it when the figures are needed)."""
+    if info.enabled:
+        dist.all_reduce(t)
+    return t
+
+
 def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step)."""
+    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step); a host sync
+    (the trainer calls it every ``train.preempt_check_every`` steps, :mod:`stitching.train.perf`)."""
     if not info.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)

@@ -2,8 +2,10 @@
 
 AdamW (lr 0.002, weight decay 0.05 by default) over the *trainable* parameters only, cosine annealing to 0
 stepped per optimizer step (or per epoch), effective batch = per-device batch x world size x gradient
-accumulation, bf16 autocast on CUDA (fp16 with a gradient scaler on request), channels_last and BatchNorm
-folding of frozen parts (:mod:`stitching.stitch.fast`) and optional ``torch.compile``. The step itself is
+accumulation, the precision ``auto`` resolves to and the CUDA settings (:mod:`stitching.train.perf`: bf16
+autocast from compute capability 8.0, fp16 with a gradient scaler below, fp32 on CPU; cuDNN autotuning, TF32,
+fused AdamW), channels_last and BatchNorm folding of frozen parts (:mod:`stitching.stitch.fast`) and optional
+``torch.compile``. The step itself is
 :func:`stitching.train.step.train_step`. Evaluation after every epoch (top-1, top-5, loss), reduced exactly
 over ranks. The run directory is :mod:`stitching.rundir`'s: one trainer holds it (its ``lock``), a
 checkpoint is written atomically after every epoch and when SIGTERM/SIGUSR1 arrives (then the process
@@ -41,6 +43,7 @@ from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
 from stitching.train import distributed as D
+from stitching.train import perf as P
 from stitching.train.step import StepState, autocast, train_step
 
 log = logging.getLogger("stitching.train")
@@ -95,6 +98,7 @@ class _Preemption:
 
     def __init__(self):
         self.signal: int | None = None
+        self.seen_at: int | None = None     # the optimizer step after which this process first saw it
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._old[sig] = signal.signal(sig, self._handle)
@@ -207,8 +211,7 @@ def _start(r: Run, force: bool) -> int | None:
 
     r.cost = count_cost(r.model, cfg.data.img_size)
     r.model.to(r.device)
-    r.precision = cfg.train.precision if cfg.train.precision != "auto" else \
-        ("bf16" if r.device.type == "cuda" else "fp32")
+    r.precision = P.resolve_precision(cfg.train.precision, r.device)
     r.st = build_step(r.model, cfg, r.built.kind, r.device, r.precision, r.accum, r.steps_per_epoch, info)
     r.train_loader = build_loader(train_ds, r.per_device, True, cfg.train.seed, cfg.data.workers, info.rank,
                                   info.world_size) if r.epochs > 0 else None
@@ -297,6 +300,7 @@ def build_step(model: nn.Module, cfg: Config, kind: str, device: torch.device, p
     ``device`` already."""
     from stitching.stitch import fast
 
+    P.configure_backends(device)            # cuDNN autotuning, TF32 (CUDA only)
     want = cfg.train.channels_last
     channels_last = fast.default_channels_last(device) if want == "auto" else bool(want)
     runner = fast.prepare_for_training(model, fold_bn=cfg.train.fold_bn and kind == "stitched",
@@ -305,8 +309,7 @@ def build_step(model: nn.Module, cfg: Config, kind: str, device: torch.device, p
     if info.enabled and cfg.train.epochs > 0:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[info.local_rank]
                                                      if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) \
-        if trainable else None
+    optimizer = P.make_adamw(trainable, cfg.train.lr, cfg.train.weight_decay) if trainable else None
     total_steps = max(1, cfg.train.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, steps_per_epoch, total_steps)) \
         if optimizer else None
@@ -374,8 +377,11 @@ def _train(r: Run) -> int:
 
 
 def _train_epoch(r: Run, epoch: int) -> bool:
-    """One epoch from micro-batch ``pos['batch']``; True when a preemption signal arrived (checked after
-    every optimizer step, on every rank alike)."""
+    """One epoch from micro-batch ``pos['batch']``; True when a preemption signal arrived. No host sync
+    per step: the metric sums stay on the device until the epoch ends, the loss and the non-finite flag are
+    read at log intervals only (the loss on rank 0 only, for its bar), and under DDP the ranks agree on a
+    signal every ``train.preempt_check_every`` steps (:func:`stitching.train.perf.preempt_check_due`; one
+    process looks after every step). ``images_per_s``'s timed window: :class:`stitching.train.perf.Throughput`."""
     from tqdm import tqdm
 
     st, pos, info = r.st, r.pos, r.info
@@ -386,35 +392,46 @@ def _train_epoch(r: Run, epoch: int) -> bool:
     bar = tqdm(total=r.steps_per_epoch, initial=skip // r.accum, disable=not info.is_main,
                desc=f"epoch {epoch + 1}", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
                leave=False)
-    t0, images, preempted = time.time(), 0, False
+    meter = P.Throughput(r.steps_per_epoch - skip // r.accum, P.cuda_sync(r.device))
+    step_images, preempted = 0, False
     # the sums start from the checkpointed ones so a resumed epoch adds in the same order as an uninterrupted one
     st.reset_sums(pos["sums"])
     try:
         for i, (x, y) in enumerate(batches, start=skip):
             loss = train_step(st, x, y, i)
-            images += len(y) * info.world_size
+            step_images += len(y) * info.world_size
             pos["batch"] = i + 1
             if (i + 1) % r.accum:
                 continue
+            meter.step(step_images)
+            step_images = 0
             pos["step"] = st.step
+            if r.preempt.signal is not None and r.preempt.seen_at is None:
+                r.preempt.seen_at = st.step             # (this process's first look: for the log line)
             bar.update(1)
             if r.lock is not None:
                 r.lock.touch()
             done = st.step - epoch * r.steps_per_epoch    # (not bar.n: a disabled bar, ranks > 0, does not count)
             if done % r.cfg.train.log_every == 0 or done == r.steps_per_epoch:
                 _check_finite(r, epoch)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{st.lr():.2e}",
-                                img_s=f"{images / max(time.time() - t0, 1e-9):.0f}")
-            if D.any_rank(r.preempt.signal is not None, r.device, info):
+                if info.is_main:                        # (reading the loss waits for the device)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{st.lr():.2e}",
+                                    img_s=f"{meter.rate():.0f}")
+            if P.preempt_check_due(st.step, r.cfg.train.preempt_check_every, info.enabled) and \
+                    D.any_rank(r.preempt.signal is not None, r.device, info):
                 preempted = True
                 break
     finally:
         bar.close()     # (an error message then starts on a line of its own)
     pos["sums"] = st.sums.tolist()
-    elapsed = time.time() - t0
-    pos["train_time"] += elapsed
-    pos["train_images"] += images
-    pos["epoch_time"] = elapsed
+    timed = meter.stop()
+    # the run's and the epoch's timed windows (an epoch cut by a preemption adds its parts; the checkpoint
+    # carries them); epoch_time: the epoch's training wall time, warm-up included
+    pos["train_time"] += timed["seconds"]
+    pos["train_images"] += timed["images"]
+    pos["epoch_timed_s"] = pos.get("epoch_timed_s", 0.0) + timed["seconds"]
+    pos["epoch_images"] = pos.get("epoch_images", 0) + timed["images"]
+    pos["epoch_time"] = pos.get("epoch_time", 0.0) + timed["wall_s"]
     return preempted
 
 
@@ -435,7 +452,9 @@ def _end_epoch(r: Run, epoch: int) -> dict:
     s = D.all_sum(r.pos["sums"], r.device, r.info)
     r.metrics.append({"epoch": epoch + 1, "step": r.pos["step"], "lr": r.st.lr(),
                       "train_loss": s[0] / max(s[2], 1), "train_top1": 100 * s[1] / max(s[2], 1), **ev,
-                      "images_per_s": _ips(r.pos), "epoch_time_s": r.pos.pop("epoch_time", 0.0)})
+                      "images_per_s": P.images_per_s(r.pos.pop("epoch_images", 0),
+                                                     r.pos.pop("epoch_timed_s", 0.0)),
+                      "epoch_time_s": r.pos.pop("epoch_time", 0.0)})
     r.pos.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0])
     if r.info.is_main:
         r.rundir.write_rows(R.METRICS, METRICS_COLUMNS, r.metrics)
@@ -464,8 +483,9 @@ def _stop_preempted(r: Run, epoch: int) -> int:
     _save_checkpoint(r)
     if r.info.is_main:
         requested = R.request_requeue()
-        log.info("signal %s: checkpoint saved at epoch %d, step %d of %d; exiting with %d to be resumed%s",
-                 r.preempt.signal, epoch + 1, r.pos["step"], r.total_steps, R.EXIT_PREEMPTED,
+        log.info("signal %s (seen after step %s): checkpoint saved at epoch %d, step %d of %d; exiting with %d "
+                 "to be resumed%s", r.preempt.signal, r.preempt.seen_at, epoch + 1, r.pos["step"], r.total_steps,
+                 R.EXIT_PREEMPTED,
                  f" (requeue requested in {requested})" if requested else "")
     D.barrier(r.info)
     return R.EXIT_PREEMPTED
@@ -513,22 +533,25 @@ def _skipped(loader, skip: int):
 
 @torch.no_grad()
 def evaluate(st: StepState, loader, info: D.DistInfo) -> dict:
+    """Top-1, top-5 (percent) and mean loss over ``loader`` (this rank's share): summed on the device
+    (float64: loss, top-1 hits, top-5 hits, images; no host sync per batch), then one all-reduce over the
+    ranks and one read."""
     runner, device = st.runner, st.device
     runner.eval()
-    loss_sum = top1 = top5 = n = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if st.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(st.precision, device):
             logits = runner(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
-        top1 += (topk[:, 0] == y).sum().item()
-        top5 += (topk == y[:, None]).any(dim=1).sum().item()
-        n += len(y)
-    loss_sum, top1, top5, n = D.all_sum([loss_sum, top1, top5, n], device, info)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (topk[:, 0] == y).sum()
+        sums[2] += (topk == y[:, None]).any(dim=1).sum()
+        sums[3] += len(y)
+    loss_sum, top1, top5, n = D.all_sum_tensor(sums, info).tolist()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss_sum / n}
 
 
