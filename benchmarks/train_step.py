@@ -47,7 +47,13 @@ The output ends with one JSON line: the first stitch's figures at top level (``m
     python benchmarks/train_step.py                          # both default stitches, CPU, fp32
     python benchmarks/train_step.py --pair resnet50-1-3 --steps 10
     python benchmarks/train_step.py --source resnet50 --destination swin_t --source-stage 1 --destination-stage 4
-    python benchmarks/train_step.py --device cuda --precision bf16 --batch-size 64
+    python benchmarks/train_step.py --device cuda --precision auto --batch-size 64
+
+On CUDA, (a) and (c) get what the trainer sets (:mod:`stitching.train.perf`: cuDNN autotuning, TF32 for fp32
+matmuls and convolutions, fused AdamW; ``--precision auto``: bf16 from compute capability 8.0, fp16 with a
+gradient scaler below), and so does the reference matmul; (b) keeps torch's defaults, as a researcher's script
+does. Each step is timed between two device synchronisations; the warm-up steps (cuDNN autotuning,
+``--compile``'s compilation) are not timed.
 """
 
 from __future__ import annotations
@@ -387,8 +393,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="precision of (a) and (c) (the trainer's autocast); (b) is always fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32",
+                   help="precision of (a) and (c) (the trainer's autocast; auto: what train.precision: auto "
+                        "picks on the device, stitching.train.perf.choose_precision); (b) is always fp32")
     p.add_argument("--channels-last", choices=["auto", "true", "false"], default="auto",
                    help="layout of (a) and (c); auto: stitching.stitch.fast.default_channels_last(device)")
     p.add_argument("--compile", action="store_true", help="torch.compile (a) and (c)")
@@ -407,10 +414,15 @@ def main(argv=None) -> None:
         worker(job)
         return
     from stitching.stitch.fast import default_channels_last
+    from stitching.train import perf
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is available")
     device = torch.device(args.device)
+    args.precision = perf.resolve_precision(args.precision, device)
+    backends = perf.configure_backends(device)      # as the trainer sets them (the reference matmul too)
     channels_last = default_channels_last(device) if args.channels_last == "auto" else args.channels_last == "true"
     opts = {"device": args.device, "precision": args.precision, "channels_last": channels_last,
             "compile": args.compile, "batch_size": args.batch_size, "img_size": args.img_size,
@@ -423,10 +435,13 @@ def main(argv=None) -> None:
         names = list(PAIRS) if args.pair == "all" else [args.pair]
         stitches = [{**PAIRS[n], **common} for n in names]
 
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, precision "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, device {device} ({name}), {torch.get_num_threads()} threads, precision "
           f"{args.precision}, channels_last {channels_last}, compile {args.compile}, batch {args.batch_size}, "
-          f"{args.img_size} px, {args.warmup} warm-up + {args.steps} timed steps")
-    dtype = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else torch.float32
+          f"{args.img_size} px, {args.warmup} warm-up + {args.steps} timed steps"
+          + (f"; {', '.join(backends)}" if backends else ""))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32) \
+        if device.type == "cuda" else torch.float32
     best = matmul_rates(args.matmul_sizes, device, dtype)
     print("matmul rate before (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in best.items()))
 
@@ -446,7 +461,7 @@ def main(argv=None) -> None:
                                      "speedup_vs_baseline", "speedup_vs_full", "matmul_share")}
     summary.update({"matmul_gflops": round(rate / 1e9, 1),
                     "matmul_gflops_by_kind": {k: round(v / 1e9, 1) for k, v in best.items()},
-                    "device": args.device, "precision": args.precision,
+                    "device": args.device, "device_name": name, "precision": args.precision,
                     "channels_last": channels_last, "compile": args.compile, "batch_size": args.batch_size,
                     "img_size": args.img_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "mem_method": first["mem_method"], "stitches": results})
