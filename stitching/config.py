@@ -108,6 +108,12 @@ class TrainConfig:
                                             # statistics re-estimated, stochastic depth on; weights stay frozen)
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole epoch
     log_every: int = 10
+    objective: str = "task"                 # task (cross-entropy) | match (MSE to the destination's activation at
+                                            # the join) | distill (KL to the destination's logits) | match_then_task
+    distill_temperature: float = 4.0        # distill: softmax temperature T (the loss is scaled by T^2)
+    match_epochs: int | None = None         # match_then_task: epochs of match before task; null = half the epochs
+    similarity_images: int = 1024           # validation images for the similarity at the join written to
+                                            # result.csv (before and after training); 0 = not measured
     preempt_check_every: int = 10           # under DDP the ranks agree on a SIGTERM/SIGUSR1 every N optimizer
                                             # steps (one host sync; one process looks every step), train/perf.py
 
@@ -298,6 +304,7 @@ def validate(cfg: Config) -> None:
     if t.frozen_bn == "train" and t.fold_bn:
         raise cfg.error("train.frozen_bn", "train mode re-estimates the frozen BatchNorm statistics, which "
                         "folded BatchNorms cannot: set train.fold_bn=false")
+    _check_objective(cfg)
     _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
     _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
     _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))
@@ -328,6 +335,31 @@ def validate(cfg: Config) -> None:
             raise cfg.error(key, "must be >= 0")
     if d.name == "imagefolder" and not d.root:
         raise cfg.error("data.root", "imagefolder data needs a root folder (root/train, root/val)")
+
+
+def _check_objective(cfg: Config) -> None:
+    """``train.objective`` and its keys (:mod:`stitching.train.objective`): a known objective; anything but the
+    task loss needs adapters to train (a stitched config, not finetune); a positive temperature; match epochs
+    that leave task epochs to follow; a similarity image count >= 0."""
+    from stitching.train.objective import OBJECTIVES
+
+    t, m = cfg.train, cfg.model
+    _one_of(cfg, "train.objective", OBJECTIVES)
+    if t.objective != "task" and (m.source_stage is None or m.adapter == "finetune"):
+        raise cfg.error("train.objective", "trains the adapters against the destination's own activation or "
+                        "logits: it needs a stitched config with adapters (model.source_stage, not finetune)")
+    if not t.distill_temperature > 0:
+        raise cfg.error("train.distill_temperature", "must be > 0")
+    if t.match_epochs is not None and t.match_epochs < 1:
+        raise cfg.error("train.match_epochs", "must be >= 1 (or null: half of train.epochs)")
+    if t.objective == "match_then_task":
+        if t.epochs < 2:
+            raise cfg.error("train.epochs", "match_then_task needs at least 2 epochs (match first, then task)")
+        if t.match_epochs is not None and t.match_epochs >= t.epochs:
+            raise cfg.error("train.match_epochs", f"must be < train.epochs ({t.epochs}): match_then_task ends "
+                            "with task epochs")
+    if t.similarity_images < 0:
+        raise cfg.error("train.similarity_images", "must be >= 0 (0: not measured)")
 
 
 def _check_pos_embed(cfg: Config) -> None:

@@ -49,6 +49,9 @@ RECIPE: dict[str, str | None] = {
     "adapter_style": "model.adapter_style",
     "pos_embed": "model.pos_embed",                # none | reinject (stitching/stitch/posembed.py)
     "frozen_bn": "train.frozen_bn",
+    "objective": "train.objective",              # task | match | distill | match_then_task
+    "distill_temperature": None,                  # distill only ('' otherwise)
+    "match_epochs": None,                         # match_then_task only, resolved ('' otherwise)
     "normalize": "data.normalize",
     "auto_augment": "data.auto_augment",
     "min_crop_scale": "data.min_crop_scale",
@@ -71,6 +74,8 @@ class MixedRecipes(ValueError):
 
 def recipe_columns(cfg, world_size: int, precision: str) -> dict:
     """The recipe values of the result row of the run ``cfg`` (a :class:`stitching.config.Config`)."""
+    from stitching.train.objective import match_epochs
+
     m, t = cfg.model, cfg.train
     derived = {
         "dataset": cfg.data.name if cfg.data.name == "synthetic" else Path(cfg.data.root).name,
@@ -79,6 +84,8 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
         "per_device_batch_size": t.per_device_batch_size or t.batch_size // max(1, world_size),
         "model_kwargs": model_kwargs_column(cfg),
         "precision": precision,
+        "distill_temperature": t.distill_temperature if t.objective == "distill" else "",
+        "match_epochs": match_epochs(cfg) if t.objective == "match_then_task" else "",
     }
     out = {}
     for column, key in RECIPE.items():
@@ -220,7 +227,8 @@ _UNITS = [
     ("weight_decay", "wd {}"), ("lr_schedule", "{}"), ("lr_schedule_unit", "per {}"),
     ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", "max {} steps/epoch"), ("img_size", "{} px"),
     ("precision", "{}"), ("adapter_style", "adapters: {}"), ("pos_embed", "pos. embed: {}"),
-    ("frozen_bn", "frozen BN: {}"),
+    ("frozen_bn", "frozen BN: {}"), ("objective", "objective: {}"), ("distill_temperature", "T = {}"),
+    ("match_epochs", "{} match epochs"),
     ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
     ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
     ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),

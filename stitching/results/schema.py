@@ -6,7 +6,10 @@ Conventions
   ``original`` (an unstitched model: the reference rows; its stages, gap, adapter and resize are empty).
 - ``gap`` is the label ``"s->t"`` (e.g. ``"1->3"``); ``source_stage``/``destination_stage`` hold the ints.
 - ``top1``/``top5`` are percentages (0-100). ``macs`` are multiply-accumulates of one forward pass at the
-  run's input resolution (the paper's "FLOPs"); ``flops`` = 2 x ``macs``.
+  run's input resolution (the paper's "FLOPs"); ``flops`` = 2 x ``macs``. ``train_macs`` is the forward cost of
+  one *training* image: ``macs`` plus the frozen destination's extra forward pass that ``train.objective``
+  match / distill adds (averaged over the epochs for match_then_task; the backward pass not counted; empty
+  without training).
 - ``resize`` is the *effective* mode: where every adapter's input and output sizes already match, the
   three modes build the same module and the row says ``none``. ``resamples`` says whether any adapter
   changes the spatial size (False: the row stands for every resize mode; a sweep trains it once).
@@ -19,12 +22,19 @@ Conventions
 
 from stitching.results.recipe import RECIPE_COLUMNS
 
+#: the similarity at the join, measured by every stitched training run (stitching/train/measure.py): the number of
+#: validation images; before training linear CKA and the least-squares residual between the source's features
+#: and the destination's own activation; after training CKA and the mean squared error between the adapters'
+#: output and that activation. Empty for fine-tuning runs, original models and ``train.similarity_images: 0``.
+SIMILARITY_COLUMNS = ["similarity_images", "cka_before", "ls_residual_before", "cka_after", "match_mse_after"]
+
 RESULT_COLUMNS = [
     "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "gap",
     "adapter", "resize", "resamples", "resize_modes", "schedule", "num_adapters",
     *RECIPE_COLUMNS, "seed",
     "top1", "top5", "val_loss", "train_loss",
-    "macs", "flops", "params", "trainable_params",
+    "macs", "flops", "params", "trainable_params", "train_macs",
+    *SIMILARITY_COLUMNS,
     "images_per_s", "wall_time_s", "world_size", "device", "git_sha", "finished_at",
 ]
 

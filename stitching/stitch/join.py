@@ -10,7 +10,9 @@ Owns, for a built stitched model (:func:`stitching.stitch.stitcher.build_model`)
   where the suffix starts, ``BuiltModel.target``);
 - :func:`similarity_before`: linear CKA and the affine least-squares residual between the two
   (:mod:`stitching.similarity`) over a stream of images; positions / tokens of the destination's format are
-  the least-squares samples, so the two sides always have the same number of them.
+  the least-squares samples, so the two sides always have the same number of them;
+- :func:`similarity_after`: linear CKA and the mean squared error between the adapter chain's output (what the
+  suffix receives, as trained) and the destination's own activation.
 """
 
 from __future__ import annotations
@@ -60,3 +62,29 @@ def similarity_before(built, images: Iterable[torch.Tensor], device: torch.devic
         ls.update(channels_last_samples(a, fmt), channels_last_samples(b, fmt))
         n += x.shape[0]
     return {"cka": cka.value() if cka.n else float("nan"), "ls_residual": ls.value(), "n": n}
+
+
+@torch.no_grad()
+def adapted_at_join(built, x: torch.Tensor) -> torch.Tensor:
+    """The adapter chain's output on ``x``: what the suffix receives."""
+    return built.model.adapters(built.model.prefix(x))
+
+
+@torch.no_grad()
+def similarity_after(built, images: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> dict:
+    """``{cka, mse, n}`` between :func:`adapted_at_join` and :func:`destination_at_join` over the batches of
+    ``images`` (the mean squared error over every element, as ``train.objective: match`` trains it)."""
+    if built.plan is None or built.target is None:
+        raise ValueError("similarity at the join needs a stitched model with adapters")
+    built.model.eval()
+    built.target.eval()
+    cka, sq, count, n = MinibatchCKA(), 0.0, 0, 0
+    for x in images:
+        x = x.to(device)
+        a, b = adapted_at_join(built, x).float(), destination_at_join(built, x).float()
+        if x.shape[0] >= 4:
+            cka.update(a, b)
+        sq += float(((a.double() - b.double()) ** 2).sum())
+        count += a.numel()
+        n += x.shape[0]
+    return {"cka": cka.value() if cka.n else float("nan"), "mse": sq / count if count else float("nan"), "n": n}

@@ -69,12 +69,18 @@ class StitchedModel(nn.Module):
                 part.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, join: bool = False):
+        """The logits; with ``join`` (a stitched model), ``(logits, the adapters' output)`` where the logits come
+        from the detached output without autograd (for a loss on the join alone: ``train.objective: match``)."""
         if self.frozen:
             with torch.no_grad():
                 x = self.prefix(x)
         else:
             x = self.prefix(x)
+        if join:
+            joined = self.adapters(x)
+            with torch.no_grad():
+                return self.suffix(joined.detach()), joined
         return self.suffix(self.adapters(x))
 
 

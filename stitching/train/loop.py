@@ -44,6 +44,8 @@ from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
 from stitching.train import distributed as D
 from stitching.train import perf as P
+from stitching.train import measure
+from stitching.train.objective import Objective, train_macs
 from stitching.train.step import StepState, autocast, train_step
 
 log = logging.getLogger("stitching.train")
@@ -140,6 +142,8 @@ class Run:
                                                            "sums": [0.0, 0.0, 0.0]})
     metrics: list = dataclasses.field(default_factory=list)
     started: float = 0.0                    # wall clock of the last time accounting
+    val_set: object = None                  # the whole validation set (the similarity at the join reads it)
+    objective: object = None                # stitching.train.objective.Objective
     preempt: _Preemption | None = None
 
     @property
@@ -207,12 +211,14 @@ def _start(r: Run, force: bool) -> int | None:
     if _already_finished(r, force):
         return R.EXIT_OK
     train_ds, val_ds = _build(r)
+    r.val_set = val_ds
     _open_rundir(r, force)
 
     r.cost = count_cost(r.model, cfg.data.img_size)
     r.model.to(r.device)
     r.precision = P.resolve_precision(cfg.train.precision, r.device)
     r.st = build_step(r.model, cfg, r.built.kind, r.device, r.precision, r.accum, r.steps_per_epoch, info)
+    r.objective = Objective(cfg, r.built, r.device, r.st.channels_last)
     r.train_loader = build_loader(train_ds, r.per_device, True, cfg.train.seed, cfg.data.workers, info.rank,
                                   info.world_size) if r.epochs > 0 else None
     r.val_loader = build_loader(torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size)),
@@ -364,6 +370,9 @@ def _train(r: Run) -> int:
 
     r.preempt = _Preemption()
     r.started = time.time()
+    if "similarity_before" not in r.pos:    # once, before epoch 1 (a checkpoint carries it)
+        r.pos["similarity_before"] = measure.before(r.cfg, r.built, r.val_set, r.device) if r.info.is_main \
+            else None
     last_eval = None
     for epoch in range(r.pos["epoch"], r.epochs):
         set_epoch(r.train_loader, epoch)
@@ -385,6 +394,7 @@ def _train_epoch(r: Run, epoch: int) -> bool:
     from tqdm import tqdm
 
     st, pos, info = r.st, r.pos, r.info
+    st.objective = r.objective.at(epoch)      # match_then_task switches here, at an epoch boundary
     st.runner.train()
     r.model.train()
     skip = pos["batch"]
@@ -496,7 +506,7 @@ def _finish(r: Run, last_eval: dict) -> int:
     if r.info.is_main:
         if r.cfg.output.save_model:
             _save_model(r.rundir, r.model, r.cfg, r.built.kind)
-        row = _result_row(r, last_eval)
+        row = _result_row(r, last_eval, measure.after(r.cfg, r.built, r.val_set, r.device))
         r.rundir.write_rows(R.RESULT, RESULT_COLUMNS, [row])
         log.info("top1 %.2f  top5 %.2f  val_loss %.4f", row["top1"], row["top5"], row["val_loss"])
         print(f"finished: results in {r.rundir.result} ({R.METRICS}, {R.MODEL}, {R.LOG} in {r.rundir.path})")
@@ -589,7 +599,7 @@ def load_trained(run_dir: str | Path) -> nn.Module:
     return built.model.eval()
 
 
-def _result_row(r: Run, ev: dict) -> dict:
+def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
     cfg, built, cost, pos, info = r.cfg, r.built, r.cost, r.pos, r.info
     m, plan = cfg.model, built.plan
     stitched = plan is not None and plan.kind == "stitched"
@@ -607,7 +617,9 @@ def _result_row(r: Run, ev: dict) -> dict:
         **recipe_columns(cfg, info.world_size, r.precision),
         "seed": cfg.train.seed, "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["val_loss"],
         "train_loss": r.metrics[-1]["train_loss"] if r.metrics else "",
-        **cost, "images_per_s": _ips(pos), "wall_time_s": pos["wall"], "world_size": info.world_size,
+        **cost, "train_macs": train_macs(cfg, cost["macs"], r.objective.extra_macs(cfg.data.img_size)),
+        **measure.columns(pos.get("similarity_before"), after),
+        "images_per_s": _ips(pos), "wall_time_s": pos["wall"], "world_size": info.world_size,
         "device": dev, "git_sha": git_sha(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -1,8 +1,9 @@
 """The training step as a unit: :class:`StepState` (what the step touches) and :func:`train_step`.
 
 Owns one micro-batch of training: forward under the run's precision (autocast bf16/fp16, or fp32), the
-cross-entropy loss, the backward (scaled by the fp16 gradient scaler; DDP's gradient all-reduce skipped on
-all but the last micro-batch of an accumulation), and, on the last micro-batch, the optimizer step, the
+cross-entropy loss (or the epoch's ``train.objective``, :mod:`stitching.train.objective`), the backward
+(scaled by the fp16 gradient scaler; DDP's gradient all-reduce skipped on all but the last micro-batch of an
+accumulation), and, on the last micro-batch, the optimizer step, the
 scaler update, the scheduler step and zeroing the gradients. Metrics are summed *on the device* (loss x
 images, correct, images; float64) so no step waits for the host; the first optimizer step whose loss was
 not finite is remembered on the device too (:attr:`StepState.nonfinite_step`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,8 @@ class StepState:
     step: int = 0                       # optimizer steps taken in the run
     sums: torch.Tensor = field(default=None)            # (loss x images, correct, images), float64, device
     nonfinite_step: torch.Tensor = field(default=None)  # first step with a non-finite loss; -1: none
+    objective: Callable | None = None   # (st, x, y) -> (logits, loss) of this epoch (stitching.train.objective);
+                                        # None: cross-entropy with the labels (the task loss)
 
     def __post_init__(self):
         if self.sums is None:
@@ -75,9 +79,12 @@ def train_step(st: StepState, x: torch.Tensor, y: torch.Tensor, micro: int) -> t
     last = (micro + 1) % st.accum == 0
     no_sync = st.runner.no_sync() if st.distributed and not last else contextlib.nullcontext()
     with no_sync:
-        with autocast(st.precision, st.device):
-            logits = st.runner(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=st.label_smoothing)
+        if st.objective is None:
+            with autocast(st.precision, st.device):
+                logits = st.runner(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=st.label_smoothing)
+        else:
+            logits, loss = st.objective(st, x, y)
         st.scaler.scale(loss / st.accum).backward()
     with torch.no_grad():
         loss_d = loss.detach()
