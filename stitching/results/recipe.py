@@ -45,7 +45,7 @@ RECIPE: dict[str, str | None] = {
     "lr_schedule_unit": "train.lr_schedule_unit",
     "label_smoothing": "train.label_smoothing",
     "max_steps_per_epoch": "train.max_steps_per_epoch",
-    "precision": None,                             # resolved (auto -> bf16 / fp32)
+    "precision": None,                             # resolved (auto -> bf16 / fp16 / fp32: train/perf.py)
     "adapter_style": "model.adapter_style",
     "pos_embed": "model.pos_embed",                # none | reinject (stitching/stitch/posembed.py)
     "frozen_bn": "train.frozen_bn",

@@ -15,6 +15,12 @@ Conventions
   changes the spatial size (False: the row stands for every resize mode; a sweep trains it once).
   ``resize_modes`` lists (``|``-joined) every resize mode that builds this row's very module -- also
   ``bilinear|strided`` for an "integrated" chain that must upsample -- and the plots share the row with each.
+- ``images_per_s`` (``result.csv``: the run; ``metrics.csv``: the epoch) is training images per second over
+  all ranks, timed over windows that leave out the first ``min(10, n // 2)`` optimizer steps of every stretch
+  of ``n`` steps a process trains in an epoch (worker start-up, ``torch.compile``, cuDNN autotuning), with the
+  device synchronised at the windows' edges only; evaluation is never timed. ``metrics.csv``'s
+  ``epoch_time_s`` is the epoch's whole training wall time, warm-up included
+  (:class:`stitching.train.perf.Throughput`).
 - The recipe (dataset, epochs, batch sizes, lr, weight decay, schedule, image size, precision, adapter style,
   frozen-BN mode, preprocessing, ...) is :data:`stitching.results.recipe.RECIPE_COLUMNS`; rows of two
   recipes are never averaged together.
