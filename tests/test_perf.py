@@ -73,6 +73,25 @@ def test_fused_adamw_only_when_every_parameter_is_a_floating_cuda_tensor():
     assert not opt.defaults.get("fused") and opt.defaults["lr"] == 0.002 and opt.defaults["weight_decay"] == 0.05
 
 
+def test_resuming_keeps_the_optimizers_own_fused_flag():
+    """A checkpoint written by a non-fused optimizer (CPU) loaded into a fused one (what CUDA builds; fused
+    AdamW also runs on CPU) keeps it fused, so fp16's scaler may hand it the inf check; and the reverse."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    plain = torch.optim.AdamW(model.parameters(), lr=0.002)
+    model(torch.randn(4, 3)).sum().backward()
+    plain.step()
+    fused = torch.optim.AdamW(model.parameters(), lr=0.002, fused=True)
+    P.load_optimizer_state(fused, plain.state_dict())
+    assert fused.param_groups[0]["fused"] is True and fused.state_dict()["state"][0]["step"] == 1
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+    scaler.step(fused)                                 # the fused path takes the scaler's grad_scale/found_inf
+    assert fused.state_dict()["state"][0]["step"] == 2
+    P.load_optimizer_state(plain, fused.state_dict())
+    assert not plain.param_groups[0]["fused"] and plain.state_dict()["state"][0]["step"] == 2
+
+
 # ---------------------------------------------------------------------------------------- backends
 def test_backend_flags_are_set_for_cuda_only():
     assert P.configure_backends(torch.device("cpu")) == {}

@@ -344,7 +344,7 @@ def _resume(r: Run, force: bool) -> None:
         return
     r.checkpointed().load_state_dict(ckpt["trainable"])
     if r.st.optimizer:
-        r.st.optimizer.load_state_dict(ckpt["optimizer"])
+        P.load_optimizer_state(r.st.optimizer, ckpt["optimizer"])   # (this device's fused/foreach kept)
         r.st.scheduler.load_state_dict(ckpt["scheduler"])
     r.st.scaler.load_state_dict(ckpt["scaler"])
     C.restore_rng(ckpt["rng"], r.device, info)

@@ -111,6 +111,17 @@ def make_adamw(params: list, lr: float, weight_decay: float) -> torch.optim.Adam
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping this optimizer's own implementation flags (``fused``,
+    ``foreach``): a checkpoint written on another device kind (CPU <-> CUDA) would otherwise bring its own,
+    and a fused optimizer whose groups say not fused breaks fp16's gradient scaler (it hands the fused kernel
+    its inf check)."""
+    own = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, own):
+        group.update(flags)
+
+
 # --------------------------------------------------------------------------------------- preemption
 def preempt_check_due(step: int, every: int, distributed: bool) -> bool:
     """Whether the step loop looks at the preemption flag after optimizer step ``step`` (the run's count,
