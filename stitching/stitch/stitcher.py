@@ -114,17 +114,18 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     src_spec = get_spec(mcfg.source, src_args)
     random = getattr(mcfg, "random_init", "none")
     src_random, dst_random = random in ("source", "both"), random in ("destination", "both")
+    dst_name = mcfg.destination or mcfg.source
+    own = dst_name == mcfg.source and dst_args == src_args      # the destination is the source network
     src_weights = None if src_random else mcfg.source_weights
-    dst_weights = None if dst_random else mcfg.destination_weights
+    dst_weights = None if dst_random else mcfg.destination_weights or (mcfg.source_weights if own else None)
     src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained and not src_random, src_weights,
                       num_classes, src_args)
     data_config = src_spec.data_config(src_model)
     if mcfg.source_stage is None:
         return BuiltModel(src_model, "original", data_config, None)
 
-    dst_name = mcfg.destination or mcfg.source
-    same = (dst_name == mcfg.source and dst_args == src_args and src_random == dst_random
-            and (dst_random or mcfg.destination_weights in (None, mcfg.source_weights)))
+    same = own and src_random == dst_random and (dst_random or mcfg.destination_weights in (None,
+                                                                                      mcfg.source_weights))
     dst_spec = get_spec(dst_name, dst_args)
     dst_model = src_model if same else _load("model.destination_weights", dst_name,
                                              mcfg.pretrained and not dst_random, dst_weights, num_classes, dst_args)
