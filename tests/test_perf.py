@@ -57,6 +57,13 @@ def test_a_step_built_for_what_auto_picks_on_a_gpu(tmp_path):
     assert not st.optimizer.defaults.get("fused")                 # CPU parameters: not fused
 
 
+def test_explicit_bf16_on_a_gpu_without_bf16_tensor_cores_is_warned_about():
+    assert "fp16" in P.precision_warning("bf16", "cuda", (7, 0))
+    assert P.precision_warning("bf16", "cuda", (8, 0)) is None
+    assert P.precision_warning("fp16", "cuda", (7, 5)) is None
+    assert P.precision_warning("bf16", "cpu", None) is None
+
+
 # ----------------------------------------------------------------------------------- fused AdamW
 def _param(device: str, dtype=torch.float32):
     """What use_fused_adamw reads of a parameter (a CUDA tensor cannot be made without a GPU)."""

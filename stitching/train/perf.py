@@ -58,12 +58,25 @@ def choose_precision(device_type: str, capability: tuple[int, int] | None = None
     return "bf16" if tuple(capability) >= BF16_MIN_CAPABILITY else "fp16"
 
 
+def precision_warning(wanted: str, device_type: str, capability: tuple[int, int] | None) -> str | None:
+    """A line for an explicit ``bf16`` on a GPU without bf16 tensor cores (it runs, emulated and slowly)."""
+    if wanted == "bf16" and device_type == "cuda" and capability is not None \
+            and tuple(capability) < BF16_MIN_CAPABILITY:
+        return (f"train.precision=bf16 on a GPU of compute capability {capability[0]}.{capability[1]}, which has no "
+                "bf16 tensor cores: slow; precision auto would take fp16 with a gradient scaler")
+    return None
+
+
 def resolve_precision(wanted: str, device: torch.device) -> str:
-    """``train.precision`` on ``device``: ``auto`` through :func:`choose_precision`, anything else as given."""
-    if wanted != "auto":
-        return wanted
+    """``train.precision`` on ``device``: ``auto`` through :func:`choose_precision`, anything else as given
+    (with :func:`precision_warning`'s line on the log where it applies)."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return choose_precision(device.type, capability)
+    if wanted == "auto":
+        return choose_precision(device.type, capability)
+    warning = precision_warning(wanted, device.type, capability)
+    if warning:
+        log.warning(warning)
+    return wanted
 
 
 # ---------------------------------------------------------------------------------------- backends
