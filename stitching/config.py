@@ -293,6 +293,8 @@ def validate(cfg: Config) -> None:
             plan_config(m, d.img_size if m.source_block is not None else 224)   # stages: declared, nominal
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
+        except RuntimeError as err:         # a block that does not output its stage's format (registry)
+            raise cfg.error("model.source_block", str(err)) from None
     _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
     _check_random_init(cfg)
     _check_pos_embed(cfg)
@@ -301,8 +303,6 @@ def validate(cfg: Config) -> None:
 
     _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
     _one_of(cfg, "data.normalize", NORMALIZATIONS)
-        except RuntimeError as err:         # a block that does not output its stage's format (registry)
-            raise cfg.error("model.source_block", str(err)) from None
     for key in ("data.train_interpolation", "data.auto_augment_interpolation", "data.eval_interpolation"):
         if getattr(d, key.split(".")[1]) is not None:
             _one_of(cfg, key, INTERPOLATIONS)
