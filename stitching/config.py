@@ -53,13 +53,13 @@ class ModelConfig:
     source_kwargs: dict | None = None       # constructor arguments (timm / torchvision), e.g. {img_size: 64}
     destination_kwargs: dict | None = None  # null: the source's when the destination is the source, else none
 
-    def source_args(self) -> dict | None:
-        return model_args(self, "source")
-
     @property
     def is_original(self) -> bool:
         """No cut on either key (stage or block): the original, unstitched source model."""
         return self.source_stage is None and self.source_block is None
+
+    def source_args(self) -> dict | None:
+        return model_args(self, "source")
 
     def destination_args(self) -> dict | None:
         return model_args(self, "destination")
@@ -370,23 +370,6 @@ def _check_objective(cfg: Config) -> None:
         raise cfg.error("train.similarity_images", "must be >= 0 (0: not measured)")
 
 
-def _check_pos_embed(cfg: Config) -> None:
-    """``model.pos_embed``: one of the modes; ``reinject`` needs adapters and a destination with a learned
-    absolute position embedding (checked on the destination built on the meta device: no weights read)."""
-    import torch
-
-    from stitching.models.formats import is_token
-    from stitching.stitch.posembed import POS_EMBED_MODES, learned_pos_embed
-
-    _one_of(cfg, "model.pos_embed", POS_EMBED_MODES)
-    m = cfg.model
-    if m.pos_embed == "none":
-        return
-    if m.is_original or m.adapter == "finetune":
-        raise cfg.error("model.pos_embed", "reinject adds the destination's position embedding after the adapters: "
-                        "it needs a stitched config with adapters (model.source_stage, not finetune)")
-    spec = model_spec(cfg, "destination")
-    name = m.destination or m.source
 def _check_cut_keys(cfg: Config) -> None:
     """A cut is named by stage keys (``model.source_stage`` + ``destination_stage``) or by block keys
     (``model.source_block`` + ``destination_block``): one kind per side, the same kind on both sides."""
@@ -404,6 +387,23 @@ def _check_cut_keys(cfg: Config) -> None:
                            if m.destination_block is not None else ""))
 
 
+def _check_pos_embed(cfg: Config) -> None:
+    """``model.pos_embed``: one of the modes; ``reinject`` needs adapters and a destination with a learned
+    absolute position embedding (checked on the destination built on the meta device: no weights read)."""
+    import torch
+
+    from stitching.models.formats import is_token
+    from stitching.stitch.posembed import POS_EMBED_MODES, learned_pos_embed
+
+    _one_of(cfg, "model.pos_embed", POS_EMBED_MODES)
+    m = cfg.model
+    if m.pos_embed == "none":
+        return
+    if m.is_original or m.adapter == "finetune":
+        raise cfg.error("model.pos_embed", "reinject adds the destination's position embedding after the adapters: "
+                        "it needs a stitched config with adapters (model.source_stage, not finetune)")
+    spec = model_spec(cfg, "destination")
+    name = m.destination or m.source
     found = None
     if m.destination_block is not None:
         from stitching.models.registry import list_blocks
