@@ -1,16 +1,33 @@
-"""Benchmark of the ImageNet-style training input pipeline: images/s per data-loader worker count.
+"""Benchmark of the training input pipeline, per CPU core, side by side in one run.
 
-What it measures: JPEG decode through ``torchvision.datasets.ImageFolder`` + the paper's
-``train_transform`` (RandomResizedCrop, flip, AutoAugment, ToTensor, Normalize) at ``--img-size``,
-batched by ``stitching.data.loaders.build_loader`` (train mode, per-sample seeded augmentation),
-for each ``--workers`` count. The JPEGs (~500x375, quality 90, like ImageNet's) are generated from
-``SyntheticImages`` into a temporary directory that is removed afterwards.
+Three variants on the same generated ImageNet-sized JPEGs, in one process with one thread
+(``torch.set_num_threads(1)``, loaders with ``--workers`` workers, default 0: everything on this core), timed
+in interleaved rounds so that load from other processes hits all three alike (the median round counts):
 
-Each worker count gets one untimed warm-up pass (worker start-up, page cache) and one timed
-pass. Output: a table, then one JSON line ``{"images_per_s": {"0": ..., ...}, "cpu_count": ...}``.
+- **(a) framework**: the trainer's own code path -- ``stitching.data.loaders.build_datasets`` (ImageFolder
+  opening files lazily) with ``stitching.data.transforms.build_transforms(..., device)`` (``data.pipeline:
+  fast``: RandomResizedCrop box drawn first, JPEG decoded at a reduced size where the box allows,
+  antialiased uint8 resize of the box only, flip, AutoAugment(IMAGENET) on uint8), batched by
+  ``build_loader`` (per-sample seeded, as in training). Its batches are uint8; the float conversion and
+  normalisation run on the device (``stitching.data.pipeline.DeviceNormalize``) and are not counted here.
+- **(b) torchvision**: torchvision's standard ImageNet training pipeline -- ``ImageFolder`` (PIL loader),
+  ``RandomResizedCrop(224)`` + ``RandomHorizontalFlip`` + ``AutoAugment(IMAGENET)`` + ``ToTensor`` +
+  ``Normalize``, a plain shuffled ``DataLoader``.
+- **(c) decode**: the JPEG decode alone with libjpeg-turbo at full size (PIL ``Image.open(path).convert("RGB")``
+  over the same files): the ceiling of any pipeline that decodes every image at full size, as (b) does.
 
-    python benchmarks/data.py                       # defaults: --workers 0 1 2 --images 512
-    python benchmarks/data.py --workers 0 4 8 16 --images 4096 --batch-size 128
+Both pipelines use ``--interpolation`` (default bilinear, torchvision's default) for the crop resize and
+AutoAugment. The JPEGs: ``--images`` files of varied sizes around 500x375 (width 400-600, aspect 0.6-0.9,
+portrait one in eight), quality 90, 4:2:0, of photo-like content (a 1/f-spectrum colour background, like
+natural images' statistics, with a rendered object from ``SyntheticImages`` on it), ~100 KB each as
+ImageNet's average; written to a temporary directory that is removed afterwards.
+
+Output: a table, the ratios a/b and a/c, the implied images/s of an 8-core and a 16-core node (per-core rate
+x cores: data loading scales with worker processes), then one JSON line with ``ratio_a_over_b`` and
+``ratio_a_over_c``.
+
+    python benchmarks/data.py                                   # 512 JPEGs, 5 rounds, batch 32, 224 px
+    python benchmarks/data.py --images 1024 --rounds 7 --interpolation bicubic
 """
 
 from __future__ import annotations
@@ -18,88 +35,169 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from stitching.data.loaders import build_loader, set_epoch  # noqa: E402
+from stitching.data.loaders import build_datasets, build_loader, set_epoch  # noqa: E402
 from stitching.data.synthetic import SyntheticImages  # noqa: E402
-from stitching.data.transforms import train_transform  # noqa: E402
+from stitching.data.transforms import build_transforms  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-JPEG_SIZE = (500, 375)  # width x height, a typical ImageNet photo
 
 
-def write_jpegs(root: Path, images: int, classes: int, seed: int = 0) -> None:
-    """``images`` JPEGs of JPEG_SIZE under ``root/<class>/``, rendered from SyntheticImages."""
-    source = SyntheticImages(num_classes=classes, length=images, img_size=256, seed=seed)
-    for c in range(classes):
-        (root / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        image, label = source[i]
-        image = image.resize(JPEG_SIZE, Image.BILINEAR)
-        image.save(root / f"class_{label:03d}" / f"{i:06d}.jpg", quality=90)
+def photo(rng: np.random.Generator, width: int, height: int, obj: Image.Image) -> Image.Image:
+    """A photo-like image: a 1/f-spectrum colour background (natural images' power law) with ``obj``
+    (a rendered object on its own background) blended into a random region."""
+    fy = np.fft.fftfreq(height)[:, None]
+    fx = np.fft.rfftfreq(width)[None, :]
+    amp = 1.0 / np.maximum(np.hypot(fy, fx), 1.0 / max(width, height))
+    planes = []
+    for _ in range(3):
+        spectrum = amp * np.exp(2j * np.pi * rng.random(amp.shape))
+        plane = np.fft.irfft2(spectrum, s=(height, width))
+        planes.append((plane - plane.mean()) / plane.std())
+    x = np.stack(planes, -1) @ rng.normal(0.0, 0.35, (3, 3)) + rng.uniform(-0.4, 0.4, 3)
+    img = Image.fromarray((np.clip(x * 0.22 + 0.5, 0.0, 1.0) * 255).astype(np.uint8))
+    side = int(min(width, height) * rng.uniform(0.5, 0.9))
+    left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+    img.paste(Image.blend(img.crop((left, top, left + side, top + side)), obj.resize((side, side), Image.BILINEAR),
+                          0.75), (left, top))
+    return img
 
 
-def images_per_second(root: Path, workers: int, batch_size: int, img_size: int) -> float:
-    """Throughput of one timed epoch (after a warm-up epoch) with ``workers`` loader workers."""
+def write_jpegs(root: Path, images: int, classes: int, seed: int = 0) -> float:
+    """``images`` JPEGs under ``root/train/<class>/`` and ``root/val/<class>/`` (a few); mean size in KB."""
+    rng = np.random.default_rng(seed)
+    objects = SyntheticImages(num_classes=classes, length=images, img_size=128, seed=seed)
+    sizes = []
+    for split, count in (("train", images), ("val", classes)):
+        for c in range(classes):
+            (root / split / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            width = int(rng.integers(400, 601))
+            height = int(width * rng.uniform(0.6, 0.9))
+            if rng.random() < 0.125:
+                width, height = height, width
+            obj, label = objects[i]
+            path = root / split / f"class_{label:03d}" / f"{i:06d}.jpg"
+            photo(rng, width, height, obj).save(path, quality=90)
+            sizes.append(path.stat().st_size)
+    return float(np.mean(sizes)) / 1e3
+
+
+def framework_loader(root: Path, classes: int, img_size: int, batch_size: int, workers: int, interpolation: str):
+    """(a): the trainer's datasets, transforms and loader for ``data.name: imagefolder`` (pipeline fast)."""
+    data = SimpleNamespace(name="imagefolder", root=str(root), num_classes=classes, img_size=img_size,
+                           normalize="imagenet", auto_augment=True, train_interpolation=interpolation,
+                           auto_augment_interpolation=None, min_crop_scale=0.08, eval_crop_pct=None,
+                           eval_interpolation=None, pipeline="fast", decode="cpu", bad_images="error", seed=0)
+    model_cfg = {"input_size": (3, img_size, img_size), "interpolation": interpolation, "mean": IMAGENET_MEAN,
+                 "std": IMAGENET_STD, "crop_pct": 0.875, "crop_mode": "center"}
+    train_tf, eval_tf = build_transforms(model_cfg, data, torch.device("cpu"))
+    train, _ = build_datasets(data, train_tf, eval_tf)
+    return build_loader(train, batch_size, True, 0, workers, pin_memory=False)
+
+
+def torchvision_loader(root: Path, img_size: int, batch_size: int, workers: int, interpolation: str):
+    """(b): torchvision's standard ImageNet training pipeline."""
+    from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    dataset = ImageFolder(str(root), transform=train_transform(img_size, IMAGENET_MEAN, IMAGENET_STD))
-    loader = build_loader(dataset, batch_size=batch_size, train=True, seed=0, workers=workers)
-    count = 0
-    for epoch in range(2):
+    mode = T.InterpolationMode(interpolation)
+    tf = T.Compose([T.RandomResizedCrop(img_size, interpolation=mode), T.RandomHorizontalFlip(),
+                    T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, interpolation=mode), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = ImageFolder(str(root / "train"), transform=tf)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=workers > 0,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def time_loader(loader, epoch: int) -> float:
+    """images/s of one pass."""
+    if hasattr(loader, "seed"):
         set_epoch(loader, epoch)
-        start = time.perf_counter()
-        count = 0
-        for images, _ in loader:
-            count += images.shape[0]
-        elapsed = time.perf_counter() - start
-    del loader
-    return count / elapsed
+    start, count = time.perf_counter(), 0
+    for images, _ in loader:
+        count += images.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def time_decode(files: list[Path]) -> float:
+    """images/s of decoding every file at full size (libjpeg-turbo via PIL)."""
+    start = time.perf_counter()
+    for path in files:
+        with Image.open(path) as img:
+            img.convert("RGB")
+    return len(files) / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to measure")
-    parser.add_argument("--images", type=int, default=512, help="number of JPEGs to generate")
+    parser.add_argument("--images", type=int, default=512, help="number of training JPEGs to generate")
     parser.add_argument("--classes", type=int, default=4, help="number of class folders")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224, help="RandomResizedCrop output size")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads in the main process (1 = like a training job's loader)")
+    parser.add_argument("--interpolation", default="bilinear", choices=("nearest", "bilinear", "bicubic"))
+    parser.add_argument("--workers", type=int, default=0,
+                        help="loader workers of (a) and (b) (0: in this process, i.e. one core)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
     args = parser.parse_args(argv)
     if args.images < args.batch_size:
         parser.error("--images must be at least --batch-size (train loaders drop the last partial batch)")
-    if any(w < 0 for w in args.workers):
-        parser.error("--workers must be >= 0")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
 
-    results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="stitching-data-bench-") as tmp:
+        root = Path(tmp)
         start = time.perf_counter()
-        write_jpegs(Path(tmp), args.images, args.classes)
-        print(f"wrote {args.images} JPEGs of {JPEG_SIZE[0]}x{JPEG_SIZE[1]} in {time.perf_counter() - start:.1f} s; "
-              f"pipeline: ImageFolder decode + train_transform({args.img_size}) + build_loader(batch {args.batch_size})")
-        print(f"{'workers':>8} {'images/s':>10} {'images/s/worker':>16}")
-        for workers in args.workers:
-            rate = images_per_second(Path(tmp), workers, args.batch_size, args.img_size)
-            results[str(workers)] = round(rate, 1)
-            print(f"{workers:>8d} {rate:>10.1f} {rate / max(workers, 1):>16.1f}", flush=True)
+        kb = write_jpegs(root, args.images, args.classes)
+        files = sorted((root / "train").rglob("*.jpg"))
+        print(f"wrote {len(files)} JPEGs (~500x375, varied; mean {kb:.0f} KB) in {time.perf_counter() - start:.1f} s; "
+              f"{args.img_size} px, batch {args.batch_size}, {args.interpolation}, workers {args.workers}, "
+              f"torch threads {torch.get_num_threads()}, {args.rounds} rounds")
+        loaders = {"a": framework_loader(root, args.classes, args.img_size, args.batch_size, args.workers,
+                                         args.interpolation),
+                   "b": torchvision_loader(root, args.img_size, args.batch_size, args.workers, args.interpolation)}
+        rates: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        for round_ in range(args.rounds + 1):                     # round 0 warms up (page cache, workers)
+            for key in ("a", "b", "c"):
+                rate = time_decode(files) if key == "c" else time_loader(loaders[key], round_)
+                if round_:
+                    rates[key].append(rate)
+        del loaders
+
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    names = {"a": "(a) framework (fast, uint8)", "b": "(b) torchvision ImageNet", "c": "(c) decode only (full)"}
+    print(f"{'variant':30} {'images/s':>9} {'ms/image':>9}   rounds (images/s)")
+    for key in ("a", "b", "c"):
+        print(f"{names[key]:30} {median[key]:9.1f} {1e3 / median[key]:9.3f}   "
+              f"[{', '.join(f'{r:.0f}' for r in rates[key])}]")
+    a_b, a_c = median["a"] / median["b"], median["a"] / median["c"]
+    per_core = {k: v / max(args.workers, 1) for k, v in median.items()}
+    print(f"a/b = {a_b:.2f}, a/c = {a_c:.2f}; per core: (a) {per_core['a']:.0f}, (b) {per_core['b']:.0f} images/s "
+          f"-> 8-core node (a) {8 * per_core['a']:.0f} / (b) {8 * per_core['b']:.0f}, "
+          f"16-core node (a) {16 * per_core['a']:.0f} / (b) {16 * per_core['b']:.0f} images/s")
     summary = {
-        "images_per_s": results,
-        "cpu_count": os.cpu_count(),
-        "images": args.images,
-        "batch_size": args.batch_size,
-        "img_size": args.img_size,
+        "images_per_s": {k: round(v, 1) for k, v in median.items()},
+        "rounds": {k: [round(r, 1) for r in v] for k, v in rates.items()},
+        "ratio_a_over_b": round(a_b, 3), "ratio_a_over_c": round(a_c, 3),
+        "node_images_per_s": {"8": {k: round(8 * per_core[k]) for k in ("a", "b")},
+                              "16": {k: round(16 * per_core[k]) for k in ("a", "b")}},
+        "mean_jpeg_kb": round(kb, 1), "images": len(files), "batch_size": args.batch_size,
+        "img_size": args.img_size, "interpolation": args.interpolation, "workers": args.workers,
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
     }
     print(json.dumps(summary))
     return summary

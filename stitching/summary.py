@@ -55,10 +55,8 @@ def summarize(cfg, built=None) -> dict:
     plan = built.plan
     out["num_adapters"] = plan.num_adapters if plan else 0
     if plan:
-        cuts = ({"source_block": plan.source_block, "destination_block": plan.destination_block}
-                if plan.source_block is not None else
-                {"source_stage": plan.source_stage, "destination_stage": plan.destination_stage})
-        out.update(destination=plan.destination, **cuts, gap=plan.cut_label, adapter=plan.adapter,
+        out.update(destination=plan.destination, source_stage=plan.source_stage,
+                   destination_stage=plan.destination_stage, adapter=plan.adapter,
                    resize=plan.effective_resize, schedule=plan.schedule, joins=plan.joins())
     else:
         out["joins"] = []
@@ -70,7 +68,7 @@ def similarity(cfg, n: int, built) -> dict:
     (:func:`build_stitched`), on the first ``n`` training images (evaluation transforms), before training."""
     import torch
 
-    from stitching.data.loaders import build_datasets
+    from stitching.data.loaders import build_datasets, default_workers
     from stitching.data.transforms import build_transforms
     from stitching.stitch.join import similarity_before
 
@@ -83,7 +81,8 @@ def similarity(cfg, n: int, built) -> dict:
     train_set, _ = build_datasets(data, eval_tf, eval_tf)
     subset = torch.utils.data.Subset(train_set, range(min(n, len(train_set))))
     loader = torch.utils.data.DataLoader(subset, batch_size=min(64, max(n, 1)), shuffle=False,
-                                         num_workers=cfg.data.workers)
+                                         num_workers=default_workers() if cfg.data.workers is None
+                                         else cfg.data.workers)
     return similarity_before(built, (x for x, _ in loader), device)
 
 

@@ -8,6 +8,7 @@ This module owns:
 * :func:`build_loader` / :func:`set_epoch` -- DataLoaders for which epoch ``e`` is a pure function
   of ``(seed, e)``, so a run resumed at epoch ``e`` sees exactly the batches an uninterrupted run
   sees.
+* :func:`default_workers` -- ``data.workers: null``: loader workers from the CPUs the job gives each process.
 * :class:`BadImageError` and ``data.bad_images`` -- an unreadable or non-image file in an image
   folder (a corrupt or truncated JPEG, a text file named ``.jpg``, no read permission) is found when
   it is loaded (no scan of the whole folder first): ``"error"`` stops with an error naming the file
@@ -47,9 +48,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data import default_collate
 
+from stitching.data.pipeline import EncodedSample, collate_encoded, open_image
 from stitching.data.synthetic import SyntheticImages
 
 __all__ = ["build_datasets", "build_loader", "set_epoch", "start_at", "sample_seed", "seed_worker", "DATASET_NAMES",
+           "default_workers",
            "BAD_IMAGE_MODES", "BadImageError"]
 
 DATASET_NAMES = ("synthetic", "imagefolder")
@@ -101,7 +104,8 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"imagefolder split folder does not exist: {path} (expected root/{split}/<class>/...)")
-        folder = ImageFolder(path, transform=tf, loader=load_image)
+        # the fast transforms decode the lazily opened file themselves (at a reduced size where they can)
+        folder = ImageFolder(path, transform=tf, loader=open_image if getattr(tf, "decodes", False) else load_image)
         datasets.append(_SkipBadFiles(folder) if mode == "skip" else folder)
     train, val = datasets
     # ImageFolder numbers classes by sorted folder name: a class folder missing from one split
@@ -185,12 +189,12 @@ class _SkipBadFiles(Dataset):
 
 def _collate_present(batch: list):
     """``default_collate`` of the samples that loaded (an unreadable file skipped by ``bad_images: skip``
-    arrives as ``None``)."""
+    arrives as ``None``); undecoded samples (``data.decode: gpu``) stay a list, their labels a tensor."""
     kept = [b for b in batch if b is not None]
-    if len(kept) == len(batch):
-        return default_collate(batch)
     if not kept:
         raise BadImageError(f"every file of a batch of {len(batch)} is unreadable (data.bad_images=skip)")
+    if isinstance(kept[0][0], EncodedSample):
+        return collate_encoded([b[0] for b in kept]), torch.tensor([b[1] for b in kept])
     return default_collate(kept)
 
 
@@ -356,15 +360,33 @@ def _seed_all(seed: int) -> None:
 # --------------------------------------------------------------------------- loaders
 
 
+def default_workers(environ=None, cpus: int | None = None) -> int:
+    """Loader workers per training process when ``data.workers`` is null: the CPUs the job gives this process
+    less one for the process itself -- ``SLURM_CPUS_PER_TASK`` (else the CPUs this process may run on,
+    ``os.sched_getaffinity``) divided by the processes sharing them (``LOCAL_WORLD_SIZE``, set by
+    ``torch.distributed.run``; one task per GPU under ``srun`` has its own CPUs)."""
+    env = os.environ if environ is None else environ
+    if cpus is None:
+        slurm = str(env.get("SLURM_CPUS_PER_TASK", "")).strip()
+        if slurm.isdigit() and int(slurm) > 0:
+            cpus = int(slurm)
+        else:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = str(env.get("LOCAL_WORLD_SIZE", "")).strip()
+    per_process = cpus // max(1, int(local)) if local.isdigit() and int(local) > 0 else cpus
+    return max(0, per_process - 1)
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
     train: bool,
     seed: int,
-    workers: int,
+    workers: int | None,
     rank: int = 0,
     world_size: int = 1,
     epoch_seeded: bool = True,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """A DataLoader whose epoch ``e`` (after ``set_epoch(loader, e)``) depends only on ``(seed, e)``.
 
@@ -372,8 +394,10 @@ def build_loader(
       rank gets its shard.
     * otherwise: a ``RandomSampler`` driven by its own ``torch.Generator`` (seeded ``seed + epoch``
       by :func:`set_epoch`) when ``train``, sequential order when not.
-    * ``drop_last=train``; ``pin_memory`` when CUDA is available; ``persistent_workers`` when
-      ``workers > 0``; workers seeded via :func:`seed_worker` and a seeded loader generator.
+    * ``workers=None``: :func:`default_workers`. ``drop_last=train``; ``pin_memory`` as given (the trainer:
+      when it trains on CUDA; None: when CUDA is available); ``persistent_workers`` for a train loader with
+      workers (an evaluation loader's workers end with each pass instead of idling through training);
+      workers seeded via :func:`seed_worker` and a seeded loader generator.
     * ``epoch_seeded=True`` (default): every sample's augmentation is seeded from
       ``(seed, epoch, index)``, so batches are identical for any worker count and across resumes.
       ``epoch_seeded=False``: the plain PyTorch behaviour (augmentation from the worker RNG
@@ -383,6 +407,8 @@ def build_loader(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if workers is None:
+        workers = default_workers()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -406,8 +432,8 @@ def build_loader(
         sampler=sampler,
         drop_last=train,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else bool(pin_memory),
+        persistent_workers=workers > 0 and train,
         worker_init_fn=seed_worker if workers > 0 else None,
         generator=torch.Generator().manual_seed(int(seed) + 1),
         collate_fn=_collate_present,

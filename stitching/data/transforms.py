@@ -8,7 +8,7 @@ This module owns how a PIL image becomes a normalised tensor:
   a timm data config (resize, crop_pct, crop_mode, interpolation, mean/std -- ViT augreg uses
   mean/std 0.5, not ImageNet's).
 * :func:`data_config_for_size` -- the same data config at another input resolution.
-* :func:`build_transforms` -- both, from the source model's data config and a config's ``data`` section
+* :func:`build_transforms` -- both (as :mod:`stitching.data.pipeline`'s fast transforms by default), from the source model's data config and a config's ``data`` section
   (which may override normalisation, interpolations and the evaluation crop: the code-faithful preset
   ``configs/paper/imagenet_code.yaml`` uses ImageNet mean/std, Resize 256 / CenterCrop 224 bilinear and
   AutoAugment with nearest interpolation for every model, as the paper's code did).
@@ -107,21 +107,45 @@ def data_config_for_size(data_config: Mapping[str, Any], img_size: int) -> dict:
     return config
 
 
-def build_transforms(model_data_config: Mapping[str, Any], data) -> tuple[T.Compose, T.Compose]:
+def build_transforms(model_data_config: Mapping[str, Any], data, device=None) -> tuple[Any, Any]:
     """(train, eval) transforms for a run: the source model's data config at ``data.img_size``, with the
     overrides of a config's ``data`` section (``normalize``, ``train_interpolation``,
-    ``auto_augment_interpolation``, ``eval_crop_pct``, ``eval_interpolation``; null keeps the model's)."""
+    ``auto_augment_interpolation``, ``eval_crop_pct``, ``eval_interpolation``; null keeps the model's).
+
+    ``data.pipeline`` picks how they are computed (the same augmentation distribution either way):
+    ``torchvision`` -- :func:`train_transform` / :func:`eval_transform` (PIL, float work on the CPU);
+    ``fast`` (default) -- :mod:`stitching.data.pipeline` (crop box first, reduced-size JPEG decoding, uint8
+    augmentation). With ``device`` (the trainer's), the fast transforms return uint8 images and their
+    ``normalize`` runs on the device (:func:`stitching.data.pipeline.batch_to_device`), and ``data.decode: gpu``
+    leaves the decoding to the device (falling back to the CPU, in one line on the log, where CUDA or nvJPEG
+    is missing). Without ``device`` every transform returns a normalised float tensor (other callers)."""
+    from stitching.data import pipeline as P
+
     dcfg = data_config_for_size(model_data_config, data.img_size)
     if data.normalize == "imagenet":
         dcfg["mean"], dcfg["std"] = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
     elif data.normalize != "model":
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {data.normalize!r}")
+    interpolation = data.train_interpolation or dcfg.get("interpolation", "bilinear")
     train = train_transform(data.img_size, dcfg["mean"], dcfg["std"], auto_augment=data.auto_augment,
-                            interpolation=data.train_interpolation or dcfg.get("interpolation", "bilinear"),
-                            min_crop_scale=data.min_crop_scale,
+                            interpolation=interpolation, min_crop_scale=data.min_crop_scale,
                             auto_augment_interpolation=data.auto_augment_interpolation)
     if data.eval_crop_pct is not None:
         dcfg["crop_pct"], dcfg["crop_mode"] = data.eval_crop_pct, "center"
     if data.eval_interpolation is not None:
         dcfg["interpolation"] = data.eval_interpolation
-    return train, eval_transform(dcfg)
+    evaluation = eval_transform(dcfg)
+    pipeline = getattr(data, "pipeline", "fast")
+    if pipeline == "torchvision":
+        return train, evaluation
+    if pipeline != "fast":
+        raise ValueError(f"pipeline must be one of {P.PIPELINES}, got {pipeline!r}")
+    fast_train = P.FastTrainTransform(
+        data.img_size, dcfg["mean"], dcfg["std"], scale=(data.min_crop_scale, 1.0),
+        interpolation=_INTERPOLATIONS[interpolation], auto_augment=data.auto_augment,
+        auto_augment_interpolation=_INTERPOLATIONS[data.auto_augment_interpolation or interpolation],
+        cpu_float=device is None)
+    fast_eval = P.FastEvalTransform(evaluation, dcfg["mean"], dcfg["std"], cpu_float=device is None)
+    if device is not None and P.resolve_decode(getattr(data, "decode", "cpu"), device) == "gpu":
+        return P.EncodedTrainTransform(fast_train), P.EncodedEvalTransform(fast_eval)
+    return fast_train, fast_eval

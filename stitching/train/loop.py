@@ -145,6 +145,7 @@ class Run:
     val_set: object = None                  # the whole validation set (the similarity at the join reads it)
     objective: object = None                # stitching.train.objective.Objective
     preempt: _Preemption | None = None
+    to_device: tuple = (None, None)         # (train, eval) batch -> device (stitching.data.pipeline.batch_to_device)
 
     @property
     def model(self) -> nn.Module:
@@ -203,6 +204,7 @@ def _start(r: Run, force: bool) -> int | None:
     """Checks, model, data, then the run directory (locked, config written) and the step; None to train
     on, or an exit code (an already finished run)."""
     from stitching.data.loaders import build_loader
+    from stitching.data.pipeline import CpuFloat
     from stitching.stitch.cost import count_cost
 
     cfg, info = r.cfg, r.info
@@ -211,7 +213,7 @@ def _start(r: Run, force: bool) -> int | None:
     if _already_finished(r, force):
         return R.EXIT_OK
     train_ds, val_ds = _build(r)
-    r.val_set = val_ds
+    r.val_set = CpuFloat(val_ds, val_ds.transform) if hasattr(val_ds, "transform") else val_ds   # normalised floats
     _open_rundir(r, force)
 
     r.cost = count_cost(r.model, cfg.data.img_size)
@@ -219,10 +221,11 @@ def _start(r: Run, force: bool) -> int | None:
     r.precision = P.resolve_precision(cfg.train.precision, r.device)
     r.st = build_step(r.model, cfg, r.built.kind, r.device, r.precision, r.accum, r.steps_per_epoch, info)
     r.objective = Objective(cfg, r.built, r.device, r.st.channels_last)
+    pin = r.device.type == "cuda"
     r.train_loader = build_loader(train_ds, r.per_device, True, cfg.train.seed, cfg.data.workers, info.rank,
-                                  info.world_size) if r.epochs > 0 else None
+                                  info.world_size, pin_memory=pin) if r.epochs > 0 else None
     r.val_loader = build_loader(torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size)),
-                                r.per_device, False, cfg.train.seed, cfg.data.workers)
+                                r.per_device, False, cfg.train.seed, cfg.data.workers, pin_memory=pin)
     _resume(r, force)
     return None
 
@@ -248,6 +251,7 @@ def _already_finished(r: Run, force: bool) -> bool:
 def _build(r: Run) -> tuple:
     """The model and the datasets, every check before any compute or write (ConfigError); (train, val)."""
     from stitching.data.loaders import build_datasets
+    from stitching.data.pipeline import batch_to_device
     from stitching.data.transforms import build_transforms
     from stitching.stitch.stitcher import build_model
 
@@ -259,7 +263,8 @@ def _build(r: Run) -> tuple:
         key = getattr(err, "key", None) or ("model.destination_weights" if "destination" in str(err)
                                             else "model.source_weights")
         raise cfg.error(key, str(err).splitlines()[0]) from None
-    train_tf, eval_tf = build_transforms(r.built.data_config, cfg.data)
+    train_tf, eval_tf = build_transforms(r.built.data_config, cfg.data, r.device)   # uint8 out, finished on the device
+    r.to_device = (batch_to_device(train_tf, r.device), batch_to_device(eval_tf, r.device))
     try:
         train_ds, val_ds = build_datasets(dataclasses.replace(cfg.data, num_classes=cfg.num_classes), train_tf,
                                           eval_tf)
@@ -336,7 +341,7 @@ def _resume(r: Run, force: bool) -> None:
         r.metrics = []
         r.pos["world_size"] = info.world_size
         m = r.cfg.model
-        stitch = (f" {r.built.plan.cut_label} {m.destination or m.source}" if r.built.plan else "")
+        stitch = (f" {m.source_stage}->{m.destination_stage} {m.destination or m.source}" if r.built.plan else "")
         r.say(f"run {r.rundir.path}: {r.built.kind} {m.source}{stitch}, {r.cost['macs'] / 1e9:.3f} GMACs, "
               f"{r.cost['trainable_params']:,} trainable of {r.cost['params']:,} params; {r.epochs} epochs x "
               f"{r.steps_per_epoch} steps, batch {r.cfg.train.batch_size} = {r.per_device} x {info.world_size} x "
@@ -381,7 +386,7 @@ def _train(r: Run) -> int:
         last_eval = _end_epoch(r, epoch)
     r.preempt.restore()
     if last_eval is None:
-        last_eval = evaluate(r.st, r.val_loader, r.info)
+        last_eval = evaluate(r.st, r.val_loader, r.info, r.to_device[1])
     return _finish(r, last_eval)
 
 
@@ -408,6 +413,7 @@ def _train_epoch(r: Run, epoch: int) -> bool:
     st.reset_sums(pos["sums"])
     try:
         for i, (x, y) in enumerate(batches, start=skip):
+            x, y = r.to_device[0](x, y)
             loss = train_step(st, x, y, i)
             step_images += len(y) * info.world_size
             pos["batch"] = i + 1
@@ -458,7 +464,7 @@ def _check_finite(r: Run, epoch: int) -> None:
 def _end_epoch(r: Run, epoch: int) -> dict:
     """Evaluate, append the epoch's metrics row, checkpoint."""
     _check_finite(r, epoch)
-    ev = evaluate(r.st, r.val_loader, r.info)
+    ev = evaluate(r.st, r.val_loader, r.info, r.to_device[1])
     s = D.all_sum(r.pos["sums"], r.device, r.info)
     r.metrics.append({"epoch": epoch + 1, "step": r.pos["step"], "lr": r.st.lr(),
                       "train_loss": s[0] / max(s[2], 1), "train_top1": 100 * s[1] / max(s[2], 1), **ev,
@@ -542,7 +548,7 @@ def _skipped(loader, skip: int):
 
 
 @torch.no_grad()
-def evaluate(st: StepState, loader, info: D.DistInfo) -> dict:
+def evaluate(st: StepState, loader, info: D.DistInfo, prepare=None) -> dict:
     """Top-1, top-5 (percent) and mean loss over ``loader`` (this rank's share): summed on the device
     (float64: loss, top-1 hits, top-5 hits, images; no host sync per batch), then one all-reduce over the
     ranks and one read."""
@@ -550,7 +556,8 @@ def evaluate(st: StepState, loader, info: D.DistInfo) -> dict:
     runner.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # prepare: the pipeline's device stage (uint8 -> normalised float there; stitching.data.pipeline)
+        x, y = prepare(x, y) if prepare else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         if st.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(st.precision, device):
@@ -608,8 +615,7 @@ def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
         "run_id": r.rundir.path.name, "kind": built.kind, "source": m.source,
         "destination": plan.destination if plan else m.source,
         "source_stage": plan.source_stage if plan else "", "destination_stage": plan.destination_stage if plan else "",
-        "source_block": plan.source_block if plan else "", "destination_block": plan.destination_block if plan else "",
-        "gap": plan.cut_label if plan else "",
+        "gap": f"{plan.source_stage}->{plan.destination_stage}" if plan else "",
         "adapter": plan.adapter if plan else "", "resize": plan.effective_resize if stitched else "",
         "resamples": any(s.size_in != s.size_out for s in plan.steps) if stitched else "",
         "resize_modes": resize_modes(cfg) if stitched else "",
