@@ -407,7 +407,7 @@ def _check_random_init(cfg: Config) -> None:
     from stitching.stitch.stitcher import RANDOM_INIT
 
     _one_of(cfg, "model.random_init", RANDOM_INIT)
-    if cfg.model.source_stage is None and cfg.model.random_init in ("destination", "both"):
+    if cfg.is_original and cfg.model.random_init in ("destination", "both"):
         raise cfg.error("model.random_init", "an original (unstitched) model has no destination: use none or "
                         "source")
 

@@ -7,7 +7,8 @@ the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`
 the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
 ``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its affinity, e.g. a SLURM allocation) / N,
 unless the parent sets them. SIGTERM/SIGINT to the launcher is forwarded to the running trainers (which
-checkpoint and exit with ``EXIT_PREEMPTED``); nothing new is started afterwards. Re-running the launcher resumes them.
+checkpoint and exit with ``EXIT_PREEMPTED``; one still starting up, killed by the signal, counts as preempted
+too); nothing new is started afterwards. Re-running the launcher resumes them.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
                 code = proc.poll()
                 if code is not None:
                     log.close()
+                    if code < 0 and stop["signal"] is not None:
+                        # stopped by the forwarded signal before its handler was installed (still starting):
+                        # nothing trained is lost, the next launch resumes it -- preempted, not failed
+                        code = EXIT_PREEMPTED
                     codes[str(d)] = code
                     del running[d]
                     state = describe_exit(code)

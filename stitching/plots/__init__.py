@@ -8,8 +8,11 @@ Input is the tidy table written by ``python -m stitching.collect`` (one row per 
   baseline's learning rate chosen by the best *mean* over seeds.
 - :mod:`~stitching.plots.figures`: accuracy vs. stage (Figs. 3, 4-left, 9-11), accuracy vs. MACs
   (Figs. 4-right, 5, 12-14) and the cross-architecture comparison (Figs. 6, 15).
+- :mod:`~stitching.plots.similarity`: accuracy vs. linear CKA at the join, before and after training.
 - :mod:`~stitching.plots.table`: Table 1 (Markdown and LaTeX).
 - :mod:`~stitching.plots.draw`: everything at once for every architecture combination present.
+- :mod:`~stitching.plots.matrix`: stitching-matrix heatmaps (with the random-init controls) and accuracy vs
+  relative depth difference, from a matrix's cell table (``python -m stitching.matrix``).
 
 Figures are drawn on matplotlib's Agg canvas without touching the global backend, so the same
 functions work in scripts and inline in notebooks.
@@ -31,10 +34,11 @@ from stitching.plots.figures import (
     plot_cross_architecture,
 )
 from stitching.plots.labels import add_labels, arch_name, method_label
+from stitching.plots.similarity import cka_scenarios, plot_accuracy_vs_cka
 from stitching.plots.table import table1, write_table1
 
 __all__ = [
-    "NoData", "add_labels", "aggregate", "arch_name", "best_finetune_lr", "draw_all", "load_results",
-    "method_label", "originals", "plot_accuracy_vs_macs", "plot_accuracy_vs_stage",
+    "NoData", "add_labels", "aggregate", "arch_name", "best_finetune_lr", "cka_scenarios", "draw_all",
+    "load_results", "method_label", "originals", "plot_accuracy_vs_cka", "plot_accuracy_vs_macs", "plot_accuracy_vs_stage",
     "plot_cross_architecture", "prepare", "share_resize_free", "table1", "write_table1",
 ]

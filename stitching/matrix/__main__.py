@@ -1,0 +1,169 @@
+"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw]``.
+
+Expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
+random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
+(:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.__main__.launch`): impossible cells are
+dropped and counted with their reason, duplicates dropped, each cell gets a stable run directory under
+``DIR`` (default ``runs/<matrix name>``), finished cells are skipped and unfinished ones resume. It prints
+one table per matrix (rows sender cuts, columns receiver cuts; each cell's state) and the counts.
+
+``--launcher local`` trains the unfinished cells here (``--parallel N`` at a time), then collects every
+finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the cell table into
+``DIR/matrix.csv`` (:mod:`stitching.matrix.cells`) and draws ``DIR/figures/matrix_heatmaps.png`` and
+``DIR/figures/accuracy_vs_depth.png`` (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
+arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have run, ``--draw`` collects and
+draws. ``--dry-run`` prints the tables and counts and writes or submits nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from stitching import rundir as R
+from stitching.config import run_cli
+from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
+
+#: a cell's mark in the printed tables
+MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
+IMPOSSIBLE, MISSING = "x", " "
+LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started or preempted (resumes), "
+          f"'{MARKS[R.FAILED]}' failed, '{IMPOSSIBLE}' cannot be stitched (see above), '=' built by another cell")
+
+
+def expand_matrix(matrix: Matrix, runs_dir: Path):
+    """The matrix's runs through the sweep machinery: an :class:`stitching.sweep.spec.Expansion`."""
+    from stitching.sweep.spec import expand_blocks
+
+    return expand_blocks(matrix.blocks(), runs_dir, src=str(matrix.path))
+
+
+def cell_marks(matrix: Matrix, exp) -> dict[str, dict[tuple[int, int], str]]:
+    """Per matrix (sweep block name), the mark of every cell (several seeds: the marks joined)."""
+    from stitching.matrix.spec import CUT_KEYS
+
+    src_key, dst_key = (k.partition(".")[2] for k in CUT_KEYS[matrix.cuts])
+    marks: dict[str, dict[tuple[int, int], list[str]]] = {}
+    for run in exp.runs:
+        for k, point in enumerate(run.points):
+            i, j = point["grid"][f"model.{src_key}"], point["grid"][f"model.{dst_key}"]
+            mark = MARKS[R.status(run.config.output.dir)] if k == 0 else "="
+            marks.setdefault(point["block"], {}).setdefault((i, j), []).append(mark)
+    return {b: {cell: "".join(m) for cell, m in cells.items()} for b, cells in marks.items()}
+
+
+def print_tables(matrix: Matrix, exp) -> None:
+    marks = cell_marks(matrix, exp)
+    unit = "stage" if matrix.cuts == "stages" else "block"
+    width = max(3, len(str(max(matrix.receiver_cuts))) + 1, len(matrix.seeds or [0]) + 1)
+    for control in matrix.controls:
+        block = matrix.block_name(control)
+        cells = marks.get(block, {})
+        print(f"{CONTROL_NAMES[control]} ({sum(len(m) for m in cells.values())} runs): rows sender {unit}, "
+              f"columns receiver {unit}")
+        print(f"{'':>8}" + "".join(f"{j:>{width}}" for j in matrix.receiver_cuts))
+        for i in matrix.sender_cuts:
+            row = "".join(f"{cells.get((i, j), IMPOSSIBLE):>{width}}" for j in matrix.receiver_cuts)
+            print(f"{i:>8}" + row)
+        print()
+
+
+def summary_line(matrix: Matrix) -> str:
+    seeds = len(matrix.seeds or [0])
+    what = f"{matrix.sender}" + ("" if matrix.sender == matrix.receiver else f" -> {matrix.receiver}")
+    controls = ", ".join(CONTROL_NAMES[c] for c in matrix.controls[1:]) or "none"
+    return (f"matrix {matrix.name}: {what}, {matrix.cuts} (stride {matrix.stride}): {len(matrix.sender_cuts)} sender "
+            f"x {len(matrix.receiver_cuts)} receiver cuts x {seeds} seed{'s' * (seeds > 1)} = "
+            f"{matrix.cells * seeds} cells per matrix; {len(matrix.controls)} matrices (trained; controls: "
+            f"{controls})")
+
+
+def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
+    """Collect the finished cells, write ``results.csv`` and ``matrix.csv``, draw the figures."""
+    from stitching.matrix.cells import cell_table
+    from stitching.plots.figures import NoData
+    from stitching.plots.matrix import plot_accuracy_vs_depth, plot_matrix_heatmaps
+    from stitching.results.collect import collect, summarize, write_csv_atomic
+    from stitching.results.recipe import recipe_label, split_by_recipe
+
+    if not runs_dir.is_dir():
+        print(f"nothing to draw: {runs_dir} does not exist (run the matrix first)")
+        return 0
+    df, problems = collect(runs_dir)
+    print(summarize(df, problems))
+    write_csv_atomic(df, runs_dir / "results.csv")
+    table = cell_table(df, matrix, run_names)
+    write_csv_atomic(table, runs_dir / "matrix.csv")
+    print(f"wrote {runs_dir / 'results.csv'} ({len(df)} rows), {runs_dir / 'matrix.csv'} ({len(table)} cells)")
+    mine = df[df["run_dir"].map(lambda d: str(d).split("/")[-1] in run_names)] if len(df) else df
+    recipes = [r for r, _ in split_by_recipe(mine.drop(columns=["random_init"], errors="ignore"))] if len(mine) \
+        else []
+    caption = recipe_label(recipes[0]) if len(recipes) == 1 else ""
+    figures = runs_dir / "figures"
+    try:
+        written = [plot_matrix_heatmaps(table, figures / "matrix_heatmaps.png", matrix.cuts, matrix.sender_cuts,
+                                        matrix.receiver_cuts, matrix.controls, caption),
+                   plot_accuracy_vs_depth(table, figures / "accuracy_vs_depth.png", caption)]
+    except NoData as err:
+        print(f"no figures: {err}")
+        return 0
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stitching.matrix", description=__doc__.split("\n")[0])
+    parser.add_argument("matrix", help="matrix YAML file")
+    parser.add_argument("--launcher", choices=("local", "slurm"), help="where the cells train (required unless "
+                        "--draw)")
+    parser.add_argument("--runs-dir", help="where run directories go (default: runs/<matrix name>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells; write and submit nothing")
+    parser.add_argument("--draw", action="store_true", help="only collect the finished cells and draw")
+    parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a slurm resource (as python -m stitching.sweep)")
+    args = parser.parse_args(argv)
+    if args.launcher is None and not args.draw:
+        parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
+
+    from stitching.sweep.__main__ import _print_dropped, launch
+
+    matrix = load_matrix(args.matrix)
+    runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
+    exp = expand_matrix(matrix, runs_dir)
+    names = {r.name for r in exp.runs}
+    if args.draw:
+        return draw(matrix, runs_dir, names)
+
+    print(summary_line(matrix))
+    print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}")
+    _print_dropped("cells that cannot be stitched", exp.impossible)
+    _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
+    print()
+    print_tables(matrix, exp)
+    print(f"legend: {LEGEND}")
+    status = Counter(R.status(r.config.output.dir) for r in exp.runs)
+    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
+    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
+    if args.dry_run:
+        print("dry run: nothing written or submitted")
+        return 0
+    code = 0
+    if todo:
+        code = launch(todo, matrix.blocks(), runs_dir, matrix.name, args.launcher, args.parallel, args.slurm)
+    else:
+        print("nothing to do: every cell has finished")
+    if args.launcher == "local" and code != R.EXIT_PREEMPTED:
+        draw(matrix, runs_dir, names)
+    elif args.launcher == "slurm":
+        print(f"once the jobs have run: python -m stitching.matrix {args.matrix} --draw"
+              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+    return code
+
+
+if __name__ == "__main__":
+    run_cli(main)

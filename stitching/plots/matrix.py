@@ -1,0 +1,130 @@
+"""Stitching-matrix figures, drawn from a matrix's cell table (:func:`stitching.matrix.cells.cell_table`).
+
+Owns two figure kinds (PNG, Agg canvas, no global pyplot state), in the style of
+:mod:`stitching.plots.figures` (``out_path=None`` returns the :class:`~matplotlib.figure.Figure`; nothing to
+draw raises :class:`~stitching.plots.figures.NoData`):
+
+- :func:`plot_matrix_heatmaps`: one heatmap per matrix side by side -- the trained matrix, then each
+  random-init control -- rows the sender cut, columns the receiver cut, colour the top-1 accuracy (mean over
+  seeds, written in the cell) on one shared scale; a cell without a result (not stitchable, or not finished)
+  is grey and empty.
+- :func:`plot_accuracy_vs_depth`: top-1 against the relative depth difference of the cut (receiver depth
+  minus sender depth; > 0 skips layers, < 0 repeats them), every cell a point and each matrix's mean per
+  difference a line.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from stitching.matrix.spec import CONTROL_NAMES, CONTROLS
+from stitching.plots.figures import ACCURACY_LABEL, DPI, RECIPE_CHARS_PER_INCH, NoData
+from stitching.plots.labels import arch_name
+
+HEATMAP_SIZE = (3.6, 3.3)          # inches per panel
+CMAP = "viridis"
+MISSING_COLOR = "0.85"
+CONTROL_COLORS = {"none": "tab:blue", "source": "tab:orange", "destination": "tab:green", "both": "tab:red"}
+CUT_LABELS = {"stages": "stage", "blocks": "block"}
+
+
+def _controls(table: pd.DataFrame) -> list[str]:
+    present = set(table["control"])
+    return [c for c in CONTROLS if c in present]
+
+
+def _save(fig: Figure, out_path, caption: str = "") -> Path | Figure:
+    if caption:         # the recipe, wrapped to the figure's width, under the panels
+        width = fig.get_size_inches()[0]
+        fig.supxlabel(textwrap.fill(caption, int(width * RECIPE_CHARS_PER_INCH)), fontsize="x-small")
+    if out_path is None:
+        return fig
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=DPI)
+    return out_path
+
+
+def _title(table: pd.DataFrame) -> str:
+    sender, receiver = table["sender"].iloc[0], table["receiver"].iloc[0]
+    if sender == receiver:
+        return f"{arch_name(sender)} stitched to itself"
+    return f"{arch_name(sender)} (sender) → {arch_name(receiver)} (receiver)"
+
+
+def heatmap_values(table: pd.DataFrame, control: str, senders: list[int], receivers: list[int]) -> np.ndarray:
+    """The matrix of one control: rows ``senders``, columns ``receivers``, top-1 mean (NaN: no result)."""
+    rows = table[table["control"] == control]
+    grid = rows.pivot_table(index="sender_cut", columns="receiver_cut", values="top1_mean", aggfunc="mean")
+    return grid.reindex(index=senders, columns=receivers).to_numpy(dtype=float)
+
+
+def plot_matrix_heatmaps(table: pd.DataFrame, out_path: str | os.PathLike | None = None, cuts: str = "stages",
+                         senders: list[int] | None = None, receivers: list[int] | None = None,
+                         controls: list[str] | None = None, caption: str = "") -> Path | Figure:
+    """Heatmaps of the trained matrix and its controls, side by side (see the module docstring).
+    ``senders``/``receivers``/``controls``: the matrix's cut lists and matrices (default: those found in
+    ``table``; a matrix without any finished cell is an empty panel); ``caption``: a line under the panels
+    (the recipe)."""
+    if table.empty:
+        raise NoData("no finished matrix cells to draw")
+    senders = sorted(set(table["sender_cut"])) if senders is None else list(senders)
+    receivers = sorted(set(table["receiver_cut"])) if receivers is None else list(receivers)
+    controls = _controls(table) if controls is None else [c for c in CONTROLS if c in controls]
+    fig = Figure(figsize=(HEATMAP_SIZE[0] * len(controls) + 1.0, HEATMAP_SIZE[1] + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(controls), squeeze=False)[0]
+    cmap = matplotlib.colormaps[CMAP].with_extremes(bad=MISSING_COLOR)
+    vmax = max(1.0, float(np.nanmax(table["top1_mean"])))
+    annotate = len(senders) * len(receivers) <= 144
+    unit = CUT_LABELS[cuts]
+    image = None
+    for ax, control in zip(axes, controls):
+        values = heatmap_values(table, control, senders, receivers)
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=vmax, origin="upper",
+                          aspect="auto", interpolation="nearest")
+        ax.set_title(CONTROL_NAMES[control], fontsize="medium")
+        ax.set_xticks(range(len(receivers)), [str(r) for r in receivers], fontsize="small")
+        ax.set_yticks(range(len(senders)), [str(s) for s in senders], fontsize="small")
+        ax.set_xlabel(f"receiver {unit}")
+        if ax is axes[0]:
+            ax.set_ylabel(f"sender {unit}")
+        if annotate:
+            for (r, c), v in np.ndenumerate(values):
+                if np.isfinite(v):
+                    ax.text(c, r, f"{v:.0f}" if vmax > 10 else f"{v:.1f}", ha="center", va="center",
+                            fontsize="x-small", color="white" if v < 0.6 * vmax else "black")
+    fig.colorbar(image, ax=list(axes), label=ACCURACY_LABEL, shrink=0.9)
+    fig.suptitle(_title(table))
+    return _save(fig, out_path, caption)
+
+
+def plot_accuracy_vs_depth(table: pd.DataFrame, out_path: str | os.PathLike | None = None,
+                           caption: str = "") -> Path | Figure:
+    """Top-1 against the relative depth difference, one colour per matrix (see the module docstring)."""
+    if table.empty:
+        raise NoData("no finished matrix cells to draw")
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for control in _controls(table):
+        rows = table[table["control"] == control]
+        color = CONTROL_COLORS[control]
+        ax.scatter(rows["depth_difference"], rows["top1_mean"], s=14, color=color, alpha=0.45, linewidths=0)
+        line = rows.assign(d=rows["depth_difference"].round(2)).groupby("d")["top1_mean"].mean()
+        ax.plot(line.index, line.to_numpy(), marker="o", markersize=4, linewidth=1.6, color=color,
+                label=CONTROL_NAMES[control])
+    ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("relative depth difference (receiver − sender)")
+    ax.set_ylabel(ACCURACY_LABEL)
+    ax.set_title(_title(table))
+    ax.legend(fontsize="small", frameon=False)
+    return _save(fig, out_path, caption)
