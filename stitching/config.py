@@ -43,6 +43,9 @@ class ModelConfig:
     adapter_style: str = "code"             # code | text: adapters as the paper's code or its text builds them
     pos_embed: str = "none"                 # none | reinject: the destination's position embedding re-added
                                             # to the adapters' output tokens (ViT-like destinations)
+    init: str = "default"                   # default | least_squares: adapters fitted in closed form to the
+                                            # destination's own activations before training (stitch/lsinit.py)
+    init_images: int = 2048                 # least_squares: training images (eval transforms) the fit streams
     pretrained: bool = True                 # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
@@ -293,6 +296,9 @@ def validate(cfg: Config) -> None:
     _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
     _check_random_init(cfg)
     _check_pos_embed(cfg)
+    from stitching.stitch.lsinit import check_config as _check_init
+
+    _check_init(cfg)
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
     from stitching.data.loaders import BAD_IMAGE_MODES
 

@@ -502,6 +502,7 @@ NOT_RECIPE = {
     "model.schedule": "structure (its own result column)", "model.source_weights": "-> pretrained",
     "model.destination_weights": "-> pretrained", "model.pretrained": "-> pretrained",
     "model.source_kwargs": "-> model_kwargs", "model.destination_kwargs": "-> model_kwargs",
+    "model.init_images": "-> init_images (least_squares only)",
     "data.name": "-> dataset", "data.root": "-> dataset", "data.num_classes": "-> num_classes",
     "data.train_size": "synthetic data only", "data.val_size": "synthetic data only",
     "data.seed": "synthetic data only", "data.workers": "execution",

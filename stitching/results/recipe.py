@@ -48,6 +48,8 @@ RECIPE: dict[str, str | None] = {
     "precision": None,                             # resolved (auto -> bf16 / fp16 / fp32: train/perf.py)
     "adapter_style": "model.adapter_style",
     "pos_embed": "model.pos_embed",                # none | reinject (stitching/stitch/posembed.py)
+    "init": "model.init",                          # default | least_squares (stitching/stitch/lsinit.py)
+    "init_images": None,                           # least_squares: images the fit streamed ('' for default)
     "frozen_bn": "train.frozen_bn",
     "objective": "train.objective",              # task | match | distill | match_then_task
     "distill_temperature": None,                  # distill only ('' otherwise)
@@ -84,6 +86,7 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
         "per_device_batch_size": t.per_device_batch_size or t.batch_size // max(1, world_size),
         "model_kwargs": model_kwargs_column(cfg),
         "precision": precision,
+        "init_images": m.init_images if m.init == "least_squares" else "",
         "distill_temperature": t.distill_temperature if t.objective == "distill" else "",
         "match_epochs": match_epochs(cfg) if t.objective == "match_then_task" else "",
     }
@@ -226,7 +229,8 @@ _UNITS = [
     ("dataset", "{}"), ("epochs", "{} epochs"), ("batch_size", "batch {}"), ("per_device_batch_size", "{}/device"),
     ("weight_decay", "wd {}"), ("lr_schedule", "{}"), ("lr_schedule_unit", "per {}"),
     ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", "max {} steps/epoch"), ("img_size", "{} px"),
-    ("precision", "{}"), ("adapter_style", "adapters: {}"), ("pos_embed", "pos. embed: {}"),
+    ("precision", "{}"), ("adapter_style", "adapters: {}"), ("pos_embed", "pos. embed: {}"), ("init", "init: {}"),
+    ("init_images", "{} init images"),
     ("frozen_bn", "frozen BN: {}"), ("objective", "objective: {}"), ("distill_temperature", "T = {}"),
     ("match_epochs", "{} match epochs"),
     ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),

@@ -21,6 +21,9 @@ Conventions
   device synchronised at the windows' edges only; evaluation is never timed. ``metrics.csv``'s
   ``epoch_time_s`` is the epoch's whole training wall time, warm-up included
   (:class:`stitching.train.perf.Throughput`).
+- ``init_residual``: with ``model.init: least_squares``, the relative residual ||out - Y||^2 / ||Y - mean Y||^2
+  of the initialised adapters' output against the destination's own activation at the receiving point, on
+  the fit's images, before training (:mod:`stitching.stitch.lsinit`); empty for ``default``.
 - The recipe (dataset, epochs, batch sizes, lr, weight decay, schedule, image size, precision, adapter style,
   frozen-BN mode, preprocessing, ...) is :data:`stitching.results.recipe.RECIPE_COLUMNS`; rows of two
   recipes are never averaged together.
@@ -38,7 +41,7 @@ RESULT_COLUMNS = [
     "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "gap",
     "adapter", "resize", "resamples", "resize_modes", "schedule", "num_adapters",
     *RECIPE_COLUMNS, "seed",
-    "top1", "top5", "val_loss", "train_loss",
+    "top1", "top5", "val_loss", "train_loss", "init_residual",
     "macs", "flops", "params", "trainable_params", "train_macs",
     *SIMILARITY_COLUMNS,
     "images_per_s", "wall_time_s", "world_size", "device", "git_sha", "finished_at",

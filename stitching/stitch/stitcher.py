@@ -34,7 +34,7 @@ from torch import nn
 from stitching.models.formats import Convert, prefix_tokens
 from stitching.models.registry import WeightsError, get_spec, load_model, trace_cuts
 from stitching.stitch.adapters import Adapter
-from stitching.stitch.plan import StitchPlan, destination_target, plan_stitch
+from stitching.stitch.plan import Shape, StitchPlan, destination_target, plan_stitch
 from stitching.stitch.posembed import PosReinject, learned_pos_embed
 
 FROZEN_BN_MODES = ("eval", "train")   # frozen parts in eval mode (default) or, as the paper's code, train mode
@@ -103,6 +103,8 @@ class BuiltModel:
     plan: StitchPlan | None
     target: nn.Module | None = None   # stitched: the destination's own network up to the receiving point
                                       # (its stem and blocks before the suffix; modules shared, not copied)
+    destination_parts: object = None  # stitched: the destination split (registry.Parts; modules shared)
+    destination_cuts: dict | None = None  # stitched: (stage, "first"|"end") -> its traced Shape (plan.Shape)
 
 
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
@@ -161,4 +163,5 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
             raise ValueError(f"model.pos_embed=reinject: {dst_name} has no learned position embedding")
         layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), last.size_out))
     model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
-    return BuiltModel(model, "stitched", data_config, plan, target)
+    cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in dst_shapes.items()}
+    return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts)

@@ -68,6 +68,14 @@ def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's parameters and buffers of ``module`` on every rank, in place."""
+    if not info.enabled:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

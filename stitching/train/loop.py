@@ -263,6 +263,9 @@ def _build(r: Run) -> tuple:
         key = getattr(err, "key", None) or ("model.destination_weights" if "destination" in str(err)
                                             else "model.source_weights")
         raise cfg.error(key, str(err).splitlines()[0]) from None
+    from stitching.stitch.lsinit import check_run
+
+    check_run(cfg, r.built)             # model.init=least_squares: a target for every link (traced shapes)
     train_tf, eval_tf = build_transforms(r.built.data_config, cfg.data, r.device)   # uint8 out, finished on the device
     r.to_device = (batch_to_device(train_tf, r.device), batch_to_device(eval_tf, r.device))
     try:
@@ -338,6 +341,12 @@ def _resume(r: Run, force: bool) -> None:
     if not info.is_main:
         ckpt = C.load_latest(r.rundir, set_aside=False)
     if ckpt is None:
+        from stitching.stitch.lsinit import initialise
+
+        residual = initialise(r.cfg, r.built, r.device, r.per_device, r.say)   # model.init (a fresh start only)
+        if residual is not None:        # every rank fitted the same images; rank 0's weights, bit for bit
+            D.broadcast_module(r.model.adapters, info)
+            r.pos["init_residual"] = residual                                     # (the checkpoint carries it)
         r.metrics = []
         r.pos["world_size"] = info.world_size
         m = r.cfg.model
@@ -624,6 +633,7 @@ def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
         **recipe_columns(cfg, info.world_size, r.precision),
         "seed": cfg.train.seed, "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["val_loss"],
         "train_loss": r.metrics[-1]["train_loss"] if r.metrics else "",
+        "init_residual": pos.get("init_residual", ""),
         **cost, "train_macs": train_macs(cfg, cost["macs"], r.objective.extra_macs(cfg.data.img_size)),
         **measure.columns(pos.get("similarity_before"), after),
         "images_per_s": _ips(pos), "wall_time_s": pos["wall"], "world_size": info.world_size,

@@ -1,0 +1,395 @@
+"""Least-squares initialisation of the adapters: ``model.init: least_squares`` (``default``: as built).
+
+Owns the init modes (:data:`INIT_MODES`), which adapters have a map to fit (:data:`FITTED_ADAPTERS`), the
+config check (:func:`check_config`: exit 2 before anything is built), where each link of a chain finds its
+target (:func:`link_targets`), the fit itself (:func:`fit`) and the trainer's entry (:func:`initialise`).
+
+The fit streams N training images (evaluation transforms, a seeded subset spread over the whole set) through
+the frozen source and the destination, batch by batch, accumulating the normal equations
+(:class:`stitching.similarity.LeastSquares`, float64); nothing but the sums is kept. Every position / token
+of every image is a sample (the adapters' maps are channel-wise). Link by link, in chain order: link i's
+input is the source's features in the chain's working format after the links already fitted (the chain as
+it will run), resized as the adapter resizes them; its target is the destination's *own* activation where
+link i lands, in the working format (prefix tokens dropped into a feature map; the re-injected position
+embedding taken off the last target, since it is added after the chain). What is written, per style:
+
+- the core's affine map is fitted on what the core sees: a BatchNorm ``norm_in`` is given the samples'
+  channel means and variances as running statistics (weight 1, bias 0) and the map is fitted on the
+  standardised inputs (solved on the raw inputs and folded: the same minimiser); a LayerNorm ``norm_in`` is
+  applied as it is and the map fitted on its output;
+- a BatchNorm ``norm_out`` is made the identity in eval mode (weight = sqrt(running var + eps), bias =
+  running mean), its running statistics then set from the statistics of its own input in a last pass, so
+  that in training mode (batch statistics) it is the identity up to batch noise too; a LayerNorm
+  ``norm_out`` cannot be an identity: the core is fitted to the target's per-token normalisation and the
+  LayerNorm's weight and bias to the per-channel regression of the target on it;
+- ``linear`` / ``linear_relu``: the whole 1x1 convolution / per-token Linear (weight and bias);
+  ``conv3x3``: the centre tap (the other taps zero: the best channel-wise map, read at the positions a
+  stride-s 3x3 convolution with padding 1 centres on); ``bottleneck``: the projection shortcut (1x1
+  convolution and its BatchNorm, whose bias carries the intercept), the residual branch staying at zero
+  (its last BatchNorm weight is zero-initialised); an identity shortcut has nothing to fit.
+
+Activations (LeakyReLU / ReLU after or inside the map) and a LayerNorm ``norm_out`` make the chain's output
+differ from the fitted map: :func:`fit` therefore measures, in a last pass over the same images, the
+relative residual ``||out - Y||^2 / ||Y - mean Y||^2`` of the initialised chain's real output (eval mode)
+against the destination's own activation at the receiving point, every position / token a sample: that
+number goes to ``result.csv`` (``init_residual``) and the log. Method: ``docs/method.md``, "Least-squares
+initialisation".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stitching.models.formats import Convert, convert, is_token, prefix_tokens
+from stitching.similarity import LeastSquares, channels_last_samples
+from stitching.stitch.adapters import Adapter
+from stitching.stitch.plan import PlanError, Shape, StitchPlan
+from stitching.stitch.posembed import PosReinject
+
+INIT_MODES = ("default", "least_squares")
+FITTED_ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck")   # vit_block has no linear map to fit
+
+log = logging.getLogger("stitching.train")
+
+
+# ------------------------------------------------------------------------------------------ checks
+def link_targets(plan: StitchPlan, destination_cut: Callable[[int, str], Shape]) -> list[tuple[int, str] | None]:
+    """Where each link of ``plan``'s chain finds its target: ``(stage, "first")`` -- the destination after the
+    first block of that stage -- for an intermediate link, ``None`` (the receiving point) for the last.
+    ``destination_cut(stage, where)`` gives the destination's shape there. A link whose output is not the
+    destination's own shape has no target: :class:`PlanError` naming the key to change."""
+    k = plan.num_adapters
+    if k > 1 and plan.source_stage is None:
+        raise PlanError("model.init", "least_squares", f"a chain of {k} adapters between block cuts has no "
+                        "destination activation for its intermediate links; use a one-adapter gap or "
+                        "model.init=default")
+    points = [(plan.source_stage + n, "first") for n in range(1, k)] + [None]
+    for n, (step, point) in enumerate(zip(plan.steps, points), 1):
+        want = plan.destination_cut if point is None else destination_cut(*point)
+        where = ("the receiving point" if point is None else f"after the first block of stage {point[0]}")
+        fits_format = not is_token(plan.working_format) or want.format == plan.working_format
+        if fits_format and want.channels == step.c_out and (want.height, want.width) == tuple(step.size_out):
+            continue
+        got = f"{step.c_out}@{step.size_out[0]}x{step.size_out[1]}"
+        message = (f"least-squares init fits adapter {n} to the destination's own activation {where} "
+                   f"({want}), but it outputs {got}")
+        if (want.height, want.width) != tuple(step.size_out) and plan.resize == "none":
+            raise PlanError("model.resize", plan.resize, message + ": the sizes differ without resizing")
+        if plan.schedule == "paper":
+            raise PlanError("model.schedule", plan.schedule, message + ": use model.schedule=destination")
+        raise PlanError("model.init", "least_squares", message)
+    return points
+
+
+def check_config(cfg) -> None:
+    """``model.init`` / ``model.init_images`` of ``cfg`` (a :class:`stitching.config.Config`): a known mode;
+    least squares needs adapters with a map to fit and a target for every link (checked on the declared
+    shapes at ``data.img_size``; the trainer checks the traced ones again before computing)."""
+    from stitching.config import model_spec
+    from stitching.stitch.plan import nominal_shape, plan_stitch
+
+    m = cfg.model
+    if m.init not in INIT_MODES:
+        raise cfg.error("model.init", f"must be one of {', '.join(INIT_MODES)}")
+    if m.init_images < 1:
+        raise cfg.error("model.init_images", "must be >= 1")
+    if m.init == "default":
+        return
+    blocks = getattr(m, "source_block", None) is not None
+    if (m.source_stage is None and not blocks) or m.adapter == "finetune":
+        raise cfg.error("model.init", "fits adapters: it needs a stitched config with adapters "
+                        "(model.source_stage, not finetune)")
+    if m.adapter not in FITTED_ADAPTERS:
+        raise cfg.error("model.init", f"{m.adapter} adapters have no linear map to fit in closed form (fitted: "
+                        f"{', '.join(FITTED_ADAPTERS)}); use model.init=default")
+    if blocks:
+        return                          # block cuts: checked on the traced plan (trainer, before any compute)
+    src, dst = model_spec(cfg, "source"), model_spec(cfg, "destination")
+    try:
+        plan = plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, m.resize, m.schedule,
+                           img_size=cfg.data.img_size, style=m.adapter_style)
+        link_targets(plan, lambda st, w: nominal_shape(dst, st, w, cfg.data.img_size))
+    except PlanError as err:
+        raise cfg.error(err.key, str(err)) from None
+
+
+def check_built(built) -> list:
+    """:func:`link_targets` on the traced shapes of a built stitched model (``BuiltModel``)."""
+    return link_targets(built.plan, lambda st, w: built.destination_cuts[(st, w)])
+
+
+def check_run(cfg, built) -> None:
+    """The trainer's check after building, before any compute: with ``model.init: least_squares``, a target
+    for every link on the traced shapes (a :class:`~stitching.config.ConfigError` otherwise)."""
+    if cfg.model.init == "default" or built.kind != "stitched":
+        return
+    try:
+        check_built(built)
+    except PlanError as err:
+        raise cfg.error(err.key, str(err)) from None
+
+
+# ------------------------------------------------------------------------------------------ the fit
+@dataclass
+class _Sums:
+    """Per-channel sums of one tensor's samples (and, with ``y``, of its products with another)."""
+
+    n: int = 0
+    s: torch.Tensor | None = None
+    ss: torch.Tensor | None = None
+    sy: torch.Tensor | None = None
+    sxy: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        x = x.double()
+        if self.s is None:
+            self.s, self.ss = x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+            if y is not None:
+                self.sy, self.sxy = x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
+        self.s += x.sum(0)
+        self.ss += (x * x).sum(0)
+        if y is not None:
+            y = y.double()
+            self.sy += y.sum(0)
+            self.sxy += (x * y).sum(0)
+        self.n += x.shape[0]
+
+    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.s / self.n
+        return mean, (self.ss / self.n - mean * mean).clamp_min(0)
+
+
+def _samples(t: torch.Tensor) -> torch.Tensor:
+    """(samples, channels) of a feature map (B, C, H, W) or a token sequence (B, N, C)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) if t.ndim == 4 else t.reshape(-1, t.shape[-1])
+
+
+def _chain(built) -> tuple[list[Adapter], PosReinject | None]:
+    layers = list(built.model.adapters)
+    chain = [m for m in layers if isinstance(m, Adapter)]
+    if not isinstance(layers[0], Convert) or layers[1:1 + len(chain)] != chain:
+        raise ValueError("least-squares init expects the adapters as Convert -> adapters -> Convert")
+    return chain, next((m for m in layers if isinstance(m, PosReinject)), None)
+
+
+def _to_working(y: torch.Tensor, fmt: str, work: str, size: tuple[int, int]) -> torch.Tensor:
+    """A destination activation of format ``fmt`` in the chain's working format with the channels the
+    destination has (prefix tokens dropped into a feature map, not concatenated onto it)."""
+    if fmt == work:
+        return y
+    if is_token(fmt) and not is_token(work):
+        y, fmt = y[:, prefix_tokens(fmt):], "tokens"
+    return convert(y, fmt, work, size)
+
+
+class _Destination:
+    """The destination's own activations at the links' targets (its modules in eval mode)."""
+
+    def __init__(self, built, points):
+        plan, parts = built.plan, built.destination_parts
+        self.work, self.built = plan.working_format, built
+        self.runs = []
+        for point in points:
+            if point is None:
+                self.runs.append((built.target, plan.destination_cut))
+            else:
+                blocks = parts.blocks()[: parts.index_after_first(point[0])]
+                self.runs.append((nn.Sequential(parts.stem, *blocks), built.destination_cuts[point]))
+
+    def __call__(self, i: int, x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
+        run, cut = self.runs[i]
+        y = run(x)
+        if minus is not None:
+            y = y - minus.to(y.dtype)
+        return _to_working(y, cut.format, self.work, (cut.height, cut.width))
+
+
+def _through(built, chain: list[Adapter], i: int, x: torch.Tensor) -> torch.Tensor:
+    """Link ``i``'s input: the source's features in the working format through the links before it."""
+    h = built.model.adapters[0](built.model.prefix(x))
+    for a in chain[:i]:
+        h = a(h)
+    return h
+
+
+@torch.no_grad()
+def _fit_link(built, chain, i: int, images: Iterable[torch.Tensor], device, dst: _Destination,
+              minus: torch.Tensor | None) -> dict:
+    a = chain[i]
+    if a.kind == "bottleneck" and isinstance(a.core.shortcut, nn.Identity):
+        return {"link": i + 1, "fitted": "nothing (identity shortcut)", "residual": float("nan")}
+    stride = a.step.stride
+    bn_in = isinstance(a.norm_in, nn.BatchNorm2d)
+    ln_out = isinstance(a.norm_out, nn.LayerNorm)
+    ls, out = LeastSquares(), _Sums()
+    for x in images:
+        x = x.to(device)
+        u = a.resize(_through(built, chain, i, x))
+        if stride > 1:
+            u = u[:, :, ::stride, ::stride]     # the positions a stride-s 1x1 / centred 3x3 conv reads
+        xin = _samples(u if bn_in else a.norm_in(u))
+        y = _samples(dst(i, x, minus if i == len(chain) - 1 else None))
+        if ln_out:
+            yn = F.layer_norm(y, (y.shape[1],), eps=a.norm_out.eps)
+            out.add(yn, y)
+            y = yn
+        ls.update(xin, y)
+    residual = ls.value()
+    A, b = ls.solve()                                   # y ~ x A + b on what the core's input norm receives
+    mean, var = ls.sx / ls.n, (ls.xtx.diagonal() / ls.n - (ls.sx / ls.n) ** 2).clamp_min(0)
+    cov = ls.xtx / ls.n - torch.outer(mean, mean)
+    var_out = ((A * (cov @ A)).sum(0)).clamp_min(0)   # each output channel's variance over the samples
+    if bn_in:                                           # the core sees (x - mean) / s: fold
+        _set_bn(a.norm_in, mean, var, torch.ones_like(mean), torch.zeros_like(mean))
+        b = b + mean @ A
+        A = A * (var + a.norm_in.eps).sqrt()[:, None]
+        mean_core_in = torch.zeros_like(mean)
+    else:
+        mean_core_in = mean
+    _write_core(a, A, b, mean_core_in @ A, var_out)
+    if isinstance(a.norm_out, nn.BatchNorm2d):
+        _identity_bn(a.norm_out)
+    elif ln_out:                                        # y_c ~ gamma_c * layernorm(y)_c + beta_c
+        mn, vn = out.mean_var()
+        my = out.sy / out.n
+        cov_ny = out.sxy / out.n - mn * my
+        gamma = torch.where(vn > 0, cov_ny / vn.clamp_min(1e-30), torch.ones_like(vn))
+        a.norm_out.weight.copy_(gamma)
+        a.norm_out.bias.copy_(my - gamma * mn)
+    return {"link": i + 1, "fitted": _what(a), "residual": residual, "samples": ls.n}
+
+
+def _what(a: Adapter) -> str:
+    return {"bottleneck": "projection shortcut", "conv3x3": "centre tap"}.get(a.kind, "1x1 map")
+
+
+def _write_core(a: Adapter, A: torch.Tensor, b: torch.Tensor, mean_z: torch.Tensor, var_z: torch.Tensor) -> None:
+    """The fitted affine map ``x A + b`` (A: in x out) into the adapter's core; for the shortcut, whose
+    convolution has no bias, the BatchNorm after it carries the intercept (identity on its input's statistics
+    ``mean_z`` / ``var_z``, which it is given as running statistics)."""
+    if a.kind == "bottleneck":
+        conv, bn = a.core.shortcut
+        conv.weight.copy_(A.T.reshape(conv.weight.shape).to(conv.weight.dtype))
+        _set_bn(bn, mean_z, var_z, (var_z + bn.eps).sqrt(), mean_z + b)
+        return
+    layer = a.core[0] if isinstance(a.core, nn.Sequential) else a.core
+    w = A.T.to(layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        layer.weight.copy_(w)
+    elif layer.kernel_size == (1, 1):
+        layer.weight.copy_(w[:, :, None, None])
+    else:
+        layer.weight.zero_()
+        layer.weight[:, :, layer.kernel_size[0] // 2, layer.kernel_size[1] // 2] = w
+    layer.bias.copy_(b.to(layer.bias.dtype))
+
+
+def _set_bn(bn: nn.BatchNorm2d, mean, var, weight, bias) -> None:
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    bn.weight.copy_(weight)
+    bn.bias.copy_(bias)
+
+
+def _identity_bn(bn: nn.BatchNorm2d) -> None:
+    """Eval-mode identity whatever its running statistics: weight sqrt(var + eps), bias = mean."""
+    bn.weight.copy_((bn.running_var + bn.eps).sqrt())
+    bn.bias.copy_(bn.running_mean)
+
+
+@torch.no_grad()
+def _measure(built, chain, images, device, dst: _Destination) -> float:
+    """The relative residual of the initialised chain's output against the destination's own activation at
+    the receiving point; meanwhile each BatchNorm ``norm_out`` learns its input's statistics (kept an
+    identity in eval mode, so the output measured does not change)."""
+    sums: dict = {}
+    hooks = []
+    for a in chain:
+        if isinstance(a.norm_out, nn.BatchNorm2d):
+            sums[a.norm_out] = _Sums()
+            hooks.append(a.norm_out.register_forward_pre_hook(
+                lambda m, inp: sums[m].add(_samples(inp[0]))))
+    fmt = built.plan.destination_cut.format
+    sse = 0.0
+    total = _Sums()
+    try:
+        for x in images:
+            x = x.to(device)
+            out = built.model.adapters(built.model.prefix(x))
+            y = built.target(x)
+            o, t = channels_last_samples(out.float(), fmt), channels_last_samples(y.float(), fmt)
+            sse += float(((o.double() - t.double()) ** 2).sum())
+            total.add(t)
+    finally:
+        for h in hooks:
+            h.remove()
+    for bn, s in sums.items():
+        mean, var = s.mean_var()
+        _set_bn(bn, mean, var, (var + bn.eps).sqrt(), mean)
+    mean, _ = total.mean_var()
+    spread = float(total.ss.sum()) - total.n * float(mean @ mean)
+    return sse / spread if spread > 0 else float("nan")
+
+
+def fit(built, images: Callable[[], Iterable[torch.Tensor]], device: torch.device | str = "cpu") -> dict:
+    """Fit ``built``'s adapters in place (see the module docstring). ``images()`` yields the same batches of
+    images each time it is called (one pass per link, then one to measure). Returns ``{residual, links}``:
+    the chain's relative residual at the receiving point and, per link, what was fitted and the fit's own
+    relative residual (on the core's target: the LayerNorm-normalised target where a LayerNorm follows)."""
+    points = check_built(built)
+    chain, reinject = _chain(built)
+    model, target = built.model, built.target
+    was = model.training
+    model.eval()
+    target.eval()
+    dst = _Destination(built, points)
+    for run, _ in dst.runs:
+        run.eval()
+    try:
+        minus = reinject.embedding if reinject is not None else None
+        links = [_fit_link(built, chain, i, images(), device, dst, minus) for i in range(len(chain))]
+        residual = _measure(built, chain, images(), device, dst)
+    finally:
+        model.train(was)
+    return {"residual": residual, "links": links}
+
+
+# ------------------------------------------------------------------------------------------ the trainer's
+def fit_images(cfg, built, batch_size: int):
+    """(a callable giving the fit's image batches, how many images): ``model.init_images`` training images, evaluation
+    transforms, a subset spread over the training set drawn with ``train.seed`` (identical on every rank)."""
+    import dataclasses
+
+    from stitching.data.loaders import build_datasets, build_loader
+    from stitching.data.transforms import build_transforms
+
+    _, eval_tf = build_transforms(built.data_config, cfg.data)
+    train_set, _ = build_datasets(dataclasses.replace(cfg.data, num_classes=cfg.num_classes), eval_tf, eval_tf)
+    n = min(cfg.model.init_images, len(train_set))
+    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.train.seed))[:n]
+    subset = torch.utils.data.Subset(train_set, sorted(pick.tolist()))
+    loader = build_loader(subset, max(1, min(batch_size, n)), False, cfg.train.seed, cfg.data.workers)
+    return (lambda: (x for x, _ in loader)), n
+
+
+def initialise(cfg, built, device, batch_size: int, say: Callable[[str], None] = log.info) -> float | None:
+    """The trainer's entry, on a fresh start: fit ``built``'s adapters when ``model.init`` asks for it and
+    return the chain's relative residual (None for ``default``)."""
+    if cfg.model.init == "default" or built.kind != "stitched":
+        return None
+    t0 = time.time()
+    images, n = fit_images(cfg, built, batch_size)
+    out = fit(built, images, device)
+    links = "; ".join(f"adapter {x['link']}: {x['fitted']}" + (f", fit residual {x['residual']:.4f}"
+                                                               if x["residual"] == x["residual"] else "")
+                      for x in out["links"])
+    say(f"least-squares init on {n} training images (eval transforms) in "
+        f"{time.time() - t0:.1f} s: {links}; relative residual at the receiving point {out['residual']:.4f}")
+    return out["residual"]
