@@ -510,6 +510,9 @@ NOT_RECIPE = {
     "data.bad_images": "unreadable files only",
     "train.seed": "averaged over", "train.device": "execution", "train.precision": "-> precision (resolved)",
     "train.channels_last": "execution (same numbers)", "train.fold_bn": "execution (same function)",
+    "train.distill_temperature": "-> distill_temperature (distill only)",
+    "train.match_epochs": "-> match_epochs (match_then_task only, resolved)",
+    "train.similarity_images": "measurement (its own column similarity_images)",
     "train.compile": "execution", "train.log_every": "logging", "train.preempt_check_every": "execution",
     "train.per_device_batch_size":
     "-> per_device_batch_size (resolved)", "output.dir": "where", "output.save_model": "what is kept",

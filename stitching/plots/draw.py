@@ -1,7 +1,8 @@
 """Every figure and Table 1 for whatever a results table holds.
 
 Owns :func:`draw_all`: for each (source, destination) combination with stitched or fine-tuning runs, the
-accuracy-vs-stage and accuracy-vs-MACs figures; the cross-architecture figure; Table 1. Combinations
+accuracy-vs-stage and accuracy-vs-MACs figures; the cross-architecture figure; accuracy vs. CKA at the join;
+Table 1. Combinations
 without data for a figure are skipped (logged), never fatal. A table holding runs of several recipes is
 split: one folder ``recipe-<i>/`` per recipe, each with its figures, Table 1 and ``recipe.txt``.
 """
@@ -17,6 +18,7 @@ import pandas as pd
 
 from stitching.plots.figures import NoData, plot_accuracy_vs_macs, plot_accuracy_vs_stage, \
     plot_cross_architecture
+from stitching.plots.similarity import plot_accuracy_vs_cka
 from stitching.plots.table import write_table1
 from stitching.results.recipe import recipe_label, split_by_recipe
 
@@ -37,7 +39,8 @@ def draw_all(df: pd.DataFrame, out_dir: str | os.PathLike) -> list[Path]:
     """Draw every figure and Table 1 into ``out_dir``; return the files written (PNG, ``.md``, ``.tex``).
 
     Files: ``accuracy_vs_stage_<source>_to_<destination>.png``,
-    ``accuracy_vs_macs_<source>_to_<destination>.png``, ``cross_architecture.png``, ``table1.md``,
+    ``accuracy_vs_macs_<source>_to_<destination>.png``, ``cross_architecture.png``, ``accuracy_vs_cka.png``
+    (accuracy vs. CKA at the join, :mod:`stitching.plots.similarity`), ``table1.md``,
     ``table1.tex`` and ``recipe.txt`` (the recipe they show) -- in ``out_dir``, or, when ``df`` holds several
     recipes, in ``out_dir/recipe-1``, ``recipe-2``, ... (never two recipes in one figure).
     """
@@ -75,5 +78,6 @@ def _draw_one(df: pd.DataFrame, out_dir: Path, recipe: dict) -> list[Path]:
         attempt(f"accuracy vs MACs {source} -> {destination}", lambda: plot_accuracy_vs_macs(
             df, source, destination, out_dir / f"accuracy_vs_macs_{stem}.png"))
     attempt("cross-architecture figure", lambda: plot_cross_architecture(df, out_dir / "cross_architecture.png"))
+    attempt("accuracy vs CKA at the join", lambda: plot_accuracy_vs_cka(df, out_dir / "accuracy_vs_cka.png"))
     attempt("Table 1", lambda: write_table1(df, out_dir))
     return written

@@ -38,11 +38,11 @@ RUN_DIR_COLUMN = "run_dir"
 
 _INT_COLUMNS = [
     "source_stage", "destination_stage", "num_adapters", "num_classes", "img_size", "epochs",
-    "batch_size", "seed", "params", "trainable_params", "world_size",
+    "batch_size", "seed", "params", "trainable_params", "world_size", "similarity_images",
 ]
 _FLOAT_COLUMNS = [
     "lr", "weight_decay", "top1", "top5", "val_loss", "train_loss", "macs", "flops",
-    "images_per_s", "wall_time_s",
+    "images_per_s", "wall_time_s", "train_macs", "cka_before", "ls_residual_before", "cka_after", "match_mse_after",
 ]
 
 

@@ -2,7 +2,8 @@
 
 ``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``) runs
 :func:`stitching.train.loop.run`. Modules: ``distributed`` (torchrun/DDP set-up), ``step`` (the training step as
-a unit), ``checkpoint`` (what a checkpoint holds, per-rank RNG, loading the newest good one), ``loop``
+a unit), ``checkpoint`` (what a checkpoint holds, per-rank RNG, loading the newest good one), ``objective`` (the
+loss of ``train.objective``), ``measure`` (the similarity at the join written to the result), ``loop``
 (optimizer, schedule, epochs, evaluation, result row). The run directory and the exit codes are
 :mod:`stitching.rundir`'s.
 """
