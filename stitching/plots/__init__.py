@@ -9,7 +9,6 @@ Input is the tidy table written by ``python -m stitching.collect`` (one row per 
 - :mod:`~stitching.plots.figures`: accuracy vs. stage (Figs. 3, 4-left, 9-11), accuracy vs. MACs
   (Figs. 4-right, 5, 12-14) and the cross-architecture comparison (Figs. 6, 15).
 - :mod:`~stitching.plots.similarity`: accuracy vs. linear CKA at the join, before and after training.
-- :mod:`~stitching.plots.similarity`: accuracy vs. linear CKA at the join, before and after training.
 - :mod:`~stitching.plots.table`: Table 1 (Markdown and LaTeX).
 - :mod:`~stitching.plots.draw`: everything at once for every architecture combination present.
 - :mod:`~stitching.plots.matrix`: stitching-matrix heatmaps (with the random-init controls) and accuracy vs
@@ -35,7 +34,6 @@ from stitching.plots.figures import (
     plot_cross_architecture,
 )
 from stitching.plots.labels import add_labels, arch_name, method_label
-from stitching.plots.similarity import cka_scenarios, plot_accuracy_vs_cka
 from stitching.plots.similarity import cka_scenarios, plot_accuracy_vs_cka
 from stitching.plots.table import table1, write_table1
 
