@@ -213,6 +213,7 @@ def _confident_weights(path):
     return path
 
 
+@pytest.mark.slow          # three trainer processes (about 15 s unloaded)
 def test_the_cli_writes_the_residual_and_a_self_stitch_starts_as_the_original(tmp_path):
     """ResNet-18 stitched to itself 2 -> 2 (random weights, whose last BatchNorm in each block starts at zero:
     the block the adapter replaces is the identity): least squares finds that map, so before any training
@@ -246,3 +247,33 @@ def test_a_trained_least_squares_run_keeps_its_residual(tmp_path):
     assert 0 <= float(row["init_residual"]) < 1 and row["init"] == "least_squares"
     log = (out / "train.log").read_text()
     assert "adapter 1: 1x1 map" in log and "adapter 2: 1x1 map" in log
+
+
+def test_a_sweep_axis_over_init_gives_distinct_runs(tmp_path):
+    """``model.init`` is part of a run's identity: a sweep over it keeps every value (no duplicate), names
+    each run apart, and drops the combinations least squares cannot fit (counted, with the key)."""
+    from stitching.rundir import run_key
+    from stitching.sweep.spec import expand
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""
+base: {TINY}
+grid:
+  model.destination_stage: [2]
+  model.adapter: [linear, vit_block]
+  model.destination: [resnet18, vit_tiny_patch16_224]
+  model.init: [default, least_squares]
+exclude:
+  - {{model.adapter: vit_block, model.destination: resnet18}}
+""")
+    _, _, exp = expand(spec, tmp_path / "runs")
+    kept = sorted((r.config.model.adapter, r.config.model.destination, r.config.model.init) for r in exp.runs)
+    assert kept == [("linear", "resnet18", "default"), ("linear", "resnet18", "least_squares"),
+                    ("linear", "vit_tiny_patch16_224", "default"),
+                    ("linear", "vit_tiny_patch16_224", "least_squares"),
+                    ("vit_block", "vit_tiny_patch16_224", "default")]
+    assert sum(exp.duplicates.values()) == 0
+    assert [key for (_, key) in exp.impossible] == ["model.init: vit_block adapters have no linear map to fit in "
+                                                    "closed form (fitted: linear, linear_relu, conv3x3, bottleneck)"]
+    assert len({r.name for r in exp.runs}) == 5
+    assert len({run_key(r.config.to_dict()) for r in exp.runs}) == 5
