@@ -37,6 +37,8 @@ class ModelConfig:
     destination: str | None = None          # defaults to source
     source_stage: int | None = None         # None: the original, unstitched source model
     destination_stage: int | None = None
+    source_block: int | None = None         # block cuts instead of stages: the source's output after its block i
+    destination_block: int | None = None    # (0-based, registry.list_blocks) into the destination after block j
     adapter: str = "bottleneck"             # linear | linear_relu | conv3x3 | bottleneck | vit_block | finetune
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
@@ -53,6 +55,11 @@ class ModelConfig:
                                             # weights whatever pretrained / *_weights say (matrix controls)
     source_kwargs: dict | None = None       # constructor arguments (timm / torchvision), e.g. {img_size: 64}
     destination_kwargs: dict | None = None  # null: the source's when the destination is the source, else none
+
+    @property
+    def is_original(self) -> bool:
+        """No cut on either key (stage or block): the original, unstitched source model."""
+        return self.source_stage is None and self.source_block is None
 
     def source_args(self) -> dict | None:
         return model_args(self, "source")
@@ -141,7 +148,7 @@ class Config:
 
     @property
     def is_original(self) -> bool:
-        return self.model.source_stage is None
+        return self.model.is_original
 
     @property
     def num_classes(self) -> int:
@@ -274,25 +281,26 @@ def _coerce(hint, value, key: str, src: str):
 def validate(cfg: Config) -> None:
     """Everything that can be known wrong before building: names, ranges and impossible stitches."""
     from stitching.data.transforms import INTERPOLATIONS, NORMALIZATIONS
-    from stitching.stitch.plan import ADAPTER_STYLES, PlanError, plan_stitch
+    from stitching.stitch.plan import ADAPTER_STYLES, PlanError, plan_config
     from stitching.stitch.stitcher import FROZEN_BN_MODES
 
     m, d, t = cfg.model, cfg.data, cfg.train
     src_spec = model_spec(cfg, "source")
-    if m.source_stage is None:
-        for key in ("destination_stage", "destination", "destination_weights", "destination_kwargs"):
+    _check_cut_keys(cfg)
+    if m.is_original:
+        for key in ("destination_stage", "destination_block", "destination", "destination_weights",
+                    "destination_kwargs"):
             if getattr(m, key) is not None:
-                raise cfg.error(f"model.{key}", "needs model.source_stage (without it the config "
-                                "describes the original source model)")
+                raise cfg.error(f"model.{key}", "needs model.source_stage or model.source_block (without a cut "
+                                "the config describes the original source model)")
     else:
-        if m.destination_stage is None:
-            raise cfg.error("model.destination_stage", "required with source_stage (source_stage..4)")
-        dst_spec = model_spec(cfg, "destination")
+        model_spec(cfg, "destination")
         try:
-            plan_stitch(src_spec, dst_spec, m.source_stage,
-                        m.destination_stage, m.adapter, m.resize, m.schedule, style=m.adapter_style)
+            plan_config(m, d.img_size if m.source_block is not None else 224)   # stages: declared, nominal
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
+        except RuntimeError as err:         # a block that does not output its stage's format (registry)
+            raise cfg.error("model.source_block", str(err)) from None
     _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
     _check_random_init(cfg)
     _check_pos_embed(cfg)
@@ -377,6 +385,23 @@ def _check_objective(cfg: Config) -> None:
         raise cfg.error("train.similarity_images", "must be >= 0 (0: not measured)")
 
 
+def _check_cut_keys(cfg: Config) -> None:
+    """A cut is named by stage keys (``model.source_stage`` + ``destination_stage``) or by block keys
+    (``model.source_block`` + ``destination_block``): one kind per side, the same kind on both sides."""
+    m = cfg.model
+    for side in ("source", "destination"):
+        if getattr(m, f"{side}_stage") is not None and getattr(m, f"{side}_block") is not None:
+            raise cfg.error(f"model.{side}_block", f"model.{side}_stage and model.{side}_block are both set: "
+                            "a side is cut at a stage or at a block, not both")
+    if m.source_block is not None and m.destination_block is None:
+        raise cfg.error("model.source_block", "needs model.destination_block (block cuts name a block on both "
+                        "sides)" + (", not destination_stage" if m.destination_stage is not None else ""))
+    if m.source_stage is not None and m.destination_stage is None:
+        raise cfg.error("model.destination_stage", "required with source_stage (source_stage..4)"
+                        + ("; destination_block needs model.source_block instead of source_stage"
+                           if m.destination_block is not None else ""))
+
+
 def _check_pos_embed(cfg: Config) -> None:
     """``model.pos_embed``: one of the modes; ``reinject`` needs adapters and a destination with a learned
     absolute position embedding (checked on the destination built on the meta device: no weights read)."""
@@ -389,13 +414,19 @@ def _check_pos_embed(cfg: Config) -> None:
     m = cfg.model
     if m.pos_embed == "none":
         return
-    if m.source_stage is None or m.adapter == "finetune":
+    if m.is_original or m.adapter == "finetune":
         raise cfg.error("model.pos_embed", "reinject adds the destination's position embedding after the adapters: "
                         "it needs a stitched config with adapters (model.source_stage, not finetune)")
     spec = model_spec(cfg, "destination")
     name = m.destination or m.source
     found = None
-    if is_token(spec.cut(m.destination_stage, "first").format):
+    if m.destination_block is not None:
+        from stitching.models.registry import list_blocks
+
+        fmt = list_blocks(name, m.destination_args(), cfg.data.img_size)[m.destination_block].format
+    else:
+        fmt = spec.cut(m.destination_stage, "first").format
+    if is_token(fmt):
         try:
             with torch.device("meta"):
                 model = spec.build(False, cfg.num_classes)

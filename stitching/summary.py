@@ -55,8 +55,10 @@ def summarize(cfg, built=None) -> dict:
     plan = built.plan
     out["num_adapters"] = plan.num_adapters if plan else 0
     if plan:
-        out.update(destination=plan.destination, source_stage=plan.source_stage,
-                   destination_stage=plan.destination_stage, adapter=plan.adapter,
+        cuts = ({"source_block": plan.source_block, "destination_block": plan.destination_block}
+                if plan.source_block is not None else
+                {"source_stage": plan.source_stage, "destination_stage": plan.destination_stage})
+        out.update(destination=plan.destination, **cuts, gap=plan.cut_label, adapter=plan.adapter,
                    resize=plan.effective_resize, schedule=plan.schedule, joins=plan.joins())
     else:
         out["joins"] = []

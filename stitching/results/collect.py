@@ -37,7 +37,8 @@ KINDS = ("stitched", "finetune", "original")
 RUN_DIR_COLUMN = "run_dir"
 
 _INT_COLUMNS = [
-    "source_stage", "destination_stage", "num_adapters", "num_classes", "img_size", "epochs",
+    "source_stage", "destination_stage", "source_block", "destination_block",
+    "num_adapters", "num_classes", "img_size", "epochs",
     "batch_size", "seed", "params", "trainable_params", "world_size", "similarity_images",
 ]
 _FLOAT_COLUMNS = [

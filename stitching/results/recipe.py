@@ -116,18 +116,15 @@ def model_kwargs_column(cfg) -> str:
 
 def resize_modes(cfg) -> str:
     """``|``-joined resize modes that build the same module as the run ``cfg`` ('' for unstitched runs)."""
-    from stitching.models.registry import get_spec
-    from stitching.stitch.plan import RESIZES, PlanError, plan_stitch
+    from stitching.stitch.plan import RESIZES, PlanError, plan_config
 
     m = cfg.model
     if cfg.is_original or m.adapter == "finetune":
         return ""
-    src, dst = get_spec(m.source, m.source_args()), get_spec(m.destination or m.source, m.destination_args())
 
     def signature(resize):
         try:
-            return plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, resize, m.schedule,
-                               img_size=cfg.data.img_size, style=m.adapter_style).signature()
+            return plan_config(m, cfg.data.img_size, resize).signature()
         except PlanError:
             return None
 

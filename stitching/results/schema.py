@@ -5,6 +5,8 @@ Conventions
 - ``kind`` is ``stitched`` (prefix -> adapters -> suffix), ``finetune`` (the fine-tuning baseline) or
   ``original`` (an unstitched model: the reference rows; its stages, gap, adapter and resize are empty).
 - ``gap`` is the label ``"s->t"`` (e.g. ``"1->3"``); ``source_stage``/``destination_stage`` hold the ints.
+  A block cut (``model.source_block`` / ``destination_block``) leaves the stages empty, holds the block indices
+  in ``source_block``/``destination_block`` (empty for stage cuts) and labels the gap ``"b<i>->b<j>"``.
 - ``top1``/``top5`` are percentages (0-100). ``macs`` are multiply-accumulates of one forward pass at the
   run's input resolution (the paper's "FLOPs"); ``flops`` = 2 x ``macs``. ``train_macs`` is the forward cost of
   one *training* image: ``macs`` plus the frozen destination's extra forward pass that ``train.objective``
@@ -38,7 +40,8 @@ from stitching.results.recipe import RECIPE_COLUMNS
 SIMILARITY_COLUMNS = ["similarity_images", "cka_before", "ls_residual_before", "cka_after", "match_mse_after"]
 
 RESULT_COLUMNS = [
-    "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "gap",
+    "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "source_block",
+    "destination_block", "gap",
     "adapter", "resize", "resamples", "resize_modes", "schedule", "num_adapters",
     *RECIPE_COLUMNS, "seed",
     "top1", "top5", "val_loss", "train_loss", "init_residual",

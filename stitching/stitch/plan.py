@@ -14,6 +14,15 @@ destination's shape. A class-token source entering an image-like chain starts at
 class token is concatenated onto every token first), as the paper's code builds it.
 ``destination``: adapter i lands on the destination's own shape after the first block of stage s + i.
 
+Block cuts (config ``model.source_block`` / ``destination_block``, :func:`plan_blocks`): the source cut is
+the output of source block i, the destination cut the output of destination block j (the destination resumes
+at block j + 1), indices into the flat block lists of :func:`~stitching.models.registry.list_blocks`. The
+chain is planned as for stages: one adapter per stage boundary between the two blocks' stages (at least
+one; a receiver in an earlier stage than the sender counts the boundaries back), with the same schedules
+(``destination``: the intermediate adapters land on the destination's first blocks of the stages between).
+A stage gap s -> t is the block cut (first block of stage s) -> (first block of stage t; for t = s the last
+block of stage s), and plans the same chain. The fine-tuning baseline takes stage cuts only.
+
 Working format: a chain between two token formats stays a token sequence (per-token linear maps on every
 token, the class token included); any other chain works on feature maps (``image``), and ``vit_block``
 works on the destination's prefixed sequence (class token, any number of prefix tokens). Convolutional
@@ -84,6 +93,8 @@ class StitchPlan:
     working_format: str
     steps: list[Step] = field(default_factory=list)
     kept_blocks: list[int] = field(default_factory=list)  # finetune: destination stages whose first block stays
+    source_block: int | None = None         # block cuts (plan_blocks): the block indices; the stages are None
+    destination_block: int | None = None
 
     @property
     def kind(self) -> str:
@@ -107,21 +118,38 @@ class StitchPlan:
         """Equal signatures build identical modules (used to drop duplicate runs from sweeps)."""
         return (self.source, self.destination, self.source_stage, self.destination_stage, self.adapter,
                 self.style if self.kind == "stitched" else "", self.working_format, tuple(self.steps),
-                tuple(self.kept_blocks))
+                tuple(self.kept_blocks)) + ((self.source_block, self.destination_block)
+                                            if self.source_block is not None else ())
+
+    @property
+    def cut_label(self) -> str:
+        """:func:`cut_label` of this plan (result.csv's ``gap``)."""
+        return cut_label(self)
 
     def joins(self) -> list[dict]:
         """Every tensor handed from one part to the next, for summaries and logs."""
-        out = [{"at": f"{self.source} stage {self.source_stage} (after first block)", **_d(self.source_cut)}]
+        blocks = self.source_block is not None
+        out = [{"at": f"{self.source} block {self.source_block} (its output)" if blocks else
+                f"{self.source} stage {self.source_stage} (after first block)", **_d(self.source_cut)}]
         for i, s in enumerate(self.steps, 1):
             out.append({"at": f"adapter {i} ({self.adapter}, {s.resize}, stride {s.stride})",
                         "in": f"{s.c_in}@{s.size_in[0]}x{s.size_in[1]}",
                         "out": f"{s.c_out}@{s.size_out[0]}x{s.size_out[1]}"})
         for st in self.kept_blocks:
             out.append({"at": f"{self.destination} stage {st} first block (kept, fine-tuned)"})
-        where = (f"after first block of stage {self.destination_stage}" if self.destination_stage > self.source_stage
+        where = (f"after block {self.destination_block}" if blocks else
+                 f"after first block of stage {self.destination_stage}" if self.destination_stage > self.source_stage
                  else f"end of stage {self.source_stage}")
         out.append({"at": f"{self.destination} ({where})", **_d(self.destination_cut)})
         return out
+
+
+def cut_label(m) -> str:
+    """The label of the cut of a plan or a config's ``model`` section: ``s->t`` for stage cuts (``1->3``),
+    ``b<i>->b<j>`` for block cuts (``b2->b7``)."""
+    if getattr(m, "source_block", None) is not None:
+        return f"b{m.source_block}->b{m.destination_block}"
+    return f"{m.source_stage}->{m.destination_stage}"
 
 
 def _d(s: Shape) -> dict:
@@ -156,14 +184,7 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
     without them the declared cuts at a nominal ``img_size`` are used (config validation, sweeps).
     ``style`` is the adapters' construction (:data:`ADAPTER_STYLES`): it changes modules, not shapes."""
     check_stages(s, t)
-    if adapter not in ADAPTERS:
-        raise PlanError("model.adapter", adapter, f"must be one of {', '.join(ADAPTERS)}")
-    if resize not in RESIZES:
-        raise PlanError("model.resize", resize, f"must be one of {', '.join(RESIZES)}")
-    if schedule not in SCHEDULES:
-        raise PlanError("model.schedule", schedule, f"must be one of {', '.join(SCHEDULES)}")
-    if style not in ADAPTER_STYLES:
-        raise PlanError("model.adapter_style", style, f"must be one of {', '.join(ADAPTER_STYLES)}")
+    _check_choices(adapter, resize, schedule, style)
 
     def shape(spec, shapes, stage, where):
         if shapes is None:
@@ -178,7 +199,79 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
 
     if adapter == "finetune":
         return _plan_finetune(plan, src, dst, lambda st, w: shape(dst, shapes_dst, st, w))
+    k = max(t - s, 1)
+    inter = [shape(dst, shapes_dst, st, "first") for st in range(s + 1, s + k)] if schedule == "destination" else []
+    return _plan_chain(plan, src, dst, k, inter, f"{src.name} {s} -> {dst.name} {t}")
 
+
+def plan_config(m, img_size: int = 224, resize: str | None = None) -> StitchPlan:
+    """The plan of a config's ``model`` section (:class:`~stitching.config.ModelConfig`) before anything is
+    built: stage cuts from the declared cuts at a nominal ``img_size``, block cuts from the blocks listed at
+    ``img_size`` (:func:`~stitching.models.registry.list_blocks`, traced on the meta device). ``resize``
+    replaces the config's (e.g. to compare the modes). :class:`PlanError` for an impossible stitch."""
+    from stitching.config import model_args
+    from stitching.models.registry import get_spec, list_blocks
+
+    src_args, dst_args = model_args(m, "source"), model_args(m, "destination")
+    dst_name = m.destination or m.source
+    src, dst = get_spec(m.source, src_args), get_spec(dst_name, dst_args)
+    resize = resize or m.resize
+    if getattr(m, "source_block", None) is not None:
+        return plan_blocks(src, dst, m.source_block, m.destination_block, m.adapter, resize, m.schedule,
+                           list_blocks(m.source, src_args, img_size), list_blocks(dst_name, dst_args, img_size),
+                           style=m.adapter_style)
+    return plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, resize, m.schedule,
+                       img_size=img_size, style=m.adapter_style)
+
+
+def check_blocks(i, j, n_src: int, n_dst: int, src: str = "the source", dst: str = "the destination") -> None:
+    """Block indices in range (``model.source_block`` in 0..n_src-1, ``destination_block`` in 0..n_dst-1)."""
+    for key, v, n, name in (("model.source_block", i, n_src, src), ("model.destination_block", j, n_dst, dst)):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:
+            raise PlanError(key, v, f"must be a block index 0..{n - 1} ({name} has {n} blocks)")
+
+
+def plan_blocks(src: ModelSpec, dst: ModelSpec, i: int, j: int, adapter: str, resize: str, schedule: str,
+                blocks_src: list, blocks_dst: list, style: str = "code") -> StitchPlan:
+    """Plan a block cut: source block ``i``'s output into the destination after its block ``j``.
+    ``blocks_*`` are the models' :func:`~stitching.models.registry.list_blocks` (or
+    :func:`~stitching.models.registry.trace_blocks` of the real models) at the run's resolution. The receiver
+    may sit at any depth, also before the sender's (every pair of a stitching matrix)."""
+    check_blocks(i, j, len(blocks_src), len(blocks_dst), src.name, dst.name)
+    _check_choices(adapter, resize, schedule, style)
+    if adapter == "finetune":
+        raise PlanError("model.adapter", adapter, "the fine-tuning baseline takes stage cuts "
+                        "(model.source_stage / destination_stage), not block cuts")
+    a, b = blocks_src[i], blocks_dst[j]
+    shape = lambda blk: Shape(blk.format, blk.channels, blk.height, blk.width)  # noqa: E731
+    plan = StitchPlan(src.name, dst.name, None, None, adapter, resize, schedule, style, shape(a), shape(b),
+                      working_format=a.format, source_block=i, destination_block=j)
+    k = max(abs(b.stage - a.stage), 1)
+    way = 1 if b.stage >= a.stage else -1
+    inter = []
+    if schedule == "destination":
+        firsts = {blk.stage: blk for blk in blocks_dst if blk.first}
+        inter = [shape(firsts[a.stage + way * n]) for n in range(1, k)]
+    return _plan_chain(plan, src, dst, k, inter, f"{src.name} block {i} -> {dst.name} block {j}")
+
+
+def _check_choices(adapter: str, resize: str, schedule: str, style: str) -> None:
+    if adapter not in ADAPTERS:
+        raise PlanError("model.adapter", adapter, f"must be one of {', '.join(ADAPTERS)}")
+    if resize not in RESIZES:
+        raise PlanError("model.resize", resize, f"must be one of {', '.join(RESIZES)}")
+    if schedule not in SCHEDULES:
+        raise PlanError("model.schedule", schedule, f"must be one of {', '.join(SCHEDULES)}")
+    if style not in ADAPTER_STYLES:
+        raise PlanError("model.adapter_style", style, f"must be one of {', '.join(ADAPTER_STYLES)}")
+
+
+def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter: list[Shape],
+                where: str) -> StitchPlan:
+    """The adapter chain of ``plan`` (its cuts set): ``k`` adapters; ``inter`` the intermediate shapes of the
+    ``destination`` schedule."""
+    adapter, resize, schedule = plan.adapter, plan.resize, plan.schedule
+    source_cut, destination_cut = plan.source_cut, plan.destination_cut
     if resize == "strided" and adapter not in STRIDED_ADAPTERS:
         raise PlanError("model.resize", resize, f"strided resizing needs a 3x3 conv inside the adapter "
                         f"({' or '.join(STRIDED_ADAPTERS)}), not {adapter!r}")
@@ -196,7 +289,6 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
     else:
         plan.working_format = "image"
 
-    k = max(t - s, 1)
     c_first_in = channels_after(source_cut.format, plan.working_format, source_cut.channels)
     if schedule == "paper":
         chans = _channel_schedule(c_first_in, destination_cut.channels, k)
@@ -204,7 +296,6 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
                  _size_schedule(source_cut.width, destination_cut.width, k)]
         sizes = list(zip(*sizes))
     else:
-        inter = [shape(dst, shapes_dst, st, "first") for st in range(s + 1, s + k)]
         chans = [x.channels for x in inter] + [destination_cut.channels]
         sizes = [(x.height, x.width) for x in inter] + [(destination_cut.height, destination_cut.width)]
 
@@ -218,7 +309,7 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
         elif resize == "strided" and _upsamples(size_in, size_out):
             how = "bilinear"        # "integrated" upsampling: bilinear then stride 1, the bilinear module
         elif resize == "strided":
-            stride = _integer_stride(size_in, size_out, src, dst, s, t, i + 1)
+            stride = _integer_stride(size_in, size_out, where, i + 1)
         plan.steps.append(Step(c_in, c_out, size_in, size_out, how, stride))
         c_in, size_in = c_out, size_out
     return plan
@@ -268,13 +359,13 @@ def _upsamples(size_in: tuple[int, int], size_out: tuple[int, int]) -> bool:
     return any(o > n for n, o in zip(size_in, size_out))
 
 
-def _integer_stride(size_in, size_out, src, dst, s, t, i) -> int:
+def _integer_stride(size_in, size_out, where, i) -> int:
     r = size_in[0] // size_out[0]
     ok = all(o <= n for n, o in zip(size_in, size_out)) and r >= 1 and all(
         -(-n // r) == o for n, o in zip(size_in, size_out))
     if not ok:
         raise PlanError("model.resize", "strided",
-                        f"adapter {i} of {src.name} {s} -> {dst.name} {t} maps {size_in[0]}x{size_in[1]} to "
+                        f"adapter {i} of {where} maps {size_in[0]}x{size_in[1]} to "
                         f"{size_out[0]}x{size_out[1]}, which no strided convolution does (not an integer "
                         f"factor); use resize=bilinear")
     return r

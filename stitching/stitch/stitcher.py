@@ -2,11 +2,13 @@
 
 :class:`StitchedModel` is ``prefix -> adapters -> suffix``, each a visible ``nn.Sequential``:
 
-- ``prefix``: the source's stem and blocks up to and including the first block of the source stage;
+- ``prefix``: the source's stem and blocks up to and including the first block of the source stage (block
+  cuts, ``model.source_block: i``: up to and including block i);
 - ``adapters``: format conversion into the adapters' working format, the chained adapters, conversion
   into the destination's format, with ``model.pos_embed: reinject`` the destination's position embedding
   (:mod:`stitching.stitch.posembed`) (for the fine-tuning baseline: the destination's kept first blocks);
-- ``suffix``: the destination's remaining blocks and head.
+- ``suffix``: the destination's remaining blocks and head (block cuts, ``model.destination_block: j``: its
+  blocks j + 1.. and head).
 
 For stitched models the prefix and suffix are frozen: ``requires_grad=False``, kept in eval mode when
 ``.train()`` is called on the whole (no BatchNorm statistic updates, no dropout or stochastic depth), and
@@ -32,9 +34,9 @@ import torch
 from torch import nn
 
 from stitching.models.formats import Convert, prefix_tokens
-from stitching.models.registry import WeightsError, get_spec, load_model, trace_cuts
+from stitching.models.registry import WeightsError, get_spec, load_model, trace_blocks, trace_cuts
 from stitching.stitch.adapters import Adapter
-from stitching.stitch.plan import Shape, StitchPlan, destination_target, plan_stitch
+from stitching.stitch.plan import Shape, StitchPlan, destination_target, plan_blocks, plan_stitch
 from stitching.stitch.posembed import PosReinject, learned_pos_embed
 
 FROZEN_BN_MODES = ("eval", "train")   # frozen parts in eval mode (default) or, as the paper's code, train mode
@@ -123,7 +125,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     src_model = _load("model.source_weights", mcfg.source, mcfg.pretrained and not src_random, src_weights,
                       num_classes, src_args)
     data_config = src_spec.data_config(src_model)
-    if mcfg.source_stage is None:
+    if mcfg.source_stage is None and getattr(mcfg, "source_block", None) is None:
         return BuiltModel(src_model, "original", data_config, None)
 
     same = own and src_random == dst_random and (dst_random or mcfg.destination_weights in (None,
@@ -136,14 +138,22 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     src_shapes = trace_cuts(src_spec, src_parts, img_size)
     dst_shapes = src_shapes if same else trace_cuts(dst_spec, dst_parts, img_size)
 
-    s, t = mcfg.source_stage, mcfg.destination_stage
-    plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
-                       src_shapes, dst_shapes, style=mcfg.adapter_style)
-
     src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
-    prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
-    stage, where = destination_target(dst_spec, s, t)
-    start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
+    if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
+        i, j = mcfg.source_block, mcfg.destination_block
+        traced_src = trace_blocks(src_spec, src_parts, img_size, src_model)
+        traced_dst = traced_src if same else trace_blocks(dst_spec, dst_parts, img_size, dst_model)
+        plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced_src,
+                           traced_dst, style=mcfg.adapter_style)
+        prefix = nn.Sequential(src_parts.stem, *src_blocks[: i + 1])
+        start = j + 1
+    else:
+        s, t = mcfg.source_stage, mcfg.destination_stage
+        plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
+                           src_shapes, dst_shapes, style=mcfg.adapter_style)
+        prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
+        stage, where = destination_target(dst_spec, s, t)
+        start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
     suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
     target = nn.Sequential(dst_parts.stem, *dst_blocks[:start])
 

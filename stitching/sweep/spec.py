@@ -183,8 +183,7 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
                   ) -> Expansion:
     """:func:`expand` of blocks already read (a sweep file's, or blocks another command generates, e.g. a
     stitching matrix's); ``src`` names where they come from in error messages."""
-    from stitching.models.registry import get_spec
-    from stitching.stitch.plan import plan_stitch
+    from stitching.stitch.plan import plan_config
 
     runs, seen = [], {}
     excluded, impossible, duplicates, skipped = Counter(), Counter(), Counter(), Counter()
@@ -212,13 +211,10 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
             if cfg.is_original:
                 structure = ("original", m.source)
             else:
-                plan = plan_stitch(get_spec(m.source, m.source_args()),
-                                   get_spec(m.destination or m.source, m.destination_args()), m.source_stage,
-                                   m.destination_stage, m.adapter, m.resize, m.schedule, img_size=cfg.data.img_size,
-                                   style=m.adapter_style)
-                structure = plan.signature()
+                structure = plan_config(m, cfg.data.img_size).signature()
             recipe = cfg.to_dict()
-            for k in ("source", "destination", "source_stage", "destination_stage", "adapter", "resize", "schedule"):
+            for k in ("source", "destination", "source_stage", "destination_stage", "source_block",
+                      "destination_block", "adapter", "resize", "schedule"):
                 recipe["model"].pop(k)
             recipe.pop("output")
             key = (structure, json.dumps(recipe, sort_keys=True, default=str))
@@ -242,7 +238,9 @@ def _describe(cfg: Config) -> dict:
     """What a grid point is, for tables: pair, method, gap, lr, seed."""
     m = cfg.model
     pair = m.source if cfg.is_original else f"{m.source} -> {m.destination or m.source}"
-    gap = "" if cfg.is_original else f"{m.source_stage}->{m.destination_stage}"
+    from stitching.stitch.plan import cut_label
+
+    gap = "" if cfg.is_original else cut_label(m)
     return {"pair": pair, "method": method_of(cfg), "gap": gap, "lr": cfg.train.lr, "seed": cfg.train.seed}
 
 
@@ -270,7 +268,9 @@ def run_dir_name(cfg: Config) -> str:
     if cfg.is_original:
         head = f"original.{m.source}.ep{t.epochs}"
     else:
-        head = f"{m.source}.{m.source_stage}-{m.destination or m.source}.{m.destination_stage}.{m.adapter}"
+        src_cut, dst_cut = ((f"b{m.source_block}", f"b{m.destination_block}") if m.source_block is not None
+                            else (m.source_stage, m.destination_stage))
+        head = f"{m.source}.{src_cut}-{m.destination or m.source}.{dst_cut}.{m.adapter}"
         if m.adapter != "finetune":
             head += f".{m.resize}"
     if m.random_init != "none":         # a random-init control of a stitching matrix

@@ -350,7 +350,7 @@ def _resume(r: Run, force: bool) -> None:
         r.metrics = []
         r.pos["world_size"] = info.world_size
         m = r.cfg.model
-        stitch = (f" {m.source_stage}->{m.destination_stage} {m.destination or m.source}" if r.built.plan else "")
+        stitch = (f" {r.built.plan.cut_label} {m.destination or m.source}" if r.built.plan else "")
         r.say(f"run {r.rundir.path}: {r.built.kind} {m.source}{stitch}, {r.cost['macs'] / 1e9:.3f} GMACs, "
               f"{r.cost['trainable_params']:,} trainable of {r.cost['params']:,} params; {r.epochs} epochs x "
               f"{r.steps_per_epoch} steps, batch {r.cfg.train.batch_size} = {r.per_device} x {info.world_size} x "
@@ -624,7 +624,8 @@ def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
         "run_id": r.rundir.path.name, "kind": built.kind, "source": m.source,
         "destination": plan.destination if plan else m.source,
         "source_stage": plan.source_stage if plan else "", "destination_stage": plan.destination_stage if plan else "",
-        "gap": f"{plan.source_stage}->{plan.destination_stage}" if plan else "",
+        "source_block": plan.source_block if plan else "", "destination_block": plan.destination_block if plan else "",
+        "gap": plan.cut_label if plan else "",
         "adapter": plan.adapter if plan else "", "resize": plan.effective_resize if stitched else "",
         "resamples": any(s.size_in != s.size_out for s in plan.steps) if stitched else "",
         "resize_modes": resize_modes(cfg) if stitched else "",
