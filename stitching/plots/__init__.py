@@ -39,6 +39,6 @@ from stitching.plots.table import table1, write_table1
 
 __all__ = [
     "NoData", "add_labels", "aggregate", "arch_name", "best_finetune_lr", "cka_scenarios", "draw_all",
-    "load_results", "method_label", "originals", "plot_accuracy_vs_cka", "plot_accuracy_vs_macs", "plot_accuracy_vs_stage",
-    "plot_cross_architecture", "prepare", "share_resize_free", "table1", "write_table1",
+    "load_results", "method_label", "originals", "plot_accuracy_vs_cka", "plot_accuracy_vs_macs",
+    "plot_accuracy_vs_stage", "plot_cross_architecture", "prepare", "share_resize_free", "table1", "write_table1",
 ]
