@@ -277,3 +277,34 @@ exclude:
                                                     "closed form (fitted: linear, linear_relu, conv3x3, bottleneck)"]
     assert len({r.name for r in exp.runs}) == 5
     assert len({run_key(r.config.to_dict()) for r in exp.runs}) == 5
+
+
+@pytest.mark.slow          # two trainer runs of 2 x 10 steps
+def test_a_resumed_run_does_not_fit_again_and_matches_an_uninterrupted_one(tmp_path):
+    import os
+    import signal
+    import time
+
+    common = ["model.init=least_squares", "model.adapter=linear", "model.schedule=destination",
+              "model.init_images=64", "train.epochs=2", "data.train_size=640", "data.val_size=64",
+              "train.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc, straight = _train(tmp_path, "straight", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "resumed"
+    run = subprocess.Popen([sys.executable, "-m", "stitching.train", "--config", str(TINY), f"output.dir={out}",
+                            "train.device=cpu", "data.workers=0", *common], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.csv").is_file() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)                     # in epoch 2: checkpoint, exit 75
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 75, stderr[-2000:]
+    proc, _ = _train(tmp_path, "resumed", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "train.log").read_text()
+    assert log.count("least-squares init on") == 1 and "resuming" in log
+    a, b = _row(straight), _row(out)
+    for key in ("init_residual", "top1", "val_loss", "train_loss"):
+        assert float(a[key]) == float(b[key]), key
