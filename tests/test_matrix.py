@@ -127,6 +127,24 @@ def test_dry_run_prints_every_matrix_and_counts_writing_nothing(tmp_path, capsys
     assert "total runs: 3 " in out and "random sender" not in out
 
 
+def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
+    from stitching.models.registry import list_blocks
+
+    spec = tmp_path / "blocks.yaml"
+    spec.write_text(f"base: {TINY}\ncuts: blocks\nstride: 3\n")      # the base's stage keys are cleared
+    out = dry_run(capsys, spec, "--runs-dir", tmp_path / "runs")
+    cuts = [b.index for b in list_blocks("resnet18", None, 32)][::3]
+    assert cuts == [0, 3, 6]
+    assert "3 sender x 3 receiver cuts x 1 seed = 9 cells per matrix; 4 matrices" in out
+    assert "36 grid points -> 36 runs" in out and "cells that cannot be stitched" not in out
+    assert "       6  .  .  .\n" in out                          # block 6 into blocks 0 and 3: backwards
+    spec.write_text(f"base: {TINY}\ncuts: blocks\nsenders: [8]\n")
+    with pytest.raises(Exception, match=r"senders=\[8\]: must be a non-empty list of distinct cuts of the model: 0..7"):
+        from stitching.matrix.spec import load_matrix
+
+        load_matrix(spec)
+
+
 @pytest.mark.parametrize("text,key,value", [
     ("base: {tiny}\ncut: stages\n", "cut", "'stages'"),
     ("base: {tiny}\ncuts: layers\n", "cuts", "'layers'"),
@@ -216,6 +234,27 @@ def test_matrix_runs_resumes_after_interruption_collects_and_draws(matrix_file, 
     # a finished matrix launches nothing
     third = cli(matrix_file, "--launcher", "local", "--runs-dir", runs).stdout
     assert "nothing to do: every cell has finished" in third and "[local] start" not in third
+
+
+@pytest.mark.slow   # 4 tiny runs, each its own trainer process: ~40 s on 2 loaded cores
+def test_block_matrix_trains_a_backwards_cell_and_draws_it(matrix_file, tmp_path):
+    matrix_file.write_text("name: blocks\nbase: base.yaml\ncuts: blocks\nsenders: [1, 5]\nreceivers: [1, 5]\n"
+                           "controls: []\n")
+    runs = tmp_path / "runs"
+    out = cli(matrix_file, "--launcher", "local", "--runs-dir", runs, "--parallel", "2").stdout
+    assert "local: 4 done, 0 preempted, 0 failed" in out
+    results = pd.read_csv(runs / "results.csv")
+    assert sorted(zip(results["source_block"], results["destination_block"])) == [(1, 1), (1, 5), (5, 1), (5, 5)]
+    assert results["source_stage"].isna().all() and set(results["gap"]) == {"b1->b1", "b1->b5", "b5->b1", "b5->b5"}
+    table = pd.read_csv(runs / "matrix.csv").set_index(["sender_cut", "receiver_cut"])
+    # resnet18 has 8 blocks: block i's relative depth is (i + 1) / 8
+    assert table.loc[(5, 1), "depth_difference"] == pytest.approx(2 / 8 - 6 / 8)      # backwards: negative
+    assert table.loc[(1, 5), "depth_difference"] == pytest.approx(6 / 8 - 2 / 8)
+    assert table.loc[(1, 1), "depth_difference"] == 0
+    for (i, j), row in table.iterrows():
+        assert row["top1_mean"] == results[(results["source_block"] == i)
+                                           & (results["destination_block"] == j)]["top1"].item()
+    assert (runs / "figures" / "matrix_heatmaps.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------ real SLURM

@@ -13,7 +13,6 @@ corresponding depths.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import numpy as np
@@ -65,7 +64,7 @@ def cell_table(results: pd.DataFrame, matrix: Matrix, run_names: set[str] | None
         top1 = np.array([float(g["top1"]) for g in group])
         kwargs = _kwargs(group[0])
         d_s, d_r = cut_depths(matrix.cuts, matrix.sender, kwargs.get("source"), matrix.receiver,
-                              kwargs.get("destination"), i, j)
+                              kwargs.get("destination"), i, j, int(float(group[0]["img_size"])))
         out.append({"control": control, "sender_cut": i, "receiver_cut": j, "sender": matrix.sender,
                     "receiver": matrix.receiver, "sender_depth": d_s, "receiver_depth": d_r,
                     "depth_difference": d_r - d_s, "top1_mean": top1.mean(),
@@ -85,32 +84,18 @@ def _kwargs(row) -> dict:
 
 
 def cut_depths(cuts: str, sender: str, sender_kwargs: dict | None, receiver: str, receiver_kwargs: dict | None,
-               i: int, j: int) -> tuple[float, float]:
-    """Relative depths (sender, receiver) of cell (i, j): see the module docstring. Stage cuts follow the
-    stage convention: the sender cut is after the first block of stage i, the receiver cut after the first
-    block of stage j (j > i) or at the end of stage i (j == i)."""
-    s_stages = _stage_lengths(sender, json.dumps(sender_kwargs or {}, sort_keys=True))
-    r_stages = _stage_lengths(receiver, json.dumps(receiver_kwargs or {}, sort_keys=True))
-    n_s, n_r = sum(s_stages), sum(r_stages)
-    if cuts == "blocks":             # source_block i: blocks 0..i run; destination_block j: blocks j+1.. run
-        return (i + 1) / n_s, (j + 1) / n_r
-    after_first = lambda lengths, st: sum(lengths[: st - 1]) + 1   # noqa: E731 (registry Parts indices)
-    end = lambda lengths, st: sum(lengths[:st])                    # noqa: E731
-    received = after_first(r_stages, j) if j > i else end(r_stages, i)
-    return after_first(s_stages, i) / n_s, received / n_r
+               i: int, j: int, img_size: int = 224) -> tuple[float, float]:
+    """Relative depths (sender, receiver) of cell (i, j): see the module docstring. A block's depth is its
+    ``relative_depth`` in the model's block list (:func:`stitching.models.registry.list_blocks`: blocks up to
+    and including it / all blocks). Stage cuts follow the stage convention: the sender cut is the first block
+    of stage i, the receiver cut the first block of stage j (j > i) or the last block of stage i (j == i)."""
+    from stitching.models.registry import list_blocks
 
-
-@functools.lru_cache(maxsize=32)
-def _stage_lengths(name: str, kwargs_json: str) -> tuple[int, ...]:
-    """Blocks per stage of model ``name`` as the registry splits it (built on the meta device: no weights)."""
-    import torch
-
-    from stitching.models.registry import get_spec
-
-    spec = get_spec(name, json.loads(kwargs_json) or None)
-    try:
-        with torch.device("meta"):
-            model = spec.build(False, 10)
-    except Exception:  # noqa: BLE001 - an architecture that cannot be built on meta: build it for real
-        model = spec.build(False, 10)
-    return tuple(len(stage) for stage in spec.split(model).stages)
+    src = list_blocks(sender, sender_kwargs or None, img_size)
+    dst = list_blocks(receiver, receiver_kwargs or None, img_size)
+    if cuts == "blocks":            # source_block i: blocks 0..i run; destination_block j: blocks j+1.. run
+        return src[i].relative_depth, dst[j].relative_depth
+    first = lambda blocks, st: next(b for b in blocks if b.stage == st and b.first)   # noqa: E731
+    last = lambda blocks, st: [b for b in blocks if b.stage == st][-1]                # noqa: E731
+    received = first(dst, j) if j > i else last(dst, i)
+    return first(src, i).relative_depth, received.relative_depth

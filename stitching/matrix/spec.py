@@ -181,13 +181,12 @@ def model_cuts(cfg, role: str, cuts: str) -> list[int]:
 def model_blocks(cfg, role: str):
     """The flat block list of the config's ``source`` / ``destination`` model (registry ``list_blocks``)."""
     from stitching.config import model_spec
+    from stitching.models.registry import list_blocks
 
-    try:
-        from stitching.models.registry import list_blocks
-    except ImportError:
-        raise MatrixError("cuts", "blocks", cfg.path or "matrix", "block cuts are not available yet in this "
-                          "version (no block list in stitching.models.registry): use cuts: stages") from None
     model_spec(cfg, role)          # an unknown name or bad arguments: the config's one-line error
     m = cfg.model
     name = m.source if role == "source" else (m.destination or m.source)
-    return list_blocks(name, m.source_args() if role == "source" else m.destination_args(), cfg.data.img_size)
+    try:
+        return list_blocks(name, m.source_args() if role == "source" else m.destination_args(), cfg.data.img_size)
+    except RuntimeError as err:     # a block that does not output its stage's format: one line
+        raise MatrixError("cuts", "blocks", cfg.path or "matrix", str(err)) from None
