@@ -368,7 +368,7 @@ def _check_objective(cfg: Config) -> None:
 
     t, m = cfg.train, cfg.model
     _one_of(cfg, "train.objective", OBJECTIVES)
-    if t.objective != "task" and (m.source_stage is None or m.adapter == "finetune"):
+    if t.objective != "task" and (m.is_original or m.adapter == "finetune"):
         raise cfg.error("train.objective", "trains the adapters against the destination's own activation or "
                         "logits: it needs a stitched config with adapters (model.source_stage, not finetune)")
     if not t.distill_temperature > 0:
