@@ -138,6 +138,17 @@ def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
     assert "3 sender x 3 receiver cuts x 1 seed = 9 cells per matrix; 4 matrices" in out
     assert "36 grid points -> 36 runs" in out and "cells that cannot be stitched" not in out
     assert "       6  .  .  .\n" in out                          # block 6 into blocks 0 and 3: backwards
+    # the stage-granularity matrix with every pair: the first block of each stage on either side
+    spec.write_text(f"base: {TINY}\ncuts: blocks\nsenders: stages\nreceivers: stages\ncontrols: []\n")
+    firsts = [b.index for b in list_blocks("resnet18", None, 32) if b.first]
+    assert firsts == [0, 2, 4, 6]
+    out = dry_run(capsys, spec, "--runs-dir", tmp_path / "runs")
+    assert "total runs: 16 " in out and "        " + "".join(f"{j:>3}" for j in firsts) + "\n" in out
+    spec.write_text(f"base: {TINY}\nsenders: stages\n")
+    with pytest.raises(Exception, match="needs cuts: blocks"):
+        from stitching.matrix.spec import load_matrix
+
+        load_matrix(spec)
     spec.write_text(f"base: {TINY}\ncuts: blocks\nsenders: [8]\n")
     with pytest.raises(Exception, match=r"senders=\[8\]: must be a non-empty list of distinct cuts of the model: 0..7"):
         from stitching.matrix.spec import load_matrix

@@ -14,7 +14,8 @@ A matrix file::
     base: ../toy/stitch.yaml      # the run config every cell builds on: models, weights, recipe
     cuts: stages                  # stages | blocks: the cut points a cell joins (default stages)
     stride: 1                     # every stride-th cut of each model (thins large models)
-    senders: [1, 3]               # optional: these sender cuts instead (receivers: the same for the receiver)
+    senders: [1, 3]               # optional: these sender cuts instead (receivers: the same for the receiver);
+                                  # a block matrix also takes "stages": the first block of each stage
     controls: [source, destination, both]   # random-init controls, each a full matrix (default: all three)
     seeds: [0]                    # train.seed of every cell (default: the base config's)
     slurm: {cpus_per_task: 2}     # resources for --launcher slurm (stitching.launch.slurm.SlurmResources)
@@ -23,7 +24,9 @@ The sender is the base config's ``model.source``, the receiver its ``model.desti
 unset). A cell (i, j) is the base config with the sender cut i and the receiver cut j: with ``stages``,
 ``model.source_stage: i`` and ``model.destination_stage: j`` (the stage convention of ``docs/method.md``,
 which stitches forwards only: j >= i); with ``blocks``, ``model.source_block: i`` and
-``model.destination_block: j``, any pair, backwards (j earlier than i) included.
+``model.destination_block: j``, any pair, backwards (j earlier than i) included. ``cuts: blocks`` with
+``senders: stages`` and ``receivers: stages`` is the stage-granularity matrix with every pair: cut k is the
+first block of stage k on either side (the diagonal joins a model to itself at the same point).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ CONTROLS = ("none", "source", "destination", "both")
 CONTROL_NAMES = {"none": "trained", "source": "random sender", "destination": "random receiver",
                  "both": "random sender and receiver"}
 STAGES = (1, 2, 3, 4)
+#: ``senders:`` / ``receivers:`` of a block matrix: the first (downsampling) block of each stage, the stage cut
+#: points -- a stage-granularity matrix with every pair, backwards included
+STAGE_BLOCKS = "stages"
 
 
 class MatrixError(ConfigError):
@@ -150,19 +156,24 @@ def load_matrix(path: str | Path) -> Matrix:
                cfg.model.source, cfg.model.destination or cfg.model.source)
     all_src = model_cuts(cfg, "source", cuts)
     all_dst = model_cuts(cfg, "destination", cuts)
-    m.sender_cuts = _chosen(data, "senders", all_src, stride, src)
-    m.receiver_cuts = _chosen(data, "receivers", all_dst, stride, src)
+    m.sender_cuts = _chosen(data, "senders", all_src, stride, src, cfg, "source")
+    m.receiver_cuts = _chosen(data, "receivers", all_dst, stride, src, cfg, "destination")
     return m
 
 
-def _chosen(data: dict, key: str, available: list[int], stride: int, src: str) -> list[int]:
+def _chosen(data: dict, key: str, available: list[int], stride: int, src: str, cfg, role: str) -> list[int]:
     value = data.get(key)
     if value is None:
         return available[::stride]
+    if value == STAGE_BLOCKS:
+        if data.get("cuts") != "blocks":
+            raise MatrixError(key, value, src, "names the stage blocks of a block matrix: needs cuts: blocks")
+        return [b.index for b in model_blocks(cfg, role) if b.first]
     if not isinstance(value, list) or not value or len(set(value)) != len(value) \
             or any(v not in available for v in value):
         raise MatrixError(key, value, src, f"must be a non-empty list of distinct cuts of the model: "
-                                           f"{_span(available)}")
+                                           f"{_span(available)}" + (" (or stages: the first block of each stage)"
+                                                                    if data.get("cuts") == "blocks" else ""))
     return sorted(value)
 
 
