@@ -167,8 +167,10 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
 
         codes = run_local([r.config.output.dir for r in todo], parallel=max(1, parallel))
         failed = {d: c for d, c in codes.items() if c not in (R.EXIT_OK, R.EXIT_PREEMPTED)}
-        preempted = sum(c == R.EXIT_PREEMPTED for c in codes.values())
-        print(f"local: {sum(c == R.EXIT_OK for c in codes.values())} done, {preempted} preempted, {len(failed)} failed")
+        # interrupted (SIGTERM/SIGINT): the runs not started count as preempted -- run the command again
+        preempted = sum(c == R.EXIT_PREEMPTED for c in codes.values()) + len(todo) - len(codes)
+        print(f"local: {sum(c == R.EXIT_OK for c in codes.values())} done, {preempted} preempted, {len(failed)} failed"
+              + (f" ({len(todo) - len(codes)} not started: interrupted)" if len(codes) < len(todo) else ""))
         return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
     return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides))
 
