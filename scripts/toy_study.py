@@ -13,8 +13,12 @@
 3. runs it: ``python -m stitching.sweep OUT/toy.yaml --launcher local --runs-dir OUT/sweep``;
 4. collects it: ``python -m stitching.collect OUT/sweep -o OUT/results.csv`` (the sweep folder only: the
    originals' reference rows are the sweep's evaluate-only runs, so the training runs would count twice);
-5. draws it: ``python scripts/plot_results.py OUT/results.csv --out FIGURES`` and copies the CSV there;
-6. prints the originals' accuracy and the best stitch per gap.
+5. draws it: ``python scripts/plot_results.py OUT/results.csv --out FIGURES --default-options`` (the figures
+   show the runs whose training options are at their defaults) and copies the CSV there;
+6. writes ``FIGURES/options.md``: each training option the sweep's extension blocks vary (least-squares
+   init, objectives, frozen BatchNorm in train mode, position-embedding re-injection) against its default,
+   scenario by scenario (:mod:`stitching.plots.options`);
+7. prints the originals' accuracy, the best stitch per gap and the options table.
 
 Every step is a subprocess running the real command-line tools, as a user would. Running the script again
 skips what has finished (the trainer and the sweep skip finished runs and resume interrupted ones).
@@ -44,6 +48,7 @@ TOY_CONFIGS = ROOT / "configs" / "toy"
 STITCH_CONFIG = TOY_CONFIGS / "stitch.yaml"
 SWEEP_TEMPLATE = ROOT / "configs" / "sweeps" / "toy.yaml"
 SWEEP_NAME = "toy.yaml"
+OPTIONS_TABLE = "options.md"          # the extension blocks' options against their defaults, in FIGURES
 
 #: registry name -> (run folder under OUT and short name in the written files, training config)
 MODELS = {
@@ -171,7 +176,9 @@ def summary(out: Path, results: Path) -> str:
     df = pd.read_csv(results, dtype={"gap": str})
     if df.empty:
         return "\n".join(lines + ["(no finished sweep runs)"])
-    agg = aggregate(prepare(df))
+    from stitching.plots.options import at_defaults
+
+    agg = aggregate(prepare(at_defaults(df)))
     agg = agg[agg["kind"].isin(["stitched", "finetune"])]
     if agg.empty:
         return "\n".join(lines)
@@ -187,6 +194,21 @@ def summary(out: Path, results: Path) -> str:
         lines.append(f"  {pair:<32} {gap}  top1 {r['top1_mean']:5.1f}{err:<6} n={int(r['n'])}  "
                      f"{r['macs_mean'] / 1e9:.3f} GMACs  {r['method']}{star}")
     return "\n".join(lines)
+
+
+def write_options(out: Path, results: Path, path: Path) -> str:
+    """The extension blocks' options against their defaults (:mod:`stitching.plots.options`) as Markdown in
+    ``path``; returns the text ('' without results)."""
+    import pandas as pd
+
+    from stitching.plots.options import compare_options, options_markdown
+
+    if not results.is_file():
+        return ""
+    df = pd.read_csv(results, dtype={"gap": str})
+    text = options_markdown(compare_options(df, out / "sweep"))
+    _write_if_changed(path, text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,13 +247,16 @@ def main(argv: list[str] | None = None) -> int:
                        "--parallel", parallel], "sweep", env, check=False)
     results = out / "results.csv"
     _run([py, "-m", "stitching.collect", out / "sweep", "-o", results], "collect", env)
-    _run([py, ROOT / "scripts" / "plot_results.py", results, "--out", figures], "plot", env)
+    _run([py, ROOT / "scripts" / "plot_results.py", results, "--out", figures, "--default-options"], "plot", env)
     figures.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(results, figures / "results.csv")
     print(f"copied {results} to {figures / 'results.csv'}")
+    options = write_options(out, results, figures / OPTIONS_TABLE)
 
     print()
     print(summary(out, results))
+    if options:
+        print(f"\ntraining options against their defaults ({figures / OPTIONS_TABLE}):\n\n{options}")
     print(f"\ntoy study wall time: {_fmt(time.time() - start)} (this invocation; finished runs are skipped)")
     if sweep_code != 0:
         print(f"warning: the sweep exited with {sweep_code}; see the launcher.log of the failed runs in "
