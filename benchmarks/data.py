@@ -32,6 +32,7 @@ x cores: data loading scales with worker processes), then one JSON line with ``r
 
     python benchmarks/data.py                                   # 512 JPEGs, 5 rounds, batch 32, 224 px
     python benchmarks/data.py --images 1024 --rounds 7 --interpolation bicubic
+    python benchmarks/data.py --photo-scale 2 --images 256            # ~1000x750: reduced-size decoding
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ def photo(rng: np.random.Generator, width: int, height: int, obj: Image.Image) -
     return img
 
 
-def write_jpegs(root: Path, images: int, classes: int, seed: int = 0) -> float:
-    """``images`` JPEGs under ``root/train/<class>/`` and ``root/val/<class>/`` (a few); mean size in KB."""
+def write_jpegs(root: Path, images: int, classes: int, seed: int = 0, scale: float = 1.0) -> float:
+    """``images`` JPEGs under ``root/train/<class>/`` and ``root/val/<class>/`` (a few), ``scale`` times the
+    ImageNet-like size; mean size in KB."""
     rng = np.random.default_rng(seed)
     objects = SyntheticImages(num_classes=classes, length=images, img_size=128, seed=seed)
     sizes = []
@@ -90,7 +92,7 @@ def write_jpegs(root: Path, images: int, classes: int, seed: int = 0) -> float:
         for c in range(classes):
             (root / split / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            width = int(rng.integers(400, 601))
+            width = int(rng.integers(400, 601) * scale)
             height = int(width * rng.uniform(0.6, 0.9))
             if rng.random() < 0.125:
                 width, height = height, width
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=0,
                         help="loader workers of (a) and (b) (0: in this process, i.e. one core)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--photo-scale", type=float, default=1.0,
+                        help="photo size relative to ~500x375 (2: ~1000x750, where reduced-size decoding applies)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default=None,
                         help="cpu: images per CPU-second of this process (default with --workers 0: the per-core "
                              "cost, unaffected by other processes competing for the cores); wall: images/s")
@@ -176,9 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="stitching-data-bench-") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        kb = write_jpegs(root, args.images, args.classes)
+        kb = write_jpegs(root, args.images, args.classes, scale=args.photo_scale)
         files = sorted((root / "train").rglob("*.jpg"))
-        print(f"wrote {len(files)} JPEGs (~500x375, varied; mean {kb:.0f} KB) in {time.perf_counter() - start:.1f} s; "
+        size = f"{500 * args.photo_scale:.0f}x{375 * args.photo_scale:.0f}"
+        print(f"wrote {len(files)} JPEGs (~{size}, varied; mean {kb:.0f} KB) in {time.perf_counter() - start:.1f} s; "
               f"{args.img_size} px, batch {args.batch_size}, {args.interpolation}, workers {args.workers}, "
               f"torch threads {torch.get_num_threads()}, {args.rounds} rounds, clock {clock}")
         loaders = {"a": framework_loader(root, args.classes, args.img_size, args.batch_size, args.workers,
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_a_over_b": round(a_b, 3), "ratio_a_over_c": round(a_c, 3),
         "node_images_per_s": {"8": {k: round(8 * per_core[k]) for k in ("a", "b")},
                               "16": {k: round(16 * per_core[k]) for k in ("a", "b")}},
-        "mean_jpeg_kb": round(kb, 1), "images": len(files), "batch_size": args.batch_size,
+        "mean_jpeg_kb": round(kb, 1), "photo_scale": args.photo_scale, "images": len(files), "batch_size": args.batch_size,
         "img_size": args.img_size, "interpolation": args.interpolation, "workers": args.workers, "clock": clock,
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
     }
