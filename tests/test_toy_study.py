@@ -58,7 +58,15 @@ def test_written_sweep_expands_into_the_study(fake_weights, tmp_path):
         "vit_tiny_to_resnet18": 3 * 2,
         "original_resnet18": 1,
         "original_vit_tiny": 1,
+        # extension part: each option against the default run above with the same seeds
+        "resnet18_self_least_squares": 2 * 2 * 2,  # 1->2, 1->3; linear, bottleneck; 2 seeds
+        "resnet18_self_objectives": 2 * 2,         # match, distill at 1->3
+        "resnet18_self_frozen_bn_train": 2,
+        "resnet18_to_vit_tiny_reinject": 3 * 2,
     }
+    extension = {r.block for r in exp.runs if r.part == "extension"}
+    assert extension == {"resnet18_self_least_squares", "resnet18_self_objectives",
+                         "resnet18_self_frozen_bn_train", "resnet18_to_vit_tiny_reinject"}
     assert sum(exp.impossible.values()) == 4 and not exp.duplicates     # 2->1 dropped
     weights = {m: str(toy.weights_path(fake_weights, m).resolve()) for m in toy.MODELS}
     for run in exp.runs:
