@@ -164,6 +164,7 @@ def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
     ("base: {tiny}\nsenders: [5]\n", "senders", "[5]"),
     ("base: {tiny}\nseeds: 0\n", "seeds", "0"),
     ("base: nowhere.yaml\n", "base", "'nowhere.yaml'"),
+    ("base: {tiny}\nslurm: {{gpus: 1}}\n", "slurm", "{'gpus': 1}"),
 ])
 def test_bad_matrix_keys_name_key_value_and_file(tmp_path, text, key, value):
     from stitching.matrix.spec import MatrixError, load_matrix
@@ -188,7 +189,7 @@ def _finished(runs: Path) -> list[Path]:
     return sorted(p.parent for p in runs.glob("*/result.csv"))
 
 
-@pytest.mark.slow   # 16 tiny runs, each its own trainer process: ~2 min on 2 loaded cores
+@pytest.mark.slow   # 16 tiny runs, each its own trainer process (minutes on 2 loaded cores)
 def test_matrix_runs_resumes_after_interruption_collects_and_draws(matrix_file, tmp_path, capsys):
     runs = tmp_path / "runs"
     out = dry_run(capsys, matrix_file, "--runs-dir", runs)
@@ -247,21 +248,20 @@ def test_matrix_runs_resumes_after_interruption_collects_and_draws(matrix_file, 
     assert "nothing to do: every cell has finished" in third and "[local] start" not in third
 
 
-@pytest.mark.slow   # 4 tiny runs, each its own trainer process: ~40 s on 2 loaded cores
+@pytest.mark.slow   # 2 tiny runs, each its own trainer process
 def test_block_matrix_trains_a_backwards_cell_and_draws_it(matrix_file, tmp_path):
-    matrix_file.write_text("name: blocks\nbase: base.yaml\ncuts: blocks\nsenders: [1, 5]\nreceivers: [1, 5]\n"
+    matrix_file.write_text("name: blocks\nbase: base.yaml\ncuts: blocks\nsenders: [5]\nreceivers: [1, 5]\n"
                            "controls: []\n")
     runs = tmp_path / "runs"
     out = cli(matrix_file, "--launcher", "local", "--runs-dir", runs, "--parallel", "2").stdout
-    assert "local: 4 done, 0 preempted, 0 failed" in out
+    assert "local: 2 done, 0 preempted, 0 failed" in out
     results = pd.read_csv(runs / "results.csv")
-    assert sorted(zip(results["source_block"], results["destination_block"])) == [(1, 1), (1, 5), (5, 1), (5, 5)]
-    assert results["source_stage"].isna().all() and set(results["gap"]) == {"b1->b1", "b1->b5", "b5->b1", "b5->b5"}
+    assert sorted(zip(results["source_block"], results["destination_block"])) == [(5, 1), (5, 5)]
+    assert results["source_stage"].isna().all() and set(results["gap"]) == {"b5->b1", "b5->b5"}
     table = pd.read_csv(runs / "matrix.csv").set_index(["sender_cut", "receiver_cut"])
     # resnet18 has 8 blocks: block i's relative depth is (i + 1) / 8
     assert table.loc[(5, 1), "depth_difference"] == pytest.approx(2 / 8 - 6 / 8)      # backwards: negative
-    assert table.loc[(1, 5), "depth_difference"] == pytest.approx(6 / 8 - 2 / 8)
-    assert table.loc[(1, 1), "depth_difference"] == 0
+    assert table.loc[(5, 5), "depth_difference"] == 0
     for (i, j), row in table.iterrows():
         assert row["top1_mean"] == results[(results["source_block"] == i)
                                            & (results["destination_block"] == j)]["top1"].item()

@@ -18,7 +18,6 @@ draws. ``--dry-run`` prints the tables and counts and writes or submits nothing.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 

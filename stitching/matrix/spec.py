@@ -144,6 +144,12 @@ def load_matrix(path: str | Path) -> Matrix:
     slurm = data.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise err("slurm", "must map SLURM resources to values")
+    from stitching.launch.slurm import SlurmResources
+
+    try:
+        SlurmResources.from_dict(slurm, source="")
+    except (ValueError, TypeError) as error:
+        raise err("slurm", str(error).removeprefix(": ")) from None
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name.strip() or "/" in name:
         raise err("name", "must be a non-empty name without '/' (runs go to runs/<name>)")
