@@ -127,6 +127,7 @@ def test_preemption_check_cadence():
     assert all(P.preempt_check_due(s, 10, distributed=False) for s in range(1, 30))   # one process: every step
     assert [s for s in range(1, 30) if P.preempt_check_due(s, 10, distributed=True)] == [10, 20]
     assert [s for s in range(1, 10) if P.preempt_check_due(s, 1, distributed=True)] == list(range(1, 10))
+    assert P.preempt_check_due(15, 10, distributed=True, epoch_end=True)           # before the evaluation
 
 
 def test_preempt_check_every_is_validated():

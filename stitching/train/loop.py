@@ -442,7 +442,8 @@ def _train_epoch(r: Run, epoch: int) -> bool:
                 if info.is_main:                        # (reading the loss waits for the device)
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{st.lr():.2e}",
                                     img_s=f"{meter.rate():.0f}")
-            if P.preempt_check_due(st.step, r.cfg.train.preempt_check_every, info.enabled) and \
+            if P.preempt_check_due(st.step, r.cfg.train.preempt_check_every, info.enabled,
+                                   done == r.steps_per_epoch) and \
                     D.any_rank(r.preempt.signal is not None, r.device, info):
                 preempted = True
                 break

@@ -17,7 +17,7 @@ Owns (each decided here and nowhere else; the trainer and ``benchmarks/train_ste
   at it at step boundaries. One process looks after every optimizer step (a Python attribute: free). Under
   DDP the ranks must stop at the *same* step, so they agree through an all-reduce, which is a host sync: it
   happens every ``train.preempt_check_every`` optimizer steps (default 10; counted by the run's step number,
-  the same on every rank), not every step. The delay it adds is at most ``preempt_check_every - 1`` steps:
+  the same on every rank) and after each epoch's last step, not every step. The delay it adds is at most ``preempt_check_every - 1`` steps:
   with the default 10 and a GPU step of 0.05-0.5 s, under 5 s, against SLURM's ``--signal=B:USR1@300``
   lead (300 s, this project's default) and the 30 s that SLURM's default ``KillWait`` leaves between a
   preemption's SIGTERM and its SIGKILL. Slow steps (multi-process CPU runs, seconds each) want a smaller k:
@@ -136,10 +136,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------- preemption
-def preempt_check_due(step: int, every: int, distributed: bool) -> bool:
+def preempt_check_due(step: int, every: int, distributed: bool, epoch_end: bool = False) -> bool:
     """Whether the step loop looks at the preemption flag after optimizer step ``step`` (the run's count,
-    1-based, equal on every rank): always for one process, every ``every`` steps under DDP."""
-    return not distributed or step % every == 0
+    1-based, equal on every rank): always for one process; under DDP every ``every`` steps and after an
+    epoch's last step (so no evaluation lies between a signal and the ranks' look at it)."""
+    return not distributed or epoch_end or step % every == 0
 
 
 # --------------------------------------------------------------------------------------- throughput
