@@ -498,7 +498,9 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
 # every config key is either part of the recipe or says here why not: a new key must be classified
 NOT_RECIPE = {
     "model.source": "structure (scenario key)", "model.destination": "structure", "model.source_stage": "structure",
-    "model.destination_stage": "structure", "model.adapter": "structure", "model.resize": "structure",
+    "model.destination_stage": "structure", "model.source_block": "structure (source_block column)",
+    "model.destination_block": "structure (destination_block column)", "model.adapter": "structure",
+    "model.resize": "structure",
     "model.schedule": "structure (its own result column)", "model.source_weights": "-> pretrained",
     "model.destination_weights": "-> pretrained", "model.pretrained": "-> pretrained",
     "model.source_kwargs": "-> model_kwargs", "model.destination_kwargs": "-> model_kwargs",
