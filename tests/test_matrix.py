@@ -156,6 +156,12 @@ def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
         load_matrix(spec)
 
 
+@pytest.mark.parametrize("name,runs", [("tiny", 40), ("resnet50_imagenet", 64)])
+def test_shipped_matrix_files_expand(name, runs, capsys, tmp_path):
+    out = dry_run(capsys, ROOT / "configs" / "matrix" / f"{name}.yaml", "--runs-dir", tmp_path / "runs")
+    assert f"total runs: {runs} (0 finished" in out and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("text,key,value", [
     ("base: {tiny}\ncut: stages\n", "cut", "'stages'"),
     ("base: {tiny}\ncuts: layers\n", "cuts", "'layers'"),
