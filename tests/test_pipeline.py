@@ -357,3 +357,17 @@ def test_cli_trains_on_a_generated_imagefolder_of_jpegs_same_numbers_for_any_wor
         assert float(row["train_loss"]) > 0 and 0 <= float(row["top1"]) <= 100
         metrics.append({k: row[k] for k in ("train_loss", "train_top1", "top1", "val_loss")})
     assert metrics[0] == metrics[1]
+
+
+def test_a_corrupt_jpeg_decoded_on_the_device_is_named(tmp_path):
+    from stitching.data.loaders import BadImageError
+
+    good = _jpeg(tmp_path / "good.jpg", _photo(200, 150, 0))
+    data = good.read_bytes()
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(data[:200] + bytes(len(data) - 200))          # header intact, scan data zeroed
+    fast_train, _ = build_transforms(_model_cfg(64), _data(img_size=64, auto_augment=False), torch.device("cpu"))
+    encode = P.EncodedTrainTransform(fast_train)
+    samples = [encode(Image.open(good)), encode(Image.open(bad))]
+    with pytest.raises(BadImageError, match="bad.jpg"):
+        P.GpuDecode(encode, torch.device("cpu"))(samples)

@@ -347,7 +347,17 @@ class GpuDecode:
         jpegs = [i for i, s in enumerate(samples) if s.data is not None]
         images: list = [None] * len(samples)
         if jpegs:
-            decoded = decode_jpeg([samples[i].data for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            try:
+                decoded = decode_jpeg([samples[i].data for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:            # find the file that failed and name it (one by one: only on error)
+                from stitching.data.loaders import BadImageError
+
+                for i in jpegs:
+                    try:
+                        decode_jpeg(samples[i].data, mode=ImageReadMode.RGB, device=self.device)
+                    except RuntimeError as err:
+                        raise BadImageError.for_file(samples[i].name, err) from None
+                raise
             for i, img in zip(jpegs, decoded):
                 images[i] = img
         for i, s in enumerate(samples):
