@@ -190,6 +190,28 @@ def test_bad_matrix_file_exits_2_with_one_line_through_the_cli(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {spec}: cuts='layers': must be one of stages, blocks"]
 
 
+def test_a_launch_interrupted_between_runs_is_preempted_not_finished(tmp_path, monkeypatch, capsys):
+    """SIGTERM while no trainer runs: the runs not started make the launch exit 75 (so nothing is drawn from a
+    half matrix), not 0. The first "trainer" here is a script that signals the launcher and exits."""
+    from stitching.launch import local
+    from stitching.matrix.__main__ import expand_matrix
+    from stitching.matrix.spec import load_matrix
+    from stitching.sweep.__main__ import launch
+
+    spec = tmp_path / "m.yaml"
+    spec.write_text(f"base: {TINY}\nsenders: [1]\nreceivers: [2, 3, 4]\ncontrols: []\n")
+    matrix = load_matrix(spec)
+    runs = expand_matrix(matrix, tmp_path / "runs").runs
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nkill -TERM $PPID\nexit 0\n")
+    fake.chmod(0o755)
+    real = local.run_local
+    monkeypatch.setattr(local, "run_local", lambda dirs, parallel=1: real(dirs, parallel, python=str(fake)))
+    capsys.readouterr()
+    assert launch(runs, matrix.blocks(), tmp_path / "runs", "m", "local") == 75
+    assert "(2 not started: interrupted)" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------ end to end
 def _finished(runs: Path) -> list[Path]:
     return sorted(p.parent for p in runs.glob("*/result.csv"))
