@@ -3,6 +3,8 @@
 * :mod:`stitching.data.synthetic` -- :class:`SyntheticImages`, a procedural, learnable dataset.
 * :mod:`stitching.data.transforms` -- the paper's training augmentation and timm-based evaluation
   preprocessing.
+* :mod:`stitching.data.pipeline` -- the fast input pipeline (``data.pipeline: fast``): crop box first,
+  reduced-size JPEG decoding, uint8 augmentation, normalisation on the device; ``data.decode: gpu``.
 * :mod:`stitching.data.loaders` -- dataset construction from a data config, seeded loaders whose
   epoch order (and augmentation) is a pure function of ``(seed, epoch)``.
 """
