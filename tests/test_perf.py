@@ -64,6 +64,21 @@ def test_explicit_bf16_on_a_gpu_without_bf16_tensor_cores_is_warned_about():
     assert P.precision_warning("bf16", "cpu", None) is None
 
 
+def test_a_run_in_fp16_trains_through_the_gradient_scaler(tmp_path):
+    """What ``auto`` gives a V100 or T4 (fp16 autocast + gradient scaler), through the real trainer on CPU:
+    the run finishes, its result says fp16 and its checkpoint holds the scaler's state."""
+    from stitching.train.__main__ import main
+
+    out = tmp_path / "run"
+    assert main(["--config", str(ROOT / "configs" / "synthetic" / "tiny.yaml"), "train.device=cpu",
+                 "train.precision=fp16", "data.val_size=64", f"output.dir={out}"]) == 0
+    with (out / "result.csv").open() as f:
+        [row] = list(csv.DictReader(f))
+    assert row["precision"] == "fp16" and float(row["train_loss"]) > 0
+    scaler = torch.load(out / "checkpoint.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0
+
+
 # ----------------------------------------------------------------------------------- fused AdamW
 def _param(device: str, dtype=torch.float32):
     """What use_fused_adamw reads of a parameter (a CUDA tensor cannot be made without a GPU)."""
