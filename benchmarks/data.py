@@ -15,6 +15,9 @@ in interleaved rounds so that load from other processes hits all three alike (th
   ``Normalize``, a plain shuffled ``DataLoader``.
 - **(c) decode**: the JPEG decode alone with libjpeg-turbo at full size (PIL ``Image.open(path).convert("RGB")``
   over the same files): the ceiling of any pipeline that decodes every image at full size, as (b) does.
+- **(c') decode, simplejpeg** (printed when the optional ``simplejpeg`` is installed: ``pip install
+  '.[fast-jpeg]'``, which (a) then decodes with): the same full-size decode into a numpy array
+  (``simplejpeg.decode_jpeg(bytes, "RGB")``, libjpeg-turbo without Pillow's buffers), for reference.
 
 Both pipelines use ``--interpolation`` (default bilinear, torchvision's default) for the crop resize and
 AutoAugment. The JPEGs: ``--images`` files of varied sizes around 500x375 (width 400-600, aspect 0.6-0.9,
@@ -131,6 +134,12 @@ def torchvision_loader(root: Path, img_size: int, batch_size: int, workers: int,
                                        generator=torch.Generator().manual_seed(0))
 
 
+def _has_simplejpeg() -> bool:
+    from stitching.data import pipeline
+
+    return pipeline.simplejpeg is not None
+
+
 def _clock(kind: str) -> float:
     return time.process_time() if kind == "cpu" else time.perf_counter()
 
@@ -151,6 +160,16 @@ def time_decode(files: list[Path], clock: str) -> float:
     for path in files:
         with Image.open(path) as img:
             img.convert("RGB")
+    return len(files) / (_clock(clock) - start)
+
+
+def time_decode_simplejpeg(files: list[Path], clock: str) -> float:
+    """images per second of ``clock`` decoding every file at full size with simplejpeg (file read included)."""
+    import simplejpeg
+
+    start = _clock(clock)
+    for path in files:
+        simplejpeg.decode_jpeg(path.read_bytes(), "RGB")
     return len(files) / (_clock(clock) - start)
 
 
@@ -189,19 +208,24 @@ def main(argv: list[str] | None = None) -> dict:
         loaders = {"a": framework_loader(root, args.classes, args.img_size, args.batch_size, args.workers,
                                          args.interpolation),
                    "b": torchvision_loader(root, args.img_size, args.batch_size, args.workers, args.interpolation)}
-        rates: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        keys = ("a", "b", "c") + (("c'",) if _has_simplejpeg() else ())
+        rates: dict[str, list[float]] = {k: [] for k in keys}
         for round_ in range(args.rounds + 1):                     # round 0 warms up (page cache, workers)
-            for key in ("a", "b", "c"):
-                rate = time_decode(files, clock) if key == "c" else time_loader(loaders[key], round_, clock)
+            for key in keys:
+                if key in loaders:
+                    rate = time_loader(loaders[key], round_, clock)
+                else:
+                    rate = (time_decode if key == "c" else time_decode_simplejpeg)(files, clock)
                 if round_:
                     rates[key].append(rate)
         del loaders
 
     median = {k: statistics.median(v) for k, v in rates.items()}
-    names = {"a": "(a) framework (fast, uint8)", "b": "(b) torchvision ImageNet", "c": "(c) decode only (full)"}
+    names = {"a": "(a) framework (fast, uint8)", "b": "(b) torchvision ImageNet", "c": "(c) decode only (full)",
+             "c'": "(c') decode only, simplejpeg"}
     unit = "images/CPU-s" if clock == "cpu" else "images/s"
     print(f"{'variant':30} {unit:>12} {'ms/image':>9}   rounds ({unit})")
-    for key in ("a", "b", "c"):
+    for key in rates:
         print(f"{names[key]:30} {median[key]:12.1f} {1e3 / median[key]:9.3f}   "
               f"[{', '.join(f'{r:.0f}' for r in rates[key])}]")
     a_b, a_c = median["a"] / median["b"], median["a"] / median["c"]
@@ -218,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_jpeg_kb": round(kb, 1), "photo_scale": args.photo_scale, "images": len(files), "batch_size": args.batch_size,
         "img_size": args.img_size, "interpolation": args.interpolation, "workers": args.workers, "clock": clock,
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
+        "jpeg_decoder_a": "simplejpeg" if _has_simplejpeg() else "pillow",
     }
     print(json.dumps(summary))
     return summary

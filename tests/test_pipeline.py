@@ -164,14 +164,14 @@ def test_reduced_size_decoding_keeps_the_crop_region(tmp_path, monkeypatch):
     photo = _jpeg(tmp_path / "photo.jpg", _photo(width, height, 1))
     assert P.draft_scale((400, 500), (96, 96)) == 4 and P.draft_scale((150, 900), (96, 96)) == 1
     scales = []
-    decode = P._decode
+    decode = P._decode_pixels
 
-    def spy(img, want):
-        out = decode(img, want)
+    def spy(img, scale):
+        out = decode(img, scale)
         scales.append(out[1])
         return out
 
-    monkeypatch.setattr(P, "_decode", spy)
+    monkeypatch.setattr(P, "_decode_pixels", spy)
     drafted = P.FastTrainTransform(size, MEAN, STD, auto_augment=False)
     full = P.FastTrainTransform(size, MEAN, STD, auto_augment=False, draft=False)
     seeds = range(40)
@@ -185,6 +185,39 @@ def test_reduced_size_decoding_keeps_the_crop_region(tmp_path, monkeypatch):
         torch.manual_seed(seed)
         y = full.uint8(Image.open(photo)).float()
         assert (x - y).abs().mean() < 2.0
+
+
+def test_simplejpeg_decodes_the_pixels_pillow_does_and_pillow_stands_in_without_it(tmp_path, monkeypatch):
+    """The optional ``simplejpeg`` decoder (``fast-jpeg`` extra) gives Pillow's pixels for full-size RGB and
+    greyscale JPEGs, so the training output is the same either way; a truncated JPEG is named; without
+    simplejpeg Pillow decodes."""
+    simplejpeg = pytest.importorskip("simplejpeg")
+    assert P.simplejpeg is simplejpeg
+    rgb = _jpeg(tmp_path / "rgb.jpg", _photo(801, 601, 3), quality=90)
+    grey = _jpeg(tmp_path / "grey.jpg", _photo(500, 375, 4).convert("L"), quality=90)
+    for path in (rgb, grey):
+        fast, s = P._decode_pixels(Image.open(path), 1)
+        monkeypatch.setattr(P, "simplejpeg", None)
+        ref, s_ref = P._decode_pixels(Image.open(path), 1)
+        monkeypatch.setattr(P, "simplejpeg", simplejpeg)
+        assert isinstance(fast, np.ndarray) and isinstance(ref, Image.Image) and s == s_ref == 1
+        ref = np.asarray(ref)
+        assert fast.shape == ref.shape and fast.dtype == np.uint8, path
+        assert np.abs(fast.astype(int) - ref).max() <= 1, path              # the same IDCT and upsampling
+    tf = P.FastTrainTransform(224, MEAN, STD, auto_augment=True)
+    for seed in range(3):                                  # the whole transform: the same output either way
+        torch.manual_seed(seed)
+        a = tf(Image.open(rgb))
+        monkeypatch.setattr(P, "simplejpeg", None)
+        torch.manual_seed(seed)
+        b = tf(Image.open(rgb))
+        monkeypatch.setattr(P, "simplejpeg", simplejpeg)
+        assert (a.float() - b.float()).abs().mean() < 0.05
+    data = rgb.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    from stitching.data.loaders import BadImageError
+    with pytest.raises(BadImageError, match="cut.jpg"):
+        tf(Image.open(tmp_path / "cut.jpg"))
 
 
 # ------------------------------------------------------------------------------ evaluation, on the device
