@@ -170,3 +170,26 @@ def test_match_then_task_resumed_mid_run_equals_an_uninterrupted_one(tmp_path):
     assert ma[0]["train_loss"] == mm[0]["train_loss"]                # epoch 1: the same match steps
     assert float(ma[1]["train_loss"]) == pytest.approx(math.log(10), abs=0.5)     # then cross-entropy
     assert float(mm[1]["train_loss"]) < 1.5
+
+
+def test_a_chain_that_keeps_the_source_size_is_compared_on_the_destinations_grid():
+    """``model.resize: none`` between sizes that differ (the larger map flows on into the destination): the match
+    loss and the similarity after training compare the adapters' output resized to the destination's own grid,
+    where a comparison of the raw tensors fails (it stopped such runs after their last epoch)."""
+    from stitching.stitch.join import adapted_at_join, on_destination_grid, similarity_after
+
+    cfg, built, st, obj = _setup("model.source_stage=1", "model.destination_stage=2", "model.adapter=bottleneck",
+                                 "model.resize=none", "train.objective=match")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    adapted, own = adapted_at_join(built, x), destination_at_join(built, x)
+    assert adapted.shape[-1] == 2 * own.shape[-1]                     # the sizes do differ
+    grid = on_destination_grid(adapted, own)
+    assert grid.shape == own.shape
+    assert torch.allclose(grid, F.interpolate(adapted, size=own.shape[-2:], mode="bilinear", align_corners=False))
+    with pytest.raises(ValueError, match="cannot be compared"):
+        on_destination_grid(adapted[:, :1], own)
+    st.objective = obj.at(0)
+    st.runner.train()
+    assert math.isfinite(float(train_step(st, x, y, 0)))
+    after = similarity_after(built, [x[:4], x[4:]])
+    assert after["n"] == 8 and math.isfinite(after["mse"]) and -1.5 < after["cka"] <= 1.0 + 1e-6

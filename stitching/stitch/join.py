@@ -70,10 +70,24 @@ def adapted_at_join(built, x: torch.Tensor) -> torch.Tensor:
     return built.model.adapters(built.model.prefix(x))
 
 
+def on_destination_grid(adapted: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """The adapter chain's output on the grid of the destination's own activation ``own``: itself where the
+    shapes agree; a feature map that kept the source's size (``model.resize: none``, the larger map flowing on
+    into the destination) resized bilinearly (``align_corners=False``, as the adapters resize) to the
+    destination's own size. What the similarity after training and ``train.objective: match`` compare."""
+    if adapted.shape == own.shape:
+        return adapted
+    if adapted.dim() == own.dim() == 4 and adapted.shape[:2] == own.shape[:2]:
+        return Resize(tuple(adapted.shape[-2:]), tuple(own.shape[-2:]))(adapted)
+    raise ValueError(f"the adapters' output {tuple(adapted.shape)} cannot be compared with the destination's own "
+                     f"activation {tuple(own.shape)}")
+
+
 @torch.no_grad()
 def similarity_after(built, images: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> dict:
-    """``{cka, mse, n}`` between :func:`adapted_at_join` and :func:`destination_at_join` over the batches of
-    ``images`` (the mean squared error over every element, as ``train.objective: match`` trains it)."""
+    """``{cka, mse, n}`` between :func:`adapted_at_join` (on the destination's grid: :func:`on_destination_grid`)
+    and :func:`destination_at_join` over the batches of ``images`` (the mean squared error over every element,
+    as ``train.objective: match`` trains it)."""
     if built.plan is None or built.target is None:
         raise ValueError("similarity at the join needs a stitched model with adapters")
     built.model.eval()
@@ -81,7 +95,8 @@ def similarity_after(built, images: Iterable[torch.Tensor], device: torch.device
     cka, sq, count, n = MinibatchCKA(), 0.0, 0, 0
     for x in images:
         x = x.to(device)
-        a, b = adapted_at_join(built, x).float(), destination_at_join(built, x).float()
+        b = destination_at_join(built, x).float()
+        a = on_destination_grid(adapted_at_join(built, x).float(), b)
         if x.shape[0] >= 4:
             cka.update(a, b)
         sq += float(((a.double() - b.double()) ** 2).sum())

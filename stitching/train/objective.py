@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitching.stitch.join import on_destination_grid
 from stitching.train.step import autocast
 
 OBJECTIVES = ("task", "match", "distill", "match_then_task")
@@ -109,7 +110,7 @@ class Objective:
             logits, joined = st.runner(x, join=True)
             with torch.no_grad():
                 want = self.target(x)
-        return logits, match_loss(joined, want)
+        return logits, match_loss(on_destination_grid(joined, want), want)
 
     def _distill(self, st, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(st.precision, st.device):
