@@ -34,8 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from stitching.config import ConfigError, load_config
 
 MATRIX_KEYS = ("name", "base", "cuts", "stride", "senders", "receivers", "controls", "seeds", "slurm")
@@ -105,17 +103,9 @@ def load_matrix(path: str | Path) -> Matrix:
     """The matrix file at ``path``, checked; its cut lists resolved from the base config's models."""
     path = Path(path)
     src = str(path)
-    if not path.is_file():
-        raise MatrixError("matrix", src, "command line", "file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise MatrixError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise MatrixError("", None, src, "a matrix file must be a mapping")
-    for key in data:
-        if key not in MATRIX_KEYS:
-            raise MatrixError(key, data[key], src, f"unknown key; a matrix takes {', '.join(MATRIX_KEYS)}")
+    from stitching.sweep.spec import read_spec_file
+
+    data = read_spec_file(path, "matrix", MATRIX_KEYS, MatrixError)
 
     def err(key, message):
         return MatrixError(key, data.get(key), src, message)

@@ -80,6 +80,12 @@ def _finish(fig: Figure, out_path: str | os.PathLike | None, recipe: dict) -> Pa
     fig.set_size_inches(width, height + LEGEND_ROW_HEIGHT * rows + 0.2)
     fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False,
                title=title, title_fontsize="x-small")
+    return save_figure(fig, out_path)
+
+
+def save_figure(fig: Figure, out_path: str | os.PathLike | None) -> Path | Figure:
+    """``fig`` written to ``out_path`` (PNG at :data:`DPI`, folders made) and the path returned; the figure
+    itself when ``out_path`` is None (notebooks)."""
     if out_path is None:
         return fig
     out_path = Path(out_path)

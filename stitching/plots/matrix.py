@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from stitching.matrix.spec import CONTROL_NAMES, CONTROLS
-from stitching.plots.figures import ACCURACY_LABEL, DPI, RECIPE_CHARS_PER_INCH, NoData
+from stitching.plots.figures import ACCURACY_LABEL, RECIPE_CHARS_PER_INCH, NoData, save_figure
 from stitching.plots.labels import arch_name
 
 HEATMAP_SIZE = (3.6, 3.3)          # inches per panel
@@ -45,12 +45,7 @@ def _save(fig: Figure, out_path, caption: str = "") -> Path | Figure:
     if caption:         # the recipe, wrapped to the figure's width, under the panels
         width = fig.get_size_inches()[0]
         fig.supxlabel(textwrap.fill(caption, int(width * RECIPE_CHARS_PER_INCH)), fontsize="x-small")
-    if out_path is None:
-        return fig
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=DPI)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def _title(table: pd.DataFrame) -> str:

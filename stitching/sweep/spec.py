@@ -108,21 +108,30 @@ class Expansion:
         return [r for r in self.runs if r.part == part]
 
 
+def read_spec_file(path: Path, what: str, keys, error: type) -> dict:
+    """The mapping a ``what`` file (sweep, matrix) holds, its top-level keys among ``keys``; otherwise
+    ``error(key, value, file, message)`` (a :class:`stitching.config.ConfigError`): the file is missing, not
+    YAML, not a mapping, or has an unknown key."""
+    src = str(path)
+    if not path.is_file():
+        raise error(what, src, "command line", "file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise error("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise error("", None, src, f"a {what} file must be a mapping")
+    for key in data:
+        if key not in keys:
+            raise error(key, data[key], src, f"unknown key; a {what} takes {', '.join(keys)}")
+    return data
+
+
 def load_sweep(path: str | Path) -> tuple[str, list[Block], bool]:
     """(name, blocks, whether the extension blocks are on) of the sweep file at ``path``."""
     path = Path(path)
     src = str(path)
-    if not path.is_file():
-        raise SweepError("sweep", src, "command line", "file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SweepError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SweepError("", None, src, "a sweep file must be a mapping")
-    for key in data:
-        if key not in SWEEP_KEYS:
-            raise SweepError(key, data[key], src, f"unknown key; a sweep takes {', '.join(sorted(SWEEP_KEYS))}")
+    data = read_spec_file(path, "sweep", sorted(SWEEP_KEYS), SweepError)
     defaults = {k: data[k] for k in ("base", "exclude", "slurm") if k in data}
     extensions = data.get("extensions", True)
     if not isinstance(extensions, bool):
