@@ -365,6 +365,33 @@ def test_rows_that_resample_nothing_stand_for_every_resize_mode():
     assert best_adapter_rows(prepared, "resnet18", "vit_tiny_patch16_224").empty
 
 
+def test_a_no_downsample_run_stands_for_itself_only():
+    """``resize_modes`` says which modes build a row's module. A real no-downsample run (the larger map flows
+    on: resize none, nothing resampled, ``resize_modes`` "none") is its own row only -- its MACs and accuracy
+    are not the downsampling method's; a resize-free gap ("none|bilinear|strided") stands for all three.
+    ("none" must not be read as an empty, unknown cell: it once put no-downsample rows into Table 1.)"""
+    import pandas as pd
+
+    from stitching.plots.aggregate import share_resize_free
+    from stitching.results.schema import RESULT_COLUMNS
+
+    base = {c: "" for c in RESULT_COLUMNS}
+    common = {"kind": "stitched", "source": "resnet18", "destination": "resnet18", "source_stage": 1,
+              "adapter": "bottleneck", "seed": 0, "top5": 99.0, "lr": 0.002}
+    df = pd.DataFrame([
+        {**base, **common, "run_id": "flows-on", "destination_stage": 2, "gap": "1->2", "resize": "none",
+         "resamples": False, "resize_modes": "none", "top1": 85.0, "macs": 3.8e8},
+        {**base, **common, "run_id": "downsampled", "destination_stage": 2, "gap": "1->2", "resize": "bilinear",
+         "resamples": True, "resize_modes": "bilinear", "top1": 80.0, "macs": 1.2e8},
+        {**base, **common, "run_id": "same-size", "destination_stage": 1, "gap": "1->1", "resize": "none",
+         "resamples": False, "resize_modes": "none|bilinear|strided", "top1": 97.0, "macs": 1.3e8},
+    ])
+    shared = share_resize_free(df)
+    rows = {(r.run_id, r.resize) for r in shared.itertuples()}
+    assert rows == {("flows-on", "none"), ("downsampled", "bilinear"),
+                    ("same-size", "none"), ("same-size", "bilinear"), ("same-size", "strided")}
+
+
 # ------------------------------------------------------------------------------------------ recipes
 
 def _two_recipes(results: pd.DataFrame) -> pd.DataFrame:

@@ -88,7 +88,8 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
     if "resize_modes" in stitched.columns:
         # the trainer names every resize mode that builds the row's module (resize-free gaps; "integrated"
         # chains that must upsample, which are the bilinear module): the row is shared with the others
-        modes = stitched["resize_modes"].map(canonical)
+        # (raw strings: the canonical spelling of the value "none" is empty, which would read as unknown)
+        modes = stitched["resize_modes"].map(lambda v: "" if pd.isna(v) else str(v).strip())
         known = modes != ""
         own = stitched["resize"].map(canonical)
         copies = [stitched[known & modes.map(lambda ms, m=mode: m in ms.split("|")) & (own != mode)]
