@@ -5,6 +5,7 @@ trainer writes the residual into result.csv."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -179,9 +180,11 @@ def test_refusals_name_key_value_and_file(overrides, key, says):
 
 def _train(tmp_path, name, *overrides):
     out = tmp_path / name
+    # one thread, as the interrupted run below: a resume is exact at a fixed thread count (sums in other orders)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "stitching.train", "--config", str(TINY), f"output.dir={out}",
                            "train.device=cpu", "data.workers=0", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     return proc, out
 
 

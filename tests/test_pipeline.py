@@ -269,11 +269,20 @@ def test_synthetic_data_takes_the_uint8_path_and_the_torchvision_pipeline_stays_
 
 
 # ------------------------------------------------------------------------------ decode on the GPU (CPU side)
-def test_gpu_decode_falls_back_to_the_cpu_in_one_line_without_cuda(caplog):
-    with caplog.at_level(logging.WARNING, logger="stitching.train.data"):
+def test_gpu_decode_falls_back_to_the_cpu_in_one_line_without_cuda():
+    # a handler on the logger itself, whether or not a trainer run earlier in this process stopped
+    # "stitching.train" from propagating to the root logger (its own log file takes the records)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("stitching.train.data")
+    logger.addHandler(handler)
+    try:
         train, ev = build_transforms(_model_cfg(32), _data(img_size=32, decode="gpu"), torch.device("cpu"))
+    finally:
+        logger.removeHandler(handler)
     assert isinstance(train, P.FastTrainTransform) and isinstance(ev, P.FastEvalTransform)
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in records]
     assert len(lines) == 1 and "data.decode=gpu" in lines[0] and "CPU" in lines[0]
 
 
