@@ -91,6 +91,7 @@ class DataConfig:
     decode: str = "cpu"                     # fast pipeline: cpu | gpu (nvJPEG on the training GPU; the CPU where none)
     auto_augment: bool = True
     min_crop_scale: float = 0.08            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
+    hflip: float = 0.5                      # RandomHorizontalFlip's probability (paper: 0.5; 0 for digits, text)
     normalize: str = "model"                # model (the source's own mean/std) | imagenet (ImageNet's, any model)
     train_interpolation: str | None = None  # crop resizing: null = the source model's | nearest | bilinear | bicubic
     auto_augment_interpolation: str | None = None  # null = train_interpolation (the paper's code: nearest)
@@ -353,6 +354,8 @@ def validate(cfg: Config) -> None:
             raise cfg.error(key, f"must be >= {low}")
     if not 0 < d.min_crop_scale <= 1:
         raise cfg.error("data.min_crop_scale", "must be in (0, 1]")
+    if isinstance(d.hflip, bool) or not isinstance(d.hflip, (int, float)) or not 0 <= d.hflip <= 1:
+        raise cfg.error("data.hflip", "must be a probability in [0, 1] (0.5: the paper's flip, 0: no flip)")
     for key in ("train.lr", "train.weight_decay", "train.label_smoothing"):
         if getattr(t, key.split(".")[1]) < 0:
             raise cfg.error(key, "must be >= 0")

@@ -42,6 +42,8 @@ def test_base_chain_and_overrides(tmp_path):
     ("training:\n  lr: 1\n", [], "training", "bad.yaml"),
     ("train:\n  lr: fast\n", [], "train.lr", "bad.yaml"),
     ("{}\n", ["train.epochs=-1"], "train.epochs", "command line"),
+    ("data:\n  hflip: 1.5\n", [], "data.hflip", "bad.yaml"),
+    ("{}\n", ["data.hflip=true"], "data.hflip", "command line"),
     ("base: missing.yaml\n", [], "base", "bad.yaml"),
 ])
 def test_bad_configs_name_key_value_and_file(tmp_path, text, overrides, key, where):

@@ -94,6 +94,30 @@ def test_same_seed_gives_torchvisions_crop_flip_and_autoaugment(tmp_path, interp
         assert np.median(mean_diffs) < 0.5, mean_diffs
 
 
+def test_hflip_sets_the_flip_probability_with_the_same_draws(tmp_path):
+    """data.hflip = 0 never mirrors (digits), 1 always does; both pipelines draw the flip either way, so the
+    random stream, and with it every crop box, is the paper's (hflip 0.5) one."""
+    path = _coordinate_jpeg(tmp_path / "ramp.jpg", 96, 80)
+    for hflip, expect in ((0.0, {False}), (1.0, {True}), (0.5, {False, True})):
+        flipped, states = set(), []
+        for make in (lambda: P.FastTrainTransform(32, MEAN, STD, auto_augment=False, hflip=hflip),
+                     lambda: train_transform(32, MEAN, STD, auto_augment=False, hflip=hflip)):
+            tf = make()
+            for seed in range(12):
+                torch.manual_seed(seed)
+                img = tf(Image.open(path).convert("RGB"))
+                red = img[:, :, 0] if img.dtype == torch.uint8 else img[0]
+                flipped.add(bool(red[:, 0].float().mean() > red[:, -1].float().mean()))
+                states.append(torch.rand(1).item())
+        assert flipped == expect, hflip
+        assert states[:12] == states[12:]                      # the same draws in both pipelines
+        if hflip == 0.5:
+            reference = states
+        else:
+            hflip_states = states
+    assert reference == hflip_states                           # and for every probability
+
+
 # ------------------------------------------------------------------------------ the crop distribution
 def _coordinate_jpeg(path: Path, width: int, height: int) -> Path:
     """R encodes x, G encodes y (linear ramps), 4:4:4 at quality 100: a crop's box can be read back."""

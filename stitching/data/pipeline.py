@@ -219,7 +219,7 @@ class DeviceNormalize:
 
 # --------------------------------------------------------------------------------------- CPU transforms
 class FastTrainTransform:
-    """RandomResizedCrop(size, scale, ratio, interpolation) -> RandomHorizontalFlip(0.5) -> AutoAugment(IMAGENET,
+    """RandomResizedCrop(size, scale, ratio, interpolation) -> RandomHorizontalFlip(hflip) -> AutoAugment(IMAGENET,
     auto_augment_interpolation), with torchvision's distribution and draw order, on a lazily opened image
     (decoded at a reduced size where the crop box allows) or a decoded PIL image; returns ``(H, W, 3)`` uint8
     (``cpu_float``: the normalised ``(3, H, W)`` float tensor, for callers without a device stage).
@@ -230,8 +230,9 @@ class FastTrainTransform:
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], scale=(0.08, 1.0),
                  ratio=(3 / 4, 4 / 3), interpolation: InterpolationMode = InterpolationMode.BILINEAR,
                  auto_augment: bool = True, auto_augment_interpolation: Optional[InterpolationMode] = None,
-                 draft: bool = True, cpu_float: bool = False) -> None:
+                 draft: bool = True, cpu_float: bool = False, hflip: float = 0.5) -> None:
         self.size = (int(size), int(size))
+        self.hflip = float(hflip)
         self.cpu_float = cpu_float
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.interpolation = interpolation
@@ -250,7 +251,7 @@ class FastTrainTransform:
         s = draft_scale((height, width), self.size) if self.draft else 1
         pixels, s = _decode_pixels(img, s)
         x = _resized_box(pixels, (top / s, left / s, height / s, width / s), self.size, self.interpolation)
-        flip = bool(torch.rand(1) < 0.5)                       # RandomHorizontalFlip(0.5)'s draw
+        flip = bool(torch.rand(1) < self.hflip)                # RandomHorizontalFlip(hflip)'s draw
         if self.auto_augment is None:
             return x.flip(1).contiguous() if flip else x
         pil = Image.fromarray(x.numpy())
@@ -260,7 +261,8 @@ class FastTrainTransform:
 
     def __repr__(self) -> str:
         return (f"FastTrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-                f"interpolation={self.interpolation.value}, auto_augment={self.auto_augment is not None}, "
+                f"interpolation={self.interpolation.value}, hflip={self.hflip}, "
+                f"auto_augment={self.auto_augment is not None}, "
                 f"{self.normalize})")
 
 
@@ -348,7 +350,7 @@ class EncodedTrainTransform:
     def __call__(self, img: Image.Image) -> EncodedSample:
         f = self.fast
         box = T.RandomResizedCrop.get_params(img, list(f.scale), list(f.ratio))
-        flip = bool(torch.rand(1) < 0.5)
+        flip = bool(torch.rand(1) < f.hflip)
         ops = []
         if f.auto_augment is not None:
             aa = f.auto_augment

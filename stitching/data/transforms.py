@@ -52,10 +52,11 @@ def train_transform(
     interpolation: str = "bilinear",
     min_crop_scale: float = 0.08,
     auto_augment_interpolation: str | None = None,
+    hflip: float = 0.5,
 ) -> T.Compose:
     """The paper's training augmentation, ending in a normalised ``(3, img_size, img_size)`` tensor.
 
-    RandomResizedCrop(img_size, scale=(min_crop_scale, 1)) -> RandomHorizontalFlip(0.5) -> AutoAugment(IMAGENET policy, if
+    RandomResizedCrop(img_size, scale=(min_crop_scale, 1)) -> RandomHorizontalFlip(hflip) -> AutoAugment(IMAGENET policy, if
     ``auto_augment``, with ``auto_augment_interpolation``, default ``interpolation``) -> ToTensor ->
     Normalize(mean, std). Randomness comes from torch's global RNG
     (seeded per sample by :func:`stitching.data.loaders.build_loader`).
@@ -71,7 +72,7 @@ def train_transform(
     if not 0 < min_crop_scale <= 1:
         raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale!r}")
     steps: list[Any] = [T.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), interpolation=mode),
-                        T.RandomHorizontalFlip(0.5)]
+                        T.RandomHorizontalFlip(hflip)]
     if auto_augment:
         steps.append(T.AutoAugment(AutoAugmentPolicy.IMAGENET,
                                    interpolation=_INTERPOLATIONS[auto_augment_interpolation]))
@@ -129,7 +130,7 @@ def build_transforms(model_data_config: Mapping[str, Any], data, device=None) ->
     interpolation = data.train_interpolation or dcfg.get("interpolation", "bilinear")
     train = train_transform(data.img_size, dcfg["mean"], dcfg["std"], auto_augment=data.auto_augment,
                             interpolation=interpolation, min_crop_scale=data.min_crop_scale,
-                            auto_augment_interpolation=data.auto_augment_interpolation)
+                            auto_augment_interpolation=data.auto_augment_interpolation, hflip=data.hflip)
     if data.eval_crop_pct is not None:
         dcfg["crop_pct"], dcfg["crop_mode"] = data.eval_crop_pct, "center"
     if data.eval_interpolation is not None:
@@ -144,7 +145,7 @@ def build_transforms(model_data_config: Mapping[str, Any], data, device=None) ->
         data.img_size, dcfg["mean"], dcfg["std"], scale=(data.min_crop_scale, 1.0),
         interpolation=_INTERPOLATIONS[interpolation], auto_augment=data.auto_augment,
         auto_augment_interpolation=_INTERPOLATIONS[data.auto_augment_interpolation or interpolation],
-        cpu_float=device is None)
+        hflip=data.hflip, cpu_float=device is None)
     fast_eval = P.FastEvalTransform(evaluation, dcfg["mean"], dcfg["std"], cpu_float=device is None)
     if device is not None and P.resolve_decode(getattr(data, "decode", "cpu"), device) == "gpu":
         return P.EncodedTrainTransform(fast_train), P.EncodedEvalTransform(fast_eval)
