@@ -31,9 +31,10 @@ there already; 32 px, ``configs/mnist/``; its study adds the stitching matrices 
 
 Every step is a subprocess running the real command-line tools, as a user would. Running the script again
 skips what has finished (the trainer and the sweep skip finished runs and resume interrupted ones).
-``--parallel N`` runs N processes at a time (the two trainings together, then the sweep's runs), each
-with ``OMP_NUM_THREADS`` = CPU cores / N (``--threads`` to choose): on a 2-core CPU shared with other work,
-two single-threaded runs are several times faster than one run whose two OpenMP threads fight for the cores.
+``--parallel N`` runs N processes at a time in the sweep and the matrices, each with ``OMP_NUM_THREADS`` =
+CPU cores / N (``--threads`` to choose): a short stitched run spends seconds importing and building on one
+core, so two single-threaded runs keep a 2-core CPU busier than one run with two threads. The two
+trainings of step 1 run one after the other on all cores.
 ``--dry-run`` writes the sweep files and shows the sweep's table of runs, and trains nothing.
 """
 
@@ -67,6 +68,9 @@ MATRICES = {"toy": [], "mnist": [("resnet18", "vit_tiny_patch16_224"), ("vit_tin
 MATRIX_SETTINGS = {"cuts": "blocks", "senders": "stages", "receivers": "stages",
                    "controls": ["source", "destination", "both"]}
 MATRIX_EPOCHS = 1
+#: a matrix cell's recipe on top of the study's stitch.yaml: one epoch, and top-1 only (the similarity at the
+#: join, two more passes over the validation images, is the sweep's business)
+MATRIX_TRAIN = {"epochs": MATRIX_EPOCHS, "similarity_images": 0}
 OPTIONS_TABLE = "options.md"          # the extension blocks' options against their defaults, in FIGURES
 
 #: registry name -> (run folder under OUT and short name in the written files, training config)
@@ -133,7 +137,7 @@ def base_configs(weights: dict[str, Path], study: str = "toy", data_root: Path |
         f"{study}_{short[v]}_to_{short[r]}.yaml": config(v, r),
     }
     for a, b in MATRICES[study]:
-        files[f"{study}_matrix_{short[a]}_to_{short[b]}.yaml"] = config(a, b, epochs=MATRIX_EPOCHS)
+        files[f"{study}_matrix_{short[a]}_to_{short[b]}.yaml"] = config(a, b, **MATRIX_TRAIN)
     return files
 
 
@@ -201,30 +205,13 @@ def _run(cmd: list, step: str, env: dict, check: bool = True) -> int:
     return code
 
 
-def _train_originals(out: Path, parallel: int, env: dict, study: str = "toy", data_root: Path | None = None) -> None:
-    """Step 1: both trainings, one after the other, or at the same time (output to OUT/train_<m>.log)."""
+def _train_originals(out: Path, env: dict, study: str = "toy", data_root: Path | None = None) -> None:
+    """Step 1: both trainings, one after the other, each on all the threads ``env`` allows for one run (two
+    at a time would leave the slower one alone on half the cores at the end)."""
     data = [f"data.root={data_root}"] if data_root is not None else []
-    jobs = [(model, [sys.executable, "-m", "stitching.train", "--config", config, f"output.dir={out / folder}",
-                     *data], out / f"train_{folder}.log") for model, (folder, config) in models(study).items()]
-    if parallel < 2:
-        for model, cmd, _ in jobs:
-            _run(cmd, f"train {model}", env)
-        return
-    start, running = time.time(), []
-    for model, cmd, log in jobs:
-        print(f"\n=== train {model}: {_show(cmd)} (output in {log})", flush=True)
-        handle = open(log, "a")
-        running.append((model, cmd, log, handle, subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env,
-                                                                   stdout=handle, stderr=subprocess.STDOUT)))
-    failed = []
-    for model, cmd, log, handle, proc in running:
-        code = proc.wait()
-        handle.close()
-        print(f"=== train {model}: exit {code} after {_fmt(time.time() - start)}", flush=True)
-        if code != 0:
-            failed.append(f"train {model} failed (exit {code}), see {log}: {_show(cmd)}")
-    if failed:
-        raise SystemExit("error: " + "; ".join(failed))
+    for model, (folder, config) in models(study).items():
+        _run([sys.executable, "-m", "stitching.train", "--config", config, f"output.dir={out / folder}", *data],
+             f"train {model}", env)
 
 
 def _fmt(seconds: float) -> str:
@@ -300,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the figures, Table 1 and results.csv go (default: docs/figures for toy, "
                              "docs/figures/<data> otherwise)")
     parser.add_argument("--parallel", type=int, default=2,
-                        help="runs at a time: the two trainings, then the sweep's runs (default: 2)")
+                        help="runs at a time in the sweep and the matrices (default: 2; the two trainings run one "
+                             "after the other on all cores)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (OMP_NUM_THREADS; default: CPU cores / --parallel, at least "
                              "1, unless OMP_NUM_THREADS is set)")
@@ -314,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     if study == "mnist":
         data_root = (args.data_root or out / "data").absolute()
     parallel = max(1, args.parallel)
-    env = dict(os.environ)
+    env, solo = dict(os.environ), dict(os.environ)
     if args.threads is not None or "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 1) // parallel))
+        solo["OMP_NUM_THREADS"] = str(args.threads or os.cpu_count() or 1)
     py = sys.executable
     start = time.time()
 
@@ -333,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if data_root is not None and not (data_root / "train").is_dir():
         _run([py, MNIST_SCRIPT, data_root], "write the MNIST ImageFolder", env)
-    print(f"{parallel} run(s) at a time, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each")
-    _train_originals(out, parallel, env, study, data_root)
+    print(f"the originals one at a time with OMP_NUM_THREADS={solo['OMP_NUM_THREADS']}, then {parallel} run(s) "
+          f"at a time, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each")
+    _train_originals(out, solo, study, data_root)
     sweep_code = _run([py, "-m", "stitching.sweep", sweep, "--launcher", "local", "--runs-dir", out / "sweep",
                        "--parallel", parallel], "sweep", env, check=False)
     for m in matrices:
