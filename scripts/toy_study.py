@@ -26,8 +26,9 @@ there already; 32 px, ``configs/mnist/``; its study adds the stitching matrices 
    show the runs whose training options are at their defaults) and copies the CSV there;
 7. writes ``FIGURES/options.md``: each training option the sweep's extension blocks vary (least-squares
    init, objectives, frozen BatchNorm in train mode, position-embedding re-injection) against its default,
-   scenario by scenario (:mod:`stitching.plots.options`);
-8. prints the originals' accuracy, the best stitch per gap and the options table.
+   scenario by scenario (:mod:`stitching.plots.options`), and ``FIGURES/claims.md``: the paper's claims
+   checked on the sweep and Hernandez et al.'s matrix patterns on each matrix (:mod:`stitching.plots.claims`);
+8. prints the originals' accuracy, the best stitch per gap, the options table and the claims' verdicts.
 
 Every step is a subprocess running the real command-line tools, as a user would. Running the script again
 skips what has finished (the trainer and the sweep skip finished runs and resume interrupted ones).
@@ -72,6 +73,7 @@ MATRIX_EPOCHS = 1
 #: join, two more passes over the validation images, is the sweep's business)
 MATRIX_TRAIN = {"epochs": MATRIX_EPOCHS, "similarity_images": 0}
 OPTIONS_TABLE = "options.md"          # the extension blocks' options against their defaults, in FIGURES
+CLAIMS = "claims.md"                  # the papers' claims checked on the study's results, in FIGURES
 
 #: registry name -> (run folder under OUT and short name in the written files, training config)
 MODELS = {
@@ -272,6 +274,30 @@ def write_options(out: Path, results: Path, path: Path) -> str:
     return text
 
 
+def write_claims(out: Path, results: Path, matrices: list[Path], path: Path) -> list[str]:
+    """The paper's four claims on the sweep's results and Hernandez et al.'s patterns on each matrix
+    (:mod:`stitching.plots.claims`) as Markdown in ``path``; returns their verdict lines."""
+    import pandas as pd
+
+    from stitching.plots.aggregate import load_results
+    from stitching.plots.claims import claims_markdown, matrix_patterns, stage_claims
+
+    parts, verdicts = [], []
+    if results.is_file():
+        claims = stage_claims(load_results(results))
+        parts.append(claims_markdown(claims, "The stage sweep"))
+        verdicts += [c.line() for c in claims]
+    for m in matrices:
+        table = out / m.stem / "matrix.csv"
+        if table.is_file():
+            claims = matrix_patterns(pd.read_csv(table))
+            parts.append(claims_markdown(claims, f"Stitching matrix {m.stem}"))
+            verdicts += [f"{m.stem}: {c.line()}" for c in claims]
+    if parts:
+        _write_if_changed(path, "\n".join(parts))
+    return verdicts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python scripts/toy_study.py", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -342,11 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copyfile(results, figures / "results.csv")
     print(f"copied {results} to {figures / 'results.csv'}")
     options = write_options(out, results, figures / OPTIONS_TABLE)
+    claims = write_claims(out, results, matrices, figures / CLAIMS)
 
     print()
     print(summary(out, results))
     if options:
         print(f"\ntraining options against their defaults ({figures / OPTIONS_TABLE}):\n\n{options}")
+    if claims:
+        print(f"\nthe papers' claims on these results ({figures / CLAIMS}):\n  " + "\n  ".join(claims))
     print(f"\n{study} study wall time: {_fmt(time.time() - start)} (this invocation; finished runs are skipped)")
     if sweep_code != 0:
         print(f"warning: the sweep exited with {sweep_code}; see the launcher.log of the failed runs in "
