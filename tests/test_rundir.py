@@ -13,10 +13,57 @@ import pytest
 import yaml
 
 from stitching import rundir as R
-from stitching.config import load_config
+from stitching.config import IDENTITY_BASELINE, Config, load_config
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
+
+#: Keys whose IDENTITY_BASELINE entry is NOT today's default, each with why. Adding a key, or changing a
+#: default, makes the table test below fail until you decide: a new key gets an entry with the value runs
+#: written before it existed had (normally its default); a changed default keeps its old entry (the runs
+#: written with the former default are still those runs) and is listed here.
+CHANGED_DEFAULTS = {
+    "data.pipeline",            # introduced with default fast; earlier runs had the torchvision transforms
+    "train.similarity_images",  # introduced with default 1024; earlier runs measured no similarity (0)
+}
+
+
+def test_every_identity_key_has_a_frozen_baseline_equal_to_its_default_unless_listed():
+    defaults = {f"{s}.{k}": v for s, values in R.identity_sections(Config().to_dict()).items()
+                for k, v in values.items()}
+    assert sorted(k for k in defaults if k not in IDENTITY_BASELINE) == [], \
+        "a new config key needs an IDENTITY_BASELINE entry in stitching/config.py (see its comment)"
+    assert sorted(k for k in defaults if k not in CHANGED_DEFAULTS and not R._equal(defaults[k],
+                                                                                    IDENTITY_BASELINE[k])) == [], \
+        "a default differs from its IDENTITY_BASELINE entry: keep the entry and list the key in CHANGED_DEFAULTS"
+    assert sorted(k for k in CHANGED_DEFAULTS if R._equal(defaults[k], IDENTITY_BASELINE[k])) == []
+    with pytest.raises(TypeError):
+        IDENTITY_BASELINE["data.hflip"] = 0.0       # frozen
+    assert "output.dir" not in IDENTITY_BASELINE and "output.save_model" not in IDENTITY_BASELINE
+
+
+def test_a_key_missing_from_an_older_config_counts_as_its_baseline():
+    new = load_config(TINY).to_dict()
+    old = yaml.safe_load(load_config(TINY).to_yaml())
+    del old["data"]["hflip"], old["model"]["random_init"]        # written before these keys existed
+    assert R.same_run(old, new, IDENTITY_BASELINE) and R.run_key(old, IDENTITY_BASELINE) == R.run_key(
+        new, IDENTITY_BASELINE)
+    assert "data.hflip" not in R.identity(new, IDENTITY_BASELINE)   # at its baseline: not part of the identity
+    no_flip = load_config(TINY, ["data.hflip=0"]).to_dict()
+    assert not R.same_run(old, no_flip, IDENTITY_BASELINE)
+    assert R.differing_keys(old, no_flip, IDENTITY_BASELINE) == ["data.hflip"]
+    assert R.identity(no_flip, IDENTITY_BASELINE)["data.hflip"] == 0.0
+    random = load_config(TINY, ["model.random_init=source"]).to_dict()
+    assert R.differing_keys(old, random, IDENTITY_BASELINE) == ["model.random_init"]
+    # a key the table does not know is always part of the identity; a bool never equals a number
+    assert R.differing_keys({"data": {"new_key": 1}}, {"data": {}}, IDENTITY_BASELINE) == ["data.new_key"]
+    assert R.differing_keys({"train": {"compile": 0}}, {"train": {}}, IDENTITY_BASELINE) == ["train.compile"]
+    # the default of a key whose baseline is another value (the value runs had before it existed)
+    pipeline = load_config(TINY, ["data.pipeline=torchvision"]).to_dict()
+    assert R.differing_keys(old, new, IDENTITY_BASELINE) == []
+    del old["data"]["pipeline"]
+    assert R.differing_keys(old, new, IDENTITY_BASELINE) == ["data.pipeline"]
+    assert R.same_run(old, pipeline, IDENTITY_BASELINE)
 
 
 def test_one_identity_rule_for_names_same_run_and_collection(tmp_path):
@@ -26,9 +73,11 @@ def test_one_identity_rule_for_names_same_run_and_collection(tmp_path):
     a = load_config(TINY, ["output.dir=/x", "output.save_model=false"])
     b = load_config(TINY, ["output.dir=/elsewhere"])
     c = load_config(TINY, ["train.lr=0.01"])
-    assert R.same_run(a.to_dict(), b.to_dict()) and R.run_key(a.to_dict()) == R.run_key(b.to_dict())
-    assert not R.same_run(a.to_dict(), c.to_dict()) and R.differing_keys(a.to_dict(), c.to_dict()) == ["train.lr"]
-    assert run_dir_name(a).endswith("." + R.run_key(a.to_dict())) and run_dir_name(a) == run_dir_name(b)
+    B = IDENTITY_BASELINE
+    assert R.same_run(a.to_dict(), b.to_dict(), B) and R.run_key(a.to_dict(), B) == R.run_key(b.to_dict(), B)
+    assert not R.same_run(a.to_dict(), c.to_dict(), B)
+    assert R.differing_keys(a.to_dict(), c.to_dict(), B) == ["train.lr"]
+    assert run_dir_name(a).endswith("." + R.run_key(a.to_dict(), B)) and run_dir_name(a) == run_dir_name(b)
     # two finished directories of the same run (another output.dir, another run_id): one is a duplicate
     for name, cfg, when in (("first", a, "2026-01-01T00:00:00+00:00"), ("again", b, "2026-01-02T00:00:00+00:00"),
                             ("other", c, "2026-01-01T00:00:00+00:00")):
@@ -42,6 +91,28 @@ def test_one_identity_rule_for_names_same_run_and_collection(tmp_path):
     assert sorted(df["run_id"]) == ["again", "other"]
     [dup] = problems
     assert dup.kind == "duplicate" and dup.path == tmp_path / "first"
+
+
+def test_collection_counts_an_older_versions_directory_as_the_same_run(tmp_path):
+    """A finished directory whose ``config.yaml`` an older version wrote (no ``data.hflip``, no
+    ``model.random_init``) and a new one of the same run are duplicates; a run without the flip is not."""
+    from stitching.results.collect import collect
+
+    older = yaml.safe_load(load_config(TINY).to_yaml())
+    del older["data"]["hflip"], older["model"]["random_init"]
+    for name, config, when in (("older", yaml.safe_dump(older), "2026-01-01T00:00:00+00:00"),
+                               ("newer", load_config(TINY).to_yaml(), "2026-01-02T00:00:00+00:00"),
+                               ("no_flip", load_config(TINY, ["data.hflip=0"]).to_yaml(), "2026-01-01T00:00:00+00:00")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / R.CONFIG).write_text(config)
+        (d / R.RESULT).write_text("run_id,kind,source,destination,source_stage,destination_stage,adapter,resize,"
+                                  f"lr,seed,top1,macs,finished_at\n{name},stitched,resnet18,resnet18,1,3,bottleneck,"
+                                  f"bilinear,0.002,0,50,1,{when}\n")
+    assert "hflip" not in (tmp_path / "older" / R.CONFIG).read_text()
+    df, problems = collect(tmp_path)
+    assert sorted(df["run_id"]) == ["newer", "no_flip"]
+    assert [(p.kind, p.path.name) for p in problems] == [("duplicate", "older")]
 
 
 def test_status_follows_the_files(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import rundir
+from stitching.config import IDENTITY_BASELINE
 from stitching.results.schema import RESULT_COLUMNS
 
 CONFIG_NAME = rundir.CONFIG
@@ -164,9 +165,9 @@ def _run_key(run_dir: Path) -> str | None:
         config = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
     except (OSError, yaml.YAMLError):
         return None
-    if not isinstance(config, dict) or not rundir.identity(config):
+    if not isinstance(config, dict) or not rundir.identity_sections(config):
         return None
-    return rundir.run_key(config)
+    return rundir.run_key(config, IDENTITY_BASELINE)
 
 
 def _drop_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
