@@ -171,3 +171,64 @@ def test_sweep_prints_every_status(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "total runs: 2 (0 finished, 0 preempted, 0 started, 0 failed, 2 new)" in proc.stdout
+
+
+def _cli(module: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _make_older(run_dir, new_name: str | None = None):
+    """What a version before ``data.hflip`` and ``model.random_init`` left: its ``config.yaml`` without them,
+    no ``result.csv`` (stopped with a checkpoint), and (``new_name``) a directory named by that version's key."""
+    config = yaml.safe_load((run_dir / R.CONFIG).read_text())
+    del config["data"]["hflip"], config["model"]["random_init"]
+    (run_dir / R.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    (run_dir / R.RESULT).unlink()
+    assert (run_dir / R.CHECKPOINT).is_file() and R.status(run_dir) == R.STARTED
+    if new_name is None:
+        return run_dir
+    return run_dir.rename(run_dir.with_name(new_name))
+
+
+@pytest.mark.slow           # four tiny trainings (two epochs of two steps) through the CLIs: ~60 s
+def test_an_older_versions_run_directory_is_resumed_by_the_trainer_and_the_sweep(tmp_path):
+    runs = tmp_path / "runs"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"base": str(TINY), "grid": {
+        "train.device": ["cpu"], "train.epochs": [2], "train.max_steps_per_epoch": [2],
+        "train.similarity_images": [0], "output.save_model": [False]}}))
+    proc = _cli("stitching.sweep", spec, "--launcher", "local", "--runs-dir", runs)
+    assert proc.returncode == 0 and "local: 1 done" in proc.stdout, proc.stdout + proc.stderr
+    [run] = [p for p in runs.iterdir() if p.name != "slurm"]
+    name = run.name
+
+    # the sweep meets the directory an older version wrote under its own key: reused, resumed, not retrained
+    older = _make_older(run, name.rsplit(".", 1)[0] + ".0123abcd")
+    proc = _cli("stitching.sweep", spec, "--launcher", "local", "--runs-dir", runs)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reusing 1 run directories named by an older version's run key" in proc.stdout
+    assert f"  {older.name}  (this version names it {name})" in proc.stdout
+    assert "0 finished, 0 preempted, 1 started" in proc.stdout and "local: 1 done" in proc.stdout
+    assert sorted(p.name for p in runs.iterdir() if p.name != "slurm") == [older.name]    # no new directory
+    log = (older / R.LOG).read_text()
+    assert f"resuming {older} at epoch 3" in log and (older / R.RESULT).is_file()
+    proc = _cli("stitching.sweep", spec, "--launcher", "local", "--runs-dir", runs)
+    assert "nothing to do: every run has finished" in proc.stdout and "reusing 1" in proc.stdout
+
+    # the trainer, given a new config for the older directory: the same run, resumed (not refused) ...
+    _make_older(older)
+    common = ["--config", TINY, "train.device=cpu", "train.epochs=2", "train.max_steps_per_epoch=2",
+              "train.similarity_images=0", "output.save_model=false", f"output.dir={older}"]
+    proc = _cli("stitching.train", *common, "data.hflip=0")          # ... but not another run
+    assert proc.returncode == R.EXIT_CONFIG and "holds a different run (differs in data.hflip)" in proc.stderr
+    proc = _cli("stitching.train", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (older / R.LOG).read_text().count(f"resuming {older} at epoch 3") == 2 and (older / R.RESULT).is_file()
+    # ... and --run-dir reads the older config.yaml, its missing keys at their baseline
+    _make_older(older)
+    proc = _cli("stitching.train", "--run-dir", older)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (older / R.LOG).read_text().count(f"resuming {older} at epoch 3") == 3 and (older / R.RESULT).is_file()
+    assert yaml.safe_load((older / R.CONFIG).read_text())["data"]["hflip"] == 0.5
