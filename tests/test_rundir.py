@@ -192,6 +192,36 @@ def _make_older(run_dir, new_name: str | None = None):
     return run_dir.rename(run_dir.with_name(new_name))
 
 
+
+def test_the_sweep_reuses_only_a_directory_of_the_same_run_under_an_older_name(tmp_path):
+    """What the sweep finds under an older version's names (the same name but the key): the same run is reused
+    (and said), another run with the same name is not."""
+    from stitching.sweep.spec import expand
+
+    runs = tmp_path / "runs"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"base": str(TINY), "grid": {"train.seed": [0, 1]}}))
+    _, _, exp = expand(spec, runs)
+    seed0, seed1 = exp.runs
+    older = {}
+    for run, flip in ((seed0, None), (seed1, 0.0)):    # seed 1's directory holds a run without the flip
+        config = yaml.safe_load(run.config.to_yaml())
+        del config["data"]["hflip"], config["model"]["random_init"]
+        if flip is not None:
+            config["data"]["hflip"] = flip
+        older[run.name] = d = runs / (run.name.rsplit(".", 1)[0] + ".0123abcd")
+        d.mkdir(parents=True)
+        (d / R.CONFIG).write_text(yaml.safe_dump(config))
+    proc = _cli("stitching.sweep", spec, "--launcher", "local", "--runs-dir", runs, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "reusing 1 run directories named by an older version's run key" in proc.stdout
+    assert f"  {older[seed0.name].name}  (this version names it {seed0.name})" in proc.stdout
+    assert older[seed1.name].name not in proc.stdout
+    _, _, exp = expand(spec, runs)
+    assert [r.config.output.dir for r in exp.runs] == [str(older[seed0.name]), str(runs / seed1.name)]
+    assert [r.name for r in exp.runs] == [older[seed0.name].name, seed1.name]
+    assert exp.reused == [(seed0.name, older[seed0.name])]
+
 @pytest.mark.slow           # four tiny trainings (two epochs of two steps) through the CLIs: ~60 s
 def test_an_older_versions_run_directory_is_resumed_by_the_trainer_and_the_sweep(tmp_path):
     runs = tmp_path / "runs"

@@ -202,7 +202,7 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
 
     runs, seen = [], {}
     excluded, impossible, duplicates, skipped = Counter(), Counter(), Counter(), Counter()
-    older, reused = _named_by_key(runs_dir), []
+    older, read, reused = _named_by_key(runs_dir), {}, []
     total = 0
     for block in sorted(blocks, key=lambda b: b.part != PAPER):      # stable: file order within a part
         if block.extension and not extensions:
@@ -246,7 +246,7 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
                 continue
             path = Path(runs_dir) / run_name
             if not path.exists():
-                found = _same_run_dir(cfg, older.get(_without_key(run_name), []))
+                found = _same_run_dir(cfg, older.get(_without_key(run_name), []), read)
                 if found is not None:
                     older[_without_key(run_name)].remove(found)
                     reused.append((run_name, found))
@@ -275,20 +275,21 @@ def _named_by_key(runs_dir: str | Path) -> dict[str, list[Path]]:
     return found
 
 
-def _same_run_dir(cfg: Config, candidates: list[Path]) -> Path | None:
+def _same_run_dir(cfg: Config, candidates: list[Path], read: dict) -> Path | None:
     """The directory among ``candidates`` (same name but the key) whose ``config.yaml`` holds the same run as
     ``cfg``: a directory written by a version whose run key differed (a key added since, or the one-time change
     to keys at their baseline), reused instead of training the run again under the new name. A finished one
-    first, then one with a checkpoint, then by name."""
+    first, then one with a checkpoint, then by name. ``read``: the configs read so far, by directory."""
     from stitching import rundir as R
 
     same = []
     for d in candidates:
-        try:
-            old = yaml.safe_load((d / R.CONFIG).read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(old, dict) and R.same_run(old, cfg.to_dict(), IDENTITY_BASELINE):
+        if d not in read:
+            try:
+                read[d] = yaml.safe_load((d / R.CONFIG).read_text())
+            except (OSError, yaml.YAMLError):
+                read[d] = None
+        if isinstance(read[d], dict) and R.same_run(read[d], cfg.to_dict(), IDENTITY_BASELINE):
             same.append(d)
     rank = {R.FINISHED: 0, R.PREEMPTED: 1, R.STARTED: 1, R.FAILED: 2, R.NEW: 3}
     return min(same, key=lambda d: (rank[R.status(d)], d.name), default=None)
