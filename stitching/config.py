@@ -3,10 +3,10 @@
 Sections and defaults are the dataclasses below; :data:`IDENTITY_BASELINE` gives every key the value runs
 had before the key existed (what a run's identity is measured against, :mod:`stitching.rundir`). A file may
 build on another with ``base: other.yaml`` (a path relative to the file; chains allowed), and any key can be
-overridden on the command line as ``section.key=value`` (the value is parsed as YAML). Every leaf remembers the file it came from, so an
-error names the key, the value and the file: an unknown key, a wrong type, an impossible combination
-(checked against the registry's declared shapes, before anything is built) or a missing file raises
-:class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
+overridden on the command line as ``section.key=value`` (the value is parsed as YAML). Every leaf remembers
+the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
+impossible combination (checked against the registry's declared shapes, before anything is built) or a
+missing file raises :class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
 """
 
 from __future__ import annotations

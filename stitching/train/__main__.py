@@ -4,9 +4,10 @@ Trains (or, with ``train.epochs: 0``, evaluates) the model a config describes in
 (``output.dir``, default ``runs/<config name>``). Re-running the same command resumes from the last
 checkpoint; a finished run is not redone unless ``--force`` (which keeps the old files under
 ``previous/``); ``--run-dir`` reads the directory's ``config.yaml``, where a key an older version did not
-write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value that run had). Exit codes (:mod:`stitching.rundir`): done (or already finished), bad config/input (one
-line on stderr, nothing computed or overwritten), non-finite loss, run directory held by another trainer,
-a file that cannot be written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
+write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value that run had). Exit codes
+(:mod:`stitching.rundir`): done (or already finished), bad config/input (one line on stderr, nothing
+computed or overwritten), non-finite loss, run directory held by another trainer, a file that cannot be
+written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
 """
 
