@@ -1,11 +1,12 @@
 """The run configuration: one YAML file is the whole truth of a run.
 
-Sections and defaults are the dataclasses below. A file may build on another with ``base: other.yaml``
-(a path relative to the file; chains allowed), and any key can be overridden on the command line as
-``section.key=value`` (the value is parsed as YAML). Every leaf remembers the file it came from, so an
-error names the key, the value and the file: an unknown key, a wrong type, an impossible combination
-(checked against the registry's declared shapes, before anything is built) or a missing file raises
-:class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
+Sections and defaults are the dataclasses below; :data:`IDENTITY_BASELINE` gives every key the value runs
+had before the key existed (what a run's identity is measured against, :mod:`stitching.rundir`). A file may
+build on another with ``base: other.yaml`` (a path relative to the file; chains allowed), and any key can be
+overridden on the command line as ``section.key=value`` (the value is parsed as YAML). Every leaf remembers
+the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
+impossible combination (checked against the registry's declared shapes, before anything is built) or a
+missing file raises :class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import copy
 import dataclasses
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,17 +175,98 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
 
+#: The identity baseline (:func:`stitching.rundir.identity`): for every key of every section a run's identity
+#: reads (all but ``output``), the value a run directory written *before the key existed* implicitly had --
+#: normally the key's default when it was introduced. A run's identity is its keys that differ from this table
+#: (a key missing from an older ``config.yaml`` counts as its baseline), so adding a key never changes the
+#: identity, the directory name or the "same run" verdict of a run that leaves it at its baseline.
+#: A literal on purpose, never computed from the defaults above, and frozen: an entry is written once, with the
+#: key, and never edited -- changing a default later must not make new runs "equal" to older ones that ran
+#: with the former value. A new key gets an entry here (tests/test_rundir.py checks that every key has one and
+#: that it equals today's default unless the test's CHANGED_DEFAULTS names it).
+IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
+    "model.source": "resnet50",
+    "model.destination": None,
+    "model.source_stage": None,
+    "model.destination_stage": None,
+    "model.source_block": None,
+    "model.destination_block": None,
+    "model.adapter": "bottleneck",
+    "model.resize": "bilinear",
+    "model.schedule": "paper",
+    "model.adapter_style": "code",
+    "model.pos_embed": "none",
+    "model.init": "default",
+    "model.init_images": 2048,
+    "model.pretrained": True,
+    "model.source_weights": None,
+    "model.destination_weights": None,
+    "model.random_init": "none",
+    "model.source_kwargs": None,
+    "model.destination_kwargs": None,
+    "data.name": "synthetic",
+    "data.root": None,
+    "data.img_size": 224,
+    "data.num_classes": None,
+    "data.train_size": 2000,
+    "data.val_size": 500,
+    "data.workers": None,
+    "data.pipeline": "torchvision",     # introduced with default fast; runs before it had the torchvision transforms
+    "data.decode": "cpu",
+    "data.auto_augment": True,
+    "data.min_crop_scale": 0.08,
+    "data.hflip": 0.5,
+    "data.normalize": "model",
+    "data.train_interpolation": None,
+    "data.auto_augment_interpolation": None,
+    "data.eval_crop_pct": None,
+    "data.eval_interpolation": None,
+    "data.seed": 0,
+    "data.bad_images": "error",
+    "train.epochs": 10,
+    "train.batch_size": 512,
+    "train.per_device_batch_size": None,
+    "train.lr": 0.002,
+    "train.weight_decay": 0.05,
+    "train.lr_schedule": "cosine",
+    "train.lr_schedule_unit": "step",
+    "train.label_smoothing": 0.0,
+    "train.seed": 0,
+    "train.device": "auto",
+    "train.precision": "auto",
+    "train.channels_last": "auto",
+    "train.fold_bn": True,
+    "train.compile": False,
+    "train.frozen_bn": "eval",
+    "train.max_steps_per_epoch": None,
+    "train.log_every": 10,
+    "train.objective": "task",
+    "train.distill_temperature": 4.0,
+    "train.match_epochs": None,
+    "train.similarity_images": 0,       # introduced with default 1024; runs before it measured no similarity
+    "train.preempt_check_every": 10,
+})
+
 
 # ------------------------------------------------------------------------------------------------- loading
 def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), check: bool = True,
-                updates: typing.Mapping[str, typing.Any] | None = None, updates_source: str = CLI) -> Config:
+                updates: typing.Mapping[str, typing.Any] | None = None, updates_source: str = CLI,
+                run_dir: bool = False) -> Config:
     """Load ``path`` (its ``base:`` chain first), apply ``updates`` (dotted key -> value, e.g. one point
     of a sweep grid, attributed to ``updates_source``), then the ``overrides`` (``section.key=value``
-    strings from the command line), and validate."""
+    strings from the command line), and validate. ``run_dir``: ``path`` is a run directory's resolved
+    ``config.yaml``, where a key the file lacks (written before the key existed) takes its
+    :data:`IDENTITY_BASELINE` value, the value that run had, rather than today's default."""
     tree: dict = {}
     origins: dict = {}
     if path is not None:
         _merge_file(Path(path), tree, origins, seen=())
+    if run_dir:
+        for key, value in IDENTITY_BASELINE.items():
+            section, _, name = key.partition(".")
+            if name not in tree.setdefault(section, {}):
+                tree[section][name] = copy.deepcopy(value)
+                origins[key] = f"{path} (no {key}: written before it existed; its baseline)"
     for key, value in (updates or {}).items():
         section, _, name = key.partition(".")
         if not name or not isinstance(tree.setdefault(section, {}), dict):

@@ -27,11 +27,19 @@ that has not said how it ended: running, or killed), ``preempted`` (checkpointed
 again to resume), ``finished`` (``result.csv``) or ``failed`` (the trainer stopped with an error; the
 message is in ``state.json``).
 
-Identity (:func:`identity`, :func:`run_key`, :func:`same_run`): two runs are the same run exactly when
-their resolved configs are equal without the ``output`` section (where a run writes and whether it also
-saves the model do not change what it computes). The sweep names directories with :func:`run_key`, the
-trainer refuses a directory holding a different run with :func:`same_run`, and collection treats two
-finished directories with the same key as duplicates.
+Identity (:func:`identity`, :func:`run_key`, :func:`same_run`, :func:`differing_keys`): a run is its resolved
+config without the ``output`` section (where a run writes and whether it also saves the model do not change
+what it computes), restricted to the keys whose value differs from a *baseline*:
+``stitching.config.IDENTITY_BASELINE``, a frozen table giving every key the value a run directory written
+before the key existed implicitly had (normally the key's default when it was introduced). A key missing from
+an older ``config.yaml`` counts as its baseline, so adding a key with a default never changes what earlier
+runs are: an old ``config.yaml`` without ``data.hflip`` is the same run as a new one with ``data.hflip: 0.5``
+(its baseline), a different run from one with ``data.hflip: 0`` (and :func:`differing_keys` names
+``data.hflip``). The functions take the baseline as an argument (this module stays standard-library only;
+the config module owns the keys and the table). The sweep names directories with :func:`run_key` (and reuses
+a directory of the same run named by an older version's key), the trainer refuses a directory holding a
+different run with :func:`same_run`, and collection treats two finished directories with the same key as
+duplicates.
 
 Exit codes (of ``python -m stitching.train``; the launchers and the SLURM batch script read them):
 :data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (an unexpected error; traceback in the log),
@@ -60,6 +68,7 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Mapping
 
 # ------------------------------------------------------------------------------------------- file names
 CONFIG = "config.yaml"
@@ -122,26 +131,49 @@ class BusyError(RunDirError):
 
 
 # ------------------------------------------------------------------------------------------- identity
-def identity(config: dict) -> dict:
-    """A resolved config (``Config.to_dict()`` or a loaded ``config.yaml``) without what does not change
-    what the run computes: the ``output`` section."""
-    return {k: dict(v) for k, v in config.items() if k != "output" and isinstance(v, dict)}
+#: the section of a config that is not part of a run's identity
+NOT_IDENTITY = ("output",)
 
 
-def run_key(config: dict) -> str:
-    """8 hex digits naming a run's identity (the tail of a sweep's directory names)."""
-    return hashlib.sha1(json.dumps(identity(config), sort_keys=True, default=str).encode()).hexdigest()[:8]
+def identity_sections(config: dict) -> dict:
+    """The sections of a resolved config (``Config.to_dict()`` or a loaded ``config.yaml``) a run's identity
+    reads: every mapping but ``output``."""
+    return {s: v for s, v in config.items() if s not in NOT_IDENTITY and isinstance(v, dict)}
 
 
-def same_run(a: dict, b: dict) -> bool:
-    return identity(a) == identity(b)
+def identity(config: dict, baseline: Mapping[str, Any]) -> dict:
+    """What makes a run this run: ``{dotted key: value}`` of the identity sections' keys whose value differs
+    from ``baseline`` (``stitching.config.IDENTITY_BASELINE``: dotted key -> the value a run had before the
+    key existed). A key at its baseline, or missing (an older ``config.yaml``), is left out; a key the
+    baseline does not know is always kept."""
+    out = {}
+    for section, values in identity_sections(config).items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if dotted not in baseline or not _equal(value, baseline[dotted]):
+                out[dotted] = value
+    return out
 
 
-def differing_keys(a: dict, b: dict) -> list[str]:
+def _equal(a, b) -> bool:
+    """``==``, except that a bool never equals a number (``True == 1`` in Python)."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def run_key(config: dict, baseline: Mapping[str, Any]) -> str:
+    """8 hex digits naming a run's :func:`identity` (the tail of a sweep's directory names)."""
+    return hashlib.sha1(json.dumps(identity(config, baseline), sort_keys=True, default=str).encode()
+                        ).hexdigest()[:8]
+
+
+def same_run(a: dict, b: dict, baseline: Mapping[str, Any]) -> bool:
+    return not differing_keys(a, b, baseline)
+
+
+def differing_keys(a: dict, b: dict, baseline: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two configs' identities."""
-    ia, ib = identity(a), identity(b)
-    return sorted(f"{s}.{k}" for s in set(ia) | set(ib) for k in set(ia.get(s, {})) | set(ib.get(s, {}))
-                  if ia.get(s, {}).get(k) != ib.get(s, {}).get(k))
+    ia, ib = identity(a, baseline), identity(b, baseline)
+    return sorted(k for k in set(ia) | set(ib) if k not in ia or k not in ib or not _equal(ia[k], ib[k]))
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from stitching.plots import (
     aggregate,
@@ -579,3 +580,32 @@ def test_collect_says_how_many_recipes_it_found(results, tmp_path):
                            str(tmp_path / "results.csv")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "recipes:    2 recipes (they differ in adapter_style: code, text)" in proc.stdout
+
+
+def test_a_recipe_column_an_older_result_lacks_is_read_from_its_config_or_its_baseline(tmp_path):
+    """A result.csv written before a recipe column existed (here ``hflip``) is collected with the value its
+    run's config.yaml holds, or, where the config lacks the key too, the key's identity baseline (0.5: the
+    flip every run had before the key existed); a results CSV without the column reads as the baseline."""
+    from stitching.config import Config
+    from stitching.plots.aggregate import load_results
+
+    row = pd.DataFrame([_row(kind="stitched", source="resnet50", destination="resnet50", source_stage=1,
+                             destination_stage=2, adapter="bottleneck", resize="bilinear", lr=0.002, seed=0,
+                             top1=70.0, macs=3.58e9)]).drop(columns=["hflip"])
+    config = Config().to_dict()
+    for name, hflip in (("unflipped", 0.0), ("older", None)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        cfg = {s: dict(v) for s, v in config.items()}
+        if hflip is None:
+            cfg["data"].pop("hflip")
+        else:
+            cfg["data"]["hflip"] = hflip
+        cfg["train"]["seed"] = 0 if hflip is None else 1          # two runs, not duplicates
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        row.assign(run_id=name).to_csv(run / "result.csv", index=False)
+    df, problems = collect(tmp_path / "runs")
+    assert not problems
+    assert dict(zip(df["run_id"], df["hflip"].map(float))) == {"unflipped": 0.0, "older": 0.5}
+    row.to_csv(tmp_path / "old.csv", index=False)
+    assert load_results(tmp_path / "old.csv")["hflip"].map(float).tolist() == [0.5]

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     if args.launcher is None and not args.draw:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
 
-    from stitching.sweep.__main__ import _print_dropped, launch
+    from stitching.sweep.__main__ import _print_dropped, launch, print_reused
 
     matrix = load_matrix(args.matrix)
     runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}")
     _print_dropped("cells that cannot be stitched", exp.impossible)
     _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
+    print_reused(exp.reused)
     print()
     print_tables(matrix, exp)
     print(f"legend: {LEGEND}")

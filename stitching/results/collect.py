@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import rundir
+from stitching.config import IDENTITY_BASELINE
+from stitching.results.recipe import fill_missing_recipe
 from stitching.results.schema import RESULT_COLUMNS
 
 CONFIG_NAME = rundir.CONFIG
@@ -91,8 +93,10 @@ def read_result(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def normalize_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Order the columns (RESULT_COLUMNS first, extras after) and give numeric columns numeric dtypes."""
-    df = df.copy()
+    """Order the columns (RESULT_COLUMNS first, extras after) and give numeric columns numeric dtypes. A
+    recipe column the whole table lacks (collected by a version before it existed) takes its baseline
+    (:func:`stitching.results.recipe.fill_missing_recipe`)."""
+    df = fill_missing_recipe(df) if len(df) else df.copy()
     for col in RESULT_COLUMNS:
         if col not in df.columns:
             df[col] = pd.NA
@@ -128,10 +132,12 @@ def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
             except DamagedResult as exc:
                 problems.append(Problem("damaged", here, str(exc)))
                 continue
+            config = _config(here)
+            row = fill_missing_recipe(row, config)
             row[RUN_DIR_COLUMN] = str(here.relative_to(root))
             if pd.isna(row["run_id"].iloc[0]) or not str(row["run_id"].iloc[0]).strip():
                 row["run_id"] = here.name
-            row[_SAME_RUN] = _run_key(here) or f"run_id:{row['run_id'].iloc[0]}"
+            row[_SAME_RUN] = _run_key(config) or f"run_id:{row['run_id'].iloc[0]}"
             rows.append(row)
         elif CONFIG_NAME in filenames:
             state = rundir.RunDir(here).read_state()
@@ -156,17 +162,20 @@ def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
 _SAME_RUN = "_same_run"
 
 
-def _run_key(run_dir: Path) -> str | None:
-    """:func:`stitching.rundir.run_key` of the directory's ``config.yaml`` when it holds a resolved config."""
+def _config(run_dir: Path) -> dict | None:
+    """The directory's ``config.yaml`` when it holds a resolved config (a mapping of sections), else None."""
     import yaml
 
     try:
         config = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
     except (OSError, yaml.YAMLError):
         return None
-    if not isinstance(config, dict) or not rundir.identity(config):
-        return None
-    return rundir.run_key(config)
+    return config if isinstance(config, dict) and rundir.identity_sections(config) else None
+
+
+def _run_key(config: dict | None) -> str | None:
+    """:func:`stitching.rundir.run_key` of a run directory's resolved config (None without one)."""
+    return None if config is None else rundir.run_key(config, IDENTITY_BASELINE)
 
 
 def _drop_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

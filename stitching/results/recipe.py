@@ -57,6 +57,7 @@ RECIPE: dict[str, str | None] = {
     "normalize": "data.normalize",
     "auto_augment": "data.auto_augment",
     "min_crop_scale": "data.min_crop_scale",
+    "hflip": "data.hflip",                        # the training flip's probability
     "train_interpolation": "data.train_interpolation",
     "auto_augment_interpolation": "data.auto_augment_interpolation",
     "eval_crop_pct": "data.eval_crop_pct",
@@ -99,6 +100,25 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
             value = getattr(getattr(cfg, section), name)
             out[column] = "" if value is None else value
     return out
+
+
+def fill_missing_recipe(row: pd.DataFrame, config: dict | None = None) -> pd.DataFrame:
+    """``row`` (result rows) with the recipe columns it lacks -- written by a version before the column
+    existed -- filled in: from the run's resolved ``config`` (its ``config.yaml``) where that has the key, else
+    with the key's :data:`stitching.config.IDENTITY_BASELINE` value (the value runs had before the key
+    existed). Derived columns (no config key) are left absent. So a result of an older version is read with
+    the recipe it ran, and groups with newer rows of the same recipe."""
+    from stitching.config import IDENTITY_BASELINE
+
+    row = row.copy()
+    for column, key in RECIPE.items():
+        if key is None or column in row.columns:
+            continue
+        section, name = key.split(".")
+        values = (config or {}).get(section)
+        value = values[name] if isinstance(values, dict) and name in values else IDENTITY_BASELINE.get(key)
+        row[column] = "" if value is None else str(value)
+    return row
 
 
 def model_kwargs_column(cfg) -> str:
@@ -230,7 +250,7 @@ _UNITS = [
     ("init_images", "{} init images"),
     ("frozen_bn", "frozen BN: {}"), ("objective", "objective: {}"), ("distill_temperature", "T = {}"),
     ("match_epochs", "{} match epochs"),
-    ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
+    ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"), ("hflip", "flip p = {}"),
     ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
     ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),
     ("pretrained", "pretrained: {}"), ("random_init", "random init: {}"), ("num_classes", "{} classes"),

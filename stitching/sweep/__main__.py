@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from stitching import rundir as R
-from stitching.config import ConfigError, run_cli
+from stitching.config import IDENTITY_BASELINE, ConfigError, run_cli
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
@@ -79,13 +79,22 @@ def _print_dropped(title: str, counter: Counter) -> None:
         print(f"  {n:6d}  {reason}")
 
 
+def print_reused(reused: list) -> None:
+    """Say which existing directories are reused under an older version's name (:attr:`Expansion.reused`)."""
+    if reused:
+        print(f"reusing {len(reused)} run directories named by an older version's run key (the same run; "
+              "the name is kept):")
+        for name, found in reused:
+            print(f"  {found.name}  (this version names it {name})")
+
+
 def _write_config(run: Run) -> None:
     d = R.RunDir(run.config.output.dir)
     if d.config.is_file():
         old = yaml.safe_load(d.config.read_text()) or {}
-        if not R.same_run(old, run.config.to_dict()):
+        if not R.same_run(old, run.config.to_dict(), IDENTITY_BASELINE):
             raise ConfigError("output.dir", str(d.path), "sweep", f"holds a different run's {R.CONFIG} (differs in "
-                              f"{', '.join(R.differing_keys(old, run.config.to_dict()))})")
+                              f"{', '.join(R.differing_keys(old, run.config.to_dict(), IDENTITY_BASELINE))})")
         return
     d.write_text(R.CONFIG, run.config.to_yaml())
 
@@ -128,6 +137,8 @@ def main(argv=None) -> int:
     _print_dropped("excluded by rules", chosen(exp.excluded))
     _print_dropped("impossible combinations dropped", chosen(exp.impossible))
     _print_dropped("duplicates dropped (same model, same recipe; their rows are shared)", chosen(exp.duplicates))
+    dirs = {r.config.output.dir for r in runs}
+    print_reused([(n, d) for n, d in exp.reused if str(d) in dirs])
     print()
     legend = "rows: pairs; columns: adapter/resize; a+b: a runs, b rows shared from a duplicate"
     print(f"paper part: the runs the paper's study needs ({legend})" if ext_blocks else f"runs ({legend})")

@@ -19,8 +19,12 @@ the duplicate, never the other way round, and the paper part's runs are the same
 fine-tuning across architectures, a gap whose blocks do not join -- is dropped and counted with its
 reason) and drops duplicates: runs that build the same module (equal stitch-plan signatures, e.g. the
 three resize modes where sizes already match) with the same recipe. Each run gets a stable directory name
-(readable prefix + hash of its resolved config), so expanding the same sweep again finds the same
-directories: finished runs are skipped, unfinished ones resume.
+(readable prefix + :func:`stitching.rundir.run_key`, the hash of its identity), so expanding the same sweep again
+finds the same directories: finished runs are skipped, unfinished ones resume. A directory written by a version
+whose key differed (the key of every run changed once when identities started to leave out keys at their
+baseline; see :mod:`stitching.rundir`) is found by its name without the key and its ``config.yaml``
+(:func:`stitching.rundir.same_run`), and reused under its old name (:attr:`Expansion.reused`; the sweep says
+so).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from stitching.config import SECTIONS, Config, ConfigError, load_config, validate
+from stitching.config import IDENTITY_BASELINE, SECTIONS, Config, ConfigError, load_config, validate
 
 SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}
 BLOCK_KEYS = {"name", "base", "grid", "exclude", "slurm", "extension"}
@@ -103,6 +107,8 @@ class Expansion:
     total: int                 # grid points before dropping (of the blocks expanded)
     extensions: bool = True    # whether the extension blocks were expanded
     skipped: Counter = field(default_factory=Counter)   # extension block -> grid points not expanded
+    #: (this version's name, the existing directory reused): the same run, named by an older version's key
+    reused: list = field(default_factory=list)
 
     def part(self, part: str) -> list[Run]:
         return [r for r in self.runs if r.part == part]
@@ -196,6 +202,7 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
 
     runs, seen = [], {}
     excluded, impossible, duplicates, skipped = Counter(), Counter(), Counter(), Counter()
+    older, read, reused = _named_by_key(runs_dir), {}, []
     total = 0
     for block in sorted(blocks, key=lambda b: b.part != PAPER):      # stable: file order within a part
         if block.extension and not extensions:
@@ -237,10 +244,55 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
                                         "which changes nothing in the built model or recipe")] += 1
                 kept.points.append({**here, "grid": point})
                 continue
-            cfg.output.dir = str(Path(runs_dir) / run_name)
-            seen[key] = run = Run(run_name, block.name, cfg, key, block.part, [{**here, "grid": point}])
+            path = Path(runs_dir) / run_name
+            if not path.exists():
+                found = _same_run_dir(cfg, older.get(_without_key(run_name), []), read)
+                if found is not None:
+                    older[_without_key(run_name)].remove(found)
+                    reused.append((run_name, found))
+                    path = found
+            cfg.output.dir = str(path)
+            seen[key] = run = Run(path.name, block.name, cfg, key, block.part, [{**here, "grid": point}])
             runs.append(run)
-    return Expansion(runs, excluded, impossible, duplicates, total, extensions, skipped)
+    return Expansion(runs, excluded, impossible, duplicates, total, extensions, skipped, reused)
+
+
+def _without_key(name: str) -> str:
+    """A run directory's name without its run-key suffix (``<head>.<8 hex>``), or ``""`` if it has none."""
+    head, dot, key = name.rpartition(".")
+    return head if dot and len(key) == 8 and all(c in "0123456789abcdef" for c in key) else ""
+
+
+def _named_by_key(runs_dir: str | Path) -> dict[str, list[Path]]:
+    """The run directories already in ``runs_dir`` (holding a ``config.yaml``), by name without the key."""
+    from stitching.rundir import CONFIG
+
+    found: dict[str, list[Path]] = {}
+    root = Path(runs_dir)
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        if _without_key(d.name) and (d / CONFIG).is_file():
+            found.setdefault(_without_key(d.name), []).append(d)
+    return found
+
+
+def _same_run_dir(cfg: Config, candidates: list[Path], read: dict) -> Path | None:
+    """The directory among ``candidates`` (same name but the key) whose ``config.yaml`` holds the same run as
+    ``cfg``: a directory written by a version whose run key differed (a key added since, or the one-time change
+    to keys at their baseline), reused instead of training the run again under the new name. A finished one
+    first, then one with a checkpoint, then by name. ``read``: the configs read so far, by directory."""
+    from stitching import rundir as R
+
+    same = []
+    for d in candidates:
+        if d not in read:
+            try:
+                read[d] = yaml.safe_load((d / R.CONFIG).read_text())
+            except (OSError, yaml.YAMLError):
+                read[d] = None
+        if isinstance(read[d], dict) and R.same_run(read[d], cfg.to_dict(), IDENTITY_BASELINE):
+            same.append(d)
+    rank = {R.FINISHED: 0, R.PREEMPTED: 1, R.STARTED: 1, R.FAILED: 2, R.NEW: 3}
+    return min(same, key=lambda d: (rank[R.status(d)], d.name), default=None)
 
 
 def _describe(cfg: Config) -> dict:
@@ -273,7 +325,7 @@ def run_dir_name(cfg: Config) -> str:
     from stitching.rundir import run_key
 
     m, t = cfg.model, cfg.train
-    digest = run_key(cfg.to_dict())
+    digest = run_key(cfg.to_dict(), IDENTITY_BASELINE)
     if cfg.is_original:
         head = f"original.{m.source}.ep{t.epochs}"
     else:

@@ -3,9 +3,11 @@
 Trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
 (``output.dir``, default ``runs/<config name>``). Re-running the same command resumes from the last
 checkpoint; a finished run is not redone unless ``--force`` (which keeps the old files under
-``previous/``). Exit codes (:mod:`stitching.rundir`): done (or already finished), bad config/input (one
-line on stderr, nothing computed or overwritten), non-finite loss, run directory held by another trainer,
-a file that cannot be written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
+``previous/``); ``--run-dir`` reads the directory's ``config.yaml``, where a key an older version did not
+write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value that run had). Exit codes
+(:mod:`stitching.rundir`): done (or already finished), bad config/input (one line on stderr, nothing
+computed or overwritten), non-finite loss, run directory held by another trainer, a file that cannot be
+written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
 """
 
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
         config = Path(args.run_dir) / CONFIG
         if not config.is_file():
             raise ConfigError("--run-dir", args.run_dir, "command line", f"no {CONFIG} in it")
-        cfg = load_config(config, [*args.overrides, f"output.dir={args.run_dir}"])
+        cfg = load_config(config, [*args.overrides, f"output.dir={args.run_dir}"], run_dir=True)
     else:
         cfg = load_config(args.config, args.overrides)
     from stitching.train.loop import run

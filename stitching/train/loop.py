@@ -38,7 +38,7 @@ import yaml
 from torch import nn
 
 from stitching import rundir as R
-from stitching.config import Config, ConfigError, check_files, load_config
+from stitching.config import IDENTITY_BASELINE, Config, ConfigError, check_files, load_config
 from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
@@ -240,8 +240,8 @@ def _already_finished(r: Run, force: bool) -> bool:
         return True
     if r.rundir.config.is_file() and not force:
         old = yaml.safe_load(r.rundir.config.read_text()) or {}
-        if not R.same_run(old, cfg.to_dict()):
-            diff = R.differing_keys(old, cfg.to_dict())
+        if not R.same_run(old, cfg.to_dict(), IDENTITY_BASELINE):
+            diff = R.differing_keys(old, cfg.to_dict(), IDENTITY_BASELINE)
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
                               f"holds a different run (differs in {', '.join(diff) or 'sections'}); "
                               "choose another output.dir or pass --force (the old files are kept in previous/)")
@@ -607,7 +607,7 @@ def load_trained(run_dir: str | Path) -> nn.Module:
     file = d.file(R.MODEL)
     with safe_open(str(file), "pt") as f:
         meta = f.metadata()
-    cfg = load_config(d.config, check=False)
+    cfg = load_config(d.config, check=False, run_dir=True)
     mcfg = dataclasses.replace(cfg.model, pretrained=False, source_weights=None, destination_weights=None)
     built = build_model(mcfg, cfg.data.img_size, cfg.num_classes)
     if meta.get("kind") != built.kind:
