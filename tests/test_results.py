@@ -609,3 +609,27 @@ def test_a_recipe_column_an_older_result_lacks_is_read_from_its_config_or_its_ba
     assert dict(zip(df["run_id"], df["hflip"].map(float))) == {"unflipped": 0.0, "older": 0.5}
     row.to_csv(tmp_path / "old.csv", index=False)
     assert load_results(tmp_path / "old.csv")["hflip"].map(float).tolist() == [0.5]
+
+
+def test_models_built_with_other_arguments_share_a_figure_but_are_never_averaged(results, tmp_path):
+    """model_kwargs (e.g. a ViT's patch size for small images) is part of what an architecture is: a
+    cross-architecture figure shows pairs whose models take different arguments (one recipe), while two runs
+    of the same scenario built differently stay two scenarios."""
+    from stitching.results.recipe import split_by_recipe
+
+    df = results.copy()
+    df["model_kwargs"] = ""
+    vit = df["destination"].astype(str).str.startswith("vit")
+    assert vit.any() and (~vit & (df["kind"] == "stitched")).any()
+    df.loc[vit, "model_kwargs"] = '{"destination": {"patch_size": 8}}'
+    assert len(split_by_recipe(df)) == 1
+    one = df[(df["kind"] == "stitched") & ~vit].iloc[[0]]
+    twin = one.assign(model_kwargs='{"source": {"width": 2}}', top1=one["top1"] + 10)
+    agg = aggregate(prepare(pd.concat([df, twin], ignore_index=True)))
+    keys = one.iloc[0][["source", "destination", "source_stage", "destination_stage"]].to_dict()
+    same = agg[(agg[list(keys)] == pd.Series(keys)).all(axis=1) & (agg["method"] == method_label(
+        one.iloc[0]["kind"], one.iloc[0]["adapter"], one.iloc[0]["resize"])) & (agg["lr"] == one.iloc[0]["lr"])]
+    assert len(same) == 2 and set(same["model_kwargs"]) == {"", '{"source": {"width": 2}}'}
+    written = draw_all(df, tmp_path / "fig")
+    assert any(p.name == "cross_architecture.png" for p in map(Path, written))
+    assert not any("recipe-" in str(p) for p in written)

@@ -16,7 +16,9 @@ Owns:
 
 The learning rate is a recipe column but a figure may show several (the fine-tuning baseline's best lr per
 scenario, learning-rate sweeps), so the checks and splits leave it to the scenario keys
-(:data:`PER_SCENARIO`). Reference rows of the original models (``kind == "original"``, no training) belong to
+(:data:`PER_SCENARIO`). The models' constructor arguments (``model_kwargs``, e.g. a ViT's patch size for small
+images) are part of what an architecture *is*: rows that differ in them are never averaged together, but, like
+two architecture names, they may share a figure (:data:`ARCHITECTURE_COLUMNS`). Reference rows of the original models (``kind == "original"``, no training) belong to
 every recipe whose evaluation (:data:`EVAL_COLUMNS`) equals theirs.
 """
 
@@ -66,6 +68,10 @@ RECIPE: dict[str, str | None] = {
 RECIPE_COLUMNS = list(RECIPE)
 #: chosen per scenario by the plots (never a reason to split a figure)
 PER_SCENARIO = ("lr",)
+#: what the named architectures were built with: a scenario key (never averaged across) but, like the
+#: architecture names, never a reason to split a figure (a cross-architecture figure shows pairs whose
+#: models take different constructor arguments)
+ARCHITECTURE_COLUMNS = ("model_kwargs",)
 #: what an evaluate-only row (an original model) depends on
 EVAL_COLUMNS = ("dataset", "num_classes", "pretrained", "random_init", "img_size", "precision", "normalize",
                 "eval_crop_pct", "eval_interpolation")
@@ -175,8 +181,15 @@ def _columns(df: pd.DataFrame, columns) -> list[str]:
 
 
 def group_columns(df: pd.DataFrame) -> list[str]:
-    """The recipe columns a figure must not mix (those ``df`` has, the per-scenario lr left out)."""
+    """The recipe columns two rows must share to be averaged together (those ``df`` has, the per-scenario
+    lr left out)."""
     return _columns(df, [c for c in RECIPE_COLUMNS if c not in PER_SCENARIO])
+
+
+def figure_columns(df: pd.DataFrame) -> list[str]:
+    """The recipe columns a figure must not mix: :func:`group_columns` without the architectures' own
+    constructor arguments (:data:`ARCHITECTURE_COLUMNS`)."""
+    return [c for c in group_columns(df) if c not in ARCHITECTURE_COLUMNS]
 
 
 def canonical_recipes(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -190,7 +203,7 @@ def split_by_recipe(df: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     it. Without trained rows: one per evaluation recipe of the originals. Recipes as canonical strings."""
     import pandas as pd
 
-    columns = group_columns(df)
+    columns = figure_columns(df)
     trained = df[df["kind"] != "original"]
     originals = df[df["kind"] == "original"]
     if trained.empty:
