@@ -115,7 +115,7 @@ def test_mnist_study_sweep_and_matrices_expand(tmp_path):
 
     toy = _script()
     kwargs = toy.model_kwargs("mnist")
-    assert kwargs["vit_tiny_patch16_224"] == {"patch_size": 4, "img_size": 32} and kwargs["resnet18"] == {}
+    assert kwargs["vit_tiny_patch16_224"] == {"patch_size": 8, "img_size": 32} and kwargs["resnet18"] == {}
     out, root = tmp_path / "mnist", tmp_path / "data"
     torch.manual_seed(0)
     for model in toy.MODELS:
@@ -152,3 +152,4 @@ def test_mnist_study_sweep_and_matrices_expand(tmp_path):
 
         cell = load_config(matrix.base)
         assert cell.train.epochs == toy.MATRIX_EPOCHS and cell.data.root == str(root.resolve())
+        assert cell.train.similarity_images == toy.MATRIX_TRAIN["similarity_images"] == 0 and cell.data.hflip == 0
