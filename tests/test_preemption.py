@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from stitching import rundir as R
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_background
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 # 10 optimizer steps per epoch (640 images, batch 64: long enough that a signal sent when the first epoch's
@@ -87,7 +87,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints(tmp_path):
     """What SLURM does on preemption, reproduced without it: SIGTERM to the trainer *and* its DataLoader
     workers. Before the workers ignored it, the main process died with exit 1 and no checkpoint."""
     extra = ("data.workers=2",)
-    _train([sys.executable], tmp_path / "straight", *extra)
+    straight = in_background(lambda: _train([sys.executable], tmp_path / "straight", *extra))
     out = tmp_path / "resumed"
     proc = subprocess.Popen([sys.executable, "-m", "stitching.train", "--config", str(TINY), *COMMON, *extra,
                              f"output.dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -99,6 +99,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints(tmp_path):
     assert "checkpoint saved" in stderr and "Error" not in stderr
     assert R.status(out) == R.PREEMPTED
     _train([sys.executable], out, *extra)
+    straight.result()
     _same_numbers(tmp_path / "straight", out)
 
 
@@ -137,7 +138,7 @@ def test_two_processes_agree_on_a_signal_every_k_steps_and_resume_exactly(tmp_pa
     at most 3 steps after rank 0 first saw it, and the resumed run equals an uninterrupted one."""
     extra = ("train.per_device_batch_size=32", "data.workers=0", "train.preempt_check_every=4",
              "data.train_size=1280", "train.epochs=2")         # 20 steps per epoch
-    _train(TORCHRUN, tmp_path / "straight", *extra)
+    straight = in_background(lambda: _train(TORCHRUN, tmp_path / "straight", *extra))
     out = tmp_path / "resumed"
     proc = subprocess.Popen([*TORCHRUN, "-m", "stitching.train", "--config", str(TINY), *COMMON, *extra,
                              f"output.dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -155,6 +156,7 @@ def test_two_processes_agree_on_a_signal_every_k_steps_and_resume_exactly(tmp_pa
     seen = log.split("(seen after step ")[1].split(")")[0]     # None: only the other rank had it in time
     assert seen == "None" or 0 <= position["step"] - int(seen) < 4, (seen, position["step"])
     _train(TORCHRUN, out, *extra)
+    straight.result()
     _same_numbers(tmp_path / "straight", out)
 
 
@@ -208,7 +210,7 @@ def test_slurm_torchrun_task_signalled_requeues_and_matches_an_uninterrupted_run
     from stitching.launch import slurm
 
     extra = ("train.per_device_batch_size=32", "data.workers=1")
-    _train(TORCHRUN, tmp_path / "straight", *extra)
+    straight = in_background(lambda: _train(TORCHRUN, tmp_path / "straight", *extra))
     run = tmp_path / "run"
     _write_config(run, *extra)
     command = slurm.train_command(sys.executable, 2)
@@ -223,6 +225,7 @@ def test_slurm_torchrun_task_signalled_requeues_and_matches_an_uninterrupted_run
     assert "command exited with status 1" in logs            # torchrun hides the workers' 75 ...
     assert "scontrol requeue" in logs                        # ... the request file did not
     assert _row(run)["world_size"] == "2"
+    straight.result()
     _same_numbers(tmp_path / "straight", run)
 
 
@@ -232,7 +235,7 @@ def test_slurm_sigterm_to_every_process_with_loader_workers_requeues(slurm_clust
     from stitching.launch import slurm
 
     extra = ("data.workers=2",)
-    _train([sys.executable], tmp_path / "straight", *extra)
+    straight = in_background(lambda: _train([sys.executable], tmp_path / "straight", *extra))
     run = tmp_path / "run"
     _write_config(run, *extra)
     job = _submit(tmp_path, run, slurm.train_command(sys.executable, 1))
@@ -241,6 +244,7 @@ def test_slurm_sigterm_to_every_process_with_loader_workers_requeues(slurm_clust
     subprocess.run(["scancel", "--signal=TERM", "--full", f"{job}_0"], check=True, capture_output=True)
     _finish_on_slurm(tmp_path, run, job)
     assert f"status {R.EXIT_PREEMPTED}" in _logs(tmp_path)
+    straight.result()
     _same_numbers(tmp_path / "straight", run)
 
 
@@ -249,10 +253,7 @@ def test_frozen_batchnorm_in_train_mode_checkpoints_the_whole_model(tmp_path):
     """``train.frozen_bn: train`` re-estimates the frozen parts' BatchNorm statistics: the checkpoint holds
     the whole model (not only the adapters), so a resumed run still equals an uninterrupted one."""
     extra = ("train.frozen_bn=train", "train.fold_bn=false", "data.workers=0")
-    _train([sys.executable], tmp_path / "straight", *extra)
-    keys = torch.load(tmp_path / "straight" / R.CHECKPOINT, weights_only=True)["trainable"]
-    assert any(k.startswith("prefix.") and k.endswith("running_mean") for k in keys)
-    assert any(k.startswith("adapters.") for k in keys)
+    straight = in_background(lambda: _train([sys.executable], tmp_path / "straight", *extra))
     out = tmp_path / "resumed"
     proc = subprocess.Popen([sys.executable, "-m", "stitching.train", "--config", str(TINY), *COMMON, *extra,
                              f"output.dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -262,4 +263,8 @@ def test_frozen_batchnorm_in_train_mode_checkpoints_the_whole_model(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == R.EXIT_PREEMPTED, stderr[-3000:]
     _train([sys.executable], out, *extra)
+    straight.result()
+    keys = torch.load(tmp_path / "straight" / R.CHECKPOINT, weights_only=True)["trainable"]
+    assert any(k.startswith("prefix.") and k.endswith("running_mean") for k in keys)
+    assert any(k.startswith("adapters.") for k in keys)
     _same_numbers(tmp_path / "straight", out)
