@@ -138,7 +138,7 @@ def test_two_processes_agree_on_a_signal_every_k_steps_and_resume_exactly(tmp_pa
     at most 3 steps after rank 0 first saw it, and the resumed run equals an uninterrupted one."""
     extra = ("train.per_device_batch_size=32", "data.workers=0", "train.preempt_check_every=4",
              "data.train_size=1280", "train.epochs=2")         # 20 steps per epoch
-    straight = in_background(lambda: _train(TORCHRUN, tmp_path / "straight", *extra))
+    _train(TORCHRUN, tmp_path / "straight", *extra)
     out = tmp_path / "resumed"
     proc = subprocess.Popen([*TORCHRUN, "-m", "stitching.train", "--config", str(TINY), *COMMON, *extra,
                              f"output.dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -156,7 +156,6 @@ def test_two_processes_agree_on_a_signal_every_k_steps_and_resume_exactly(tmp_pa
     seen = log.split("(seen after step ")[1].split(")")[0]     # None: only the other rank had it in time
     assert seen == "None" or 0 <= position["step"] - int(seen) < 4, (seen, position["step"])
     _train(TORCHRUN, out, *extra)
-    straight.result()
     _same_numbers(tmp_path / "straight", out)
 
 
@@ -210,7 +209,7 @@ def test_slurm_torchrun_task_signalled_requeues_and_matches_an_uninterrupted_run
     from stitching.launch import slurm
 
     extra = ("train.per_device_batch_size=32", "data.workers=1")
-    straight = in_background(lambda: _train(TORCHRUN, tmp_path / "straight", *extra))
+    _train(TORCHRUN, tmp_path / "straight", *extra)
     run = tmp_path / "run"
     _write_config(run, *extra)
     command = slurm.train_command(sys.executable, 2)
@@ -225,7 +224,6 @@ def test_slurm_torchrun_task_signalled_requeues_and_matches_an_uninterrupted_run
     assert "command exited with status 1" in logs            # torchrun hides the workers' 75 ...
     assert "scontrol requeue" in logs                        # ... the request file did not
     assert _row(run)["world_size"] == "2"
-    straight.result()
     _same_numbers(tmp_path / "straight", run)
 
 
