@@ -56,7 +56,7 @@ def _jpeg(path: Path, img: Image.Image, **kw) -> Path:
 def _data(**kw) -> SimpleNamespace:
     base = dict(img_size=64, normalize="model", auto_augment=True, train_interpolation=None, min_crop_scale=0.08,
                 auto_augment_interpolation=None, eval_crop_pct=None, eval_interpolation=None, pipeline="fast",
-                decode="cpu")
+                decode="cpu", hflip=0.5)
     return SimpleNamespace(**{**base, **kw})
 
 
