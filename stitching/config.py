@@ -301,7 +301,7 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
         where = str(seen[-1]) if seen else CLI
         raise ConfigError("base" if seen else "--config", src, where, "file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -320,6 +320,19 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
             origins[f"{section}.{key}"] = src
 
 
+_PARSED: dict = {}      # a file's text -> its parsed YAML: a sweep loads the same base files for every grid point
+_HINTS: dict = {}       # section dataclass -> its field types
+
+
+def _parse_yaml(text: str):
+    """``yaml.safe_load(text)``, parsed once per distinct text (a copy each call: callers change it)."""
+    if text not in _PARSED:
+        if len(_PARSED) >= 256:
+            _PARSED.clear()
+        _PARSED[text] = yaml.safe_load(text)
+    return copy.deepcopy(_PARSED[text])
+
+
 def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
     cfg = Config(path=path, origins=origins)
     for section, values in tree.items():
@@ -327,7 +340,7 @@ def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
             src = next((v for k, v in origins.items() if k.startswith(section + ".")), path or CLI)
             raise ConfigError(section, None, src, f"unknown section; expected one of {', '.join(SECTIONS)}")
         cls = SECTIONS[section]
-        hints = typing.get_type_hints(cls)
+        hints = _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
         obj = getattr(cfg, section)
         for key, value in values.items():
             dotted = f"{section}.{key}"

@@ -92,3 +92,28 @@ def slurm_cluster():
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old_conf
+
+
+# ------------------------------------------------------------------------------- independent CLI runs at once
+# Runs that do not depend on each other (an uninterrupted reference run and the interrupted one it is compared
+# with; the scenarios of a shared fixture) go side by side, two at a time on the 2 CI cores: each call is the
+# same blocking helper (a real CLI process, waited for, its failure raised) the test would call one after another.
+# Every process pins OMP_NUM_THREADS=1, so its numbers do not depend on what runs beside it.
+def together(*calls, at_once: int = 2) -> list:
+    """Call the zero-argument ``calls`` ``at_once`` at a time; their results in order (the first failure is
+    raised once all have ended)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
+def in_background(call):
+    """Start the zero-argument ``call`` in a thread; ``.result()`` waits for it and raises its failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(call)
+    pool.shutdown(wait=False)
+    return future

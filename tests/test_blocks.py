@@ -17,7 +17,7 @@ from stitching.models.formats import spatial_shape
 from stitching.models.registry import get_spec, list_blocks, load_model, trace_blocks, trace_cuts
 from stitching.stitch.plan import PlanError, plan_blocks, plan_stitch
 from stitching.stitch.stitcher import build_model
-from tests.conftest import model_cfg
+from tests.conftest import model_cfg, together
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,11 @@ data: {name: synthetic, img_size: 32, num_classes: 10, train_size: 96, val_size:
        auto_augment: false}
 train: {epochs: 1, batch_size: 32, max_steps_per_epoch: 3, device: cpu, log_every: 1}
 """)
-    summary = _cli("stitching.summary", "--config", cfg)
+    run = tmp_path / "run"
+    summary, proc, bad = together(  # three independent commands, two at a time
+        lambda: _cli("stitching.summary", "--config", cfg),
+        lambda: _cli("stitching.train", "--config", cfg, f"output.dir={run}"),
+        lambda: _cli("stitching.train", "--config", cfg, "model.source_stage=1", f"output.dir={tmp_path / 'bad'}"))
     assert summary.returncode == 0, summary.stderr
     out = json.loads(summary.stdout)
     assert (out["source_block"], out["destination_block"], out["gap"]) == (2, 9, "b2->b9")
@@ -175,8 +179,6 @@ train: {epochs: 1, batch_size: 32, max_steps_per_epoch: 3, device: cpu, log_ever
     assert out["joins"][0]["at"] == "resnet18 block 2 (its output)" and out["joins"][0]["shape"] == [128, 4, 4]
     assert out["joins"][-1]["shape"] == [192, 8, 8] and "after block 9" in out["joins"][-1]["at"]
 
-    run = tmp_path / "run"
-    proc = _cli("stitching.train", "--config", cfg, f"output.dir={run}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with (run / "result.csv").open() as f:
         [row] = list(csv.DictReader(f))
@@ -184,6 +186,5 @@ train: {epochs: 1, batch_size: 32, max_steps_per_epoch: 3, device: cpu, log_ever
     assert row["source_stage"] == row["destination_stage"] == "" and row["kind"] == "stitched"
     assert float(row["train_loss"]) > 0 and row["num_adapters"] == "2"
 
-    bad = _cli("stitching.train", "--config", cfg, "model.source_stage=1", f"output.dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "model.source_stage and model.source_block are both set" in bad.stderr
     assert not (tmp_path / "bad").exists()

@@ -156,14 +156,17 @@ def test_summary_works_for_a_derived_model_by_name(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {source: convnext_atto, destination: resnet50, source_stage: 1, destination_stage: 3,\n"
                    "        adapter: linear, pretrained: false}\ndata: {img_size: 64}\n")
-    proc = subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    from tests.conftest import together
+
+    proc, bad = together(   # two independent commands side by side
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300),
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg),
+                                "model.source=test_vit"], cwd=ROOT, capture_output=True, text=True, timeout=300))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["source"] == "convnext_atto" and out["num_adapters"] == 2 and out["macs"] > 0
     assert out["joins"][0]["shape"] == [40, 16, 16] and out["joins"][-1]["shape"] == [1024, 4, 4]
-    bad = subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg), "model.source=test_vit"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "6 blocks cannot be split into four equal stages" in bad.stderr
 

@@ -9,7 +9,7 @@ import torch
 from stitching.config import load_config
 from stitching.stitch.join import destination_at_join, source_at_join
 from stitching.stitch.stitcher import build_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, together
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 
@@ -47,15 +47,16 @@ def test_a_cnn_source_reaches_a_vit_destination_in_its_token_format():
 
 
 def test_summary_prints_similarity_before_training():
-    proc = subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(TINY), "--similarity", "40",
-                           "model.destination=vit_tiny_patch16_224", "model.adapter=linear"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc, original = together(   # two independent commands side by side
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(TINY), "--similarity", "40",
+                                "model.destination=vit_tiny_patch16_224", "model.adapter=linear"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300),
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(TINY), "--similarity",
+                                "8", "model.source_stage=null", "model.destination_stage=null"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300))
     assert proc.returncode == 0, proc.stderr
     sim = json.loads(proc.stdout)["similarity_before"]
     assert sim["n"] == 40 and set(sim) == {"cka", "ls_residual", "n"}
     assert 0 < sim["cka"] <= 1 and 0 <= sim["ls_residual"] <= 1
-    original = subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(TINY), "--similarity",
-                               "8", "model.source_stage=null", "model.destination_stage=null"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert original.returncode == 2 and original.stdout == ""
     assert len(original.stderr.strip().splitlines()) == 1 and "model.source_stage" in original.stderr

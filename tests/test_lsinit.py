@@ -18,7 +18,7 @@ from stitching.config import ConfigError, load_config
 from stitching.similarity import LeastSquares, channels_last_samples
 from stitching.stitch.lsinit import fit
 from stitching.stitch.stitcher import build_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_background, together
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 
@@ -226,11 +226,11 @@ def test_the_cli_writes_the_residual_and_a_self_stitch_starts_as_the_original(tm
     weights = f"model.source_weights={_confident_weights(tmp_path / 'resnet18.safetensors')}"
     gap = ["model.source_stage=2", "model.destination_stage=2", "model.adapter=linear", "train.epochs=0", weights]
     runs = {}
-    for name, extra in [("original", ["model.source_stage=null", "model.destination_stage=null",
-                                      "model.adapter=bottleneck", "train.epochs=0", weights]),
-                        ("default", gap), ("least_squares", [*gap, "model.init=least_squares",
-                                                              "model.init_images=128"])]:
-        proc, out = _train(tmp_path, name, *extra)
+    scenarios = [("original", ["model.source_stage=null", "model.destination_stage=null",
+                               "model.adapter=bottleneck", "train.epochs=0", weights]),
+                 ("default", gap), ("least_squares", [*gap, "model.init=least_squares", "model.init_images=128"])]
+    done = together(*(lambda name=name, extra=extra: _train(tmp_path, name, *extra) for name, extra in scenarios))
+    for (name, _), (proc, out) in zip(scenarios, done):
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[name] = _row(out)
     ls, default, original = runs["least_squares"], runs["default"], runs["original"]
@@ -293,8 +293,7 @@ def test_a_resumed_run_does_not_fit_again_and_matches_an_uninterrupted_one(tmp_p
               "model.init_images=64", "train.epochs=2", "data.train_size=640", "data.val_size=64",
               "train.log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc, straight = _train(tmp_path, "straight", *common)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = in_background(lambda: _train(tmp_path, "straight", *common))
     out = tmp_path / "resumed"
     run = subprocess.Popen([sys.executable, "-m", "stitching.train", "--config", str(TINY), f"output.dir={out}",
                             "train.device=cpu", "data.workers=0", *common], cwd=ROOT, env=env,
@@ -306,6 +305,8 @@ def test_a_resumed_run_does_not_fit_again_and_matches_an_uninterrupted_one(tmp_p
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 75, stderr[-2000:]
     proc, _ = _train(tmp_path, "resumed", *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc, straight = first.result()
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = (out / "train.log").read_text()
     assert log.count("least-squares init on") == 1 and "resuming" in log

@@ -77,10 +77,12 @@ def test_the_script_writes_a_stratified_imagefolder_of_real_digits(mnist, tmp_pa
 
 @pytest.mark.parametrize("config, extra", [
     ("resnet18.yaml", []),
-    # the small-patch ViT receives a ResNet-18's block 3 after its block 5: block cuts with constructor arguments
+    # the small-patch ViT (the config's 8 px patches) receives a ResNet-18's block 3 after its block 5: block cuts
+    # with constructor arguments; the similarity at the join on 64 of the 1,000 validation digits
     pytest.param("vit_tiny.yaml", ["model.source=resnet18", "model.source_kwargs=null", "model.destination=vit_tiny_patch16_224",
-                       "model.destination_kwargs={patch_size: 4, img_size: 32}", "model.source_block=3",
-                       "model.destination_block=5", "model.adapter=linear"], marks=pytest.mark.slow),
+                       "model.destination_kwargs={patch_size: 8, img_size: 32}", "model.source_block=3",
+                       "model.destination_block=5", "model.adapter=linear", "train.similarity_images=64"],
+                 marks=pytest.mark.slow),
 ])
 def test_the_mnist_configs_train_through_the_cli(mnist, tmp_path, config, extra):
     out = tmp_path / "run"
@@ -93,5 +95,6 @@ def test_the_mnist_configs_train_through_the_cli(mnist, tmp_path, config, extra)
     assert float(row["train_loss"]) > 0 and 0 <= float(row["top1"]) <= 100
     if extra:
         assert row["kind"] == "stitched" and row["gap"] == "b3->b5" and row["destination"] == "vit_tiny_patch16_224"
+        assert row["similarity_images"] == "64" and 0 < float(row["cka_before"]) <= 1
     else:
         assert row["kind"] == "original"

@@ -16,7 +16,7 @@ from stitching.stitch.stitcher import build_model
 from stitching.train.loop import build_step
 from stitching.train.objective import OBJECTIVES, Objective, distill_loss, match_epochs, objective_at, train_macs
 from stitching.train.step import train_step
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_background
 from tests.test_train import BASE, _interrupted_and_resumed, rows, train, write_cfg
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
@@ -155,8 +155,10 @@ def test_match_then_task_resumed_mid_run_equals_an_uninterrupted_one(tmp_path):
     text = (BASE.replace("epochs: 2", "epochs: 3").replace("train_size: 512", "train_size: 1024")
             + "  objective: match_then_task\n  match_epochs: 1\n  similarity_images: 64\n")
     cfg = write_cfg(tmp_path, text)
-    train("--config", cfg, f"output.dir={tmp_path / 'straight'}")
+    straight = in_background(lambda: train("--config", cfg, f"output.dir={tmp_path / 'straight'}"))
+    match = in_background(lambda: train("--config", cfg, f"output.dir={tmp_path / 'match'}", "train.objective=match"))
     _interrupted_and_resumed(tmp_path, cfg, tmp_path / "resumed")
+    straight.result()
     ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert ckpt["position"]["similarity_before"]["n"] == 64
     [a], [b] = rows(tmp_path / "straight" / "result.csv"), rows(tmp_path / "resumed" / "result.csv")
@@ -165,7 +167,7 @@ def test_match_then_task_resumed_mid_run_equals_an_uninterrupted_one(tmp_path):
         assert a[key] == b[key], key
     ma, mb = rows(tmp_path / "straight" / "metrics.csv"), rows(tmp_path / "resumed" / "metrics.csv")
     assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
-    train("--config", cfg, f"output.dir={tmp_path / 'match'}", "train.objective=match")
+    match.result()
     mm = rows(tmp_path / "match" / "metrics.csv")
     assert ma[0]["train_loss"] == mm[0]["train_loss"]                # epoch 1: the same match steps
     assert float(ma[1]["train_loss"]) == pytest.approx(math.log(10), abs=0.5)     # then cross-entropy

@@ -110,15 +110,18 @@ def test_plot_script_filters_rows(runs, tmp_path):
                               timeout=120)
         return proc
 
-    mixed = draw("all")                          # four recipes: one folder each
+    from tests.conftest import together
+
+    mixed, plain, chosen, bad = together(        # four independent commands, two at a time
+        lambda: draw("all"),                     # four recipes: one folder each
+        lambda: draw("defaults", "--default-options"),   # one recipe: drawn in place
+        lambda: draw("ls", "--where", "init=least_squares", "--where", "objective=task"),
+        lambda: draw("bad", "--where", "no_such_column=1"))
     assert mixed.returncode == 0, mixed.stderr
     assert (tmp_path / "all" / "recipe-1").is_dir()
-    plain = draw("defaults", "--default-options")  # one recipe: drawn in place
     assert plain.returncode == 0, plain.stderr
     assert not (tmp_path / "defaults" / "recipe-1").exists()
     assert "init: default" in (tmp_path / "defaults" / "recipe.txt").read_text()
-    chosen = draw("ls", "--where", "init=least_squares", "--where", "objective=task")
     assert chosen.returncode == 0, chosen.stderr
     assert "init: least_squares" in (tmp_path / "ls" / "recipe.txt").read_text()
-    bad = draw("bad", "--where", "no_such_column=1")
     assert bad.returncode == 2 and "no_such_column" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -33,7 +33,7 @@ from torchvision.transforms import InterpolationMode
 from stitching.data import pipeline as P
 from stitching.data.loaders import build_datasets, build_loader, default_workers, set_epoch
 from stitching.data.transforms import build_transforms, eval_transform, train_transform
-from tests.conftest import ROOT
+from tests.conftest import ROOT, together
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -56,7 +56,7 @@ def _jpeg(path: Path, img: Image.Image, **kw) -> Path:
 def _data(**kw) -> SimpleNamespace:
     base = dict(img_size=64, normalize="model", auto_augment=True, train_interpolation=None, min_crop_scale=0.08,
                 auto_augment_interpolation=None, eval_crop_pct=None, eval_interpolation=None, pipeline="fast",
-                decode="cpu")
+                decode="cpu", hflip=0.5)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -412,11 +412,12 @@ def test_cli_trains_on_a_generated_imagefolder_of_jpegs_same_numbers_for_any_wor
     (tmp_path / "run.yaml").write_text(CLI.format(root=root))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     metrics = []
-    for workers in (0, 2):
+    procs = together(*(lambda workers=workers: subprocess.run(
+        [sys.executable, "-m", "stitching.train", "--config", str(tmp_path / "run.yaml"), f"data.workers={workers}",
+         f"output.dir={tmp_path / f'run{workers}'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        for workers in (0, 2)))                                     # side by side: independent runs
+    for workers, proc in zip((0, 2), procs):
         out = tmp_path / f"run{workers}"
-        proc = subprocess.run([sys.executable, "-m", "stitching.train", "--config", str(tmp_path / "run.yaml"),
-                               f"data.workers={workers}", f"output.dir={out}"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         with (out / "metrics.csv").open() as f:
             row = list(csv.DictReader(f))[-1]

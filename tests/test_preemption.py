@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from stitching import rundir as R
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_background
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 # 10 optimizer steps per epoch (640 images, batch 64: long enough that a signal sent when the first epoch's
@@ -87,7 +87,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints(tmp_path):
     """What SLURM does on preemption, reproduced without it: SIGTERM to the trainer *and* its DataLoader
     workers. Before the workers ignored it, the main process died with exit 1 and no checkpoint."""
     extra = ("data.workers=2",)
-    _train([sys.executable], tmp_path / "straight", *extra)
+    straight = in_background(lambda: _train([sys.executable], tmp_path / "straight", *extra))
     out = tmp_path / "resumed"
     proc = subprocess.Popen([sys.executable, "-m", "stitching.train", "--config", str(TINY), *COMMON, *extra,
                              f"output.dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -99,6 +99,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints(tmp_path):
     assert "checkpoint saved" in stderr and "Error" not in stderr
     assert R.status(out) == R.PREEMPTED
     _train([sys.executable], out, *extra)
+    straight.result()
     _same_numbers(tmp_path / "straight", out)
 
 
@@ -232,7 +233,7 @@ def test_slurm_sigterm_to_every_process_with_loader_workers_requeues(slurm_clust
     from stitching.launch import slurm
 
     extra = ("data.workers=2",)
-    _train([sys.executable], tmp_path / "straight", *extra)
+    straight = in_background(lambda: _train([sys.executable], tmp_path / "straight", *extra))
     run = tmp_path / "run"
     _write_config(run, *extra)
     job = _submit(tmp_path, run, slurm.train_command(sys.executable, 1))
@@ -241,6 +242,7 @@ def test_slurm_sigterm_to_every_process_with_loader_workers_requeues(slurm_clust
     subprocess.run(["scancel", "--signal=TERM", "--full", f"{job}_0"], check=True, capture_output=True)
     _finish_on_slurm(tmp_path, run, job)
     assert f"status {R.EXIT_PREEMPTED}" in _logs(tmp_path)
+    straight.result()
     _same_numbers(tmp_path / "straight", run)
 
 
@@ -249,10 +251,7 @@ def test_frozen_batchnorm_in_train_mode_checkpoints_the_whole_model(tmp_path):
     """``train.frozen_bn: train`` re-estimates the frozen parts' BatchNorm statistics: the checkpoint holds
     the whole model (not only the adapters), so a resumed run still equals an uninterrupted one."""
     extra = ("train.frozen_bn=train", "train.fold_bn=false", "data.workers=0")
-    _train([sys.executable], tmp_path / "straight", *extra)
-    keys = torch.load(tmp_path / "straight" / R.CHECKPOINT, weights_only=True)["trainable"]
-    assert any(k.startswith("prefix.") and k.endswith("running_mean") for k in keys)
-    assert any(k.startswith("adapters.") for k in keys)
+    straight = in_background(lambda: _train([sys.executable], tmp_path / "straight", *extra))
     out = tmp_path / "resumed"
     proc = subprocess.Popen([sys.executable, "-m", "stitching.train", "--config", str(TINY), *COMMON, *extra,
                              f"output.dir={out}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -262,4 +261,8 @@ def test_frozen_batchnorm_in_train_mode_checkpoints_the_whole_model(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == R.EXIT_PREEMPTED, stderr[-3000:]
     _train([sys.executable], out, *extra)
+    straight.result()
+    keys = torch.load(tmp_path / "straight" / R.CHECKPOINT, weights_only=True)["trainable"]
+    assert any(k.startswith("prefix.") and k.endswith("running_mean") for k in keys)
+    assert any(k.startswith("adapters.") for k in keys)
     _same_numbers(tmp_path / "straight", out)

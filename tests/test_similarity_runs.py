@@ -13,7 +13,7 @@ import pytest
 from stitching.config import load_config
 from stitching.stitch.cost import count_cost
 from stitching.stitch.stitcher import build_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, together
 from tests.test_train import rows, train
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
@@ -31,8 +31,8 @@ RUNS = {   # run dir -> overrides of configs/synthetic/tiny.yaml (resnet18 1 -> 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    for name, overrides in RUNS.items():
-        train("--config", TINY, f"output.dir={root / name}", *COMMON, *overrides)
+    together(*(lambda name=name, overrides=overrides: train("--config", TINY, f"output.dir={root / name}", *COMMON,
+                                                            *overrides) for name, overrides in RUNS.items()))
     return root
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from stitching.config import load_config
 from stitching.summary import summarize
-from tests.conftest import ROOT
+from tests.conftest import ROOT, together
 
 PAPER = ROOT / "configs" / "paper"
 
@@ -36,16 +36,17 @@ def test_resnet_to_swin_costs_what_the_paper_says():
 
 
 def test_summary_cli_prints_one_json_object():
-    proc = subprocess.run([sys.executable, "-m", "stitching.summary", "--config",
-                           str(PAPER / "resnet50_1to4_bottleneck.yaml"), "data.img_size=112"],
-                          cwd=ROOT, capture_output=True, text=True, check=True)
+    proc, original = together(   # two independent commands side by side
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config",
+                                str(PAPER / "resnet50_1to4_bottleneck.yaml"), "data.img_size=112"],
+                               cwd=ROOT, capture_output=True, text=True, check=True),
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config",
+                                str(PAPER / "original_resnet50.yaml")], cwd=ROOT, capture_output=True, text=True,
+                               check=True))
     out = json.loads(proc.stdout)
     assert {"macs", "flops", "params", "trainable_params", "num_adapters", "joins"} <= out.keys()
     assert out["num_adapters"] == 3 and out["trainable_params"] < out["params"]
     shapes = [j.get("shape") or j.get("out") for j in out["joins"]]
     assert shapes == [[256, 28, 28], "512@14x14", "1024@7x7", "2048@4x4", [2048, 4, 4]]
-    original = subprocess.run([sys.executable, "-m", "stitching.summary", "--config",
-                               str(PAPER / "original_resnet50.yaml")], cwd=ROOT, capture_output=True, text=True,
-                              check=True)
     out = json.loads(original.stdout)
     assert out["kind"] == "original" and out["num_adapters"] == 0 and out["params"] == out["trainable_params"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from stitching.sweep.spec import expand
-from tests.conftest import ROOT
+from tests.conftest import ROOT, together
 
 SMOKE = ROOT / "configs" / "sweeps" / "smoke.yaml"
 
@@ -276,21 +276,21 @@ exclude:
 
 
 def test_bad_sweep_files_exit_2_with_one_line(tmp_path):
-    spec = tmp_path / "s.yaml"
+    spec, lr = tmp_path / "s.yaml", tmp_path / "lr.yaml"
     spec.write_text(f"base: {ROOT / 'configs' / 'synthetic' / 'tiny.yaml'}\ngrid:\n  model.adaptor: [linear]\n")
-    proc = sweep(spec, "--launcher", "local", "--dry-run", check=False)
+    lr.write_text(f"base: {ROOT / 'configs' / 'synthetic' / 'tiny.yaml'}\ngrid:\n  train.lr: [fast]\n")
+    proc, other = together(lambda: sweep(spec, "--launcher", "local", "--dry-run", check=False),
+                           lambda: sweep(lr, "--launcher", "local", "--dry-run", check=False))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "model.adaptor" in proc.stderr and str(spec) in proc.stderr
-    spec.write_text(f"base: {ROOT / 'configs' / 'synthetic' / 'tiny.yaml'}\ngrid:\n  train.lr: [fast]\n")
-    proc = sweep(spec, "--launcher", "local", "--dry-run", check=False)
-    assert proc.returncode == 2 and "train.lr" in proc.stderr
+    assert other.returncode == 2 and "train.lr" in other.stderr
 
 
 def test_local_sweep_runs_collects_and_never_repeats_a_run(tmp_path):
     runs = tmp_path / "runs"
     smoke = cpu_smoke(tmp_path)
-    out = sweep(smoke, "--launcher", "local", "--runs-dir", runs).stdout
-    assert "local: 5 done, 0 preempted, 0 failed" in out
+    out = sweep(smoke, "--launcher", "local", "--runs-dir", runs, "--parallel", "2").stdout    # 2 CI cores
+    assert "local: 5 done, 0 preempted, 0 failed" in out and out.count("[local] start") == 5
     rows = collect(runs)
     assert len(rows) == 5 and sorted(r["kind"] for r in rows) == ["original"] + ["stitched"] * 4
     assert {r["adapter"] for r in rows if r["kind"] == "stitched"} == {"linear", "bottleneck"}

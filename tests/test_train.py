@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, in_background, together
 
 BASE = """\
 model:
@@ -88,10 +88,25 @@ def test_a_run_writes_every_file_with_sane_values(tmp_path):
     assert "epoch 2/2" in log and "top1" in log
 
 
-def test_a_finished_run_is_skipped_and_force_keeps_the_old_files(tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """BASE trained for one epoch, once: the tests below each get a copy of its run directory."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    train("--config", write_cfg(root, BASE.replace("epochs: 2", "epochs: 1")), f"output.dir={root / 'r'}")
+    return root / "r"
+
+
+def _copy_of(run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of ``run`` (its directory, as the trainer left it) and its config, under ``tmp_path``."""
+    import shutil
+
     out = tmp_path / "r"
-    cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
-    train("--config", cfg, f"output.dir={out}")
+    shutil.copytree(run, out)
+    return out, write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
+
+
+def test_a_finished_run_is_skipped_and_force_keeps_the_old_files(tmp_path, one_epoch_run):
+    out, cfg = _copy_of(one_epoch_run, tmp_path)
     before = (out / "result.csv").read_text()
     proc = train("--config", cfg, f"output.dir={out}")
     assert "already finished" in proc.stdout and (out / "result.csv").read_text() == before
@@ -124,8 +139,9 @@ def test_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path):
     "Reliability")."""
     text = BASE.replace("epochs: 2", "epochs: 3").replace("train_size: 512", "train_size: 1024")
     cfg = write_cfg(tmp_path, text)
-    train("--config", cfg, f"output.dir={tmp_path / 'straight'}")
+    straight = in_background(lambda: train("--config", cfg, f"output.dir={tmp_path / 'straight'}"))
     _interrupted_and_resumed(tmp_path, cfg, tmp_path / "resumed")
+    straight.result()
     [a] = rows(tmp_path / "straight" / "result.csv")
     [b] = rows(tmp_path / "resumed" / "result.csv")
     for key in ("top1", "top5", "val_loss", "train_loss"):
@@ -135,10 +151,9 @@ def test_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert [m["step"] for m in ma] == [m["step"] for m in mb]
 
 
-def test_torchrun_two_processes_same_steps_one_row(tmp_path):
+def test_torchrun_two_processes_same_steps_one_row(tmp_path, one_epoch_run):
     cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
-    one = tmp_path / "one"
-    train("--config", cfg, f"output.dir={one}")
+    one = one_epoch_run            # the same config in one process
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -159,10 +174,8 @@ def test_torchrun_two_processes_same_steps_one_row(tmp_path):
     ("data.root=/nonexistent/imagenet", "data.root"),
     ("model.source_weights=/nonexistent/w.safetensors", "model.source_weights"),
 ])
-def test_bad_configs_stop_before_training_and_keep_earlier_results(tmp_path, override, key):
-    out = tmp_path / "r"
-    cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
-    train("--config", cfg, f"output.dir={out}")
+def test_bad_configs_stop_before_training_and_keep_earlier_results(tmp_path, one_epoch_run, override, key):
+    out, cfg = _copy_of(one_epoch_run, tmp_path)
     snapshot = {f: (out / f).read_bytes() for f in os.listdir(out) if (out / f).is_file()}
     extra = ["data.name=imagefolder"] if key == "data.root" else []
     proc = train("--config", cfg, f"output.dir={out}", override, *extra, "--force", check=False)
@@ -173,10 +186,8 @@ def test_bad_configs_stop_before_training_and_keep_earlier_results(tmp_path, ove
     assert not (out / "previous").exists()
 
 
-def test_a_different_config_does_not_overwrite_a_run_dir(tmp_path):
-    out = tmp_path / "r"
-    cfg = write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
-    train("--config", cfg, f"output.dir={out}")
+def test_a_different_config_does_not_overwrite_a_run_dir(tmp_path, one_epoch_run):
+    out, cfg = _copy_of(one_epoch_run, tmp_path)
     (out / "result.csv").unlink()       # an unfinished run of another config
     proc = train("--config", cfg, f"output.dir={out}", "train.lr=0.1", check=False)
     assert proc.returncode == 2 and "train.lr" in proc.stderr and "different run" in proc.stderr
@@ -209,9 +220,10 @@ train:
     stitched = BASE.replace("pretrained: false", f"pretrained: false\n  source_weights: {full / 'model.safetensors'}")
     stitched = stitched.replace("train_size: 512", "train_size: 2048").replace("val_size: 256", "val_size: 512")
     stitched = stitched.replace("workers: 0", "workers: 0\n  auto_augment: false\n  min_crop_scale: 0.35")
+    stitched += "  similarity_images: 64     # measured, not the point here (tests/test_similarity_runs.py)\n"
     cfg = write_cfg(tmp_path, stitched, "stitch.yaml")
-    train("--config", cfg, f"output.dir={tmp_path / 'untrained'}", "train.epochs=0")
-    train("--config", cfg, f"output.dir={tmp_path / 'stitched'}", "train.epochs=2")
+    together(lambda: train("--config", cfg, f"output.dir={tmp_path / 'untrained'}", "train.epochs=0"),
+             lambda: train("--config", cfg, f"output.dir={tmp_path / 'stitched'}", "train.epochs=2"))
     [untrained] = rows(tmp_path / "untrained" / "result.csv")
     [trained] = rows(tmp_path / "stitched" / "result.csv")
     assert float(untrained["top1"]) < 25
