@@ -188,6 +188,11 @@ def test_bad_configs_stop_before_training_and_keep_earlier_results(tmp_path, one
 
 def test_a_different_config_does_not_overwrite_a_run_dir(tmp_path, one_epoch_run):
     out, cfg = _copy_of(one_epoch_run, tmp_path)
+    # a finished run of another config: refused, not reported as "already finished" with the other run's result
+    before = (out / "result.csv").read_text()
+    proc = train("--config", cfg, f"output.dir={out}", "train.lr=0.1", check=False)
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "different run" in proc.stderr
+    assert "already finished" not in proc.stdout and (out / "result.csv").read_text() == before
     (out / "result.csv").unlink()       # an unfinished run of another config
     proc = train("--config", cfg, f"output.dir={out}", "train.lr=0.1", check=False)
     assert proc.returncode == 2 and "train.lr" in proc.stderr and "different run" in proc.stderr

@@ -231,20 +231,20 @@ def _start(r: Run, force: bool) -> int | None:
 
 
 def _already_finished(r: Run, force: bool) -> bool:
-    """The run directory's state, decided before anything is written: finished (skip), or a different run's
-    directory (ConfigError)."""
+    """The run directory's state, decided before anything is written: a different run's directory, finished or
+    not (ConfigError), or this run finished (skip)."""
     cfg, path = r.cfg, r.rundir.path
-    if r.rundir.finished and not force:
-        if r.info.is_main:
-            print(f"run already finished: results in {r.rundir.result} (pass --force to redo it)")
-        return True
-    if r.rundir.config.is_file() and not force:
+    if r.rundir.config.is_file() and not force:     # first: a finished *other* run is no reason to exit 0
         old = yaml.safe_load(r.rundir.config.read_text()) or {}
         if not R.same_run(old, cfg.to_dict(), IDENTITY_BASELINE):
             diff = R.differing_keys(old, cfg.to_dict(), IDENTITY_BASELINE)
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
                               f"holds a different run (differs in {', '.join(diff) or 'sections'}); "
                               "choose another output.dir or pass --force (the old files are kept in previous/)")
+    if r.rundir.finished and not force:
+        if r.info.is_main:
+            print(f"run already finished: results in {r.rundir.result} (pass --force to redo it)")
+        return True
     return False
 
 
