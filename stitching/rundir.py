@@ -160,10 +160,15 @@ def _equal(a, b) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
+#: hex digits of a :func:`run_key`
+RUN_KEY_CHARS = 8
+
+
 def run_key(config: dict, baseline: Mapping[str, Any]) -> str:
-    """8 hex digits naming a run's :func:`identity` (the tail of a sweep's directory names)."""
+    """:data:`RUN_KEY_CHARS` hex digits naming a run's :func:`identity` (the tail of a sweep's directory
+    names)."""
     return hashlib.sha1(json.dumps(identity(config, baseline), sort_keys=True, default=str).encode()
-                        ).hexdigest()[:8]
+                        ).hexdigest()[:RUN_KEY_CHARS]
 
 
 def same_run(a: dict, b: dict, baseline: Mapping[str, Any]) -> bool:

@@ -46,6 +46,8 @@ FRONT_POINTS = 3.0
 HIGH = 0.5
 #: a pattern "appears" when the contrast it names is at least this many top-1 points
 CONTRAST_POINTS = 5.0
+#: the columns naming a pairing's gap
+GAP = ["source", "destination", "source_stage", "destination_stage"]
 
 
 @dataclass
@@ -98,19 +100,17 @@ def _claim_from(name: str, statement: str, rows: pd.DataFrame, note: str = "") -
 def scenarios(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(stitched and fine-tuned scenarios at the options' defaults, originals) of a collected results table:
     mean, standard error and count over seeds; rows shared between resize modes are marked ``shared``."""
-    from stitching.plots.aggregate import aggregate, originals, prepare
+    from stitching.plots.aggregate import SCENARIO_KEYS, aggregate, originals, prepare
     from stitching.plots.options import at_defaults
+    from stitching.results.recipe import group_columns
 
     rows = prepare(at_defaults(df))
     own = aggregate(rows[~rows["resize_shared"].astype(bool)])
     every = aggregate(rows)
-    keys = ["source", "destination", "source_stage", "destination_stage", "method", "lr"]
-    every = every.merge(own[keys].assign(shared=False), on=keys, how="left")
-    every["shared"] = every["shared"].isna()
+    keys = SCENARIO_KEYS + group_columns(rows)            # aggregate's own keys: one row per scenario and recipe
+    marked = every.merge(own[keys], on=keys, how="left", indicator=True)
+    every["shared"] = (marked["_merge"] == "left_only").to_numpy()     # only copies from another resize mode
     return every[every["kind"].isin(["stitched", "finetune"])].reset_index(drop=True), originals(df)
-
-
-GAP = ["source", "destination", "source_stage", "destination_stage"]
 
 
 def bottleneck_vs_linear(sc: pd.DataFrame) -> Claim:
@@ -272,7 +272,7 @@ def claims_markdown(claims: list[Claim], title: str = "") -> str:
     for c in claims:
         lines += [f"**{c.line()}** -- {c.statement}", ""]
         if len(c.rows):
-            rows = c.rows.drop(columns=[x for x in ("n_x", "n_y") if x in c.rows.columns])
+            rows = c.rows
             lines.append("| " + " | ".join(map(str, rows.columns)) + " |")
             lines.append("|" + " --- |" * len(rows.columns))
             for _, r in rows.iterrows():

@@ -18,8 +18,9 @@ The learning rate is a recipe column but a figure may show several (the fine-tun
 scenario, learning-rate sweeps), so the checks and splits leave it to the scenario keys
 (:data:`PER_SCENARIO`). The models' constructor arguments (``model_kwargs``, e.g. a ViT's patch size for small
 images) are part of what an architecture *is*: rows that differ in them are never averaged together, but, like
-two architecture names, they may share a figure (:data:`ARCHITECTURE_COLUMNS`). Reference rows of the original models (``kind == "original"``, no training) belong to
-every recipe whose evaluation (:data:`EVAL_COLUMNS`) equals theirs.
+two architecture names, they may share a figure (:data:`ARCHITECTURE_COLUMNS`). Reference rows of the
+original models (``kind == "original"``, no training) belong to every recipe whose evaluation
+(:data:`EVAL_COLUMNS`) equals theirs.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ _UNITS = [
     ("init_images", "{} init images"),
     ("frozen_bn", "frozen BN: {}"), ("objective", "objective: {}"), ("distill_temperature", "T = {}"),
     ("match_epochs", "{} match epochs"),
-    ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"), ("hflip", "flip p = {}"),
+    ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
+    ("hflip", "flip p = {}"),
     ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
     ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),
     ("pretrained", "pretrained: {}"), ("random_init", "random init: {}"), ("num_classes", "{} classes"),

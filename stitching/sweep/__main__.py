@@ -92,9 +92,10 @@ def _write_config(run: Run) -> None:
     d = R.RunDir(run.config.output.dir)
     if d.config.is_file():
         old = yaml.safe_load(d.config.read_text()) or {}
-        if not R.same_run(old, run.config.to_dict(), IDENTITY_BASELINE):
+        diff = R.differing_keys(old, run.config.to_dict(), IDENTITY_BASELINE)      # none: the same run
+        if diff:
             raise ConfigError("output.dir", str(d.path), "sweep", f"holds a different run's {R.CONFIG} (differs in "
-                              f"{', '.join(R.differing_keys(old, run.config.to_dict(), IDENTITY_BASELINE))})")
+                              f"{', '.join(diff)})")
         return
     d.write_text(R.CONFIG, run.config.to_yaml())
 

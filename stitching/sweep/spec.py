@@ -258,9 +258,12 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
 
 
 def _without_key(name: str) -> str:
-    """A run directory's name without its run-key suffix (``<head>.<8 hex>``), or ``""`` if it has none."""
+    """A run directory's name without its run-key suffix (``<head>.<key>``, :func:`stitching.rundir.run_key`),
+    or ``""`` if it has none."""
+    from stitching.rundir import RUN_KEY_CHARS
+
     head, dot, key = name.rpartition(".")
-    return head if dot and len(key) == 8 and all(c in "0123456789abcdef" for c in key) else ""
+    return head if dot and len(key) == RUN_KEY_CHARS and all(c in "0123456789abcdef" for c in key) else ""
 
 
 def _named_by_key(runs_dir: str | Path) -> dict[str, list[Path]]:

@@ -236,10 +236,10 @@ def _already_finished(r: Run, force: bool) -> bool:
     cfg, path = r.cfg, r.rundir.path
     if r.rundir.config.is_file() and not force:     # first: a finished *other* run is no reason to exit 0
         old = yaml.safe_load(r.rundir.config.read_text()) or {}
-        if not R.same_run(old, cfg.to_dict(), IDENTITY_BASELINE):
-            diff = R.differing_keys(old, cfg.to_dict(), IDENTITY_BASELINE)
+        diff = R.differing_keys(old, cfg.to_dict(), IDENTITY_BASELINE)      # none: the same run
+        if diff:
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
-                              f"holds a different run (differs in {', '.join(diff) or 'sections'}); "
+                              f"holds a different run (differs in {', '.join(diff)}); "
                               "choose another output.dir or pass --force (the old files are kept in previous/)")
     if r.rundir.finished and not force:
         if r.info.is_main:
