@@ -1,7 +1,8 @@
 """The run configuration: one YAML file is the whole truth of a run.
 
 Sections and defaults are the dataclasses below; :data:`IDENTITY_BASELINE` gives every key the value runs
-had before the key existed (what a run's identity is measured against, :mod:`stitching.rundir`). A file may
+had before the key existed, and :data:`IDENTITY` adds the keys a run never reads (:func:`unread_keys`): what a
+run's identity is measured against (:mod:`stitching.rundir`). A file may
 build on another with ``base: other.yaml`` (a path relative to the file; chains allowed), and any key can be
 overridden on the command line as ``section.key=value`` (the value is parsed as YAML). Every leaf remembers
 the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
@@ -23,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from stitching.rundir import EXIT_CONFIG  # noqa: E402,F401 - re-exported: the exit code of a ConfigError
+from stitching.rundir import IdentityRules
 
 CLI = "command line"
 
@@ -246,6 +248,44 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "train.similarity_images": 0,       # introduced with default 1024; runs before it measured no similarity
     "train.preempt_check_every": 10,
 })
+
+#: Keys that change how a run is carried out, never what it computes, so never part of its identity (another
+#: value on a re-run or a resume is the same run): loader processes (every sample is seeded by its index, so any
+#: number of workers gives the same batches, tests/test_pipeline.py), how often the trainer logs, and how often
+#: DDP ranks agree on a preemption signal (a preempted run resumes exactly).
+OPERATIONAL_KEYS = ("data.workers", "train.log_every", "train.preempt_check_every")
+
+#: Keys a run reads only when another key has one of some values: key -> (that key, those values). Otherwise
+#: the key is not part of the identity (``model.init_images`` means nothing under ``model.init: default``), and
+#: results write it as '' (:mod:`stitching.results.recipe`). The values are :data:`stitching.stitch.lsinit.
+#: INIT_MODES` and :data:`stitching.train.objective.OBJECTIVES` members (tests/test_rundir.py checks).
+READ_ONLY_WHEN: typing.Mapping[str, tuple[str, tuple]] = types.MappingProxyType({
+    "model.init_images": ("model.init", ("least_squares",)),
+    "train.distill_temperature": ("train.objective", ("distill",)),
+    "train.match_epochs": ("train.objective", ("match_then_task",)),
+})
+
+
+def unread_keys(config: dict) -> set[str]:
+    """The dotted keys the run of ``config`` (``Config.to_dict()`` or a loaded ``config.yaml``; a key an older
+    file lacks at its baseline) never reads: :data:`OPERATIONAL_KEYS`, and the :data:`READ_ONLY_WHEN` keys
+    whose condition does not hold."""
+    def value(dotted: str):
+        section, _, name = dotted.partition(".")
+        values = config.get(section)
+        return values[name] if isinstance(values, dict) and name in values else IDENTITY_BASELINE.get(dotted)
+
+    return set(OPERATIONAL_KEYS) | {k for k, (other, when) in READ_ONLY_WHEN.items() if value(other) not in when}
+
+
+def reads(cfg: "Config", key: str) -> bool:
+    """Whether a run of ``cfg`` reads the dotted ``key`` (see :func:`unread_keys`)."""
+    return key not in unread_keys(cfg.to_dict())
+
+
+#: A run's identity (:func:`stitching.rundir.identity`): its keys off their :data:`IDENTITY_BASELINE`, without
+#: the keys it never reads (:func:`unread_keys`). Directory names, "same run" and duplicates all use it.
+IDENTITY = IdentityRules(IDENTITY_BASELINE, unread_keys)
 
 
 # ------------------------------------------------------------------------------------------------- loading

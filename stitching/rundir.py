@@ -35,8 +35,12 @@ before the key existed implicitly had (normally the key's default when it was in
 an older ``config.yaml`` counts as its baseline, so adding a key with a default never changes what earlier
 runs are: an old ``config.yaml`` without ``data.hflip`` is the same run as a new one with ``data.hflip: 0.5``
 (its baseline), a different run from one with ``data.hflip: 0`` (and :func:`differing_keys` names
-``data.hflip``). The functions take the baseline as an argument (this module stays standard-library only;
-the config module owns the keys and the table). The sweep names directories with :func:`run_key` (and reuses
+``data.hflip``). The functions take the rules as an argument (this module stays standard-library only;
+the config module owns the keys and the table, and gives them as one :class:`IdentityRules`,
+``stitching.config.IDENTITY``). Keys a run never reads are left out too (:attr:`IdentityRules.unread`): keys
+that change how a run is carried out but not what it computes (``data.workers``, ``train.log_every``,
+``train.preempt_check_every``), and a key that only another key's value makes read (``model.init_images``
+under ``model.init: default``). The sweep names directories with :func:`run_key` (and reuses
 a directory of the same run named by an older version's key), the trainer refuses a directory holding a
 different run with :func:`same_run`, and collection treats two finished directories with the same key as
 duplicates.
@@ -58,6 +62,7 @@ a worker exits 75), so when ``$STITCHING_REQUEUE_FILE`` is set (the SLURM batch 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import hashlib
 import io
@@ -68,7 +73,7 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 # ------------------------------------------------------------------------------------------- file names
 CONFIG = "config.yaml"
@@ -141,16 +146,28 @@ def identity_sections(config: dict) -> dict:
     return {s: v for s, v in config.items() if s not in NOT_IDENTITY and isinstance(v, dict)}
 
 
-def identity(config: dict, baseline: Mapping[str, Any]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class IdentityRules:
+    """What a run's identity reads (given by the config module, which owns the keys; this module stays
+    standard-library only). ``baseline``: dotted key -> the value a run had before the key existed (a key at
+    its baseline, or missing from an older ``config.yaml``, is left out). ``unread``: a config -> the dotted
+    keys its run never reads (left out whatever their value)."""
+
+    baseline: Mapping[str, Any]
+    unread: Callable[[dict], Collection[str]] = lambda config: ()
+
+
+def identity(config: dict, rules: IdentityRules) -> dict:
     """What makes a run this run: ``{dotted key: value}`` of the identity sections' keys whose value differs
-    from ``baseline`` (``stitching.config.IDENTITY_BASELINE``: dotted key -> the value a run had before the
-    key existed). A key at its baseline, or missing (an older ``config.yaml``), is left out; a key the
-    baseline does not know is always kept."""
+    from ``rules.baseline`` (``stitching.config.IDENTITY``), without the keys ``rules.unread(config)`` names.
+    A key at its baseline, or missing (an older ``config.yaml``), is left out; a key the baseline does not
+    know is always kept."""
+    baseline, unread = rules.baseline, set(rules.unread(config))
     out = {}
     for section, values in identity_sections(config).items():
         for key, value in values.items():
             dotted = f"{section}.{key}"
-            if dotted not in baseline or not _equal(value, baseline[dotted]):
+            if dotted not in unread and (dotted not in baseline or not _equal(value, baseline[dotted])):
                 out[dotted] = value
     return out
 
@@ -164,20 +181,20 @@ def _equal(a, b) -> bool:
 RUN_KEY_CHARS = 8
 
 
-def run_key(config: dict, baseline: Mapping[str, Any]) -> str:
+def run_key(config: dict, rules: IdentityRules) -> str:
     """:data:`RUN_KEY_CHARS` hex digits naming a run's :func:`identity` (the tail of a sweep's directory
     names)."""
-    return hashlib.sha1(json.dumps(identity(config, baseline), sort_keys=True, default=str).encode()
+    return hashlib.sha1(json.dumps(identity(config, rules), sort_keys=True, default=str).encode()
                         ).hexdigest()[:RUN_KEY_CHARS]
 
 
-def same_run(a: dict, b: dict, baseline: Mapping[str, Any]) -> bool:
-    return not differing_keys(a, b, baseline)
+def same_run(a: dict, b: dict, rules: IdentityRules) -> bool:
+    return not differing_keys(a, b, rules)
 
 
-def differing_keys(a: dict, b: dict, baseline: Mapping[str, Any]) -> list[str]:
+def differing_keys(a: dict, b: dict, rules: IdentityRules) -> list[str]:
     """Dotted keys whose values differ between two configs' identities."""
-    ia, ib = identity(a, baseline), identity(b, baseline)
+    ia, ib = identity(a, rules), identity(b, rules)
     return sorted(k for k in set(ia) | set(ib) if k not in ia or k not in ib or not _equal(ia[k], ib[k]))
 
 

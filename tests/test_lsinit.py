@@ -255,7 +255,7 @@ def test_a_trained_least_squares_run_keeps_its_residual(tmp_path):
 def test_a_sweep_axis_over_init_gives_distinct_runs(tmp_path):
     """``model.init`` is part of a run's identity: a sweep over it keeps every value (no duplicate), names
     each run apart, and drops the combinations least squares cannot fit (counted, with the key)."""
-    from stitching.config import IDENTITY_BASELINE
+    from stitching.config import IDENTITY
     from stitching.rundir import run_key
     from stitching.sweep.spec import expand
 
@@ -280,7 +280,7 @@ exclude:
     assert [key for (_, key) in exp.impossible] == ["model.init: vit_block adapters have no linear map to fit in "
                                                     "closed form (fitted: linear, linear_relu, conv3x3, bottleneck)"]
     assert len({r.name for r in exp.runs}) == 5
-    assert len({run_key(r.config.to_dict(), IDENTITY_BASELINE) for r in exp.runs}) == 5
+    assert len({run_key(r.config.to_dict(), IDENTITY) for r in exp.runs}) == 5
 
 
 @pytest.mark.slow          # two trainer runs of 2 x 10 steps

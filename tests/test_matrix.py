@@ -93,7 +93,7 @@ def test_random_init_builds_that_side_with_random_weights(tmp_path):
 
 
 def test_random_init_is_validated_and_part_of_the_run_identity():
-    from stitching.config import IDENTITY_BASELINE, ConfigError, load_config
+    from stitching.config import IDENTITY, ConfigError, load_config
     from stitching.rundir import run_key
 
     with pytest.raises(ConfigError) as err:
@@ -101,7 +101,7 @@ def test_random_init_is_validated_and_part_of_the_run_identity():
     assert err.value.key == "model.random_init" and "none, source, destination, both" in str(err.value)
     with pytest.raises(ConfigError, match="no destination"):
         load_config(TINY, ["model.source_stage=null", "model.destination_stage=null", "model.random_init=both"])
-    keys = {run_key(load_config(TINY, [f"model.random_init={r}"]).to_dict(), IDENTITY_BASELINE)
+    keys = {run_key(load_config(TINY, [f"model.random_init={r}"]).to_dict(), IDENTITY)
             for r in ("none", "source", "destination", "both")}
     assert len(keys) == 4
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from stitching import rundir as R
-from stitching.config import IDENTITY_BASELINE, Config, load_config
+from stitching.config import IDENTITY, IDENTITY_BASELINE, Config, load_config
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
@@ -34,7 +34,7 @@ def test_every_identity_key_has_a_frozen_baseline_equal_to_its_default_unless_li
     assert sorted(k for k in defaults if k not in IDENTITY_BASELINE) == [], \
         "a new config key needs an IDENTITY_BASELINE entry in stitching/config.py (see its comment)"
     # the defaults' identity is exactly the keys whose default is not their baseline
-    assert sorted(R.identity(Config().to_dict(), IDENTITY_BASELINE)) == sorted(CHANGED_DEFAULTS), \
+    assert sorted(R.identity(Config().to_dict(), IDENTITY)) == sorted(CHANGED_DEFAULTS), \
         "a default differs from its IDENTITY_BASELINE entry: keep the entry and list the key in CHANGED_DEFAULTS"
     with pytest.raises(TypeError):
         IDENTITY_BASELINE["data.hflip"] = 0.0       # frozen
@@ -45,24 +45,74 @@ def test_a_key_missing_from_an_older_config_counts_as_its_baseline():
     new = load_config(TINY).to_dict()
     old = yaml.safe_load(load_config(TINY).to_yaml())
     del old["data"]["hflip"], old["model"]["random_init"]        # written before these keys existed
-    assert R.same_run(old, new, IDENTITY_BASELINE) and R.run_key(old, IDENTITY_BASELINE) == R.run_key(
-        new, IDENTITY_BASELINE)
-    assert "data.hflip" not in R.identity(new, IDENTITY_BASELINE)   # at its baseline: not part of the identity
+    assert R.same_run(old, new, IDENTITY) and R.run_key(old, IDENTITY) == R.run_key(
+        new, IDENTITY)
+    assert "data.hflip" not in R.identity(new, IDENTITY)   # at its baseline: not part of the identity
     no_flip = load_config(TINY, ["data.hflip=0"]).to_dict()
-    assert not R.same_run(old, no_flip, IDENTITY_BASELINE)
-    assert R.differing_keys(old, no_flip, IDENTITY_BASELINE) == ["data.hflip"]
-    assert R.identity(no_flip, IDENTITY_BASELINE)["data.hflip"] == 0.0
+    assert not R.same_run(old, no_flip, IDENTITY)
+    assert R.differing_keys(old, no_flip, IDENTITY) == ["data.hflip"]
+    assert R.identity(no_flip, IDENTITY)["data.hflip"] == 0.0
     random = load_config(TINY, ["model.random_init=source"]).to_dict()
-    assert R.differing_keys(old, random, IDENTITY_BASELINE) == ["model.random_init"]
+    assert R.differing_keys(old, random, IDENTITY) == ["model.random_init"]
     # a key the table does not know is always part of the identity; a bool never equals a number
-    assert R.differing_keys({"data": {"new_key": 1}}, {"data": {}}, IDENTITY_BASELINE) == ["data.new_key"]
-    assert R.differing_keys({"train": {"compile": 0}}, {"train": {}}, IDENTITY_BASELINE) == ["train.compile"]
+    assert R.differing_keys({"data": {"new_key": 1}}, {"data": {}}, IDENTITY) == ["data.new_key"]
+    assert R.differing_keys({"train": {"compile": 0}}, {"train": {}}, IDENTITY) == ["train.compile"]
     # the default of a key whose baseline is another value (the value runs had before it existed)
     pipeline = load_config(TINY, ["data.pipeline=torchvision"]).to_dict()
-    assert R.differing_keys(old, new, IDENTITY_BASELINE) == []
+    assert R.differing_keys(old, new, IDENTITY) == []
     del old["data"]["pipeline"]
-    assert R.differing_keys(old, new, IDENTITY_BASELINE) == ["data.pipeline"]
-    assert R.same_run(old, pipeline, IDENTITY_BASELINE)
+    assert R.differing_keys(old, new, IDENTITY) == ["data.pipeline"]
+    assert R.same_run(old, pipeline, IDENTITY)
+
+
+def test_keys_a_run_never_reads_are_not_its_identity():
+    """Operational keys (loader workers, logging, the DDP preemption poll) never change a run; a key that only
+    another key's value makes read (config.READ_ONLY_WHEN) counts only then."""
+    from stitching.config import OPERATIONAL_KEYS, READ_ONLY_WHEN
+    from stitching.stitch.lsinit import INIT_MODES
+    from stitching.sweep.spec import run_dir_name
+    from stitching.train.objective import OBJECTIVES
+
+    base = load_config(TINY)
+    same = load_config(TINY, ["data.workers=3", "train.log_every=1", "train.preempt_check_every=7",
+                              "model.init_images=64", "train.distill_temperature=2", "train.match_epochs=1"])
+    assert R.differing_keys(base.to_dict(), same.to_dict(), IDENTITY) == []
+    assert run_dir_name(base) == run_dir_name(same)
+    assert not set(OPERATIONAL_KEYS) & set(R.identity(same.to_dict(), IDENTITY))
+    # read under the other key's value: part of the identity then (and only the key itself differs)
+    for other, key, value in ((["model.init=least_squares"], "model.init_images", 64),
+                              (["train.objective=distill"], "train.distill_temperature", 2.0),
+                              (["train.objective=match_then_task", "train.epochs=3"], "train.match_epochs", 1)):
+        a = load_config(TINY, other).to_dict()
+        b = load_config(TINY, [*other, f"{key}={value}"]).to_dict()
+        assert R.differing_keys(a, b, IDENTITY) == [key] and R.identity(b, IDENTITY)[key] == value
+    # an older config.yaml without the deciding key reads it at its baseline (model.init: default)
+    older = yaml.safe_load(load_config(TINY, ["model.init_images=64"]).to_yaml())
+    del older["model"]["init"]
+    assert R.same_run(older, base.to_dict(), IDENTITY)
+    # the table's keys and values are real: every key has a baseline, every value is a mode of its key
+    modes = {"model.init": INIT_MODES, "train.objective": OBJECTIVES}
+    for key, (other, values) in READ_ONLY_WHEN.items():
+        assert key in IDENTITY_BASELINE and set(values) <= set(modes[other])
+    assert set(OPERATIONAL_KEYS) <= set(IDENTITY_BASELINE)
+
+
+def test_a_sweep_counts_grid_points_differing_only_in_unread_keys_as_duplicates(tmp_path):
+    from stitching.sweep.spec import expand
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""
+base: {TINY}
+grid:
+  data.workers: [0, 1]
+  model.init: [default, least_squares]
+  model.init_images: [64, 128]
+""")
+    _, _, exp = expand(spec, tmp_path / "runs")
+    kept = sorted((r.config.model.init, r.config.model.init_images) for r in exp.runs)
+    assert kept == [("default", 64), ("least_squares", 64), ("least_squares", 128)]
+    assert sum(exp.duplicates.values()) == 5 and len({r.name for r in exp.runs}) == 3
+    assert sorted(len(r.points) for r in exp.runs) == [2, 2, 4]
 
 
 def test_one_identity_rule_for_names_same_run_and_collection(tmp_path):
@@ -72,7 +122,7 @@ def test_one_identity_rule_for_names_same_run_and_collection(tmp_path):
     a = load_config(TINY, ["output.dir=/x", "output.save_model=false"])
     b = load_config(TINY, ["output.dir=/elsewhere"])
     c = load_config(TINY, ["train.lr=0.01"])
-    B = IDENTITY_BASELINE
+    B = IDENTITY
     assert R.same_run(a.to_dict(), b.to_dict(), B) and R.run_key(a.to_dict(), B) == R.run_key(b.to_dict(), B)
     assert not R.same_run(a.to_dict(), c.to_dict(), B)
     assert R.differing_keys(a.to_dict(), c.to_dict(), B) == ["train.lr"]

@@ -188,8 +188,13 @@ def test_bad_configs_stop_before_training_and_keep_earlier_results(tmp_path, one
 
 def test_a_different_config_does_not_overwrite_a_run_dir(tmp_path, one_epoch_run):
     out, cfg = _copy_of(one_epoch_run, tmp_path)
-    # a finished run of another config: refused, not reported as "already finished" with the other run's result
     before = (out / "result.csv").read_text()
+    # keys that change how a run is carried out, not what it computes (config.OPERATIONAL_KEYS), or that the
+    # run never reads (model.init_images under model.init: default): the same run, already finished
+    proc = train("--config", cfg, f"output.dir={out}", "data.workers=1", "train.log_every=3",
+                 "train.preempt_check_every=2", "model.init_images=7")
+    assert "run already finished" in proc.stdout and (out / "result.csv").read_text() == before
+    # a finished run of another config: refused, not reported as "already finished" with the other run's result
     proc = train("--config", cfg, f"output.dir={out}", "train.lr=0.1", check=False)
     assert proc.returncode == 2 and "train.lr" in proc.stderr and "different run" in proc.stderr
     assert "already finished" not in proc.stdout and (out / "result.csv").read_text() == before

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import rundir
-from stitching.config import IDENTITY_BASELINE
+from stitching.config import IDENTITY
 from stitching.results.recipe import fill_missing_recipe
 from stitching.results.schema import RESULT_COLUMNS
 
@@ -175,7 +175,7 @@ def _config(run_dir: Path) -> dict | None:
 
 def _run_key(config: dict | None) -> str | None:
     """:func:`stitching.rundir.run_key` of a run directory's resolved config (None without one)."""
-    return None if config is None else rundir.run_key(config, IDENTITY_BASELINE)
+    return None if config is None else rundir.run_key(config, IDENTITY)
 
 
 def _drop_duplicates(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

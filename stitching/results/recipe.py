@@ -84,6 +84,7 @@ class MixedRecipes(ValueError):
 
 def recipe_columns(cfg, world_size: int, precision: str) -> dict:
     """The recipe values of the result row of the run ``cfg`` (a :class:`stitching.config.Config`)."""
+    from stitching.config import reads
     from stitching.train.objective import match_epochs
 
     m, t = cfg.model, cfg.train
@@ -94,9 +95,10 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
         "per_device_batch_size": t.per_device_batch_size or t.batch_size // max(1, world_size),
         "model_kwargs": model_kwargs_column(cfg),
         "precision": precision,
-        "init_images": m.init_images if m.init == "least_squares" else "",
-        "distill_temperature": t.distill_temperature if t.objective == "distill" else "",
-        "match_epochs": match_epochs(cfg) if t.objective == "match_then_task" else "",
+        # keys read only under another key's value (config.READ_ONLY_WHEN): '' where the run does not read them
+        "init_images": m.init_images if reads(cfg, "model.init_images") else "",
+        "distill_temperature": t.distill_temperature if reads(cfg, "train.distill_temperature") else "",
+        "match_epochs": match_epochs(cfg) if reads(cfg, "train.match_epochs") else "",
     }
     out = {}
     for column, key in RECIPE.items():

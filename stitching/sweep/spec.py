@@ -38,7 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from stitching.config import IDENTITY_BASELINE, SECTIONS, Config, ConfigError, load_config, validate
+from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, validate
+from stitching.rundir import identity
 
 SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}
 BLOCK_KEYS = {"name", "base", "grid", "exclude", "slurm", "extension"}
@@ -228,11 +229,8 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
                 structure = ("original", m.source)
             else:
                 structure = plan_config(m, cfg.data.img_size).signature()
-            recipe = cfg.to_dict()
-            for k in ("source", "destination", "source_stage", "destination_stage", "source_block",
-                      "destination_block", "adapter", "resize", "schedule"):
-                recipe["model"].pop(k)
-            recipe.pop("output")
+            # the recipe: the run's identity (keys it never reads left out) without what the structure says
+            recipe = {k: v for k, v in identity(cfg.to_dict(), IDENTITY).items() if k not in _STRUCTURE_KEYS}
             key = (structure, json.dumps(recipe, sort_keys=True, default=str))
             run_name = run_dir_name(cfg)
             here = {**_describe(cfg), "part": block.part, "block": block.name}
@@ -255,6 +253,12 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
             seen[key] = run = Run(path.name, block.name, cfg, key, block.part, [{**here, "grid": point}])
             runs.append(run)
     return Expansion(runs, excluded, impossible, duplicates, total, extensions, skipped, reused)
+
+
+#: the keys a stitch plan's signature (or an original's ``("original", source)``) already stands for
+_STRUCTURE_KEYS = frozenset(f"model.{k}" for k in ("source", "destination", "source_stage", "destination_stage",
+                                                   "source_block", "destination_block", "adapter", "resize",
+                                                   "schedule"))
 
 
 def _without_key(name: str) -> str:
@@ -292,7 +296,7 @@ def _same_run_dir(cfg: Config, candidates: list[Path], read: dict) -> Path | Non
                 read[d] = yaml.safe_load((d / R.CONFIG).read_text())
             except (OSError, yaml.YAMLError):
                 read[d] = None
-        if isinstance(read[d], dict) and R.same_run(read[d], cfg.to_dict(), IDENTITY_BASELINE):
+        if isinstance(read[d], dict) and R.same_run(read[d], cfg.to_dict(), IDENTITY):
             same.append(d)
     rank = {R.FINISHED: 0, R.PREEMPTED: 1, R.STARTED: 1, R.FAILED: 2, R.NEW: 3}
     return min(same, key=lambda d: (rank[R.status(d)], d.name), default=None)
@@ -328,7 +332,7 @@ def run_dir_name(cfg: Config) -> str:
     from stitching.rundir import run_key
 
     m, t = cfg.model, cfg.train
-    digest = run_key(cfg.to_dict(), IDENTITY_BASELINE)
+    digest = run_key(cfg.to_dict(), IDENTITY)
     if cfg.is_original:
         head = f"original.{m.source}.ep{t.epochs}"
     else:
