@@ -48,7 +48,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -58,6 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from stitching.config import DataConfig  # noqa: E402
 from stitching.data.loaders import build_datasets, build_loader, set_epoch  # noqa: E402
 from stitching.data.synthetic import SyntheticImages  # noqa: E402
 from stitching.data.transforms import build_transforms  # noqa: E402
@@ -108,10 +108,9 @@ def write_jpegs(root: Path, images: int, classes: int, seed: int = 0, scale: flo
 
 def framework_loader(root: Path, classes: int, img_size: int, batch_size: int, workers: int, interpolation: str):
     """(a): the trainer's datasets, transforms and loader for ``data.name: imagefolder`` (pipeline fast)."""
-    data = SimpleNamespace(name="imagefolder", root=str(root), num_classes=classes, img_size=img_size,
-                           normalize="imagenet", auto_augment=True, train_interpolation=interpolation,
-                           auto_augment_interpolation=None, min_crop_scale=0.08, eval_crop_pct=None,
-                           eval_interpolation=None, pipeline="fast", decode="cpu", bad_images="error", seed=0)
+    # the config's own data section (every key at its default, so a key added later is here too)
+    data = DataConfig(name="imagefolder", root=str(root), num_classes=classes, img_size=img_size,
+                      normalize="imagenet", train_interpolation=interpolation, pipeline="fast", decode="cpu")
     model_cfg = {"input_size": (3, img_size, img_size), "interpolation": interpolation, "mean": IMAGENET_MEAN,
                  "std": IMAGENET_STD, "crop_pct": 0.875, "crop_mode": "center"}
     train_tf, eval_tf = build_transforms(model_cfg, data, torch.device("cpu"))
