@@ -87,12 +87,14 @@ def build_datasets(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Ca
     raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
 
 
-def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]) -> tuple[Dataset, Dataset]:
+def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]
+                        ) -> tuple[Dataset, Dataset]:
     from torchvision.datasets import ImageFolder
 
     root = getattr(data, "root", None)
     if root is None or str(root) == "":
-        raise ValueError("data.root must be set for the 'imagefolder' dataset (layout root/train/<class>, root/val/<class>)")
+        raise ValueError("data.root must be set for the 'imagefolder' dataset "
+                         "(layout root/train/<class>, root/val/<class>)")
     mode = getattr(data, "bad_images", "error")
     if mode not in BAD_IMAGE_MODES:
         raise ValueError(f"data.bad_images must be one of {', '.join(BAD_IMAGE_MODES)}, got {mode!r}")
@@ -103,7 +105,8 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
     for split, tf in (("train", train_tf), ("val", eval_tf)):
         path = os.path.join(root, split)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"imagefolder split folder does not exist: {path} (expected root/{split}/<class>/...)")
+            raise FileNotFoundError(f"imagefolder split folder does not exist: {path} "
+                                    f"(expected root/{split}/<class>/...)")
         # the fast transforms decode the lazily opened file themselves (at a reduced size where they can)
         folder = ImageFolder(path, transform=tf, loader=open_image if getattr(tf, "decodes", False) else load_image)
         datasets.append(_SkipBadFiles(folder) if mode == "skip" else folder)

@@ -8,10 +8,10 @@ This module owns ``data.pipeline: fast`` (the default) and ``data.decode: cpu | 
   (libjpeg's DCT scaling through PIL's ``Image.draft``: the largest of 1/2, 1/4, 1/8 that still leaves the
   box at least the output resolution on both sides; a full-size decode goes through the optional
   ``simplejpeg`` where installed -- ``pip install 'stitching[fast-jpeg]'`` -- libjpeg-turbo straight into a
-  numpy array, the same pixels as Pillow's for ~15% less CPU), only the box is resized (antialiased, uint8, torch's vectorised kernel called
-  directly), then the flip and AutoAugment(IMAGENET) run on the uint8 image (torchvision's own
-  ``AutoAugment`` on PIL). The random numbers are drawn in torchvision's order (crop box, flip, AutoAugment),
-  so under the same seed the same box, flip and AutoAugment operations are chosen as by
+  numpy array, the same pixels as Pillow's for ~15% less CPU), only the box is resized (antialiased, uint8, torch's
+  vectorised kernel called directly), then the flip and AutoAugment(IMAGENET) run on the uint8 image (torchvision's
+  own ``AutoAugment`` on PIL). The random numbers are drawn in torchvision's order (crop box, flip, AutoAugment), so
+  under the same seed the same box, flip and AutoAugment operations are chosen as by
   ``transforms.train_transform``; per-sample seeding (``loaders.build_loader``) and exact resume are
   unchanged. The result is an ``(H, W, 3)`` uint8 tensor.
 * :class:`FastEvalTransform` -- the source model's evaluation preprocessing (timm's resize / centre crop,

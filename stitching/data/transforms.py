@@ -8,10 +8,10 @@ This module owns how a PIL image becomes a normalised tensor:
   a timm data config (resize, crop_pct, crop_mode, interpolation, mean/std -- ViT augreg uses
   mean/std 0.5, not ImageNet's).
 * :func:`data_config_for_size` -- the same data config at another input resolution.
-* :func:`build_transforms` -- both (as :mod:`stitching.data.pipeline`'s fast transforms by default), from the source model's data config and a config's ``data`` section
-  (which may override normalisation, interpolations and the evaluation crop: the code-faithful preset
-  ``configs/paper/imagenet_code.yaml`` uses ImageNet mean/std, Resize 256 / CenterCrop 224 bilinear and
-  AutoAugment with nearest interpolation for every model, as the paper's code did).
+* :func:`build_transforms` -- both (as :mod:`stitching.data.pipeline`'s fast transforms by default), from the source
+  model's data config and a config's ``data`` section (which may override normalisation, interpolations and the
+  evaluation crop: the code-faithful preset ``configs/paper/imagenet_code.yaml`` uses ImageNet mean/std, Resize 256
+  / CenterCrop 224 bilinear and AutoAugment with nearest interpolation for every model, as the paper's code did).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ def train_transform(
 ) -> T.Compose:
     """The paper's training augmentation, ending in a normalised ``(3, img_size, img_size)`` tensor.
 
-    RandomResizedCrop(img_size, scale=(min_crop_scale, 1)) -> RandomHorizontalFlip(hflip) -> AutoAugment(IMAGENET policy, if
-    ``auto_augment``, with ``auto_augment_interpolation``, default ``interpolation``) -> ToTensor ->
-    Normalize(mean, std). Randomness comes from torch's global RNG
-    (seeded per sample by :func:`stitching.data.loaders.build_loader`).
+    RandomResizedCrop(img_size, scale=(min_crop_scale, 1)) -> RandomHorizontalFlip(hflip) -> AutoAugment(IMAGENET
+    policy, if ``auto_augment``, with ``auto_augment_interpolation``, default ``interpolation``) -> ToTensor ->
+    Normalize(mean, std). Randomness comes from torch's global RNG (seeded per sample by
+    :func:`stitching.data.loaders.build_loader`).
     """
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")

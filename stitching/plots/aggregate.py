@@ -68,10 +68,10 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
 
     Rows with ``resize_modes`` (the trainer names every mode that builds the row's module) are copied to each
     of those modes -- resize-free gaps and "integrated" chains that must upsample (the bilinear module).
-    Rows of older runs: for each (source, destination, adapter[, schedule]) whose rows use a resize mode other than ``none``
-    somewhere, a gap where *every* row says ``none`` is a gap whose sizes already match (the modes build the
-    same module and the sweep trained it once), so its rows are copied under each of those other modes.
-    Copies carry ``resize_shared=True``; every other row has ``False``. Non-stitched rows are untouched.
+    Rows of older runs: for each (source, destination, adapter[, schedule]) whose rows use a resize mode other than
+    ``none`` somewhere, a gap where *every* row says ``none`` is a gap whose sizes already match (the modes build
+    the same module and the sweep trained it once), so its rows are copied under each of those other modes. Copies
+    carry ``resize_shared=True``; every other row has ``False``. Non-stitched rows are untouched.
     """
     out = df.copy()
     if "resize_shared" in out.columns:

@@ -11,8 +11,8 @@ Owns:
   adapter changes a size; ``bilinear|strided`` for an "integrated" chain that must upsample, which is
   bilinear upsampling then stride-1 adapters): a sweep trains that module once and the plots share its row.
 - :func:`recipe_of`, :func:`split_by_recipe`, :func:`recipe_label`, :func:`describe_recipes`: the recipe a
-  results table holds, one table per recipe, the recipe in words for titles and captions, and a summary (:class:`MixedRecipes` when one is
-  needed and a table holds several).
+  results table holds, one table per recipe, the recipe in words for titles and captions, and a summary
+  (:class:`MixedRecipes` when one is needed and a table holds several).
 
 The learning rate is a recipe column but a figure may show several (the fine-tuning baseline's best lr per
 scenario, learning-rate sweeps), so the checks and splits leave it to the scenario keys

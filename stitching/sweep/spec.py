@@ -14,9 +14,9 @@ A sweep file is one block, or a list of ``blocks:``, each with
 Top-level ``base``/``exclude``/``slurm`` are defaults for every block; top-level ``extensions: false``
 switches every extension block off (``python -m stitching.sweep --paper-only`` / ``--extensions`` override
 it). The paper part is expanded first, so an extension run that builds the same module as a paper run is
-the duplicate, never the other way round, and the paper part's runs are the same with extensions on or off. Expansion validates each run like
-``stitching.train`` would (an impossible combination -- stage 3 -> 2, strided linear adapters,
-fine-tuning across architectures, a gap whose blocks do not join -- is dropped and counted with its
+the duplicate, never the other way round, and the paper part's runs are the same with extensions on or off.
+Expansion validates each run like ``stitching.train`` would (an impossible combination -- stage 3 -> 2, strided
+linear adapters, fine-tuning across architectures, a gap whose blocks do not join -- is dropped and counted with its
 reason) and drops duplicates: runs that build the same module (equal stitch-plan signatures, e.g. the
 three resize modes where sizes already match) with the same recipe. Each run gets a stable directory name
 (readable prefix + :func:`stitching.rundir.run_key`, the hash of its identity), so expanding the same sweep again

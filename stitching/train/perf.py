@@ -17,11 +17,11 @@ Owns (each decided here and nowhere else; the trainer and ``benchmarks/train_ste
   at it at step boundaries. One process looks after every optimizer step (a Python attribute: free). Under
   DDP the ranks must stop at the *same* step, so they agree through an all-reduce, which is a host sync: it
   happens every ``train.preempt_check_every`` optimizer steps (default 10; counted by the run's step number,
-  the same on every rank) and after each epoch's last step, not every step. The delay it adds is at most ``preempt_check_every - 1`` steps:
-  with the default 10 and a GPU step of 0.05-0.5 s, under 5 s, against SLURM's ``--signal=B:USR1@300``
-  lead (300 s, this project's default) and the 30 s that SLURM's default ``KillWait`` leaves between a
-  preemption's SIGTERM and its SIGKILL. Slow steps (multi-process CPU runs, seconds each) want a smaller k:
-  k x step time + the checkpoint's write must stay well under 30 s.
+  the same on every rank) and after each epoch's last step, not every step. The delay it adds is at most
+  ``preempt_check_every - 1`` steps: with the default 10 and a GPU step of 0.05-0.5 s, under 5 s, against SLURM's
+  ``--signal=B:USR1@300`` lead (300 s, this project's default) and the 30 s that SLURM's default ``KillWait`` leaves
+  between a preemption's SIGTERM and its SIGKILL. Slow steps (multi-process CPU runs, seconds each) want a smaller
+  k: k x step time + the checkpoint's write must stay well under 30 s.
 - :class:`Throughput` and :data:`WARMUP_STEPS`: ``images_per_s`` is the images of an epoch's *timed window*
   over its wall time. The window leaves out the first ``min(WARMUP_STEPS, n // 2)`` optimizer steps of
   every stretch of ``n`` steps one process trains in an epoch (an epoch, or its part before or after a
