@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -128,6 +129,13 @@ def test_mnist_study_sweep_and_matrices_expand(tmp_path):
 
     sweep = toy.write_sweep(out, study="mnist", data_root=root)
     assert sweep == out / "mnist.yaml"
+    # the longer-training check (configs/sweeps/mnist_long.yaml) expands next to the study's base configs
+    long = out / "mnist_long.yaml"
+    shutil.copy(ROOT / "configs" / "sweeps" / "mnist_long.yaml", long)
+    _, _, longer = expand(long, tmp_path / "long")
+    assert len(longer.runs) == 9 * 2 and sum(longer.impossible.values()) == 3 * 2    # 9 forward pairs; 3 backward
+    assert {(r.config.train.epochs, r.config.train.max_steps_per_epoch) for r in longer.runs} == {(8, 50)}
+    assert {r.config.model.source_weights for r in longer.runs} == {str(toy.weights_path(out, "resnet18").resolve())}
     _, _, exp = expand(sweep, tmp_path / "sweep")
     per_block = Counter(r.block for r in exp.runs)
     assert per_block["vit_tiny_self"] == 3 * 2 and per_block["resnet18_to_vit_tiny_reinject"] == 3 * 2
