@@ -30,13 +30,32 @@ def test_data_benchmark_runs_the_framework_pipeline_side_by_side():
     assert out["images"] == 24 and out["workers"] == 0
 
 
-def test_train_step_benchmark_times_the_trainers_step_against_the_baselines():
-    out = _run("train_step.py", "--source", "resnet18", "--source-stage", "1", "--destination-stage", "3",
-               "--batch-size", "4", "--img-size", "64", "--steps", "2", "--warmup", "1", "--matmul-sizes", "64")
-    ms = out["ms_per_step"]
+@pytest.mark.slow          # a training-step benchmark and a loader benchmark, tiny: ~40 s
+def test_keep_up_runs_the_training_step_and_the_loader_at_the_default_workers():
+    """``keep_up.py`` = ``train_step.py`` (the trainer's step against the baselines) + ``data.py`` with the
+    trainer's default loader workers, wall clock; its verdicts are the ratios of the two benchmarks' rates."""
+    from stitching.data.loaders import default_workers
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "keep_up.py"), "--device", "cpu",
+                           "--batch-size", "4", "--img-size", "64", "--images", "32", "--rounds", "1",
+                           "--source", "resnet18", "--steps", "2", "--warmup", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    step = json.loads(next(line for line in lines if line.startswith('{"stitch"')))
+    ms = step["ms_per_step"]
     assert set(ms) == {"a", "b", "c"} and all(v > 0 for v in ms.values())
-    assert out["speedup_vs_baseline"] == pytest.approx(ms["b"] / ms["a"], rel=0.02)
-    assert out["stitch"] == "resnet18 1 -> resnet18 3 (bottleneck, bilinear)" and out["device"] == "cpu"
-    # the useful work of a stitched step is less than a full model's training step
-    flops = out["stitches"][0]["gflop_per_image"]
+    assert step["speedup_vs_baseline"] == pytest.approx(ms["b"] / ms["a"], rel=0.02)
+    assert step["stitch"] == "resnet18 1 -> resnet18 3 (bottleneck, bilinear)" and step["device"] == "cpu"
+    flops = step["stitches"][0]["gflop_per_image"]
     assert 0 < flops["stitched_forward"] and flops["useful"] < flops["full_step"]
+    # the verdicts: the loader's wall-clock rate at the trainer's default workers over the step's rate
+    assert out["workers"] == default_workers() and out["device"] == "cpu"
+    [row] = out["stitches"]
+    assert row["train_images_per_s"] == {"stitched": step["images_per_s"]["a"], "full": step["images_per_s"]["c"]}
+    for key, headroom in row["headroom"].items():
+        pipeline, model = key.split("/")
+        feed = out["loader_images_per_s"][pipeline]
+        assert headroom == pytest.approx(feed / row["train_images_per_s"][model], abs=1e-3)
+        assert row["keeps_up"][key] == (feed >= row["train_images_per_s"][model])
