@@ -23,8 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from stitching.rundir import EXIT_CONFIG  # noqa: E402,F401 - re-exported: the exit code of a ConfigError
-from stitching.rundir import IdentityRules
+from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401 - EXIT_CONFIG re-exported: a ConfigError's exit code
 
 CLI = "command line"
 

@@ -133,7 +133,7 @@ def test_mnist_study_sweep_and_matrices_expand(tmp_path):
     long = out / "mnist_long.yaml"
     shutil.copy(ROOT / "configs" / "sweeps" / "mnist_long.yaml", long)
     _, _, longer = expand(long, tmp_path / "long")
-    assert len(longer.runs) == 9 * 2 and sum(longer.impossible.values()) == 3 * 2    # 9 forward pairs; 3 backward
+    assert len(longer.runs) == 9 * 2 * 2 and sum(longer.impossible.values()) == 3 * 2 * 2   # 9 forward pairs; 3 backward
     assert {(r.config.train.epochs, r.config.train.max_steps_per_epoch) for r in longer.runs} == {(8, 50)}
     assert {r.config.model.source_weights for r in longer.runs} == {str(toy.weights_path(out, "resnet18").resolve())}
     _, _, exp = expand(sweep, tmp_path / "sweep")
