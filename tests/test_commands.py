@@ -9,6 +9,8 @@ pretrained weights, a SLURM controller) it must stop with one line naming the ke
   docs exists and takes every ``--flag`` the docs give it;
 - every shipped run config loads, every shipped matrix file expands;
 - the quick start trains (1 epoch of 2 steps) and says where its results are;
+- the paper's configs train on an ImageFolder of JPEGs (one step at 32 px), and without ImageNet stop with
+  one line naming ``data.root``;
 - pretrained weights that cannot be fetched (offline node, empty cache) are one line naming
   ``model.pretrained``, for the trainer and for ``summary --similarity``, timm and torchvision alike;
 - ``--launcher slurm`` without a SLURM client, or with its controller down, is one line, exit 2;
@@ -209,3 +211,48 @@ def test_the_shipped_tables_are_what_plot_results_draws_from_the_shipped_csv(tmp
         assert (tmp_path / name).read_text() == (src / name).read_text(), \
             f"{figures}/{name} is out of date: redraw with python scripts/plot_results.py {figures}/results.csv " \
             f"--out {figures} --default-options"
+
+
+# ------------------------------------------------------------------------------ the paper's configs on images
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory) -> Path:
+    """A tiny ImageFolder of JPEGs (2 classes, 4 train + 2 val images each) in ImageNet's layout."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("n01", "n02"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.JPEG")
+    return root
+
+
+SMALL = ["model.pretrained=false", "data.num_classes=2", "data.img_size=32", "train.epochs=1",
+         "train.max_steps_per_epoch=1", "train.batch_size=4", "train.per_device_batch_size=4"]
+
+
+@pytest.mark.parametrize("config,extra", [
+    ("resnet50_1to4_bottleneck", []),                        # README: the paper's recipe (imagenet.yaml)
+    ("imagenet_code", ["model.source=resnet18", "model.source_stage=1", "model.destination_stage=3"]),
+], ids=["imagenet", "imagenet_code"])
+def test_the_papers_configs_train_on_an_imagefolder(tmp_path, jpeg_folder, config, extra):
+    """``python -m stitching.train --config configs/paper/... data.root=...`` as the README gives it (AutoAugment,
+    RandomResizedCrop, the model's own evaluation preprocessing), at 32 px for one step on JPEGs."""
+    out = tmp_path / "run"
+    proc = run("-m", "stitching.train", "--config", ROOT / "configs" / "paper" / f"{config}.yaml",
+               f"data.root={jpeg_folder}", *SMALL, *extra, f"output.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "result.csv").is_file()
+
+
+def test_the_papers_config_without_imagenet_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = run("-m", "stitching.train", "--config", ROOT / "configs" / "paper" / "resnet50_1to4_bottleneck.yaml",
+               f"data.root={tmp_path / 'imagenet'}", f"output.dir={out}")
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    assert error_line(proc) == f"error: command line: data.root='{tmp_path / 'imagenet'}': missing folder " \
+                               f"{tmp_path / 'imagenet' / 'train'}"
+    assert not out.exists()
