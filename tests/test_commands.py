@@ -13,6 +13,7 @@ pretrained weights, a SLURM controller) it must stop with one line naming the ke
   one line naming ``data.root``;
 - pretrained weights that cannot be fetched (offline node, empty cache) are one line naming
   ``model.pretrained``, for the trainer and for ``summary --similarity``, timm and torchvision alike;
+- ``train.device=cuda`` on a machine without CUDA is one line naming the key, exit 2;
 - ``--launcher slurm`` without a SLURM client, or with its controller down, is one line, exit 2;
 - a sweep whose block's base config is missing (the toy and MNIST templates, run directly) names the sweep
   file and the block, not ``--config``;
@@ -255,4 +256,13 @@ def test_the_papers_config_without_imagenet_is_one_line(tmp_path):
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
     assert error_line(proc) == f"error: command line: data.root='{tmp_path / 'imagenet'}': missing folder " \
                                f"{tmp_path / 'imagenet' / 'train'}"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_train_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = run("-m", "stitching.train", "--config", TINY, "train.device=cuda", f"output.dir={out}")
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    assert error_line(proc).startswith("error: command line: train.device='cuda': no CUDA device is available")
     assert not out.exists()
