@@ -6,7 +6,7 @@ broken for a day after a config key was added). Where a command needs what this 
 pretrained weights, a SLURM controller) it must stop with one line naming the key or the tool, exit 2.
 
 - every ``python -m stitching.<x>`` / ``python scripts/<x>.py`` / ``python benchmarks/<x>.py`` named in the
-  docs exists and takes every ``--flag`` the docs give it;
+  docs exists, takes every ``--flag`` the docs give it, and is never shown without its required options;
 - every shipped run config loads, every shipped matrix file expands;
 - the quick start trains (1 epoch of 2 steps) and says where its results are;
 - the paper's configs train on an ImageFolder of JPEGs (one step at 32 px), and without ImageNet stop with
@@ -59,18 +59,32 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-def documented_commands() -> dict[str, dict[str, set[str]]]:
-    """program -> {file: the --flags the file gives it}, from the docs and every docstring of the code."""
+def documented_commands() -> dict[str, dict[str, list[str]]]:
+    """program -> {file: the argument strings the file gives it, one per mention}, from the docs and every
+    docstring of the code."""
     files = [ROOT / f for f in DOCS] + sorted((ROOT / "stitching").rglob("*.py")) \
         + sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
-    out: dict[str, dict[str, set[str]]] = {}
+    out: dict[str, dict[str, list[str]]] = {}
     for path in files:
         for line in path.read_text().splitlines():
             for m in COMMAND.finditer(line):
                 program = m.group(1).removeprefix("-m").strip()
-                out.setdefault(program, {}).setdefault(str(path.relative_to(ROOT)), set()).update(
-                    FLAG.findall(m.group(2)))
+                out.setdefault(program, {}).setdefault(str(path.relative_to(ROOT)), []).append(m.group(2).strip())
     return out
+
+
+def _command_line(args: str) -> bool:
+    """Whether a mention's arguments are a command line to type (they start with a file or a key=value), not a
+    bare name in prose, a flag named in prose (``--paper-only``) or the program's name in code."""
+    return bool(args) and args[0] not in "-\"')`" and "--help" not in args
+
+
+def required_flags(usage: str) -> set[str]:
+    """The options argparse's usage line shows outside brackets: those a command cannot run without."""
+    usage = usage.split("\n\n")[0]
+    while re.search(r"\[[^\[\]]*\]", usage):
+        usage = re.sub(r"\[[^\[\]]*\]", "", usage)
+    return set(FLAG.findall(usage))
 
 
 COMMANDS = documented_commands()
@@ -80,16 +94,24 @@ def test_the_docs_name_the_commands():
     assert {"stitching.train", "stitching.sweep", "stitching.matrix", "stitching.collect", "stitching.summary",
             "scripts/plot_results.py", "scripts/toy_study.py", "scripts/make_mnist_imagefolder.py",
             "benchmarks/data.py", "benchmarks/train_step.py"} <= set(COMMANDS)
-    assert "--dry-run" in COMMANDS["stitching.sweep"]["README.md"]
+    assert any("--dry-run" in args for args in COMMANDS["stitching.sweep"]["README.md"])
+    assert required_flags("usage: python -m stitching.sweep [-h] --launcher {local,slurm} [--runs-dir RUNS_DIR]\n"
+                          "     [--paper-only | --extensions] [--slurm KEY=VALUE] sweep\n\nmore") == {"--launcher"}
 
 
 @pytest.mark.parametrize("program", sorted(COMMANDS))
 def test_documented_command_exists_and_takes_its_documented_flags(program):
+    """Each program answers ``--help``; every ``--flag`` a doc gives it is one it knows, and every mention that
+    gives arguments (not a bare name in prose) gives the options it cannot run without."""
     proc = run(*(["-m", program] if not program.endswith(".py") else [program]), "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    known = set(FLAG.findall(proc.stdout))
-    unknown = {f: sorted(flags - known) for f, flags in COMMANDS[program].items() if flags - known}
-    assert not unknown, f"{program}: flags the docs give that --help does not know: {unknown}"
+    known, required = set(FLAG.findall(proc.stdout)), required_flags(proc.stdout)
+    unknown = {f: sorted({flag for args in mentions for flag in FLAG.findall(args)} - known)
+               for f, mentions in COMMANDS[program].items()}
+    assert not {f: u for f, u in unknown.items() if u}, f"{program}: flags the docs give that --help does not know"
+    missing = [f"{f}: {program} {args}" for f, mentions in COMMANDS[program].items() for args in mentions
+               if _command_line(args) and required - set(FLAG.findall(args))]
+    assert not missing, f"documented without the required {sorted(required)}:\n" + "\n".join(missing)
 
 
 def _run_configs() -> list[Path]:
