@@ -60,10 +60,11 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def documented_commands() -> dict[str, dict[str, list[str]]]:
-    """program -> {file: the argument strings the file gives it, one per mention}, from the docs and every
-    docstring of the code."""
+    """program -> {file: the argument strings the file gives it, one per mention}, from the docs, every
+    docstring of the code, the configs' comments and the notebook."""
     files = [ROOT / f for f in DOCS] + sorted((ROOT / "stitching").rglob("*.py")) \
-        + sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
+        + sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py")) \
+        + sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "notebooks").glob("*.ipynb"))
     out: dict[str, dict[str, list[str]]] = {}
     for path in files:
         for line in path.read_text().splitlines():
@@ -76,7 +77,7 @@ def documented_commands() -> dict[str, dict[str, list[str]]]:
 def _command_line(args: str) -> bool:
     """Whether a mention's arguments are a command line to type (they start with a file or a key=value), not a
     bare name in prose, a flag named in prose (``--paper-only``) or the program's name in code."""
-    return bool(args) and args[0] not in "-\"')`" and "--help" not in args
+    return bool(args) and args[0] not in "-\"')`" and not args.startswith("...") and "--help" not in args
 
 
 def required_flags(usage: str) -> set[str]:
