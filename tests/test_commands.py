@@ -7,7 +7,7 @@ pretrained weights, a SLURM controller) it must stop with one line naming the ke
 
 - every ``python -m stitching.<x>`` / ``python scripts/<x>.py`` / ``python benchmarks/<x>.py`` named in the
   docs exists, takes every ``--flag`` the docs give it, and is never shown without its required options;
-- every shipped run config loads, every shipped matrix file expands;
+- every shipped run config loads, every shipped matrix file expands, the README's annotated config validates;
 - the quick start trains (1 epoch of 2 steps) and says where its results are;
 - the paper's configs train on an ImageFolder of JPEGs (one step at 32 px), and without ImageNet stop with
   one line naming ``data.root``;
@@ -289,3 +289,18 @@ def test_train_device_cuda_without_a_gpu_is_one_line(tmp_path):
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
     assert error_line(proc).startswith("error: command line: train.device='cuda': no CUDA device is available")
     assert not out.exists()
+
+
+def test_the_readmes_config_contract_is_a_valid_config(tmp_path):
+    """The README's annotated config (every key with its documented value) loads and validates."""
+    from stitching.config import load_config
+
+    text = (ROOT / "README.md").read_text()
+    text = text[text.index("## The config contract"):]
+    start = text.index("```yaml") + len("```yaml")
+    block = text[start:text.index("```", start)]
+    assert "base: ../paper/imagenet.yaml" in block
+    path = tmp_path / "contract.yaml"
+    path.write_text(block.replace("../paper/imagenet.yaml", str(ROOT / "configs" / "paper" / "imagenet.yaml")))
+    cfg = load_config(path)
+    assert (cfg.model.source, cfg.model.destination, cfg.model.destination_stage) == ("resnet50", "swin_t", 3)
