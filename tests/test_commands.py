@@ -23,6 +23,7 @@ pretrained weights, a SLURM controller) it must stop with one line naming the ke
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -106,13 +107,26 @@ def test_documented_command_exists_and_takes_its_documented_flags(program):
     gives arguments (not a bare name in prose) gives the options it cannot run without."""
     proc = run(*(["-m", program] if not program.endswith(".py") else [program]), "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    known, required = set(FLAG.findall(proc.stdout)), required_flags(proc.stdout)
+    usage = proc.stdout.split("\n\n")[0]     # argparse's usage paragraph lists every option (the description
+    known, required = set(FLAG.findall(usage)), required_flags(usage)   # after it may quote the docstring)
     unknown = {f: sorted({flag for args in mentions for flag in FLAG.findall(args)} - known)
                for f, mentions in COMMANDS[program].items()}
     assert not {f: u for f, u in unknown.items() if u}, f"{program}: flags the docs give that --help does not know"
     missing = [f"{f}: {program} {args}" for f, mentions in COMMANDS[program].items() for args in mentions
                if _command_line(args) and required - set(FLAG.findall(args))]
     assert not missing, f"documented without the required {sorted(required)}:\n" + "\n".join(missing)
+    own = _program_file(program)        # its own docstring names its options too (``--parallel N``, ...)
+    doc = COMMAND.sub("", "\n".join(line for line in (ast.get_docstring(ast.parse(own.read_text())) or "")
+                                     .splitlines() if "torchrun" not in line))   # less the commands it quotes
+    assert sorted(set(FLAG.findall(doc)) - known) == [], f"{own.relative_to(ROOT)}'s docstring names options " \
+                                                         f"{program} --help does not know"
+
+
+def _program_file(program: str) -> Path:
+    if program.endswith(".py"):
+        return ROOT / program
+    module = ROOT / Path(*program.split("."))
+    return module / "__main__.py" if module.is_dir() else module.with_suffix(".py")
 
 
 def _run_configs() -> list[Path]:
