@@ -91,13 +91,17 @@ def similarity(cfg, n: int, built) -> dict:
 def build_stitched(cfg):
     """The stitched model of ``cfg`` with its real weights, for ``--similarity`` (one build serves the cost
     too); a config without a join is a one-line error."""
+    from stitching.models.registry import PretrainedError
     from stitching.stitch.stitcher import build_model
 
     check_files(cfg)
     if cfg.is_original or cfg.model.adapter == "finetune":
         raise cfg.error("model.source_stage" if cfg.is_original else "model.adapter",
                         "--similarity needs a stitched config (a join between two networks)")
-    return build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
+    try:
+        return build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
+    except PretrainedError as err:      # offline, no cache: one line, not the hub's traceback
+        raise cfg.error(err.key, str(err)) from None
 
 
 def main(argv=None) -> int:

@@ -141,6 +141,20 @@ class WeightsError(ValueError):
         return f"weights file {self.file} {fits}{self.detail}" if fits else f"weights file {self.file}: {self.detail}"
 
 
+class PretrainedError(ValueError):
+    """Pretrained weights the model's library cannot provide (an offline node with an empty cache, a hub that
+    cannot be reached, a tag without weights): one line naming the model and what the library said, reported
+    under :attr:`key` (the config key that asked for them)."""
+
+    key = "model.pretrained"
+
+    def __init__(self, name: str, err: BaseException):
+        said = (str(err).strip().splitlines() or [""])[0][:200]
+        super().__init__(f"cannot load the pretrained weights of {name} ({type(err).__name__}: {said}); "
+                         "without network access, fill the timm / torchvision cache, name a local file in "
+                         "model.source_weights / model.destination_weights, or set model.pretrained=false")
+
+
 def load_model(name: str, pretrained: bool = False, weights_file: str | None = None,
                num_classes: int = 1000, kwargs: dict | None = None) -> nn.Module:
     """Build model ``name``: pretrained from its library, from a local weights file, or random init.
@@ -150,7 +164,8 @@ def load_model(name: str, pretrained: bool = False, weights_file: str | None = N
     trained by this framework (their ``model.safetensors``). Loading is strict: a file that is not a state
     dict, or a key or shape that differs from the model's, is a :class:`WeightsError` naming the file and the
     first mismatch (e.g. ``fc.weight has shape (10, 512), the model expects (1000, 512)``). ``kwargs`` are
-    constructor arguments (config ``model.source_kwargs`` / ``destination_kwargs``).
+    constructor arguments (config ``model.source_kwargs`` / ``destination_kwargs``). Pretrained weights the
+    library cannot fetch or find in its cache are a :class:`PretrainedError` (one line).
     """
     spec = get_spec(name, kwargs)
     if weights_file is not None:
@@ -164,7 +179,12 @@ def load_model(name: str, pretrained: bool = False, weights_file: str | None = N
         check_fit(name, model, {k: tuple(v.shape) for k, v in state.items()}, weights_file, num_classes, kwargs)
         model.load_state_dict(state, strict=True)
         return model
-    return spec.build(pretrained, num_classes)
+    if not pretrained:
+        return spec.build(False, num_classes)
+    try:
+        return spec.build(True, num_classes)
+    except (OSError, RuntimeError, ValueError) as err:  # the download or the cache (urllib, huggingface_hub)
+        raise PretrainedError(name, err) from None
 
 
 def _unreadable(err: BaseException) -> str:

@@ -217,6 +217,8 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
             print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
             refused += len(runs)
             continue
+        except RuntimeError as err:   # no SLURM client here, or its controller cannot be reached: one line
+            raise ConfigError("--launcher", "slurm", "command line", str(err).strip().splitlines()[0]) from None
         skipped = len(runs) - len(dirs)
         if job:
             print(f"slurm: submitted job array {job} with {len(dirs)} tasks"

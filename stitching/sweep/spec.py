@@ -160,6 +160,8 @@ def load_sweep(path: str | Path) -> tuple[str, list[Block], bool]:
         base = raw.get("base", defaults.get("base"))
         if not isinstance(base, str):
             raise SweepError(f"{name}.base", base, src, "every block needs a base run config (a relative path)")
+        if not (path.parent / base).is_file():
+            raise SweepError(f"{name}.base", base, src, f"file not found ({path.parent / base})")
         grid = raw.get("grid") or {}
         if not isinstance(grid, dict):
             raise SweepError(f"{name}.grid", grid, src, "must map dotted config keys to lists of values")

@@ -56,11 +56,15 @@ class NonFiniteLoss(R.RunDirError):
 
 
 # ------------------------------------------------------------------------------------------- set-up
-def resolve_device(name: str) -> torch.device:
+def resolve_device(cfg: Config) -> torch.device:
+    """``train.device``: ``auto`` is CUDA where there is a device, else the CPU; ``cuda`` without one is a
+    ConfigError (one line, exit 2), before anything is written."""
+    name = cfg.train.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise cfg.error("train.device", "no CUDA device is available here (train.device=auto takes one where "
+                                        "there is, else the CPU)")
     return torch.device(name)
 
 
@@ -169,7 +173,7 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     from stitching.data.loaders import BadImageError
 
     check_files(cfg)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg)
     info = D.init(device.type)
     r = Run(cfg, R.RunDir(run_dir if run_dir else default_run_dir(cfg)), info, device)
     code, message = R.EXIT_FAILED, "unexpected error (traceback above)"
