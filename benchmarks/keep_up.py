@@ -1,6 +1,6 @@
 """Does the input pipeline keep up with training? Both benchmarks in one run, on the node that trains.
 
-1. ``train_step.py`` on ``--device`` (default: CUDA where available, else the CPU) at ``--precision auto`` (what
+1. ``train_step.py`` on ``--device`` (default: CUDA where available, else the CPU) at precision ``auto`` (what
    ``train.precision: auto`` picks there: bf16 on GPUs with bf16 tensor cores): the images/s of (a) the stitched
    model's training step (the trainer's own) and (c) the full destination model's, per stitch (``--pair``, or a
    custom ``--source``/``--source-stage``/``--destination-stage``).
