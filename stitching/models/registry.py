@@ -152,7 +152,8 @@ class PretrainedError(ValueError):
         said = (str(err).strip().splitlines() or [""])[0][:200]
         super().__init__(f"cannot load the pretrained weights of {name} ({type(err).__name__}: {said}); "
                          "without network access, fill the timm / torchvision cache, name a local file in "
-                         "model.source_weights / model.destination_weights, or set model.pretrained=false")
+                         "model.source_weights / model.destination_weights, or set model.pretrained=false "
+                         "(offline, HF_HUB_OFFLINE=1 makes timm's hub fail at once instead of retrying)")
 
 
 def load_model(name: str, pretrained: bool = False, weights_file: str | None = None,
