@@ -17,7 +17,7 @@ The last line is JSON: ``device``, ``precision``, ``workers``, ``loader_images_p
 
     python benchmarks/keep_up.py                                  # a GPU node: cuda, bf16, batch 256, 224 px
     python benchmarks/keep_up.py --device cpu --batch-size 4 --img-size 64 --images 64 --rounds 1 \\
-        --source resnet18 --steps 2 --warmup 1                    # a quick look on a CPU
+        --source resnet18 --steps 2 --warmup 1 --matmul-sizes 64  # a quick look on a CPU
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--destination-stage", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps first")
+    p.add_argument("--matmul-sizes", type=int, nargs="+", default=None,
+                   help="train_step.py's reference matmul sizes (default: its own)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch_size or (256 if device == "cuda" else 16)
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     step_args = ["--device", device, "--precision", "auto", "--batch-size", str(batch), "--img-size",
                  str(args.img_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     step_args += (["--source", args.source, "--source-stage", str(args.source_stage), "--destination-stage",
-                   str(args.destination_stage), "--matmul-sizes", "64"] if args.source else ["--pair", args.pair])
+                   str(args.destination_stage)] if args.source else ["--pair", args.pair])
+    step_args += ["--matmul-sizes", *map(str, args.matmul_sizes)] if args.matmul_sizes else []
     print(f"1/2 training step: python benchmarks/train_step.py {' '.join(step_args)}", flush=True)
     out = io.StringIO()
     with redirect_stdout(out):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401 - EXIT_CONFIG re-exported: a ConfigError's exit code
+# EXIT_CONFIG is re-exported: the exit code of a ConfigError
+from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
 
 CLI = "command line"
 
@@ -265,21 +266,20 @@ READ_ONLY_WHEN: typing.Mapping[str, tuple[str, tuple]] = types.MappingProxyType(
 })
 
 
+def config_value(config: dict | None, dotted: str):
+    """The value of the dotted key in a resolved config dict (``Config.to_dict()`` or a run directory's
+    ``config.yaml``), or its :data:`IDENTITY_BASELINE` value where the file lacks it (written before the key
+    existed: the value that run had)."""
+    section, _, name = dotted.partition(".")
+    values = (config or {}).get(section)
+    return values[name] if isinstance(values, dict) and name in values else IDENTITY_BASELINE.get(dotted)
+
+
 def unread_keys(config: dict) -> set[str]:
-    """The dotted keys the run of ``config`` (``Config.to_dict()`` or a loaded ``config.yaml``; a key an older
-    file lacks at its baseline) never reads: :data:`OPERATIONAL_KEYS`, and the :data:`READ_ONLY_WHEN` keys
-    whose condition does not hold."""
-    def value(dotted: str):
-        section, _, name = dotted.partition(".")
-        values = config.get(section)
-        return values[name] if isinstance(values, dict) and name in values else IDENTITY_BASELINE.get(dotted)
-
-    return set(OPERATIONAL_KEYS) | {k for k, (other, when) in READ_ONLY_WHEN.items() if value(other) not in when}
-
-
-def reads(cfg: "Config", key: str) -> bool:
-    """Whether a run of ``cfg`` reads the dotted ``key`` (see :func:`unread_keys`)."""
-    return key not in unread_keys(cfg.to_dict())
+    """The dotted keys the run of ``config`` (as :func:`config_value` reads it) never reads:
+    :data:`OPERATIONAL_KEYS`, and the :data:`READ_ONLY_WHEN` keys whose condition does not hold."""
+    return set(OPERATIONAL_KEYS) | {k for k, (other, when) in READ_ONLY_WHEN.items()
+                                    if config_value(config, other) not in when}
 
 
 #: A run's identity (:func:`stitching.rundir.identity`): its keys off their :data:`IDENTITY_BASELINE`, without

@@ -13,15 +13,16 @@ import pytest
 from tests.conftest import ROOT
 
 
-def _run(script: str, *args: str) -> dict:
+def _run(script: str, *args: str) -> list[str]:
+    """The benchmark's stdout lines (its last one is its JSON summary)."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()
 
 
 def test_data_benchmark_runs_the_framework_pipeline_side_by_side():
-    out = _run("data.py", "--images", "24", "--rounds", "1", "--batch-size", "8")
+    out = json.loads(_run("data.py", "--images", "24", "--rounds", "1", "--batch-size", "8")[-1])
     rates = out["images_per_s"]
     assert {"a", "b", "c"} <= set(rates) and all(v > 0 for v in rates.values())
     assert out["ratio_a_over_b"] == pytest.approx(rates["a"] / rates["b"], abs=2e-3)
@@ -36,12 +37,8 @@ def test_keep_up_runs_the_training_step_and_the_loader_at_the_default_workers():
     trainer's default loader workers, wall clock; its verdicts are the ratios of the two benchmarks' rates."""
     from stitching.data.loaders import default_workers
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "keep_up.py"), "--device", "cpu",
-                           "--batch-size", "4", "--img-size", "64", "--images", "32", "--rounds", "1",
-                           "--source", "resnet18", "--steps", "2", "--warmup", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
+    lines = _run("keep_up.py", "--device", "cpu", "--batch-size", "4", "--img-size", "64", "--images", "32",
+                 "--rounds", "1", "--source", "resnet18", "--steps", "2", "--warmup", "1", "--matmul-sizes", "64")
     out = json.loads(lines[-1])
     step = json.loads(next(line for line in lines if line.startswith('{"stitch"')))
     ms = step["ms_per_step"]

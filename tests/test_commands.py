@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stitching.rundir import EXIT_CONFIG
 from tests.conftest import ROOT
 
-EXIT_CONFIG = 2
 DOCS = ["README.md", "docs/method.md", "benchmarks/README.md", "scripts/slurm/README.md"]
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 # "python -m stitching.train ...", "torchrun ... -m stitching.train", "python scripts/x.py ...": the program and

@@ -84,10 +84,11 @@ class MixedRecipes(ValueError):
 
 def recipe_columns(cfg, world_size: int, precision: str) -> dict:
     """The recipe values of the result row of the run ``cfg`` (a :class:`stitching.config.Config`)."""
-    from stitching.config import reads
+    from stitching.config import unread_keys
     from stitching.train.objective import match_epochs
 
     m, t = cfg.model, cfg.train
+    unread = unread_keys(cfg.to_dict())     # keys read only under another key's value: '' where not read
     derived = {
         "dataset": cfg.data.name if cfg.data.name == "synthetic" else Path(cfg.data.root).name,
         "num_classes": cfg.num_classes,
@@ -95,10 +96,9 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
         "per_device_batch_size": t.per_device_batch_size or t.batch_size // max(1, world_size),
         "model_kwargs": model_kwargs_column(cfg),
         "precision": precision,
-        # keys read only under another key's value (config.READ_ONLY_WHEN): '' where the run does not read them
-        "init_images": m.init_images if reads(cfg, "model.init_images") else "",
-        "distill_temperature": t.distill_temperature if reads(cfg, "train.distill_temperature") else "",
-        "match_epochs": match_epochs(cfg) if reads(cfg, "train.match_epochs") else "",
+        "init_images": "" if "model.init_images" in unread else m.init_images,
+        "distill_temperature": "" if "train.distill_temperature" in unread else t.distill_temperature,
+        "match_epochs": "" if "train.match_epochs" in unread else match_epochs(cfg),
     }
     out = {}
     for column, key in RECIPE.items():
@@ -117,15 +117,13 @@ def fill_missing_recipe(row: pd.DataFrame, config: dict | None = None) -> pd.Dat
     with the key's :data:`stitching.config.IDENTITY_BASELINE` value (the value runs had before the key
     existed). Derived columns (no config key) are left absent. So a result of an older version is read with
     the recipe it ran, and groups with newer rows of the same recipe."""
-    from stitching.config import IDENTITY_BASELINE
+    from stitching.config import config_value
 
     row = row.copy()
     for column, key in RECIPE.items():
         if key is None or column in row.columns:
             continue
-        section, name = key.split(".")
-        values = (config or {}).get(section)
-        value = values[name] if isinstance(values, dict) and name in values else IDENTITY_BASELINE.get(key)
+        value = config_value(config, key)
         row[column] = "" if value is None else str(value)
     return row
 

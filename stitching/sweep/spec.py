@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, validate
-from stitching.rundir import identity
+from stitching.rundir import RUN_KEY_CHARS, identity
 
 SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}
 BLOCK_KEYS = {"name", "base", "grid", "exclude", "slurm", "extension"}
@@ -266,8 +266,6 @@ _STRUCTURE_KEYS = frozenset(f"model.{k}" for k in ("source", "destination", "sou
 def _without_key(name: str) -> str:
     """A run directory's name without its run-key suffix (``<head>.<key>``, :func:`stitching.rundir.run_key`),
     or ``""`` if it has none."""
-    from stitching.rundir import RUN_KEY_CHARS
-
     head, dot, key = name.rpartition(".")
     return head if dot and len(key) == RUN_KEY_CHARS and all(c in "0123456789abcdef" for c in key) else ""
 
