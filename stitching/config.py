@@ -47,9 +47,12 @@ class ModelConfig:
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
     adapter_style: str = "code"             # code | text: adapters as the paper's code or its text builds them
+    code_quirks: bool = False               # code style: also the paper code's padded 1x1 convs and "no
+                                            # downsample" maps from tokens (stitch/plan.py; off: corrected)
     pos_embed: str = "none"                 # none | reinject: the destination's position embedding re-added
                                             # to the adapters' output tokens (ViT-like destinations)
-    init: str = "default"                   # default | least_squares: adapters fitted in closed form to the
+    init: str = "default"                   # default (the paper code's) | pytorch (PyTorch's own) |
+                                            # least_squares: adapters fitted in closed form to the
                                             # destination's own activations before training (stitch/lsinit.py)
     init_images: int = 2048                 # least_squares: training images (eval transforms) the fit streams
     pretrained: bool = True                 # false: random init
@@ -197,6 +200,7 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "model.resize": "bilinear",
     "model.schedule": "paper",
     "model.adapter_style": "code",
+    "model.code_quirks": False,
     "model.pos_embed": "none",
     "model.init": "default",
     "model.init_images": 2048,
@@ -417,7 +421,7 @@ def _coerce(hint, value, key: str, src: str):
 def validate(cfg: Config) -> None:
     """Everything that can be known wrong before building: names, ranges and impossible stitches."""
     from stitching.data.transforms import INTERPOLATIONS, NORMALIZATIONS
-    from stitching.stitch.plan import ADAPTER_STYLES, PlanError, plan_config
+    from stitching.stitch.plan import ADAPTER_STYLES, PlanError, check_quirks, plan_config
     from stitching.stitch.stitcher import FROZEN_BN_MODES
 
     m, d, t = cfg.model, cfg.data, cfg.train
@@ -438,6 +442,10 @@ def validate(cfg: Config) -> None:
         except RuntimeError as err:         # a block that does not output its stage's format (registry)
             raise cfg.error("model.source_block", str(err)) from None
     _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
+    try:
+        check_quirks(m.code_quirks, m.adapter_style)        # stitched configs: plan_config checked it
+    except PlanError as err:
+        raise cfg.error(err.key, str(err)) from None
     _check_random_init(cfg)
     _check_pos_embed(cfg)
     from stitching.stitch.lsinit import check_config as _check_init

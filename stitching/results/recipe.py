@@ -49,7 +49,7 @@ RECIPE: dict[str, str | None] = {
     "label_smoothing": "train.label_smoothing",
     "max_steps_per_epoch": "train.max_steps_per_epoch",
     "precision": None,                             # resolved (auto -> bf16 / fp16 / fp32: train/perf.py)
-    "adapter_style": "model.adapter_style",
+    "adapter_style": "model.adapter_style",        # code+quirks with model.code_quirks (stitch/plan.py)
     "pos_embed": "model.pos_embed",                # none | reinject (stitching/stitch/posembed.py)
     "init": "model.init",                          # default | least_squares (stitching/stitch/lsinit.py)
     "init_images": None,                           # least_squares: images the fit streamed ('' for default)
@@ -85,6 +85,7 @@ class MixedRecipes(ValueError):
 def recipe_columns(cfg, world_size: int, precision: str) -> dict:
     """The recipe values of the result row of the run ``cfg`` (a :class:`stitching.config.Config`)."""
     from stitching.config import unread_keys
+    from stitching.stitch.plan import style_label
     from stitching.train.objective import match_epochs
 
     m, t = cfg.model, cfg.train
@@ -108,6 +109,7 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
             section, name = key.split(".")
             value = getattr(getattr(cfg, section), name)
             out[column] = "" if value is None else value
+    out["adapter_style"] = style_label(m.adapter_style, m.code_quirks)    # the paper code's quirks: another network
     return out
 
 

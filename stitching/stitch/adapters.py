@@ -22,13 +22,19 @@ Norms are BatchNorm on feature maps and LayerNorm on token sequences. Cores:
 ``vit_block``    pre-norm transformer encoder block (timm's ``Block``) on class-token sequences, with a
                  linear projection first when the width changes
 
-Initialisation, in both styles: adapter convolutions Kaiming-normal (fan_out), and the last BatchNorm of
-the bottleneck's residual branch starts at zero, so a same-shape bottleneck starts as the identity.
+Initialisation (config ``model.init``, :data:`ADAPTER_INITS`), in both styles: ``default``, as the paper's
+code: adapter convolutions Kaiming-normal (fan_out), the last BatchNorm of the bottleneck's residual branch
+at zero, so a same-shape bottleneck starts as the identity, and the ``vit_block``'s linear layers as ViT
+encoders are; ``pytorch``: every module as PyTorch (and timm) construct it (convolutions and linear layers
+Kaiming-uniform with a = sqrt 5, norms weight 1, bias 0).
 
 Resizing: ``bilinear`` interpolates to the adapter's output size just before it (the grid of a token
 sequence, its leading class token left alone); ``strided`` puts the factor into the 3x3 conv; ``none``
-leaves the size alone. The bottleneck is written here rather than taken from timm/torchvision because
-theirs fix the output width to 4 x the inner width.
+leaves the size alone. Whenever a planned step receives another size than it computes at (also the paper
+code's quirks, ``model.code_quirks``: :mod:`stitching.stitch.plan`), the stride-1 adapter resizes its input
+bilinearly first; ``Step.pad`` pads the 1x1 convolution of ``linear`` / ``linear_relu`` as the paper's code
+does. The bottleneck is written here rather than taken from timm/torchvision because theirs fix the output
+width to 4 x the inner width.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from stitching.models.formats import is_token, prefix_tokens
 from stitching.stitch.plan import CONV_ADAPTERS, Step
 
 SIMPLE_ADAPTERS = ("linear", "linear_relu", "conv3x3")   # norm -> core -> norm in both styles
+#: config ``model.init`` values that build the adapters (``least_squares`` starts from ``default``, then fits)
+ADAPTER_INITS = ("default", "pytorch")
+TORCH_INIT = ADAPTER_INITS[1]                            # PyTorch's own initialisation, nothing re-drawn
 ACTIVATED = ("linear_relu", "conv3x3")
 LEAKY_SLOPE = 0.1                                        # the paper code's LeakyReLU
 
@@ -67,7 +76,7 @@ class Resize(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, zero_last: bool = True):
         super().__init__()
         mid = max(1, c_out // 4)
         self.conv1, self.bn1 = nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid)
@@ -77,7 +86,8 @@ class Bottleneck(nn.Module):
         if c_in != c_out or stride != 1:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(c_out))
-        nn.init.zeros_(self.bn3.weight)       # the residual branch starts at zero: identity when shapes match
+        if zero_last:
+            nn.init.zeros_(self.bn3.weight)   # the residual branch starts at zero: identity when shapes match
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -88,9 +98,9 @@ class Bottleneck(nn.Module):
 
 class TokenBlock(nn.Module):
     """Width projection (if needed) and a timm ViT encoder block, its linear layers initialised as ViT
-    encoders are (Xavier-uniform weights, near-zero biases)."""
+    encoders are (Xavier-uniform weights, near-zero biases; ``vit_init=False``: PyTorch's own)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, vit_init: bool = True):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -98,7 +108,7 @@ class TokenBlock(nn.Module):
         # ViT's 64-wide heads (ViT-Ti/S/B: 3/6/12 heads); one head for widths below 128
         heads = max(h for h in range(1, c_out + 1) if c_out % h == 0 and (c_out // h >= 64 or h == 1))
         self.block = Block(dim=c_out, num_heads=heads, mlp_ratio=4.0, qkv_bias=True)
-        for m in self.block.modules():
+        for m in self.block.modules() if vit_init else ():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.normal_(m.bias, std=1e-6)
@@ -108,42 +118,45 @@ class TokenBlock(nn.Module):
 
 
 def make_core(kind: str, c_in: int, c_out: int, stride: int = 1, tokens: bool = False,
-              relu_inside: bool = False) -> nn.Module:
-    """The adapter's core; ``relu_inside`` puts a ReLU at its end (the text style's activated adapters)."""
+              relu_inside: bool = False, pad: int = 0, init: str = "default") -> nn.Module:
+    """The adapter's core; ``relu_inside`` puts a ReLU at its end (the text style's activated adapters); ``pad``
+    is the 1x1 convolution's padding (1: the paper's code); ``init`` one of :data:`ADAPTER_INITS`."""
     if kind in CONV_ADAPTERS and tokens:
         raise ValueError(f"{kind} needs a feature map, not a token sequence")
     if kind in ("linear", "linear_relu"):
-        layer = nn.Linear(c_in, c_out) if tokens else nn.Conv2d(c_in, c_out, 1, padding=0, bias=True)
+        layer = nn.Linear(c_in, c_out) if tokens else nn.Conv2d(c_in, c_out, 1, padding=pad, bias=True)
     elif kind == "conv3x3":
         layer = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True)
     elif kind == "bottleneck":
-        return Bottleneck(c_in, c_out, stride)
+        return Bottleneck(c_in, c_out, stride, zero_last=init != TORCH_INIT)
     elif kind == "vit_block":
-        return TokenBlock(c_in, c_out)
+        return TokenBlock(c_in, c_out, vit_init=init != TORCH_INIT)
     else:
         raise ValueError(f"unknown adapter {kind!r}")
     return nn.Sequential(layer, nn.ReLU(inplace=True)) if relu_inside else layer
 
 
 class Adapter(nn.Module):
-    """One adapter of a chain, built from its planned step in the chain's working format and style."""
+    """One adapter of a chain, built from its planned step in the chain's working format, style and
+    initialisation (:data:`ADAPTER_INITS`)."""
 
-    def __init__(self, kind: str, step: Step, working_format: str = "image", style: str = "code"):
+    def __init__(self, kind: str, step: Step, working_format: str = "image", style: str = "code",
+                 init: str = "default"):
         super().__init__()
         tokens = is_token(working_format)
         self.kind, self.step, self.style = kind, step, style
-        resize = step.resize == "bilinear" and step.size_in != step.size_out
+        resize = step.size_in != step.size_out and step.stride == 1    # a strided adapter resizes in its conv
         lead = prefix_tokens(working_format) if tokens else None
         self.resize = Resize(step.size_in, step.size_out, lead) if resize else nn.Identity()
         outer = style == "text" or kind in SIMPLE_ADAPTERS
         norm = nn.LayerNorm if tokens else nn.BatchNorm2d
         self.norm_in = norm(step.c_in) if outer else nn.Identity()
         self.core = make_core(kind, step.c_in, step.c_out, step.stride, tokens,
-                              relu_inside=style == "text" and kind in ACTIVATED)
+                              relu_inside=style == "text" and kind in ACTIVATED, pad=step.pad, init=init)
         self.norm_out = norm(step.c_out) if outer else nn.Identity()
         self.act = (nn.LeakyReLU(LEAKY_SLOPE, inplace=True) if style == "code" and kind in ACTIVATED
                     else nn.Identity())
-        for m in self.core.modules():
+        for m in self.core.modules() if init != TORCH_INIT else ():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 

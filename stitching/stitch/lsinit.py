@@ -1,4 +1,5 @@
-"""Least-squares initialisation of the adapters: ``model.init: least_squares`` (``default``: as built).
+"""Least-squares initialisation of the adapters: ``model.init: least_squares`` (``default``, ``pytorch``: as
+built, :data:`stitching.stitch.adapters.ADAPTER_INITS`).
 
 Owns the init modes (:data:`INIT_MODES`), which adapters have a map to fit (:data:`FITTED_ADAPTERS`), the
 config check (:func:`check_config`: exit 2 before anything is built), where each link of a chain finds its
@@ -49,11 +50,12 @@ from torch import nn
 
 from stitching.models.formats import Convert, convert, is_token, prefix_tokens
 from stitching.similarity import LeastSquares, channels_last_samples
-from stitching.stitch.adapters import Adapter
+from stitching.stitch.adapters import ADAPTER_INITS, Adapter
 from stitching.stitch.plan import PlanError, Shape, StitchPlan
 from stitching.stitch.posembed import PosReinject
 
-INIT_MODES = ("default", "least_squares")
+LEAST_SQUARES = "least_squares"
+INIT_MODES = (ADAPTER_INITS[0], LEAST_SQUARES, *ADAPTER_INITS[1:])   # default | least_squares | pytorch
 FITTED_ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck")   # vit_block has no linear map to fit
 
 log = logging.getLogger("stitching.train")
@@ -66,6 +68,10 @@ def link_targets(plan: StitchPlan, destination_cut: Callable[[int, str], Shape])
     ``destination_cut(stage, where)`` gives the destination's shape there. A link whose output is not the
     destination's own shape has no target: :class:`PlanError` naming the key to change."""
     k = plan.num_adapters
+    if any(s.pad for s in plan.steps) or (plan.resize == "none" and plan.quirks_change_none):
+        raise PlanError("model.code_quirks", True, "the paper code's padded 1x1 convolutions and 'no downsample' "
+                        "maps change the shapes the least-squares fit targets: use model.code_quirks=false or "
+                        "model.init=default")
     if k > 1 and plan.source_stage is None:
         raise PlanError("model.init", "least_squares", f"a chain of {k} adapters between block cuts has no "
                         "destination activation for its intermediate links; use a one-adapter gap or "
@@ -100,7 +106,7 @@ def check_config(cfg) -> None:
         raise cfg.error("model.init", f"must be one of {', '.join(INIT_MODES)}")
     if m.init_images < 1:
         raise cfg.error("model.init_images", "must be >= 1")
-    if m.init == "default":
+    if m.init != LEAST_SQUARES:
         return
     blocks = getattr(m, "source_block", None) is not None
     if (m.source_stage is None and not blocks) or m.adapter == "finetune":
@@ -114,7 +120,7 @@ def check_config(cfg) -> None:
     src, dst = model_spec(cfg, "source"), model_spec(cfg, "destination")
     try:
         plan = plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, m.resize, m.schedule,
-                           img_size=cfg.data.img_size, style=m.adapter_style)
+                           img_size=cfg.data.img_size, style=m.adapter_style, quirks=m.code_quirks)
         link_targets(plan, lambda st, w: nominal_shape(dst, st, w, cfg.data.img_size))
     except PlanError as err:
         raise cfg.error(err.key, str(err)) from None
@@ -128,7 +134,7 @@ def check_built(built) -> list:
 def check_run(cfg, built) -> None:
     """The trainer's check after building, before any compute: with ``model.init: least_squares``, a target
     for every link on the traced shapes (a :class:`~stitching.config.ConfigError` otherwise)."""
-    if cfg.model.init == "default" or built.kind != "stitched":
+    if cfg.model.init != LEAST_SQUARES or built.kind != "stitched":
         return
     try:
         check_built(built)
@@ -382,7 +388,7 @@ def fit_images(cfg, built, batch_size: int):
 def initialise(cfg, built, device, batch_size: int, say: Callable[[str], None] = log.info) -> float | None:
     """The trainer's entry, on a fresh start: fit ``built``'s adapters when ``model.init`` asks for it and
     return the chain's relative residual (None for ``default``)."""
-    if cfg.model.init == "default" or built.kind != "stitched":
+    if cfg.model.init != LEAST_SQUARES or built.kind != "stitched":
         return None
     t0 = time.time()
     images, n = fit_images(cfg, built, batch_size)

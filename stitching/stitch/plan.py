@@ -29,6 +29,19 @@ works on the destination's prefixed sequence (class token, any number of prefix 
 adapters between two token formats are refused. Where a
 ``strided`` step would have to upsample, it is bilinear upsampling then a stride-1 adapter: the same
 module as ``bilinear``, recorded as such so that sweeps see the duplicate. Method: ``docs/method.md``.
+
+``quirks`` (config ``model.code_quirks``, the ``code`` style only: :data:`CODE_STYLE`) plans the network the
+paper's published code built where it differs from the corrected one above, on chains that work on feature maps:
+
+- the 1x1 convolutions of :data:`PADDED_ADAPTERS` have padding 1 (:attr:`Step.pad`): each adapter's output
+  is 2 px larger than the size it computes at, its border bias-only pixels. The next adapter resizes that map
+  (bilinear) to its own size; under a resizing mode the destination gets the last map resized back to its own
+  size (:attr:`StitchPlan.end_resize`), under ``none`` the grown map flows on into the destination;
+- ``none`` from a token source (a ViT) into an image-like destination: the N grid tokens become an N x N map
+  (the token count used as a side, bilinear upsampling after the class token is concatenated), on which every
+  adapter and then the destination run.
+
+Then ``none`` differs from the resizing modes even where the sizes match (:attr:`StitchPlan.effective_resize`).
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ STRIDED_ADAPTERS = ("conv3x3", "bottleneck")
 CONV_ADAPTERS = ("conv3x3", "bottleneck")          # need a feature map: refused between two token formats
 TOKEN_ADAPTERS = ("linear", "linear_relu")         # per-token linear maps when both ends are token formats
 ADAPTER_STYLES = ("code", "text")                  # construction: the paper's code, or its text (adapters.py)
+CODE_STYLE = ADAPTER_STYLES[0]                     # the only style model.code_quirks applies to
+PADDED_ADAPTERS = ("linear", "linear_relu")        # model.code_quirks: their 1x1 convolutions have padding 1
 
 
 class PlanError(ValueError):
@@ -68,7 +83,11 @@ class Shape:
 
 @dataclass(frozen=True)
 class Step:
-    """One adapter: input -> output channels and sizes, and how it resizes (``stride`` when strided)."""
+    """One adapter: input -> output channels and sizes, and how it resizes (``stride`` when strided).
+
+    ``size_in`` is the size the adapter receives, ``size_out`` the size it computes at: a stride-1 adapter whose
+    two sizes differ resizes its input (bilinear) first. ``pad`` (``model.code_quirks``: 1 for the paper code's
+    padded 1x1 convolutions) grows its output by ``2 * pad`` px: :attr:`size_after`."""
 
     c_in: int
     c_out: int
@@ -76,6 +95,12 @@ class Step:
     size_out: tuple[int, int]
     resize: str
     stride: int = 1
+    pad: int = 0
+
+    @property
+    def size_after(self) -> tuple[int, int]:
+        """The size of the adapter's output."""
+        return (self.size_out[0] + 2 * self.pad, self.size_out[1] + 2 * self.pad)
 
 
 @dataclass
@@ -95,6 +120,8 @@ class StitchPlan:
     kept_blocks: list[int] = field(default_factory=list)  # finetune: destination stages whose first block stays
     source_block: int | None = None         # block cuts (plan_blocks): the block indices; the stages are None
     destination_block: int | None = None
+    quirks: bool = False                    # model.code_quirks: the paper code's padding and "no downsample" maps
+    end_resize: tuple[int, int] | None = None   # quirks: the last output resized to this size before the destination
 
     @property
     def kind(self) -> str:
@@ -105,21 +132,38 @@ class StitchPlan:
         return len(self.steps)
 
     @property
+    def output_size(self) -> tuple[int, int]:
+        """The spatial size the chain hands to the destination."""
+        return self.end_resize or self.steps[-1].size_after
+
+    @property
+    def quirks_change_none(self) -> bool:
+        """Whether, under ``model.code_quirks``, this chain's ``none`` variant is another module than its resizing
+        variants even where no size changes: padded 1x1 convolutions (``none`` hands the grown map on), or a
+        token source into a feature-map chain (``none`` runs on the N x N map)."""
+        return self.quirks and self.working_format == "image" and (
+            self.adapter in PADDED_ADAPTERS or is_token(self.source_cut.format))
+
+    @property
     def effective_resize(self) -> str:
         """The resizing the built module does: ``none`` where no adapter changes the spatial size (the three
         modes build the same module), ``bilinear`` where every resizing step is bilinear (also a strided
-        config whose steps must upsample), else the configured mode."""
+        config whose steps must upsample), else the configured mode. With ``model.code_quirks``, a resizing
+        mode whose ``none`` variant differs (:attr:`quirks_change_none`) is ``bilinear`` even where no size
+        changes, and ``none`` stays ``none`` (the paper code's "no downsample") whatever its quirks resize."""
         modes = {s.resize for s in self.steps if s.size_in != s.size_out}
+        if self.end_resize is not None:
+            modes.add("bilinear")
         if not modes:
-            return "none"
+            return "bilinear" if self.resize != "none" and self.quirks_change_none else "none"
         return modes.pop() if len(modes) == 1 else self.resize
 
     def signature(self) -> tuple:
         """Equal signatures build identical modules (used to drop duplicate runs from sweeps)."""
         return (self.source, self.destination, self.source_stage, self.destination_stage, self.adapter,
                 self.style if self.kind == "stitched" else "", self.working_format, tuple(self.steps),
-                tuple(self.kept_blocks)) + ((self.source_block, self.destination_block)
-                                            if self.source_block is not None else ())
+                tuple(self.kept_blocks), self.end_resize) + ((self.source_block, self.destination_block)
+                                                             if self.source_block is not None else ())
 
     @property
     def cut_label(self) -> str:
@@ -132,9 +176,17 @@ class StitchPlan:
         out = [{"at": f"{self.source} block {self.source_block} (its output)" if blocks else
                 f"{self.source} stage {self.source_stage} (after first block)", **_d(self.source_cut)}]
         for i, s in enumerate(self.steps, 1):
-            out.append({"at": f"adapter {i} ({self.adapter}, {s.resize}, stride {s.stride})",
+            out.append({"at": f"adapter {i} ({self.adapter}, {s.resize}, stride {s.stride}"
+                              + (f", 1x1 padding {s.pad}" if s.pad else "") + ")",
                         "in": f"{s.c_in}@{s.size_in[0]}x{s.size_in[1]}",
-                        "out": f"{s.c_out}@{s.size_out[0]}x{s.size_out[1]}"})
+                        "out": f"{s.c_out}@{s.size_after[0]}x{s.size_after[1]}"})
+            if self.quirks and s.stride == 1 and s.size_in != s.size_out:   # where the quirks hide a resize
+                out[-1]["resized_to"] = f"{s.c_in}@{s.size_out[0]}x{s.size_out[1]}"
+        if self.end_resize is not None:
+            last, (h, w) = self.steps[-1], self.end_resize
+            out.append({"at": "resized back to the destination's size (model.code_quirks)",
+                        "in": f"{last.c_out}@{last.size_after[0]}x{last.size_after[1]}",
+                        "out": f"{last.c_out}@{h}x{w}"})
         for st in self.kept_blocks:
             out.append({"at": f"{self.destination} stage {st} first block (kept, fine-tuned)"})
         where = (f"after block {self.destination_block}" if blocks else
@@ -179,12 +231,13 @@ def check_stages(source_stage: int, destination_stage: int) -> None:
 
 def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, resize: str, schedule: str,
                 shapes_src: dict | None = None, shapes_dst: dict | None = None, img_size: int = 224,
-                style: str = "code") -> StitchPlan:
+                style: str = "code", quirks: bool = False) -> StitchPlan:
     """Plan the stitch. ``shapes_*`` map (stage, 'first'|'end') to (C, H, W) traced from the real models;
     without them the declared cuts at a nominal ``img_size`` are used (config validation, sweeps).
-    ``style`` is the adapters' construction (:data:`ADAPTER_STYLES`): it changes modules, not shapes."""
+    ``style`` is the adapters' construction (:data:`ADAPTER_STYLES`): it changes modules, not shapes;
+    ``quirks`` (``model.code_quirks``) plans the paper code's own shapes (module docstring)."""
     check_stages(s, t)
-    _check_choices(adapter, resize, schedule, style)
+    _check_choices(adapter, resize, schedule, style, quirks)
 
     def shape(spec, shapes, stage, where):
         if shapes is None:
@@ -195,7 +248,7 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
     source_cut = shape(src, shapes_src, s, "first")
     destination_cut = shape(dst, shapes_dst, *destination_target(dst, s, t))
     plan = StitchPlan(src.name, dst.name, s, t, adapter, resize, schedule, style, source_cut, destination_cut,
-                      working_format=source_cut.format)
+                      working_format=source_cut.format, quirks=quirks)
 
     if adapter == "finetune":
         return _plan_finetune(plan, src, dst, lambda st, w: shape(dst, shapes_dst, st, w))
@@ -219,9 +272,9 @@ def plan_config(m, img_size: int = 224, resize: str | None = None) -> StitchPlan
     if getattr(m, "source_block", None) is not None:
         return plan_blocks(src, dst, m.source_block, m.destination_block, m.adapter, resize, m.schedule,
                            list_blocks(m.source, src_args, img_size), list_blocks(dst_name, dst_args, img_size),
-                           style=m.adapter_style)
+                           style=m.adapter_style, quirks=m.code_quirks)
     return plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, resize, m.schedule,
-                       img_size=img_size, style=m.adapter_style)
+                       img_size=img_size, style=m.adapter_style, quirks=m.code_quirks)
 
 
 def check_blocks(i, j, n_src: int, n_dst: int, src: str = "the source", dst: str = "the destination") -> None:
@@ -232,20 +285,20 @@ def check_blocks(i, j, n_src: int, n_dst: int, src: str = "the source", dst: str
 
 
 def plan_blocks(src: ModelSpec, dst: ModelSpec, i: int, j: int, adapter: str, resize: str, schedule: str,
-                blocks_src: list, blocks_dst: list, style: str = "code") -> StitchPlan:
+                blocks_src: list, blocks_dst: list, style: str = "code", quirks: bool = False) -> StitchPlan:
     """Plan a block cut: source block ``i``'s output into the destination after its block ``j``.
     ``blocks_*`` are the models' :func:`~stitching.models.registry.list_blocks` (or
     :func:`~stitching.models.registry.trace_blocks` of the real models) at the run's resolution. The receiver
     may sit at any depth, also before the sender's (every pair of a stitching matrix)."""
     check_blocks(i, j, len(blocks_src), len(blocks_dst), src.name, dst.name)
-    _check_choices(adapter, resize, schedule, style)
+    _check_choices(adapter, resize, schedule, style, quirks)
     if adapter == "finetune":
         raise PlanError("model.adapter", adapter, "the fine-tuning baseline takes stage cuts "
                         "(model.source_stage / destination_stage), not block cuts")
     a, b = blocks_src[i], blocks_dst[j]
     shape = lambda blk: Shape(blk.format, blk.channels, blk.height, blk.width)  # noqa: E731
     plan = StitchPlan(src.name, dst.name, None, None, adapter, resize, schedule, style, shape(a), shape(b),
-                      working_format=a.format, source_block=i, destination_block=j)
+                      working_format=a.format, source_block=i, destination_block=j, quirks=quirks)
     k = max(abs(b.stage - a.stage), 1)
     way = 1 if b.stage >= a.stage else -1
     inter = []
@@ -255,7 +308,7 @@ def plan_blocks(src: ModelSpec, dst: ModelSpec, i: int, j: int, adapter: str, re
     return _plan_chain(plan, src, dst, k, inter, f"{src.name} block {i} -> {dst.name} block {j}")
 
 
-def _check_choices(adapter: str, resize: str, schedule: str, style: str) -> None:
+def _check_choices(adapter: str, resize: str, schedule: str, style: str, quirks: bool = False) -> None:
     if adapter not in ADAPTERS:
         raise PlanError("model.adapter", adapter, f"must be one of {', '.join(ADAPTERS)}")
     if resize not in RESIZES:
@@ -264,6 +317,20 @@ def _check_choices(adapter: str, resize: str, schedule: str, style: str) -> None
         raise PlanError("model.schedule", schedule, f"must be one of {', '.join(SCHEDULES)}")
     if style not in ADAPTER_STYLES:
         raise PlanError("model.adapter_style", style, f"must be one of {', '.join(ADAPTER_STYLES)}")
+    check_quirks(quirks, style)
+
+
+def style_label(style: str, quirks: bool) -> str:
+    """The adapter style as ``result.csv`` writes it: ``code+quirks`` for the code style with
+    ``model.code_quirks`` (another network: never averaged with ``code``), else the style."""
+    return f"{style}+quirks" if quirks else style
+
+
+def check_quirks(quirks: bool, style: str) -> None:
+    """``model.code_quirks`` belongs to the ``code`` style (:data:`CODE_STYLE`): :class:`PlanError` otherwise."""
+    if quirks and style != CODE_STYLE:
+        raise PlanError("model.code_quirks", quirks, f"the paper code's padding and 'no downsample' maps are part "
+                        f"of its construction: they need model.adapter_style={CODE_STYLE}, not {style}")
 
 
 def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter: list[Shape],
@@ -299,19 +366,30 @@ def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter:
         chans = [x.channels for x in inter] + [destination_cut.channels]
         sizes = [(x.height, x.width) for x in inter] + [(destination_cut.height, destination_cut.width)]
 
-    c_in, size_in = c_first_in, (source_cut.height, source_cut.width)
+    quirks = plan.quirks and plan.working_format == "image"
+    pad = 1 if quirks and adapter in PADDED_ADAPTERS else 0
+    c_in = c_first_in
+    size_in = planned = (source_cut.height, source_cut.width)    # received / the previous adapter's own size
+    if quirks and resize == "none" and is_token(source_cut.format):
+        n = source_cut.height * source_cut.width
+        planned = (n, n)            # the paper code's "no downsample" from tokens: the token count as a side
     for i, (c_out, size_out) in enumerate(zip(chans, sizes)):
         if resize == "none":
-            size_out = size_in
+            size_out = planned
         stride, how = 1, resize
-        if size_out == size_in:
+        if size_out == planned:
             how = "none"            # the three modes build the same adapter: record it as "none"
-        elif resize == "strided" and _upsamples(size_in, size_out):
+        elif resize == "strided" and _upsamples(planned, size_out):
             how = "bilinear"        # "integrated" upsampling: bilinear then stride 1, the bilinear module
         elif resize == "strided":
-            stride = _integer_stride(size_in, size_out, where, i + 1)
-        plan.steps.append(Step(c_in, c_out, size_in, size_out, how, stride))
-        c_in, size_in = c_out, size_out
+            stride = _integer_stride(planned, size_out, where, i + 1)
+        if size_in != planned and resize != "none":
+            how = "bilinear"        # quirks: the grown map resized to this adapter's size (the code's input size)
+        plan.steps.append(Step(c_in, c_out, size_in, size_out, how, stride, pad))
+        c_in, planned = c_out, size_out
+        size_in = plan.steps[-1].size_after
+    if pad and resize != "none":
+        plan.end_resize = planned   # the code resizes to the destination's input size (under none: not)
     return plan
 
 

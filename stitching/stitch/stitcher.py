@@ -4,8 +4,9 @@
 
 - ``prefix``: the source's stem and blocks up to and including the first block of the source stage (block
   cuts, ``model.source_block: i``: up to and including block i);
-- ``adapters``: format conversion into the adapters' working format, the chained adapters, conversion
-  into the destination's format, with ``model.pos_embed: reinject`` the destination's position embedding
+- ``adapters``: format conversion into the adapters' working format, the chained adapters (with
+  ``model.code_quirks`` under a resizing mode, a resize of the last padded map back to the destination's size),
+  conversion into the destination's format, with ``model.pos_embed: reinject`` the destination's position embedding
   (:mod:`stitching.stitch.posembed`) (for the fine-tuning baseline: the destination's kept first blocks);
 - ``suffix``: the destination's remaining blocks and head (block cuts, ``model.destination_block: j``: its
   blocks j + 1.. and head).
@@ -35,7 +36,7 @@ from torch import nn
 
 from stitching.models.formats import Convert, prefix_tokens
 from stitching.models.registry import WeightsError, get_spec, load_model, trace_blocks, trace_cuts
-from stitching.stitch.adapters import Adapter
+from stitching.stitch.adapters import Adapter, Resize
 from stitching.stitch.plan import Shape, StitchPlan, destination_target, plan_blocks, plan_stitch
 from stitching.stitch.posembed import PosReinject, learned_pos_embed
 
@@ -144,13 +145,13 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
         traced_src = trace_blocks(src_spec, src_parts, img_size, src_model)
         traced_dst = traced_src if same else trace_blocks(dst_spec, dst_parts, img_size, dst_model)
         plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced_src,
-                           traced_dst, style=mcfg.adapter_style)
+                           traced_dst, style=mcfg.adapter_style, quirks=mcfg.code_quirks)
         prefix = nn.Sequential(src_parts.stem, *src_blocks[: i + 1])
         start = j + 1
     else:
         s, t = mcfg.source_stage, mcfg.destination_stage
         plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
-                           src_shapes, dst_shapes, style=mcfg.adapter_style)
+                           src_shapes, dst_shapes, style=mcfg.adapter_style, quirks=mcfg.code_quirks)
         prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
         stage, where = destination_target(dst_spec, s, t)
         start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
@@ -163,15 +164,16 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
         return BuiltModel(model, "finetune", data_config, plan)
 
     grid = (plan.source_cut.height, plan.source_cut.width)
-    last = plan.steps[-1]
     layers = [Convert(plan.source_cut.format, plan.working_format, grid)]
-    layers += [Adapter(mcfg.adapter, step, plan.working_format, plan.style) for step in plan.steps]
-    layers.append(Convert(plan.working_format, plan.destination_cut.format, last.size_out))
+    layers += [Adapter(mcfg.adapter, step, plan.working_format, plan.style, mcfg.init) for step in plan.steps]
+    if plan.end_resize is not None:     # model.code_quirks: the padded map back to the destination's size
+        layers.append(Resize(plan.steps[-1].size_after, plan.end_resize))
+    layers.append(Convert(plan.working_format, plan.destination_cut.format, plan.output_size))
     if getattr(mcfg, "pos_embed", "none") == "reinject":
         found = learned_pos_embed(dst_model)
         if found is None:    # the config check refuses this first (model.pos_embed)
             raise ValueError(f"model.pos_embed=reinject: {dst_name} has no learned position embedding")
-        layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), last.size_out))
+        layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), plan.output_size))
     model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
     cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in dst_shapes.items()}
     return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts)
