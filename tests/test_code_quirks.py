@@ -272,3 +272,67 @@ def test_the_papers_sweep_under_the_code_preset_counts_the_codes_runs(tmp_path):
     big = index[(f"{VIT} -> resnet50", "bottleneck/none", "3->3", 0.002, 0)]
     assert big.method == "bottleneck/none" and [p["method"] for p in big.points] == ["bottleneck/none"]
     assert big.config.model.code_quirks is True
+
+
+def _mnist_quirks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mnist_quirks", ROOT / "scripts" / "mnist_quirks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_deltas_pair_each_seed_and_leave_other_options_at_their_reference():
+    import pandas as pd
+
+    script = _mnist_quirks()
+    base = {"kind": "stitched", "source": "resnet18", "destination": "resnet18", "gap": "1->3",
+            "adapter": "linear", "resize": "bilinear", "epochs": 2, "adapter_style": "code", "frozen_bn": "eval",
+            "init": "default"}
+    rows = [{**base, "seed": 0, "top1": 60.0}, {**base, "seed": 1, "top1": 70.0},
+            {**base, "seed": 0, "top1": 64.0, "adapter_style": "code+quirks"},
+            {**base, "seed": 1, "top1": 72.0, "adapter_style": "code+quirks"},
+            {**base, "seed": 0, "top1": 10.0, "adapter_style": "code+quirks", "init": "pytorch"},   # not paired
+            {**base, "seed": 1, "top1": 75.0, "frozen_bn": "train"}]
+    table = script.paired_deltas(pd.DataFrame(rows), "adapter_style", "code", "code+quirks")
+    line = table.iloc[0]
+    assert (line["n"], line["code"], line["code+quirks"], line["delta"]) == (2, 65.0, 68.0, 3.0)
+    assert line["se"] == pytest.approx(1.0)                    # differences 4 and 2: s.d. sqrt 2, / sqrt 2
+    assert table.iloc[-1]["source"] == "all stitches, every seed" and len(table) == 2
+    frozen = script.paired_deltas(pd.DataFrame(rows), "frozen_bn", "eval", "train")
+    assert list(frozen["delta"]) == [5.0, 5.0] and frozen["se"].isna().all()      # one seed paired
+    text = script.deltas_markdown(pd.DataFrame(rows))
+    assert "| ResNet-18 -> ResNet-18 | 1->3 | linear/bilinear | 2 | 2 | 65.0 | 68.0 | +3.0 ± 1.0 |" in text
+
+
+def test_the_mnist_quirks_sweep_expands_next_to_the_studys_configs(tmp_path):
+    """``configs/sweeps/mnist_quirks.yaml``, copied next to the base configs ``scripts/toy_study.py`` writes (fake
+    weights of the right shapes stand in for the trained models): its runs, each comparison's two values."""
+    import shutil
+    from collections import Counter
+
+    from safetensors.torch import save_file
+
+    from stitching.models import load_model
+    from stitching.sweep.spec import expand
+
+    toy = _mnist_quirks()._toy_study()
+    out = tmp_path / "mnist"
+    kwargs = toy.model_kwargs("mnist")
+    for model in toy.MODELS:
+        path = toy.weights_path(out, model)
+        path.parent.mkdir(parents=True)
+        net = load_model(model, num_classes=10, kwargs=kwargs[model] or None)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    toy.write_sweep(out, study="mnist", data_root=tmp_path / "data")
+    shutil.copy(ROOT / "configs" / "sweeps" / "mnist_quirks.yaml", out)
+    exp = expand(out / "mnist_quirks.yaml", tmp_path / "runs")[2]
+    assert len(exp.runs) == 130 and sum(exp.duplicates.values()) == 6
+    quirks = Counter((r.block, r.config.model.code_quirks) for r in exp.runs if r.block.startswith("quirks"))
+    assert quirks == {("quirks_resnet18_self", False): 8, ("quirks_resnet18_self", True): 8,
+                      ("quirks_resnet18_to_vit_tiny", False): 6, ("quirks_resnet18_to_vit_tiny", True): 6,
+                      ("quirks_vit_tiny_to_resnet18", False): 12, ("quirks_vit_tiny_to_resnet18", True): 12}
+    assert {r.config.train.frozen_bn for r in exp.runs if r.block.startswith("frozen")} == {"eval", "train"}
+    assert {(r.config.model.init, r.config.train.epochs) for r in exp.runs if r.block == "init_resnet18_self"} \
+        == {("default", 2), ("default", 6), ("pytorch", 2), ("pytorch", 6)}
