@@ -3,7 +3,7 @@
 
     python scripts/mnist_quirks.py [--out runs/mnist] [--parallel 2] [--threads N] [--dry-run]
 
-Uses the MNIST study's trained models (``scripts/toy_study.py --data mnist``: ``OUT/resnet18``,
+Uses the trained models of the MNIST study (``scripts/toy_study.py``, its mnist data: ``OUT/resnet18``,
 ``OUT/vit_tiny``; trained here first, as the study trains them, where missing) and its ImageFolder
 (``OUT/data``), then, each step a real command-line tool:
 
