@@ -166,7 +166,8 @@ def test_summary_prints_and_costs_the_built_network(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["model.adapter_style=text"], "model.code_quirks=True: the paper code's padding and 'no downsample' maps are "
-                                   "part of its construction: they need model.adapter_style=code, not text"),
+                                   "part of its construction: they need model.adapter_style=code, not text (with text: "
+                                   "model.code_quirks=false)"),
     (["model.adapter=linear", "model.init=least_squares", "model.schedule=destination"],
      "model.code_quirks=True: the paper code's padded 1x1 convolutions and 'no downsample' maps change the shapes "
      "the least-squares fit targets: use model.code_quirks=false or model.init=default"),

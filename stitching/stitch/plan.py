@@ -330,7 +330,8 @@ def check_quirks(quirks: bool, style: str) -> None:
     """``model.code_quirks`` belongs to the ``code`` style (:data:`CODE_STYLE`): :class:`PlanError` otherwise."""
     if quirks and style != CODE_STYLE:
         raise PlanError("model.code_quirks", quirks, f"the paper code's padding and 'no downsample' maps are part "
-                        f"of its construction: they need model.adapter_style={CODE_STYLE}, not {style}")
+                        f"of its construction: they need model.adapter_style={CODE_STYLE}, not {style} (with {style}: "
+                        f"model.code_quirks=false)")
 
 
 def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter: list[Shape],
