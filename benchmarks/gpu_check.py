@@ -8,7 +8,7 @@ fails does not stop the others):
    resumed after SIGTERM, nvJPEG decoding against the CPU's, normalisation on the device, a one-process NCCL
    group with a DDP step, the local launcher's GPU placement);
 2. ``quickstart``: the README's quick start trained end to end on ``cuda`` (``train.precision: auto``);
-3. ``keep_up``: ``benchmarks/keep_up.py --device cuda``, which runs ``benchmarks/train_step.py`` (ResNet-50
+3. ``keep_up``: ``benchmarks/keep_up.py`` on the GPU, which runs ``benchmarks/train_step.py`` (ResNet-50
    1 -> 3 and ResNet-50 1 -> Swin-T 3, bottleneck adapters, and each full destination model, at 224 px in the
    precision ``auto`` picks: bf16 from compute capability 8.0) and ``benchmarks/data.py`` with the trainer's
    default loader workers.
