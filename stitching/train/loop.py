@@ -170,7 +170,7 @@ class Run:
 # ------------------------------------------------------------------------------------------ the run
 def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     """Train/evaluate ``cfg`` into ``run_dir``; returns the process exit code (:mod:`stitching.rundir`)."""
-    from stitching.data.loaders import BadImageError
+    from stitching.data.images import BadImageError
 
     check_files(cfg)
     device = resolve_device(cfg)
