@@ -52,6 +52,7 @@ from torch.utils.data import default_collate
 from stitching.data.images import BadImageError, load_image, open_image
 from stitching.data.pipeline import EncodedSample, collate_encoded
 from stitching.data.synthetic import SyntheticImages
+from stitching.messages import short_repr
 
 __all__ = ["build_datasets", "build_loader", "set_epoch", "start_at", "sample_seed", "seed_worker", "DATASET_NAMES",
            "default_workers", "BAD_IMAGE_MODES"]
@@ -85,7 +86,7 @@ def build_datasets(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Ca
         return train, val
     if name == "imagefolder":
         return _build_imagefolders(data, train_tf, eval_tf)
-    raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
+    raise ValueError(f"unknown dataset name {short_repr(name)}; expected one of {DATASET_NAMES}")
 
 
 def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]
@@ -98,7 +99,7 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
                          "(layout root/train/<class>, root/val/<class>)")
     mode = getattr(data, "bad_images", "error")
     if mode not in BAD_IMAGE_MODES:
-        raise ValueError(f"data.bad_images must be one of {', '.join(BAD_IMAGE_MODES)}, got {mode!r}")
+        raise ValueError(f"data.bad_images must be one of {', '.join(BAD_IMAGE_MODES)}, got {short_repr(mode)}")
     root = os.path.expanduser(str(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"imagefolder root does not exist or is not a directory: {root}")

@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from stitching.messages import short_repr
 from stitching.rundir import EXIT_PREEMPTED, REQUEUE_ENV, REQUEUE_REQUEST, SLURM_MARKER
 
 __all__ = [
@@ -172,7 +173,7 @@ class SlurmResources:
 
     def __post_init__(self) -> None:
         def fail(key: str, why: str) -> None:
-            raise ValueError(f"SlurmResources.{key}: {why} (got {getattr(self, key)!r})")
+            raise ValueError(f"SlurmResources.{key}: {why} (got {short_repr(getattr(self, key))})")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -215,7 +216,7 @@ class SlurmResources:
             if line.startswith("#SBATCH"):
                 line = line[len("#SBATCH"):].strip()
             if not line.startswith("-"):
-                fail("extra", f"{line!r} is not an sbatch option")
+                fail("extra", f"{short_repr(line)} is not an sbatch option")
             lines.append(line)
         self.extra = lines
         if self.gpu_flag not in _GPU_FLAGS:
@@ -230,7 +231,7 @@ class SlurmResources:
         for key in d:
             if key not in known:
                 raise ValueError(
-                    f"{source}: unknown SLURM resource key {key!r} (known keys: {', '.join(known)})"
+                    f"{source}: unknown SLURM resource key {short_repr(key)} (known keys: {', '.join(known)})"
                 )
         try:
             return cls(**d)
@@ -286,7 +287,7 @@ def _sbatch_quote(value: str) -> str:
     # sbatch splits #SBATCH lines on blanks but honours double quotes.
     if re.search(r'\s|"', value):
         if '"' in value or "\n" in value:
-            raise ValueError(f"cannot put {value!r} on an #SBATCH line")
+            raise ValueError(f"cannot put {short_repr(value)} on an #SBATCH line")
         return f'"{value}"'
     return value
 
@@ -385,9 +386,9 @@ def render_array_script(
     command itself.
     """
     if not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"n_tasks must be >= 1, got {n_tasks!r}")
+        raise ValueError(f"n_tasks must be >= 1, got {short_repr(n_tasks)}")
     if not job_name or not _NAME_RE.match(job_name):
-        raise ValueError(f"bad job name {job_name!r} (no blanks or quotes)")
+        raise ValueError(f"bad job name {short_repr(job_name)} (no blanks or quotes)")
     if not command.strip():
         raise ValueError("empty command")
     if not job_name.startswith(JOB_NAME_PREFIX):
@@ -437,7 +438,7 @@ def write_task_file(path: Path, run_dirs: Iterable[str | os.PathLike]) -> list[s
     for d in run_dirs:
         s = _norm(d)
         if "\n" in s or "\r" in s:
-            raise ValueError(f"run directory with a newline: {s!r}")
+            raise ValueError(f"run directory with a newline: {short_repr(s)}")
         lines.append(s)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -541,7 +542,7 @@ def submit(script_path: Path) -> str:
         )
     job_id = proc.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        raise RuntimeError(f"unexpected sbatch output: {proc.stdout!r} {proc.stderr!r}")
+        raise RuntimeError(f"unexpected sbatch output: {short_repr(proc.stdout)} {short_repr(proc.stderr)}")
     return job_id
 
 

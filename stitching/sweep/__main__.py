@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from stitching import rundir as R
-from stitching.config import IDENTITY, ConfigError, run_cli
+from stitching.config import IDENTITY, ConfigError, read_yaml, run_cli
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
@@ -91,7 +91,7 @@ def print_reused(reused: list) -> None:
 def _write_config(run: Run) -> None:
     d = R.RunDir(run.config.output.dir)
     if d.config.is_file():
-        old = yaml.safe_load(d.config.read_text()) or {}
+        old = read_yaml(d.config) or {}          # (bounded: an alias bomb there is one line, exit 2)
         diff = R.differing_keys(old, run.config.to_dict(), IDENTITY)      # none: the same run
         if diff:
             raise ConfigError("output.dir", str(d.path), "sweep", f"holds a different run's {R.CONFIG} (differs in "
