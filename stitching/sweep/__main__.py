@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import shlex
 import sys
 from collections import Counter
 from pathlib import Path
@@ -281,8 +282,8 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
         else:
             print(f"slurm: all {len(runs)} unfinished runs are already queued or running")
         submitted += len(dirs)
-    print(f"logs: {runs_dir / 'slurm' / 'logs'}; collect with: python -m stitching.collect {runs_dir} "
-          f"-o {runs_dir}/results.csv")
+    print(f"logs: {runs_dir / 'slurm' / 'logs'}; collect with: python -m stitching.collect {shlex.quote(str(runs_dir))} "
+          f"-o {shlex.quote(str(runs_dir / 'results.csv'))}")
     for cause, n in refused.items():
         print(f"error: {n} runs not submitted: {slurm.REFUSALS[cause]} (see above)", file=sys.stderr)
     return R.EXIT_CONFIG if refused else 0
