@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from stitching.messages import MAX_MESSAGE_CHARS, clip, short_repr
 # EXIT_CONFIG is re-exported: the exit code of a ConfigError
 from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
 
@@ -30,9 +31,14 @@ CLI = "command line"
 
 
 class ConfigError(Exception):
+    """A bad key, value or combination: one line naming the key, the value and the file. The value is quoted
+    with :func:`stitching.messages.short_repr` and the key and message are clipped, so the line stays short
+    whatever the value (an alias bomb, a megabyte string)."""
+
     def __init__(self, key: str, value, source: str, message: str):
         self.key, self.value, self.source, self.message = key, value, source, message
-        super().__init__(f"{source}: {key}={value!r}: {message}" if key else f"{source}: {message}")
+        key, message = clip(key), clip(message, MAX_MESSAGE_CHARS)
+        super().__init__(f"{source}: {key}={short_repr(value)}: {message}" if key else f"{source}: {message}")
 
 
 @dataclass
@@ -339,10 +345,7 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
     if not path.is_file():
         where = str(seen[-1]) if seen else CLI
         raise ConfigError("base" if seen else "--config", src, where, "file not found")
-    try:
-        data = _parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError("", None, src, "a config file must be a mapping of sections")
     base = data.pop("base", None)
@@ -359,17 +362,107 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
             origins[f"{section}.{key}"] = src
 
 
-_PARSED: dict = {}      # a file's text -> its parsed YAML: a sweep loads the same base files for every grid point
 _HINTS: dict = {}       # section dataclass -> its field types
 
 
-def _parse_yaml(text: str):
-    """``yaml.safe_load(text)``, parsed once per distinct text (a copy each call: callers change it)."""
+# ------------------------------------------------------------------------------------------------- YAML files
+#: The most a YAML file the framework reads (a config and its base files, a sweep or matrix file, a run
+#: directory's ``config.yaml``) may hold: bytes on disk, and nodes once every alias is expanded. A config is a few
+#: hundred nodes; an alias bomb (a 1.7 KB file whose nested aliases expand to 10^8 nodes) is refused before
+#: anything walks it (an error message, the run hash, a deep copy written out).
+MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_NODES = 100_000
+_PARSED: dict = {}      # a file's text -> its parsed YAML: a sweep loads the same base files for every grid point
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """How many nodes the document rooted at ``root`` has with every alias expanded (each distinct node counted
+    once per place it appears), computed over the distinct nodes only; :class:`_TooLarge` as soon as the count
+    passes ``limit`` or a node contains itself (a recursive alias)."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()                       # nodes whose children are being counted: the current path
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if children_done:
+            sizes[id(node)] = size = 1 + sum(sizes[id(c)] for c in children)
+            open_.discard(id(node))
+            if size > limit:
+                raise _TooLarge(f"its aliases expand to more than {limit:,} nodes (MAX_YAML_NODES; a config has a "
+                                "few hundred): not a file this framework reads")
+            continue
+        if id(node) in sizes:
+            continue
+        open_.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_:
+                raise _TooLarge("an alias refers to a node that contains it (a recursive alias): its expansion "
+                                "has no end")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts each document's nodes with its aliases expanded before constructing it
+    (:data:`MAX_YAML_NODES`)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _expanded_nodes(node, MAX_YAML_NODES)
+        return node
+
+
+def parse_yaml(text: str, src: str):
+    """The YAML document ``text`` (from ``src``, for messages) as ``yaml.safe_load`` reads it, within
+    :data:`MAX_YAML_NODES`; parsed once per distinct text (a copy each call: callers change it). Invalid YAML,
+    too many nodes, a recursive alias or nesting too deep for the parser are a :class:`ConfigError` naming ``src``."""
     if text not in _PARSED:
+        try:
+            value = yaml.load(text, Loader=_BoundedLoader)
+        except _TooLarge as err:
+            raise ConfigError("", None, src, str(err)) from None
+        except RecursionError:
+            raise ConfigError("", None, src, "nested too deeply to be read (not a config)") from None
+        except (yaml.YAMLError, ValueError) as err:   # ValueError: e.g. an integer of more than 4300 digits
+            raise ConfigError("", None, src, f"not valid YAML: {(str(err).strip().splitlines() or [''])[0]}") \
+                from None
         if len(_PARSED) >= 256:
             _PARSED.clear()
-        _PARSED[text] = yaml.safe_load(text)
+        _PARSED[text] = value
     return copy.deepcopy(_PARSED[text])
+
+
+def read_yaml(path: str | os.PathLike, src: str | None = None):
+    """The YAML document in the file ``path`` (:func:`parse_yaml`), read only up to :data:`MAX_YAML_BYTES`; a
+    file that cannot be read, is larger, is not UTF-8 text or not YAML within the bounds is a :class:`ConfigError`
+    naming it (``src``: how to name it, default the path)."""
+    src = str(path) if src is None else src
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ConfigError("", None, src, f"cannot be read ({err.strerror or type(err).__name__})") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError("", None, src, f"larger than {MAX_YAML_BYTES // 1024} KiB (MAX_YAML_BYTES; a config is a "
+                          "few KiB): not a file this framework reads")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError("", None, src, f"not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x})") from None
+    return parse_yaml(text, src)
 
 
 def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
@@ -407,7 +500,7 @@ def _coerce(hint, value, key: str, src: str):
         if t is dict and isinstance(value, dict):
             bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
             if bad:
-                raise ConfigError(key, value, src, f"argument names must be identifiers, not {bad[0]!r}")
+                raise ConfigError(key, value, src, f"argument names must be identifiers, not {short_repr(bad[0])}")
             return copy.deepcopy(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(key, value, src, f"must be {names}")

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     if args.launcher is None and not args.draw:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
 
-    from stitching.sweep.__main__ import _print_dropped, launch, print_reused
+    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan
 
     matrix = load_matrix(args.matrix)
     runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
+        if args.launcher == "slurm":
+            print_slurm_plan(todo, matrix.blocks(), args.slurm)
         print("dry run: nothing written or submitted")
         return 0
     code = 0

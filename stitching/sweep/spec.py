@@ -36,9 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, validate
+from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, read_yaml, validate
 from stitching.rundir import RUN_KEY_CHARS, identity
 
 SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}
@@ -123,9 +121,9 @@ def read_spec_file(path: Path, what: str, keys, error: type) -> dict:
     if not path.is_file():
         raise error(what, src, "command line", "file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise error("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
+        data = read_yaml(path) or {}
+    except ConfigError as err:      # unreadable, too large, not YAML (within stitching.config's bounds)
+        raise error(err.key, err.value, err.source, err.message) from None
     if not isinstance(data, dict):
         raise error("", None, src, f"a {what} file must be a mapping")
     for key in data:
@@ -293,8 +291,8 @@ def _same_run_dir(cfg: Config, candidates: list[Path], read: dict) -> Path | Non
     for d in candidates:
         if d not in read:
             try:
-                read[d] = yaml.safe_load((d / R.CONFIG).read_text())
-            except (OSError, yaml.YAMLError):
+                read[d] = read_yaml(d / R.CONFIG)
+            except ConfigError:          # unreadable, too large, not YAML: not the same run
                 read[d] = None
         if isinstance(read[d], dict) and R.same_run(read[d], cfg.to_dict(), IDENTITY):
             same.append(d)

@@ -34,11 +34,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from stitching import rundir as R
-from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config
+from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config, read_yaml
 from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
@@ -170,7 +169,7 @@ class Run:
 # ------------------------------------------------------------------------------------------ the run
 def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     """Train/evaluate ``cfg`` into ``run_dir``; returns the process exit code (:mod:`stitching.rundir`)."""
-    from stitching.data.loaders import BadImageError
+    from stitching.data.images import BadImageError
 
     check_files(cfg)
     device = resolve_device(cfg)
@@ -239,7 +238,7 @@ def _already_finished(r: Run, force: bool) -> bool:
     not (ConfigError), or this run finished (skip)."""
     cfg, path = r.cfg, r.rundir.path
     if r.rundir.config.is_file() and not force:     # first: a finished *other* run is no reason to exit 0
-        old = yaml.safe_load(r.rundir.config.read_text()) or {}
+        old = read_yaml(r.rundir.config) or {}      # (bounded: an alias bomb there is one line, exit 2)
         diff = R.differing_keys(old, cfg.to_dict(), IDENTITY)      # none: the same run
         if diff:
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
