@@ -6,7 +6,8 @@ method in the paper's figures, labelled with its gap. Left panel: linear CKA at 
 between the source's features and the destination's own activation (``cka_before``) -- how far apart the two
 representations start. Right panel (where measured): CKA *after training* between the adapters' output and
 the destination's own activation (``cka_after``) -- whether the trained stitch copies the destination's
-representation or finds another one. Each panel's title gives Spearman's rank correlation of the points.
+representation or finds another one. Each panel's title gives Spearman's rank correlation of the points
+(:func:`spearman`: pandas ranks and numpy, so the plots need no scipy).
 The columns are :data:`stitching.results.schema.SIMILARITY_COLUMNS` (written by every stitched run);
 fine-tuning runs and original models have none and are not drawn. Like the other figures it draws one recipe
 (:class:`~stitching.results.recipe.MixedRecipes` otherwise) and raises :class:`NoData` when no run has a CKA.
@@ -50,6 +51,21 @@ def cka_scenarios(df: pd.DataFrame) -> pd.DataFrame:
     return out[columns + recipe]
 
 
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of ``x`` and ``y``: Pearson's r of their ranks, ties given their average rank
+    (``scipy.stats.spearmanr``'s value); pairs with a missing value are left out. NaN for fewer than three
+    pairs or a constant side."""
+    x = pd.Series(np.asarray(x, dtype=float))
+    y = pd.Series(np.asarray(y, dtype=float))
+    keep = x.notna() & y.notna()
+    if keep.sum() < 3:
+        return float("nan")
+    rx, ry = x[keep].rank(method="average").to_numpy(), y[keep].rank(method="average").to_numpy()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    scale = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / scale) if scale > 0 else float("nan")
+
+
 def _point_label(row: pd.Series, several_pairs: bool) -> str:
     gap = f"{int(row['source_stage'])}→{int(row['destination_stage'])}"
     if not several_pairs:
@@ -80,7 +96,7 @@ def plot_accuracy_vs_cka(df: pd.DataFrame, out_path: str | os.PathLike | None = 
             for _, row in rows.iterrows():
                 ax.annotate(_point_label(row, several), (row[column], row["top1_mean"]),
                             textcoords="offset points", xytext=(5, 3), fontsize="x-small", color="0.25")
-        rho = shown[column].corr(shown["top1_mean"], method="spearman") if len(shown) > 2 else float("nan")
+        rho = spearman(shown[column], shown["top1_mean"])
         ax.set_title(f"Spearman ρ = {rho:.2f} ({len(shown)} scenarios)" if np.isfinite(rho)
                      else f"{len(shown)} scenarios", fontsize="medium")
         ax.set_xlabel(xlabel)
