@@ -509,6 +509,7 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
          f"output.dir={out}", "model.adapter_style=text", "train.lr_schedule_unit=epoch",
          "train.per_device_batch_size=32", "train.max_steps_per_epoch=1", "data.train_size=64",
          "data.val_size=32", "data.normalize=imagenet", "data.eval_crop_pct=0.875", "output.save_model=false",
+         "data.label=Synthetic shapes",
          "train.device=cpu"],   # it asserts fp32, the CPU's precision
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -519,7 +520,7 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
                 "weight_decay": "0.05", "img_size": "32", "precision": "fp32", "normalize": "imagenet",
                 "eval_crop_pct": "0.875", "max_steps_per_epoch": "1", "auto_augment": "False",
                 "dataset": "synthetic", "resize_modes": "bilinear", "resize": "bilinear",   # downsamples
-                "pos_embed": "none"}
+                "pos_embed": "none", "data_label": "Synthetic shapes"}
     assert {k: row[k] for k in expected} == expected
 
 
@@ -533,7 +534,7 @@ NOT_RECIPE = {
     "model.destination_weights": "-> pretrained", "model.pretrained": "-> pretrained",
     "model.source_kwargs": "-> model_kwargs", "model.destination_kwargs": "-> model_kwargs",
     "model.init_images": "-> init_images (least_squares only)",
-    "data.name": "-> dataset", "data.root": "-> dataset", "data.num_classes": "-> num_classes",
+    "data.name": "-> dataset", "data.root": "-> dataset", "data.label": "a display name (data_label column)", "data.num_classes": "-> num_classes",
     "data.train_size": "synthetic data only", "data.val_size": "synthetic data only",
     "data.seed": "synthetic data only", "data.workers": "execution",
     "data.pipeline": "execution (same augmentation distribution)", "data.decode": "execution (same draws)",
