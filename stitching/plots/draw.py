@@ -90,11 +90,13 @@ class Drawing:
 @dataclass
 class Drawn:
     """What :func:`draw` made: the figures and Table 1 (:class:`Drawing`), the text files (relative path ->
-    text: Table 1, captions, recipe notes, the selection) and the selection table."""
+    text: Table 1, captions, recipe notes, the selection), the selection table and, for a table of several
+    recipes, what sets each recipe's folder apart (folder -> words)."""
 
     drawings: list[Drawing] = field(default_factory=list)
     texts: dict[str, str] = field(default_factory=dict)
     selection: pd.DataFrame = field(default_factory=pd.DataFrame)
+    recipes: dict[str, str] = field(default_factory=dict)
 
     @property
     def figures(self) -> list[Drawing]:
@@ -149,32 +151,36 @@ def draw(df: pd.DataFrame, options: DrawOptions = DrawOptions()) -> Drawn:
     for i, (recipe, rows) in enumerate(groups, 1):
         folder = f"{RECIPE_FOLDER.format(i)}/" if len(groups) > 1 else ""
         words = recipe_label(recipe, columns=differ).removeprefix("Recipe: ") if differ else ""
-        tag = f"{RECIPE_FOLDER.format(i)} ({words})" if folder else ""
+        tag = RECIPE_FOLDER.format(i) if folder else ""
         if folder:
-            log.warning("the results hold %d recipes: drawing %s into its own folder", len(groups), tag)
-        for run, kind in zip(rows[ROW], rows["kind"]):
-            tags[run] = tag if kind != "original" or run not in tags else tags[run] + "; " + tag
+            drawn.recipes[tag] = words
+            log.warning("the results hold %d recipes: drawing %s (%s) into its own folder", len(groups), tag, words)
+        for run in rows[ROW]:       # an original model is the reference of every recipe evaluated like it
+            tags[run] = f"{tags[run]}, {tag}" if run in tags else tag
         lr = lr_reasons(rows, options.adapter_lr, options.all_lrs)
         reasons[lr.index[lr != ""]] = lr[lr != ""]
         drawn.texts[folder + RECIPE_NOTE] = (recipe_label(recipe, dataset_label(rows)) + "\n\n"
                                              + "".join(f"{k}: {v}\n" for k, v in recipe.items()))
         pool = runs[before_split | runs.index.isin(rows.index)]
-        mine = _draw_recipe(rows, folder, recipe, options, reasons[pool.index], pool, words)
+        mine = _draw_recipe(rows, folder, recipe, options, reasons[pool.index], pool,
+                            f"{tag} of {len(groups)}: {words}" if folder else "")
         drawn.drawings += mine
         drawn.texts.update(_table1(rows, folder, drawn.drawings))
-        captions = [f"**{d.name.removeprefix(folder)}.png** {d.caption}" for d in mine if d.figure is not None]
+        captions = [f"**{d.name.removeprefix(folder)}** {d.caption}" for d in mine if d.figure is not None]
         if captions:
             drawn.texts[folder + CAPTIONS] = "\n\n".join(captions) + "\n"
     shown: dict[int, list[str]] = {}
     for d in drawn.drawings:
         for run in d.runs:
             shown.setdefault(run, []).append(d.what)
+    every = ", ".join(drawn.recipes)
+    tags = {run: "every recipe" if every and tag == every else tag for run, tag in tags.items()}
     drawn.selection = selection_table(runs, reasons, shown, tags)
     legend = ("Drawn in: stage = `accuracy_vs_stage_<source>_to_<destination>`, MACs = "
               "`accuracy_vs_macs_<source>_to_<destination>` (the line's pair), cross-architecture = "
               "`cross_architecture`, CKA = `accuracy_vs_cka`, Table 1 = `table1.md`"
               + (f", in the recipe's folder (`{RECIPE_FOLDER.format('<i>')}/`)" if len(groups) > 1 else "") + ".")
-    drawn.texts[SELECTION] = selection_markdown(drawn.selection, legend)
+    drawn.texts[SELECTION] = selection_markdown(drawn.selection, legend, drawn.recipes)
     return drawn
 
 

@@ -109,10 +109,10 @@ def left_out_note(reasons: pd.Series, scope: str) -> str:
 
 
 def _places(names: list[str]) -> str:
-    """``stage, MACs, Table 1``; a name repeated (an original drawn in several pairs' figures) counted once:
-    ``stage (3 figures)``."""
+    """``stage, MACs, Table 1``; a name repeated (an original drawn in several pairs' figures) once, counted:
+    ``stage ×3``."""
     counts = {name: names.count(name) for name in names}
-    return ", ".join(name if n == 1 else f"{name} ({n} figures)" for name, n in counts.items())
+    return ", ".join(name if n == 1 else f"{name} ×{n}" for name, n in counts.items())
 
 
 def _gap(row) -> str:
@@ -154,7 +154,7 @@ def selection_table(runs: pd.DataFrame, reasons: pd.Series, shown: dict[int, lis
     se = _se(grouped["top1"]).to_numpy()
     out["top1"] = [format_accuracy(m, s, n) for m, s, n in zip(out["mean"], se, out["runs"])]
     out["_original"] = out["method"] == "Original"
-    out = out.sort_values(["recipe", "_original", "pair", "_s", "_t", "_order", "method", "_lr"], kind="stable",
+    out = out.sort_values(["_original", "recipe", "pair", "_s", "_t", "_order", "method", "_lr"], kind="stable",
                           na_position="first")
     return out[SELECTION_COLUMNS].reset_index(drop=True)
 
@@ -171,24 +171,32 @@ def _markdown(table: pd.DataFrame) -> str:
     return to_markdown(_shown_table(table), right=("lr", "Runs", "Top-1"))
 
 
-def selection_markdown(table: pd.DataFrame, legend: str = "") -> str:
-    """``selection.md``: a headline (runs shown and left out), ``legend`` (what the figure names mean), the table."""
+def _recipes(recipes: dict[str, str] | None) -> str:
+    return "Recipes: " + "; ".join(f"{k} = {v}" for k, v in recipes.items()) + "." if recipes else ""
+
+
+def selection_markdown(table: pd.DataFrame, legend: str = "", recipes: dict[str, str] | None = None) -> str:
+    """``selection.md``: a headline (runs shown and left out), ``legend`` (what the figure names mean), the
+    ``recipes`` (folder -> what sets it apart) where there are several, the table."""
     runs = int(table["runs"].sum()) if len(table) else 0
     hidden = int(table.loc[table["shown"] == "no", "runs"].sum()) if len(table) else 0
     head = (f"**What the figures show.** {runs} run{'s' * (runs != 1)}: {runs - hidden} drawn, {hidden} left "
             f"out (the reason on each line; top-1 % as mean ± standard error over the runs of the line).")
-    return "\n\n".join(p for p in (head, legend, _markdown(table) if len(table) else "") if p) + "\n"
+    parts = (head, legend, _recipes(recipes), _markdown(table) if len(table) else "")
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
-def selection_text(table: pd.DataFrame, limit: int = PRINT_LINES) -> str:
+def selection_text(table: pd.DataFrame, recipes: dict[str, str] | None = None, limit: int = PRINT_LINES) -> str:
     """The table for the command line: every line when there are at most ``limit``, else the left-out lines and
-    a count of the others (all of them are in ``selection.md``)."""
+    a count of the others (all of them are in ``selection.md``); the ``recipes`` where there are several."""
     if table.empty:
         return "selection: no runs"
     hidden = table[table["shown"] == "no"]
     runs, left = int(table["runs"].sum()), int(hidden["runs"].sum())
     head = f"selection: {runs - left} of {runs} runs drawn, {left} left out"
+    if recipes:
+        head += "\n" + _recipes(recipes)
     if len(table) <= limit:
         return head + "\n" + _markdown(table)
-    lines = head + f" ({len(table) - len(hidden)} lines of drawn runs not printed: see selection.md)"
-    return lines + ("\n" + _markdown(hidden) if len(hidden) else "")
+    head += f"\n({len(table) - len(hidden)} lines of drawn runs not printed: every line is in selection.md)"
+    return head + ("\n" + _markdown(hidden) if len(hidden) else "")

@@ -44,6 +44,7 @@ def cka_rows(df: pd.DataFrame, options: FigureOptions = DEFAULT_OPTIONS) -> pd.D
     module shared by several resize modes is one point: its rows are not copied to the other modes."""
     rows = df[(df["kind"] == "stitched") & df["top1"].notna()]
     present = [c for c, _ in PANELS if c in rows.columns]
+    rows = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in present})    # '' is no CKA
     rows = rows[rows[present].notna().any(axis=1)] if present else rows.iloc[0:0]
     if rows.empty:
         return rows
