@@ -27,9 +27,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from stitching.plots.aggregate import ADAPTER_LR, aggregate, lr_statement
-from stitching.plots.figures import (CROSS_ARCHITECTURE_ADAPTER, DPI, FORMATS, FigureOptions, NoData,
-                                     accuracy_vs_macs_figure, accuracy_vs_stage_figure, cross_architecture_figure,
-                                     pair_title, save_figure)
+from stitching.plots.figures import (CROSS_ARCHITECTURE_ADAPTER, DPI, FORMATS, SHARED_NOTE, FigureOptions,
+                                     NoData, accuracy_vs_macs_figure, accuracy_vs_stage_figure,
+                                     cross_architecture_figure, pair_title, save_figure)
 from stitching.plots.options import off_defaults
 from stitching.plots.selection import (OPTIONS, ROW, left_out_note, lr_reasons, number_runs, selection_markdown,
                                        selection_table, where_reasons)
@@ -200,6 +200,10 @@ def _seeds(rows: pd.DataFrame) -> str:
     return f"{low} seed{'s' * (low != 1)}" if low == high else f"{low}-{high} seeds"
 
 
+def _sentence(text: str) -> str:
+    return f"{text[0].upper()}{text[1:]}."
+
+
 def _caption(what: str, figure_rows: pd.DataFrame, all_rows: pd.DataFrame, recipe: dict, options: DrawOptions,
              note: str, source: str = "", destination: str = "") -> str:
     seeds = _seeds(figure_rows)
@@ -219,8 +223,9 @@ def _caption(what: str, figure_rows: pd.DataFrame, all_rows: pd.DataFrame, recip
                f"Spearman's rank correlation of its points.",
     }[what]
     shown = lr_statement(figure_rows, options.all_lrs)
-    parts = [body, f"Shown: {shown}." if shown else "", f"{note[0].upper()}{note[1:]}." if note else "",
-             recipe_label(recipe, dataset_label(all_rows)) + "."]
+    shared = "resize_shared" in figure_rows.columns and figure_rows["resize_shared"].fillna(False).astype(bool).any()
+    parts = [body, f"Shown: {shown}." if shown else "", _sentence(SHARED_NOTE) if shared else "",
+             _sentence(note) if note else "", recipe_label(recipe, dataset_label(all_rows)) + "."]
     return " ".join(p for p in parts if p)
 
 
@@ -232,8 +237,8 @@ def _draw_recipe(rows: pd.DataFrame, folder: str, recipe: dict, options: DrawOpt
     fig_options = options.figures
     out: list[Drawing] = []
 
-    def note(scope: pd.Series, words: str) -> str:
-        return "; ".join(p for p in (tag, left_out_note(reasons[scope.to_numpy()], words)) if p)
+    def note(scope: pd.Series, noun: tuple[str, str]) -> str:
+        return "; ".join(p for p in (tag, left_out_note(reasons[scope.to_numpy()], noun)) if p)
 
     def add(what: str, name: str, made, caption_args: tuple = (), note_text: str = "") -> None:
         if made is None:
@@ -247,7 +252,7 @@ def _draw_recipe(rows: pd.DataFrame, folder: str, recipe: dict, options: DrawOpt
     for source, destination in pairs(rows):
         stem = f"{_slug(source)}_to_{_slug(destination)}"
         scope = trained & (pool["source"] == source) & (pool["destination"] == destination)
-        text = note(scope, "of this pair")
+        text = note(scope, ("run of this pair", "runs of this pair"))
         add("stage", FIGURE_NAMES["stage"].format(pair=stem), _attempt(
             f"accuracy vs stage {source} -> {destination}",
             lambda: accuracy_vs_stage_figure(rows, source, destination, fig_options, text)),
@@ -257,7 +262,7 @@ def _draw_recipe(rows: pd.DataFrame, folder: str, recipe: dict, options: DrawOpt
             lambda: accuracy_vs_macs_figure(rows, source, destination, fig_options, text)),
             (source, destination), text)
     stitched = pool["kind"] == "stitched"
-    text = note(stitched, "stitched")
+    text = note(stitched, ("stitched run", "stitched runs"))
     add("cross-architecture", FIGURE_NAMES["cross-architecture"], _attempt(
         "cross-architecture figure", lambda: cross_architecture_figure(rows, fig_options, text)), (), text)
     add("CKA", FIGURE_NAMES["CKA"], _attempt(

@@ -63,6 +63,8 @@ MACS_LABEL = "GMACs (the paper's \"FLOPs\")"
 #: how far (inches) the drawn content may reach past the canvas before :func:`fit_to_canvas` grows it
 FIT_TOLERANCE = 0.01
 STAR_LABEL = "star-label"       # the gid of an original model's name next to its star
+#: said where a figure draws a run for several resize modes (:func:`stitching.plots.aggregate.share_resize_free`)
+SHARED_NOTE = "resize modes that build one module share its runs (their lines may coincide)"
 
 
 class NoData(ValueError):
@@ -106,12 +108,14 @@ def _one_recipe(df: pd.DataFrame, what: str, keep: pd.Series | None = None) -> t
 def legend_title(recipe: dict, rows: pd.DataFrame, drawn: pd.DataFrame, options: FigureOptions,
                  note: str = "", width: float = MIN_WIDTH) -> str:
     """The legend's title: the recipe (short: dataset, epochs, image size; whole with ``options.footer``), the
-    learning rates the figure shows and why, and ``note``; wrapped to ``width`` inches."""
+    learning rates the figure shows and why (and :data:`SHARED_NOTE` where runs stand for several resize
+    modes), and ``note``; wrapped to ``width`` inches."""
     dataset = dataset_label(rows)
     recipe_line = recipe_label(recipe, dataset, None if options.footer else SHORT_RECIPE)
     if not options.footer:
         recipe_line = recipe_line.removeprefix("Recipe: ")
-    lines = [recipe_line, lr_statement(drawn, options.all_lrs), note]
+    shared = "resize_shared" in drawn.columns and drawn["resize_shared"].fillna(False).astype(bool).any()
+    lines = [recipe_line, lr_statement(drawn, options.all_lrs) + (f" · {SHARED_NOTE}" if shared else ""), note]
     chars = int(width * RECIPE_CHARS_PER_INCH)
     return "\n".join(textwrap.fill(line, chars) for line in lines if line)
 

@@ -97,15 +97,15 @@ def unexplained_reason(row: pd.Series) -> str:
     return f"{NO_FIGURE}: none of the figures draws this kind of run"
 
 
-def left_out_note(reasons: pd.Series, scope: str) -> str:
-    """The legend's line about the runs of ``scope`` the selection left out, e.g. ``not drawn: 4 runs of this
-    pair (another lr: 2; --default-options: 2), listed in selection.md``; '' when none."""
+def left_out_note(reasons: pd.Series, noun: tuple[str, str] = ("run", "runs")) -> str:
+    """The legend's line about the runs (``noun``: singular, plural) the selection left out, e.g. ``not drawn: 4
+    runs of this pair (another lr: 2; --default-options: 2), listed in selection.md``; '' when none."""
     reasons = reasons[reasons != ""]
     if reasons.empty:
         return ""
     counts = reasons.map(lambda r: r.split(":")[0]).value_counts(sort=False)
     parts = "; ".join(f"{why}: {n}" for why, n in counts.items())
-    return f"not drawn: {len(reasons)} run{'s' * (len(reasons) != 1)} {scope} ({parts}), listed in selection.md"
+    return f"not drawn: {len(reasons)} {noun[len(reasons) != 1]} ({parts}), listed in selection.md"
 
 
 def _places(names: list[str]) -> str:
