@@ -97,6 +97,7 @@ def table_rows(text: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ no run hidden
 
+@pytest.mark.slow
 def test_a_second_learning_rate_is_named_where_it_is_left_out_and_drawn_with_all_lrs(tmp_path):
     """A stitch run at lr 0.01 (64.5 % at 1 -> 3) and at the recipe's 0.002 (57.8 %): by default the figures
     show 0.002, and the printed table, selection.md and the figure's legend say that the 0.01 runs are left out
@@ -207,6 +208,7 @@ def test_panel_titles_name_the_stages_and_the_dataset_its_label(tmp_path):
                                    f"datasets (data, other); one name cannot stand for them all")
 
 
+@pytest.mark.slow
 def test_formats_resolution_and_the_recipe_footer(tmp_path):
     """--format writes each figure as PNG, PDF and SVG; PNG at 300 dpi by default (--dpi to change); the recipe
     goes under the legend only with --recipe-footer (the figure grows by its lines), always into captions.md."""
