@@ -91,6 +91,8 @@ def model_args(m, role: str) -> dict | None:
 class DataConfig:
     name: str = "synthetic"                 # synthetic | imagefolder
     root: str | None = None                 # imagefolder: root/train/<class>/..., root/val/<class>/...
+    label: str | None = None                # the dataset's name in figures and tables (null: data.name for
+                                            # synthetic, the root folder's name for imagefolder); not identity
     img_size: int = 224
     num_classes: int | None = None          # synthetic: 10; imagefolder: 1000 (checked against the folders)
     train_size: int = 2000                  # synthetic only
@@ -214,6 +216,7 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "model.destination_kwargs": None,
     "data.name": "synthetic",
     "data.root": None,
+    "data.label": None,
     "data.img_size": 224,
     "data.num_classes": None,
     "data.train_size": 2000,
@@ -255,11 +258,11 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "train.preempt_check_every": 10,
 })
 
-#: Keys that change how a run is carried out, never what it computes, so never part of its identity (another
-#: value on a re-run or a resume is the same run): loader processes (every sample is seeded by its index, so any
-#: number of workers gives the same batches, tests/test_pipeline.py), how often the trainer logs, and how often
-#: DDP ranks agree on a preemption signal (a preempted run resumes exactly).
-OPERATIONAL_KEYS = ("data.workers", "train.log_every", "train.preempt_check_every")
+#: Keys that change how a run is carried out or named, never what it computes, so never part of its identity
+#: (another value on a re-run or a resume is the same run): loader processes (every sample is seeded by its index,
+#: so any number of workers gives the same batches, tests/test_pipeline.py), how often the trainer logs, how often
+#: DDP ranks agree on a preemption signal (a preempted run resumes exactly), and the dataset's display name.
+OPERATIONAL_KEYS = ("data.workers", "train.log_every", "train.preempt_check_every", "data.label")
 
 #: Keys a run reads only when another key has one of some values: key -> (that key, those values). Otherwise
 #: the key is not part of the identity (``model.init_images`` means nothing under ``model.init: default``), and

@@ -75,7 +75,8 @@ def test_keys_a_run_never_reads_are_not_its_identity():
 
     base = load_config(TINY)
     same = load_config(TINY, ["data.workers=3", "train.log_every=1", "train.preempt_check_every=7",
-                              "model.init_images=64", "train.distill_temperature=2", "train.match_epochs=1"])
+                              "model.init_images=64", "train.distill_temperature=2", "train.match_epochs=1",
+                              "data.label=Digits #2"])
     assert R.differing_keys(base.to_dict(), same.to_dict(), IDENTITY) == []
     assert run_dir_name(base) == run_dir_name(same)
     assert not set(OPERATIONAL_KEYS) & set(R.identity(same.to_dict(), IDENTITY))

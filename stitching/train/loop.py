@@ -635,7 +635,7 @@ def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
         "resize_modes": resize_modes(cfg) if stitched else "",
         "schedule": plan.schedule if stitched else "",
         "num_adapters": plan.num_adapters if plan else 0,
-        **recipe_columns(cfg, info.world_size, r.precision),
+        **recipe_columns(cfg, info.world_size, r.precision), "data_label": cfg.data.label or "",
         "seed": cfg.train.seed, "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["val_loss"],
         "train_loss": r.metrics[-1]["train_loss"] if r.metrics else "",
         "init_residual": pos.get("init_residual", ""),
