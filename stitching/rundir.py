@@ -47,8 +47,9 @@ duplicates. A run directory's name (:func:`run_dir_name`: a readable head and th
 calls its runs and what a single run without ``output.dir`` is called (under ``runs/<config name>/``).
 
 Paths (:func:`canonical`, :func:`check_writable`): a run directory is known by its resolved path -- absolute,
-symlinks followed, ``..`` applied also through folders that do not exist yet (``runs/nothere/../victim`` *is*
-``runs/victim``) -- before anything about it is decided: whether it holds another run, its lock, the messages.
+symlinks followed, ``..`` applied also through folders that do not exist yet (``runs/nothere/..`` then
+``victim`` *is* ``runs/victim``) -- before anything about it is decided: whether it holds another run, its
+lock, the messages.
 
 Exit codes (of ``python -m stitching.train``; the launchers and the SLURM batch script read them):
 :data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (an unexpected error; traceback in the log),
@@ -235,8 +236,8 @@ def run_dir_name(cfg, rules: IdentityRules) -> str:
 def canonical(path: str | os.PathLike) -> Path:
     """``path`` as the file system will know it once it exists: absolute, every symlink followed and ``..``
     applied -- also through folders that do not exist yet, as ``mkdir -p`` would create and leave them
-    (``runs/nothere/../victim`` is ``<cwd>/runs/victim``). Raises :class:`PathError` for a symlink loop and
-    when the path, or the nearest of its parents that exists, is not a directory. Creates nothing."""
+    (``runs/nothere/..`` then ``victim`` is ``<cwd>/runs/victim``). Raises :class:`PathError` for a symlink
+    loop and when the path, or the nearest of its parents that exists, is not a directory. Creates nothing."""
     try:
         resolved = Path(path).resolve()
     except (RuntimeError, OSError) as err:      # a symlink loop: RuntimeError up to Python 3.12, OSError after

@@ -20,8 +20,8 @@ linear adapters, fine-tuning across architectures, a gap whose blocks do not joi
 reason) and drops duplicates: runs that build the same module (equal stitch-plan signatures, e.g. the
 three resize modes where sizes already match) with the same recipe. Each run gets a stable directory name
 (:func:`stitching.rundir.run_dir_name`: a readable prefix + the hash of its identity), so expanding the same
-sweep again finds the same directories: finished runs are skipped, unfinished ones resume. A directory written by a version
-whose key differed (the key of every run changed once when identities started to leave out keys at their
+sweep again finds the same directories: finished runs are skipped, unfinished ones resume. A directory written
+by a version whose key differed (the key of every run changed once when identities started to leave out keys at their
 baseline; see :mod:`stitching.rundir`) is found by its name without the key and its ``config.yaml``
 (:func:`stitching.rundir.same_run`), and reused under its old name (:attr:`Expansion.reused`; the sweep says
 so).
