@@ -141,7 +141,7 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str | None = None                  # default: runs/<config file stem>
+    dir: str | None = None                  # default: runs/<config file stem>/<run name> (rundir.run_dir_name)
     save_model: bool = True
 
 
