@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -202,7 +203,14 @@ def test_each_kind_of_value_has_one_syntax():
         with pytest.raises(ConfigError, match=says) as err:
             load_config(TINY, [override])
         assert err.value.key == key and err.value.source == "command line"
-    assert parse_value(list[str], "[a, 'b #c']", "--slurm extra") == ["a", "b #c"]
+    # --slurm key=value: typed by the resource (a SLURM time stays a string; YAML 1.1 read 12:00:00 as 43200)
+    from stitching.launch.slurm import SlurmResources
+
+    hints = typing.get_type_hints(SlurmResources)
+    assert [parse_value(hints[k], v, k) for k, v in (("time", "12:00:00"), ("time", "600"), ("mem", "32G"),
+                                                     ("requeue", "false"), ("max_parallel", "null"),
+                                                     ("extra", "[--x, 'b #c']"))] == \
+        ["12:00:00", 600, "32G", False, None, ["--x", "b #c"]]
 
 
 def test_paths_with_hash_colon_and_spaces_through_the_trainer_and_run_dir(tmp_path):
