@@ -4,7 +4,8 @@ Sections and defaults are the dataclasses below; :data:`IDENTITY_BASELINE` gives
 had before the key existed, and :data:`IDENTITY` adds the keys a run never reads (:func:`unread_keys`): what a
 run's identity is measured against (:mod:`stitching.rundir`). A file may
 build on another with ``base: other.yaml`` (a path relative to the file; chains allowed), and any key can be
-overridden on the command line as ``section.key=value`` (the value is parsed as YAML). Every leaf remembers
+overridden on the command line as ``section.key=value``, the value written as the key's type reads it
+(:func:`parse_value`: a string or path exactly as typed, never parsed as YAML). Every leaf remembers
 the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
 impossible combination (checked against the registry's declared shapes, before anything is built) or a
 missing file raises :class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -146,7 +149,7 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str | None = None                  # default: runs/<config file stem>
+    dir: str | None = None                  # default: runs/<config file stem>/<run name> (rundir.run_dir_name)
     save_model: bool = True
 
 
@@ -325,11 +328,9 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(item, None, CLI, "overrides are written section.key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
         section, name = key.split(".", 1)
+        hint = _hints(SECTIONS[section]).get(name) if section in SECTIONS else None
+        value = raw if hint is None else parse_value(hint, raw, key)   # an unknown key: named by _from_tree
         node = tree.setdefault(section, {})
         if not isinstance(node, dict):
             raise ConfigError(section, node, origins.get(section, CLI), "must be a mapping of keys")
@@ -419,13 +420,18 @@ def _expanded_nodes(root: yaml.Node, limit: int) -> int:
 
 class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that counts each document's nodes with its aliases expanded before constructing it
-    (:data:`MAX_YAML_NODES`)."""
+    (:data:`MAX_YAML_NODES`), and reads numbers as YAML 1.2 does (``2e-3`` is a float; YAML 1.1, PyYAML's
+    default, reads it as a string): every file and every command-line mapping or list goes through it."""
 
     def compose_document(self):
         node = super().compose_document()
         if node is not None:
             _expanded_nodes(node, MAX_YAML_NODES)
         return node
+
+
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)"
+                                     r"([eE][-+]?[0-9]+)$"), list("-+0123456789."))
 
 
 def parse_yaml(text: str, src: str):
@@ -471,11 +477,11 @@ def read_yaml(path: str | os.PathLike, src: str | None = None):
 def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
     cfg = Config(path=path, origins=origins)
     for section, values in tree.items():
-        if section not in SECTIONS:
-            src = next((v for k, v in origins.items() if k.startswith(section + ".")), path or CLI)
-            raise ConfigError(section, None, src, f"unknown section; expected one of {', '.join(SECTIONS)}")
+        if section not in SECTIONS:       # (any YAML key: a number, null, ...)
+            src = next((v for k, v in origins.items() if k.startswith(f"{section}.")), path or CLI)
+            raise ConfigError(str(section), None, src, f"unknown section; expected one of {', '.join(SECTIONS)}")
         cls = SECTIONS[section]
-        hints = _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
+        hints = _hints(cls)
         obj = getattr(cfg, section)
         for key, value in values.items():
             dotted = f"{section}.{key}"
@@ -485,6 +491,11 @@ def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
                                   f"unknown key; {section} takes {', '.join(f.name for f in dataclasses.fields(cls))}")
             setattr(obj, key, _coerce(hints[key], value, dotted, src))
     return cfg
+
+
+def _hints(cls) -> dict:
+    """A section dataclass's field types (cached)."""
+    return _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
 
 
 def _coerce(hint, value, key: str, src: str):
@@ -497,6 +508,8 @@ def _coerce(hint, value, key: str, src: str):
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):    # (.nan, .inf: no key of a run means anything with them)
+                raise ConfigError(key, value, src, "must be a finite number")
             return float(value)
         if t is str and isinstance(value, str):
             return value
@@ -507,6 +520,53 @@ def _coerce(hint, value, key: str, src: str):
             return copy.deepcopy(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(key, value, src, f"must be {names}")
+
+
+# ------------------------------------------------------------------------------------- command-line values
+#: How a command-line value (``section.key=value``, ``--slurm key=value``) is written, by the type of the key it
+#: sets -- one syntax each, never a YAML document (so ``#`` starts no comment and ``: `` makes no mapping):
+#: a string or path: exactly as typed (spaces, ``#``, ``: ``, ``=``, unicode; quote it for the shell only);
+#: an integer: ``64``, ``-1``; a number: ``0.002``, ``2e-3``, ``1``; a boolean: ``true`` / ``false``; none (for a
+#: key that may be unset): ``null``; a mapping: ``{img_size: 64, patch_size: 8}`` and a list: ``[a, b]``
+#: (YAML flow style, where ``2e-3`` is a number too).
+VALUE_SYNTAX = types.MappingProxyType({
+    str: "a string, as typed", int: "an integer (64)", float: "a number (0.002, 2e-3)", bool: "true or false",
+    type(None): "null", dict: "a mapping {key: value, ...}", list: "a list [a, b, ...]",
+})
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def parse_value(hint, raw: str, key: str, source: str = CLI):
+    """The value of the command-line text ``raw`` for a key of type ``hint`` (a field's annotation, e.g.
+    ``str | None``), written as :data:`VALUE_SYNTAX` says; :class:`ConfigError` naming ``key`` otherwise.
+    The members of a union are tried in a fixed order: null, boolean, integer, number, mapping/list, string --
+    so ``null`` unsets an optional key, ``true`` is the boolean of a ``str | bool`` key, and a string key takes
+    anything as typed (``null`` included, for a key that cannot be unset)."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [typing.get_origin(m) or m for m in members]
+    if raw == "null" and type(None) in kinds:
+        return None
+    if bool in kinds and raw in ("true", "false"):
+        return raw == "true"
+    if int in kinds and _INT.fullmatch(raw):
+        return int(raw)
+    if float in kinds and _FLOAT.fullmatch(raw):
+        return float(raw)       # (nan and inf parse, and are refused as such by the key's check)
+    for kind in (dict, list):
+        if kind in kinds and raw.lstrip().startswith({dict: "{", list: "["}[kind]):
+            try:
+                value = yaml.load(raw, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+            except _TooLarge as err:
+                raise ConfigError(key, raw, source, str(err)) from None
+            except yaml.YAMLError as err:
+                raise ConfigError(key, raw, source, f"not a valid {VALUE_SYNTAX[kind]}: "
+                                  f"{str(err).splitlines()[0]}") from None
+            if isinstance(value, kind):
+                return value
+    if str in kinds:
+        return raw
+    raise ConfigError(key, raw, source, "must be " + " or ".join(VALUE_SYNTAX.get(k, k.__name__) for k in kinds))
 
 
 # ---------------------------------------------------------------------------------------------- checking

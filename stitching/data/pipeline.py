@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence

@@ -184,8 +184,8 @@ class SlurmResources:
     partition: str | None = None
     gpus_per_task: int = 0
     cpus_per_task: int = 4
-    mem: str = "16G"
-    time: str = "12:00:00"
+    mem: str | int = "16G"                   # (an int: MB)
+    time: str | int = "12:00:00"             # (an int: seconds)
     max_parallel: int | None = None
     requeue: bool = True
     signal: str = "USR1@300"

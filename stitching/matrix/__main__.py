@@ -18,6 +18,7 @@ draws. ``--dry-run`` prints the tables and counts and writes or submits nothing.
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -128,10 +129,10 @@ def main(argv=None) -> int:
     if args.launcher is None and not args.draw:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
 
-    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan
+    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan, runs_dir_of
 
     matrix = load_matrix(args.matrix)
-    runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
+    runs_dir = runs_dir_of(args.runs_dir, matrix.name)
     exp = expand_matrix(matrix, runs_dir)
     names = {r.name for r in exp.runs}
     if args.draw:
@@ -162,8 +163,8 @@ def main(argv=None) -> int:
     if args.launcher == "local" and code != R.EXIT_PREEMPTED:
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
-        print(f"once the jobs have run: python -m stitching.matrix {args.matrix} --draw"
-              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+        print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --draw"
+              + (f" --runs-dir {shlex.quote(str(runs_dir))}" if args.runs_dir else ""))
     return code
 
 

@@ -21,13 +21,12 @@ import itertools
 import math
 import shlex
 import sys
+import typing
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from stitching import rundir as R
-from stitching.config import IDENTITY, ConfigError, read_yaml, run_cli
+from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
@@ -93,6 +92,16 @@ def print_reused(reused: list) -> None:
             print(f"  {found.name}  (this version names it {name})")
 
 
+def runs_dir_of(given: str | None, name: str) -> Path:
+    """Where the run directories of a sweep (or matrix) called ``name`` go: ``--runs-dir`` as typed (a plain
+    path), else ``runs/<name>``; resolved (:func:`stitching.rundir.canonical`) before anything is read or
+    written there. A path that cannot be a directory is a :class:`ConfigError` naming ``--runs-dir``."""
+    try:
+        return R.canonical(given if given is not None else Path(R.RUNS) / name)
+    except R.PathError as err:
+        raise ConfigError("--runs-dir", given, "command line", str(err)) from None
+
+
 def _write_config(run: Run) -> None:
     d = R.RunDir(run.config.output.dir)
     if d.config.is_file():
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
 
     name, _, switch = load_sweep(args.sweep)
     extensions = switch if args.extensions is None else args.extensions
-    runs_dir = Path(args.runs_dir or Path("runs") / name)
+    runs_dir = runs_dir_of(args.runs_dir, name)
     # the whole sweep is expanded for the totals; the paper part's runs do not depend on the extensions
     name, blocks, exp = expand(args.sweep, runs_dir, extensions=True)
     ext_blocks = {b.name: b.extension for b in blocks if b.extension}
@@ -200,11 +209,13 @@ def _slurm_groups(todo: list[Run], blocks, overrides: list[str]) -> list:
     from stitching.launch import slurm
 
     extra = {}
+    fields = typing.get_type_hints(slurm.SlurmResources)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError("--slurm", item, "command line", "write --slurm key=value")
-        extra[key] = yaml.safe_load(value)
+        # typed by the resource it sets, as section.key=value is (an unknown key is named by from_dict)
+        extra[key] = parse_value(fields[key], value, f"--slurm {key}") if key in fields else value
     groups: dict[str, tuple[slurm.SlurmResources, list[Run]]] = {}
     by_block = {b.name: b for b in blocks}
     for run in todo:

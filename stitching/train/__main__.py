@@ -1,7 +1,10 @@
 """``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``).
 
 Trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
-(``output.dir``, default ``runs/<config name>``). Re-running the same command resumes from the last
+(``output.dir``; without one, ``runs/<config name>/<run name>``, named by the run's identity as a sweep names
+its runs, and printed first). Overrides are typed by the key they set (a path exactly as typed, ``2e-3``
+a number, ``true``/``false``, ``null``; :func:`stitching.config.parse_value`), ``--run-dir`` is a plain
+path. Re-running the same command resumes from the last
 checkpoint; a finished run is not redone unless ``--force`` (which keeps the old files under
 ``previous/``); ``--run-dir`` reads the directory's ``config.yaml``, where a key an older version did not
 write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value that run had). Exit codes
@@ -33,7 +36,10 @@ def main(argv=None) -> int:
         config = Path(args.run_dir) / CONFIG
         if not config.is_file():
             raise ConfigError("--run-dir", args.run_dir, "command line", f"no {CONFIG} in it")
-        cfg = load_config(config, [*args.overrides, f"output.dir={args.run_dir}"], run_dir=True)
+        if any(o.startswith("output.dir=") for o in args.overrides):
+            parser.error("--run-dir names the run directory: drop the output.dir= override")
+        cfg = load_config(config, args.overrides, run_dir=True, updates={"output.dir": args.run_dir},
+                          updates_source="command line (--run-dir)")
     else:
         cfg = load_config(args.config, args.overrides)
     from stitching.train.loop import run
