@@ -4,8 +4,10 @@ Sections and defaults are the dataclasses below; :data:`IDENTITY_BASELINE` gives
 had before the key existed, and :data:`IDENTITY` adds the keys a run never reads (:func:`unread_keys`): what a
 run's identity is measured against (:mod:`stitching.rundir`). A file may
 build on another with ``base: other.yaml`` (a path relative to the file; chains allowed), and any key can be
-overridden on the command line as ``section.key=value`` (the value is parsed as YAML). Every leaf remembers
-the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
+overridden on the command line as ``section.key=value`` (the value is parsed as YAML). A cut is named by stage
+keys or by block keys (:data:`CUT_KEYS`); a layer (a base file, the file on it, a sweep's grid point or an API
+call's arguments, the command line) that gives one kind a value replaces the other kind an earlier layer gave
+(:func:`_replace_cut_kind`), and one layer giving both is an error. Every leaf remembers the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
 impossible combination (checked against the registry's declared shapes, before anything is built) or a
 missing file raises :class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
 """
@@ -177,6 +179,13 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
 
+#: The two ways a config names a cut, each kind's (sender key, receiver key): stage cuts (the stage convention of
+#: docs/method.md) or block cuts (indices into :func:`stitching.models.registry.list_blocks`). A side is cut one
+#: way only, and both sides the same way (:func:`_check_cut_keys`); between layers the later kind wins
+#: (:func:`_replace_cut_kind`).
+CUT_KEYS = {"stages": ("model.source_stage", "model.destination_stage"),
+            "blocks": ("model.source_block", "model.destination_block")}
+
 #: The identity baseline (:func:`stitching.rundir.identity`): for every key of every section a run's identity
 #: reads (all but ``output``), the value a run directory written *before the key existed* implicitly had --
 #: normally the key's default when it was introduced. A run's identity is its keys that differ from this table
@@ -306,20 +315,24 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
             if name not in tree.setdefault(section, {}):
                 tree[section][name] = copy.deepcopy(value)
                 origins[key] = f"{path} (no {key}: written before it existed; its baseline)"
+    _replace_cut_kind(tree, origins, updates or {}, updates_source)
     for key, value in (updates or {}).items():
         section, _, name = key.partition(".")
         if not name or not isinstance(tree.setdefault(section, {}), dict):
             raise ConfigError(key, value, updates_source, "keys are written section.key")
         tree[section][name] = copy.deepcopy(value)
         origins[key] = updates_source
+    parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(item, None, CLI, "overrides are written section.key=value")
         try:
-            value = yaml.safe_load(raw)
+            parsed[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
-            value = raw
+            parsed[key] = raw
+    _replace_cut_kind(tree, origins, parsed, CLI)
+    for key, value in parsed.items():
         section, name = key.split(".", 1)
         node = tree.setdefault(section, {})
         if not isinstance(node, dict):
@@ -350,6 +363,8 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
         if not isinstance(base, str):
             raise ConfigError("base", base, src, "must be a path relative to this file")
         _merge_file(path.parent / base, tree, origins, seen + (path.resolve(),))
+    if isinstance(data.get("model"), dict):
+        _replace_cut_kind(tree, origins, {f"model.{k}": v for k, v in data["model"].items()}, src)
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(section, values, src, "must be a mapping of keys")
@@ -357,6 +372,26 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
         for key, value in values.items():
             node[key] = copy.deepcopy(value)
             origins[f"{section}.{key}"] = src
+
+
+def _replace_cut_kind(tree: dict, origins: dict, layer: typing.Mapping[str, typing.Any], source: str) -> None:
+    """The cut rule between layers: ``layer`` (dotted key -> value: a file's keys, a grid point, the command
+    line's) giving the keys of one cut kind (:data:`CUT_KEYS`) a value (not null) drops the other kind's keys
+    that the earlier layers put in ``tree``, so ``model.source_block=3 model.destination_block=5`` on the
+    command line replaces a base's stage cut (and stage keys a base's block cut) without nulls by hand. A layer
+    giving both kinds is a conflict of its own: the earlier layers' cut keys are dropped too, so that
+    :func:`_check_cut_keys` names this layer's keys (and its file) in its one-line error. A dropped key is
+    attributed to ``source`` (the layer's file, or the command line): an error about its absence names where
+    the replacing cut came from."""
+    given = [kind for kind, keys in CUT_KEYS.items() if any(layer.get(k) is not None for k in keys)]
+    model = tree.get("model")
+    if not given or not isinstance(model, dict):
+        return
+    for kind, keys in CUT_KEYS.items():
+        if kind not in given or len(given) > 1:
+            for key in keys:
+                if model.pop(key.partition(".")[2], None) is not None:
+                    origins[key] = source
 
 
 _PARSED: dict = {}      # a file's text -> its parsed YAML: a sweep loads the same base files for every grid point
