@@ -31,7 +31,10 @@ from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
 CLI = "command line"
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
+    """A bad key, value or combination: ``str()`` is the one line naming the source (file, command line or the
+    Python call), the key and the value; :func:`run_cli` prints it and exits with :data:`EXIT_CONFIG`."""
+
     def __init__(self, key: str, value, source: str, message: str):
         self.key, self.value, self.source, self.message = key, value, source, message
         super().__init__(f"{source}: {key}={value!r}: {message}" if key else f"{source}: {message}")
@@ -297,17 +300,21 @@ IDENTITY = IdentityRules(IDENTITY_BASELINE, unread_keys)
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), check: bool = True,
+def load_config(path: str | os.PathLike | typing.Mapping | None, overrides: typing.Sequence[str] = (), check: bool = True,
                 updates: typing.Mapping[str, typing.Any] | None = None, updates_source: str = CLI,
                 run_dir: bool = False) -> Config:
-    """Load ``path`` (its ``base:`` chain first), apply ``updates`` (dotted key -> value, e.g. one point
+    """Load ``path`` (its ``base:`` chain first; or a mapping of sections, as a file would hold them, whose
+    keys are attributed to ``updates_source``), apply ``updates`` (dotted key -> value, e.g. one point
     of a sweep grid, attributed to ``updates_source``), then the ``overrides`` (``section.key=value``
     strings from the command line), and validate. ``run_dir``: ``path`` is a run directory's resolved
     ``config.yaml``, where a key the file lacks (written before the key existed) takes its
     :data:`IDENTITY_BASELINE` value, the value that run had, rather than today's default."""
     tree: dict = {}
     origins: dict = {}
-    if path is not None:
+    if isinstance(path, typing.Mapping):         # the sections themselves (Python callers), base: from the cwd
+        _merge_data(copy.deepcopy(dict(path)), updates_source, Path.cwd(), tree, origins, seen=())
+        path = None
+    elif path is not None:
         _merge_file(Path(path), tree, origins, seen=())
     if run_dir:
         for key, value in IDENTITY_BASELINE.items():
@@ -358,11 +365,20 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
         raise ConfigError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError("", None, src, "a config file must be a mapping of sections")
+    _merge_data(data, src, path.parent, tree, origins, seen + (path.resolve(),))
+
+
+def _merge_data(data: dict, src: str, folder: Path, tree: dict, origins: dict, seen: tuple) -> None:
+    """Merge one layer's sections (a file's, or a mapping given in Python) into ``tree``: its ``base:`` first
+    (a path relative to ``folder``), then its own keys, attributed to ``src``."""
+    data = dict(data)
     base = data.pop("base", None)
     if base is not None:
-        if not isinstance(base, str):
+        if not isinstance(base, (str, os.PathLike)):
             raise ConfigError("base", base, src, "must be a path relative to this file")
-        _merge_file(path.parent / base, tree, origins, seen + (path.resolve(),))
+        if not (folder / base).is_file():
+            raise ConfigError("base", str(folder / base), src, "file not found")
+        _merge_file(folder / base, tree, origins, seen)
     if isinstance(data.get("model"), dict):
         _replace_cut_kind(tree, origins, {f"model.{k}": v for k, v in data["model"].items()}, src)
     for section, values in data.items():
