@@ -83,9 +83,9 @@ def train(config: str | os.PathLike | typing.Mapping | None = None, *, run_dir: 
     >>> run = stitching.train("configs/synthetic/tiny.yaml", train={"epochs": 1, "max_steps_per_epoch": 2},
     ...                       output={"dir": "runs/doctest_tiny"}, force=True)     # doctest: +SKIP
     """
-    from stitching.train.loop import run as run_config      # torch and the trainer: loaded when a run starts
-
     cfg = resolve(config, run_dir, updates=_dotted(overrides), source=API)
+    from stitching.train.loop import run as run_config      # torch and the trainer: loaded once the config holds
+
     code = run_config(cfg, force=force)
     if code != R.EXIT_OK:
         raise RunFailed(Path(cfg.output.dir), code)
