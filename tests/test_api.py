@@ -162,7 +162,7 @@ def test_train_runs_the_cli_path_in_process_and_load_run_reads_it_back(tmp_path)
     assert row["macs"] == stitching.cost(model, img_size=32)["macs"]
 
     with pytest.raises(ConfigError) as err:         # a bad key: one line naming it, nothing written
-        stitching.train(TINY, **QUICK, output={"dir": str(tmp_path / "bad")}, train={"lr": -1})
+        stitching.train(TINY, **QUICK, output={"dir": str(tmp_path / "bad")}, **{"train.lr": -1})
     assert str(err.value) == "stitching.train(): train.lr=-1.0: must be >= 0"
     assert not (tmp_path / "bad").exists()
 
@@ -174,8 +174,13 @@ def test_train_runs_the_cli_path_in_process_and_load_run_reads_it_back(tmp_path)
     assert failed.value.exit_code == EXIT_BUSY and failed.value.status == "failed" and failed.value.run_dir == busy
     assert f"in use by pid {os.getppid()}" in str(failed.value) or "run directory in use" in str(failed.value)
 
-    with pytest.raises(ValueError, match="not finished"):
+    with pytest.raises(ValueError, match="not a run directory"):
         stitching.load_run(busy)
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / CONFIG).write_text((out / CONFIG).read_text())
+    with pytest.raises(ValueError, match=f"the run is new, not finished \\(no {RESULT}\\)"):
+        stitching.load_run(started)
 
 
 def test_train_arguments_are_checked_before_anything_is_written(tmp_path):
@@ -261,25 +266,24 @@ def test_a_later_layers_cut_kind_replaces_the_earlier_ones(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- summary CLI
-def test_summary_prints_the_cut_table_and_the_stitchs_share_of_its_originals(tmp_path):
-    """The real CLI: ``--cuts`` (table and ``--json``, the same rows as ``list_cuts``), a stitched config's lines
-    for people (G/M/K, the share of both originals) before the JSON, ``--json`` alone, block keys on the command
-    line over the config's stage keys, and one-line errors (exit 2)."""
+def test_summary_prints_the_cut_table_and_the_stitchs_share_of_its_originals(tmp_path, capsys):
+    """The real CLI: ``--cuts`` (a table), a stitched config's lines for people (G/M/K, the share of both
+    originals) before the JSON, ``--json`` alone, block keys on the command line over the config's stage keys;
+    in this process (``run_cli`` as ``python -m`` calls it, to keep the suite fast): ``--cuts --json`` (the rows
+    of ``list_cuts``) and one-line errors (exit 2)."""
     import stitching
+    from stitching.config import run_cli
+    from stitching.summary import main
 
     vit = ["model.destination=vit_tiny_patch16_224", "model.destination_kwargs={patch_size: 8}", "model.adapter=linear"]
     cwd = tmp_path / "a dir #2"
     cwd.mkdir()
-    table, rows, human, blocks, bad, unknown = together(
+    table, human, blocks = together(
         lambda: _cli("-m", "stitching.summary", "--cuts", "resnet18", "--img-size", "64", cwd=cwd),
-        lambda: _cli("-m", "stitching.summary", "--cuts", "vit_tiny_patch16_224", "--img-size", "64", "--kwargs",
-                     "{patch_size: 8}", "--json"),
         lambda: _cli("-m", "stitching.summary", "--config", TINY, "data.img_size=64", *vit),
         lambda: _cli("-m", "stitching.summary", "--json", "--config", TINY, "model.source_block=2",
-                     "model.destination_block=5"),
-        lambda: _cli("-m", "stitching.summary", "--config", TINY, "model.source_block=2", "model.destination_stage=4"),
-        lambda: _cli("-m", "stitching.summary", "--cuts", "no_such_net"))
-    for proc in (table, rows, human, blocks):
+                     "model.destination_block=5"))
+    for proc in (table, human, blocks):
         assert proc.returncode == 0, proc.stderr[-2000:]
 
     lines = table.stdout.splitlines()
@@ -288,8 +292,6 @@ def test_summary_prints_the_cut_table_and_the_stitchs_share_of_its_originals(tmp
     assert lines[4].split() == ["0", "layer1.0", "1", "1", "image", "64@16x16", "0.125"]
     assert lines[5].split() == ["1", "layer1.1", "1", "image", "64@16x16", "0.250"]     # no stage cut there
     assert len(lines) == 4 + 8
-    expected = stitching.list_cuts("vit_tiny_patch16_224", 64, {"patch_size": 8})
-    assert json.loads(rows.stdout) == json.loads(expected.to_json(orient="records"))
 
     text, _, body = human.stdout.partition("\n\n")
     out = json.loads(body)
@@ -309,10 +311,20 @@ def test_summary_prints_the_cut_table_and_the_stitchs_share_of_its_originals(tmp
 
     out = json.loads(blocks.stdout)                                  # --json: the JSON alone
     assert (out["gap"], out["num_adapters"], out["source_block"]) == ("b2->b5", 1, 2) and "source_stage" not in out
-    for proc, says in ((bad, "command line: model.source_block=2: needs model.destination_block"),
-                       (unknown, "command line: --cuts='no_such_net': unknown model 'no_such_net'")):
-        assert proc.returncode == EXIT_CONFIG and proc.stdout == ""
-        line, = proc.stderr.strip().splitlines()
+
+    capsys.readouterr()
+    assert main(["--cuts", "vit_tiny_patch16_224", "--img-size", "64", "--kwargs", "{patch_size: 8}", "--json"]) == 0
+    expected = stitching.list_cuts("vit_tiny_patch16_224", 64, {"patch_size": 8})
+    assert json.loads(capsys.readouterr().out) == json.loads(expected.to_json(orient="records"))
+    for argv, says in ((["--config", str(TINY), "model.source_block=2", "model.destination_stage=4"],
+                        "command line: model.source_block=2: needs model.destination_block"),
+                       (["--cuts", "no_such_net"], "command line: --cuts='no_such_net': unknown model 'no_such_net'"),
+                       (["--cuts", "resnet18", "--img-size", "8"], "command line: --img-size=8: must be at least")):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(lambda: main(argv))
+        out, err = capsys.readouterr()
+        assert exit_.value.code == EXIT_CONFIG and out == ""
+        line, = err.strip().splitlines()
         assert line.startswith("error: " + says), line
 
 
