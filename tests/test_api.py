@@ -205,6 +205,21 @@ def test_train_arguments_are_checked_before_anything_is_written(tmp_path):
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["old", f"old/{CONFIG}"]
 
 
+def test_run_dir_with_a_hash_in_its_path_trains_there(tmp_path):
+    """``--run-dir "runs/study #2/x"`` (a sweep's runs folder with a space and '#'): the directory reached the
+    trainer as a YAML override, ``output.dir=runs/study #2/x``, and YAML read ``runs/study`` (the rest a comment):
+    the run trained into another directory. Now the run trains where its config.yaml is."""
+    run_dir = tmp_path / "study #2" / "run #1"
+    run_dir.mkdir(parents=True)
+    cfg = load_config(TINY, ["train.epochs=0", "data.val_size=64", f"output.dir={tmp_path / 'elsewhere'}"])
+    (run_dir / CONFIG).write_text(cfg.to_yaml())
+    proc = _cli("-m", "stitching.train", "--run-dir", run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / RESULT).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study #2"] and \
+        sorted(p.name for p in (tmp_path / "study #2").iterdir()) == ["run #1"]
+
+
 IMPORT_ORDERS = [
     "import stitching\nassert not {'torch', 'pandas', 'stitching.api', 'stitching.train'} & set(sys.modules)",
     "import stitching.train.loop\nimport stitching",
