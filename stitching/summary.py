@@ -1,5 +1,7 @@
-"""``python -m stitching.summary --config FILE [section.key=value ...]``: what a config builds and costs;
-``python -m stitching.summary --cuts MODEL [--img-size N]``: where a model can be cut.
+"""What a config builds and costs (``--config FILE [key=value ...]``), or where a model can be cut (``--cuts MODEL``).
+
+``python -m stitching.summary --config FILE [section.key=value ...]`` or
+``python -m stitching.summary --cuts MODEL [--img-size N]``.
 
 With a config it prints a few lines for people -- the cut, the adapters, MACs (the paper's "FLOPs") and
 parameters in G / M / K, and for a stitch both originals' MACs and the stitch's share of each ("1.67 GMACs,
