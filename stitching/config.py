@@ -5,7 +5,10 @@ had before the key existed, and :data:`IDENTITY` adds the keys a run never reads
 run's identity is measured against (:mod:`stitching.rundir`). A file may
 build on another with ``base: other.yaml`` (a path relative to the file; chains allowed), and any key can be
 overridden on the command line as ``section.key=value``, the value written as the key's type reads it
-(:func:`parse_value`: a string or path exactly as typed, never parsed as YAML). Every leaf remembers
+(:func:`parse_value`: a string or path exactly as typed, never parsed as YAML). A cut is named by stage
+keys or by block keys (:data:`CUT_KEYS`); a layer (a base file, the file on it, a sweep's grid point or an API
+call's arguments, the command line) that gives one kind a value replaces the other kind an earlier layer gave
+(:func:`_replace_cut_kind`), and one layer giving both is an error. Every leaf remembers
 the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
 impossible combination (checked against the registry's declared shapes, before anything is built) or a
 missing file raises :class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
@@ -33,10 +36,11 @@ from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
 CLI = "command line"
 
 
-class ConfigError(Exception):
-    """A bad key, value or combination: one line naming the key, the value and the file. The value is quoted
-    with :func:`stitching.messages.short_repr` and the key and message are clipped, so the line stays short
-    whatever the value (an alias bomb, a megabyte string)."""
+class ConfigError(ValueError):
+    """A bad key, value or combination: ``str()`` is the one line naming the source (file, command line or the
+    Python call), the key and the value; :func:`run_cli` prints it and exits with :data:`EXIT_CONFIG`. The value
+    is quoted with :func:`stitching.messages.short_repr` and the key and message are clipped, so the line stays
+    short whatever the value (an alias bomb, a megabyte string)."""
 
     def __init__(self, key: str, value, source: str, message: str):
         self.key, self.value, self.source, self.message = key, value, source, message
@@ -188,6 +192,13 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
 
+#: The two ways a config names a cut, each kind's (sender key, receiver key): stage cuts (the stage convention of
+#: docs/method.md) or block cuts (indices into :func:`stitching.models.registry.list_blocks`). A side is cut one
+#: way only, and both sides the same way (:func:`_check_cut_keys`); between layers the later kind wins
+#: (:func:`_replace_cut_kind`).
+CUT_KEYS = {"stages": ("model.source_stage", "model.destination_stage"),
+            "blocks": ("model.source_block", "model.destination_block")}
+
 #: The identity baseline (:func:`stitching.rundir.identity`): for every key of every section a run's identity
 #: reads (all but ``output``), the value a run directory written *before the key existed* implicitly had --
 #: normally the key's default when it was introduced. A run's identity is its keys that differ from this table
@@ -300,17 +311,21 @@ IDENTITY = IdentityRules(IDENTITY_BASELINE, unread_keys)
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), check: bool = True,
+def load_config(path: str | os.PathLike | typing.Mapping | None, overrides: typing.Sequence[str] = (), check: bool = True,
                 updates: typing.Mapping[str, typing.Any] | None = None, updates_source: str = CLI,
                 run_dir: bool = False) -> Config:
-    """Load ``path`` (its ``base:`` chain first), apply ``updates`` (dotted key -> value, e.g. one point
+    """Load ``path`` (its ``base:`` chain first; or a mapping of sections, as a file would hold them, whose
+    keys are attributed to ``updates_source``), apply ``updates`` (dotted key -> value, e.g. one point
     of a sweep grid, attributed to ``updates_source``), then the ``overrides`` (``section.key=value``
     strings from the command line), and validate. ``run_dir``: ``path`` is a run directory's resolved
     ``config.yaml``, where a key the file lacks (written before the key existed) takes its
     :data:`IDENTITY_BASELINE` value, the value that run had, rather than today's default."""
     tree: dict = {}
     origins: dict = {}
-    if path is not None:
+    if isinstance(path, typing.Mapping):         # the sections themselves (Python callers), base: from the cwd
+        _merge_data(copy.deepcopy(dict(path)), updates_source, Path.cwd(), tree, origins, seen=())
+        path = None
+    elif path is not None:
         _merge_file(Path(path), tree, origins, seen=())
     if run_dir:
         for key, value in IDENTITY_BASELINE.items():
@@ -318,19 +333,24 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
             if name not in tree.setdefault(section, {}):
                 tree[section][name] = copy.deepcopy(value)
                 origins[key] = f"{path} (no {key}: written before it existed; its baseline)"
+    _replace_cut_kind(tree, origins, updates or {}, updates_source)
     for key, value in (updates or {}).items():
         section, _, name = key.partition(".")
         if not name or not isinstance(tree.setdefault(section, {}), dict):
             raise ConfigError(key, value, updates_source, "keys are written section.key")
         tree[section][name] = copy.deepcopy(value)
         origins[key] = updates_source
+    parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(item, None, CLI, "overrides are written section.key=value")
         section, name = key.split(".", 1)
         hint = _hints(SECTIONS[section]).get(name) if section in SECTIONS else None
-        value = raw if hint is None else parse_value(hint, raw, key)   # an unknown key: named by _from_tree
+        parsed[key] = raw if hint is None else parse_value(hint, raw, key)   # an unknown key: named by _from_tree
+    _replace_cut_kind(tree, origins, parsed, CLI)
+    for key, value in parsed.items():
+        section, name = key.split(".", 1)
         node = tree.setdefault(section, {})
         if not isinstance(node, dict):
             raise ConfigError(section, node, origins.get(section, CLI), "must be a mapping of keys")
@@ -352,11 +372,22 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
     data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError("", None, src, "a config file must be a mapping of sections")
+    _merge_data(data, src, path.parent, tree, origins, seen + (path.resolve(),))
+
+
+def _merge_data(data: dict, src: str, folder: Path, tree: dict, origins: dict, seen: tuple) -> None:
+    """Merge one layer's sections (a file's, or a mapping given in Python) into ``tree``: its ``base:`` first
+    (a path relative to ``folder``), then its own keys, attributed to ``src``."""
+    data = dict(data)
     base = data.pop("base", None)
     if base is not None:
-        if not isinstance(base, str):
+        if not isinstance(base, (str, os.PathLike)):
             raise ConfigError("base", base, src, "must be a path relative to this file")
-        _merge_file(path.parent / base, tree, origins, seen + (path.resolve(),))
+        if not (folder / base).is_file():
+            raise ConfigError("base", str(folder / base), src, "file not found")
+        _merge_file(folder / base, tree, origins, seen)
+    if isinstance(data.get("model"), dict):
+        _replace_cut_kind(tree, origins, {f"model.{k}": v for k, v in data["model"].items()}, src)
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(section, values, src, "must be a mapping of keys")
@@ -364,6 +395,26 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
         for key, value in values.items():
             node[key] = copy.deepcopy(value)
             origins[f"{section}.{key}"] = src
+
+
+def _replace_cut_kind(tree: dict, origins: dict, layer: typing.Mapping[str, typing.Any], source: str) -> None:
+    """The cut rule between layers: ``layer`` (dotted key -> value: a file's keys, a grid point, the command
+    line's) giving the keys of one cut kind (:data:`CUT_KEYS`) a value (not null) drops the other kind's keys
+    that the earlier layers put in ``tree``, so ``model.source_block=3 model.destination_block=5`` on the
+    command line replaces a base's stage cut (and stage keys a base's block cut) without nulls by hand. A layer
+    giving both kinds is a conflict of its own: the earlier layers' cut keys are dropped too, so that
+    :func:`_check_cut_keys` names this layer's keys (and its file) in its one-line error. A dropped key is
+    attributed to ``source`` (the layer's file, or the command line): an error about its absence names where
+    the replacing cut came from."""
+    given = [kind for kind, keys in CUT_KEYS.items() if any(layer.get(k) is not None for k in keys)]
+    model = tree.get("model")
+    if not given or not isinstance(model, dict):
+        return
+    for kind, keys in CUT_KEYS.items():
+        if kind not in given or len(given) > 1:
+            for key in keys:
+                if model.pop(key.partition(".")[2], None) is not None:
+                    origins[key] = source
 
 
 _HINTS: dict = {}       # section dataclass -> its field types

@@ -159,7 +159,7 @@ def test_summary_works_for_a_derived_model_by_name(tmp_path):
     from tests.conftest import together
 
     proc, bad = together(   # two independent commands side by side
-        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg)], cwd=ROOT,
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--json", "--config", str(cfg)], cwd=ROOT,
                                capture_output=True, text=True, timeout=300),
         lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg),
                                 "model.source=test_vit"], cwd=ROOT, capture_output=True, text=True, timeout=300))

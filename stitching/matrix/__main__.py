@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.config import run_cli
+from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
 
 #: a cell's mark in the printed tables
@@ -42,8 +42,6 @@ def expand_matrix(matrix: Matrix, runs_dir: Path):
 
 def cell_marks(matrix: Matrix, exp) -> dict[str, dict[tuple[int, int], str]]:
     """Per matrix (sweep block name), the mark of every cell (several seeds: the marks joined)."""
-    from stitching.matrix.spec import CUT_KEYS
-
     src_key, dst_key = (k.partition(".")[2] for k in CUT_KEYS[matrix.cuts])
     marks: dict[str, dict[tuple[int, int], list[str]]] = {}
     for run in exp.runs:

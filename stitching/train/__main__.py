@@ -11,16 +11,16 @@ write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value 
 (:mod:`stitching.rundir`): done (or already finished), bad config/input (one line on stderr, nothing
 computed or overwritten), non-finite loss, run directory held by another trainer, a file that cannot be
 written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
+From Python: ``stitching.train(config, **overrides)`` (:func:`stitching.train.train`).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from stitching.config import ConfigError, load_config, run_cli
-from stitching.rundir import CONFIG
+from stitching.config import run_cli
+from stitching.train import resolve
 
 
 def main(argv=None) -> int:
@@ -32,16 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.run_dir):
         parser.error("give exactly one of --config FILE or --run-dir DIR")
-    if args.run_dir:
-        config = Path(args.run_dir) / CONFIG
-        if not config.is_file():
-            raise ConfigError("--run-dir", args.run_dir, "command line", f"no {CONFIG} in it")
-        if any(o.startswith("output.dir=") for o in args.overrides):
-            parser.error("--run-dir names the run directory: drop the output.dir= override")
-        cfg = load_config(config, args.overrides, run_dir=True, updates={"output.dir": args.run_dir},
-                          updates_source="command line (--run-dir)")
-    else:
-        cfg = load_config(args.config, args.overrides)
+    cfg = resolve(args.config, args.run_dir, args.overrides)
     from stitching.train.loop import run
 
     return run(cfg, force=args.force)
