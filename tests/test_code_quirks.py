@@ -142,7 +142,7 @@ def test_no_downsample_is_its_own_module_under_the_quirks():
 def test_summary_prints_and_costs_the_built_network(tmp_path):
     """``python -m stitching.summary`` of the code-faithful preset: the joins are the shapes the built network
     computes (here at 64 px: ViT-S's 4 x 4 grid becomes a 16 x 16 map) and the MACs are the built network's."""
-    args = ["-m", "stitching.summary", "--config", CODE, "model.pretrained=false", f"model.source={VIT}",
+    args = ["-m", "stitching.summary", "--json", "--config", CODE, "model.pretrained=false", f"model.source={VIT}",
             f"model.destination={R50}", "model.source_stage=2", "model.destination_stage=4", "model.adapter=linear",
             "model.resize=none", "data.img_size=64", "data.num_classes=10"]
     on, off = (run(*args, f"model.code_quirks={q}") for q in ("true", "false"))
@@ -233,7 +233,7 @@ def test_a_code_quirks_run_trains_and_reports_the_built_network(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(csv.DictReader((out / "result.csv").open()))
     assert (row["adapter_style"], row["init"], row["resize"]) == ("code+quirks", "pytorch", "bilinear")
-    summary = run("-m", "stitching.summary", "--config", CODE, *common)
+    summary = run("-m", "stitching.summary", "--json", "--config", CODE, *common)
     assert summary.returncode == 0, summary.stderr[-2000:]
     assert int(row["macs"]) == json.loads(summary.stdout)["macs"]
     assert row["cka_after"] != ""                  # the similarity after training compares on the grown grid
@@ -266,8 +266,15 @@ def test_the_papers_sweep_under_the_code_preset_counts_the_codes_runs(tmp_path):
                                                               (f"{MN} -> {MN}", "finetune", "2->4")]
         kept = {r.name for r in hit if r is not None}
         assert len(kept) == 505 + 40 + 6 and 637 - 2 - len(kept) == 130 - 46
-        nd = [r for r in hit if r is not None and r.method in ("linear/none", "linear_relu/none")]
-        assert all(len(r.points) == 1 for r in nd)          # no longer shared with bilinear
+        nd = list({r.name: r for r in hit if r is not None and r.method in ("linear/none", "linear_relu/none")}
+                  .values())
+        tokens = [r for r in nd if r.config.model.source == VIT and r.config.model.destination is None]
+        assert len(nd) == 8 * 9 * 2 and len(tokens) == 9 * 2
+        # on feature maps no longer shared with bilinear; ViT-S -> ViT-S stays a token chain (nn.Linear, no
+        # padding): its none and bilinear are still one module
+        assert all(len(r.points) == 1 for r in nd if r not in tokens)
+        assert all([p["method"] for p in r.points] == [r.method, r.method.replace("none", "bilinear")]
+                   for r in tokens)
     own = [r for r in exp.part("paper") if r.config.train.seed == 0 and not r.config.is_original]
     assert len(own) == 551 + 64 + 9
     big = index[(f"{VIT} -> resnet50", "bottleneck/none", "3->3", 0.002, 0)]
