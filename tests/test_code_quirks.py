@@ -155,6 +155,8 @@ def test_summary_prints_and_costs_the_built_network(tmp_path):
     shown = [(j["in"], j.get("resized_to", j["in"]), j["out"]) for j in adapters]
     assert shown == [tuple("{}@{}x{}".format(*x) for x in step) for step in shapes[:-1]]
     assert all("1x1 padding 1" in j["at"] for j in adapters)
+    assert on["joins"][-1]["receives"] == "2048@18x18" and on["joins"][-1]["shape"] == [2048, 2, 2]
+    assert off["joins"][-1]["receives"] == "2048@4x4"           # resize none: the source's grid, not the cut's
     mcfg = ModelConfig(source=VIT, destination=R50, source_stage=2, destination_stage=4, adapter="linear",
                        resize="none", code_quirks=True, pretrained=False)
     from stitching.stitch.cost import count_cost

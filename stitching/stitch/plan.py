@@ -172,7 +172,8 @@ class StitchPlan:
         return cut_label(self)
 
     def joins(self) -> list[dict]:
-        """Every tensor handed from one part to the next, for summaries and logs."""
+        """Every tensor handed from one part to the next, for summaries and logs. The destination's entry is its
+        cut's own shape, with ``receives`` (channels @ grid) where the chain hands it another size."""
         blocks = self.source_block is not None
         out = [{"at": f"{self.source} block {self.source_block} (its output)" if blocks else
                 f"{self.source} stage {self.source_stage} (after first block)", **_d(self.source_cut)}]
@@ -194,6 +195,9 @@ class StitchPlan:
                  f"after first block of stage {self.destination_stage}" if self.destination_stage > self.source_stage
                  else f"end of stage {self.source_stage}")
         out.append({"at": f"{self.destination} ({where})", **_d(self.destination_cut)})
+        if self.steps and self.output_size != (self.destination_cut.height, self.destination_cut.width):
+            h, w = self.output_size          # resize none, the quirks' grown maps: not the cut's own size (grid)
+            out[-1]["receives"] = f"{self.steps[-1].c_out}@{h}x{w}"
         return out
 
 
