@@ -37,7 +37,8 @@ import yaml
 from stitching.rundir import EXIT_CONFIG
 from tests.conftest import ROOT
 
-DOCS = ["README.md", "docs/method.md", "benchmarks/README.md", "scripts/slurm/README.md"]
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")),
+        "benchmarks/README.md", "scripts/slurm/README.md"]
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 # "python -m stitching.train ...", "torchrun ... -m stitching.train", "python scripts/x.py ...": the program and
 # the rest of the command (up to the end of the code span, table cell or comment)
@@ -312,11 +313,11 @@ def test_train_device_cuda_without_a_gpu_is_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_the_readmes_config_contract_is_a_valid_config(tmp_path):
-    """The README's annotated config (every key with its documented value) loads and validates."""
+def test_the_documented_config_contract_is_a_valid_config(tmp_path):
+    """docs/config.md's annotated config (every key with its documented value) loads and validates."""
     from stitching.config import load_config
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "config.md").read_text()
     text = text[text.index("## The config contract"):]
     start = text.index("```yaml") + len("```yaml")
     block = text[start:text.index("```", start)]
