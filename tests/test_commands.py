@@ -108,6 +108,12 @@ def test_documented_command_exists_and_takes_its_documented_flags(program):
     gives arguments (not a bare name in prose) gives the options it cannot run without."""
     proc = run(*(["-m", program] if not program.endswith(".py") else [program]), "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # plain text (no reStructuredText), an example of its own and what each exit code means (stitching.cli)
+    assert "``" not in proc.stdout and ":func:" not in proc.stdout and ":mod:" not in proc.stdout, proc.stdout
+    examples = proc.stdout.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0]
+    assert program in examples, proc.stdout
+    exits = proc.stdout.split("\nexit codes:\n", 1)[1]
+    assert exits.lstrip().startswith("0  "), proc.stdout
     usage = proc.stdout.split("\n\n")[0]     # argparse's usage paragraph lists every option (the description
     known, required = set(FLAG.findall(usage)), required_flags(usage)   # after it may quote the docstring)
     unknown = {f: sorted({flag for args in mentions for flag in FLAG.findall(args)} - known)
