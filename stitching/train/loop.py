@@ -176,7 +176,7 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     device = resolve_device(cfg)
     info = D.init(device.type)
     r = Run(cfg, R.RunDir(run_dir if run_dir else default_run_dir(cfg)), info, device)
-    code, message = R.EXIT_FAILED, "unexpected error (traceback above)"
+    code, message = R.EXIT_FAILED, R.UNEXPECTED
     try:
         code = _start(r, force)
         if code is None:
