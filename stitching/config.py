@@ -316,10 +316,7 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(item, None, CLI, "overrides are written section.key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = _override_value(raw)
         section, name = key.split(".", 1)
         node = tree.setdefault(section, {})
         if not isinstance(node, dict):
@@ -370,6 +367,31 @@ def _parse_yaml(text: str):
             _PARSED.clear()
         _PARSED[text] = yaml.safe_load(text)
     return copy.deepcopy(_PARSED[text])
+
+
+#: stands for ``#`` while a command-line value is read as YAML (a private-use character, plain in YAML)
+_HASH = "\ue000"
+
+
+def _override_value(raw: str):
+    """A command-line value read as YAML (``3``, ``0.5``, ``null``, ``[a, b]``, ``{img_size: 64}``), where ``#`` is
+    a character like any other: YAML would read `` #...`` as a comment and silently cut a path such as
+    ``runs/study #2`` to ``runs/study`` (a sweep under such a folder then trained every run into one directory).
+    Text YAML cannot read is taken as it is."""
+    try:
+        return _restore_hash(yaml.safe_load(raw.replace("#", _HASH)))
+    except yaml.YAMLError:
+        return raw
+
+
+def _restore_hash(value):
+    if isinstance(value, str):
+        return value.replace(_HASH, "#")
+    if isinstance(value, list):
+        return [_restore_hash(v) for v in value]
+    if isinstance(value, dict):
+        return {_restore_hash(k): _restore_hash(v) for k, v in value.items()}
+    return value
 
 
 def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:

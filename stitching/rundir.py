@@ -385,7 +385,9 @@ def error_line(path: str | os.PathLike, logs: tuple = ()) -> str:
         lines = [ln for ln in lines if ln and not ln.startswith("[") and "it/s]" not in ln and "s/it]" not in ln]
         if lines:
             return lines[-1]
-    return message or "no error recorded (state.json, launcher.log and the SLURM log say nothing)"
+    if message == UNEXPECTED:
+        return "an unexpected error, and no log of it here (launcher.log, the SLURM task's log)"
+    return "no error recorded (state.json, launcher.log and the SLURM task's log say nothing)"
 
 
 # ------------------------------------------------------------------------------------------- requeue
