@@ -19,6 +19,8 @@ renamed into place, so a file is either the old complete one or the new complete
 ``launcher.log``            output of ``stitching.launch.local``
 ``slurm_job``               ``<jobid>_<task>`` of the last SLURM submission (for humans)
 ``.requeue_requested``      the requeue request of a multi-process trainer (see below)
+``tensorboard/``            the curves for TensorBoard (``output.log_to``, :mod:`stitching.train.curves`)
+``wandb/``                  W&B's files (``output.log_to``; offline unless configured)
 ``previous/<stamp>/``       an earlier run's files moved aside by ``--force``
 ==========================  =====================================================================
 
@@ -90,8 +92,10 @@ LAUNCHER_LOG = "launcher.log"
 SLURM_MARKER = "slurm_job"
 REQUEUE_REQUEST = ".requeue_requested"
 PREVIOUS_DIR = "previous"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 #: what ``--force`` moves aside (the lock stays: it is the current trainer's)
-RUN_FILES = (CONFIG, METRICS, RESULT, CHECKPOINT, CHECKPOINT_PREVIOUS, MODEL, LOG, STATE)
+RUN_FILES = (CONFIG, METRICS, RESULT, CHECKPOINT, CHECKPOINT_PREVIOUS, MODEL, LOG, STATE, TENSORBOARD_DIR, WANDB_DIR)
 
 # ------------------------------------------------------------------------------------------- exit codes
 EXIT_OK = 0

@@ -34,6 +34,7 @@ from stitching.launch import slurm
 from stitching.sweep import estimate as E
 from stitching.sweep import status as S
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand, load_sweep
+from stitching.train import curves
 
 #: the widest line the dry run's tables aim for
 WIDTH = 120
@@ -313,6 +314,8 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
     """Write each unfinished run's ``config.yaml`` and run them: ``local`` here (``parallel`` at a time; the
     exit code says whether any failed or was preempted), ``slurm`` as job arrays (never twice for a run
     directory already queued or running). Shared by every command that expands runs (sweeps, matrices)."""
+    for log_to in {tuple(r.config.output.log_to or ()) for r in todo}:     # their extras, before anything is written
+        curves.check_installed(next(r.config for r in todo if tuple(r.config.output.log_to or ()) == log_to))
     for run in todo:
         _write_config(run)
 
