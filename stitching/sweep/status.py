@@ -12,6 +12,7 @@ interrupted or not started) -- the codes of the local launcher, so a script can 
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -87,7 +88,8 @@ def report(runs, runs_dir: Path, groupings: list[tuple[str, callable]]) -> int:
             print(f"  {r.config.output.dir}\n    {failure(r.config.output.dir, runs_dir)}")
     code = exit_code(state)
     left = sum(s != R.FINISHED for s in state.values())
-    print(f"\n{len(runs) - left} of {len(runs)} runs done"
-          + ("" if not left else f"; {left} not finished: running the same command without --status "
-             "resumes or retries them") + f" (exit {code})")
+    print("\n" + textwrap.fill(f"{len(runs) - left} of {len(runs)} runs done"
+          + ("" if not left else f"; {left} not finished: the same command with --launcher instead of --status "
+             "resumes the unfinished runs and retries the failed ones") + f" (exit {code})", 120,
+                               subsequent_indent="  "))
     return code
