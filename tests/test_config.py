@@ -69,15 +69,3 @@ def test_cli_error_is_one_line_exit_2_no_traceback(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert str(bad) in lines[0] and "model.adapter='finetune'" in lines[0] and "112" in lines[0]
-
-
-def test_a_hash_in_a_command_line_value_is_kept():
-    """YAML reads `` #...`` as a comment: ``--run-dir 'runs/study #2/x'`` (``output.dir=...``) became
-    ``runs/study`` and a sweep under such a folder trained every run into that one directory."""
-    from stitching.config import load_config
-
-    tiny = ROOT / "configs" / "synthetic" / "tiny.yaml"
-    cfg = load_config(tiny, ["output.dir=runs/study #2/x", "data.root=/data/set#1", "model.source_kwargs={}",
-                             "train.lr=0.001", "train.max_steps_per_epoch=null"], check=False)
-    assert (cfg.output.dir, cfg.data.root) == ("runs/study #2/x", "/data/set#1")
-    assert cfg.model.source_kwargs == {} and cfg.train.lr == 0.001 and cfg.train.max_steps_per_epoch is None

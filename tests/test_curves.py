@@ -73,7 +73,7 @@ def test_curves_are_off_by_default_and_not_the_runs_identity():
 
 @pytest.mark.parametrize("value, says", [("[tensorbord]", "'tensorbord' is not a tracker; choose from tensorboard, "
                                           "wandb"), ("[wandb, wandb]", "names a tracker twice"),
-                                         ("tensorboard", "must be list or null")])
+                                         ("tensorboard", "must be a list [a, b, ...] or null")])
 def test_a_wrong_tracker_is_a_config_error(value, says):
     from stitching.config import ConfigError
 

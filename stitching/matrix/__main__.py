@@ -22,11 +22,12 @@ every cell has finished, 1 when any failed, 75 when some are still to finish.
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections import Counter
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.config import run_cli
+from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
 from stitching.sweep import estimate as E
 from stitching.sweep.status import report
@@ -47,8 +48,6 @@ def expand_matrix(matrix: Matrix, runs_dir: Path):
 
 def cell_marks(matrix: Matrix, exp) -> dict[str, dict[tuple[int, int], str]]:
     """Per matrix (sweep block name), the mark of every cell (several seeds: the marks joined)."""
-    from stitching.matrix.spec import CUT_KEYS
-
     src_key, dst_key = (k.partition(".")[2] for k in CUT_KEYS[matrix.cuts])
     marks: dict[str, dict[tuple[int, int], list[str]]] = {}
     for run in exp.runs:
@@ -139,10 +138,10 @@ def main(argv=None) -> int:
                      "where they stand)")
     E.parse_rate(args.rate), E.parse_images(args.images)       # a bad value: one line before any work
 
-    from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused
+    from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
 
     matrix = load_matrix(args.matrix)
-    runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
+    runs_dir = runs_dir_of(args.runs_dir, matrix.name)
     exp = expand_matrix(matrix, runs_dir)
     names = {r.name for r in exp.runs}
     if args.draw:
@@ -168,6 +167,8 @@ def main(argv=None) -> int:
     print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
+        if args.launcher == "slurm":
+            print_slurm_plan(todo, matrix.blocks(), args.slurm)
         print()
         print_cost(exp.runs, matrix.blocks(), groups, args)
         print("dry run: nothing written or submitted")
@@ -180,8 +181,8 @@ def main(argv=None) -> int:
     if args.launcher == "local" and code != R.EXIT_PREEMPTED:
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
-        print(f"once the jobs have run: python -m stitching.matrix {args.matrix} --draw"
-              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+        print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --draw"
+              + (f" --runs-dir {shlex.quote(str(runs_dir))}" if args.runs_dir else ""))
     return code
 
 

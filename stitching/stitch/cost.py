@@ -16,6 +16,7 @@ allocated or computed, no weights are read), once per network, input size and cl
 counter charges the weight gradient of a grouped convolution ``groups`` times over (it counts it as a dense
 one); :func:`conv_backward_flops` counts it as the forward pass it mirrors, so depthwise networks
 (MobileNetV3, EfficientNet, ConvNeXt) are not overcounted. The convention: ``docs/method.md``, "MACs".
+:func:`human` writes a count for people (``1.67 G``), :func:`share` one cost as a part of another (``41%``).
 """
 
 from __future__ import annotations
@@ -330,3 +331,19 @@ def stitch_cost(mcfg, img_size: int = 224, num_classes: int = 1000) -> StitchCos
     return StitchCost("stitched", prefix.forward + adapters.forward + suffix.forward, prefix=prefix.forward,
                       adapters=adapters, suffix=suffix, target=d.prefix(cut.suffix_start).forward,
                       num_adapters=cut.plan.num_adapters)
+
+
+def human(n: float, unit: str = "") -> str:
+    """A count for people, three significant digits and an SI prefix: ``human(1674e6, "MACs")`` is
+    ``"1.67 GMACs"``, ``human(119680)`` is ``"120 K"``."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale * 0.9995:
+            return f"{n / scale:.3g} {prefix}{unit}"
+    return f"{n:.3g} {unit}".rstrip()
+
+
+def share(part: float, whole: float) -> str:
+    """``part`` as a percentage of ``whole``: whole percent from 10 % on, one decimal below (``"41%"``,
+    ``"3.2%"``, ``"120%"``)."""
+    pct = 100 * part / whole if whole else float("nan")
+    return f"{pct:.0f}%" if pct >= 9.95 else f"{pct:.1f}%"
