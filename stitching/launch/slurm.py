@@ -147,6 +147,7 @@ def task_log(work_dir: str | os.PathLike, task: str) -> Path:
     into ``work_dir`` (:func:`submit_array`)."""
     return Path(work_dir) / LOG_DIR / f"{task}.out"
 
+
 #: Job states after which a task will not run again by itself.
 TERMINAL_STATES = frozenset(
     {

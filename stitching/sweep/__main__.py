@@ -1,4 +1,4 @@
-"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--status] [--paper-only]``.
+"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--paper-only]``.
 
 Expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
@@ -231,8 +231,9 @@ def wall_line(todo: list[E.Estimate], blocks, args) -> str:
     wall = E.wall_time(groups)
     if wall is None:
         return "wall time: nothing to run"
-    at = (f"{wall.tasks} task{'s' * (wall.tasks > 1)} at a time" if wall.tasks else "no % throttle: as many tasks at a time as the "
-          "cluster gives") + (f" x {wall.gpus} GPUs" if wall.gpus > 1 else "")
+    at = (f"{wall.tasks} task{'s' * (wall.tasks > 1)} at a time" if wall.tasks
+          else "no % throttle: as many tasks at a time as the cluster gives")
+    at += f" x {wall.gpus} GPUs" if wall.gpus > 1 else ""
     where = "the job array's slurm.max_parallel" if args.launcher == "slurm" else "--parallel"
     line = (f"wall time: {E.duration(wall.hours)} ({at}, {where}; the longest run {E.duration(wall.longest)})"
             + (" if the cluster grants them" if args.launcher == "slurm" else ""))
