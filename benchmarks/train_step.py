@@ -76,6 +76,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from stitching import cli  # noqa: E402
+
 PAIRS = {
     "resnet50-1-3": dict(source="resnet50", destination="resnet50", source_stage=1, destination_stage=3),
     "resnet50-swin_t-1-3": dict(source="resnet50", destination="swin_t", source_stage=1, destination_stage=3),
@@ -378,8 +380,10 @@ def print_table(r: dict, rate: float) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python benchmarks/train_step.py", __doc__, [
+        "python benchmarks/train_step.py --pair all",
+        "python benchmarks/train_step.py --source resnet18 --destination resnet18 --device cuda"],
+        {0: "measured (the last line is the JSON)", 1: "--device cuda without a CUDA device", 2: "bad options"})
     p.add_argument("--pair", choices=["all", *PAIRS], default="all",
                    help="preset stitch(es) when --source is not given (default: all presets)")
     p.add_argument("--source", help="custom stitch: source model (registry name)")

@@ -58,7 +58,7 @@ def create_model(source: str, destination: str | None = None, source_stage: int 
     fine-tuning baseline, trains everything). ``destination`` defaults to ``source``.
 
     ``options`` are any other ``model.*`` config key (``resize``, ``schedule``, ``adapter_style``,
-    ``pos_embed``, ``random_init``, ``source_weights``, ``source_kwargs``, ...: README, "The config
+    ``pos_embed``, ``random_init``, ``source_weights``, ``source_kwargs``, ...: docs/config.md, "The config
     contract"); ``img_size`` and ``num_classes`` are ``data.img_size`` and ``data.num_classes`` (the traced
     shapes the stitch is planned on; the classifier head). Everything is checked first, as a config is: a bad
     key, value or combination raises :class:`~stitching.config.ConfigError` (a ``ValueError``) naming it,

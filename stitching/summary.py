@@ -1,4 +1,4 @@
-"""What a config builds and costs (``--config FILE [key=value ...]``), or where a model can be cut (``--cuts MODEL``).
+"""What a config builds and costs (MACs, parameters, shapes at every join), or where a model can be cut.
 
 ``python -m stitching.summary --config FILE [section.key=value ...]`` or
 ``python -m stitching.summary --cuts MODEL [--img-size N]``.
@@ -28,12 +28,12 @@ block, its output format and shape; ``--json`` prints the rows as JSON.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 
 import yaml
 
+from stitching import cli
 from stitching.config import CLI, ConfigError, check_files, load_config, run_cli
 from stitching.stitch.cost import human, share
 
@@ -212,7 +212,10 @@ def print_cuts(table, name: str, img_size: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.summary", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.summary", __doc__, [
+        "python -m stitching.summary --config configs/paper/resnet50_1to4_bottleneck.yaml",
+        "python -m stitching.summary --config configs/quickstart.yaml --json --similarity 256",
+        "python -m stitching.summary --cuts convnext_atto --img-size 64"], cli.SIMPLE_EXITS)
     parser.add_argument("--config", help="run config YAML")
     parser.add_argument("--cuts", metavar="MODEL", help="list MODEL's stage and block cuts instead of a config")
     parser.add_argument("--img-size", type=int, metavar="N", help="--cuts: the input size (default 224)")

@@ -1,6 +1,7 @@
-"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--paper-only]``.
+"""Run a grid of runs (a sweep file) here or as SLURM job arrays, skipping what has finished.
 
-Expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
+``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--paper-only]``:
+expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
 ``local`` runs them here (``--parallel N`` at a time); ``slurm`` submits one job array per distinct set of
 resources (``slurm:`` in the sweep file, overridden by ``--slurm key=value``) -- split into several arrays
@@ -21,7 +22,6 @@ blocks off / on (default: the file's ``extensions:``, itself true by default).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import shlex
@@ -31,6 +31,7 @@ import typing
 from collections import Counter
 from pathlib import Path
 
+from stitching import cli
 from stitching import rundir as R
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
 from stitching.launch import slurm
@@ -244,7 +245,12 @@ def wall_line(todo: list[E.Estimate], blocks, args) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.sweep", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.sweep", __doc__, [
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # its runs and cost",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
+        "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],,
+        cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("--launcher", choices=("local", "slurm"), help="where the runs train (required unless "
                         "--status)")
