@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # its runs and cost",
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
         "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2",
-        "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],,
+        "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],
         cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("--launcher", choices=("local", "slurm"), help="where the runs train (required unless "
