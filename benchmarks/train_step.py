@@ -109,7 +109,7 @@ def recipe(opts: dict):
 
 def build_variant(variant: str, stitch: dict, opts: dict, device: torch.device):
     """A function running one optimizer step of variant a, b or c on ``(x, y)``."""
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
     from stitching.stitch.stitcher import StitchedModel, build_model
     from stitching.train.loop import build_step
     from stitching.train.step import train_step
@@ -295,7 +295,7 @@ def matmul_rates(sizes: list[int], device: torch.device, dtype: torch.dtype = to
 
 def useful_flops(stitch: dict, img_size: int) -> dict:
     """Per-image FLOPs of the parts (2 x MACs from ``count_cost``) and the useful work of one step."""
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
     from stitching.stitch.cost import count_cost
     from stitching.stitch.stitcher import build_model
 

@@ -2,7 +2,7 @@
 
 Owns nothing but the translation of Python arguments into a config and back: :func:`create_model` builds with
 :func:`stitching.stitch.stitcher.build_model` (the trainer's builder) after the config's checks, :func:`cost` is
-:func:`stitching.stitch.cost.count_cost`, :func:`list_cuts` tabulates :func:`stitching.models.registry.list_blocks`,
+:func:`stitching.stitch.cost.count_cost`, :func:`list_cuts` tabulates :func:`stitching.models.trace.list_blocks`,
 :func:`load_run` is :func:`stitching.train.loop.load_trained` plus the run's result row as
 :mod:`stitching.results.collect` reads it, and :func:`train` is the callable :mod:`stitching.train` package.
 Errors are :class:`~stitching.config.ConfigError` (a ``ValueError``): the one line a config error prints,
@@ -31,7 +31,8 @@ from torch import nn
 
 from stitching import rundir as R
 from stitching.config import check_files, load_config, model_spec
-from stitching.models.registry import PretrainedError, WeightsError, list_blocks
+from stitching.models.trace import list_blocks
+from stitching.models.weights import PretrainedError, WeightsError
 from stitching.results.collect import normalize_columns, read_result
 from stitching.stitch.cost import count_cost as cost
 from stitching.stitch.stitcher import build_model

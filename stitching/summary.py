@@ -40,7 +40,7 @@ from stitching.stitch.cost import human, share
 
 def check_weights(cfg) -> None:
     """The config's weights files exist and fit their models (keys and shapes from the files' headers)."""
-    from stitching.models.registry import WeightsError, check_weights_file
+    from stitching.models.weights import WeightsError, check_weights_file
 
     check_files(cfg, data=False)
     m = cfg.model
@@ -106,7 +106,7 @@ def similarity(cfg, n: int, built) -> dict:
 def build_stitched(cfg):
     """The stitched model of ``cfg`` with its real weights, for ``--similarity`` (one build serves the cost
     too); a config without a join is a one-line error."""
-    from stitching.models.registry import PretrainedError
+    from stitching.models.weights import PretrainedError
     from stitching.stitch.stitcher import build_model
 
     check_files(cfg)
@@ -123,7 +123,7 @@ def originals(cfg) -> dict:
     """``{"source": {...}, "destination": {...}}`` of a stitched (or fine-tuning) config: each original
     model's name, MACs, FLOPs and parameters at ``data.img_size`` (random init: costs do not depend on weights;
     a destination that is the source network is counted once)."""
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
     from stitching.stitch.cost import count_cost
 
     m = cfg.model

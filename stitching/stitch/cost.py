@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from stitching.config import model_args
 from stitching.models.formats import prefix_tokens
-from stitching.models.registry import get_spec, trace_blocks, trace_cuts
+from stitching.models.registry import get_spec
+from stitching.models.trace import trace_blocks, trace_cuts
 from stitching.stitch.stitcher import adapter_layers, layout
 
 
@@ -172,7 +173,7 @@ def count_pass(module: nn.Module, x: torch.Tensor, backward: tuple = BACKWARDS) 
 @dataclass(frozen=True)
 class NetworkCost:
     """The :class:`PassCost` of every part of a registry network at one input size: its stem, each block of its
-    flat block list (``Parts.blocks()``, :func:`~stitching.models.registry.list_blocks`' order) and its head."""
+    flat block list (``Parts.blocks()``, :func:`~stitching.models.trace.list_blocks`' order) and its head."""
 
     name: str
     stem: PassCost

@@ -35,7 +35,10 @@ from torch import nn
 
 from stitching.messages import short_repr
 from stitching.models.formats import Convert, prefix_tokens
-from stitching.models.registry import Parts, WeightsError, get_spec, load_model, trace_blocks, trace_cuts
+from stitching.models.registry import get_spec
+from stitching.models.spec import Parts
+from stitching.models.trace import trace_blocks, trace_cuts
+from stitching.models.weights import WeightsError, load_model
 from stitching.stitch.adapters import Adapter
 from stitching.stitch.plan import Shape, StitchPlan, destination_target, plan_blocks, plan_stitch
 from stitching.stitch.posembed import PosReinject, learned_pos_embed
@@ -178,8 +181,8 @@ class Layout:
 def layout(mcfg, src_spec, dst_spec, src_parts: Parts, dst_parts: Parts, src_shapes: dict, dst_shapes: dict,
            traced: tuple | None = None) -> Layout:
     """The plan and the cuts of a config's ``model`` section (stage or block cuts) on the split networks:
-    ``*_shapes`` are :func:`~stitching.models.registry.trace_cuts`' traced cut shapes, ``traced`` the
-    :func:`~stitching.models.registry.trace_blocks` lists of both networks (needed for block cuts only).
+    ``*_shapes`` are :func:`~stitching.models.trace.trace_cuts`' traced cut shapes, ``traced`` the
+    :func:`~stitching.models.trace.trace_blocks` lists of both networks (needed for block cuts only).
     :func:`build_model` assembles the modules from it; :mod:`stitching.stitch.cost` counts them."""
     if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
         i, j = mcfg.source_block, mcfg.destination_block
