@@ -154,6 +154,8 @@ class TrainConfig:
 class OutputConfig:
     dir: str | None = None                  # default: runs/<config file stem>/<run name> (rundir.run_dir_name)
     save_model: bool = True
+    log_to: list | None = None              # live curves besides metrics.csv: [tensorboard], [wandb] or both
+                                            # (optional extras; stitching/train/curves.py); null: none
 
 
 @dataclass
@@ -563,6 +565,8 @@ def _coerce(hint, value, key: str, src: str):
             return float(value)
         if t is str and isinstance(value, str):
             return value
+        if t is list and isinstance(value, list):
+            return copy.deepcopy(value)
         if t is dict and isinstance(value, dict):
             bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
             if bad:
@@ -664,6 +668,9 @@ def validate(cfg: Config) -> None:
         raise cfg.error("train.frozen_bn", "train mode re-estimates the frozen BatchNorm statistics, which "
                         "folded BatchNorms cannot: set train.fold_bn=false")
     _check_objective(cfg)
+    from stitching.train.curves import check as _check_curves
+
+    _check_curves(cfg)
     _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
     _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
     _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))

@@ -34,7 +34,8 @@ def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, 
     was = {id(b): b.training for b in parts.blocks()}
     for m in [parts.stem, parts.head, *parts.blocks()]:
         m.eval()
-    device = next(iter(p.device for p in parts.stem.parameters()), torch.device("cpu"))
+    params = itertools.chain(*(m.parameters() for m in (parts.stem, *parts.blocks())))
+    device = next(iter(p.device for p in params), torch.device("cpu"))     # (a stem may have none: Swin)
     try:
         x = parts.stem(torch.zeros(1, 3, img_size, img_size, device=device))
         shapes = {}

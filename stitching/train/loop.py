@@ -41,6 +41,7 @@ from stitching.config import IDENTITY, Config, ConfigError, check_files, load_co
 from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
+from stitching.train import curves
 from stitching.train import distributed as D
 from stitching.train import perf as P
 from stitching.train import measure
@@ -175,6 +176,7 @@ class Run:
     objective: object = None                # stitching.train.objective.Objective
     preempt: _Preemption | None = None
     to_device: tuple = (None, None)         # (train, eval) batch -> device (stitching.data.pipeline.batch_to_device)
+    trackers: curves.Curves | None = None   # output.log_to: where the curves also go (the main process only)
 
     @property
     def model(self) -> nn.Module:
@@ -198,13 +200,14 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     from stitching.data.images import BadImageError
 
     check_files(cfg)
+    curves.check_installed(cfg)
     device = resolve_device(cfg)
     path, how = run_dir_path(cfg, run_dir)
     info = D.init(device.type)
     if how and info.is_main:
         print(f"run directory: {path} ({how})", flush=True)
     r = Run(cfg, R.RunDir(path), info, device)
-    code, message = R.EXIT_FAILED, "unexpected error (traceback above)"
+    code, message = R.EXIT_FAILED, R.UNEXPECTED
     try:
         code = _start(r, force)
         if code is None:
@@ -224,6 +227,8 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
             print(f"error: {err}", file=sys.stderr)
         return code
     finally:
+        if r.trackers is not None:
+            r.trackers.close()
         if r.preempt is not None:
             r.preempt.restore()
         if r.lock is not None and r.lock.held:
@@ -364,6 +369,7 @@ def _open_rundir(r: Run, force: bool) -> bool:
             log.info("took over the stale lock of pid %s on host %s (that process is gone)",
                      r.lock.took_over.get("pid"), r.lock.took_over.get("host"))
         r.rundir.write_state(R.STARTED)
+        r.trackers = curves.Curves(r.cfg, r.rundir.path) if r.cfg.output.log_to else None
     D.barrier(r.info)
     return False
 
@@ -545,6 +551,8 @@ def _end_epoch(r: Run, epoch: int) -> dict:
     r.pos.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0])
     if r.info.is_main:
         r.rundir.write_rows(R.METRICS, METRICS_COLUMNS, r.metrics)
+        if r.trackers is not None:
+            r.trackers.log(r.metrics[-1])
     _save_checkpoint(r)
     row = r.metrics[-1]
     r.say("epoch %d/%d: train_loss %.4f  val top1 %.2f top5 %.2f loss %.4f  %.1f img/s", epoch + 1, r.epochs,
