@@ -234,6 +234,7 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
         if r.lock is not None and r.lock.held:
             r.rundir.write_state(R.status_of_exit(code), code, message)
             r.lock.release()
+        _teardown_logging()
         D.shutdown()
 
 
@@ -607,6 +608,16 @@ def _setup_logging(file: Path) -> None:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+
+
+def _teardown_logging() -> None:
+    """Undo :func:`_setup_logging` when a run ends (``stitching.train`` runs in-process from notebooks): the
+    run's ``train.log`` handle closed, the trainer's log propagating to the root logger again."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+    log.propagate = True
 
 
 def _lr_factor(cfg: Config, steps_per_epoch: int, total_steps: int):
