@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from stitching.models.formats import prefix_tokens
 from stitching.models.registry import get_spec
-from stitching.models.trace import trace_blocks, trace_cuts
+from stitching.models.trace import CachedKwargs, trace_blocks, trace_cuts
 from stitching.stitch.stitcher import adapter_layers, layout
 
 
@@ -242,21 +242,8 @@ def _network(name: str, key: str, img_size: int, num_classes: int, kwargs) -> _N
         return _Network(spec, model, parts, trace_cuts(spec, parts, img_size), img_size)
 
 
-class _Kwargs:
-    """Carries a kwargs dict past the cache key (its repr is the key)."""
-
-    def __init__(self, kwargs):
-        self.kwargs = kwargs
-
-    def __hash__(self):
-        return 0
-
-    def __eq__(self, other):
-        return isinstance(other, _Kwargs)
-
-
 def _net(name: str, kwargs: dict | None, img_size: int, num_classes: int) -> _Network:
-    return _network(name, repr(sorted((kwargs or {}).items())), img_size, num_classes, _Kwargs(kwargs))
+    return _network(name, repr(sorted((kwargs or {}).items())), img_size, num_classes, CachedKwargs(kwargs))
 
 
 def network_cost(name: str, kwargs: dict | None = None, img_size: int = 224, num_classes: int = 1000) -> NetworkCost:
