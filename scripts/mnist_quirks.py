@@ -22,7 +22,6 @@ Uses the trained models of the MNIST study (``scripts/toy_study.py``, its mnist 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -32,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from stitching import cli, rundir  # noqa: E402
 
 SWEEP = ROOT / "configs" / "sweeps" / "mnist_quirks.yaml"
 RUNS = "quirks"                 # the runs folder under OUT
@@ -106,9 +107,14 @@ def deltas_markdown(df) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/mnist_quirks.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = cli.parser("python scripts/mnist_quirks.py", __doc__, [
+        "python scripts/mnist_quirks.py                # tables in runs/mnist/quirks/deltas.md",
+        "python scripts/mnist_quirks.py --dry-run      # write the sweep files, list its runs, train nothing"],
+        {rundir.EXIT_OK: "every run finished and the tables were written (run it again: finished runs are skipped)",
+         rundir.EXIT_FAILED: "a step failed (the last line names it and its command), or a run of the sweep failed "
+                             "(listed; the tables of the runs that finished are written)",
+         rundir.EXIT_CONFIG: "bad options, or the sweep refused its file (one line says which)",
+         rundir.EXIT_PREEMPTED: "a run was stopped after saving a checkpoint: the same command resumes"})
     parser.add_argument("--out", type=Path, default=Path("runs/mnist"),
                         help="the MNIST study's folder (default: runs/mnist)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default: 2)")
@@ -138,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     toy._train_originals(out, solo, "mnist", data_root)       # finished trainings are skipped
     code = toy._run([py, "-m", "stitching.sweep", sweep, "--launcher", "local", "--runs-dir", runs, "--parallel",
                      parallel], "sweep", env, check=False)
+    if code == rundir.EXIT_CONFIG:      # the sweep refused its file (its one line above): nothing ran
+        return code
     results = runs / "results.csv"
     toy._run([py, "-m", "stitching.collect", runs, "-o", results], "collect", env)
     import pandas as pd

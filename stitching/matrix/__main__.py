@@ -1,6 +1,7 @@
-"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw]``.
+"""Train a stitching matrix (every sender cut x every receiver cut, with random controls), collect and draw it.
 
-Expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
+``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--draw]``:
+expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
 (:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.__main__.launch`): impossible cells are
 dropped and counted with their reason, duplicates dropped, each cell gets a stable run directory under
@@ -12,19 +13,25 @@ finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the c
 ``DIR/matrix.csv`` (:mod:`stitching.matrix.cells`) and draws ``DIR/figures/matrix_heatmaps.png`` and
 ``DIR/figures/accuracy_vs_depth.png`` (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
 arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have run, ``--draw`` collects and
-draws. ``--dry-run`` prints the tables and counts and writes or submits nothing.
+draws. ``--dry-run`` prints the tables and counts and what the cells cost per matrix (as ``python -m
+stitching.sweep --dry-run``: MACs, GPU-hours at ``--rate``, wall time; ``--images``, ``--loader-rate``) and writes or
+submits nothing. ``--status`` (no ``--launcher`` needed) prints, per matrix, how many cells are done, running,
+preempted, interrupted, failed or not started and every failed cell's directory and last error line; exit 0 when
+every cell has finished, 1 when any failed, 75 when some are still to finish.
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 from collections import Counter
 from pathlib import Path
 
+from stitching import cli
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
+from stitching.sweep import estimate as E
+from stitching.sweep.status import report
 
 #: a cell's mark in the printed tables
 MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
@@ -113,21 +120,31 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.matrix", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.matrix", __doc__, [
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --dry-run   # the cells, their cost",
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local",
+        "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --status        # where the cells stand",
+        "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --draw          # after SLURM"],
+        cli.LAUNCHER_EXITS)
     parser.add_argument("matrix", help="matrix YAML file")
     parser.add_argument("--launcher", choices=("local", "slurm"), help="where the cells train (required unless "
                         "--draw)")
     parser.add_argument("--runs-dir", help="where run directories go (default: runs/<matrix name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells; write and submit nothing")
+    parser.add_argument("--status", action="store_true", help="print where the cells stand, read from their "
+                        "directories; write and submit nothing (exit 0: all done, 1: some failed, 75: not yet)")
     parser.add_argument("--draw", action="store_true", help="only collect the finished cells and draw")
     parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (as python -m stitching.sweep)")
+    E.add_options(parser)
     args = parser.parse_args(argv)
-    if args.launcher is None and not args.draw:
-        parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
+    if args.launcher is None and not (args.draw or args.status):
+        parser.error("--launcher is required (or --draw to collect and draw the finished cells, --status to see "
+                     "where they stand)")
+    E.parse_rate(args.rate), E.parse_images(args.images)       # a bad value: one line before any work
 
-    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan, runs_dir_of
+    from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
 
     matrix = load_matrix(args.matrix)
     runs_dir = runs_dir_of(args.runs_dir, matrix.name)
@@ -135,6 +152,13 @@ def main(argv=None) -> int:
     names = {r.name for r in exp.runs}
     if args.draw:
         return draw(matrix, runs_dir, names)
+    matrices = {matrix.block_name(c): CONTROL_NAMES[c] for c in matrix.controls}
+    shown = list(matrices.values())
+    groups = [("", lambda r: matrices.get(r.block, r.block), lambda name: (shown + [name]).index(name))]
+    if args.status:
+        print(f"{summary_line(matrix)}\n{len(exp.runs)} runs in {runs_dir}; where they stand, read from their "
+              "directories (nothing written or submitted)")
+        return report(exp.runs, runs_dir, groups)
 
     print(summary_line(matrix))
     print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}")
@@ -151,6 +175,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         if args.launcher == "slurm":
             print_slurm_plan(todo, matrix.blocks(), args.slurm)
+        print()
+        print_cost(exp.runs, matrix.blocks(), groups, args)
         print("dry run: nothing written or submitted")
         return 0
     code = 0
