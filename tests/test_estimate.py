@@ -51,7 +51,11 @@ def trainer_step_macs(cfg) -> int:
     ["model.source=vit_tiny_patch16_224", "model.source_kwargs={img_size: 64}", "model.destination=resnet18",
      "model.destination_kwargs={}", *VIT_64],
     ["model.source=mobilenetv3_small_100", "model.adapter=conv3x3", "data.img_size=64"],   # depthwise convolutions
-], ids=["task", "match", "distill", "finetune", "original", "to-vit", "from-vit", "mobilenet"])
+    ["model.adapter=linear", "model.resize=none"],          # "no downsample": the suffix runs on the larger map
+    ["model.source=vit_tiny_patch16_224", "model.source_kwargs={img_size: 64}", "model.destination=resnet18",
+     "model.destination_kwargs={}", "model.resize=none", "model.code_quirks=true", *VIT_64],   # the N x N map
+], ids=["task", "match", "distill", "finetune", "original", "to-vit", "from-vit", "mobilenet", "no-downsample",
+        "quirks-from-vit"])
 def test_the_estimated_step_is_what_the_trainers_step_computes(overrides):
     """The estimate counts the parts apart, on the meta device, with norms as stand-ins; the trainer's step counted
     whole on real tensors (folded BatchNorm, the objective's extra passes, AdamW) gives the same MACs."""

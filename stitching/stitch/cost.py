@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -172,12 +172,14 @@ def count_pass(module: nn.Module, x: torch.Tensor, backward: tuple = BACKWARDS) 
 @dataclass(frozen=True)
 class NetworkCost:
     """The :class:`PassCost` of every part of a registry network at one input size: its stem, each block of its
-    flat block list (``Parts.blocks()``, :func:`~stitching.models.trace.list_blocks`' order) and its head."""
+    flat block list (``Parts.blocks()``, :func:`~stitching.models.trace.list_blocks`' order) and its head;
+    ``inputs[i]`` the shape (of one image) the network hands its block ``i`` (``inputs[-1]``: its head)."""
 
     name: str
     stem: PassCost
     blocks: tuple[PassCost, ...]
     head: PassCost
+    inputs: tuple[tuple[int, ...], ...] = ()
 
     def prefix(self, end: int) -> PassCost:
         """The stem and ``blocks[:end]``."""
@@ -206,6 +208,11 @@ class _Network:
     img_size: int
     _blocks: list | None = None
     _cost: NetworkCost | None = None
+    _suffixes: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(p.device for p in self.model.parameters()), torch.device("cpu"))
 
     @property
     def blocks(self) -> list:
@@ -216,16 +223,25 @@ class _Network:
     @property
     def cost(self) -> NetworkCost:
         if self._cost is None:
-            device = next(iter(p.device for p in self.model.parameters()), torch.device("cpu"))
-            x = torch.zeros(1, 3, self.img_size, self.img_size, device=device)
+            x = torch.zeros(1, 3, self.img_size, self.img_size, device=self.device)
             stem, x = count_pass(self.parts.stem, x)
-            blocks = []
+            blocks, inputs = [], []
             for block in self.parts.blocks():
+                inputs.append(tuple(x.shape))
                 cost, x = count_pass(block, x)
                 blocks.append(cost)
             head, _ = count_pass(self.parts.head, x)
-            self._cost = NetworkCost(self.spec.name, stem, tuple(blocks), head)
+            self._cost = NetworkCost(self.spec.name, stem, tuple(blocks), head, (*inputs, tuple(x.shape)))
         return self._cost
+
+    def suffix_at(self, start: int, shape: tuple[int, ...]) -> PassCost:
+        """``blocks[start:]`` and the head on an input of ``shape`` (one image) that is not the one the network
+        hands itself there: the larger map a chain gives it under ``model.resize: none`` across a reduction
+        or the paper code's quirks (``model.code_quirks``). Counted once per start and shape."""
+        if (start, shape) not in self._suffixes:
+            suffix = nn.Sequential(*self.parts.blocks()[start:], self.parts.head)
+            self._suffixes[start, shape] = count_pass(suffix, torch.zeros(shape, device=self.device))[0]
+        return self._suffixes[start, shape]
 
 
 @functools.lru_cache(maxsize=64)
@@ -273,24 +289,26 @@ class StitchCost:
     num_adapters: int = 0
 
 
-_ADAPTERS: dict[str, PassCost] = {}     # adapter chain (its modules' shapes) -> its cost
+_ADAPTERS: dict[str, tuple[PassCost, tuple]] = {}     # adapter chain (its modules' shapes) -> cost, output shape
 
 
-def _adapters_cost(mcfg, plan, dst: _Network) -> PassCost:
+def _adapters_cost(mcfg, plan, dst: _Network) -> tuple[PassCost, tuple[int, ...]]:
     """The adapter chain's forward pass and weight gradients (all a stitched training step asks of it), counted
-    once per distinct chain (the same modules on the same shapes, whichever networks it joins)."""
+    once per distinct chain (the same modules on the same shapes, whichever networks it joins), and the shape
+    (of one image) it hands the destination."""
     reinject = getattr(mcfg, "pos_embed", "none") == "reinject"
-    key = repr((plan.adapter, plan.style, plan.working_format, tuple(plan.steps), plan.source_cut,
+    key = repr((plan.adapter, plan.style, plan.working_format, tuple(plan.steps), plan.end_resize, plan.source_cut,
                 plan.destination_cut.format, (dst.spec.name, dst.spec.kwargs) if reinject else None))
     if key not in _ADAPTERS:
-        device = next(iter(p.device for p in dst.model.parameters()), torch.device("cpu"))
+        device = dst.device
         with torch.device(device):
             chain = nn.Sequential(*adapter_layers(mcfg, plan, dst.model))
         cut = plan.source_cut
         shape = ((1, cut.channels, cut.height, cut.width) if cut.format == "image" else
                  (1, cut.height, cut.width, cut.channels) if cut.format == "bhwc" else
                  (1, prefix_tokens(cut.format) + cut.height * cut.width, cut.channels))   # a token format
-        _ADAPTERS[key] = count_pass(chain, torch.zeros(shape, device=device), backward=("weights",))[0]
+        cost, out = count_pass(chain, torch.zeros(shape, device=device), backward=("weights",))
+        _ADAPTERS[key] = cost, tuple(out.shape)
     return _ADAPTERS[key]
 
 
@@ -298,7 +316,8 @@ def stitch_cost(mcfg, img_size: int = 224, num_classes: int = 1000) -> StitchCos
     """The :class:`StitchCost` of a config's ``model`` section (:class:`stitching.config.ModelConfig`) at
     ``img_size``: built from shapes on the meta device, the networks counted once per (name, constructor
     arguments, input size, classes) and each distinct adapter chain once, so that costing every run of a sweep
-    builds each network once."""
+    builds each network once. The suffix is counted on the map the chain hands it (``model.resize: none`` across
+    a reduction, the paper code's quirks: larger than the destination's own)."""
     src = _net(mcfg.source, mcfg.source_args(), img_size, num_classes)
     if mcfg.is_original:
         cost = src.cost
@@ -314,7 +333,9 @@ def stitch_cost(mcfg, img_size: int = 224, num_classes: int = 1000) -> StitchCos
         kept = [*range(cut.prefix_end), *cut.kept, *range(cut.suffix_start, len(d.blocks))]
         return StitchCost("finetune", prefix.forward + sum(d.blocks[i].forward for i in cut.kept) + suffix.forward,
                           trained=d.trained(kept), num_adapters=0)
-    adapters = _adapters_cost(mcfg, cut.plan, dst)
+    adapters, handed = _adapters_cost(mcfg, cut.plan, dst)
+    if handed != d.inputs[cut.suffix_start]:    # a larger map than the destination's own (resize none, the quirks)
+        suffix = dst.suffix_at(cut.suffix_start, handed)
     return StitchCost("stitched", prefix.forward + adapters.forward + suffix.forward, prefix=prefix.forward,
                       adapters=adapters, suffix=suffix, target=d.prefix(cut.suffix_start).forward,
                       num_adapters=cut.plan.num_adapters)
