@@ -119,14 +119,17 @@ ENDED = (PREEMPTED, INTERRUPTED, FAILED)
 LOCK_STALE_S = 900.0
 
 
+_FAILURES = {EXIT_CONFIG: "bad config", EXIT_NONFINITE: "non-finite loss", EXIT_BUSY: "run directory in use",
+             EXIT_IO: "could not write the run directory"}
+
+
 def describe_exit(code: int) -> str:
     """A few words for a trainer's exit code alone (what it says without ``state.json``: :func:`ending`)."""
     if code < 0:
         return f"killed by {_signal_name(-code)}"
-    return {EXIT_OK: "done", EXIT_PREEMPTED: "preempted", EXIT_INTERRUPTED: "interrupted",
-            EXIT_CONFIG: "FAILED: bad config", EXIT_NONFINITE: "FAILED: non-finite loss",
-            EXIT_BUSY: "FAILED: run directory in use", EXIT_IO: "FAILED: could not write the run directory"
-            }.get(code, f"FAILED (exit {code})")
+    if code in (EXIT_OK, EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        return {EXIT_OK: "done", EXIT_PREEMPTED: "preempted", EXIT_INTERRUPTED: "interrupted"}[code]
+    return f"FAILED: {_FAILURES.get(code, 'error')} (exit {code})"
 
 
 def status_of_exit(code: int) -> str:
@@ -168,10 +171,10 @@ def ending(path: str | os.PathLike, code: int, pid: int | None = None) -> Ending
     if code == EXIT_OK:         # it wrote no state of its own: it found the run finished (by another trainer)
         by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") not in (None, pid) else ""
         return Ending(code, FINISHED, f"already finished{by}", elsewhere=pid is not None)
-    if code < 0:
+    if code < 0 or code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):   # stopped while starting, or killed
         saved = "its last checkpoint is kept" if d.checkpoint_candidates() else "no checkpoint saved"
-        return Ending(code, status(path), f"killed by {_signal_name(-code)} before it said how it ended; {saved}")
-    return Ending(code, FAILED, describe_exit(code))
+        return Ending(code, status(path), f"{describe_exit(code)} before it said how it ended; {saved}")
+    return Ending(code, FAILED, describe_exit(code).removeprefix("FAILED: "))
 
 
 class RunDirError(Exception):
