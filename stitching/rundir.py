@@ -172,7 +172,7 @@ def ending(path: str | os.PathLike, code: int, pid: int | None = None) -> Ending
         by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") not in (None, pid) else ""
         return Ending(code, FINISHED, f"already finished{by}", elsewhere=pid is not None)
     if code < 0 or code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):   # stopped while starting, or killed
-        saved = "its last checkpoint is kept" if d.checkpoint_candidates() else "no checkpoint saved"
+        saved = "its last checkpoint is kept" if d.checkpoint_candidates() else "nothing was saved"
         return Ending(code, status(path), f"{describe_exit(code)} before it said how it ended; {saved}")
     return Ending(code, FAILED, describe_exit(code).removeprefix("FAILED: "))
 
