@@ -30,8 +30,8 @@ from stitching import rundir as R
 from tests.conftest import ROOT, in_background
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
-# 10 optimizer steps per epoch (640 images, batch 64), 3 epochs, 8 evaluation batches, CPU, two loader workers
-COMMON = ["train.device=cpu", "train.epochs=3", "data.train_size=640", "data.val_size=512", "train.log_every=1",
+# 10 optimizer steps per epoch (640 images, batch 64), 2 epochs, 4 evaluation batches, CPU, two loader workers
+COMMON = ["train.device=cpu", "train.epochs=2", "data.train_size=640", "data.val_size=256", "train.log_every=1",
           "data.workers=2"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -134,7 +134,7 @@ def test_ctrl_c_during_training_checkpoints_exits_130_and_the_rerun_resumes_exac
     _no_debris(out)
 
     rerun = _train(out)
-    assert (f"resuming {out} at epoch 2, batch {position['step'] - 10} (step {position['step']} of 30); "
+    assert (f"resuming {out} at epoch 2, batch {position['step'] - 10} (step {position['step']} of 20); "
             f"the last trainer: interrupted: Ctrl-C (SIGINT)") in rerun.stderr
     _same_numbers(straight, out)
 
@@ -164,14 +164,14 @@ def test_ctrl_c_during_an_evaluation_keeps_the_epochs_training(tmp_path, straigh
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == R.EXIT_INTERRUPTED, stderr[-3000:]
     assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
-    assert "checkpoint saved after the training of epoch 2, step 20 of 30; its evaluation reruns" in stderr
+    assert "checkpoint saved after the training of epoch 2, step 20 of 20; its evaluation reruns" in stderr
     position = _position(out)
     assert (position["epoch"], position["batch"], position["step"]) == (1, 10, 20)
     assert len(list(csv.DictReader((out / R.METRICS).open()))) == 1       # epoch 2's row comes with its evaluation
     assert R.status(out) == R.INTERRUPTED
 
     rerun = _train(out)
-    assert f"resuming {out} at epoch 2, batch 10 (step 20 of 30; its evaluation first)" in rerun.stderr
+    assert f"resuming {out} at epoch 2, batch 10 (step 20 of 20; its evaluation first)" in rerun.stderr
     _same_numbers(straight, out)
 
 
@@ -204,7 +204,7 @@ def test_a_second_ctrl_c_aborts_at_once_keeping_the_last_complete_checkpoint(tmp
     assert proc.returncode == R.EXIT_INTERRUPTED, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     [line] = [ln for ln in stderr.splitlines() if "second Ctrl-C" in ln and "aborted" in ln]
-    assert "the last complete checkpoint (at the end of epoch 1, step 10 of 30) is kept" in line
+    assert "the last complete checkpoint (at the end of epoch 1, step 10 of 20) is kept" in line
     assert "run the same command again" in line
     assert time.monotonic() - t0 < 120                 # not after the hook's 30 s sleep (nor anything else)
     assert _position(out)["step"] == 10 and not (out / R.CHECKPOINT_PREVIOUS).exists()
@@ -214,7 +214,7 @@ def test_a_second_ctrl_c_aborts_at_once_keeping_the_last_complete_checkpoint(tmp
     assert not (out / R.LOCK).exists()
 
     rerun = _train(out)
-    assert f"resuming {out} at epoch 2, batch 0 (step 10 of 30)" in rerun.stderr
+    assert f"resuming {out} at epoch 2, batch 0 (step 10 of 20)" in rerun.stderr
     _same_numbers(straight, out)
 
 
@@ -338,7 +338,7 @@ def test_a_second_copy_of_the_same_local_sweep_waits_for_the_runs_the_first_hold
     the second launcher reported it FAILED and exited 1 although every run finished): the second waits for
     what the first holds, trains the rest, reports what the other one finished as such; both exit 0, every
     run is finished and reported done by exactly one launcher."""
-    spec = _sweep_file(tmp_path, seeds=2, epochs=2)
+    spec = _sweep_file(tmp_path, seeds=2, epochs=1)
     runs = tmp_path / "runs"
     first = _start(_sweep(spec, runs))
     _wait(lambda: runs.is_dir() and any((d / R.LOCK).is_file() for d in _run_dirs(runs))
