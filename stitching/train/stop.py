@@ -15,7 +15,8 @@ where it may stop, and says what it did):
 - SIGINT: the first one prints one line at once (what will happen, and that a second one aborts); a second
   one raises :class:`Aborted` (a ``KeyboardInterrupt``) at once: the trainer writes nothing new, removes no
   complete file (every write goes through a temporary name, removed when interrupted), and keeps the last
-  complete checkpoint. Under ``torchrun`` (``$TORCHELASTIC_RUN_ID`` set) the agent forwards the terminal's
+  complete checkpoint (a third one while it winds up ends the process there, by the signal's default action).
+  Under ``torchrun`` (``$TORCHELASTIC_RUN_ID`` set) the agent forwards the terminal's
   Ctrl-C to workers that received it already, so a repeat within :data:`REPEAT_S` seconds of the first is
   that copy, not a second Ctrl-C.
 - SIGINT ignored when the process started (a background job of a non-interactive shell, e.g. the SLURM
@@ -88,6 +89,7 @@ class StopSignals:
             return
         if now - self.interrupted_at < self.repeat_s:
             return                              # torchrun's agent forwarding the same Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_DFL)    # a third one while it winds up: the process ends there
         raise Aborted()
 
     def agree(self, device: torch.device, info: D.DistInfo) -> int:
