@@ -84,8 +84,8 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
                 log.close()
                 del running[d]
                 if code == R.EXIT_BUSY:          # taken by another trainer meanwhile: wait for it
-                    holder = R.RunDir(d).lock().holder() or {}
-                    waiting[d] = f"pid {holder.get('pid')} on host {holder.get('host')}"
+                    holder = R.RunDir(d).lock().holder()
+                    waiting[d] = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "a trainer"
                     print(f"[local] waiting: {d} is in use by {waiting[d]} (another trainer)", flush=True)
                     pending.append(d)
                     continue
