@@ -18,11 +18,12 @@ draws. ``--dry-run`` prints the tables and counts and writes or submits nothing.
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections import Counter
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.config import run_cli
+from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
 
 #: a cell's mark in the printed tables
@@ -41,8 +42,6 @@ def expand_matrix(matrix: Matrix, runs_dir: Path):
 
 def cell_marks(matrix: Matrix, exp) -> dict[str, dict[tuple[int, int], str]]:
     """Per matrix (sweep block name), the mark of every cell (several seeds: the marks joined)."""
-    from stitching.matrix.spec import CUT_KEYS
-
     src_key, dst_key = (k.partition(".")[2] for k in CUT_KEYS[matrix.cuts])
     marks: dict[str, dict[tuple[int, int], list[str]]] = {}
     for run in exp.runs:
@@ -128,10 +127,10 @@ def main(argv=None) -> int:
     if args.launcher is None and not args.draw:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
 
-    from stitching.sweep.__main__ import _print_dropped, launch, print_reused
+    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan, runs_dir_of
 
     matrix = load_matrix(args.matrix)
-    runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
+    runs_dir = runs_dir_of(args.runs_dir, matrix.name)
     exp = expand_matrix(matrix, runs_dir)
     names = {r.name for r in exp.runs}
     if args.draw:
@@ -149,6 +148,8 @@ def main(argv=None) -> int:
     print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
+        if args.launcher == "slurm":
+            print_slurm_plan(todo, matrix.blocks(), args.slurm)
         print("dry run: nothing written or submitted")
         return 0
     code = 0
@@ -159,8 +160,8 @@ def main(argv=None) -> int:
     if args.launcher == "local" and code not in (R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED):
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
-        print(f"once the jobs have run: python -m stitching.matrix {args.matrix} --draw"
-              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+        print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --draw"
+              + (f" --runs-dir {shlex.quote(str(runs_dir))}" if args.runs_dir else ""))
     return code
 
 

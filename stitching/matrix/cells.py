@@ -18,7 +18,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from stitching.matrix.spec import CONTROLS, CUT_KEYS, Matrix
+from stitching.config import CUT_KEYS
+from stitching.matrix.spec import CONTROLS, Matrix
 
 CELL_COLUMNS = ["control", "sender_cut", "receiver_cut"]
 TABLE_COLUMNS = [*CELL_COLUMNS, "sender", "receiver", "sender_depth", "receiver_depth", "depth_difference",
