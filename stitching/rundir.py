@@ -347,14 +347,14 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         _discard(tmp)
-        raise WriteError(f"cannot write {path}: {_why(err)}; the files already there are intact") from err
+        raise WriteError(f"cannot write {path}: {_write_why(err)}; the files already there are intact") from err
     except BaseException:       # KeyboardInterrupt (a second Ctrl-C) in the middle: no temporary file left
         _discard(tmp)
         raise
     return path
 
 
-def _why(err: OSError) -> str:
+def _write_why(err: OSError) -> str:
     why = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
     return f"{why} (errno {err.errno})"
 
@@ -439,14 +439,14 @@ class RunDir:
         try:
             tmp = self.write_bytes(f".{CHECKPOINT}.new", data)
         except WriteError as err:
-            raise WriteError(f"cannot write {path}: {_why(err.__cause__)}; the checkpoints already there are "
+            raise WriteError(f"cannot write {path}: {_write_why(err.__cause__)}; the checkpoints already there are "
                              "intact") from err.__cause__
         try:
             if path.is_file():
                 os.replace(path, self.path / CHECKPOINT_PREVIOUS)
             os.replace(tmp, path)
         except OSError as err:
-            raise WriteError(f"cannot write {path}: {_why(err)}") from err
+            raise WriteError(f"cannot write {path}: {_write_why(err)}") from err
         return path
 
     def set_aside(self, path: Path) -> Path:
