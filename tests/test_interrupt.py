@@ -244,6 +244,59 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
     _same_numbers(tmp_path / "straight", out)
 
 
+def test_ctrl_c_in_stitching_train_from_python_gives_the_process_its_handlers_back(tmp_path):
+    """``stitching.train()`` in a user's script or notebook: a Ctrl-C after epoch 1 stops the run with a checkpoint
+    (RunFailed, status 'interrupted'); afterwards the process has its own handlers again (before: SIGTERM stayed
+    ignored and SIGINT the run's handler, so the third Ctrl-C at the prompt killed the process); the run then
+    resumes to its end when called again -- from a thread (before: 'signal only works in main thread')."""
+    script = tmp_path / "user script.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, threading
+        import stitching
+        import stitching.train.loop as loop
+        from stitching.train import RunFailed
+
+        kw = dict(train={"device": "cpu", "epochs": 2, "max_steps_per_epoch": 3},
+                  data={"train_size": 256, "val_size": 64, "workers": 0}, output={"dir": sys.argv[1]})
+        real = loop._end_epoch
+        def end_epoch(r, epoch):                  # Ctrl-C once epoch 1 is evaluated
+            ev = real(r, epoch)
+            if epoch == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+            return ev
+        loop._end_epoch = end_epoch
+        try:
+            stitching.train(sys.argv[2], **kw)
+        except RunFailed as err:
+            print("ended:", err.status, err.exit_code, flush=True)
+        loop._end_epoch = real
+        print("handlers:", signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+              signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,
+              flush=True)
+        for _ in range(3):                        # Ctrl-C at the prompt, three times
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.pause()
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt", flush=True)
+        done = []
+        thread = threading.Thread(target=lambda: done.append(stitching.train(sys.argv[2], **kw)))
+        thread.start()
+        thread.join()
+        print("returned:", [str(d) for d in done], flush=True)
+    """))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), str(out), str(TINY)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[:5] == [f"ended: {R.INTERRUPTED} {R.EXIT_INTERRUPTED}", "handlers: True True True",
+                         *["KeyboardInterrupt"] * 3], proc.stdout
+    assert lines[-1] == f"returned: {[str(out)]}", proc.stdout
+    assert f"resuming {out} at epoch 2, batch 1 (step 4 of 6); the last trainer: interrupted" in proc.stderr
+    assert R.status(out) == R.FINISHED
+
+
 # ----------------------------------------------------------------------------------------- how an ending reads
 def test_a_launcher_reads_the_real_ending_never_a_checkpoint_that_was_not_saved(tmp_path):
     """:func:`stitching.rundir.ending` as the local launcher uses it: what the trainer said in state.json when it

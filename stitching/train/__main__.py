@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     cfg = resolve(args.config, args.run_dir, args.overrides)
     from stitching.train.loop import run
 
-    return run(cfg, force=args.force)
+    return run(cfg, force=args.force, exiting=True)
 
 
 if __name__ == "__main__":

@@ -178,8 +178,10 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
-    """Train/evaluate ``cfg`` into ``run_dir``; returns the process exit code (:mod:`stitching.rundir`)."""
+def run(cfg: Config, run_dir: Path | None = None, force: bool = False, exiting: bool = False) -> int:
+    """Train/evaluate ``cfg`` into ``run_dir``; returns the process exit code (:mod:`stitching.rundir`).
+    ``exiting``: the caller exits with that code next (the command line: after a stop, the stop signals'
+    handlers stay until then, :meth:`stitching.train.stop.StopSignals.restore`)."""
     from stitching.data.images import BadImageError
 
     check_files(cfg)
@@ -213,7 +215,7 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
         return code
     finally:
         if r.stop is not None:
-            r.stop.restore()
+            r.stop.restore(exiting)
         note = _close(r, code, message)
         if info.is_main and (error or note):
             print(f"error: {error}{note}" if error else f"warning: {note[2:]}", file=sys.stderr)

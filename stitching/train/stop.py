@@ -21,6 +21,12 @@ where it may stop, and says what it did):
   that copy, not a second Ctrl-C.
 - SIGINT ignored when the process started (a background job of a non-interactive shell, e.g. the SLURM
   batch script's command) stays ignored, as Python itself leaves it.
+- Python lets only the main thread set handlers: a run in another thread (``stitching.train()`` called from
+  one) installs none, and the signals do what the main thread's handlers do.
+- Afterwards (:meth:`StopSignals.restore`) the handlers from before come back -- in a process that goes on
+  (``stitching.train()`` in a notebook or a script) also after a stop; a process that exits with the run's
+  code (the command line) keeps them until it exits, so a late duplicate (SLURM's second SIGTERM, torchrun's
+  copy of the Ctrl-C) neither kills it nor prints a traceback.
 
 Before :class:`StopSignals` is installed (while the run starts up: model, data, least-squares fit) there is
 nothing to save: Ctrl-C raises Python's ``KeyboardInterrupt`` at once and the trainer ends as interrupted.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -62,6 +69,8 @@ class StopSignals:
         self.is_main = is_main
         self.repeat_s = REPEAT_S if environ.get(TORCHRUN_ENV) else 0.0
         self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return                              # (signal.signal works in the main thread only)
         for sig in PREEMPT_SIGNALS:
             self._old[sig] = signal.signal(sig, self._preempt)
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -98,9 +107,10 @@ class StopSignals:
         self.agreed = int(D.all_max(self.level, device, info))
         return self.agreed
 
-    def restore(self) -> None:
-        """The handlers from before (not after a stop: the process is on its way out, and a late duplicate
-        signal must not kill it)."""
-        if self.level == NONE:
-            for sig, handler in self._old.items():
-                signal.signal(sig, handler)
+    def restore(self, exiting: bool = False) -> None:
+        """The handlers from before; not after a stop when ``exiting`` (the process is on its way out, and a
+        late duplicate signal must not kill it)."""
+        if exiting and self.level != NONE:
+            return
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
