@@ -1,10 +1,12 @@
 """How runs end: Ctrl-C (SIGINT) during training and during evaluation, a second Ctrl-C, Ctrl-C under torchrun and
-on the local launcher, a run directory that becomes unwritable mid-run, and a second copy of the same local sweep.
+on the local launcher, a run directory that becomes unwritable mid-run, a second copy of the same local sweep, and
+``stitching.train()`` from Python giving the process its signal handlers and logging back.
 
-Every trainer here is the real CLI in a subprocess of its own session, and a Ctrl-C is SIGINT to that whole
-process group, as a terminal sends it (the trainer, its DataLoader workers, torchrun's agent). Where the moment
-matters (during an evaluation batch, in the middle of a checkpoint write) the trainer runs under a small wrapper
-(:func:`_hooked`) that sends the signal itself at that point and then runs the CLI's ``main`` unchanged.
+Every trainer here but those of the two ``stitching.train()`` tests (in a user's script; in this process) is the
+real CLI in a subprocess of its own session, and a Ctrl-C is SIGINT to that whole process group, as a terminal
+sends it (the trainer, its DataLoader workers, torchrun's agent). Where the moment matters (during an evaluation
+batch, in the middle of a checkpoint write) the trainer runs under a small wrapper (:func:`_hooked`) that sends the
+signal itself at that point and then runs the CLI's ``main`` unchanged.
 
 "Equal" is bit for bit on CPU with the same thread count (``tests/test_preemption.py``); these tests pin
 ``train.device: cpu`` and ``OMP_NUM_THREADS=1``.
@@ -295,6 +297,64 @@ def test_ctrl_c_in_stitching_train_from_python_gives_the_process_its_handlers_ba
     assert lines[-1] == f"returned: {[str(out)]}", proc.stdout
     assert f"resuming {out} at epoch 2, batch 1 (step 4 of 6); the last trainer: interrupted" in proc.stderr
     assert R.status(out) == R.FINISHED
+
+
+def test_stitching_train_in_process_leaves_logging_as_it_found_it(tmp_path, monkeypatch, caplog, request):
+    """``stitching.train()`` in this very process (as in a notebook), interrupted by a Ctrl-C and then resumed to
+    its end: after each call the trainer's logger has the level, handlers and ``propagate`` it had before, no
+    ``train.log`` is left open, and a later record of the trainer's data logger reaches the process's own
+    logging (caplog) and not the finished run's log (before: its handlers stayed attached with ``propagate``
+    off, ``train.log`` open; a caplog test run after an in-process training saw nothing)."""
+    import logging
+
+    import stitching
+    import stitching.train.loop as loop
+    from stitching.train import RunFailed
+
+    trainer = logging.getLogger("stitching.train")
+    before = (trainer.level, list(trainer.handlers), trainer.propagate)
+    out = tmp_path / "run"
+    kw = dict(train={"device": "cpu", "epochs": 2},
+              data={"train_size": 64, "val_size": 64, "workers": 0}, output={"dir": str(out)})
+    real = loop._end_epoch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                    # (as OMP_NUM_THREADS=1 does for the subprocesses here)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+
+    def end_epoch(r, epoch):                    # Ctrl-C once epoch 1 is evaluated
+        ev = real(r, epoch)
+        if epoch == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return ev
+
+    attached = []                               # the handlers each run attached
+    real_setup = loop._setup_logging
+
+    def setup_logging(file):
+        was = real_setup(file)
+        attached.extend(trainer.handlers)
+        return was
+
+    def open_logs() -> list[str]:
+        return [h.baseFilename for h in attached if isinstance(h, logging.FileHandler) and h.stream is not None]
+
+    monkeypatch.setattr(loop, "_setup_logging", setup_logging)
+    monkeypatch.setattr(loop, "_end_epoch", end_epoch)
+    with pytest.raises(RunFailed) as err:
+        stitching.train(TINY, **kw)
+    assert err.value.status == R.INTERRUPTED
+    assert (trainer.level, list(trainer.handlers), trainer.propagate) == before
+    assert len(attached) == 2 and open_logs() == []
+    monkeypatch.setattr(loop, "_end_epoch", real)
+    assert stitching.train(TINY, **kw) == out
+    assert (trainer.level, list(trainer.handlers), trainer.propagate) == before
+    assert len(attached) == 4 and open_logs() == []
+    logged = (out / R.LOG).read_text()
+    assert "resuming" in logged and "top1" in logged
+    with caplog.at_level("WARNING", logger="stitching.train.data"):
+        logging.getLogger("stitching.train.data").warning("a later warning, after the run")
+    assert "a later warning, after the run" in caplog.text
+    assert (out / R.LOG).read_text() == logged
 
 
 # ----------------------------------------------------------------------------------------- how an ending reads

@@ -160,6 +160,7 @@ class Run:
     saved: str = ""                         # where the last checkpoint written or loaded stands (words)
     ending: str = ""                        # how this trainer stopped, for state.json (a stop signal)
     to_device: tuple = (None, None)         # (train, eval) batch -> device (stitching.data.pipeline.batch_to_device)
+    logging_was: tuple | None = None        # the trainer's log as it was before this run (_setup_logging)
 
     @property
     def model(self) -> nn.Module:
@@ -219,6 +220,8 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False, exiting: 
         note = _close(r, code, message)
         if info.is_main and (error or note):
             print(f"error: {error}{note}" if error else f"warning: {note[2:]}", file=sys.stderr)
+        if r.logging_was is not None:
+            _restore_logging(r.logging_was)
         if not (aborted and info.enabled):  # (other ranks may be gone mid-collective: no goodbye with them)
             D.shutdown()
 
@@ -393,7 +396,7 @@ def _open_rundir(r: Run, force: bool) -> bool:
             if moved:
                 print(f"--force: earlier files moved to {moved}")
         r.rundir.write_text(R.CONFIG, r.cfg.to_yaml())
-        _setup_logging(r.rundir.file(R.LOG))
+        r.logging_was = _setup_logging(r.rundir.file(R.LOG))
         if r.lock.took_over:
             log.info("took over the stale lock of pid %s on host %s (that process is gone)",
                      r.lock.took_over.get("pid"), r.lock.took_over.get("host"))
@@ -685,7 +688,11 @@ def _finish(r: Run, last_eval: dict) -> int:
     return R.EXIT_OK
 
 
-def _setup_logging(file: Path) -> None:
+def _setup_logging(file: Path) -> tuple:
+    """The trainer's log (``stitching.train`` and its children) to ``file`` and stderr, and only there; returns
+    how it was before, for :func:`_restore_logging` when the run ends (``stitching.train()`` runs in the
+    caller's process: a notebook, a script, a test session, which go on using ``logging``)."""
+    was = (log.level, list(log.handlers), log.propagate)
     log.setLevel(logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -693,6 +700,20 @@ def _setup_logging(file: Path) -> None:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+    return was
+
+
+def _restore_logging(was: tuple) -> None:
+    """The trainer's log as :func:`_setup_logging` found it; this run's handlers flushed and closed (the log
+    file's handle; the stream handler leaves stderr open)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    level, handlers, propagate = was
+    log.setLevel(level)
+    for handler in handlers:
+        log.addHandler(handler)
+    log.propagate = propagate
 
 
 def _lr_factor(cfg: Config, steps_per_epoch: int, total_steps: int):
