@@ -53,10 +53,17 @@ def _train(out: Path, *extra: str, prefix: tuple = (sys.executable,)) -> subproc
     return proc
 
 
+def _as_from_a_terminal() -> None:
+    """In the child, before it runs: SIGINT's default action, as an interactive shell starts a command (when the
+    tests themselves run as a background job of a non-interactive shell, the children would inherit SIGINT
+    ignored, and the trainer rightly leaves it so: no Ctrl-C to test)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(command: list[str]) -> subprocess.Popen:
     """A command in a session of its own (its process group is what a terminal's Ctrl-C reaches)."""
     return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_as_from_a_terminal)
 
 
 def _wait(cond, timeout: float, what: str) -> None:
@@ -289,7 +296,7 @@ def test_ctrl_c_in_stitching_train_from_python_gives_the_process_its_handlers_ba
     """))
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(script), str(out), str(TINY)], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, preexec_fn=_as_from_a_terminal)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[:5] == [f"ended: {R.INTERRUPTED} {R.EXIT_INTERRUPTED}", "handlers: True True True",
@@ -311,6 +318,8 @@ def test_stitching_train_in_process_leaves_logging_as_it_found_it(tmp_path, monk
     import stitching.train.loop as loop
     from stitching.train import RunFailed
 
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # as from a terminal (_as_from_a_terminal)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     trainer = logging.getLogger("stitching.train")
     before = (trainer.level, list(trainer.handlers), trainer.propagate)
     out = tmp_path / "run"
