@@ -78,20 +78,19 @@ class ModelConfig:
         """No cut on either key (stage or block): the original, unstitched source model."""
         return self.source_stage is None and self.source_block is None
 
+    def args(self, role: str) -> dict | None:
+        """Constructor arguments of the ``source`` or ``destination`` (None: the constructor's defaults):
+        ``<role>_kwargs``; a destination without its own takes the source's when it is the source."""
+        own = getattr(self, f"{role}_kwargs")
+        if role == "source" or own is not None:
+            return own or None
+        return self.args("source") if (self.destination or self.source) == self.source else None
+
     def source_args(self) -> dict | None:
-        return model_args(self, "source")
+        return self.args("source")
 
     def destination_args(self) -> dict | None:
-        return model_args(self, "destination")
-
-
-def model_args(m, role: str) -> dict | None:
-    """Constructor arguments of a ``model`` section's ``source`` or ``destination`` (None: the constructor's
-    defaults): ``<role>_kwargs``; a destination without its own takes the source's when it is the source."""
-    own = getattr(m, f"{role}_kwargs", None)
-    if role == "source" or own is not None:
-        return own or None
-    return model_args(m, "source") if (m.destination or m.source) == m.source else None
+        return self.args("destination")
 
 
 @dataclass
@@ -649,7 +648,7 @@ def validate(cfg: Config) -> None:
     _check_pos_embed(cfg)
     from stitching.stitch.lsinit import check_config as _check_init
 
-    _check_init(cfg)
+    _check_init(cfg, lambda: (model_spec(cfg, "source"), model_spec(cfg, "destination")))
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
     from stitching.data.loaders import BAD_IMAGE_MODES
 
@@ -678,7 +677,7 @@ def validate(cfg: Config) -> None:
     if d.decode == "gpu" and d.pipeline != "fast":
         raise cfg.error("data.decode", "gpu decoding is part of data.pipeline=fast (torchvision decodes with PIL)")
     for role in ("source", "destination"):
-        size = (model_args(m, role) or {}).get("img_size")
+        size = (m.args(role) or {}).get("img_size")
         if size is not None and size not in (d.img_size, [d.img_size] * 2):
             own = role == "source" or m.destination_kwargs is not None
             key = f"model.{role}_kwargs" if own else "model.source_kwargs"

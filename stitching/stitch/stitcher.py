@@ -115,9 +115,7 @@ class BuiltModel:
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
     """Build the network a config's ``model`` section describes (see :mod:`stitching.config`);
     ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
-    from stitching.config import model_args
-
-    src_args, dst_args = model_args(mcfg, "source"), model_args(mcfg, "destination")
+    src_args, dst_args = mcfg.source_args(), mcfg.destination_args()
     src_spec = get_spec(mcfg.source, src_args)
     random = getattr(mcfg, "random_init", "none")
     src_random, dst_random = random in ("source", "both"), random in ("destination", "both")
