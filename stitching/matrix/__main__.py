@@ -34,9 +34,9 @@ from stitching.sweep import estimate as E
 from stitching.sweep.status import report
 
 #: a cell's mark in the printed tables
-MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
+MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.INTERRUPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
 IMPOSSIBLE, MISSING = "x", " "
-LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started or preempted (resumes), "
+LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started, preempted or interrupted (resumes), "
           f"'{MARKS[R.FAILED]}' failed, '{IMPOSSIBLE}' cannot be stitched (see above), '=' built by another cell")
 
 
@@ -169,8 +169,7 @@ def main(argv=None) -> int:
     print_tables(matrix, exp)
     print(f"legend: {LEGEND}")
     status = Counter(R.status(r.config.output.dir) for r in exp.runs)
-    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
-    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
         if args.launcher == "slurm":
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
         code = launch(todo, matrix.blocks(), runs_dir, matrix.name, args.launcher, args.parallel, args.slurm)
     else:
         print("nothing to do: every cell has finished")
-    if args.launcher == "local" and code != R.EXIT_PREEMPTED:
+    if args.launcher == "local" and code not in (R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED):
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
         print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --draw"

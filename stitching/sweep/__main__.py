@@ -315,8 +315,7 @@ def main(argv=None) -> int:
     print()
     print(totals(exp.runs, bool(ext_blocks)))
     print()
-    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
-    print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in runs if _status(r) != R.FINISHED]
     if args.dry_run:
         if args.launcher == "slurm":
@@ -344,14 +343,35 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
     if launcher == "local":
         from stitching.launch.local import run_local
 
-        codes = run_local([r.config.output.dir for r in todo], parallel=max(1, parallel))
-        failed = {d: c for d, c in codes.items() if c not in (R.EXIT_OK, R.EXIT_PREEMPTED)}
-        # interrupted (SIGTERM/SIGINT): the runs not started count as preempted -- run the command again
-        preempted = sum(c == R.EXIT_PREEMPTED for c in codes.values()) + len(todo) - len(codes)
-        print(f"local: {sum(c == R.EXIT_OK for c in codes.values())} done, {preempted} preempted, {len(failed)} failed"
-              + (f" ({len(todo) - len(codes)} not started: interrupted)" if len(codes) < len(todo) else ""))
-        return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
+        result = run_local([r.config.output.dir for r in todo], parallel=max(1, parallel))
+        return local_summary(result)
     return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides))
+
+
+def local_summary(result) -> int:
+    """Print the local launcher's tally (:class:`stitching.launch.local.LocalResult`) and return the command's
+    exit code: ``EXIT_FAILED`` if a run failed, else ``EXIT_INTERRUPTED`` after a Ctrl-C, ``EXIT_PREEMPTED``
+    if runs are left to resume or start (run the command again), else 0 -- also when other trainers finished
+    some of the runs."""
+    endings = list(result.endings.values())
+    n = Counter(e.status for e in endings if not e.elsewhere)
+    killed = n[R.NEW] + n[R.STARTED]        # ended by a signal before saying how (R.ending)
+    failed = n[R.FAILED] + (0 if result.stopped_by else killed)
+    extra = [f"{n[R.INTERRUPTED]} interrupted" if n[R.INTERRUPTED] else "",
+             f"{killed} stopped while starting" if killed and result.stopped_by else "",
+             f"{sum(e.elsewhere for e in endings)} finished by another trainer" if any(e.elsewhere for e in endings)
+             else ""]
+    why = f"the launcher was stopped by {result.stopped_by}" if result.stopped_by else "in use by another trainer"
+    print(f"local: {n[R.FINISHED]} done, {n[R.PREEMPTED]} preempted, {failed} failed"
+          + "".join(f", {x}" for x in extra if x)
+          + (f" ({len(result.not_started)} not started: {why})" if result.not_started else "")
+          + ("; run the same command again to resume" if n[R.PREEMPTED] + n[R.INTERRUPTED] + len(result.not_started)
+             + killed and not failed else ""))
+    if failed:
+        return R.EXIT_FAILED
+    if result.stopped_by == "SIGINT" or n[R.INTERRUPTED]:
+        return R.EXIT_INTERRUPTED
+    return R.EXIT_PREEMPTED if n[R.PREEMPTED] or killed or result.not_started else R.EXIT_OK
 
 
 def slurm_groups(runs: list[Run], blocks, overrides: list[str]) -> dict[str, tuple]:
