@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
          rundir.EXIT_FAILED: "a step failed (the last line names it and its command), or a run of the sweep failed "
                              "(listed; the tables of the runs that finished are written)",
          rundir.EXIT_CONFIG: "bad options, or the sweep refused its file (one line says which)",
-         rundir.EXIT_PREEMPTED: "a run was stopped after saving a checkpoint: the same command resumes"})
+         rundir.EXIT_PREEMPTED: "runs are left to resume (preempted, stopped by SIGTERM): the same command resumes",
+         rundir.EXIT_INTERRUPTED: "interrupted (Ctrl-C): the running step stopped itself (runs checkpointed); the "
+                                  "same command resumes"})
     parser.add_argument("--out", type=Path, default=Path("runs/mnist"),
                         help="the MNIST study's folder (default: runs/mnist)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (default: 2)")

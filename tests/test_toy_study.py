@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -161,3 +164,46 @@ def test_mnist_study_sweep_and_matrices_expand(tmp_path):
         cell = load_config(matrix.base)
         assert cell.train.epochs == toy.MATRIX_EPOCHS and cell.data.root == str(root.resolve())
         assert cell.train.similarity_images == toy.MATRIX_TRAIN["similarity_images"] == 0 and cell.data.hflip == 0
+
+
+# a step that takes a second to stop on Ctrl-C (as a trainer saving its checkpoint), and the script running it
+_SLOW_TO_STOP = """
+import pathlib, signal, sys, time
+def stop(*_):
+    time.sleep(1.0)
+    pathlib.Path(sys.argv[1], "saved").write_text("checkpoint")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+pathlib.Path(sys.argv[1], "started").write_text("")
+time.sleep(120)
+"""
+_STUDY_STEP = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("toy_study", sys.argv[1])
+toy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(toy)
+toy._run([sys.executable, sys.argv[2], sys.argv[3]], "sweep", {}, check=False)
+print("went on to the next step")
+"""
+
+
+def test_ctrl_c_lets_the_running_step_stop_itself_and_ends_the_study_with_130(tmp_path):
+    """Ctrl-C reaches the study script and its running step alike (one process group, as from a terminal): the
+    script waits while the step saves its checkpoint (it used to kill it 0.25 s later, mid-save, with a
+    traceback), then ends with exit 130 and one line saying how to resume, running no further step."""
+    step, study = tmp_path / "step.py", tmp_path / "study.py"
+    step.write_text(_SLOW_TO_STOP)
+    study.write_text(_STUDY_STEP)
+    proc = subprocess.Popen([sys.executable, study, SCRIPT, step, tmp_path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while not (tmp_path / "started").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)            # what a terminal's Ctrl-C does
+    out, err = proc.communicate(timeout=60)
+    assert (tmp_path / "saved").read_text() == "checkpoint", err
+    assert proc.returncode == 130, err
+    assert "went on" not in out and "Traceback" not in err, (out, err)
+    assert "interrupted (Ctrl-C) in sweep (exit 130): run the same command again to resume" in err
