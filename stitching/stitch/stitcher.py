@@ -20,7 +20,9 @@ every weight in train mode.
 
 :func:`build_model` is the single entry point from a config's ``model`` section: it loads each network
 once (source and destination share one instance when they are the same weights), traces the real shapes
-at the cut points, plans the stitch (:mod:`stitching.stitch.plan`) and assembles the parts. ``model.random_init``
+at the cut points, plans the stitch (:mod:`stitching.stitch.plan`) and assembles the parts -- two steps that
+are public too: :func:`load_networks` (the two networks loaded, split and traced once) and :func:`assemble`
+(one stitch on them; a stitching matrix assembles all its cells on one :class:`Networks`). ``model.random_init``
 (:data:`RANDOM_INIT`) builds the named side(s) with random weights, whatever ``pretrained`` and the weights
 files say: the controls of a stitching matrix. With ``both`` on a model stitched to itself the two sides stay
 one (random) network, as the real cells are one network.
@@ -109,9 +111,49 @@ class BuiltModel:
     destination_cuts: dict | None = None  # stitched: (stage, "first"|"end") -> its traced Shape (plan.Shape)
 
 
+@dataclass
+class Networks:
+    """The two networks of a config's ``model`` section, loaded once (:func:`load_networks`), from which any
+    number of stitches between their cuts are assembled (:func:`assemble`; a stitching matrix's cells share
+    them). ``same``: the destination is the source network itself (one instance, one split); ``blocks_*``:
+    the traced block lists (:func:`~stitching.models.registry.trace_blocks`), traced on first use."""
+
+    source: nn.Module
+    destination: nn.Module | None
+    source_spec: object
+    destination_spec: object
+    source_parts: object
+    destination_parts: object
+    source_shapes: dict
+    destination_shapes: dict
+    data_config: dict
+    same: bool
+    img_size: int
+    blocks_source: list | None = None
+    blocks_destination: list | None = None
+
+    def blocks(self) -> tuple[list, list]:
+        """(source, destination) traced block lists (block cuts)."""
+        if self.blocks_source is None:
+            self.blocks_source = trace_blocks(self.source_spec, self.source_parts, self.img_size, self.source)
+            self.blocks_destination = self.blocks_source if self.same else trace_blocks(
+                self.destination_spec, self.destination_parts, self.img_size, self.destination)
+        return self.blocks_source, self.blocks_destination
+
+
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
     """Build the network a config's ``model`` section describes (see :mod:`stitching.config`);
     ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
+    nets = load_networks(mcfg, img_size, num_classes)
+    if nets.destination is None:
+        return BuiltModel(nets.source, "original", nets.data_config, None)
+    return assemble(nets, mcfg, frozen_bn)
+
+
+def load_networks(mcfg, img_size: int = 224, num_classes: int = 1000) -> Networks:
+    """The source and (for a stitched config) the destination network of ``mcfg``, with
+    ``model.random_init``, split and traced at ``img_size``: what every stitch between their cuts shares.
+    An original config (no cut) loads the source only (``destination`` None)."""
     from stitching.config import model_args
 
     src_args, dst_args = model_args(mcfg, "source"), model_args(mcfg, "destination")
@@ -126,7 +168,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
                       num_classes, src_args)
     data_config = src_spec.data_config(src_model)
     if mcfg.source_stage is None and getattr(mcfg, "source_block", None) is None:
-        return BuiltModel(src_model, "original", data_config, None)
+        return Networks(src_model, None, src_spec, None, None, None, {}, {}, data_config, False, img_size)
 
     same = own and src_random == dst_random and (dst_random or mcfg.destination_weights in (None,
                                                                                       mcfg.source_weights))
@@ -137,12 +179,21 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     dst_parts = src_parts if same else dst_spec.split(dst_model)
     src_shapes = trace_cuts(src_spec, src_parts, img_size)
     dst_shapes = src_shapes if same else trace_cuts(dst_spec, dst_parts, img_size)
+    return Networks(src_model, dst_model, src_spec, dst_spec, src_parts, dst_parts, src_shapes, dst_shapes,
+                    data_config, same, img_size)
 
+
+def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
+    """The stitched model of ``mcfg``'s cut, adapter, resize, schedule, style and position embedding on the
+    loaded ``nets`` (their modules shared, not copied; only the adapters are new, drawn from the global
+    random generator as :func:`build_model` draws them)."""
+    src_spec, dst_spec = nets.source_spec, nets.destination_spec
+    src_parts, dst_parts = nets.source_parts, nets.destination_parts
+    dst_name, dst_model = dst_spec.name, nets.destination
     src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
     if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
         i, j = mcfg.source_block, mcfg.destination_block
-        traced_src = trace_blocks(src_spec, src_parts, img_size, src_model)
-        traced_dst = traced_src if same else trace_blocks(dst_spec, dst_parts, img_size, dst_model)
+        traced_src, traced_dst = nets.blocks()
         plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced_src,
                            traced_dst, style=mcfg.adapter_style)
         prefix = nn.Sequential(src_parts.stem, *src_blocks[: i + 1])
@@ -150,12 +201,13 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     else:
         s, t = mcfg.source_stage, mcfg.destination_stage
         plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
-                           src_shapes, dst_shapes, style=mcfg.adapter_style)
+                           nets.source_shapes, nets.destination_shapes, style=mcfg.adapter_style)
         prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
         stage, where = destination_target(dst_spec, s, t)
         start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
     suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
     target = nn.Sequential(dst_parts.stem, *dst_blocks[:start])
+    data_config = nets.data_config
 
     if plan.kind == "finetune":
         middle = nn.Sequential(*[dst_parts.stages[st - 1][0] for st in plan.kept_blocks])
@@ -173,5 +225,5 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
             raise ValueError(f"model.pos_embed=reinject: {dst_name} has no learned position embedding")
         layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), last.size_out))
     model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
-    cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in dst_shapes.items()}
+    cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in nets.destination_shapes.items()}
     return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts)
