@@ -1,4 +1,4 @@
-"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw]``.
+"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--closed-form] [--runs-dir DIR] [--dry-run] [--draw]``.
 
 Expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
@@ -12,7 +12,15 @@ finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the c
 ``DIR/matrix.csv`` (:mod:`stitching.matrix.cells`) and draws ``DIR/figures/matrix_heatmaps.png`` and
 ``DIR/figures/accuracy_vs_depth.png`` (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
 arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have run, ``--draw`` collects and
-draws. ``--dry-run`` prints the tables and counts and writes or submits nothing.
+draws. ``--dry-run`` prints the tables and counts and writes or submits nothing. The receiver is also evaluated
+alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling of the calibrated scores.
+
+``--closed-form``: the same cells with their adapters fitted by least squares and evaluated, no gradient step
+(:mod:`stitching.matrix.closed_form`; default runs folder ``runs/<matrix name>-closed-form``): one group per
+(control, seed), ``DIR/<group>/<cell run>``, computed here one group after another (``local``) or as one SLURM
+job array with a task per group (``slurm``, the command ``python -m stitching.matrix.closed_form GROUP_DIR``);
+finished cells are skipped, an interrupted group is computed again for its unfinished cells. Then the same
+``results.csv``, ``matrix.csv`` (its ``fit`` column says ``closed_form``) and figures.
 """
 
 from __future__ import annotations
@@ -23,11 +31,12 @@ from pathlib import Path
 
 from stitching import rundir as R
 from stitching.config import run_cli
-from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
+from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
 
 #: a cell's mark in the printed tables
 MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
 IMPOSSIBLE, MISSING = "x", " "
+CLOSED_FORM_SUFFIX = "-closed-form"     # the default runs folder of a closed-form matrix: runs/<name>-closed-form
 LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started or preempted (resumes), "
           f"'{MARKS[R.FAILED]}' failed, '{IMPOSSIBLE}' cannot be stitched (see above), '=' built by another cell")
 
@@ -47,6 +56,8 @@ def cell_marks(matrix: Matrix, exp) -> dict[str, dict[tuple[int, int], str]]:
     marks: dict[str, dict[tuple[int, int], list[str]]] = {}
     for run in exp.runs:
         for k, point in enumerate(run.points):
+            if point["block"] == RECEIVER_BLOCK:
+                continue
             i, j = point["grid"][f"model.{src_key}"], point["grid"][f"model.{dst_key}"]
             mark = MARKS[R.status(run.config.output.dir)] if k == 0 else "="
             marks.setdefault(point["block"], {}).setdefault((i, j), []).append(mark)
@@ -96,7 +107,8 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
     table = cell_table(df, matrix, run_names)
     write_csv_atomic(table, runs_dir / "matrix.csv")
     print(f"wrote {runs_dir / 'results.csv'} ({len(df)} rows), {runs_dir / 'matrix.csv'} ({len(table)} cells)")
-    mine = df[df["run_dir"].map(lambda d: str(d).split("/")[-1] in run_names)] if len(df) else df
+    mine = df[df["run_dir"].map(lambda d: str(d).split("/")[-1] in run_names) & (df["kind"] == "stitched")] \
+        if len(df) else df
     recipes = [r for r, _ in split_by_recipe(mine.drop(columns=["random_init"], errors="ignore"))] if len(mine) \
         else []
     caption = recipe_label(recipes[0]) if len(recipes) == 1 else ""
@@ -113,6 +125,146 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
     return 0
 
 
+def print_receiver(exp) -> None:
+    runs = [r for r in exp.runs if r.block == RECEIVER_BLOCK]
+    for run in runs:
+        print(f"receiver alone (evaluated; the calibrated scores' ceiling): {MARKS[R.status(run.config.output.dir)]} "
+              f"{run.name}")
+
+
+def combined(expansions: list):
+    """One :class:`stitching.sweep.spec.Expansion` of several (the runs, counts added up)."""
+    from stitching.sweep.spec import Expansion
+
+    out = Expansion([], Counter(), Counter(), Counter(), 0)
+    for exp in expansions:
+        out.runs += exp.runs
+        out.impossible += exp.impossible
+        out.duplicates += exp.duplicates
+        out.excluded += exp.excluded
+        out.reused += exp.reused
+        out.total += exp.total
+    return out
+
+
+def check_closed_form(matrix: Matrix) -> None:
+    """A matrix whose adapters have no map to fit is refused in one line before anything is built."""
+    from stitching.config import load_config
+    from stitching.stitch.lsinit import FITTED_ADAPTERS
+
+    cfg = load_config(matrix.base, check=False)
+    if cfg.model.adapter not in FITTED_ADAPTERS:
+        raise MatrixError("model.adapter", cfg.model.adapter, cfg.source_of("model.adapter"),
+                          f"--closed-form fits the adapters by least squares: {', '.join(FITTED_ADAPTERS)} have a map "
+                          f"to fit")
+
+
+def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
+    """``--closed-form``: expand the groups, print the tables, compute the groups (here or on SLURM), draw."""
+    from stitching.sweep.__main__ import _print_dropped, _write_config, launch, print_reused
+    from stitching.sweep.spec import expand_blocks
+
+    check_closed_form(matrix)
+    groups = [(name, runs_dir / name, expand_blocks([block], runs_dir / name, src=str(matrix.path)))
+              for name, block in matrix.groups()]
+    receiver = expand_blocks([matrix.receiver_block()], runs_dir, src=str(matrix.path))
+    exp = combined([e for _, _, e in groups] + [receiver])
+    names = {r.name for r in exp.runs}
+    if args.draw:
+        return draw(matrix, runs_dir, names)
+    print(summary_line(matrix) + " -- closed form (least squares, no training)")
+    print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}, {len(groups)} groups (one per control and "
+          f"seed; a group's cells share their passes)")
+    _print_dropped("cells that cannot be stitched or fitted in closed form", exp.impossible)
+    _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
+    print_reused(exp.reused)
+    print()
+    print_tables(matrix, exp)
+    print_receiver(exp)
+    print(f"legend: {LEGEND}")
+    status = Counter(R.status(r.config.output.dir) for r in exp.runs)
+    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
+    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    todo = [(name, d, [r for r in e.runs if R.status(r.config.output.dir) != R.FINISHED]) for name, d, e in groups]
+    todo = [t for t in todo if t[2]]
+    todo_receiver = [r for r in receiver.runs if R.status(r.config.output.dir) != R.FINISHED]
+    if args.dry_run:
+        print("dry run: nothing written or submitted")
+        return 0
+    for _, _, runs in todo:
+        for run in runs:
+            _write_config(run)
+    code = 0
+    if todo_receiver:
+        code = launch(todo_receiver, [matrix.receiver_block()], runs_dir, matrix.name, args.launcher, 1, args.slurm)
+    if not todo and not todo_receiver:
+        print("nothing to do: every cell has finished")
+    elif args.launcher == "local" and todo and code != R.EXIT_PREEMPTED:
+        code = _run_groups([d for _, d, _ in todo]) or code
+    elif args.launcher == "slurm" and todo:
+        code = _submit_groups([d for _, d, _ in todo], matrix, runs_dir, args.slurm) or code
+    if args.launcher == "local" and code != R.EXIT_PREEMPTED:
+        draw(matrix, runs_dir, names)
+    elif args.launcher == "slurm":
+        print(f"once the jobs have run: python -m stitching.matrix {args.matrix} --closed-form --draw"
+              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+    return code
+
+
+def _run_groups(dirs: list[Path]) -> int:
+    """The groups here, one after another (each on every core); the first that does not finish stops them."""
+    from stitching.matrix.closed_form import run_group
+
+    for i, d in enumerate(dirs, 1):
+        print(f"[closed form] group {i}/{len(dirs)}: {d}", flush=True)
+        try:
+            code = run_group(d, say=lambda m: print(f"[closed form] {m}", flush=True))
+        except KeyboardInterrupt:
+            code = R.EXIT_PREEMPTED
+        if code != R.EXIT_OK:
+            print(f"[closed form] {R.describe_exit(code)}: {d}; run the same command again to go on", flush=True)
+            return code
+    return R.EXIT_OK
+
+
+def _submit_groups(dirs: list[Path], matrix: Matrix, runs_dir: Path, overrides: list[str]) -> int:
+    """One SLURM job array, a task per group (never a second one for a group already queued or running)."""
+    import shlex
+    import sys
+
+    import yaml
+
+    from stitching.config import ConfigError
+    from stitching.launch import slurm
+
+    extra = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("--slurm", item, "command line", "write --slurm key=value")
+        extra[key] = yaml.safe_load(value)
+    try:
+        res = slurm.SlurmResources.from_dict({**matrix.slurm, **extra}, source="slurm resources of the matrix")
+    except ValueError as err:
+        raise ConfigError("slurm", {**matrix.slurm, **extra}, str(matrix.path), str(err)) from None
+    command = f'{shlex.quote(sys.executable)} -m stitching.matrix.closed_form "$RUN_DIR"'
+    try:
+        job, submitted = slurm.submit_array(dirs, runs_dir.absolute() / "slurm", res, f"{matrix.name}-closed-form",
+                                            command, chdir=Path.cwd())
+    except slurm.UnsatisfiableJob as err:
+        print(f"error: slurm resources of the matrix: {err}", file=sys.stderr)
+        return R.EXIT_CONFIG
+    except RuntimeError as err:
+        raise ConfigError("--launcher", "slurm", "command line", str(err).strip().splitlines()[0]) from None
+    if job:
+        print(f"slurm: submitted job array {job} with {len(submitted)} group tasks"
+              + (f" ({len(dirs) - len(submitted)} already queued or running)" if len(submitted) < len(dirs) else ""))
+    else:
+        print(f"slurm: all {len(dirs)} unfinished groups are already queued or running")
+    print(f"logs: {runs_dir / 'slurm' / 'logs'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stitching.matrix", description=__doc__.split("\n")[0])
     parser.add_argument("matrix", help="matrix YAML file")
@@ -124,6 +276,9 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (as python -m stitching.sweep)")
+    parser.add_argument("--closed-form", action="store_true",
+                        help="fit every cell's adapters by least squares and evaluate them, no training (default "
+                             "runs folder: runs/<matrix name>-closed-form)")
     args = parser.parse_args(argv)
     if args.launcher is None and not args.draw:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
@@ -131,6 +286,8 @@ def main(argv=None) -> int:
     from stitching.sweep.__main__ import _print_dropped, launch, print_reused
 
     matrix = load_matrix(args.matrix)
+    if args.closed_form:
+        return closed_form(matrix, args, Path(args.runs_dir or Path("runs") / f"{matrix.name}{CLOSED_FORM_SUFFIX}"))
     runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
     exp = expand_matrix(matrix, runs_dir)
     names = {r.name for r in exp.runs}
@@ -144,6 +301,7 @@ def main(argv=None) -> int:
     print_reused(exp.reused)
     print()
     print_tables(matrix, exp)
+    print_receiver(exp)
     print(f"legend: {LEGEND}")
     status = Counter(R.status(r.config.output.dir) for r in exp.runs)
     order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)

@@ -112,8 +112,14 @@ def check_config(cfg) -> None:
     if m.adapter not in FITTED_ADAPTERS:
         raise cfg.error("model.init", f"{m.adapter} adapters have no linear map to fit in closed form (fitted: "
                         f"{', '.join(FITTED_ADAPTERS)}); use model.init=default")
-    if blocks:
-        return                          # block cuts: checked on the traced plan (trainer, before any compute)
+    if blocks:                          # declared block shapes at data.img_size (the trainer checks the traced)
+        from stitching.stitch.plan import plan_config
+
+        try:
+            link_targets(plan_config(m, cfg.data.img_size), lambda st, w: None)   # (one link: no intermediate)
+        except PlanError as err:
+            raise cfg.error(err.key, str(err)) from None
+        return
     src, dst = model_spec(cfg, "source"), model_spec(cfg, "destination")
     try:
         plan = plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, m.resize, m.schedule,
@@ -174,7 +180,7 @@ def _samples(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) if t.ndim == 4 else t.reshape(-1, t.shape[-1])
 
 
-def _chain(built) -> tuple[list[Adapter], PosReinject | None]:
+def adapter_chain(built) -> tuple[list[Adapter], PosReinject | None]:
     layers = list(built.model.adapters)
     chain = [m for m in layers if isinstance(m, Adapter)]
     if not isinstance(layers[0], Convert) or layers[1:1 + len(chain)] != chain:
@@ -379,7 +385,7 @@ def fit(built, images: Callable[[], Iterable[torch.Tensor]], device: torch.devic
     the chain's relative residual at the receiving point and, per link, what was fitted and the fit's own
     relative residual (on the core's target: the LayerNorm-normalised target where a LayerNorm follows)."""
     points = check_built(built)
-    chain, reinject = _chain(built)
+    chain, reinject = adapter_chain(built)
     model, target = built.model, built.target
     was = model.training
     model.eval()

@@ -14,6 +14,7 @@ Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FIL
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from stitching.config import ConfigError, load_config, run_cli
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
         config = Path(args.run_dir) / CONFIG
         if not config.is_file():
             raise ConfigError("--run-dir", args.run_dir, "command line", f"no {CONFIG} in it")
-        cfg = load_config(config, [*args.overrides, f"output.dir={args.run_dir}"], run_dir=True)
+        # the path quoted: an override's value is YAML, where ' #' starts a comment
+        cfg = load_config(config, [*args.overrides, f"output.dir={json.dumps(args.run_dir)}"], run_dir=True)
     else:
         cfg = load_config(args.config, args.overrides)
     from stitching.train.loop import run
