@@ -9,8 +9,9 @@ one table per matrix (rows sender cuts, columns receiver cuts; each cell's state
 
 ``--launcher local`` trains the unfinished cells here (``--parallel N`` at a time), then collects every
 finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the cell table into
-``DIR/matrix.csv`` (:mod:`stitching.matrix.cells`) and draws ``DIR/figures/matrix_heatmaps.png`` and
-``DIR/figures/accuracy_vs_depth.png`` (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
+``DIR/matrix.csv`` (:mod:`stitching.matrix.cells`) and draws ``DIR/figures/matrix_heatmaps.png``,
+``DIR/figures/accuracy_vs_depth.png``, ``calibrated_heatmaps.png`` (with the controls and the receiver's
+accuracy) and ``similarity_heatmaps.png`` (where the cells measured it) (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
 arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have run, ``--draw`` collects and
 draws. ``--dry-run`` prints the tables and counts and writes or submits nothing. The receiver is also evaluated
 alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling of the calibrated scores.
@@ -94,7 +95,8 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
     """Collect the finished cells, write ``results.csv`` and ``matrix.csv``, draw the figures."""
     from stitching.matrix.cells import cell_table
     from stitching.plots.figures import NoData
-    from stitching.plots.matrix import plot_accuracy_vs_depth, plot_matrix_heatmaps
+    from stitching.plots.matrix import (plot_accuracy_vs_depth, plot_calibrated_heatmaps, plot_matrix_heatmaps,
+                                        plot_similarity_heatmaps)
     from stitching.results.collect import collect, summarize, write_csv_atomic
     from stitching.results.recipe import recipe_label, split_by_recipe
 
@@ -120,6 +122,12 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
     except NoData as err:
         print(f"no figures: {err}")
         return 0
+    for name, plot in (("calibrated_heatmaps.png", plot_calibrated_heatmaps),
+                       ("similarity_heatmaps.png", plot_similarity_heatmaps)):
+        try:
+            written.append(plot(table, figures / name, matrix.cuts, matrix.sender_cuts, matrix.receiver_cuts, caption))
+        except NoData as err:
+            print(f"no {name}: {err}")
     for path in written:
         print(f"wrote {path}")
     return 0
