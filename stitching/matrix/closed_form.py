@@ -154,7 +154,7 @@ def _activations(stem: nn.Module, blocks: list, depths: set[int], x: torch.Tenso
     return out
 
 
-class _Shared:
+class SharedForward:
     """One forward of each network per batch: the source's activations at the depths asked for, and the
     destination's (the same tensors when the destination is the source network)."""
 
@@ -172,7 +172,7 @@ class _Shared:
 
 
 @torch.no_grad()
-def fit_cells(cells: list[Cell], shared: _Shared, images, device, stop: _Stop | None = None) -> int:
+def fit_cells(cells: list[Cell], shared: SharedForward, images, device, stop: _Stop | None = None) -> int:
     """Fit every cell's chain and measure its residual in shared passes over ``images()``; returns the number
     of passes. Pass p fits link p of every chain longer than p and measures the chains of exactly p links."""
     passes = 0
@@ -209,7 +209,7 @@ def fit_cells(cells: list[Cell], shared: _Shared, images, device, stop: _Stop | 
 
 
 @torch.no_grad()
-def similarity_cells(cells: list[Cell], shared: _Shared, images, device, stop: _Stop | None = None) -> None:
+def similarity_cells(cells: list[Cell], shared: SharedForward, images, device, stop: _Stop | None = None) -> None:
     """Every cell's similarity at the join, before (source's features vs the destination's own activation:
     CKA and the least-squares residual) and after the fit (the adapters' output vs it: CKA and MSE), in one
     pass; :func:`stitching.stitch.join.similarity_before` / ``similarity_after`` per cell, sharing the
@@ -247,7 +247,7 @@ def similarity_cells(cells: list[Cell], shared: _Shared, images, device, stop: _
 
 
 @torch.no_grad()
-def evaluate_cells(cells: list[Cell], shared: _Shared, loader, prepare, device, precision: str,
+def evaluate_cells(cells: list[Cell], shared: SharedForward, loader, prepare, device, precision: str,
                    channels_last: bool, stop: _Stop | None = None) -> None:
     """Every cell's top-1, top-5 (percent) and mean loss on the validation ``loader``, as the trainer's
     evaluation computes them (:func:`stitching.train.loop.evaluate`: autocast, float64 sums), the sender's
@@ -318,6 +318,39 @@ def run_group(group_dir: str | Path, say=print) -> int:
         lock.release()
 
 
+def build_cells(cfgs: list[Config]) -> tuple[Networks, list[Cell]]:
+    """The group's networks, loaded once with its seed, and each cell's stitch assembled on them from the random
+    state the trainer's ``build_model`` would assemble it from (so each cell's adapters start as that run's).
+    Config errors (unloadable weights, a link without a target) are :class:`ConfigError` s."""
+    cfg0 = cfgs[0]
+    torch.manual_seed(cfg0.train.seed)          # as the trainer builds a run: the networks, then the adapters
+    try:
+        nets = load_networks(cfg0.model, cfg0.data.img_size, cfg0.num_classes)
+    except (ValueError, FileNotFoundError) as err:
+        key = getattr(err, "key", None) or ("model.destination_weights" if "destination" in str(err)
+                                            else "model.source_weights")
+        raise cfg0.error(key, str(err).splitlines()[0]) from None
+    nets.source.eval()              # frozen networks in eval mode throughout (as the one-cell fit runs them)
+    nets.destination.eval()
+    rng = torch.get_rng_state()
+    cells = []
+    for cfg in cfgs:
+        torch.set_rng_state(rng)
+        built = assemble(nets, cfg.model, cfg.train.frozen_bn)
+        lsinit.check_run(cfg, built)
+        chain, reinject = lsinit.adapter_chain(built)
+        built.model.eval()
+        cells.append(Cell(cfg, R.RunDir(cfg.output.dir or "."), built, chain, lsinit.link_points(built),
+                          lsinit.source_depth(built), reinject.embedding if reinject is not None else None))
+    return nets, cells
+
+
+def parts_of(nets: Networks) -> tuple:
+    """((stem, blocks, head) of the source, the same of the destination): what :class:`SharedForward` runs."""
+    return ((nets.source_parts.stem, nets.source_parts.blocks(), nets.source_parts.head),
+            (nets.destination_parts.stem, nets.destination_parts.blocks(), nets.destination_parts.head))
+
+
 def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) -> int:
     import dataclasses
 
@@ -333,40 +366,19 @@ def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) 
     t0 = time.time()
     cfg0 = cfgs[0]
     device = resolve_device(cfg0)
-    torch.manual_seed(cfg0.train.seed)          # as the trainer builds a run: the networks, then the adapters
-    try:
-        nets = load_networks(cfg0.model, cfg0.data.img_size, cfg0.num_classes)
-    except (ValueError, FileNotFoundError) as err:
-        key = getattr(err, "key", None) or ("model.destination_weights" if "destination" in str(err)
-                                            else "model.source_weights")
-        raise cfg0.error(key, str(err).splitlines()[0]) from None
-    rng = torch.get_rng_state()
-    cells = []
-    for cfg in cfgs:
-        torch.set_rng_state(rng)
-        built = assemble(nets, cfg.model, cfg.train.frozen_bn)
-        lsinit.check_run(cfg, built)
-        chain, reinject = lsinit.adapter_chain(built)
-        cells.append(Cell(cfg, R.RunDir(cfg.output.dir), built, chain, lsinit.link_points(built),
-                          lsinit.source_depth(built), reinject.embedding if reinject is not None else None))
+    nets, cells = build_cells(cfgs)
     for c in cells:
         c.cost = count_cost(c.built.model, cfg0.data.img_size)
     for module in (nets.source, nets.destination, *(c.built.model.adapters for c in cells)):
         module.to(device)
-    nets.source.eval()              # frozen networks in eval mode throughout (as the one-cell fit runs them)
-    nets.destination.eval()
     for c in cells:
         c.minus = None if c.minus is None else c.minus.to(device)
-        c.built.model.eval()
     precision = P.resolve_precision(cfg0.train.precision, device)
     P.configure_backends(device)
     want = cfg0.train.channels_last
     channels_last = fast.default_channels_last(device) if want == "auto" else bool(want)
 
-    def split(parts):
-        return parts.stem, parts.blocks(), parts.head
-
-    canonical = (split(nets.source_parts), split(nets.destination_parts))
+    canonical = parts_of(nets)
     if cfg0.train.fold_bn:          # the trainer's evaluation copies: each frozen part folded on its own
         def folded(parts):
             stem, blocks, head = parts
@@ -385,7 +397,7 @@ def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) 
     # the fit: the trainer's images and batches, every cell fed from one forward per network per batch
     per_device, _ = batch_split(cfg0, 1)
     images, n_fit = lsinit.fit_images(cfg0, cells[0].built, per_device)
-    shared = _Shared(nets, canonical)
+    shared = SharedForward(nets, canonical)
     passes = fit_cells(cells, shared, images, device, stop)
     say(f"{group_dir.name}: fitted {len(cells)} cells on {n_fit} training images in {passes} shared passes "
         f"({time.time() - t0:.1f} s)")
@@ -403,7 +415,7 @@ def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) 
         similarity_cells(cells, shared, lambda: (x for x, _ in sim_loader), device, stop)
     loader = build_loader(torch.utils.data.Subset(val_ds, range(len(val_ds))), per_device, False, cfg0.train.seed,
                           cfg0.data.workers, pin_memory=device.type == "cuda")
-    evaluate_cells(cells, _Shared(nets, evaluation), loader, batch_to_device(eval_tf, device), device, precision,
+    evaluate_cells(cells, SharedForward(nets, evaluation), loader, batch_to_device(eval_tf, device), device, precision,
                    channels_last, stop)
     stop.check()
     wall = (time.time() - t0) / len(cells)
