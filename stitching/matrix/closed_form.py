@@ -32,7 +32,7 @@ channels) and one cell's adapters and suffix at a time in evaluation; nothing gr
 A finished cell (``result.csv``) is left alone, so a group interrupted (SIGTERM / SIGUSR1 / Ctrl-C: it stops at
 the next batch with :data:`stitching.rundir.EXIT_PREEMPTED`, writing nothing) or killed is computed again for
 its unfinished cells only; a cell's numbers do not depend on which other cells share its passes. The group
-directory (:func:`stitching.matrix.spec.group_dirs`) holds the cells' run directories; its ``lock`` keeps one
+directory (:meth:`stitching.matrix.spec.Matrix.groups`) holds the cells' run directories; its ``lock`` keeps one
 process per group.
 
 Command line (what a SLURM array task runs; ``python -m stitching.matrix FILE --closed-form`` launches it):

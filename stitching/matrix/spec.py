@@ -6,7 +6,10 @@ controls (:data:`CONTROLS`, the values of config ``model.random_init`` a matrix 
 names :data:`CONTROL_NAMES`), the cut lists (every stage or block of each model, thinned by ``stride``) and
 the translation of a matrix into :class:`stitching.sweep.spec.Block` s -- one per matrix (the trained one,
 then each control), its grid the sender cuts x the receiver cuts x the seeds -- which the sweep machinery
-expands (impossible cells dropped and counted, duplicates dropped, stable run directories) and launches.
+expands (impossible cells dropped and counted, duplicates dropped, stable run directories) and launches; the
+receiver evaluated alone (:data:`RECEIVER_BLOCK`, the calibrated scores' ceiling); and the groups of a
+closed-form matrix (:meth:`Matrix.groups`: a block per control and seed, its cells :data:`CLOSED_FORM_GRID`
+runs, in ``<runs dir>/<group name>``).
 
 A matrix file::
 
