@@ -6,6 +6,7 @@ equal hand-computed values, the predictors' comparison, and the refusals."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -328,3 +329,57 @@ def test_spearman_and_top_agreement_against_hand_computed_values():
     # a lower residual predicts a better stitch: the residual ranks the cells exactly
     assert rows.loc[("least-squares residual", "trained"), "rho"] == pytest.approx(1.0)
     assert rows.loc[("CKA before training", "all"), "top"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+@pytest.mark.slow       # one group of two tiny cells through the batch script (~15 s here)
+def test_a_slurm_array_task_computes_its_group_through_the_batch_script(tmp_path):
+    """The job array's script, run as SLURM would run task 0 (``SLURM_ARRAY_TASK_ID``), computes the group
+    its line of the task file names, with the command ``--launcher slurm`` submits."""
+    from stitching.launch import slurm
+
+    group = _group(tmp_path, "group #1", cuts=((1, 2), (2, 2)))
+    task_file = tmp_path / "tasks.txt"
+    slurm.write_task_file(task_file, [group])
+    res = slurm.SlurmResources.from_dict({"cpus_per_task": 1, "time": "00:10:00"})
+    script = tmp_path / "array.sbatch"
+    script.write_text(slurm.render_array_script(task_file, 1, res, tmp_path / "logs", "cf", CF.group_command(),
+                                                chdir=ROOT))
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "7", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "group #1: wrote 2 cells (0 were finished)" in proc.stdout
+    assert all((d / R.RESULT).is_file() for d in CF.cell_dirs(group))
+
+
+@pytest.mark.slurm
+def test_slurm_closed_form_matrix_is_one_array_of_groups_never_resubmitted_then_drawn(slurm_cluster, matrix_file):
+    from tests.test_sweep import _wait_for_results
+
+    matrix_file.write_text(matrix_file.read_text().replace("senders: [1, 2]", "senders: [1]")
+                           + 'slurm: {cpus_per_task: 1, mem: 2G, time: "00:20:00", max_parallel: 2}\n')
+    runs = matrix_file.parent / "runs"
+    first = cli(matrix_file, "--closed-form", "--launcher", "slurm", "--runs-dir", runs).stdout
+    assert "with 1 tasks" in first                       # the receiver alone, a training-command array
+    assert "submitted job array" in first and "with 2 group tasks" in first and "--draw" in first
+    again = cli(matrix_file, "--closed-form", "--launcher", "slurm", "--runs-dir", runs).stdout
+    assert "already queued or running" in again and "with 2 group tasks" not in again
+    dirs = sorted(p.parent for p in runs.glob("**/config.yaml"))
+    assert len(dirs) == 5                                # 2 groups x 2 cells + the receiver
+    _wait_for_results(dirs, timeout=900)
+    out = cli(matrix_file, "--closed-form", "--draw", "--runs-dir", runs).stdout
+    assert "finished:   5\n" in out
+    table = pd.read_csv(runs / "matrix.csv")
+    assert len(table) == 4 and (table["fit"] == "closed_form").all()
+    assert "nothing to do: every cell has finished" in cli(matrix_file, "--closed-form", "--launcher", "slurm",
+                                                           "--runs-dir", runs).stdout
+
+
+def test_slurm_launcher_without_slurm_is_one_line_for_a_closed_form_matrix(matrix_file, tmp_path):
+    if shutil.which("squeue"):
+        pytest.skip("a SLURM client is installed here")
+    runs = matrix_file.parent / "runs"
+    proc = cli(matrix_file, "--closed-form", "--launcher", "slurm", "--runs-dir", runs, check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines[-1].startswith("error: command line: --launcher='slurm': ")
+    assert "Traceback" not in proc.stderr

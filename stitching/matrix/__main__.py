@@ -237,7 +237,6 @@ def _run_groups(dirs: list[Path]) -> int:
 
 def _submit_groups(dirs: list[Path], matrix: Matrix, runs_dir: Path, overrides: list[str]) -> int:
     """One SLURM job array, a task per group (never a second one for a group already queued or running)."""
-    import shlex
     import sys
 
     import yaml
@@ -255,10 +254,11 @@ def _submit_groups(dirs: list[Path], matrix: Matrix, runs_dir: Path, overrides: 
         res = slurm.SlurmResources.from_dict({**matrix.slurm, **extra}, source="slurm resources of the matrix")
     except ValueError as err:
         raise ConfigError("slurm", {**matrix.slurm, **extra}, str(matrix.path), str(err)) from None
-    command = f'{shlex.quote(sys.executable)} -m stitching.matrix.closed_form "$RUN_DIR"'
+    from stitching.matrix.closed_form import group_command
+
     try:
         job, submitted = slurm.submit_array(dirs, runs_dir.absolute() / "slurm", res, f"{matrix.name}-closed-form",
-                                            command, chdir=Path.cwd())
+                                            group_command(), chdir=Path.cwd())
     except slurm.UnsatisfiableJob as err:
         print(f"error: slurm resources of the matrix: {err}", file=sys.stderr)
         return R.EXIT_CONFIG

@@ -442,6 +442,13 @@ def _row(c: Cell, device, precision: str, channels_last: bool, wall: float) -> d
     return _result_row(r, c.evaluation, c.after)
 
 
+def group_command(python: str = sys.executable) -> str:
+    """The shell command (referring to ``"$RUN_DIR"``: the group directory) a SLURM array task runs."""
+    import shlex
+
+    return f'{shlex.quote(python)} -m stitching.matrix.closed_form "$RUN_DIR"'
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stitching.matrix.closed_form",
                                      description="Compute closed-form matrix groups (written by python -m "
