@@ -23,7 +23,8 @@ there already; 32 px, ``configs/mnist/``; its study adds the stitching matrices 
 5. collects the sweep: ``python -m stitching.collect OUT/sweep -o OUT/results.csv`` (the sweep folder only: the
    originals' reference rows are the sweep's evaluate-only runs, so the training runs would count twice);
 6. draws it: ``python scripts/plot_results.py OUT/results.csv --out FIGURES --default-options`` (the figures
-   show the runs whose training options are at their defaults) and copies the CSV there;
+   show the runs whose training options are at their defaults; ``selection.md`` lists every run, drawn or left
+   out and why) and copies the CSV there;
 7. writes ``FIGURES/options.md``: each training option the sweep's extension blocks vary (least-squares
    init, objectives, frozen BatchNorm in train mode, position-embedding re-injection) against its default,
    scenario by scenario (:mod:`stitching.plots.options`), and ``FIGURES/claims.md``: the paper's claims

@@ -4,7 +4,11 @@ Sections and defaults are the dataclasses below; :data:`IDENTITY_BASELINE` gives
 had before the key existed, and :data:`IDENTITY` adds the keys a run never reads (:func:`unread_keys`): what a
 run's identity is measured against (:mod:`stitching.rundir`). A file may
 build on another with ``base: other.yaml`` (a path relative to the file; chains allowed), and any key can be
-overridden on the command line as ``section.key=value`` (the value is parsed as YAML). Every leaf remembers
+overridden on the command line as ``section.key=value``, the value written as the key's type reads it
+(:func:`parse_value`: a string or path exactly as typed, never parsed as YAML). A cut is named by stage
+keys or by block keys (:data:`CUT_KEYS`); a layer (a base file, the file on it, a sweep's grid point or an API
+call's arguments, the command line) that gives one kind a value replaces the other kind an earlier layer gave
+(:func:`_replace_cut_kind`), and one layer giving both is an error. Every leaf remembers
 the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
 impossible combination (checked against the registry's declared shapes, before anything is built) or a
 missing file raises :class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import sys
 import types
 import typing
@@ -23,16 +29,23 @@ from pathlib import Path
 
 import yaml
 
+from stitching.messages import MAX_MESSAGE_CHARS, clip, short_repr
 # EXIT_CONFIG is re-exported: the exit code of a ConfigError
 from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
 
 CLI = "command line"
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
+    """A bad key, value or combination: ``str()`` is the one line naming the source (file, command line or the
+    Python call), the key and the value; :func:`run_cli` prints it and exits with :data:`EXIT_CONFIG`. The value
+    is quoted with :func:`stitching.messages.short_repr` and the key and message are clipped, so the line stays
+    short whatever the value (an alias bomb, a megabyte string)."""
+
     def __init__(self, key: str, value, source: str, message: str):
         self.key, self.value, self.source, self.message = key, value, source, message
-        super().__init__(f"{source}: {key}={value!r}: {message}" if key else f"{source}: {message}")
+        key, message = clip(key), clip(message, MAX_MESSAGE_CHARS)
+        super().__init__(f"{source}: {key}={short_repr(value)}: {message}" if key else f"{source}: {message}")
 
 
 @dataclass
@@ -85,6 +98,8 @@ def model_args(m, role: str) -> dict | None:
 class DataConfig:
     name: str = "synthetic"                 # synthetic | imagefolder
     root: str | None = None                 # imagefolder: root/train/<class>/..., root/val/<class>/...
+    label: str | None = None                # the dataset's name in figures and tables (null: data.name for
+                                            # synthetic, the root folder's name for imagefolder); not identity
     img_size: int = 224
     num_classes: int | None = None          # synthetic: 10; imagefolder: 1000 (checked against the folders)
     train_size: int = 2000                  # synthetic only
@@ -138,7 +153,7 @@ class TrainConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str | None = None                  # default: runs/<config file stem>
+    dir: str | None = None                  # default: runs/<config file stem>/<run name> (rundir.run_dir_name)
     save_model: bool = True
 
 
@@ -177,6 +192,13 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
 
+#: The two ways a config names a cut, each kind's (sender key, receiver key): stage cuts (the stage convention of
+#: docs/method.md) or block cuts (indices into :func:`stitching.models.registry.list_blocks`). A side is cut one
+#: way only, and both sides the same way (:func:`_check_cut_keys`); between layers the later kind wins
+#: (:func:`_replace_cut_kind`).
+CUT_KEYS = {"stages": ("model.source_stage", "model.destination_stage"),
+            "blocks": ("model.source_block", "model.destination_block")}
+
 #: The identity baseline (:func:`stitching.rundir.identity`): for every key of every section a run's identity
 #: reads (all but ``output``), the value a run directory written *before the key existed* implicitly had --
 #: normally the key's default when it was introduced. A run's identity is its keys that differ from this table
@@ -208,6 +230,7 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "model.destination_kwargs": None,
     "data.name": "synthetic",
     "data.root": None,
+    "data.label": None,
     "data.img_size": 224,
     "data.num_classes": None,
     "data.train_size": 2000,
@@ -249,11 +272,11 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "train.preempt_check_every": 10,
 })
 
-#: Keys that change how a run is carried out, never what it computes, so never part of its identity (another
-#: value on a re-run or a resume is the same run): loader processes (every sample is seeded by its index, so any
-#: number of workers gives the same batches, tests/test_pipeline.py), how often the trainer logs, and how often
-#: DDP ranks agree on a preemption signal (a preempted run resumes exactly).
-OPERATIONAL_KEYS = ("data.workers", "train.log_every", "train.preempt_check_every")
+#: Keys that change how a run is carried out or named, never what it computes, so never part of its identity
+#: (another value on a re-run or a resume is the same run): loader processes (every sample is seeded by its index,
+#: so any number of workers gives the same batches, tests/test_pipeline.py), how often the trainer logs, how often
+#: DDP ranks agree on a preemption signal (a preempted run resumes exactly), and the dataset's display name.
+OPERATIONAL_KEYS = ("data.workers", "train.log_every", "train.preempt_check_every", "data.label")
 
 #: Keys a run reads only when another key has one of some values: key -> (that key, those values). Otherwise
 #: the key is not part of the identity (``model.init_images`` means nothing under ``model.init: default``), and
@@ -288,17 +311,21 @@ IDENTITY = IdentityRules(IDENTITY_BASELINE, unread_keys)
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] = (), check: bool = True,
+def load_config(path: str | os.PathLike | typing.Mapping | None, overrides: typing.Sequence[str] = (), check: bool = True,
                 updates: typing.Mapping[str, typing.Any] | None = None, updates_source: str = CLI,
                 run_dir: bool = False) -> Config:
-    """Load ``path`` (its ``base:`` chain first), apply ``updates`` (dotted key -> value, e.g. one point
+    """Load ``path`` (its ``base:`` chain first; or a mapping of sections, as a file would hold them, whose
+    keys are attributed to ``updates_source``), apply ``updates`` (dotted key -> value, e.g. one point
     of a sweep grid, attributed to ``updates_source``), then the ``overrides`` (``section.key=value``
     strings from the command line), and validate. ``run_dir``: ``path`` is a run directory's resolved
     ``config.yaml``, where a key the file lacks (written before the key existed) takes its
     :data:`IDENTITY_BASELINE` value, the value that run had, rather than today's default."""
     tree: dict = {}
     origins: dict = {}
-    if path is not None:
+    if isinstance(path, typing.Mapping):         # the sections themselves (Python callers), base: from the cwd
+        _merge_data(copy.deepcopy(dict(path)), updates_source, Path.cwd(), tree, origins, seen=())
+        path = None
+    elif path is not None:
         _merge_file(Path(path), tree, origins, seen=())
     if run_dir:
         for key, value in IDENTITY_BASELINE.items():
@@ -306,20 +333,23 @@ def load_config(path: str | os.PathLike | None, overrides: typing.Sequence[str] 
             if name not in tree.setdefault(section, {}):
                 tree[section][name] = copy.deepcopy(value)
                 origins[key] = f"{path} (no {key}: written before it existed; its baseline)"
+    _replace_cut_kind(tree, origins, updates or {}, updates_source)
     for key, value in (updates or {}).items():
         section, _, name = key.partition(".")
         if not name or not isinstance(tree.setdefault(section, {}), dict):
             raise ConfigError(key, value, updates_source, "keys are written section.key")
         tree[section][name] = copy.deepcopy(value)
         origins[key] = updates_source
+    parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(item, None, CLI, "overrides are written section.key=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        section, name = key.split(".", 1)
+        hint = _hints(SECTIONS[section]).get(name) if section in SECTIONS else None
+        parsed[key] = raw if hint is None else parse_value(hint, raw, key)   # an unknown key: named by _from_tree
+    _replace_cut_kind(tree, origins, parsed, CLI)
+    for key, value in parsed.items():
         section, name = key.split(".", 1)
         node = tree.setdefault(section, {})
         if not isinstance(node, dict):
@@ -339,17 +369,25 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
     if not path.is_file():
         where = str(seen[-1]) if seen else CLI
         raise ConfigError("base" if seen else "--config", src, where, "file not found")
-    try:
-        data = _parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError("", None, src, "a config file must be a mapping of sections")
+    _merge_data(data, src, path.parent, tree, origins, seen + (path.resolve(),))
+
+
+def _merge_data(data: dict, src: str, folder: Path, tree: dict, origins: dict, seen: tuple) -> None:
+    """Merge one layer's sections (a file's, or a mapping given in Python) into ``tree``: its ``base:`` first
+    (a path relative to ``folder``), then its own keys, attributed to ``src``."""
+    data = dict(data)
     base = data.pop("base", None)
     if base is not None:
-        if not isinstance(base, str):
+        if not isinstance(base, (str, os.PathLike)):
             raise ConfigError("base", base, src, "must be a path relative to this file")
-        _merge_file(path.parent / base, tree, origins, seen + (path.resolve(),))
+        if not (folder / base).is_file():
+            raise ConfigError("base", str(folder / base), src, "file not found")
+        _merge_file(folder / base, tree, origins, seen)
+    if isinstance(data.get("model"), dict):
+        _replace_cut_kind(tree, origins, {f"model.{k}": v for k, v in data["model"].items()}, src)
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(section, values, src, "must be a mapping of keys")
@@ -359,27 +397,142 @@ def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
             origins[f"{section}.{key}"] = src
 
 
-_PARSED: dict = {}      # a file's text -> its parsed YAML: a sweep loads the same base files for every grid point
+def _replace_cut_kind(tree: dict, origins: dict, layer: typing.Mapping[str, typing.Any], source: str) -> None:
+    """The cut rule between layers: ``layer`` (dotted key -> value: a file's keys, a grid point, the command
+    line's) giving the keys of one cut kind (:data:`CUT_KEYS`) a value (not null) drops the other kind's keys
+    that the earlier layers put in ``tree``, so ``model.source_block=3 model.destination_block=5`` on the
+    command line replaces a base's stage cut (and stage keys a base's block cut) without nulls by hand. A layer
+    giving both kinds is a conflict of its own: the earlier layers' cut keys are dropped too, so that
+    :func:`_check_cut_keys` names this layer's keys (and its file) in its one-line error. A dropped key is
+    attributed to ``source`` (the layer's file, or the command line): an error about its absence names where
+    the replacing cut came from."""
+    given = [kind for kind, keys in CUT_KEYS.items() if any(layer.get(k) is not None for k in keys)]
+    model = tree.get("model")
+    if not given or not isinstance(model, dict):
+        return
+    for kind, keys in CUT_KEYS.items():
+        if kind not in given or len(given) > 1:
+            for key in keys:
+                if model.pop(key.partition(".")[2], None) is not None:
+                    origins[key] = source
+
+
 _HINTS: dict = {}       # section dataclass -> its field types
 
 
-def _parse_yaml(text: str):
-    """``yaml.safe_load(text)``, parsed once per distinct text (a copy each call: callers change it)."""
+# ------------------------------------------------------------------------------------------------- YAML files
+#: The most a YAML file the framework reads (a config and its base files, a sweep or matrix file, a run
+#: directory's ``config.yaml``) may hold: bytes on disk, and nodes once every alias is expanded. A config is a few
+#: hundred nodes; an alias bomb (a 1.7 KB file whose nested aliases expand to 10^8 nodes) is refused before
+#: anything walks it (an error message, the run hash, a deep copy written out).
+MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_NODES = 100_000
+_PARSED: dict = {}      # a file's text -> its parsed YAML: a sweep loads the same base files for every grid point
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """How many nodes the document rooted at ``root`` has with every alias expanded (each distinct node counted
+    once per place it appears), computed over the distinct nodes only; :class:`_TooLarge` as soon as the count
+    passes ``limit`` or a node contains itself (a recursive alias)."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()                       # nodes whose children are being counted: the current path
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if children_done:
+            sizes[id(node)] = size = 1 + sum(sizes[id(c)] for c in children)
+            open_.discard(id(node))
+            if size > limit:
+                raise _TooLarge(f"its aliases expand to more than {limit:,} nodes (MAX_YAML_NODES; a config has a "
+                                "few hundred): not a file this framework reads")
+            continue
+        if id(node) in sizes:
+            continue
+        open_.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_:
+                raise _TooLarge("an alias refers to a node that contains it (a recursive alias): its expansion "
+                                "has no end")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts each document's nodes with its aliases expanded before constructing it
+    (:data:`MAX_YAML_NODES`), and reads numbers as YAML 1.2 does (``2e-3`` is a float; YAML 1.1, PyYAML's
+    default, reads it as a string): every file and every command-line mapping or list goes through it."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _expanded_nodes(node, MAX_YAML_NODES)
+        return node
+
+
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)"
+                                     r"([eE][-+]?[0-9]+)$"), list("-+0123456789."))
+
+
+def parse_yaml(text: str, src: str):
+    """The YAML document ``text`` (from ``src``, for messages) as ``yaml.safe_load`` reads it, within
+    :data:`MAX_YAML_NODES`; parsed once per distinct text (a copy each call: callers change it). Invalid YAML,
+    too many nodes, a recursive alias or nesting too deep for the parser are a :class:`ConfigError` naming ``src``."""
     if text not in _PARSED:
+        try:
+            value = yaml.load(text, Loader=_BoundedLoader)
+        except _TooLarge as err:
+            raise ConfigError("", None, src, str(err)) from None
+        except RecursionError:
+            raise ConfigError("", None, src, "nested too deeply to be read (not a config)") from None
+        except (yaml.YAMLError, ValueError) as err:   # ValueError: e.g. an integer of more than 4300 digits
+            raise ConfigError("", None, src, f"not valid YAML: {(str(err).strip().splitlines() or [''])[0]}") \
+                from None
         if len(_PARSED) >= 256:
             _PARSED.clear()
-        _PARSED[text] = yaml.safe_load(text)
+        _PARSED[text] = value
     return copy.deepcopy(_PARSED[text])
+
+
+def read_yaml(path: str | os.PathLike, src: str | None = None):
+    """The YAML document in the file ``path`` (:func:`parse_yaml`), read only up to :data:`MAX_YAML_BYTES`; a
+    file that cannot be read, is larger, is not UTF-8 text or not YAML within the bounds is a :class:`ConfigError`
+    naming it (``src``: how to name it, default the path)."""
+    src = str(path) if src is None else src
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ConfigError("", None, src, f"cannot be read ({err.strerror or type(err).__name__})") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError("", None, src, f"larger than {MAX_YAML_BYTES // 1024} KiB (MAX_YAML_BYTES; a config is a "
+                          "few KiB): not a file this framework reads")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError("", None, src, f"not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x})") from None
+    return parse_yaml(text, src)
 
 
 def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
     cfg = Config(path=path, origins=origins)
     for section, values in tree.items():
-        if section not in SECTIONS:
-            src = next((v for k, v in origins.items() if k.startswith(section + ".")), path or CLI)
-            raise ConfigError(section, None, src, f"unknown section; expected one of {', '.join(SECTIONS)}")
+        if section not in SECTIONS:       # (any YAML key: a number, null, ...)
+            src = next((v for k, v in origins.items() if k.startswith(f"{section}.")), path or CLI)
+            raise ConfigError(str(section), None, src, f"unknown section; expected one of {', '.join(SECTIONS)}")
         cls = SECTIONS[section]
-        hints = _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
+        hints = _hints(cls)
         obj = getattr(cfg, section)
         for key, value in values.items():
             dotted = f"{section}.{key}"
@@ -389,6 +542,11 @@ def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
                                   f"unknown key; {section} takes {', '.join(f.name for f in dataclasses.fields(cls))}")
             setattr(obj, key, _coerce(hints[key], value, dotted, src))
     return cfg
+
+
+def _hints(cls) -> dict:
+    """A section dataclass's field types (cached)."""
+    return _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
 
 
 def _coerce(hint, value, key: str, src: str):
@@ -401,16 +559,65 @@ def _coerce(hint, value, key: str, src: str):
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):    # (.nan, .inf: no key of a run means anything with them)
+                raise ConfigError(key, value, src, "must be a finite number")
             return float(value)
         if t is str and isinstance(value, str):
             return value
         if t is dict and isinstance(value, dict):
             bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
             if bad:
-                raise ConfigError(key, value, src, f"argument names must be identifiers, not {bad[0]!r}")
+                raise ConfigError(key, value, src, f"argument names must be identifiers, not {short_repr(bad[0])}")
             return copy.deepcopy(value)
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(key, value, src, f"must be {names}")
+
+
+# ------------------------------------------------------------------------------------- command-line values
+#: How a command-line value (``section.key=value``, ``--slurm key=value``) is written, by the type of the key it
+#: sets -- one syntax each, never a YAML document (so ``#`` starts no comment and ``: `` makes no mapping):
+#: a string or path: exactly as typed (spaces, ``#``, ``: ``, ``=``, unicode; quote it for the shell only);
+#: an integer: ``64``, ``-1``; a number: ``0.002``, ``2e-3``, ``1``; a boolean: ``true`` / ``false``; none (for a
+#: key that may be unset): ``null``; a mapping: ``{img_size: 64, patch_size: 8}`` and a list: ``[a, b]``
+#: (YAML flow style, where ``2e-3`` is a number too).
+VALUE_SYNTAX = types.MappingProxyType({
+    str: "a string, as typed", int: "an integer (64)", float: "a number (0.002, 2e-3)", bool: "true or false",
+    type(None): "null", dict: "a mapping {key: value, ...}", list: "a list [a, b, ...]",
+})
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def parse_value(hint, raw: str, key: str, source: str = CLI):
+    """The value of the command-line text ``raw`` for a key of type ``hint`` (a field's annotation, e.g.
+    ``str | None``), written as :data:`VALUE_SYNTAX` says; :class:`ConfigError` naming ``key`` otherwise.
+    The members of a union are tried in a fixed order: null, boolean, integer, number, mapping/list, string --
+    so ``null`` unsets an optional key, ``true`` is the boolean of a ``str | bool`` key, and a string key takes
+    anything as typed (``null`` included, for a key that cannot be unset)."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [typing.get_origin(m) or m for m in members]
+    if raw == "null" and type(None) in kinds:
+        return None
+    if bool in kinds and raw in ("true", "false"):
+        return raw == "true"
+    if int in kinds and _INT.fullmatch(raw):
+        return int(raw)
+    if float in kinds and _FLOAT.fullmatch(raw):
+        return float(raw)       # (nan and inf parse, and are refused as such by the key's check)
+    for kind in (dict, list):
+        if kind in kinds and raw.lstrip().startswith({dict: "{", list: "["}[kind]):
+            try:
+                value = yaml.load(raw, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+            except _TooLarge as err:
+                raise ConfigError(key, raw, source, str(err)) from None
+            except yaml.YAMLError as err:
+                raise ConfigError(key, raw, source, f"not a valid {VALUE_SYNTAX[kind]}: "
+                                  f"{str(err).splitlines()[0]}") from None
+            if isinstance(value, kind):
+                return value
+    if str in kinds:
+        return raw
+    raise ConfigError(key, raw, source, "must be " + " or ".join(VALUE_SYNTAX.get(k, k.__name__) for k in kinds))
 
 
 # ---------------------------------------------------------------------------------------------- checking

@@ -43,7 +43,13 @@ that change how a run is carried out but not what it computes (``data.workers``,
 under ``model.init: default``). The sweep names directories with :func:`run_key` (and reuses
 a directory of the same run named by an older version's key), the trainer refuses a directory holding a
 different run with :func:`same_run`, and collection treats two finished directories with the same key as
-duplicates.
+duplicates. A run directory's name (:func:`run_dir_name`: a readable head and the run key) is what a sweep
+calls its runs and what a single run without ``output.dir`` is called (under ``runs/<config name>/``).
+
+Paths (:func:`canonical`, :func:`check_writable`): a run directory is known by its resolved path -- absolute,
+symlinks followed, ``..`` applied also through folders that do not exist yet (``runs/nothere/..`` then
+``victim`` *is* ``runs/victim``) -- before anything about it is decided: whether it holds another run, its
+lock, the messages.
 
 Exit codes (of ``python -m stitching.train``; the launchers and the SLURM batch script read them):
 :data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (an unexpected error; traceback in the log),
@@ -89,6 +95,8 @@ LAUNCHER_LOG = "launcher.log"
 SLURM_MARKER = "slurm_job"
 REQUEUE_REQUEST = ".requeue_requested"
 PREVIOUS_DIR = "previous"
+#: where run directories go unless told otherwise (``runs/<config, sweep or matrix name>/...``)
+RUNS = "runs"
 #: what ``--force`` moves aside (the lock stays: it is the current trainer's)
 RUN_FILES = (CONFIG, METRICS, RESULT, CHECKPOINT, CHECKPOINT_PREVIOUS, MODEL, LOG, STATE)
 
@@ -133,6 +141,12 @@ class WriteError(RunDirError):
 
 class BusyError(RunDirError):
     exit_code = EXIT_BUSY
+
+
+class PathError(RunDirError):
+    """A path that cannot be a run directory (a symlink loop, a file in the way): bad input."""
+
+    exit_code = EXIT_CONFIG
 
 
 # ------------------------------------------------------------------------------------------- identity
@@ -196,6 +210,72 @@ def differing_keys(a: dict, b: dict, rules: IdentityRules) -> list[str]:
     """Dotted keys whose values differ between two configs' identities."""
     ia, ib = identity(a, rules), identity(b, rules)
     return sorted(k for k in set(ia) | set(ib) if k not in ia or k not in ib or not _equal(ia[k], ib[k]))
+
+
+def run_dir_name(cfg, rules: IdentityRules) -> str:
+    """A run directory's name, readable and stable: ``resnet50.1-swin_t.3.bottleneck.bilinear.lr0.002.seed0.<key>``
+    (``<key>``: :func:`run_key`). ``cfg`` is a ``stitching.config.Config`` (its ``model``/``train`` sections,
+    ``is_original`` and ``to_dict()``; this module imports nothing of the project). The sweep names its runs
+    with it, and the trainer a run given no ``output.dir``."""
+    m, t = cfg.model, cfg.train
+    digest = run_key(cfg.to_dict(), rules)
+    if cfg.is_original:
+        head = f"original.{m.source}.ep{t.epochs}"
+    else:
+        src_cut, dst_cut = ((f"b{m.source_block}", f"b{m.destination_block}") if m.source_block is not None
+                            else (m.source_stage, m.destination_stage))
+        head = f"{m.source}.{src_cut}-{m.destination or m.source}.{dst_cut}.{m.adapter}"
+        if m.adapter != "finetune":
+            head += f".{m.resize}"
+    if m.random_init != "none":         # a random-init control of a stitching matrix
+        head += f".random-{m.random_init}"
+    return f"{head}.lr{t.lr:g}.seed{t.seed}.{digest}"
+
+
+# ------------------------------------------------------------------------------------------- paths
+def canonical(path: str | os.PathLike) -> Path:
+    """``path`` as the file system will know it once it exists: absolute, every symlink followed and ``..``
+    applied -- also through folders that do not exist yet, as ``mkdir -p`` would create and leave them
+    (``runs/nothere/..`` then ``victim`` is ``<cwd>/runs/victim``). Raises :class:`PathError` for a symlink
+    loop and when the path, or the nearest of its parents that exists, is not a directory. Creates nothing."""
+    try:
+        resolved = Path(path).resolve()
+    except (RuntimeError, OSError) as err:      # a symlink loop: RuntimeError up to Python 3.12, OSError after
+        raise PathError(f"cannot be resolved: {_why(err)}") from None
+    for p in (resolved, *resolved.parents):
+        try:
+            if not p.exists():
+                continue
+        except OSError as err:
+            raise PathError(f"cannot be resolved: {_why(err)}") from None
+        if not p.is_dir():
+            raise PathError(f"{p} is a file, not a directory" if p == resolved
+                            else f"{p} (a parent) is a file, not a directory")
+        break
+    return resolved
+
+
+def check_writable(path: Path) -> None:
+    """Raise :class:`WriteError` unless this process can write in the directory ``path`` (when it exists) or
+    create it (its nearest existing parent is writable); creates nothing. The trainer calls it before any
+    compute, so an unwritable place stops a run at once."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise WriteError(f"cannot write {path}: {p} is not writable (permission denied); nothing was "
+                                 "written")
+            return
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run directory (it holds one of :data:`RUN_FILES`)."""
+    return any((Path(path) / name).is_file() for name in RUN_FILES)
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, RuntimeError) or (isinstance(err, OSError) and err.errno == errno.ELOOP):
+        return "a symlink loop"
+    return getattr(err, "strerror", None) or str(err)
 
 
 # ------------------------------------------------------------------------------------------- writing

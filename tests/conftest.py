@@ -23,6 +23,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 _CACHE: dict = {}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped without one (``STITCHING_GPU_TESTS_ON_CPU=1`` runs them
+    on the CPU instead, to check their own logic; tests/test_gpu.py)."""
+    if torch.cuda.is_available() or os.environ.get("STITCHING_GPU_TESTS_ON_CPU") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU: python benchmarks/gpu_check.py)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def cached_models(monkeypatch):
     """Make ``build_model`` reuse one random-init instance per (name, num_classes) (deep-copied)."""

@@ -56,3 +56,26 @@ def test_keep_up_runs_the_training_step_and_the_loader_at_the_default_workers():
         feed = out["loader_images_per_s"][pipeline]
         assert headroom == pytest.approx(feed / row["train_images_per_s"][model], abs=1e-3)
         assert row["keeps_up"][key] == (feed >= row["train_images_per_s"][model])
+
+
+def test_gpu_check_without_cuda_checks_its_arguments_then_says_so_in_one_line(tmp_path):
+    """``benchmarks/gpu_check.py`` on a machine without CUDA (CI): bad arguments are exit 2 naming the option;
+    good ones give one line and exit 0, with nothing written."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu_check.py would run the whole check")
+    script = str(ROOT / "benchmarks" / "gpu_check.py")
+    bad = subprocess.run([sys.executable, script, "--parts", "tests,nothing"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--parts='tests,nothing': unknown part 'nothing'" in bad.stderr
+    bad = subprocess.run([sys.executable, script, "--out", str(tmp_path / "missing" / "g.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a writable directory" in bad.stderr
+    out = tmp_path / "g.json"
+    ok = subprocess.run([sys.executable, script, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0]
+    assert not out.exists()

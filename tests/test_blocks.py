@@ -169,9 +169,10 @@ train: {epochs: 1, batch_size: 32, max_steps_per_epoch: 3, device: cpu, log_ever
 """)
     run = tmp_path / "run"
     summary, proc, bad = together(  # three independent commands, two at a time
-        lambda: _cli("stitching.summary", "--config", cfg),
+        lambda: _cli("stitching.summary", "--json", "--config", cfg),
         lambda: _cli("stitching.train", "--config", cfg, f"output.dir={run}"),
-        lambda: _cli("stitching.train", "--config", cfg, "model.source_stage=1", f"output.dir={tmp_path / 'bad'}"))
+        lambda: _cli("stitching.train", "--config", cfg, "model.source_stage=1", "model.source_block=3",
+                     f"output.dir={tmp_path / 'bad'}"))       # both kinds on one command line: a conflict
     assert summary.returncode == 0, summary.stderr
     out = json.loads(summary.stdout)
     assert (out["source_block"], out["destination_block"], out["gap"]) == (2, 9, "b2->b9")

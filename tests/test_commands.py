@@ -8,7 +8,7 @@ pretrained weights, a SLURM controller) it must stop with one line naming the ke
 - every ``python -m stitching.<x>`` / ``python scripts/<x>.py`` / ``python benchmarks/<x>.py`` named in the
   docs exists, takes every ``--flag`` the docs give it, and is never shown without its required options;
 - every shipped run config loads, every shipped matrix file expands, the README's annotated config validates;
-- the quick start trains (1 epoch of 2 steps) and says where its results are;
+- the quick start trains (1 epoch of 2 steps) into the directory it names and says where its results are;
 - the paper's configs train on an ImageFolder of JPEGs (one step at 32 px), and without ImageNet stop with
   one line naming ``data.root``;
 - pretrained weights that cannot be fetched (offline node, empty cache) are one line naming
@@ -46,9 +46,9 @@ COMMAND = re.compile(r"(?:python|torchrun[^`\n]*?)\s+(-m\s+stitching(?:\.[a-z_]+
 FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
 
 
-def run(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+def run(*args, env=None, timeout=120, cwd=ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -163,10 +163,14 @@ def test_every_shipped_matrix_file_expands(tmp_path):
 
 
 def test_quickstart_trains_and_says_where_its_results_are(tmp_path):
-    out = tmp_path / "quickstart"
+    """As the README runs it: no output.dir, so the run names its directory under runs/quickstart/ (printed
+    first) and says at the end where its results are."""
     proc = run("-m", "stitching.train", "--config", ROOT / "configs" / "quickstart.yaml", "train.epochs=1",
-               "train.max_steps_per_epoch=2", "data.val_size=64", f"output.dir={out}")
+               "train.max_steps_per_epoch=2", "data.val_size=64", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    [out] = list((tmp_path / "runs" / "quickstart").iterdir())
+    assert out.name.startswith("resnet50.1-resnet50.3.bottleneck.bilinear.lr0.002.seed0.")
+    assert proc.stdout.startswith(f"run directory: {out} (named by the run's identity")
     assert f"results in {out / 'result.csv'}" in proc.stdout + proc.stderr
     assert (out / "result.csv").is_file() and (out / "model.safetensors").is_file()
 
@@ -237,18 +241,21 @@ def test_toy_study_dry_run_writes_the_sweep_files_and_trains_nothing(tmp_path):
     assert not (out / "resnet18").exists() and not (out / "sweep").exists()
 
 
-@pytest.mark.parametrize("figures", ["docs/figures", "docs/figures/mnist"])
-def test_the_shipped_tables_are_what_plot_results_draws_from_the_shipped_csv(tmp_path, figures):
+@pytest.mark.parametrize("figures,extra", [("docs/figures", []),
+                                           ("docs/figures/mnist", ["--data-label", "MNIST"])])   # before data.label
+def test_the_shipped_tables_are_what_plot_results_draws_from_the_shipped_csv(tmp_path, figures, extra):
     """README's figures come from ``scripts/plot_results.py RESULTS --out FIGURES --default-options`` (the
-    studies' step 6): drawn again from the committed ``results.csv`` with the current code, Table 1 and its
-    recipe caption are the committed ones (a new recipe column redraws them; the PNGs carry the same caption)."""
+    studies' step 6): drawn again from the committed ``results.csv`` with the current code, Table 1, the
+    captions (with the recipe) and the list of runs drawn and left out are the committed ones (a new recipe
+    column redraws them)."""
     src = ROOT / figures
-    proc = run(ROOT / "scripts" / "plot_results.py", src / "results.csv", "--out", tmp_path, "--default-options")
+    proc = run(ROOT / "scripts" / "plot_results.py", src / "results.csv", "--out", tmp_path, "--default-options",
+               *extra, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("table1.md", "table1.tex", "recipe.txt"):
+    for name in ("table1.md", "table1.tex", "recipe.txt", "captions.md", "selection.md"):
         assert (tmp_path / name).read_text() == (src / name).read_text(), \
             f"{figures}/{name} is out of date: redraw with python scripts/plot_results.py {figures}/results.csv " \
-            f"--out {figures} --default-options"
+            f"--out {figures} --default-options {' '.join(extra)}"
 
 
 # ------------------------------------------------------------------------------ the paper's configs on images

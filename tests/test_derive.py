@@ -110,7 +110,7 @@ def test_the_derivation_speaks_one_line_where_it_cannot(tmp_path):
         load_config(None, ["model.source=no_such_net"])
     with pytest.raises(ConfigError, match=r"model.source_kwargs=.*constructor refuses"):
         load_config(None, ["model.source=convnext_atto", "model.source_kwargs={no_such_arg: 1}"])
-    with pytest.raises(ConfigError, match=r"model.source_kwargs=.*must be dict or null"):
+    with pytest.raises(ConfigError, match=r"model.source_kwargs=.*must be a mapping .* or null"):
         load_config(None, ["model.source=convnext_atto", "model.source_kwargs=3"])
     with pytest.raises(ConfigError, match=r"model.source_kwargs=.*img_size 56 differs from data.img_size 64"):
         load_config(None, ["model.source=eva02_tiny_patch14_224", "model.source_kwargs={img_size: 56}",
@@ -159,7 +159,7 @@ def test_summary_works_for_a_derived_model_by_name(tmp_path):
     from tests.conftest import together
 
     proc, bad = together(   # two independent commands side by side
-        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg)], cwd=ROOT,
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--json", "--config", str(cfg)], cwd=ROOT,
                                capture_output=True, text=True, timeout=300),
         lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(cfg),
                                 "model.source=test_vit"], cwd=ROOT, capture_output=True, text=True, timeout=300))

@@ -246,12 +246,12 @@ def test_summary_reads_no_tensors(tmp_path, weight_files, monkeypatch, capsys):
 
     monkeypatch.setattr(registry, "read_state_dict", no)
     monkeypatch.setattr(safetensors.torch, "load_file", no)
-    assert main(["--config", str(_weights_cfg(tmp_path, "source: resnet18")),
+    assert main(["--json", "--config", str(_weights_cfg(tmp_path, "source: resnet18")),
                  f"model.source_weights={weight_files['r18_20']}"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "original"
     cfg = _weights_cfg(tmp_path, "source: resnet18, source_stage: 1, destination_stage: 3, adapter: linear, "
                                  "destination: resnet34")
-    assert main(["--config", str(cfg), f"model.destination_weights={weight_files['r34_20']}",
+    assert main(["--json", "--config", str(cfg), f"model.destination_weights={weight_files['r34_20']}",
                  f"model.source_weights={weight_files['r18_20']}"]) == 0
 
 

@@ -48,7 +48,7 @@ def test_a_cnn_source_reaches_a_vit_destination_in_its_token_format():
 
 def test_summary_prints_similarity_before_training():
     proc, original = together(   # two independent commands side by side
-        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(TINY), "--similarity", "40",
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--json", "--config", str(TINY), "--similarity", "40",
                                 "model.destination=vit_tiny_patch16_224", "model.adapter=linear"],
                                cwd=ROOT, capture_output=True, text=True, timeout=300),
         lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config", str(TINY), "--similarity",

@@ -290,8 +290,10 @@ def test_plot_results_script(results_csv, tmp_path):
     proc = subprocess.run([sys.executable, script, str(results_csv), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    printed = [Path(line) for line in proc.stdout.splitlines()]
+    files, _, selection = proc.stdout.partition("\n\n")     # the files written, then what they show
+    printed = [Path(line) for line in files.splitlines()]
     assert out / "cross_architecture.png" in printed and all(p.is_file() for p in printed)
+    assert out / "selection.md" in printed and selection.startswith("selection: ")
 
     for bad in (tmp_path / "missing.csv", tmp_path / "empty.csv"):
         if bad.name == "empty.csv":
@@ -429,13 +431,23 @@ def test_two_recipes_in_one_csv_are_never_averaged(results, tmp_path):
 def test_figures_and_table1_name_their_recipe_and_refuse_mixed_ones(results, tmp_path):
     from stitching.results.recipe import MixedRecipes
 
+    from stitching.plots import FigureOptions
+
     single = results.assign(adapter_style="code", frozen_bn="train", per_device_batch_size=256)
-    fig = plot_accuracy_vs_stage(single, "resnet50", "resnet50")
-    title = fig.legends[0].get_title().get_text().replace("\n", " ")
-    for part in ("Recipe:", "10 epochs", "batch 512", "256/device", "wd 0.05", "224 px", "bf16",
-                 "adapters: code", "frozen BN: train"):
-        assert part in title
-    assert "adapters: code" in plot_cross_architecture(single).legends[0].get_title().get_text().replace("\n", " ")
+    whole = ("Recipe:", "10 epochs", "batch 512", "256/device", "wd 0.05", "224 px", "bf16", "adapters: code",
+             "frozen BN: train")
+    # the legend's title: the short recipe (dataset, epochs, image size); the whole one with the footer option
+    title = plot_accuracy_vs_stage(single, "resnet50", "resnet50").legends[0].get_title().get_text()
+    assert title.startswith("imagenet · 10 epochs · 224 px\n") and "batch 512" not in title
+    footer = FigureOptions(footer=True)
+    title = plot_accuracy_vs_stage(single, "resnet50", "resnet50", options=footer).legends[0].get_title().get_text()
+    assert all(part in title.replace("\n", " ") for part in whole)
+    assert "adapters: code" in plot_cross_architecture(single, options=footer).legends[0].get_title().get_text() \
+        .replace("\n", " ")
+    # the whole recipe in every figure's caption
+    draw_all(single, tmp_path / "single")
+    captions = (tmp_path / "single" / "captions.md").read_text().split("\n\n")
+    assert len(captions) == 6 and all(all(part in c for part in whole) for c in captions)
     written = write_table1(single, tmp_path / "one")
     assert "adapters: code · frozen BN: train" in written[0].read_text().replace("\n", " ")
 
@@ -451,8 +463,8 @@ def test_figures_and_table1_name_their_recipe_and_refuse_mixed_ones(results, tmp
     assert "62.4 ± 0.1" in set(t["Accuracy"]) and "67.4 ± 0.1" not in set(t["Accuracy"])
     # draw_all splits: one folder per recipe, each saying which
     files = draw_all(mixed, tmp_path / "all")
-    folders = sorted({f.parent.name for f in files})
-    assert folders == ["recipe-1", "recipe-2"]
+    folders = sorted({f.parent.name for f in files} - {"all"})
+    assert folders == ["recipe-1", "recipe-2"] and tmp_path / "all" / "selection.md" in files   # one list of runs
     notes = {d: (tmp_path / "all" / d / "recipe.txt").read_text() for d in folders}
     assert "adapter_style: code" in notes["recipe-1"] and "adapter_style: text" in notes["recipe-2"]
     for d in folders:
@@ -509,6 +521,7 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
          f"output.dir={out}", "model.adapter_style=text", "train.lr_schedule_unit=epoch",
          "train.per_device_batch_size=32", "train.max_steps_per_epoch=1", "data.train_size=64",
          "data.val_size=32", "data.normalize=imagenet", "data.eval_crop_pct=0.875", "output.save_model=false",
+         "data.label=Synthetic shapes",
          "train.device=cpu"],   # it asserts fp32, the CPU's precision
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -519,7 +532,7 @@ def test_a_trained_run_writes_its_recipe(tmp_path):
                 "weight_decay": "0.05", "img_size": "32", "precision": "fp32", "normalize": "imagenet",
                 "eval_crop_pct": "0.875", "max_steps_per_epoch": "1", "auto_augment": "False",
                 "dataset": "synthetic", "resize_modes": "bilinear", "resize": "bilinear",   # downsamples
-                "pos_embed": "none"}
+                "pos_embed": "none", "data_label": "Synthetic shapes"}
     assert {k: row[k] for k in expected} == expected
 
 
@@ -533,7 +546,7 @@ NOT_RECIPE = {
     "model.destination_weights": "-> pretrained", "model.pretrained": "-> pretrained",
     "model.source_kwargs": "-> model_kwargs", "model.destination_kwargs": "-> model_kwargs",
     "model.init_images": "-> init_images (least_squares only)",
-    "data.name": "-> dataset", "data.root": "-> dataset", "data.num_classes": "-> num_classes",
+    "data.name": "-> dataset", "data.root": "-> dataset", "data.label": "a display name (data_label column)", "data.num_classes": "-> num_classes",
     "data.train_size": "synthetic data only", "data.val_size": "synthetic data only",
     "data.seed": "synthetic data only", "data.workers": "execution",
     "data.pipeline": "execution (same augmentation distribution)", "data.decode": "execution (same draws)",

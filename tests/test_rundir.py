@@ -70,14 +70,14 @@ def test_keys_a_run_never_reads_are_not_its_identity():
     another key's value makes read (config.READ_ONLY_WHEN) counts only then."""
     from stitching.config import OPERATIONAL_KEYS, READ_ONLY_WHEN
     from stitching.stitch.lsinit import INIT_MODES
-    from stitching.sweep.spec import run_dir_name
     from stitching.train.objective import OBJECTIVES
 
     base = load_config(TINY)
     same = load_config(TINY, ["data.workers=3", "train.log_every=1", "train.preempt_check_every=7",
-                              "model.init_images=64", "train.distill_temperature=2", "train.match_epochs=1"])
+                              "model.init_images=64", "train.distill_temperature=2", "train.match_epochs=1",
+                              "data.label=Digits #2"])
     assert R.differing_keys(base.to_dict(), same.to_dict(), IDENTITY) == []
-    assert run_dir_name(base) == run_dir_name(same)
+    assert R.run_dir_name(base, IDENTITY) == R.run_dir_name(same, IDENTITY)
     assert not set(OPERATIONAL_KEYS) & set(R.identity(same.to_dict(), IDENTITY))
     # read under the other key's value: part of the identity then (and only the key itself differs)
     for other, key, value in ((["model.init=least_squares"], "model.init_images", 64),
@@ -117,7 +117,6 @@ grid:
 
 def test_one_identity_rule_for_names_same_run_and_collection(tmp_path):
     from stitching.results.collect import collect
-    from stitching.sweep.spec import run_dir_name
 
     a = load_config(TINY, ["output.dir=/x", "output.save_model=false"])
     b = load_config(TINY, ["output.dir=/elsewhere"])
@@ -126,7 +125,8 @@ def test_one_identity_rule_for_names_same_run_and_collection(tmp_path):
     assert R.same_run(a.to_dict(), b.to_dict(), B) and R.run_key(a.to_dict(), B) == R.run_key(b.to_dict(), B)
     assert not R.same_run(a.to_dict(), c.to_dict(), B)
     assert R.differing_keys(a.to_dict(), c.to_dict(), B) == ["train.lr"]
-    assert run_dir_name(a).endswith("." + R.run_key(a.to_dict(), B)) and run_dir_name(a) == run_dir_name(b)
+    assert R.run_dir_name(a, B).endswith("." + R.run_key(a.to_dict(), B)) and R.run_dir_name(a, B) == \
+        R.run_dir_name(b, B)
     # two finished directories of the same run (another output.dir, another run_id): one is a duplicate
     for name, cfg, when in (("first", a, "2026-01-01T00:00:00+00:00"), ("again", b, "2026-01-02T00:00:00+00:00"),
                             ("other", c, "2026-01-01T00:00:00+00:00")):

@@ -350,3 +350,114 @@ def test_sweep_says_when_slurm_can_never_run_it(slurm_cluster, tmp_path, overrid
     [run_dir] = [p for p in runs.iterdir() if (p / "config.yaml").is_file()]
     assert not slurm.pending_or_running(run_dir)     # nothing left queued on it: a corrected sweep can go
     print(f"unsatisfiable request ({override}) reported after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# (f) submissions larger than the cluster's MaxArraySize (issue 20)
+# ---------------------------------------------------------------------------
+SMALL_ARRAYS = 3      # MaxArraySize of the cluster these tests restart: arrays of at most 3 tasks (indices 0-2)
+
+
+@pytest.fixture(scope="class")
+def small_arrays(slurm_cluster):
+    """The local cluster restarted with ``MaxArraySize=3`` (start script option), and with the default again
+    afterwards (a changed slurm.conf restarts the daemons: about 5 s each way)."""
+    def start(**env):
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "start_local_slurm.sh")], text=True,
+                              capture_output=True, timeout=300, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    start(SLURM_LOCAL_MAX_ARRAY_SIZE=str(SMALL_ARRAYS))
+    assert slurm.max_array_size() == SMALL_ARRAYS
+    try:
+        yield SMALL_ARRAYS
+    finally:
+        start()
+        assert slurm.max_array_size() == slurm.DEFAULT_MAX_ARRAY_SIZE
+
+
+def _intervals(run_dirs: list[Path]) -> list[tuple[float, float]]:
+    return [(float((d / "start").read_text()), float((d / "end").read_text())) for d in run_dirs]
+
+
+@pytest.mark.usefixtures("small_arrays")
+class TestMoreTasksThanMaxArraySize:
+    def test_split_into_arrays_of_max_array_size_with_the_throttle_chained_across_them(self, tmp_path):
+        """5 tasks on a cluster taking arrays of 3: two arrays (3 + 2). With ``max_parallel=1`` the second waits
+        for the first (afterany) and no two tasks ever overlap (their own start/end times); without a throttle
+        the arrays are independent."""
+        dirs = [tmp_path / f"run{i}" for i in range(5)]
+        for d in dirs:
+            d.mkdir()
+        command = 'date +%s.%N > "$RUN_DIR/start"; sleep 1; date +%s.%N > "$RUN_DIR/end"'
+        arrays = slurm.submit_arrays(dirs, tmp_path / "chained", SlurmResources(**SMALL, max_parallel=1), "chain",
+                                     command)
+        assert [ds for _, ds in arrays] == [[str(d) for d in dirs[:3]], [str(d) for d in dirs[3:]]]
+        (first, _), (second, _) = arrays
+        waits = {i: f.get("Dependency") for i, f in slurm.job_info(second).items()}
+        assert waits and all(w.startswith(f"afterany:{first}") for w in waits.values()), waits
+        script = next((tmp_path / "chained").glob("array-*-2.sbatch")).read_text()
+        assert f"#SBATCH --dependency=afterany:{first}\n" in script and "#SBATCH --array=0-1%1\n" in script
+        for job, n in ((first, 3), (second, 2)):
+            assert slurm.wait_for(job, timeout_s=120, poll_s=0.5, n_tasks=n) == {i: "COMPLETED" for i in range(n)}
+        spans = sorted(_intervals(dirs))
+        assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), spans         # one at a time, all along
+        assert [(d / slurm.MARKER_FILE).read_text() for d in dirs] == \
+            [f"{first}_{i}\n" for i in range(3)] + [f"{second}_{i}\n" for i in range(2)]
+
+        free = [tmp_path / f"free{i}" for i in range(4)]
+        for d in free:
+            d.mkdir()
+        arrays = slurm.submit_arrays(free, tmp_path / "free", SlurmResources(**SMALL), "free", command)
+        assert [len(ds) for _, ds in arrays] == [3, 1]
+        assert not any("--dependency" in p.read_text() for p in (tmp_path / "free").glob("array-*.sbatch"))
+        for job, ds in arrays:
+            slurm.wait_for(job, timeout_s=120, poll_s=0.5, n_tasks=len(ds))
+        assert all((d / "end").is_file() for d in free)
+
+    def test_an_array_larger_than_max_array_size_is_blamed_on_its_size_not_the_request(self, tmp_path):
+        resources = SlurmResources(**SMALL)
+        (tmp_path / "tasks.txt").write_text("".join(f"{tmp_path}/r{i}\n" for i in range(SMALL_ARRAYS + 1)))
+        script = tmp_path / "big.sbatch"
+        script.write_text(slurm.render_array_script(tmp_path / "tasks.txt", SMALL_ARRAYS + 1, resources,
+                                                    tmp_path / "logs", "big", "true"))
+        with pytest.raises(slurm.UnsatisfiableJob) as err:
+            slurm.submit(script)
+        assert err.value.cause == "array"
+        assert (f"the array has {SMALL_ARRAYS + 1} tasks, more than the cluster's MaxArraySize ({SMALL_ARRAYS}) "
+                "allows") in str(err.value)
+        assert "can never be met" not in slurm.REFUSALS["array"]
+
+    @pytest.mark.slow
+    def test_a_sweep_larger_than_max_array_size_is_submitted_and_runs_to_the_end(self, tmp_path):
+        """Before: sbatch refused the one array, "4 runs not submitted: their SLURM request can never be met",
+        exit 2, none queued. Now the dry run says what the submission becomes, the sweep submits two chained
+        arrays, every run finishes, and submitting again finds nothing to do."""
+        base = tmp_path / "eval.yaml"
+        base.write_text(f"base: {REPO / 'configs' / 'synthetic' / 'tiny.yaml'}\ntrain: {{epochs: 0, device: cpu}}\n")
+        spec = tmp_path / "four.yaml"
+        spec.write_text(f"base: {base}\ngrid: {{train.seed: [0, 1, 2, 3]}}\n"
+                        "slurm: {cpus_per_task: 1, mem: 500M, time: '00:10:00', max_parallel: 2}\n")
+        runs = tmp_path / "runs"
+
+        def sweep(*args):
+            return subprocess.run([sys.executable, "-m", "stitching.sweep", str(spec), "--launcher", "slurm",
+                                   "--runs-dir", str(runs), *args], cwd=REPO, capture_output=True, text=True,
+                                  timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+        dry = sweep("--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert ("slurm: 4 unfinished runs of block0 -> 2 job arrays of 3 + 1 tasks, chained (each waits for the one "
+                "before: afterany) so that at most 2 run at once (max_parallel) (MaxArraySize 3: scontrol show "
+                "config;") in dry.stdout, dry.stdout
+        proc = sweep()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("slurm: submitted"))
+        assert line.startswith("slurm: submitted 2 job arrays of 3 + 1 tasks, chained"), line
+        jobs = line.split("job arrays ")[-1].split(", ")
+        for job, n in zip(jobs, (3, 1)):
+            states = slurm.wait_for(job.strip(), timeout_s=600, poll_s=1, n_tasks=n)
+            assert set(states.values()) == {"COMPLETED"}, _logs(runs / "slurm")
+        dirs = [p for p in runs.iterdir() if (p / "config.yaml").is_file()]
+        assert len(dirs) == 4 and all((d / "result.csv").is_file() for d in dirs), _logs(runs / "slurm")
+        assert "nothing to do: every run has finished" in sweep().stdout

@@ -37,10 +37,10 @@ def test_resnet_to_swin_costs_what_the_paper_says():
 
 def test_summary_cli_prints_one_json_object():
     proc, original = together(   # two independent commands side by side
-        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config",
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--json", "--config",
                                 str(PAPER / "resnet50_1to4_bottleneck.yaml"), "data.img_size=112"],
                                cwd=ROOT, capture_output=True, text=True, check=True),
-        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--config",
+        lambda: subprocess.run([sys.executable, "-m", "stitching.summary", "--json", "--config",
                                 str(PAPER / "original_resnet50.yaml")], cwd=ROOT, capture_output=True, text=True,
                                check=True))
     out = json.loads(proc.stdout)

@@ -5,6 +5,8 @@
   preprocessing.
 * :mod:`stitching.data.pipeline` -- the fast input pipeline (``data.pipeline: fast``): crop box first,
   reduced-size JPEG decoding, uint8 augmentation, normalisation on the device; ``data.decode: gpu``.
+* :mod:`stitching.data.images` -- image files opened and converted to 8-bit RGB by the range of their mode
+  (16-bit, float, palette, CMYK, alpha, 1-bit, ...); :class:`BadImageError` for a file that cannot be.
 * :mod:`stitching.data.loaders` -- dataset construction from a data config, seeded loaders whose
   epoch order (and augmentation) is a pure function of ``(seed, epoch)``.
 """

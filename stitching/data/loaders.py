@@ -9,9 +9,10 @@ This module owns:
   of ``(seed, e)``, so a run resumed at epoch ``e`` sees exactly the batches an uninterrupted run
   sees.
 * :func:`default_workers` -- ``data.workers: null``: loader workers from the CPUs the job gives each process.
-* :class:`BadImageError` and ``data.bad_images`` -- an unreadable or non-image file in an image
-  folder (a corrupt or truncated JPEG, a text file named ``.jpg``, no read permission) is found when
-  it is loaded (no scan of the whole folder first): ``"error"`` stops with an error naming the file
+* ``data.bad_images`` -- an unreadable or non-image file in an image folder (a corrupt or truncated JPEG, a
+  text file named ``.jpg``, no read permission, a mode that cannot be converted to 8-bit RGB:
+  :class:`stitching.data.images.BadImageError`) is found when it is loaded (no scan of the whole folder
+  first): ``"error"`` stops with an error naming the file
   (also from DataLoader worker processes, whose exceptions PyTorch wraps); ``"skip"`` leaves the file
   out of its batch and counts it, and every pass over the data that skipped files logs the count and
   the first file's name (on the ``stitching.train`` log, i.e. ``train.log``).
@@ -48,12 +49,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data import default_collate
 
-from stitching.data.pipeline import EncodedSample, collate_encoded, open_image
+from stitching.data.images import BadImageError, load_image, open_image
+from stitching.data.pipeline import EncodedSample, collate_encoded
 from stitching.data.synthetic import SyntheticImages
+from stitching.messages import short_repr
 
 __all__ = ["build_datasets", "build_loader", "set_epoch", "start_at", "sample_seed", "seed_worker", "DATASET_NAMES",
-           "default_workers",
-           "BAD_IMAGE_MODES", "BadImageError"]
+           "default_workers", "BAD_IMAGE_MODES"]
 
 DATASET_NAMES = ("synthetic", "imagefolder")
 BAD_IMAGE_MODES = ("error", "skip")  # data.bad_images: stop naming the file | leave it out and count it
@@ -84,7 +86,7 @@ def build_datasets(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Ca
         return train, val
     if name == "imagefolder":
         return _build_imagefolders(data, train_tf, eval_tf)
-    raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
+    raise ValueError(f"unknown dataset name {short_repr(name)}; expected one of {DATASET_NAMES}")
 
 
 def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]
@@ -97,7 +99,7 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
                          "(layout root/train/<class>, root/val/<class>)")
     mode = getattr(data, "bad_images", "error")
     if mode not in BAD_IMAGE_MODES:
-        raise ValueError(f"data.bad_images must be one of {', '.join(BAD_IMAGE_MODES)}, got {mode!r}")
+        raise ValueError(f"data.bad_images must be one of {', '.join(BAD_IMAGE_MODES)}, got {short_repr(mode)}")
     root = os.path.expanduser(str(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"imagefolder root does not exist or is not a directory: {root}")
@@ -127,39 +129,6 @@ def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Option
 
 
 # --------------------------------------------------------------------------- unreadable files
-
-
-class BadImageError(ValueError):
-    """An image file that cannot be read or decoded; :attr:`message` is one line naming the file.
-
-    Raised in a DataLoader worker, it reaches the main process re-created by PyTorch from a text holding the
-    worker's whole traceback; the constructor recovers the original one-line message from that text.
-    """
-
-    _PREFIX = "unreadable image file "
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        lines = [line for line in str(message).splitlines() if self._PREFIX in line]
-        line = lines[-1] if lines else (str(message).strip().splitlines() or [""])[-1]
-        line = line.split("BadImageError: ", 1)[-1]  # the worker traceback's last line names the class
-        self.message = line[line.find(self._PREFIX):] if self._PREFIX in line else line
-
-    @classmethod
-    def for_file(cls, path: str, err: BaseException) -> "BadImageError":
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return cls(f"{cls._PREFIX}{path} ({type(err).__name__}: {reason})")
-
-
-def load_image(path: str):
-    """Open ``path`` as an RGB PIL image, decoding all of it; :class:`BadImageError` naming it otherwise."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # decodes the whole file: a truncated one fails here, not later
-    except Exception as err:  # noqa: BLE001 - whatever PIL raises for a bad file (OSError, SyntaxError, ...)
-        raise BadImageError.for_file(path, err) from None
 
 
 class _SkipBadFiles(Dataset):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -46,6 +45,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF   # v2: uint8 antialiased resize without a float copy
 
+from stitching.data.images import BadImageError, to_rgb
+
 try:     # optional (``pip install 'stitching[fast-jpeg]'``): libjpeg-turbo decoding into numpy, ~15% less CPU
     import simplejpeg
 except ImportError:  # Pillow decodes instead (the same pixels)
@@ -53,7 +54,7 @@ except ImportError:  # Pillow decodes instead (the same pixels)
 
 __all__ = ["PIPELINES", "DECODERS", "FastTrainTransform", "FastEvalTransform", "DeviceNormalize", "EncodedSample",
            "EncodedTrainTransform", "EncodedEvalTransform", "GpuDecode", "collate_encoded", "batch_to_device",
-           "resolve_decode", "draft_scale", "open_image"]
+           "resolve_decode", "draft_scale"]
 
 #: ``data.pipeline``: ``fast`` (this module) | ``torchvision`` (``transforms.train_transform``: PIL, float on the CPU)
 PIPELINES = ("fast", "torchvision")
@@ -64,17 +65,6 @@ _DRAFT_SCALES = (8, 4, 2)          # what PIL's Image.draft asks libjpeg for (1/
 
 
 # --------------------------------------------------------------------------------------- decoding
-def open_image(path: str):
-    """``path`` opened lazily (header read, pixels not decoded) so the transform can decode it at a reduced
-    size; :class:`~stitching.data.loaders.BadImageError` naming the file when it is no image."""
-    from stitching.data.loaders import BadImageError
-
-    try:
-        return Image.open(path)
-    except Exception as err:  # noqa: BLE001 - whatever PIL raises for a bad file
-        raise BadImageError.for_file(path, err) from None
-
-
 def draft_scale(crop_hw: Sequence[float], out_hw: Sequence[int]) -> int:
     """The largest DCT scale reduction (8, 4, 2 or 1) that leaves a ``crop_hw`` region at least ``out_hw``."""
     for s in _DRAFT_SCALES:
@@ -84,20 +74,15 @@ def draft_scale(crop_hw: Sequence[float], out_hw: Sequence[int]) -> int:
 
 
 def _decode(img: Image.Image, want_wh: Optional[tuple[int, int]]) -> tuple[Image.Image, int]:
-    """Decode a lazily opened image to RGB, as a JPEG at a reduced size of at least ``want_wh`` (full size
-    when None); ``(image, scale)`` where pixel ``k`` of the result covers original pixels ``[k*s, (k+1)*s)``."""
-    from stitching.data.loaders import BadImageError
-
+    """Decode a lazily opened image to 8-bit RGB (:func:`stitching.data.images.to_rgb`: every mode by its
+    range), as a JPEG at a reduced size of at least ``want_wh`` (full size when None); ``(image, scale)`` where
+    pixel ``k`` of the result covers original pixels ``[k*s, (k+1)*s)``."""
     scale = 1
     try:
         if want_wh is not None and getattr(img, "format", None) == "JPEG" and getattr(img, "tile", None):
             if img.draft("RGB", want_wh) is not None:
                 scale = int(img.decoderconfig[0])
-        if img.mode == "RGB":
-            img.load()          # (PIL closes a file it opened itself once the image is loaded)
-            rgb = img
-        else:
-            rgb = img.convert("RGB")
+        rgb = to_rgb(img)       # 8-bit RGB by the range of its mode (PIL closes its own file once loaded)
     except Exception as err:  # noqa: BLE001 - a truncated / corrupt file fails here
         raise BadImageError.for_file(getattr(img, "filename", "") or "<image>", err) from None
     return rgb, scale
@@ -128,8 +113,6 @@ def _decode_pixels(img: Image.Image, scale: int) -> tuple["Image.Image | np.ndar
     the same pixels, without Pillow's 4-byte-per-pixel buffer and its copies: 0.88 against 1.04 ms for a
     ~500x375 JPEG in ``benchmarks/data.py``). A reduced decode stays with Pillow: its box is fractional and
     PIL's resize, which takes one, would first need the array copied into a PIL image."""
-    from stitching.data.loaders import BadImageError
-
     data = _jpeg_bytes(img) if scale == 1 else None
     if data is None:
         want = (img.size[0] // scale, img.size[1] // scale) if scale > 1 else None
@@ -408,8 +391,6 @@ class GpuDecode:
             try:
                 decoded = decode_jpeg([samples[i].data for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
             except RuntimeError:            # find the file that failed and name it (one by one: only on error)
-                from stitching.data.loaders import BadImageError
-
                 for i in jpegs:
                     try:
                         decode_jpeg(samples[i].data, mode=ImageReadMode.RGB, device=self.device)

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stitching.messages import short_repr
+
 __all__ = ["SyntheticImages", "MAX_CLASSES", "NUM_SHAPES", "NUM_HUES", "NUM_TEXTURES", "class_factors"]
 
 NUM_SHAPES = 8
@@ -119,7 +121,7 @@ class SyntheticImages(torch.utils.data.Dataset):
     ) -> None:
         for name, value in (("num_classes", num_classes), ("length", length), ("img_size", img_size), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+                raise ValueError(f"{name} must be an int, got {type(value).__name__} {short_repr(value)}")
         if not 2 <= num_classes <= MAX_CLASSES:
             raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
         if length < 1:
@@ -129,7 +131,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise ValueError(f"split must be one of {SPLITS}, got {short_repr(split)}")
         if transform is not None and not callable(transform):
             raise ValueError(f"transform must be callable or None, got {type(transform).__name__}")
         self.num_classes = int(num_classes)

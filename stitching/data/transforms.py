@@ -23,6 +23,8 @@ import timm.data
 from torchvision import transforms as T
 from torchvision.transforms import AutoAugmentPolicy, InterpolationMode
 
+from stitching.messages import short_repr
+
 __all__ = ["train_transform", "eval_transform", "data_config_for_size", "build_transforms", "EVAL_CONFIG_KEYS",
            "INTERPOLATIONS", "NORMALIZATIONS"]
 
@@ -66,7 +68,7 @@ def train_transform(
     auto_augment_interpolation = auto_augment_interpolation or interpolation
     for value in (interpolation, auto_augment_interpolation):
         if value not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {value!r}")
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {short_repr(value)}")
     mean, std = _check_mean_std(mean, std)
     mode = _INTERPOLATIONS[interpolation]
     if not 0 < min_crop_scale <= 1:
@@ -126,7 +128,7 @@ def build_transforms(model_data_config: Mapping[str, Any], data, device=None) ->
     if data.normalize == "imagenet":
         dcfg["mean"], dcfg["std"] = timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
     elif data.normalize != "model":
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {data.normalize!r}")
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {short_repr(data.normalize)}")
     interpolation = data.train_interpolation or dcfg.get("interpolation", "bilinear")
     train = train_transform(data.img_size, dcfg["mean"], dcfg["std"], auto_augment=data.auto_augment,
                             interpolation=interpolation, min_crop_scale=data.min_crop_scale,
@@ -140,7 +142,7 @@ def build_transforms(model_data_config: Mapping[str, Any], data, device=None) ->
     if pipeline == "torchvision":
         return train, evaluation
     if pipeline != "fast":
-        raise ValueError(f"pipeline must be one of {P.PIPELINES}, got {pipeline!r}")
+        raise ValueError(f"pipeline must be one of {P.PIPELINES}, got {short_repr(pipeline)}")
     fast_train = P.FastTrainTransform(
         data.img_size, dcfg["mean"], dcfg["std"], scale=(data.min_crop_scale, 1.0),
         interpolation=_INTERPOLATIONS[interpolation], auto_augment=data.auto_augment,

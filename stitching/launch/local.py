@@ -1,7 +1,8 @@
 """Run a list of run directories on this machine, one after another or N at a time.
 
-Each run is ``python -m stitching.train --run-dir DIR`` in its own process, its output appended to
-``DIR/launcher.log``. Placement: each run gets one of the GPUs this process may use -- the entries of
+Each run is ``python -m stitching.train --run-dir DIR`` (or another ``command`` given the directory: a
+closed-form matrix's groups) in its own process, its output appended to ``DIR/launcher.log``. Placement:
+each run gets one of the GPUs this process may use -- the entries of
 the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never
 ``"0"``), else every device CUDA reports -- the least busy one, so runs go round-robin when they outnumber
 the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
@@ -23,8 +24,13 @@ from pathlib import Path
 from stitching.rundir import EXIT_OK, EXIT_PREEMPTED, LAUNCHER_LOG, describe_exit
 
 
-def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.executable) -> dict[str, int]:
-    """Run every directory; returns run dir -> exit code (``rundir.EXIT_OK`` done,
+#: what each run directory is given to (``python`` + this + the directory)
+TRAIN_COMMAND = ("-m", "stitching.train", "--run-dir")
+
+
+def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.executable,
+              command: tuple[str, ...] = TRAIN_COMMAND) -> dict[str, int]:
+    """Run every directory (``python *command DIR``); returns run dir -> exit code (``rundir.EXIT_OK`` done,
     ``rundir.EXIT_PREEMPTED`` preempted, other = failed)."""
     pending = [Path(d) for d in run_dirs]
     running: dict[Path, tuple[subprocess.Popen, object, int | None]] = {}
@@ -48,8 +54,7 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
                 log = open(d / LAUNCHER_LOG, "a")
                 print(f"[local] start {d}" + (f" on GPU {slot}" if slot is not None else "")
                       + f", {env['OMP_NUM_THREADS']} threads", flush=True)
-                proc = subprocess.Popen([python, "-m", "stitching.train", "--run-dir", str(d)], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen([python, *command, str(d)], stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[d] = (proc, log, slot)
             if stop["signal"] is not None and not running:
                 break

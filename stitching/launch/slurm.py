@@ -1,14 +1,30 @@
-"""Run a list of run directories as one SLURM job array.
+"""Run a list of run directories as SLURM job arrays.
 
-Layout of a submission (see :func:`submit_array`)::
+Layout of a submission (see :func:`submit_arrays`)::
 
-    <work_dir>/tasks-<stamp>.txt      one absolute run directory per line
-    <work_dir>/array-<stamp>.sbatch   the script from render_array_script()
+    <work_dir>/tasks-<stamp>[-<k>].txt      one absolute run directory per line
+    <work_dir>/array-<stamp>[-<k>].sbatch   the script from render_array_script()
     <work_dir>/logs/<jobid>_<task>.out
 
 Array task ``i`` reads line ``i`` (0-based) of the task file into ``$RUN_DIR``
 and runs the command (e.g. :func:`train_command`) in the background, so that the
 batch shell stays responsive to signals.
+
+Arrays of any size: a cluster takes arrays of at most ``MaxArraySize`` tasks
+(indices 0 to ``MaxArraySize - 1``; SLURM's default is 1001), read from
+``scontrol show config`` (:func:`max_array_size`).  :func:`submit_arrays` splits
+a larger submission into consecutive arrays ``<k>`` = 1, 2, ... of at most that
+many tasks, each with its own task file.  The ``%`` throttle
+(``SlurmResources.max_parallel``) is kept across them by *chaining*: array
+``k + 1`` carries ``--dependency=afterany:<array k>``, so it starts only once
+every task of array ``k`` has ended (a requeued task counts as not ended), and
+each array keeps the full ``%N``; at most ``N`` tasks run at any moment, the
+user's throttle, whatever ``N`` and however many arrays.  (Dividing the
+throttle among arrays running side by side would leave slots idle as soon as
+one array finishes before the others, and cannot divide ``%1`` at all; the
+chain costs only the tail of each array, at most ``N - 1`` idle slots while its
+last tasks run.)  Without a throttle the arrays are independent and SLURM runs
+whatever fits.
 
 Preemption / time limit protocol (what the trainer must do):
 
@@ -62,7 +78,9 @@ e.g. ``PartitionConfig`` for more CPUs than the partition's nodes have, found
 by polling ``squeue`` for up to ``check_s`` seconds) raise
 :class:`UnsatisfiableJob` naming the job, the reason, the request and what
 the partition offers; such a job is cancelled, so the corrected sweep can be
-submitted again.
+submitted again.  Its :attr:`~UnsatisfiableJob.cause` says what was refused
+(:data:`REFUSALS`): the request (resources, partition, QOS), the array (more
+tasks than ``MaxArraySize``) or the cluster's limit on queued jobs.
 """
 
 from __future__ import annotations
@@ -79,6 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from stitching.messages import short_repr
 from stitching.rundir import EXIT_PREEMPTED, REQUEUE_ENV, REQUEUE_REQUEST, SLURM_MARKER
 
 __all__ = [
@@ -93,6 +112,11 @@ __all__ = [
     "write_task_file",
     "submit",
     "submit_array",
+    "submit_arrays",
+    "max_array_size",
+    "array_chunks",
+    "DEFAULT_MAX_ARRAY_SIZE",
+    "REFUSALS",
     "job_states",
     "job_info",
     "wait_for",
@@ -160,8 +184,8 @@ class SlurmResources:
     partition: str | None = None
     gpus_per_task: int = 0
     cpus_per_task: int = 4
-    mem: str = "16G"
-    time: str = "12:00:00"
+    mem: str | int = "16G"                   # (an int: MB)
+    time: str | int = "12:00:00"             # (an int: seconds)
     max_parallel: int | None = None
     requeue: bool = True
     signal: str = "USR1@300"
@@ -172,7 +196,7 @@ class SlurmResources:
 
     def __post_init__(self) -> None:
         def fail(key: str, why: str) -> None:
-            raise ValueError(f"SlurmResources.{key}: {why} (got {getattr(self, key)!r})")
+            raise ValueError(f"SlurmResources.{key}: {why} (got {short_repr(getattr(self, key))})")
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -215,7 +239,7 @@ class SlurmResources:
             if line.startswith("#SBATCH"):
                 line = line[len("#SBATCH"):].strip()
             if not line.startswith("-"):
-                fail("extra", f"{line!r} is not an sbatch option")
+                fail("extra", f"{short_repr(line)} is not an sbatch option")
             lines.append(line)
         self.extra = lines
         if self.gpu_flag not in _GPU_FLAGS:
@@ -230,7 +254,7 @@ class SlurmResources:
         for key in d:
             if key not in known:
                 raise ValueError(
-                    f"{source}: unknown SLURM resource key {key!r} (known keys: {', '.join(known)})"
+                    f"{source}: unknown SLURM resource key {short_repr(key)} (known keys: {', '.join(known)})"
                 )
         try:
             return cls(**d)
@@ -286,7 +310,7 @@ def _sbatch_quote(value: str) -> str:
     # sbatch splits #SBATCH lines on blanks but honours double quotes.
     if re.search(r'\s|"', value):
         if '"' in value or "\n" in value:
-            raise ValueError(f"cannot put {value!r} on an #SBATCH line")
+            raise ValueError(f"cannot put {short_repr(value)} on an #SBATCH line")
         return f'"{value}"'
     return value
 
@@ -375,6 +399,7 @@ def render_array_script(
     *,
     chdir: Path | None = None,
     signal_children: bool | None = None,
+    after: str | None = None,
 ) -> str:
     """An sbatch script running ``command`` once per line of ``task_file``.
 
@@ -382,12 +407,14 @@ def render_array_script(
     made absolute; ``log_dir`` must exist when the job starts (:func:`submit`
     creates it).  ``signal_children`` (default: auto, true for torchrun
     commands) forwards USR1/TERM to the command's children instead of the
-    command itself.
+    command itself.  ``after``: a job id this array waits for
+    (``--dependency=afterany:<id>``: the chain that keeps the throttle across
+    the arrays of one submission).
     """
     if not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"n_tasks must be >= 1, got {n_tasks!r}")
+        raise ValueError(f"n_tasks must be >= 1, got {short_repr(n_tasks)}")
     if not job_name or not _NAME_RE.match(job_name):
-        raise ValueError(f"bad job name {job_name!r} (no blanks or quotes)")
+        raise ValueError(f"bad job name {short_repr(job_name)} (no blanks or quotes)")
     if not command.strip():
         raise ValueError("empty command")
     if not job_name.startswith(JOB_NAME_PREFIX):
@@ -409,6 +436,10 @@ def render_array_script(
     ]
     if chdir is not None:
         opts.append(f"--chdir={_sbatch_quote(str(Path(chdir).absolute()))}")
+    if after is not None:
+        if not str(after).isdigit():
+            raise ValueError(f"after must be a job id, got {short_repr(after)}")
+        opts.append(f"--dependency=afterany:{after}")
     opts += resources.sbatch_options()
 
     signals = ["USR1", "TERM"]
@@ -437,7 +468,7 @@ def write_task_file(path: Path, run_dirs: Iterable[str | os.PathLike]) -> list[s
     for d in run_dirs:
         s = _norm(d)
         if "\n" in s or "\r" in s:
-            raise ValueError(f"run directory with a newline: {s!r}")
+            raise ValueError(f"run directory with a newline: {short_repr(s)}")
         lines.append(s)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -475,8 +506,26 @@ _NEVER_RE = re.compile(r"^QOS(Max\w*PerJob\w*|Min\w+)$")
 _TRANSIENT = ("Socket timed out", "Unable to contact", "temporarily unavailable", "Slurm backup controller")
 
 
+#: What an :class:`UnsatisfiableJob` was refused for -> how to say it about the runs it leaves unsubmitted.
+REFUSALS = {
+    "request": "their SLURM request can never be met",
+    "array": "their job array has more tasks than the cluster's MaxArraySize allows",
+    "limit": "the cluster's limit on the jobs a user may queue refused them",
+}
+# sbatch's words for each cause but the request (SLURM 20-24)
+_ARRAY_REFUSAL = ("Invalid job array specification", "job array index", "MaxArraySize")
+_LIMIT_REFUSAL = ("MaxSubmitJob", "MaxJobCount", "job count limit", "Job violates accounting/QOS policy")
+
+
 class UnsatisfiableJob(RuntimeError):
-    """A job SLURM refuses, or accepts but can never start, for what it asks (one line)."""
+    """A job SLURM refuses, or accepts but can never start (one line); :attr:`cause` is a key of
+    :data:`REFUSALS`: ``request`` (what it asks), ``array`` (its size) or ``limit`` (queued jobs)."""
+
+    def __init__(self, message: str, cause: str = "request", submitted: list | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+        #: the ``(job id, run directories)`` of the arrays submitted before this one was refused
+        self.submitted = list(submitted or [])
 
 
 def _request(resources: "SlurmResources") -> str:
@@ -534,6 +583,14 @@ def submit(script_path: Path) -> str:
     if proc.returncode != 0 and refused and not any(t in proc.stderr for t in _TRANSIENT):
         why = "; ".join(line.removeprefix("sbatch: error: ").strip() for line in proc.stderr.splitlines()
                         if line.strip())
+        if any(m in proc.stderr for m in _ARRAY_REFUSAL):
+            m = re.search(r"^#SBATCH --array=0-(\d+)", script_path.read_text(), re.M)
+            tasks = f"{int(m.group(1)) + 1} tasks" if m else "its tasks"
+            raise UnsatisfiableJob(f"sbatch refused {script_path}: {why}: the array has {tasks}, more than the "
+                                   f"cluster's MaxArraySize ({_max_array_size_said()}) allows", "array")
+        if any(m in proc.stderr for m in _LIMIT_REFUSAL):
+            raise UnsatisfiableJob(f"sbatch refused {script_path}: {why}: the cluster limits how many jobs a user "
+                                   "may queue; submit again when some have finished", "limit")
         raise UnsatisfiableJob(f"sbatch refused {script_path}: {why}")
     if proc.returncode != 0:
         raise RuntimeError(
@@ -541,8 +598,99 @@ def submit(script_path: Path) -> str:
         )
     job_id = proc.stdout.strip().split(";")[0]
     if not job_id.isdigit():
-        raise RuntimeError(f"unexpected sbatch output: {proc.stdout!r} {proc.stderr!r}")
+        raise RuntimeError(f"unexpected sbatch output: {short_repr(proc.stdout)} {short_repr(proc.stderr)}")
     return job_id
+
+
+#: SLURM's default ``MaxArraySize``: arrays of at most 1001 tasks (indices 0-1000)
+DEFAULT_MAX_ARRAY_SIZE = 1001
+_MAX_ARRAY_RE = re.compile(r"^MaxArraySize\s*=\s*(\d+)\s*$", re.M)
+
+
+def max_array_size() -> int:
+    """The cluster's ``MaxArraySize`` (``scontrol show config``): the most tasks one array may have, its
+    largest index being ``MaxArraySize - 1``.  RuntimeError when ``scontrol`` cannot say."""
+    proc = _run(["scontrol", "show", "config"], check=False)
+    m = _MAX_ARRAY_RE.search(proc.stdout)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(f"scontrol show config failed to give MaxArraySize (exit code {proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout).strip()[:300]}")
+    return int(m.group(1))
+
+
+def _max_array_size_said() -> str:
+    try:
+        return str(max_array_size())
+    except RuntimeError:
+        return "unknown"
+
+
+def array_chunks(n_tasks: int, max_size: int) -> list[int]:
+    """The sizes of the arrays ``n_tasks`` tasks are split into, each at most ``max_size`` (in order)."""
+    if max_size < 1:
+        raise UnsatisfiableJob(f"the cluster's MaxArraySize is {max_size}: it takes no job arrays", "array")
+    return [min(max_size, n_tasks - i) for i in range(0, n_tasks, max_size)]
+
+
+def submit_arrays(
+    run_dirs: Iterable[str | os.PathLike],
+    work_dir: Path,
+    resources: SlurmResources,
+    job_name: str,
+    command: str,
+    *,
+    chdir: Path | None = None,
+    skip_active: bool = True,
+    check_s: float = 15.0,
+    max_size: int | None = None,
+) -> list[tuple[str, list[str]]]:
+    """Submit ``run_dirs`` (minus those already pending or running when ``skip_active``) as job arrays of at
+    most ``max_size`` tasks (default: the cluster's :func:`max_array_size`), chained with
+    ``afterany`` dependencies when ``resources.max_parallel`` throttles them (the module docstring says why).
+    Returns ``[(job_id, run dirs of that array), ...]`` in order; empty when there was nothing to submit.
+    :class:`UnsatisfiableJob` when sbatch refuses an array or (:func:`check_startable` on the first array, up
+    to ``check_s`` seconds; 0: no check) SLURM accepts but can never start it; its :attr:`submitted` lists the
+    arrays that went in before (a second submission skips them: they are queued)."""
+    dirs = [_norm(d) for d in run_dirs]
+    if skip_active:
+        active = active_run_dirs()
+        dirs = [d for d in dirs if d not in active]
+    dirs = list(dict.fromkeys(dirs))  # no duplicates within one submission either
+    if not dirs:
+        return []
+    sizes = array_chunks(len(dirs), max_array_size() if max_size is None else max_size)
+    work_dir = Path(work_dir).absolute()
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    submitted: list[tuple[str, list[str]]] = []
+    start = 0
+    for k, size in enumerate(sizes, 1):
+        chunk, start = dirs[start:start + size], start + size
+        suffix = f"-{k}" if len(sizes) > 1 else ""
+        task_file = work_dir / f"tasks-{stamp}{suffix}.txt"
+        script = work_dir / f"array-{stamp}{suffix}.sbatch"
+        write_task_file(task_file, chunk)
+        after = submitted[-1][0] if submitted and resources.max_parallel else None
+        script.write_text(render_array_script(task_file, len(chunk), resources, work_dir / "logs", job_name,
+                                              command, chdir=chdir, after=after))
+        try:
+            try:
+                job_id = submit(script)
+            except UnsatisfiableJob as err:
+                request = f" (request: {_request(resources)})" if err.cause == "request" else ""
+                raise UnsatisfiableJob(f"{err}{request}", err.cause) from None
+            if check_s > 0 and k == 1:
+                check_startable(job_id, resources, check_s)
+        except UnsatisfiableJob as err:
+            done = (f"; submitted before it: {len(submitted)} arrays ({', '.join(j for j, _ in submitted)}) with "
+                    f"{sum(len(d) for _, d in submitted)} tasks" if submitted else "")
+            raise UnsatisfiableJob(f"{err}{done}", err.cause, submitted) from None
+        for i, d in enumerate(chunk):
+            try:
+                (Path(d) / MARKER_FILE).write_text(f"{job_id}_{i}\n")
+            except OSError:
+                pass  # informational only
+        submitted.append((job_id, chunk))
+    return submitted
 
 
 def submit_array(
@@ -556,39 +704,16 @@ def submit_array(
     skip_active: bool = True,
     check_s: float = 15.0,
 ) -> tuple[str | None, list[str]]:
-    """Submit one array over ``run_dirs`` (minus those already pending or
-    running when ``skip_active``).  Returns ``(job_id, submitted run dirs)``;
-    ``job_id`` is None when there was nothing to submit.  :class:`UnsatisfiableJob`
-    when sbatch refuses the request or (:func:`check_startable`, up to
-    ``check_s`` seconds; 0: no check) SLURM accepts but can never start it."""
-    dirs = [_norm(d) for d in run_dirs]
-    if skip_active:
-        active = active_run_dirs()
-        dirs = [d for d in dirs if d not in active]
-    dirs = list(dict.fromkeys(dirs))  # no duplicates within one array either
-    if not dirs:
-        return None, []
-    work_dir = Path(work_dir).absolute()
-    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-    task_file = work_dir / f"tasks-{stamp}.txt"
-    script = work_dir / f"array-{stamp}.sbatch"
-    write_task_file(task_file, dirs)
-    script.write_text(
-        render_array_script(task_file, len(dirs), resources, work_dir / "logs", job_name, command,
-                            chdir=chdir)
-    )
-    try:
-        job_id = submit(script)
-    except UnsatisfiableJob as err:
-        raise UnsatisfiableJob(f"{err} (request: {_request(resources)})") from None
-    if check_s > 0:
-        check_startable(job_id, resources, check_s)
-    for i, d in enumerate(dirs):
-        try:
-            (Path(d) / MARKER_FILE).write_text(f"{job_id}_{i}\n")
-        except OSError:
-            pass  # informational only
-    return job_id, dirs
+    """:func:`submit_arrays` for a submission that fits one array: ``(job_id, submitted run dirs)``, ``job_id``
+    None when there was nothing to submit; ValueError (nothing submitted) when it needs more than one array."""
+    dirs = list(dict.fromkeys(_norm(d) for d in run_dirs))
+    limit = max_array_size()
+    if len(dirs) > limit:
+        raise ValueError(f"{len(dirs)} run directories do not fit one job array (MaxArraySize {limit}): use "
+                         "submit_arrays")
+    arrays = submit_arrays(dirs, work_dir, resources, job_name, command, chdir=chdir, skip_active=skip_active,
+                           check_s=check_s, max_size=limit)
+    return arrays[0] if arrays else (None, [])
 
 
 # ---------------------------------------------------------------------------

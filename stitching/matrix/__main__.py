@@ -18,20 +18,22 @@ alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling
 
 ``--closed-form``: the same cells with their adapters fitted by least squares and evaluated, no gradient step
 (:mod:`stitching.matrix.closed_form`; default runs folder ``runs/<matrix name>-closed-form``): one group per
-(control, seed), ``DIR/<group>/<cell run>``, computed here one group after another (``local``) or as one SLURM
-job array with a task per group (``slurm``, the command ``python -m stitching.matrix.closed_form GROUP_DIR``);
-finished cells are skipped, an interrupted group is computed again for its unfinished cells. Then the same
-``results.csv``, ``matrix.csv`` (its ``fit`` column says ``closed_form``) and figures.
+(control, seed), ``DIR/<group>/<cell run>``, each group one process ``python -m stitching.matrix.closed_form
+GROUP_DIR``: here through the local launcher (``--parallel N`` groups at a time, its thread counts; each group's
+log echoed when it ends) or as one SLURM job array with a task per group (``slurm``); finished cells are
+skipped, an interrupted group is computed again for its unfinished cells. Then the same ``results.csv``,
+``matrix.csv`` (its ``fit`` column says ``closed_form``) and figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections import Counter
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.config import run_cli
+from stitching.config import CUT_KEYS, ConfigError, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
 
 #: a cell's mark in the printed tables
@@ -51,8 +53,6 @@ def expand_matrix(matrix: Matrix, runs_dir: Path):
 
 def cell_marks(matrix: Matrix, exp) -> dict[str, dict[tuple[int, int], str]]:
     """Per matrix (sweep block name), the mark of every cell (several seeds: the marks joined)."""
-    from stitching.matrix.spec import CUT_KEYS
-
     src_key, dst_key = (k.partition(".")[2] for k in CUT_KEYS[matrix.cuts])
     marks: dict[str, dict[tuple[int, int], list[str]]] = {}
     for run in exp.runs:
@@ -208,65 +208,66 @@ def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
     if not todo and not todo_receiver:
         print("nothing to do: every cell has finished")
     elif args.launcher == "local" and todo and code != R.EXIT_PREEMPTED:
-        code = _run_groups([d for _, d, _ in todo]) or code
+        code = _run_groups([d for _, d, _ in todo], args.parallel) or code
     elif args.launcher == "slurm" and todo:
-        code = _submit_groups([d for _, d, _ in todo], matrix, runs_dir, args.slurm) or code
+        code = _submit_groups(todo, matrix, runs_dir, args.slurm) or code
     if args.launcher == "local" and code != R.EXIT_PREEMPTED:
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
-        print(f"once the jobs have run: python -m stitching.matrix {args.matrix} --closed-form --draw"
-              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+        print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --closed-form --draw"
+              + (f" --runs-dir {shlex.quote(str(runs_dir))}" if args.runs_dir else ""))
     return code
 
 
-def _run_groups(dirs: list[Path]) -> int:
-    """The groups here, one after another (each on every core); the first that does not finish stops them."""
-    from stitching.matrix.closed_form import run_group
+def _run_groups(dirs: list[Path], parallel: int = 1) -> int:
+    """The groups here, each in its own process (``python -m stitching.matrix.closed_form GROUP_DIR``), ``parallel``
+    at a time with the local launcher's placement and thread counts (:mod:`stitching.launch.local`; Ctrl-C
+    forwarded); each group's lines of this launch are echoed when it ends."""
+    from stitching.launch.local import run_local
+    from stitching.matrix.closed_form import MODULE
 
-    for i, d in enumerate(dirs, 1):
-        print(f"[closed form] group {i}/{len(dirs)}: {d}", flush=True)
-        try:
-            code = run_group(d, say=lambda m: print(f"[closed form] {m}", flush=True))
-        except KeyboardInterrupt:
-            code = R.EXIT_PREEMPTED
-        if code != R.EXIT_OK:
-            print(f"[closed form] {R.describe_exit(code)}: {d}; run the same command again to go on", flush=True)
-            return code
-    return R.EXIT_OK
+    logs = {d: d / R.LAUNCHER_LOG for d in dirs}
+    seen = {d: log.stat().st_size if log.is_file() else 0 for d, log in logs.items()}
+    codes = run_local(dirs, parallel=max(1, parallel), command=("-m", MODULE))
+    for d in dirs:
+        if logs[d].is_file():
+            with open(logs[d], "rb") as f:
+                f.seek(seen[d])
+                for line in f.read().decode(errors="replace").splitlines():
+                    print(f"[closed form] {line}", flush=True)
+    failed = [d for d in dirs if str(d) in codes and codes[str(d)] not in (R.EXIT_OK, R.EXIT_PREEMPTED)]
+    preempted = [d for d in dirs if codes.get(str(d), R.EXIT_PREEMPTED) == R.EXIT_PREEMPTED]
+    if failed or preempted:
+        print(f"[closed form] {len(failed)} groups failed, {len(preempted)} interrupted or not started; run the "
+              "same command again to go on", flush=True)
+    return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
 
 
-def _submit_groups(dirs: list[Path], matrix: Matrix, runs_dir: Path, overrides: list[str]) -> int:
-    """One SLURM job array, a task per group (never a second one for a group already queued or running)."""
+def _submit_groups(groups: list[tuple[str, Path, list]], matrix: Matrix, runs_dir: Path, overrides: list[str]) -> int:
+    """SLURM job arrays, a task per group (split at the cluster's MaxArraySize; never a second task for a group
+    already queued or running); the resources are the matrix's ``slurm:`` with ``--slurm key=value`` typed as a sweep's are."""
     import sys
 
-    import yaml
-
-    from stitching.config import ConfigError
     from stitching.launch import slurm
-
-    extra = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError("--slurm", item, "command line", "write --slurm key=value")
-        extra[key] = yaml.safe_load(value)
-    try:
-        res = slurm.SlurmResources.from_dict({**matrix.slurm, **extra}, source="slurm resources of the matrix")
-    except ValueError as err:
-        raise ConfigError("slurm", {**matrix.slurm, **extra}, str(matrix.path), str(err)) from None
     from stitching.matrix.closed_form import group_command
+    from stitching.sweep.__main__ import _slurm_groups
 
+    dirs = [d for _, d, _ in groups]
+    blocks = [block for _, block in matrix.groups()]
+    res = _slurm_groups([r for _, _, runs in groups for r in runs], blocks, overrides)[0][0]
     try:
-        job, submitted = slurm.submit_array(dirs, runs_dir.absolute() / "slurm", res, f"{matrix.name}-closed-form",
-                                            group_command(), chdir=Path.cwd())
+        arrays = slurm.submit_arrays(dirs, runs_dir / "slurm", res, f"{matrix.name}-closed-form", group_command(),
+                                     chdir=Path.cwd())
     except slurm.UnsatisfiableJob as err:
         print(f"error: slurm resources of the matrix: {err}", file=sys.stderr)
         return R.EXIT_CONFIG
     except RuntimeError as err:
         raise ConfigError("--launcher", "slurm", "command line", str(err).strip().splitlines()[0]) from None
-    if job:
-        print(f"slurm: submitted job array {job} with {len(submitted)} group tasks"
-              + (f" ({len(dirs) - len(submitted)} already queued or running)" if len(submitted) < len(dirs) else ""))
+    submitted = sum(len(d) for _, d in arrays)
+    if arrays:
+        jobs = ", ".join(job for job, _ in arrays)
+        print(f"slurm: submitted job array{'s' if len(arrays) > 1 else ''} {jobs} with {submitted} group tasks"
+              + (f" ({len(dirs) - submitted} already queued or running)" if submitted < len(dirs) else ""))
     else:
         print(f"slurm: all {len(dirs)} unfinished groups are already queued or running")
     print(f"logs: {runs_dir / 'slurm' / 'logs'}")
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs-dir", help="where run directories go (default: runs/<matrix name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells; write and submit nothing")
     parser.add_argument("--draw", action="store_true", help="only collect the finished cells and draw")
-    parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+    parser.add_argument("--parallel", type=int, default=1, help="local: runs (closed form: groups) at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (as python -m stitching.sweep)")
     parser.add_argument("--closed-form", action="store_true",
@@ -291,12 +292,12 @@ def main(argv=None) -> int:
     if args.launcher is None and not args.draw:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
 
-    from stitching.sweep.__main__ import _print_dropped, launch, print_reused
+    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan, runs_dir_of
 
     matrix = load_matrix(args.matrix)
     if args.closed_form:
-        return closed_form(matrix, args, Path(args.runs_dir or Path("runs") / f"{matrix.name}{CLOSED_FORM_SUFFIX}"))
-    runs_dir = Path(args.runs_dir or Path("runs") / matrix.name)
+        return closed_form(matrix, args, runs_dir_of(args.runs_dir, f"{matrix.name}{CLOSED_FORM_SUFFIX}"))
+    runs_dir = runs_dir_of(args.runs_dir, matrix.name)
     exp = expand_matrix(matrix, runs_dir)
     names = {r.name for r in exp.runs}
     if args.draw:
@@ -316,6 +317,8 @@ def main(argv=None) -> int:
     print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
+        if args.launcher == "slurm":
+            print_slurm_plan(todo, matrix.blocks(), args.slurm)
         print("dry run: nothing written or submitted")
         return 0
     code = 0
@@ -326,8 +329,8 @@ def main(argv=None) -> int:
     if args.launcher == "local" and code != R.EXIT_PREEMPTED:
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
-        print(f"once the jobs have run: python -m stitching.matrix {args.matrix} --draw"
-              + (f" --runs-dir {runs_dir}" if args.runs_dir else ""))
+        print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --draw"
+              + (f" --runs-dir {shlex.quote(str(runs_dir))}" if args.runs_dir else ""))
     return code
 
 

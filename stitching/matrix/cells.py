@@ -30,7 +30,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from stitching.matrix.spec import CONTROLS, CUT_KEYS, Matrix
+from stitching.config import CUT_KEYS
+from stitching.matrix.spec import CONTROLS, Matrix
 
 CELL_COLUMNS = ["control", "sender_cut", "receiver_cut"]
 #: how a cell's adapters came about: trained (the recipe's epochs), or fitted by least squares with no training

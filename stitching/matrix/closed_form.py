@@ -42,6 +42,7 @@ Command line (what a SLURM array task runs; ``python -m stitching.matrix FILE --
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
@@ -54,8 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stitching import rundir as R
-from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config, run_cli
-from stitching.matrix.spec import CUT_KEYS
+from stitching.config import CUT_KEYS, IDENTITY, Config, ConfigError, check_files, load_config, run_cli
 from stitching.results.schema import RESULT_COLUMNS
 from stitching.similarity import LeastSquares, MinibatchCKA, channels_last_samples
 from stitching.stitch import lsinit
@@ -442,15 +442,17 @@ def _row(c: Cell, device, precision: str, channels_last: bool, wall: float) -> d
     return _result_row(r, c.evaluation, c.after)
 
 
+#: the command computing one group: ``python -m stitching.matrix.closed_form GROUP_DIR``
+MODULE = "stitching.matrix.closed_form"
+
+
 def group_command(python: str = sys.executable) -> str:
     """The shell command (referring to ``"$RUN_DIR"``: the group directory) a SLURM array task runs."""
-    import shlex
-
-    return f'{shlex.quote(python)} -m stitching.matrix.closed_form "$RUN_DIR"'
+    return f'{shlex.quote(python)} -m {MODULE} "$RUN_DIR"'
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.matrix.closed_form",
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
                                      description="Compute closed-form matrix groups (written by python -m "
                                                  "stitching.matrix FILE --closed-form).")
     parser.add_argument("groups", nargs="+", help="group directories (each holds its cells' run directories)")

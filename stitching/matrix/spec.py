@@ -1,7 +1,7 @@
 """Matrix files and their expansion into sweep blocks.
 
 Owns: the keys of a matrix file (:data:`MATRIX_KEYS`, checked with a one-line error naming key, value and
-file), the cut kinds (:data:`CUT_KINDS`) and the config keys a cut is written to (:data:`CUT_KEYS`), the
+file), the cut kinds (:data:`CUT_KINDS`, the config's :data:`~stitching.config.CUT_KEYS`), the
 controls (:data:`CONTROLS`, the values of config ``model.random_init`` a matrix is drawn for, and their
 names :data:`CONTROL_NAMES`), the cut lists (every stage or block of each model, thinned by ``stride``) and
 the translation of a matrix into :class:`stitching.sweep.spec.Block` s -- one per matrix (the trained one,
@@ -37,13 +37,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stitching.config import ConfigError, load_config
+from stitching.config import CUT_KEYS, ConfigError, load_config
 
 MATRIX_KEYS = ("name", "base", "cuts", "stride", "senders", "receivers", "controls", "seeds", "slurm")
-CUT_KINDS = ("stages", "blocks")
-#: cut kind -> the config keys a sender cut and a receiver cut are written to (the result columns drop "model.")
-CUT_KEYS = {"stages": ("model.source_stage", "model.destination_stage"),
-            "blocks": ("model.source_block", "model.destination_block")}
+#: ``cuts:`` -- the config's cut kinds; :data:`stitching.config.CUT_KEYS` gives the keys a sender cut and a
+#: receiver cut are written to (the result columns drop "model.")
+CUT_KINDS = tuple(CUT_KEYS)
 #: the matrices drawn: the trained one (``none``) and the random-init controls (config ``model.random_init``)
 CONTROLS = ("none", "source", "destination", "both")
 CONTROL_NAMES = {"none": "trained", "source": "random sender", "destination": "random receiver",

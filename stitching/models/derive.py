@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from stitching.messages import short_repr
 from stitching.models.formats import token_format
 
 FLATTEN = "<flatten>"   # a head entry: torch.flatten(x, 1), where torchvision's forward flattens
@@ -355,14 +356,15 @@ def split_name(name: str) -> tuple[str, str, str | None]:
     if name.startswith(TORCHVISION):
         arch, _, tag = name[len(TORCHVISION):].partition(".")
         if arch not in _torchvision_names():
-            raise KeyError(f"unknown model {name!r}: torchvision has no classifier {arch!r}")
+            raise KeyError(f"unknown model {short_repr(name)}: torchvision has no classifier {short_repr(arch)}")
         return "torchvision", arch, tag or None
     arch, _, tag = name.partition(".")
     if timm.is_model(arch):
         return "timm", arch, tag or None
     if arch in _torchvision_names():
         return "torchvision", arch, tag or None
-    raise KeyError(f"unknown model {name!r}: not registered, not a timm model, not a torchvision classifier")
+    raise KeyError(f"unknown model {short_repr(name)}: not registered, not a timm model, not a torchvision "
+                   "classifier")
 
 
 @functools.lru_cache(maxsize=1)

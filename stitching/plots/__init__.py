@@ -10,12 +10,15 @@ Input is the tidy table written by ``python -m stitching.collect`` (one row per 
   (Figs. 4-right, 5, 12-14) and the cross-architecture comparison (Figs. 6, 15).
 - :mod:`~stitching.plots.similarity`: accuracy vs. linear CKA at the join, before and after training.
 - :mod:`~stitching.plots.table`: Table 1 (Markdown and LaTeX).
-- :mod:`~stitching.plots.draw`: everything at once for every architecture combination present.
+- :mod:`~stitching.plots.selection`: what the figures show of a results table, what they leave out and why
+  (``selection.md``).
+- :mod:`~stitching.plots.draw`: everything at once for every architecture combination present (:func:`draw`,
+  which ``scripts/plot_results.py`` and the notebook both use; :func:`draw_all` writes the files).
 - :mod:`~stitching.plots.matrix`: stitching-matrix heatmaps (with the random-init controls) and accuracy vs
   relative depth difference, from a matrix's cell table (``python -m stitching.matrix``).
 
 Figures are drawn on matplotlib's Agg canvas without touching the global backend, so the same
-functions work in scripts and inline in notebooks.
+functions work in scripts and inline in notebooks; none needs an optional extra (no scipy).
 """
 
 from stitching.plots.aggregate import (
@@ -26,8 +29,9 @@ from stitching.plots.aggregate import (
     prepare,
     share_resize_free,
 )
-from stitching.plots.draw import draw_all
+from stitching.plots.draw import DrawOptions, draw_all
 from stitching.plots.figures import (
+    FigureOptions,
     NoData,
     plot_accuracy_vs_macs,
     plot_accuracy_vs_stage,
@@ -38,7 +42,8 @@ from stitching.plots.similarity import cka_scenarios, plot_accuracy_vs_cka
 from stitching.plots.table import table1, write_table1
 
 __all__ = [
-    "NoData", "add_labels", "aggregate", "arch_name", "best_finetune_lr", "cka_scenarios", "draw_all",
+    "DrawOptions", "FigureOptions", "NoData", "add_labels", "aggregate", "arch_name", "best_finetune_lr",
+    "cka_scenarios", "draw_all",
     "load_results", "method_label", "originals", "plot_accuracy_vs_cka", "plot_accuracy_vs_macs",
     "plot_accuracy_vs_stage", "plot_cross_architecture", "prepare", "share_resize_free", "table1", "write_table1",
 ]

@@ -6,11 +6,12 @@ Owns:
 - :func:`share_resize_free`: where a gap needs no resizing, the three resize modes build the same module,
   so the sweep trains it once and the row says ``resize=none`` (see :mod:`stitching.results.schema`);
   this copies those rows to the other resize modes so every method's line is complete.
-- :func:`best_finetune_lr`: the fine-tuning baseline's learning rate per scenario, chosen by the best
-  **mean over seeds** (never the best single seed), as the paper does.
-- :func:`select_adapter_lr`: one learning rate per stitched scenario when a sweep ran several.
+- :func:`lr_choice`: the learning rate drawn for every scenario and why: the fine-tuning baseline's by the best
+  **mean over seeds** (never the best single seed), as the paper does; a stitched scenario's the recipe's
+  adapter lr where it ran it. :func:`best_finetune_lr` / :func:`select_adapter_lr` keep those rows;
+  :func:`lr_statement` says in words what a figure's rows show.
 - :func:`aggregate`: mean, standard error (std / sqrt(n), ddof=1; 0 for n = 1) and n over seeds.
-- :func:`prepare`: all of the above in the order the figures need.
+- :func:`prepare`: all of the above in the order the figures need (``all_lrs``: every lr, each its own line).
 
 Every grouping (scenarios, learning-rate choices, originals) also keys on the recipe
 (:data:`stitching.results.recipe.RECIPE_COLUMNS`): rows of two recipes are never averaged together.
@@ -134,29 +135,68 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([out, shared[out.columns]], ignore_index=True)
 
 
-def _best_mean_lr(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Keep, per ``keys`` group, the rows of the lr whose mean top1 over seeds is highest."""
-    if rows.empty:
-        return rows
-    rows, recipe = _recipe_keys(rows)
-    keys = keys + recipe
-    means = rows.groupby(keys + ["lr"], dropna=False)["top1"].mean().reset_index()
-    # highest mean first; ties go to the smaller lr so the choice is deterministic
-    means = means.sort_values(["top1", "lr"], ascending=[False, True], kind="stable")
-    best = means.drop_duplicates(keys, keep="first")[keys + ["lr"]]
-    return rows.merge(best, on=keys + ["lr"], how="inner")
+#: the keys within which one learning rate is chosen, per kind of run (a stitched scenario is also its method)
+LR_KEYS = {"finetune": ["source", "destination", "source_stage", "destination_stage"],
+           "stitched": ["source", "destination", "source_stage", "destination_stage", "method"]}
+#: why a scenario's learning rate was chosen
+RULE_ADAPTER_LR = "the recipe's adapter lr"
+RULE_BEST_MEAN = "best mean top-1 over seeds"
+#: the columns :func:`lr_choice` adds (and :func:`prepare` keeps)
+LR_CHOICE_COLUMNS = ["chosen_lr", "lr_rule", "lrs_run"]
+
+
+def lr_choice(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
+    """The learning rate the figures draw for every stitched and fine-tuning run's scenario, row by row.
+
+    Returns a frame indexed like ``df`` with ``chosen_lr`` (the chosen lr, canonical spelling), ``lr_rule``
+    (why: :data:`RULE_ADAPTER_LR` or :data:`RULE_BEST_MEAN`) and ``lrs_run`` (how many lrs the scenario ran);
+    '' / '' / 0 for other kinds. A scenario is :data:`LR_KEYS` of its kind and its recipe. Fine-tuning takes the
+    lr with the best **mean** top-1 over seeds (never the best single seed), as the paper does; a stitched
+    scenario the recipe's ``adapter_lr`` where it ran it, else the best mean. Ties go to the smaller lr.
+    """
+    index = df.index
+    df = df.reset_index(drop=True)          # row positions: the caller's index need not be unique
+    out = pd.DataFrame({"chosen_lr": "", "lr_rule": "", "lrs_run": 0}, index=df.index)
+    if df.empty:
+        return out.set_axis(index)
+    df = df if "method" in df.columns else add_labels(df)
+    for kind, keys in LR_KEYS.items():
+        rows = df[df["kind"] == kind]
+        if rows.empty:
+            continue
+        rows, recipe = _recipe_keys(rows)
+        group = rows.groupby(keys + recipe, dropna=False, sort=False).ngroup()
+        lr = rows["lr"].map(canonical)
+        means = rows.groupby([group, lr], sort=False)["top1"].mean().rename("top1").reset_index()
+        means.columns = ["group", "lr", "top1"]
+        means["value"] = pd.to_numeric(means["lr"], errors="coerce")
+        # highest mean first; ties go to the smaller lr so the choice is deterministic
+        best = means.sort_values(["top1", "value"], ascending=[False, True], kind="stable").drop_duplicates("group")
+        chosen = best.set_index("group")["lr"]
+        rule = pd.Series(RULE_BEST_MEAN, index=chosen.index)
+        if kind == "stitched":
+            at = means[np.isclose(means["value"].astype(float), adapter_lr)].drop_duplicates("group")
+            chosen.loc[at["group"].to_numpy()] = at["lr"].to_numpy()
+            rule.loc[at["group"].to_numpy()] = RULE_ADAPTER_LR
+        out.loc[rows.index, "chosen_lr"] = group.map(chosen).to_numpy()
+        out.loc[rows.index, "lr_rule"] = group.map(rule).to_numpy()
+        out.loc[rows.index, "lrs_run"] = group.map(means.groupby("group").size()).to_numpy()
+    return out.set_axis(index)
+
+
+def _keep_chosen_lr(df: pd.DataFrame, kind: str, adapter_lr: float) -> pd.DataFrame:
+    choice = lr_choice(df, adapter_lr)
+    other = (df["kind"] != kind).to_numpy()
+    return df[other | (df["lr"].map(canonical) == choice["chosen_lr"]).to_numpy()].reset_index(drop=True)
 
 
 def best_finetune_lr(df: pd.DataFrame) -> pd.DataFrame:
     """Keep, per fine-tuning scenario, only the rows of the lr with the best **mean** top1 over seeds.
 
-    A scenario is (source, destination, source_stage, destination_stage). Rows of other kinds are returned
-    unchanged. (Choosing by the best single seed would reward noise; the paper reports the best mean.)
+    A scenario is (source, destination, source_stage, destination_stage) and its recipe. Rows of other kinds are
+    returned unchanged. (Choosing by the best single seed would reward noise; the paper reports the best mean.)
     """
-    is_ft = df["kind"] == "finetune"
-    keys = ["source", "destination", "source_stage", "destination_stage"]
-    chosen = _best_mean_lr(df[is_ft], keys)
-    return pd.concat([df[~is_ft], chosen], ignore_index=True)
+    return _keep_chosen_lr(df, "finetune", ADAPTER_LR)
 
 
 def select_adapter_lr(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
@@ -166,26 +206,58 @@ def select_adapter_lr(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.Da
     Rows of other kinds are returned unchanged.
     """
     df = df if "method" in df.columns else add_labels(df)
-    is_st = df["kind"] == "stitched"
-    keys = ["source", "destination", "source_stage", "destination_stage", "method"]
-    stitched = df[is_st]
-    if stitched.empty:
-        return df
-    stitched, recipe = _recipe_keys(stitched)
-    is_default = pd.Series(np.isclose(stitched["lr"].astype(float), adapter_lr), index=stitched.index)
-    has_default = is_default.groupby([stitched[k] for k in keys + recipe], dropna=False
-                                     ).transform("any").astype(bool)
-    at_default = stitched[is_default]
-    others = _best_mean_lr(stitched[~has_default], keys)
-    return pd.concat([df[~is_st], at_default, others], ignore_index=True)
+    return _keep_chosen_lr(df, "stitched", adapter_lr)
 
 
-def prepare(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
-    """Runs ready for plotting: shared resize-free rows, ``method`` labels, one lr per scenario."""
-    out = share_resize_free(df)
-    out = add_labels(out)
-    out = best_finetune_lr(out)
-    return select_adapter_lr(out, adapter_lr)
+def prepare(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR, all_lrs: bool = False) -> pd.DataFrame:
+    """Runs ready for plotting: shared resize-free rows, ``method`` labels, one lr per scenario (every lr with
+    ``all_lrs``, each then a method of its own where a scenario ran several: ``"Downsample, Linear · lr 0.01"``),
+    and :func:`lr_choice`'s columns, so a figure can say which lr it shows and why."""
+    return choose_lrs(add_labels(share_resize_free(df)), adapter_lr, all_lrs)
+
+
+def lr_candidates(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
+    """:func:`prepare`'s rows before the choice: every lr, labels unchanged, with :func:`lr_choice`'s columns."""
+    out = add_labels(share_resize_free(df)).reset_index(drop=True).drop(columns=LR_CHOICE_COLUMNS, errors="ignore")
+    return pd.concat([out, lr_choice(out, adapter_lr)], axis=1)
+
+
+def choose_lrs(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR, all_lrs: bool = False) -> pd.DataFrame:
+    """:func:`prepare`'s last step on rows that already have ``method`` labels."""
+    out = df.reset_index(drop=True).drop(columns=LR_CHOICE_COLUMNS, errors="ignore")
+    out = pd.concat([out, lr_choice(out, adapter_lr)], axis=1)
+    if all_lrs:
+        # a method of a pair run at several lrs (at any gap): one line per lr, named by it
+        keyed, recipe = _recipe_keys(out)
+        family = ["kind", "source", "destination", "method", *recipe]
+        lrs = out["lr"].map(canonical)
+        several = lrs.groupby([keyed[c] for c in family], dropna=False).transform("nunique") > 1
+        out.loc[several, "method"] = out.loc[several, "method"] + " · lr " + lrs[several]
+        return out
+    keep = ~out["kind"].isin(list(LR_KEYS)) | (out["lr"].map(canonical) == out["chosen_lr"])
+    return out[keep].reset_index(drop=True)
+
+
+def lr_statement(rows: pd.DataFrame, all_lrs: bool = False) -> str:
+    """What learning rates ``rows`` (:func:`prepare`'s, one figure's) show, in words, e.g. ``adapters at lr 0.002
+    (the recipe's adapter lr; another lr left out) · fine-tuning at its best mean lr (0.0002, 0.002)``."""
+    parts = []
+    for kind, who in (("stitched", "adapters"), ("finetune", "fine-tuning")):
+        mine = rows[rows["kind"] == kind] if "lrs_run" in rows.columns else rows.iloc[0:0]
+        if mine.empty:
+            continue
+        lrs = ", ".join(sorted(set(mine["lr"].map(canonical)), key=float))
+        several = int(mine["lrs_run"].max()) > 1
+        if all_lrs:
+            parts.append(f"{who} at every lr run ({lrs})")
+        elif kind == "finetune" and several:
+            parts.append(f"{who} at its best mean lr per gap ({lrs}; other lrs left out)")
+        elif several:
+            rules = sorted(set(mine.loc[mine["lrs_run"] > 1, "lr_rule"]))
+            parts.append(f"{who} at lr {lrs} ({'; '.join(rules)}; other lrs left out)")
+        else:
+            parts.append(f"{who} at lr {lrs}")
+    return " · ".join(parts)
 
 
 def _se(values: pd.core.groupby.SeriesGroupBy) -> pd.Series:

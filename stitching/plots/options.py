@@ -1,7 +1,8 @@
 """One training option against its default, scenario by scenario: the table of a sweep's extension blocks.
 
 Owns :data:`OPTIONS` (the recipe columns compared this way, and the measurements shown next to accuracy for
-each) and :func:`compare_options` / :func:`options_markdown`. An option's default is the config's own default
+each), :func:`compare_options` / :func:`options_markdown`, and :func:`at_defaults` / :func:`off_defaults` (the
+rows at the options' defaults, and why the others are not). An option's default is the config's own default
 (:class:`stitching.config.Config`, through the column's config key in :data:`stitching.results.recipe.RECIPE`),
 so a new default changes the table with it.
 
@@ -126,12 +127,20 @@ def options_markdown(table: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def at_defaults(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of ``df`` whose options (:data:`OPTIONS`) are all at their defaults (original models kept):
-    what a sweep's main figures show when its extension blocks vary the options."""
-    keep = pd.Series(True, index=df.index)
+def off_defaults(df: pd.DataFrame) -> pd.Series:
+    """Per row of ``df``: '' where its options (:data:`OPTIONS`) are all at their defaults (original models
+    always), else the options that are not, e.g. ``init: least_squares``."""
+    reasons = pd.Series("", index=df.index)
     for option in OPTIONS:
         if option in df.columns:
             value = df[option].map(canonical)
-            keep &= (value == option_default(option)) | (value == "") | (df["kind"] == "original")
-    return df[keep]
+            off = (value != option_default(option)) & (value != "") & (df["kind"] != "original")
+            joint = reasons[off].where(reasons[off] == "", reasons[off] + "; ")
+            reasons[off] = joint + f"{option}: " + value[off]
+    return reasons
+
+
+def at_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``df`` whose options (:data:`OPTIONS`) are all at their defaults (original models kept):
+    what a sweep's main figures show when its extension blocks vary the options."""
+    return df[off_defaults(df) == ""]

@@ -1,7 +1,7 @@
 """Table 1 of the paper: stitched self-stitch models next to the original models of similar cost.
 
 Owns :func:`table1_numbers` (numeric), :func:`table1` (the paper's shape: Model, Accuracy, MACs, sorted
-by MACs) and :func:`write_table1` (``table1.md`` and ``table1.tex``).
+by MACs), :func:`table1_rows` (the runs it shows) and :func:`write_table1` (``table1.md`` and ``table1.tex``).
 
 Rows: every original model present, and the self-stitched source (``resnet50`` when present) with
 bottleneck adapters and bilinear resize from source stage 1 to every destination stage. Accuracy is the
@@ -19,7 +19,8 @@ import pandas as pd
 from stitching.plots.aggregate import aggregate, originals, prepare
 from stitching.plots.figures import NoData
 from stitching.plots.labels import arch_name, gap_label
-from stitching.results.recipe import recipe_label, recipe_of
+from stitching.results.recipe import dataset_label, recipe_label, recipe_of
+from stitching.rundir import atomic_write
 
 PREFERRED_SOURCE = "resnet50"
 TABLE_COLUMNS = ["Model", "Accuracy", "MACs"]
@@ -40,6 +41,21 @@ def _self_stitch_rows(prepared: pd.DataFrame, source: str | None) -> tuple[str |
     return source, rows[rows["source"] == source]
 
 
+def _original_models(df: pd.DataFrame, models: list[str] | None) -> pd.DataFrame:
+    orig = originals(df)
+    return orig if models is None else orig[orig["model"].isin(models)]
+
+
+def table1_rows(df: pd.DataFrame, source: str | None = None, models: list[str] | None = None) -> pd.DataFrame:
+    """The rows of the runs Table 1 shows: the self-stitched source's runs (:func:`table1_numbers`) and the
+    original models' rows."""
+    _, df = recipe_of(df, "Table 1")
+    _, rows = _self_stitch_rows(prepare(df), source)
+    orig = df[df["kind"] == "original"]
+    model = orig["source"].where(orig["source"].notna(), orig["destination"]).astype(str)
+    return pd.concat([rows, orig if models is None else orig[model.isin(models)]])
+
+
 def table1_numbers(df: pd.DataFrame, source: str | None = None,
                    models: list[str] | None = None) -> pd.DataFrame:
     """Numeric Table 1: columns ``model``, ``kind``, ``top1_mean``, ``top1_se``, ``n``, ``macs``.
@@ -51,6 +67,7 @@ def table1_numbers(df: pd.DataFrame, source: str | None = None,
     """
     _, df = recipe_of(df, "Table 1")
     source, rows = _self_stitch_rows(prepare(df), source)
+    orig = _original_models(df, models)
     parts = []
     if not rows.empty:
         agg = aggregate(rows)
@@ -65,9 +82,6 @@ def table1_numbers(df: pd.DataFrame, source: str | None = None,
             "n": agg["n"].to_numpy(),
             "macs": agg["macs_mean"].to_numpy(),
         }))
-    orig = originals(df)
-    if models is not None:
-        orig = orig[orig["model"].isin(models)]
     if not orig.empty:
         parts.append(pd.DataFrame({
             "model": orig["name"].to_numpy(), "kind": "original", "top1_mean": orig["top1_mean"].to_numpy(),
@@ -107,15 +121,16 @@ def table1(df: pd.DataFrame, source: str | None = None, models: list[str] | None
     })[TABLE_COLUMNS]
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (first column left-aligned, the others right-aligned)."""
+def to_markdown(table: pd.DataFrame, right=None) -> str:
+    """A GitHub-flavoured Markdown table: the columns ``right`` right-aligned (default: all but the first), the
+    others left-aligned."""
     cells = [[str(v).replace("|", "\\|") for v in row] for row in table.itertuples(index=False)]
     header = [str(c) for c in table.columns]
     widths = [max(len(r[i]) for r in cells + [header]) for i in range(len(header))]
+    flush = [i > 0 if right is None else c in right for i, c in enumerate(header)]
     def line(values):
-        return "| " + " | ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                                 for i, (v, w) in enumerate(zip(values, widths))) + " |"
-    rule = "| " + " | ".join(("-" * w) if i == 0 else ("-" * (w - 1) + ":") for i, w in enumerate(widths)) + " |"
+        return "| " + " | ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, flush)) + " |"
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if r else ("-" * w) for w, r in zip(widths, flush)) + " |"
     return "\n".join([line(header), rule, *(line(r) for r in cells)]) + "\n"
 
 
@@ -146,18 +161,24 @@ def to_latex(table: pd.DataFrame, caption: str) -> str:
                 f"\\end{{tabular}}\n\\end{{table}}\n")
 
 
-def write_table1(df: pd.DataFrame, out_dir: str | os.PathLike, source: str | None = None,
-                 models: list[str] | None = None) -> list[Path]:
-    """Write ``table1.md`` and ``table1.tex`` into ``out_dir``; returns their paths. The caption names the
-    recipe of the runs shown."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+#: the files of Table 1
+TABLE1_FILES = ("table1.md", "table1.tex")
+
+
+def table1_files(df: pd.DataFrame, source: str | None = None, models: list[str] | None = None) -> dict[str, str]:
+    """The text of ``table1.md`` and ``table1.tex`` (:data:`TABLE1_FILES`); the caption names the recipe of the
+    runs shown."""
     table = table1(df, source, models)
     chosen, _ = _self_stitch_rows(prepare(df), source)
-    recipe, _ = recipe_of(df, "Table 1")
-    caption = CAPTION.format(name=arch_name(chosen) if chosen else "model") + f" {recipe_label(recipe)}."
-    md = out_dir / "table1.md"
-    md.write_text(f"**Table 1.** {caption}\n\n" + to_markdown(table), encoding="utf-8")
-    tex = out_dir / "table1.tex"
-    tex.write_text(to_latex(table, caption), encoding="utf-8")
-    return [md, tex]
+    recipe, rows = recipe_of(df, "Table 1")
+    caption = CAPTION.format(name=arch_name(chosen) if chosen else "model") + \
+        f" {recipe_label(recipe, dataset_label(rows))}."
+    md, tex = TABLE1_FILES
+    return {md: f"**Table 1.** {caption}\n\n" + to_markdown(table), tex: to_latex(table, caption)}
+
+
+def write_table1(df: pd.DataFrame, out_dir: str | os.PathLike, source: str | None = None,
+                 models: list[str] | None = None) -> list[Path]:
+    """Write ``table1.md`` and ``table1.tex`` into ``out_dir`` (through temporary files); returns their paths."""
+    return [atomic_write(Path(out_dir) / name, text.encode("utf-8"))
+            for name, text in table1_files(df, source, models).items()]

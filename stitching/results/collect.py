@@ -2,8 +2,9 @@
 
 Owns: walking a runs folder, reading each run's ``result.csv``, deciding which runs are finished,
 unfinished (``config.yaml`` but no ``result.csv``; reported with :func:`stitching.rundir.status` and, for a
-failed run, its trainer's last message), damaged (a ``result.csv`` that does not parse, has other than one
-row or lacks a required column) or duplicated (the same run twice: two directories whose ``config.yaml``
+failed run, its trainer's last message), damaged (a ``result.csv`` that cannot be read, is too large, does not
+parse, has other than one row or lacks a required column; a ``config.yaml`` beside it that cannot be read
+within :func:`stitching.config.read_yaml`'s bounds: unreadable, too large, an alias bomb, not YAML) or duplicated (the same run twice: two directories whose ``config.yaml``
 are the same run by :func:`stitching.rundir.run_key`, or, without a config, the same ``run_id``; the newest
 ``finished_at`` wins), and writing the table atomically. Problems are reported, never fatal.
 
@@ -20,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import rundir
-from stitching.config import IDENTITY
+from stitching.config import IDENTITY, ConfigError, read_yaml
+from stitching.messages import clip, short_repr
 from stitching.results.recipe import fill_missing_recipe
 from stitching.results.schema import RESULT_COLUMNS
 
@@ -34,6 +36,9 @@ REQUIRED_COLUMNS = [
     "adapter", "resize", "lr", "seed", "top1", "macs",
 ]
 KINDS = ("stitched", "finetune", "original")
+
+#: The largest ``result.csv`` read (a header and one row: a few KiB); a larger one is reported as damaged unread.
+MAX_RESULT_BYTES = 256 * 1024
 
 #: Extra column added by :func:`collect`: the run directory, relative to the runs folder.
 RUN_DIR_COLUMN = "run_dir"
@@ -72,13 +77,21 @@ class DamagedResult(ValueError):
 def read_result(path: str | os.PathLike) -> pd.DataFrame:
     """Read and check one ``result.csv``; return its single row (all values as strings).
 
-    Raises :class:`DamagedResult` when it cannot be parsed, does not have exactly one row, lacks a
-    required column, has an unknown ``kind`` or a non-numeric ``top1``.
+    Raises :class:`DamagedResult` when it cannot be read, is larger than :data:`MAX_RESULT_BYTES`, cannot be
+    parsed, does not have exactly one row, lacks a required column, has an unknown ``kind`` or a non-numeric
+    ``top1``.
     """
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise DamagedResult(f"cannot be read: {exc.strerror or type(exc).__name__}") from exc
+    if size > MAX_RESULT_BYTES:
+        raise DamagedResult(f"{size:,} bytes, larger than a result row can be ({MAX_RESULT_BYTES // 1024} KiB, "
+                            "MAX_RESULT_BYTES): not read")
     try:
         row = pd.read_csv(path, dtype=str)
     except Exception as exc:  # pandas raises several types (EmptyDataError, ParserError, Unicode...)
-        raise DamagedResult(f"cannot parse: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        raise DamagedResult(clip(f"cannot parse: {type(exc).__name__}: {exc}".splitlines()[0])) from exc
     if len(row) != 1:
         raise DamagedResult(f"expected exactly 1 row, found {len(row)}")
     missing = [c for c in REQUIRED_COLUMNS if c not in row.columns]
@@ -86,9 +99,9 @@ def read_result(path: str | os.PathLike) -> pd.DataFrame:
         raise DamagedResult(f"missing required columns: {', '.join(missing)}")
     kind = row["kind"].iloc[0]
     if kind not in KINDS:
-        raise DamagedResult(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        raise DamagedResult(f"unknown kind {short_repr(kind)} (expected one of {', '.join(KINDS)})")
     if pd.isna(pd.to_numeric(row["top1"], errors="coerce").iloc[0]):
-        raise DamagedResult(f"top1 is not a number: {row['top1'].iloc[0]!r}")
+        raise DamagedResult(f"top1 is not a number: {short_repr(row['top1'].iloc[0])}")
     return row
 
 
@@ -132,7 +145,11 @@ def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
             except DamagedResult as exc:
                 problems.append(Problem("damaged", here, str(exc)))
                 continue
-            config = _config(here)
+            try:
+                config = _config(here)
+            except ConfigError as exc:   # unreadable, too large, an alias bomb, not YAML: not walked, reported
+                problems.append(Problem("damaged", here, f"{CONFIG_NAME}: {exc.message}"))
+                continue
             row = fill_missing_recipe(row, config)
             row[RUN_DIR_COLUMN] = str(here.relative_to(root))
             if pd.isna(row["run_id"].iloc[0]) or not str(row["run_id"].iloc[0]).strip():
@@ -152,7 +169,7 @@ def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
     for _, row in dropped.iterrows():
         problems.append(Problem(
             "duplicate", root / row[RUN_DIR_COLUMN],
-            f"the same run ({row['run_id']!r}) also finished at {row['_kept_at']} in {row['_kept_dir']}; "
+            f"the same run ({short_repr(row['run_id'])}) also finished at {row['_kept_at']} in {row['_kept_dir']}; "
             f"kept the newest",
         ))
     df = df.drop(columns=_SAME_RUN).sort_values(RUN_DIR_COLUMN, kind="stable").reset_index(drop=True)
@@ -163,13 +180,12 @@ _SAME_RUN = "_same_run"
 
 
 def _config(run_dir: Path) -> dict | None:
-    """The directory's ``config.yaml`` when it holds a resolved config (a mapping of sections), else None."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((run_dir / CONFIG_NAME).read_text())
-    except (OSError, yaml.YAMLError):
+    """The directory's ``config.yaml`` when it holds a resolved config (a mapping of sections), else None (no
+    such file, or another mapping); :class:`~stitching.config.ConfigError` when it cannot be read within the
+    bounds of :func:`stitching.config.read_yaml` (unreadable, too large, an alias bomb, not YAML)."""
+    if not (run_dir / CONFIG_NAME).is_file():
         return None
+    config = read_yaml(run_dir / CONFIG_NAME)
     return config if isinstance(config, dict) and rundir.identity_sections(config) else None
 
 

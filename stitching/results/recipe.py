@@ -12,7 +12,8 @@ Owns:
   bilinear upsampling then stride-1 adapters): a sweep trains that module once and the plots share its row.
 - :func:`recipe_of`, :func:`split_by_recipe`, :func:`recipe_label`, :func:`describe_recipes`: the recipe a
   results table holds, one table per recipe, the recipe in words for titles and captions, and a summary
-  (:class:`MixedRecipes` when one is needed and a table holds several).
+  (:class:`MixedRecipes` when one is needed and a table holds several); :func:`dataset_label`: the dataset's
+  display name (``data.label``, else ``dataset``).
 
 The learning rate is a recipe column but a figure may show several (the fine-tuning baseline's best lr per
 scenario, learning-rate sweeps), so the checks and splits leave it to the scenario keys
@@ -256,24 +257,54 @@ def recipe_of(df: pd.DataFrame, what: str = "this figure") -> tuple[dict, pd.Dat
     return groups[0]
 
 
+#: recipe column -> its words; a pair is (singular, plural), the singular for the value 1
 _UNITS = [
-    ("dataset", "{}"), ("epochs", "{} epochs"), ("batch_size", "batch {}"), ("per_device_batch_size", "{}/device"),
+    ("dataset", "{}"), ("epochs", ("{} epoch", "{} epochs")), ("batch_size", "batch {}"),
+    ("per_device_batch_size", "{}/device"),
     ("weight_decay", "wd {}"), ("lr_schedule", "{}"), ("lr_schedule_unit", "per {}"),
-    ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", "max {} steps/epoch"), ("img_size", "{} px"),
+    ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", ("max {} step/epoch", "max {} steps/epoch")),
+    ("img_size", "{} px"),
     ("precision", "{}"), ("adapter_style", "adapters: {}"), ("pos_embed", "pos. embed: {}"), ("init", "init: {}"),
-    ("init_images", "{} init images"),
+    ("init_images", ("{} init image", "{} init images")),
     ("frozen_bn", "frozen BN: {}"), ("objective", "objective: {}"), ("distill_temperature", "T = {}"),
-    ("match_epochs", "{} match epochs"),
+    ("match_epochs", ("{} match epoch", "{} match epochs")),
     ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
     ("hflip", "flip p = {}"),
     ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
     ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),
-    ("pretrained", "pretrained: {}"), ("random_init", "random init: {}"), ("num_classes", "{} classes"),
+    ("pretrained", "pretrained: {}"), ("random_init", "random init: {}"), ("num_classes", ("{} class", "{} classes")),
 ]
+#: the columns of the short recipe (legend titles; the whole recipe goes into the captions)
+SHORT_RECIPE = ("dataset", "epochs", "img_size")
 
 
-def recipe_label(recipe: dict) -> str:
+def recipe_part(column: str, value) -> str:
+    """One recipe column in words (``epochs`` 1 -> ``1 epoch``, 2 -> ``2 epochs``); '' for an empty value."""
+    value = canonical(value)
+    if not value:
+        return ""
+    fmt = dict(_UNITS).get(column, column + ": {}")
+    if isinstance(fmt, tuple):
+        fmt = fmt[0] if value == "1" else fmt[1]
+    return fmt.format(value)
+
+
+def dataset_label(rows: pd.DataFrame) -> str:
+    """The dataset's name for figures and tables: the rows' ``data_label`` (``data.label``) where one is given,
+    otherwise their ``dataset`` (``data.name`` for synthetic data, the ImageFolder root's name); '' if neither."""
+    for column in ("data_label", "dataset"):
+        if column in rows.columns:
+            named = [v for v in rows[column].map(canonical) if v]
+            if named:
+                return named[0]
+    return ""
+
+
+def recipe_label(recipe: dict, dataset: str | None = None, columns=None) -> str:
     """The recipe in one line for a title or caption (columns the table lacks or leaves empty are omitted;
-    an empty preprocessing entry means the source model's own)."""
-    parts = [fmt.format(recipe[c]) for c, fmt in _UNITS if canonical(recipe.get(c, ""))]
+    an empty preprocessing entry means the source model's own). ``dataset``: its display name
+    (:func:`dataset_label`) in place of the ``dataset`` column; ``columns``: only these (in the usual order)."""
+    recipe = {**recipe, "dataset": dataset} if dataset else recipe
+    parts = [recipe_part(c, recipe.get(c, "")) for c, _ in _UNITS if columns is None or c in columns]
+    parts = [p for p in parts if p]
     return "Recipe: " + " · ".join(parts) if parts else "Recipe: (not recorded)"

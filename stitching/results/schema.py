@@ -26,6 +26,8 @@ Conventions
 - ``init_residual``: with ``model.init: least_squares``, the relative residual ||out - Y||^2 / ||Y - mean Y||^2
   of the initialised adapters' output against the destination's own activation at the receiving point, on
   the fit's images, before training (:mod:`stitching.stitch.lsinit`); empty for ``default``.
+- ``data_label`` is ``data.label``, the dataset's name in figures and tables ('' when not given: the plots
+  name it by ``dataset``); not part of the recipe, so a new label never splits a figure.
 - The recipe (dataset, epochs, batch sizes, lr, weight decay, schedule, image size, precision, adapter style,
   frozen-BN mode, preprocessing, ...) is :data:`stitching.results.recipe.RECIPE_COLUMNS`; rows of two
   recipes are never averaged together.
@@ -43,7 +45,7 @@ RESULT_COLUMNS = [
     "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "source_block",
     "destination_block", "gap",
     "adapter", "resize", "resamples", "resize_modes", "schedule", "num_adapters",
-    *RECIPE_COLUMNS, "seed",
+    *RECIPE_COLUMNS, "data_label", "seed",
     "top1", "top5", "val_loss", "train_loss", "init_residual",
     "macs", "flops", "params", "trainable_params", "train_macs",
     *SIMILARITY_COLUMNS,

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitching.messages import short_repr
 from stitching.models.formats import is_token, prefix_tokens
 from stitching.stitch.plan import CONV_ADAPTERS, Step
 
@@ -121,7 +122,7 @@ def make_core(kind: str, c_in: int, c_out: int, stride: int = 1, tokens: bool = 
     elif kind == "vit_block":
         return TokenBlock(c_in, c_out)
     else:
-        raise ValueError(f"unknown adapter {kind!r}")
+        raise ValueError(f"unknown adapter {short_repr(kind)}")
     return nn.Sequential(layer, nn.ReLU(inplace=True)) if relu_inside else layer
 
 

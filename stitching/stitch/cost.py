@@ -4,6 +4,7 @@ Counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass of
 convolutions and matrix products, like torchtnt did for the paper; norms, activations and resizes are
 free). Fused scaled-dot-product attention on the CPU is invisible to the counter, so timm's fused
 attention is switched off while counting (torchvision's Swin computes attention with explicit matmuls).
+:func:`human` writes a count for people (``1.67 G``), :func:`share` one cost as a part of another (``41%``).
 """
 
 from __future__ import annotations
@@ -47,3 +48,19 @@ def count_cost(model: nn.Module, img_size: int = 224) -> dict[str, int]:
     flops = int(counter.get_total_flops())
     params, trainable = count_params(model)
     return {"macs": flops // 2, "flops": flops, "params": params, "trainable_params": trainable}
+
+
+def human(n: float, unit: str = "") -> str:
+    """A count for people, three significant digits and an SI prefix: ``human(1674e6, "MACs")`` is
+    ``"1.67 GMACs"``, ``human(119680)`` is ``"120 K"``."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale * 0.9995:
+            return f"{n / scale:.3g} {prefix}{unit}"
+    return f"{n:.3g} {unit}".rstrip()
+
+
+def share(part: float, whole: float) -> str:
+    """``part`` as a percentage of ``whole``: whole percent from 10 % on, one decimal below (``"41%"``,
+    ``"3.2%"``, ``"120%"``)."""
+    pct = 100 * part / whole if whole else float("nan")
+    return f"{pct:.0f}%" if pct >= 9.95 else f"{pct:.1f}%"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stitching.messages import short_repr
 from stitching.models.formats import channels_after, is_token, prefix_tokens
 from stitching.models.registry import ModelSpec
 
@@ -274,7 +275,7 @@ def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter:
     source_cut, destination_cut = plan.source_cut, plan.destination_cut
     if resize == "strided" and adapter not in STRIDED_ADAPTERS:
         raise PlanError("model.resize", resize, f"strided resizing needs a 3x3 conv inside the adapter "
-                        f"({' or '.join(STRIDED_ADAPTERS)}), not {adapter!r}")
+                        f"({' or '.join(STRIDED_ADAPTERS)}), not {short_repr(adapter)}")
     if adapter == "vit_block":
         if prefix_tokens(destination_cut.format) == 0:
             raise PlanError("model.adapter", adapter, f"vit_block works on class-token sequences and needs a "

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stitching.messages import short_repr
 from stitching.models.formats import Convert, prefix_tokens
 from stitching.models.registry import WeightsError, get_spec, load_model, trace_blocks, trace_cuts
 from stitching.stitch.adapters import Adapter
@@ -52,7 +53,7 @@ class StitchedModel(nn.Module):
                  frozen: bool = True, plan: StitchPlan | None = None, frozen_bn: str = "eval"):
         super().__init__()
         if frozen_bn not in FROZEN_BN_MODES:
-            raise ValueError(f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}, not {frozen_bn!r}")
+            raise ValueError(f"frozen_bn must be one of {', '.join(FROZEN_BN_MODES)}, not {short_repr(frozen_bn)}")
         self.prefix, self.adapters, self.suffix = prefix, adapters, suffix
         self.frozen = frozen
         self.frozen_bn = frozen_bn

@@ -3,10 +3,13 @@
 Expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
 ``local`` runs them here (``--parallel N`` at a time); ``slurm`` submits one job array per distinct set of
-resources (``slurm:`` in the sweep file, overridden by ``--slurm key=value``), never a second job for a run
-directory that already has a pending or running task. ``--dry-run`` prints, for the paper part and the
-extension part (blocks with ``extension:``) each, the table of runs per architecture pair and method, and the
-totals per seed of the paper part alone and of the full sweep; it writes or submits nothing.
+resources (``slurm:`` in the sweep file, overridden by ``--slurm key=value``) -- split into several arrays
+where the cluster's ``MaxArraySize`` asks for it, chained so the ``%`` throttle holds across them
+(:mod:`stitching.launch.slurm`) -- never a second job for a run directory that already has a pending or
+running task. ``--dry-run`` prints, for the paper part and the extension part (blocks with ``extension:``)
+each, the table of runs per architecture pair and method, and the totals per seed of the paper part alone
+and of the full sweep (with ``--launcher slurm``, also how many job arrays the submission becomes); it writes
+or submits nothing.
 ``--paper-only`` / ``--extensions`` switch the extension blocks off / on (default: the file's
 ``extensions:``, itself true by default).
 """
@@ -14,15 +17,16 @@ totals per seed of the paper part alone and of the full sweep; it writes or subm
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
+import shlex
 import sys
+import typing
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from stitching import rundir as R
-from stitching.config import IDENTITY, ConfigError, run_cli
+from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
@@ -88,10 +92,20 @@ def print_reused(reused: list) -> None:
             print(f"  {found.name}  (this version names it {name})")
 
 
+def runs_dir_of(given: str | None, name: str) -> Path:
+    """Where the run directories of a sweep (or matrix) called ``name`` go: ``--runs-dir`` as typed (a plain
+    path), else ``runs/<name>``; resolved (:func:`stitching.rundir.canonical`) before anything is read or
+    written there. A path that cannot be a directory is a :class:`ConfigError` naming ``--runs-dir``."""
+    try:
+        return R.canonical(given if given is not None else Path(R.RUNS) / name)
+    except R.PathError as err:
+        raise ConfigError("--runs-dir", given, "command line", str(err)) from None
+
+
 def _write_config(run: Run) -> None:
     d = R.RunDir(run.config.output.dir)
     if d.config.is_file():
-        old = yaml.safe_load(d.config.read_text()) or {}
+        old = read_yaml(d.config) or {}          # (bounded: an alias bomb there is one line, exit 2)
         diff = R.differing_keys(old, run.config.to_dict(), IDENTITY)      # none: the same run
         if diff:
             raise ConfigError("output.dir", str(d.path), "sweep", f"holds a different run's {R.CONFIG} (differs in "
@@ -121,7 +135,7 @@ def main(argv=None) -> int:
 
     name, _, switch = load_sweep(args.sweep)
     extensions = switch if args.extensions is None else args.extensions
-    runs_dir = Path(args.runs_dir or Path("runs") / name)
+    runs_dir = runs_dir_of(args.runs_dir, name)
     # the whole sweep is expanded for the totals; the paper part's runs do not depend on the extensions
     name, blocks, exp = expand(args.sweep, runs_dir, extensions=True)
     ext_blocks = {b.name: b.extension for b in blocks if b.extension}
@@ -158,6 +172,8 @@ def main(argv=None) -> int:
     print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
     todo = [r for r in runs if _status(r) != R.FINISHED]
     if args.dry_run:
+        if args.launcher == "slurm":
+            print_slurm_plan(todo, blocks, args.slurm)
         print("dry run: nothing written or submitted")
         return 0
     if not todo:
@@ -187,15 +203,19 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
     return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides))
 
 
-def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str]) -> int:
+def _slurm_groups(todo: list[Run], blocks, overrides: list[str]) -> list:
+    """``[(SlurmResources, runs), ...]``: the runs to submit grouped by their resources (a block's ``slurm:``,
+    overridden by ``--slurm key=value``); one submission (one or more job arrays) per group."""
     from stitching.launch import slurm
 
     extra = {}
+    fields = typing.get_type_hints(slurm.SlurmResources)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError("--slurm", item, "command line", "write --slurm key=value")
-        extra[key] = yaml.safe_load(value)
+        # typed by the resource it sets, as section.key=value is (an unknown key is named by from_dict)
+        extra[key] = parse_value(fields[key], value, f"--slurm {key}") if key in fields else value
     groups: dict[str, tuple[slurm.SlurmResources, list[Run]]] = {}
     by_block = {b.name: b for b in blocks}
     for run in todo:
@@ -206,33 +226,78 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
             raise ConfigError("slurm", spec, "sweep", str(err)) from None
         key = repr(res)
         groups.setdefault(key, (res, []))[1].append(run)
+    return list(groups.values())
+
+
+def _arrays_said(sizes: list[int], res) -> str:
+    """``3 job arrays of 2 x 1001 + 737 tasks, chained ...``: how a submission is split and throttled."""
+    runs = [[n, sum(1 for _ in group)] for n, group in itertools.groupby(sizes)]
+    tasks = " + ".join(f"{k} x {n}" if k > 1 else str(n) for n, k in runs)
+    arrays = f"{len(sizes)} job arrays of {tasks} tasks" if len(sizes) > 1 else f"1 job array of {tasks} tasks"
+    if res.max_parallel and len(sizes) > 1:
+        return (f"{arrays}, chained (each waits for the one before: afterany) so that at most {res.max_parallel} run "
+                "at once (max_parallel)")
+    return arrays + (f", at most {res.max_parallel} running at once (max_parallel)" if res.max_parallel else "")
+
+
+def print_slurm_plan(todo: list[Run], blocks, overrides: list[str]) -> None:
+    """What ``--launcher slurm`` would submit (the dry run): per resource group, how many job arrays the cluster's
+    ``MaxArraySize`` splits it into (read from ``scontrol show config``; SLURM's default where it cannot be)."""
+    from stitching.launch import slurm
+
+    if not todo:
+        return
+    try:
+        limit, where = slurm.max_array_size(), "scontrol show config"
+    except RuntimeError as err:
+        limit, where = slurm.DEFAULT_MAX_ARRAY_SIZE, f"SLURM's default; not read here: {str(err).splitlines()[0]}"
+    for res, runs in _slurm_groups(todo, blocks, overrides):
+        blocks_of = sorted({r.block for r in runs})
+        try:
+            arrays = _arrays_said(slurm.array_chunks(len(runs), limit), res)
+        except slurm.UnsatisfiableJob as err:      # a cluster that takes no arrays at all
+            arrays = f"none: {err}"
+        print(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)} -> {arrays} (MaxArraySize {limit}: "
+              f"{where}; runs already queued or running are left out when submitting)")
+
+
+def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str]) -> int:
+    from stitching.launch import slurm
+
     submitted = 0
-    refused = 0
-    for res, runs in groups.values():
+    refused: dict[str, int] = {}                      # cause (slurm.REFUSALS) -> runs not submitted
+    for res, runs in _slurm_groups(todo, blocks, overrides):
         command = slurm.train_command(sys.executable, res.gpus_per_task)
         try:
-            job, dirs = slurm.submit_array([r.config.output.dir for r in runs], runs_dir.absolute() / "slurm", res,
-                                           name, command, chdir=Path.cwd())
-        except slurm.UnsatisfiableJob as err:  # more than the cluster has: said now, not left queued
+            arrays = slurm.submit_arrays([r.config.output.dir for r in runs], runs_dir.absolute() / "slurm", res,
+                                         name, command, chdir=Path.cwd())
+        except slurm.UnsatisfiableJob as err:  # more than the cluster has (or allows): said now, not left queued
             print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
-            refused += len(runs)
+            done = sum(len(dirs) for _, dirs in err.submitted)
+            refused[err.cause] = refused.get(err.cause, 0) + len(runs) - done
+            submitted += done
             continue
         except RuntimeError as err:   # no SLURM client here, or its controller cannot be reached: one line
             raise ConfigError("--launcher", "slurm", "command line", str(err).strip().splitlines()[0]) from None
+        dirs = [d for _, ds in arrays for d in ds]
         skipped = len(runs) - len(dirs)
-        if job:
-            print(f"slurm: submitted job array {job} with {len(dirs)} tasks"
+        jobs = [job for job, _ in arrays]
+        ids = ", ".join(jobs if len(jobs) <= 4 else [*jobs[:2], "...", jobs[-1]])
+        if len(arrays) == 1:
+            print(f"slurm: submitted job array {ids} with {len(dirs)} tasks"
+                  + (f", at most {res.max_parallel} running at once" if res.max_parallel else "")
+                  + (f" ({skipped} already queued or running, not resubmitted)" if skipped else ""))
+        elif arrays:
+            print(f"slurm: submitted {_arrays_said([len(ds) for _, ds in arrays], res)}: job arrays {ids}"
                   + (f" ({skipped} already queued or running, not resubmitted)" if skipped else ""))
         else:
             print(f"slurm: all {len(runs)} unfinished runs are already queued or running")
         submitted += len(dirs)
-    print(f"logs: {runs_dir / 'slurm' / 'logs'}; collect with: python -m stitching.collect {runs_dir} "
-          f"-o {runs_dir}/results.csv")
-    if refused:
-        print(f"error: {refused} runs not submitted: their SLURM request can never be met (see above)",
-              file=sys.stderr)
-        return R.EXIT_CONFIG
-    return 0
+    print(f"logs: {runs_dir / 'slurm' / 'logs'}; collect with: python -m stitching.collect {shlex.quote(str(runs_dir))} "
+          f"-o {shlex.quote(str(runs_dir / 'results.csv'))}")
+    for cause, n in refused.items():
+        print(f"error: {n} runs not submitted: {slurm.REFUSALS[cause]} (see above)", file=sys.stderr)
+    return R.EXIT_CONFIG if refused else 0
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ Expansion validates each run like ``stitching.train`` would (an impossible combi
 linear adapters, fine-tuning across architectures, a gap whose blocks do not join -- is dropped and counted with its
 reason) and drops duplicates: runs that build the same module (equal stitch-plan signatures, e.g. the
 three resize modes where sizes already match) with the same recipe. Each run gets a stable directory name
-(readable prefix + :func:`stitching.rundir.run_key`, the hash of its identity), so expanding the same sweep again
-finds the same directories: finished runs are skipped, unfinished ones resume. A directory written by a version
-whose key differed (the key of every run changed once when identities started to leave out keys at their
+(:func:`stitching.rundir.run_dir_name`: a readable prefix + the hash of its identity), so expanding the same
+sweep again finds the same directories: finished runs are skipped, unfinished ones resume. A directory written
+by a version whose key differed (the key of every run changed once when identities started to leave out keys at their
 baseline; see :mod:`stitching.rundir`) is found by its name without the key and its ``config.yaml``
 (:func:`stitching.rundir.same_run`), and reused under its old name (:attr:`Expansion.reused`; the sweep says
 so).
@@ -36,10 +36,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, validate
-from stitching.rundir import RUN_KEY_CHARS, identity
+from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, read_yaml, validate
+from stitching.rundir import RUN_KEY_CHARS, identity, run_dir_name
 
 SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}
 BLOCK_KEYS = {"name", "base", "grid", "exclude", "slurm", "extension"}
@@ -123,9 +121,9 @@ def read_spec_file(path: Path, what: str, keys, error: type) -> dict:
     if not path.is_file():
         raise error(what, src, "command line", "file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise error("", None, src, f"not valid YAML: {str(err).splitlines()[0]}") from None
+        data = read_yaml(path) or {}
+    except ConfigError as err:      # unreadable, too large, not YAML (within stitching.config's bounds)
+        raise error(err.key, err.value, err.source, err.message) from None
     if not isinstance(data, dict):
         raise error("", None, src, f"a {what} file must be a mapping")
     for key in data:
@@ -234,7 +232,7 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
             # the recipe: the run's identity (keys it never reads left out) without what the structure says
             recipe = {k: v for k, v in identity(cfg.to_dict(), IDENTITY).items() if k not in _STRUCTURE_KEYS}
             key = (structure, json.dumps(recipe, sort_keys=True, default=str))
-            run_name = run_dir_name(cfg)
+            run_name = run_dir_name(cfg, IDENTITY)
             here = {**_describe(cfg), "part": block.part, "block": block.name}
             if key in seen:
                 kept = seen[key]
@@ -293,8 +291,8 @@ def _same_run_dir(cfg: Config, candidates: list[Path], read: dict) -> Path | Non
     for d in candidates:
         if d not in read:
             try:
-                read[d] = yaml.safe_load((d / R.CONFIG).read_text())
-            except (OSError, yaml.YAMLError):
+                read[d] = read_yaml(d / R.CONFIG)
+            except ConfigError:          # unreadable, too large, not YAML: not the same run
                 read[d] = None
         if isinstance(read[d], dict) and R.same_run(read[d], cfg.to_dict(), IDENTITY):
             same.append(d)
@@ -325,22 +323,3 @@ def _matching_rule(block: Block, point: dict) -> str | None:
 
 
 _UNSET = object()
-
-
-def run_dir_name(cfg: Config) -> str:
-    """Readable and stable: ``resnet50.1-swin_t.3.bottleneck.bilinear.lr0.002.seed0.<hash>``."""
-    from stitching.rundir import run_key
-
-    m, t = cfg.model, cfg.train
-    digest = run_key(cfg.to_dict(), IDENTITY)
-    if cfg.is_original:
-        head = f"original.{m.source}.ep{t.epochs}"
-    else:
-        src_cut, dst_cut = ((f"b{m.source_block}", f"b{m.destination_block}") if m.source_block is not None
-                            else (m.source_stage, m.destination_stage))
-        head = f"{m.source}.{src_cut}-{m.destination or m.source}.{dst_cut}.{m.adapter}"
-        if m.adapter != "finetune":
-            head += f".{m.resize}"
-    if m.random_init != "none":         # a random-init control of a stitching matrix
-        head += f".random-{m.random_init}"
-    return f"{head}.lr{t.lr:g}.seed{t.seed}.{digest}"

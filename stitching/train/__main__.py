@@ -1,24 +1,26 @@
 """``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``).
 
 Trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
-(``output.dir``, default ``runs/<config name>``). Re-running the same command resumes from the last
+(``output.dir``; without one, ``runs/<config name>/<run name>``, named by the run's identity as a sweep names
+its runs, and printed first). Overrides are typed by the key they set (a path exactly as typed, ``2e-3``
+a number, ``true``/``false``, ``null``; :func:`stitching.config.parse_value`), ``--run-dir`` is a plain
+path. Re-running the same command resumes from the last
 checkpoint; a finished run is not redone unless ``--force`` (which keeps the old files under
 ``previous/``); ``--run-dir`` reads the directory's ``config.yaml``, where a key an older version did not
 write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value that run had). Exit codes
 (:mod:`stitching.rundir`): done (or already finished), bad config/input (one line on stderr, nothing
 computed or overwritten), non-finite loss, run directory held by another trainer, a file that cannot be
 written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
+From Python: ``stitching.train(config, **overrides)`` (:func:`stitching.train.train`).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from stitching.config import ConfigError, load_config, run_cli
-from stitching.rundir import CONFIG
+from stitching.config import run_cli
+from stitching.train import resolve
 
 
 def main(argv=None) -> int:
@@ -30,14 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.run_dir):
         parser.error("give exactly one of --config FILE or --run-dir DIR")
-    if args.run_dir:
-        config = Path(args.run_dir) / CONFIG
-        if not config.is_file():
-            raise ConfigError("--run-dir", args.run_dir, "command line", f"no {CONFIG} in it")
-        # the path quoted: an override's value is YAML, where ' #' starts a comment
-        cfg = load_config(config, [*args.overrides, f"output.dir={json.dumps(args.run_dir)}"], run_dir=True)
-    else:
-        cfg = load_config(args.config, args.overrides)
+    cfg = resolve(args.config, args.run_dir, args.overrides)
     from stitching.train.loop import run
 
     return run(cfg, force=args.force)

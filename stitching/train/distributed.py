@@ -76,6 +76,15 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
         dist.broadcast(t.data, src=0)
 
 
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` (picklable) on every rank (a collective: call on all ranks)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

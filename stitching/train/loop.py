@@ -34,11 +34,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from stitching import rundir as R
-from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config
+from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config, read_yaml
 from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
@@ -81,10 +80,36 @@ def batch_split(cfg: Config, world: int) -> tuple[int, int]:
     return per, total // (per * world)
 
 
-def default_run_dir(cfg: Config) -> Path:
-    if cfg.output.dir:
-        return Path(cfg.output.dir)
-    return Path("runs") / (Path(cfg.path).stem if cfg.path else "run")
+def run_dir_path(cfg: Config, run_dir: str | Path | None = None) -> tuple[Path, str]:
+    """The run directory, canonical (:func:`stitching.rundir.canonical`: absolute, symlinks followed, ``..``
+    applied), and how it was chosen (``""``: given). ``run_dir`` or ``output.dir`` when given; else the run names
+    its own: ``runs/<config name>/<run name>`` (:func:`stitching.rundir.run_dir_name`, as a sweep names its
+    runs), so another key on the command line is another directory and the same command finds the same one
+    again -- unless ``runs/<config name>``, an earlier version's default, holds this very run (reused). A path
+    that cannot be a directory is a ConfigError on ``output.dir``."""
+    given = run_dir or cfg.output.dir
+    how = ""
+    if not given:
+        stem = Path(cfg.path).stem if cfg.path else None
+        older = Path(R.RUNS) / stem if stem else None
+        if older is not None and _holds_run(older, cfg):
+            given, how = older, "an earlier version's default for this config, holding this run: reused"
+        else:
+            given = Path(R.RUNS, *([stem] if stem else []), R.run_dir_name(cfg, IDENTITY))
+            how = "named by the run's identity, as a sweep names its runs; output.dir=DIR chooses another"
+    try:
+        return R.canonical(given), how
+    except R.PathError as err:
+        raise ConfigError("output.dir", str(given), cfg.source_of("output.dir"), str(err)) from None
+
+
+def _holds_run(path: Path, cfg: Config) -> bool:
+    """Whether ``path`` is a run directory whose ``config.yaml`` is the run of ``cfg``."""
+    try:
+        old = read_yaml(path / R.CONFIG)
+    except ConfigError:
+        return False
+    return isinstance(old, dict) and R.same_run(old, cfg.to_dict(), IDENTITY)
 
 
 def git_sha() -> str:
@@ -170,12 +195,15 @@ class Run:
 # ------------------------------------------------------------------------------------------ the run
 def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     """Train/evaluate ``cfg`` into ``run_dir``; returns the process exit code (:mod:`stitching.rundir`)."""
-    from stitching.data.loaders import BadImageError
+    from stitching.data.images import BadImageError
 
     check_files(cfg)
     device = resolve_device(cfg)
+    path, how = run_dir_path(cfg, run_dir)
     info = D.init(device.type)
-    r = Run(cfg, R.RunDir(run_dir if run_dir else default_run_dir(cfg)), info, device)
+    if how and info.is_main:
+        print(f"run directory: {path} ({how})", flush=True)
+    r = Run(cfg, R.RunDir(path), info, device)
     code, message = R.EXIT_FAILED, "unexpected error (traceback above)"
     try:
         code = _start(r, force)
@@ -216,9 +244,11 @@ def _start(r: Run, force: bool) -> int | None:
     cfg.output.dir = str(r.rundir.path)
     if _already_finished(r, force):
         return R.EXIT_OK
+    R.check_writable(r.rundir.path)     # (a place this process cannot write: said before any compute)
     train_ds, val_ds = _build(r)
     r.val_set = CpuFloat(val_ds, val_ds.transform) if hasattr(val_ds, "transform") else val_ds   # normalised floats
-    _open_rundir(r, force)
+    if _open_rundir(r, force):
+        return R.EXIT_OK
 
     r.cost = count_cost(r.model, cfg.data.img_size)
     r.model.to(r.device)
@@ -235,15 +265,20 @@ def _start(r: Run, force: bool) -> int | None:
 
 
 def _already_finished(r: Run, force: bool) -> bool:
-    """The run directory's state, decided before anything is written: a different run's directory, finished or
-    not (ConfigError), or this run finished (skip)."""
+    """The run directory's state, decided before anything is written (and again once its lock is held,
+    :func:`_open_rundir`): a different run's directory, finished or not (ConfigError), or this run finished
+    (skip)."""
     cfg, path = r.cfg, r.rundir.path
     if r.rundir.config.is_file() and not force:     # first: a finished *other* run is no reason to exit 0
-        old = yaml.safe_load(r.rundir.config.read_text()) or {}
-        diff = R.differing_keys(old, cfg.to_dict(), IDENTITY)      # none: the same run
-        if diff:
+        try:
+            old = read_yaml(r.rundir.config) or {}  # (bounded: an alias bomb there is one line, exit 2)
+            diff = R.differing_keys(old, cfg.to_dict(), IDENTITY) if isinstance(old, dict) else None
+        except ConfigError:                         # unreadable, not UTF-8, not YAML, too large
+            diff = None
+        if diff != []:                                      # []: the same run
+            what = f"differs in {', '.join(diff)}" if diff else f"its {R.CONFIG} is not a readable run config"
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
-                              f"holds a different run (differs in {', '.join(diff)}); "
+                              f"holds a different run ({what}); "
                               "choose another output.dir or pass --force (the old files are kept in previous/)")
     if r.rundir.finished and not force:
         if r.info.is_main:
@@ -291,13 +326,32 @@ def _build(r: Run) -> tuple:
     return train_ds, val_ds
 
 
-def _open_rundir(r: Run, force: bool) -> None:
-    """Now the run directory may be touched: one trainer at a time (its lock), earlier files moved aside on
-    ``--force``, the resolved config written, the log opened."""
+def _open_rundir(r: Run, force: bool) -> bool:
+    """Now the run directory may be touched: one trainer at a time (its lock); then, the lock held, what it
+    holds is decided again (another trainer may have written it since the first look, while this one built its
+    model and data: a different run is refused, this run finished is skipped -- True); earlier files moved aside
+    on ``--force``, the resolved config written, the log opened."""
+    verdict = None          # None: go on; "finished"; or a different run's ConfigError, as its fields
     if r.info.is_main:
-        r.rundir.path.mkdir(parents=True, exist_ok=True)
-        r.lock = r.rundir.lock()
-        r.lock.acquire()
+        try:
+            r.rundir.path.mkdir(parents=True, exist_ok=True)
+            r.lock = r.rundir.lock()
+            r.lock.acquire()
+        except OSError as err:
+            raise R.WriteError(f"cannot write {r.rundir.path}: {err.strerror or err} (errno {err.errno}); "
+                               "nothing was written") from err
+        try:
+            verdict = "finished" if _already_finished(r, force) else None
+        except ConfigError as err:
+            verdict = (err.key, err.value, err.source, err.message)
+    verdict = D.broadcast_object(verdict, r.info)
+    if verdict is not None:
+        if r.lock is not None:
+            r.lock.release()        # before anything is written (no state.json: the directory is not ours)
+        if verdict == "finished":
+            return True
+        raise ConfigError(*verdict)
+    if r.info.is_main:
         if force:
             moved = r.rundir.archive()
             if moved:
@@ -309,6 +363,7 @@ def _open_rundir(r: Run, force: bool) -> None:
                      r.lock.took_over.get("pid"), r.lock.took_over.get("host"))
         r.rundir.write_state(R.STARTED)
     D.barrier(r.info)
+    return False
 
 
 def build_step(model: nn.Module, cfg: Config, kind: str, device: torch.device, precision: str, accum: int,
@@ -636,7 +691,7 @@ def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
         "resize_modes": resize_modes(cfg) if stitched else "",
         "schedule": plan.schedule if stitched else "",
         "num_adapters": plan.num_adapters if plan else 0,
-        **recipe_columns(cfg, info.world_size, r.precision),
+        **recipe_columns(cfg, info.world_size, r.precision), "data_label": cfg.data.label or "",
         "seed": cfg.train.seed, "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["val_loss"],
         "train_loss": r.metrics[-1]["train_loss"] if r.metrics else "",
         "init_residual": pos.get("init_residual", ""),
