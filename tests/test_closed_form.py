@@ -369,7 +369,10 @@ def test_slurm_closed_form_matrix_is_one_array_of_groups_never_resubmitted_then_
     from tests.test_sweep import _wait_for_results
 
     matrix_file.write_text(matrix_file.read_text().replace("senders: [1, 2]", "senders: [1]")
-                           + 'slurm: {cpus_per_task: 1, mem: 2G, time: "00:20:00", max_parallel: 2}\n')
+                           + 'slurm: {cpus_per_task: 1, mem: 2G, time: "00:20:00", max_parallel: 2, '
+                           # held a minute: the second submission finds them queued (a tiny group can finish
+                           # within the seconds a second command takes on a busy machine)
+                           'extra: ["--begin=now+60"]}\n')
     runs = matrix_file.parent / "runs"
     first = cli(matrix_file, "--closed-form", "--launcher", "slurm", "--runs-dir", runs).stdout
     assert "with 1 tasks" in first                       # the receiver alone, a training-command array

@@ -58,10 +58,13 @@ def _save(fig: Figure, out_path, caption: str = "") -> Path | Figure:
 
 
 def _title(table: pd.DataFrame) -> str:
+    """The pair, and "adapters in closed form" where every cell's adapters were fitted without training (the
+    panels' "trained" names the networks, not the adapters)."""
     sender, receiver = table["sender"].iloc[0], table["receiver"].iloc[0]
-    if sender == receiver:
-        return f"{arch_name(sender)} stitched to itself"
-    return f"{arch_name(sender)} (sender) → {arch_name(receiver)} (receiver)"
+    pair = (f"{arch_name(sender)} stitched to itself" if sender == receiver
+            else f"{arch_name(sender)} (sender) → {arch_name(receiver)} (receiver)")
+    closed = "fit" in table.columns and len(table) and (table["fit"] == "closed_form").all()
+    return pair + (", adapters in closed form (no training)" if closed else "")
 
 
 def heatmap_values(table: pd.DataFrame, control: str, senders: list[int], receivers: list[int],
