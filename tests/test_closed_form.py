@@ -36,7 +36,7 @@ def _weights(path: Path, name: str = "resnet18", kwargs=None) -> Path:
     """A network (10 classes) with its own random weights, as a weights file: the 'trained' network."""
     from safetensors.torch import save_file
 
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
 
     torch.manual_seed(123)
     model = load_model(name, False, None, 10, kwargs)
@@ -217,6 +217,32 @@ def test_an_interrupted_group_resumed_equals_an_uninterrupted_one(tmp_path, monk
     assert CF.run_group(cut, say=said.append) == R.EXIT_OK and said == ["cut: all 4 cells finished"]
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_interrupts_a_group_with_130_and_its_state_says_so(tmp_path, monkeypatch, presses):
+    """Ctrl-C as the trainer takes it (stitching.train.stop): the first stops the group at the next batch, a
+    second at once; either way exit 130 (not 75: the local launcher reports the group interrupted, not
+    preempted), nothing written for its cells, the lock released, the signal handlers back, and the group's
+    state.json says how it ended (what rundir.ending reads for the launcher)."""
+    group = _group(tmp_path, "g", cuts=((1, 2),))
+    before = signal.getsignal(signal.SIGINT)
+    real = CF.lsinit.LinkFit.update
+    seen = []
+
+    def update(self, h, y):
+        seen.append(1)
+        if len(seen) == 1:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, h, y)
+
+    monkeypatch.setattr(CF.lsinit.LinkFit, "update", update)
+    assert CF.run_group(group) == R.EXIT_INTERRUPTED
+    assert not list(group.glob(f"*/{R.RESULT}")) and not (group / R.LOCK).exists()
+    assert signal.getsignal(signal.SIGINT) is before
+    ending = R.ending(group, R.EXIT_INTERRUPTED, os.getpid())
+    assert ending.status == R.INTERRUPTED and "computed when it runs again" in ending.message
+
+
 def test_a_group_refuses_cells_of_another_group_or_not_closed_form(tmp_path):
     from stitching.config import ConfigError
 
@@ -314,6 +340,25 @@ def test_calibrated_scores_against_hand_computed_values(tmp_path):
     # no receiver row: no calibrated scores
     no_receiver = cell_table(results[results["kind"] == "stitched"], matrix)
     assert no_receiver["receiver_top1"].isna().all() and no_receiver["calibrated_source"].isna().all()
+
+
+def test_a_one_panel_calibrated_figure_keeps_its_title_inside(tmp_path):
+    """The title (the pair, the formula, how to read it) is wrapped to the figure's width: with one control (one
+    panel) it ran off both edges."""
+    from stitching.matrix.cells import cell_table
+    from stitching.matrix.spec import load_matrix
+    from stitching.plots.matrix import plot_calibrated_heatmaps
+
+    spec = tmp_path / "m.yaml"
+    spec.write_text(f"base: {TINY}\nsenders: [1]\nreceivers: [2]\ncontrols: [destination]\n")
+    table = cell_table(_results([("none", 1, 2, 0, 60.0), ("destination", 1, 2, 0, 40.0)]), load_matrix(spec))
+    fig = plot_calibrated_heatmaps(table, caption="a recipe")
+    fig.canvas.draw()
+    width = fig.bbox.width
+    assert "calibrated scores" in fig.get_suptitle() and len(fig.texts) == 2      # the title and the caption
+    for text in fig.texts:
+        box = text.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= width, (text.get_text(), box, width)
 
 
 # ------------------------------------------------------------------------------------------ prediction

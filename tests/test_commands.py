@@ -37,7 +37,8 @@ import yaml
 from stitching.rundir import EXIT_CONFIG
 from tests.conftest import ROOT
 
-DOCS = ["README.md", "docs/method.md", "benchmarks/README.md", "scripts/slurm/README.md"]
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")),
+        "benchmarks/README.md", "scripts/slurm/README.md"]
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 # "python -m stitching.train ...", "torchrun ... -m stitching.train", "python scripts/x.py ...": the program and
 # the rest of the command (up to the end of the code span, table cell or comment)
@@ -101,12 +102,40 @@ def test_the_docs_name_the_commands():
                           "     [--paper-only | --extensions] [--slurm KEY=VALUE] sweep\n\nmore") == {"--launcher"}
 
 
+# "python -m stitching.sweep SWEEP ... --dry-run ...  # ... 1,738 runs ...": a documented dry run and the runs it says
+STUDY = re.compile(r"python -m stitching\.sweep (\S+\.yaml)([^#`\n]*--dry-run[^#`\n]*)#[^`\n]*?([\d,]+) runs")
+
+
+@pytest.mark.slow   # the paper sweep's expansion and its cost: ~30 s
+def test_the_documented_study_command_runs_the_runs_the_docs_say(tmp_path):
+    """The README said "the study" (1,738 runs) of a command that ran 2,749 (extensions on): every documented
+    ``--dry-run`` whose comment counts its runs prints that total, and every documented command on the same sweep
+    file switches the same part on or off."""
+    found = [(doc, m) for doc in DOCS for m in STUDY.finditer((ROOT / doc).read_text())]
+    assert any(doc == "docs/running.md" and m.group(1) == "configs/sweeps/paper.yaml" for doc, m in found)
+    for doc, m in found:
+        proc = run("-m", "stitching.sweep", m.group(1), *m.group(2).split(), "--runs-dir", tmp_path / "runs",
+                   timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"total runs: {int(m.group(3).replace(',', ''))} (" in proc.stdout, (doc, m.group(0))
+        part = {"--paper-only", "--extensions"} & set(m.group(2).split())
+        for args in COMMANDS["stitching.sweep"][doc]:
+            if args.startswith(m.group(1)):
+                assert part <= set(args.split()), f"{doc}: {args} (its dry run says {m.group(0)})"
+
+
 @pytest.mark.parametrize("program", sorted(COMMANDS))
 def test_documented_command_exists_and_takes_its_documented_flags(program):
     """Each program answers ``--help``; every ``--flag`` a doc gives it is one it knows, and every mention that
     gives arguments (not a bare name in prose) gives the options it cannot run without."""
     proc = run(*(["-m", program] if not program.endswith(".py") else [program]), "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # plain text (no reStructuredText), an example of its own and what each exit code means (stitching.cli)
+    assert "``" not in proc.stdout and ":func:" not in proc.stdout and ":mod:" not in proc.stdout, proc.stdout
+    examples = proc.stdout.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0]
+    assert program in examples, proc.stdout
+    exits = proc.stdout.split("\nexit codes:\n", 1)[1]
+    assert exits.lstrip().startswith("0  "), proc.stdout
     usage = proc.stdout.split("\n\n")[0]     # argparse's usage paragraph lists every option (the description
     known, required = set(FLAG.findall(usage)), required_flags(usage)   # after it may quote the docstring)
     unknown = {f: sorted({flag for args in mentions for flag in FLAG.findall(args)} - known)
@@ -312,11 +341,11 @@ def test_train_device_cuda_without_a_gpu_is_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_the_readmes_config_contract_is_a_valid_config(tmp_path):
-    """The README's annotated config (every key with its documented value) loads and validates."""
+def test_the_documented_config_contract_is_a_valid_config(tmp_path):
+    """docs/config.md's annotated config (every key with its documented value) loads and validates."""
     from stitching.config import load_config
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "config.md").read_text()
     text = text[text.index("## The config contract"):]
     start = text.index("```yaml") + len("```yaml")
     block = text[start:text.index("```", start)]

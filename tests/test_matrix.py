@@ -24,7 +24,7 @@ def _weights(path: Path) -> Path:
     """A ResNet-18 (10 classes) with its own random weights: the 'trained' network of the tests' matrices."""
     from safetensors.torch import save_file
 
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
 
     torch.manual_seed(123)
     model = load_model("resnet18", False, None, 10)
@@ -120,7 +120,7 @@ def test_dry_run_prints_every_matrix_and_counts_writing_nothing(tmp_path, capsys
         assert f"{name} (20 runs): rows sender stage, columns receiver stage" in out
     assert "       4  x  x  x ..\n" in out          # sender stage 4: only receiver 4, both seeds to train
     assert "receiver alone (evaluated; the calibrated scores' ceiling): . original.resnet18.ep0" in out
-    assert "total runs: 81 (0 finished, 0 preempted, 0 started, 0 failed, 81 new)" in out
+    assert "total runs: 81 (0 finished, 0 preempted, 0 interrupted, 0 started, 0 failed, 81 new)" in out
     assert not runs.exists()
     # stride thins the cuts; controls: [] leaves the trained matrix alone
     spec.write_text(f"base: {TINY}\nstride: 2\ncontrols: []\n")
@@ -130,7 +130,7 @@ def test_dry_run_prints_every_matrix_and_counts_writing_nothing(tmp_path, capsys
 
 
 def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
-    from stitching.models.registry import list_blocks
+    from stitching.models.trace import list_blocks
 
     spec = tmp_path / "blocks.yaml"
     spec.write_text(f"base: {TINY}\ncuts: blocks\nstride: 3\n")      # the base's stage keys are cleared
@@ -211,7 +211,8 @@ def test_a_launch_interrupted_between_runs_is_preempted_not_finished(tmp_path, m
     monkeypatch.setattr(local, "run_local", lambda dirs, parallel=1: real(dirs, parallel, python=str(fake)))
     capsys.readouterr()
     assert launch(runs, matrix.blocks(), tmp_path / "runs", "m", "local") == 75
-    assert "(3 not started: interrupted)" in capsys.readouterr().out    # 2 cells and the receiver alone
+    # 2 cells and the receiver alone
+    assert "(3 not started: the launcher was stopped by SIGTERM)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ end to end

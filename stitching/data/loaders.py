@@ -89,6 +89,30 @@ def build_datasets(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Ca
     raise ValueError(f"unknown dataset name {short_repr(name)}; expected one of {DATASET_NAMES}")
 
 
+def dataset_sizes(data: Any) -> tuple[int, int]:
+    """``(training images, validation images)`` of a data config without reading an image: the synthetic
+    lengths, or the files torchvision's ``ImageFolder`` lists under ``root/train`` and ``root/val`` (what
+    :func:`build_datasets` would load). ``FileNotFoundError`` (naming the path) for a missing root or split
+    folder, ``ValueError`` for an unknown name or an unset root."""
+    name = getattr(data, "name", None)
+    if name == "synthetic":
+        return data.train_size, data.val_size
+    if name != "imagefolder":
+        raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = getattr(data, "root", None)
+    if root is None or str(root) == "":
+        raise ValueError("data.root must be set for the 'imagefolder' dataset")
+    sizes = []
+    for split in ("train", "val"):
+        path = os.path.join(os.path.expanduser(str(root)), split)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"imagefolder split folder does not exist: {path}")
+        sizes.append(len(make_dataset(path, find_classes(path)[1], extensions=IMG_EXTENSIONS)))
+    return sizes[0], sizes[1]
+
+
 def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]
                         ) -> tuple[Dataset, Dataset]:
     from torchvision.datasets import ImageFolder
@@ -237,10 +261,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed ``numpy`` and ``random`` from the worker's torch seed, and ignore
-    the preemption signals (SIGTERM, SIGUSR1): SLURM sends them to every process of a job, and a worker that
-    died of one would make the main process fail (exit 1) before it could checkpoint; the main process
-    checkpoints and exits, and its workers are shut down with it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    the stop signals (SIGTERM, SIGUSR1, SIGINT): SLURM sends them to every process of a job and a terminal's
+    Ctrl-C reaches every process in its foreground group, and a worker that died of one would make the main
+    process fail (exit 1, a traceback per worker) before it could checkpoint; the main process checkpoints
+    and exits, and its workers are shut down with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)

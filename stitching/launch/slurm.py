@@ -46,6 +46,10 @@ Preemption / time limit protocol (what the trainer must do):
   ``$STITCHING_REQUEUE_FILE`` (rank 0, before exiting); the batch script
   treats that exactly like exit code 75.  ``$SLURM_RESTART_COUNT`` tells a
   restarted trainer how many times it was requeued.
+* Exit code 130 (``EXIT_INTERRUPTED``: SIGINT, e.g. ``scancel --signal=INT``; the command runs in the
+  background of a non-interactive shell, so a SIGINT sent to the whole job is ignored, as Python leaves it)
+  is a deliberate stop: the script says so and exits 130 without requeueing; submitting the sweep again
+  resumes the run.
 * On exit code 75 the batch script requeues *itself* with
   ``scontrol requeue ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}`` while the
   task is still RUNNING (this is why the signal comes before the time limit:
@@ -98,7 +102,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from stitching.messages import short_repr
-from stitching.rundir import EXIT_PREEMPTED, REQUEUE_ENV, REQUEUE_REQUEST, SLURM_MARKER
+from stitching.rundir import EXIT_INTERRUPTED, EXIT_PREEMPTED, REQUEUE_ENV, REQUEUE_REQUEST, SLURM_MARKER
 
 __all__ = [
     "EXIT_REQUEUE",
@@ -132,6 +136,21 @@ EXIT_REQUEUE = EXIT_PREEMPTED
 JOB_NAME_PREFIX = "stitching:"
 COMMENT_PREFIX = "stitching-tasks="
 MARKER_FILE = SLURM_MARKER
+#: a sweep's SLURM files (task files, batch scripts, logs) go into this folder of its runs directory
+SWEEP_DIR = "slurm"
+LOG_DIR = "logs"
+
+
+def sweep_dir(runs_dir: str | os.PathLike) -> Path:
+    """Where a sweep (or matrix) whose runs go into ``runs_dir`` keeps its job arrays' files."""
+    return Path(runs_dir) / SWEEP_DIR
+
+
+def task_log(work_dir: str | os.PathLike, task: str) -> Path:
+    """The log of array task ``task`` (``<jobid>_<index>``, as :data:`MARKER_FILE` holds it) of a submission
+    into ``work_dir`` (:func:`submit_array`)."""
+    return Path(work_dir) / LOG_DIR / f"{task}.out"
+
 
 #: Job states after which a task will not run again by itself.
 TERMINAL_STATES = frozenset(
@@ -155,6 +174,11 @@ _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _SIGNAL_RE = re.compile(r"^(?:B:)?(?:SIG)?([A-Z][A-Z0-9]*)@(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:+=@,/-]+$")
 _GPU_FLAGS = ("gpus-per-task", "gres")
+
+
+def time_seconds(time: str) -> int:
+    """Seconds of a SLURM time limit as :class:`SlurmResources` holds it (``HH:MM:SS`` or ``D-HH:MM:SS``)."""
+    return _time_to_seconds(time)
 
 
 def _time_to_seconds(time: str) -> int:
@@ -326,6 +350,7 @@ TASK_FILE=@TASK_FILE@
 REQUEUE=@REQUEUE@
 SIGNAL_CHILDREN=@SIGNAL_CHILDREN@
 EXIT_REQUEUE=@EXIT_REQUEUE@
+EXIT_INTERRUPTED=@EXIT_INTERRUPTED@
 
 : "${SLURM_ARRAY_TASK_ID:?this script must run as a SLURM array task}"
 TASK_ID="${SLURM_ARRAY_JOB_ID:-local}_${SLURM_ARRAY_TASK_ID}"
@@ -384,6 +409,9 @@ if ((rc == EXIT_REQUEUE)) || [[ -e "$@REQUEUE_ENV@" ]]; then
         say "scontrol requeue failed"
     fi
     exit "$EXIT_REQUEUE"
+fi
+if ((rc == EXIT_INTERRUPTED)); then
+    say "interrupted (SIGINT): the trainer kept its checkpoint; not requeued (a deliberate stop): submit the sweep again to resume"
 fi
 exit "$rc"
 """
@@ -453,6 +481,7 @@ def render_array_script(
         .replace("@REQUEUE@", "1" if resources.requeue else "0")
         .replace("@SIGNAL_CHILDREN@", "1" if signal_children else "0")
         .replace("@EXIT_REQUEUE@", str(EXIT_REQUEUE))
+        .replace("@EXIT_INTERRUPTED@", str(EXIT_INTERRUPTED))
         .replace("@REQUEUE_ENV@", REQUEUE_ENV)
         .replace("@REQUEUE_REQUEST@", REQUEUE_REQUEST)
         .replace("@TRAPS@", traps)
@@ -670,7 +699,7 @@ def submit_arrays(
         script = work_dir / f"array-{stamp}{suffix}.sbatch"
         write_task_file(task_file, chunk)
         after = submitted[-1][0] if submitted and resources.max_parallel else None
-        script.write_text(render_array_script(task_file, len(chunk), resources, work_dir / "logs", job_name,
+        script.write_text(render_array_script(task_file, len(chunk), resources, work_dir / LOG_DIR, job_name,
                                               command, chdir=chdir, after=after))
         try:
             try:

@@ -1,6 +1,8 @@
-"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--closed-form] [--runs-dir DIR] [--dry-run] [--draw]``.
+"""Train a stitching matrix (every sender cut x every receiver cut, with random controls), collect and draw it.
 
-Expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
+``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--closed-form] [--runs-dir DIR]
+[--dry-run|--status] [--draw]``:
+expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
 (:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.__main__.launch`): impossible cells are
 dropped and counted with their reason, duplicates dropped, each cell gets a stable run directory under
@@ -11,10 +13,15 @@ one table per matrix (rows sender cuts, columns receiver cuts; each cell's state
 finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the cell table into
 ``DIR/matrix.csv`` (:mod:`stitching.matrix.cells`) and draws ``DIR/figures/matrix_heatmaps.png``,
 ``DIR/figures/accuracy_vs_depth.png``, ``calibrated_heatmaps.png`` (with the controls and the receiver's
-accuracy) and ``similarity_heatmaps.png`` (where the cells measured it) (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
-arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have run, ``--draw`` collects and
-draws. ``--dry-run`` prints the tables and counts and writes or submits nothing. The receiver is also evaluated
-alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling of the calibrated scores.
+accuracy) and ``similarity_heatmaps.png`` (where the cells measured it) (:mod:`stitching.plots.matrix`).
+``--launcher slurm`` submits job arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have
+run, ``--draw`` collects and draws. ``--dry-run`` prints the tables and counts and what the cells cost per matrix
+(as ``python -m stitching.sweep --dry-run``: MACs, GPU-hours at ``--rate``, wall time; ``--images``,
+``--loader-rate``) and writes or submits nothing. ``--status`` (no ``--launcher`` needed) prints, per matrix, how
+many cells are done, running, preempted, interrupted, failed or not started and every failed cell's directory and
+last error line; exit 0 when every cell has finished, 1 when any failed, 75 when some are still to finish. The
+receiver is also evaluated alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling of
+the calibrated scores.
 
 ``--closed-form``: the same cells with their adapters fitted by least squares and evaluated, no gradient step
 (:mod:`stitching.matrix.closed_form`; default runs folder ``runs/<matrix name>-closed-form``): one group per
@@ -22,25 +29,28 @@ alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling
 GROUP_DIR``: here through the local launcher (``--parallel N`` groups at a time, its thread counts; each group's
 log echoed when it ends) or as one SLURM job array with a task per group (``slurm``); finished cells are
 skipped, an interrupted group is computed again for its unfinished cells. Then the same ``results.csv``,
-``matrix.csv`` (its ``fit`` column says ``closed_form``) and figures.
+``matrix.csv`` (its ``fit`` column says ``closed_form``) and figures. ``--status`` and ``--draw`` read the
+closed-form runs folder with ``--closed-form``; ``--dry-run`` prints no cost (nothing is trained).
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 from collections import Counter
 from pathlib import Path
 
+from stitching import cli
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, ConfigError, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
+from stitching.sweep import estimate as E
+from stitching.sweep.status import report
 
 #: a cell's mark in the printed tables
-MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
+MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.INTERRUPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
 IMPOSSIBLE, MISSING = "x", " "
 CLOSED_FORM_SUFFIX = "-closed-form"     # the default runs folder of a closed-form matrix: runs/<name>-closed-form
-LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started or preempted (resumes), "
+LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started, preempted or interrupted (resumes), "
           f"'{MARKS[R.FAILED]}' failed, '{IMPOSSIBLE}' cannot be stitched (see above), '=' built by another cell")
 
 
@@ -133,6 +143,14 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
     return 0
 
 
+def status_groups(matrix: Matrix) -> list[tuple]:
+    """The ``--status`` / cost rows of a matrix's runs: one per matrix (trained, each control), in the matrix's
+    order, then the receiver alone (:func:`stitching.sweep.status.report`'s groupings)."""
+    matrices = {matrix.block_name(c): CONTROL_NAMES[c] for c in matrix.controls}
+    shown = list(matrices.values())
+    return [("", lambda r: matrices.get(r.block, r.block), lambda name: (shown + [name]).index(name))]
+
+
 def print_receiver(exp) -> None:
     runs = [r for r in exp.runs if r.block == RECEIVER_BLOCK]
     for run in runs:
@@ -180,6 +198,10 @@ def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
     names = {r.name for r in exp.runs}
     if args.draw:
         return draw(matrix, runs_dir, names)
+    if args.status:
+        print(f"{summary_line(matrix)} -- closed form\n{len(exp.runs)} runs in {runs_dir}; where they stand, read from "
+              "their directories (nothing written or submitted; a group's cells finish together)")
+        return report(exp.runs, runs_dir, status_groups(matrix))
     print(summary_line(matrix) + " -- closed form (least squares, no training)")
     print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}, {len(groups)} groups (one per control and "
           f"seed; a group's cells share their passes)")
@@ -191,8 +213,7 @@ def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
     print_receiver(exp)
     print(f"legend: {LEGEND}")
     status = Counter(R.status(r.config.output.dir) for r in exp.runs)
-    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
-    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [(name, d, [r for r in e.runs if R.status(r.config.output.dir) != R.FINISHED]) for name, d, e in groups]
     todo = [t for t in todo if t[2]]
     todo_receiver = [r for r in receiver.runs if R.status(r.config.output.dir) != R.FINISHED]
@@ -203,15 +224,16 @@ def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
         for run in runs:
             _write_config(run)
     code = 0
+    stopped = (R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED)
     if todo_receiver:
         code = launch(todo_receiver, [matrix.receiver_block()], runs_dir, matrix.name, args.launcher, 1, args.slurm)
     if not todo and not todo_receiver:
         print("nothing to do: every cell has finished")
-    elif args.launcher == "local" and todo and code != R.EXIT_PREEMPTED:
+    elif args.launcher == "local" and todo and code not in stopped:
         code = _run_groups([d for _, d, _ in todo], args.parallel) or code
     elif args.launcher == "slurm" and todo:
         code = _submit_groups(todo, matrix, runs_dir, args.slurm) or code
-    if args.launcher == "local" and code != R.EXIT_PREEMPTED:
+    if args.launcher == "local" and code not in stopped:
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
         print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --closed-form --draw"
@@ -221,43 +243,40 @@ def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
 
 def _run_groups(dirs: list[Path], parallel: int = 1) -> int:
     """The groups here, each in its own process (``python -m stitching.matrix.closed_form GROUP_DIR``), ``parallel``
-    at a time with the local launcher's placement and thread counts (:mod:`stitching.launch.local`; Ctrl-C
-    forwarded); each group's lines of this launch are echoed when it ends."""
+    at a time with the local launcher's placement, thread counts and signals (:mod:`stitching.launch.local`);
+    each group's lines of this launch are echoed when it ends; the exit code as the local launcher's."""
     from stitching.launch.local import run_local
     from stitching.matrix.closed_form import MODULE
+    from stitching.sweep.__main__ import local_summary
 
     logs = {d: d / R.LAUNCHER_LOG for d in dirs}
     seen = {d: log.stat().st_size if log.is_file() else 0 for d, log in logs.items()}
-    codes = run_local(dirs, parallel=max(1, parallel), command=("-m", MODULE))
+    result = run_local(dirs, parallel=max(1, parallel), command=("-m", MODULE))
     for d in dirs:
         if logs[d].is_file():
             with open(logs[d], "rb") as f:
                 f.seek(seen[d])
                 for line in f.read().decode(errors="replace").splitlines():
                     print(f"[closed form] {line}", flush=True)
-    failed = [d for d in dirs if str(d) in codes and codes[str(d)] not in (R.EXIT_OK, R.EXIT_PREEMPTED)]
-    preempted = [d for d in dirs if codes.get(str(d), R.EXIT_PREEMPTED) == R.EXIT_PREEMPTED]
-    if failed or preempted:
-        print(f"[closed form] {len(failed)} groups failed, {len(preempted)} interrupted or not started; run the "
-              "same command again to go on", flush=True)
-    return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
+    return local_summary(result)
 
 
 def _submit_groups(groups: list[tuple[str, Path, list]], matrix: Matrix, runs_dir: Path, overrides: list[str]) -> int:
     """SLURM job arrays, a task per group (split at the cluster's MaxArraySize; never a second task for a group
-    already queued or running); the resources are the matrix's ``slurm:`` with ``--slurm key=value`` typed as a sweep's are."""
+    already queued or running); the resources are the matrix's ``slurm:`` with ``--slurm key=value`` typed as a
+    sweep's are."""
     import sys
 
     from stitching.launch import slurm
     from stitching.matrix.closed_form import group_command
-    from stitching.sweep.__main__ import _slurm_groups
+    from stitching.sweep.__main__ import slurm_groups
 
     dirs = [d for _, d, _ in groups]
     blocks = [block for _, block in matrix.groups()]
-    res = _slurm_groups([r for _, _, runs in groups for r in runs], blocks, overrides)[0][0]
+    res = next(iter(slurm_groups([r for _, _, runs in groups for r in runs], blocks, overrides).values()))[0]
     try:
-        arrays = slurm.submit_arrays(dirs, runs_dir / "slurm", res, f"{matrix.name}-closed-form", group_command(),
-                                     chdir=Path.cwd())
+        arrays = slurm.submit_arrays(dirs, slurm.sweep_dir(runs_dir.absolute()), res, f"{matrix.name}-closed-form",
+                                     group_command(), chdir=Path.cwd())
     except slurm.UnsatisfiableJob as err:
         print(f"error: slurm resources of the matrix: {err}", file=sys.stderr)
         return R.EXIT_CONFIG
@@ -270,17 +289,25 @@ def _submit_groups(groups: list[tuple[str, Path, list]], matrix: Matrix, runs_di
               + (f" ({len(dirs) - submitted} already queued or running)" if submitted < len(dirs) else ""))
     else:
         print(f"slurm: all {len(dirs)} unfinished groups are already queued or running")
-    print(f"logs: {runs_dir / 'slurm' / 'logs'}")
+    print(f"logs: {slurm.sweep_dir(runs_dir) / slurm.LOG_DIR}")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.matrix", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.matrix", __doc__, [
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --dry-run   # the cells, their cost",
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local",
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --closed-form   # no training",
+        "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --status        # where the cells stand",
+        "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --draw          # after SLURM"],
+        cli.LAUNCHER_EXITS)
     parser.add_argument("matrix", help="matrix YAML file")
     parser.add_argument("--launcher", choices=("local", "slurm"), help="where the cells train (required unless "
                         "--draw)")
     parser.add_argument("--runs-dir", help="where run directories go (default: runs/<matrix name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells; write and submit nothing")
+    parser.add_argument("--status", action="store_true", help="print where the cells stand, read from their "
+                        "directories; write and submit nothing (exit 0: all done, 1: some failed, 75: not yet)")
     parser.add_argument("--draw", action="store_true", help="only collect the finished cells and draw")
     parser.add_argument("--parallel", type=int, default=1, help="local: runs (closed form: groups) at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
@@ -288,11 +315,14 @@ def main(argv=None) -> int:
     parser.add_argument("--closed-form", action="store_true",
                         help="fit every cell's adapters by least squares and evaluate them, no training (default "
                              "runs folder: runs/<matrix name>-closed-form)")
+    E.add_options(parser)
     args = parser.parse_args(argv)
-    if args.launcher is None and not args.draw:
-        parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
+    if args.launcher is None and not (args.draw or args.status):
+        parser.error("--launcher is required (or --draw to collect and draw the finished cells, --status to see "
+                     "where they stand)")
+    E.parse_rate(args.rate), E.parse_images(args.images)       # a bad value: one line before any work
 
-    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan, runs_dir_of
+    from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
 
     matrix = load_matrix(args.matrix)
     if args.closed_form:
@@ -302,6 +332,11 @@ def main(argv=None) -> int:
     names = {r.name for r in exp.runs}
     if args.draw:
         return draw(matrix, runs_dir, names)
+    groups = status_groups(matrix)
+    if args.status:
+        print(f"{summary_line(matrix)}\n{len(exp.runs)} runs in {runs_dir}; where they stand, read from their "
+              "directories (nothing written or submitted)")
+        return report(exp.runs, runs_dir, groups)
 
     print(summary_line(matrix))
     print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}")
@@ -313,12 +348,13 @@ def main(argv=None) -> int:
     print_receiver(exp)
     print(f"legend: {LEGEND}")
     status = Counter(R.status(r.config.output.dir) for r in exp.runs)
-    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
-    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
         if args.launcher == "slurm":
             print_slurm_plan(todo, matrix.blocks(), args.slurm)
+        print()
+        print_cost(exp.runs, matrix.blocks(), groups, args)
         print("dry run: nothing written or submitted")
         return 0
     code = 0
@@ -326,7 +362,7 @@ def main(argv=None) -> int:
         code = launch(todo, matrix.blocks(), runs_dir, matrix.name, args.launcher, args.parallel, args.slurm)
     else:
         print("nothing to do: every cell has finished")
-    if args.launcher == "local" and code != R.EXIT_PREEMPTED:
+    if args.launcher == "local" and code not in (R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED):
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
         print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --draw"

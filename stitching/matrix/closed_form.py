@@ -29,11 +29,13 @@ receiver), the cells' accumulators (per link being fitted, float64: ``c_in^2 + c
 numbers; the similarity's per cell: three scalars and the least-squares sums of the destination cut's
 channels) and one cell's adapters and suffix at a time in evaluation; nothing grows with the number of images.
 
-A finished cell (``result.csv``) is left alone, so a group interrupted (SIGTERM / SIGUSR1 / Ctrl-C: it stops at
-the next batch with :data:`stitching.rundir.EXIT_PREEMPTED`, writing nothing) or killed is computed again for
-its unfinished cells only; a cell's numbers do not depend on which other cells share its passes. The group
-directory (:meth:`stitching.matrix.spec.Matrix.groups`) holds the cells' run directories; its ``lock`` keeps one
-process per group.
+A finished cell (``result.csv``) is left alone, so a group stopped (the trainer's signals,
+:mod:`stitching.train.stop`: SIGTERM / SIGUSR1 stop it at the next batch with
+:data:`stitching.rundir.EXIT_PREEMPTED`, Ctrl-C with :data:`~stitching.rundir.EXIT_INTERRUPTED`, a second Ctrl-C
+at once; nothing is written for its unfinished cells) or killed is computed again for its unfinished cells only;
+a cell's numbers do not depend on which other cells share its passes. The group directory
+(:meth:`stitching.matrix.spec.Matrix.groups`) holds the cells' run directories; its ``lock`` keeps one process
+per group, and its ``state.json`` says how the group's last process ended (what the local launcher reports).
 
 Command line (what a SLURM array task runs; ``python -m stitching.matrix FILE --closed-form`` launches it):
 ``python -m stitching.matrix.closed_form GROUP_DIR [GROUP_DIR ...]``.
@@ -41,9 +43,7 @@ Command line (what a SLURM array task runs; ``python -m stitching.matrix FILE --
 
 from __future__ import annotations
 
-import argparse
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitching import cli
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, IDENTITY, Config, ConfigError, check_files, load_config, run_cli
 from stitching.results.schema import RESULT_COLUMNS
@@ -61,6 +62,7 @@ from stitching.similarity import LeastSquares, MinibatchCKA, channels_last_sampl
 from stitching.stitch import lsinit
 from stitching.stitch.join import adapted_at_join, destination_at_join, on_destination_grid, source_at_join
 from stitching.stitch.stitcher import Networks, assemble, load_networks
+from stitching.train.stop import INTERRUPT, NONE, Aborted, StopSignals
 
 #: what a closed-form cell's config says (a cell of a closed-form matrix is exactly this run)
 CLOSED_FORM = {"model.init": "least_squares", "train.epochs": 0}
@@ -68,7 +70,12 @@ _CUTS = {k for keys in CUT_KEYS.values() for k in keys}
 
 
 class Preempted(Exception):
-    """SIGTERM / SIGUSR1 / SIGINT arrived: the group stops at the next batch, writing nothing more."""
+    """SIGTERM / SIGUSR1 / SIGINT arrived: the group stops at the next batch, writing nothing more; ``code``:
+    :data:`~stitching.rundir.EXIT_INTERRUPTED` after a Ctrl-C, else :data:`~stitching.rundir.EXIT_PREEMPTED`."""
+
+    def __init__(self, code: int):
+        super().__init__(R.describe_exit(code))
+        self.code = code
 
 
 @dataclass
@@ -122,23 +129,16 @@ def check_group(cfgs: list[Config], group_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the passes
-class _Stop:
-    """Remembers SIGTERM / SIGUSR1 / SIGINT; :meth:`check` raises :class:`Preempted` once one arrived."""
+class _Stop(StopSignals):
+    """The trainer's stop signals (:class:`stitching.train.stop.StopSignals`; its first-Ctrl-C line, which
+    promises a checkpoint, is not printed); :meth:`check` raises :class:`Preempted` once one arrived."""
 
     def __init__(self):
-        self.signal = None
-        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        self.signal = signum
+        super().__init__(is_main=False)
 
     def check(self) -> None:
-        if self.signal is not None:
-            raise Preempted(f"signal {self.signal}")
-
-    def restore(self) -> None:
-        for s, h in self.old.items():
-            signal.signal(s, h)
+        if self.level != NONE:
+            raise Preempted(R.EXIT_INTERRUPTED if self.level == INTERRUPT else R.EXIT_PREEMPTED)
 
 
 def _activations(stem: nn.Module, blocks: list, depths: set[int], x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -305,11 +305,17 @@ def run_group(group_dir: str | Path, say=print) -> int:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     stop = _Stop()
+    group = R.RunDir(group_dir)
     try:
-        return _compute(group_dir, cfgs, len(dirs), stop, say)
-    except Preempted:
-        say(f"{group_dir.name}: interrupted; nothing written for its {len(todo)} unfinished cells (run it again)")
-        return R.EXIT_PREEMPTED
+        code = _compute(group_dir, cfgs, len(dirs), stop, say)
+        group.write_state(R.FINISHED, code, f"closed form: {len(todo)} cells computed")
+        return code
+    except (Preempted, Aborted) as err:
+        code = err.code if isinstance(err, Preempted) else R.EXIT_INTERRUPTED
+        message = f"{R.describe_exit(code)}: its unfinished cells are computed when it runs again"
+        say(f"{group_dir.name}: {message}")
+        group.write_state(R.status_of_exit(code), code, message)
+        return code
     except R.RunDirError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -451,10 +457,20 @@ def group_command(python: str = sys.executable) -> str:
     return f'{shlex.quote(python)} -m {MODULE} "$RUN_DIR"'
 
 
+#: what the exit codes of ``python -m stitching.matrix.closed_form`` mean
+EXITS = {R.EXIT_OK: "every cell of the groups finished", R.EXIT_FAILED: "an unexpected error (a traceback above it)",
+         R.EXIT_CONFIG: "a bad group directory or cell config: one line names it; nothing computed",
+         R.EXIT_BUSY: "another process computes the group (named by host and pid)",
+         R.EXIT_IO: "a result could not be written; the files already there are intact",
+         R.EXIT_PREEMPTED: "preempted (SIGTERM / SIGUSR1): nothing written for the unfinished cells; run it again",
+         R.EXIT_INTERRUPTED: "interrupted (Ctrl-C): nothing written for the unfinished cells; run it again"}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                     description="Compute closed-form matrix groups (written by python -m "
-                                                 "stitching.matrix FILE --closed-form).")
+    parser = cli.parser(f"python -m {MODULE}", "Compute closed-form matrix groups (written by ``python -m "
+                        "stitching.matrix FILE --closed-form``): every unfinished cell of each group, its adapters "
+                        "fitted by least squares in passes shared by the group's cells, then evaluated.",
+                        [f"python -m {MODULE} runs/tiny-closed-form/trained.seed0"], EXITS)
     parser.add_argument("groups", nargs="+", help="group directories (each holds its cells' run directories)")
     args = parser.parse_args(argv)
     code = R.EXIT_OK

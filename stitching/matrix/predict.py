@@ -22,12 +22,13 @@ trained one's). ``--out DIR`` writes ``prediction.md`` (the table) and ``predict
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from stitching import cli
+from stitching import rundir as R
 from stitching.config import ConfigError, run_cli
 from stitching.matrix.cells import CALIBRATED_COLUMNS, CELL_COLUMNS
 from stitching.matrix.spec import CONTROL_NAMES, CONTROLS
@@ -117,7 +118,11 @@ def _read(path: str, what: str) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.matrix.predict", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.matrix.predict", __doc__, [
+        "python -m stitching.matrix.predict runs/tiny_matrix/matrix.csv runs/tiny_matrix-closed-form/matrix.csv "
+        "--out figures/"],
+        {R.EXIT_OK: "the table is printed (and written with its figure under --out)",
+         R.EXIT_CONFIG: "a file is missing or not a matrix.csv: one line names it"})
     parser.add_argument("trained", help="the trained matrix's matrix.csv")
     parser.add_argument("closed_form", help="the closed-form matrix's matrix.csv (the predictors)")
     parser.add_argument("--out", help="write prediction.md and prediction.png into this folder")

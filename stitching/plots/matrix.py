@@ -43,6 +43,7 @@ CMAP = "viridis"
 MISSING_COLOR = "0.85"
 CONTROL_COLORS = {"none": "tab:blue", "source": "tab:orange", "destination": "tab:green", "both": "tab:red"}
 CUT_LABELS = {"stages": "stage", "blocks": "block"}
+TITLE_CHARS_PER_INCH = 8           # a panel figure's title (suptitle, "large") wraps at this many characters per inch
 
 
 def _controls(table: pd.DataFrame) -> list[str]:
@@ -172,7 +173,8 @@ def _panels(table, cuts, senders, receivers, panels, title, caption, out_path, s
             fig.colorbar(image, ax=ax, label=label, shrink=0.85)
     if shared:
         fig.colorbar(image, ax=list(axes), label=panels[0][5], shrink=0.85)
-    fig.suptitle(title)
+    chars = int(fig.get_size_inches()[0] * TITLE_CHARS_PER_INCH)    # wrapped to the figure's width
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in title.split("\n")))
     return _save(fig, out_path, caption)
 
 

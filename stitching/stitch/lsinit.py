@@ -53,7 +53,7 @@ from torch import nn
 from stitching.models.formats import Convert, convert, is_token, prefix_tokens
 from stitching.similarity import LeastSquares, channels_last_samples
 from stitching.stitch.adapters import Adapter
-from stitching.stitch.plan import PlanError, Shape, StitchPlan
+from stitching.stitch.plan import PlanError, Shape, StitchPlan, nominal_shape, plan_config, plan_stitch
 from stitching.stitch.posembed import PosReinject
 
 INIT_MODES = ("default", "least_squares")
@@ -91,13 +91,11 @@ def link_targets(plan: StitchPlan, destination_cut: Callable[[int, str], Shape])
     return points
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, specs) -> None:
     """``model.init`` / ``model.init_images`` of ``cfg`` (a :class:`stitching.config.Config`): a known mode;
     least squares needs adapters with a map to fit and a target for every link (checked on the declared
-    shapes at ``data.img_size``; the trainer checks the traced ones again before computing)."""
-    from stitching.config import model_spec
-    from stitching.stitch.plan import nominal_shape, plan_stitch
-
+    shapes at ``data.img_size``; the trainer checks the traced ones again before computing). ``specs()``
+    gives the source's and the destination's model specs (asked for only where needed)."""
     m = cfg.model
     if m.init not in INIT_MODES:
         raise cfg.error("model.init", f"must be one of {', '.join(INIT_MODES)}")
@@ -113,14 +111,12 @@ def check_config(cfg) -> None:
         raise cfg.error("model.init", f"{m.adapter} adapters have no linear map to fit in closed form (fitted: "
                         f"{', '.join(FITTED_ADAPTERS)}); use model.init=default")
     if blocks:                          # declared block shapes at data.img_size (the trainer checks the traced)
-        from stitching.stitch.plan import plan_config
-
         try:
             link_targets(plan_config(m, cfg.data.img_size), lambda st, w: None)   # (one link: no intermediate)
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
         return
-    src, dst = model_spec(cfg, "source"), model_spec(cfg, "destination")
+    src, dst = specs()
     try:
         plan = plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, m.resize, m.schedule,
                            img_size=cfg.data.img_size, style=m.adapter_style)

@@ -37,7 +37,10 @@ from torch import nn
 
 from stitching.messages import short_repr
 from stitching.models.formats import Convert, prefix_tokens
-from stitching.models.registry import WeightsError, get_spec, load_model, trace_blocks, trace_cuts
+from stitching.models.registry import get_spec
+from stitching.models.spec import Parts
+from stitching.models.trace import trace_blocks, trace_cuts
+from stitching.models.weights import WeightsError, load_model
 from stitching.stitch.adapters import Adapter
 from stitching.stitch.plan import Shape, StitchPlan, destination_target, plan_blocks, plan_stitch
 from stitching.stitch.posembed import PosReinject, learned_pos_embed
@@ -117,7 +120,7 @@ class Networks:
     """The two networks of a config's ``model`` section, loaded once (:func:`load_networks`), from which any
     number of stitches between their cuts are assembled (:func:`assemble`; a stitching matrix's cells share
     them). ``same``: the destination is the source network itself (one instance, one split); ``blocks_*``:
-    the traced block lists (:func:`~stitching.models.registry.trace_blocks`), traced on first use."""
+    the traced block lists (:func:`~stitching.models.trace.trace_blocks`), traced on first use."""
 
     source: nn.Module
     destination: nn.Module | None
@@ -155,9 +158,7 @@ def load_networks(mcfg, img_size: int = 224, num_classes: int = 1000) -> Network
     """The source and (for a stitched config) the destination network of ``mcfg``, with
     ``model.random_init``, split and traced at ``img_size``: what every stitch between their cuts shares.
     An original config (no cut) loads the source only (``destination`` None)."""
-    from stitching.config import model_args
-
-    src_args, dst_args = model_args(mcfg, "source"), model_args(mcfg, "destination")
+    src_args, dst_args = mcfg.source_args(), mcfg.destination_args()
     src_spec = get_spec(mcfg.source, src_args)
     random = getattr(mcfg, "random_init", "none")
     src_random, dst_random = random in ("source", "both"), random in ("destination", "both")
@@ -188,33 +189,65 @@ def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
     """The stitched model of ``mcfg``'s cut, adapter, resize, schedule, style and position embedding on the
     loaded ``nets`` (their modules shared, not copied; only the adapters are new, drawn from the global
     random generator as :func:`build_model` draws them)."""
-    src_spec, dst_spec = nets.source_spec, nets.destination_spec
     src_parts, dst_parts = nets.source_parts, nets.destination_parts
-    dst_name, dst_model = dst_spec.name, nets.destination
+    traced = nets.blocks() if getattr(mcfg, "source_block", None) is not None else None   # block cuts
+    cut = layout(mcfg, nets.source_spec, nets.destination_spec, src_parts, dst_parts, nets.source_shapes,
+                 nets.destination_shapes, traced)
+    plan = cut.plan
     src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
-    if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
-        i, j = mcfg.source_block, mcfg.destination_block
-        traced_src, traced_dst = nets.blocks()
-        plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced_src,
-                           traced_dst, style=mcfg.adapter_style)
-        prefix = nn.Sequential(src_parts.stem, *src_blocks[: i + 1])
-        start = j + 1
-    else:
-        s, t = mcfg.source_stage, mcfg.destination_stage
-        plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
-                           nets.source_shapes, nets.destination_shapes, style=mcfg.adapter_style)
-        prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
-        stage, where = destination_target(dst_spec, s, t)
-        start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
-    suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
-    target = nn.Sequential(dst_parts.stem, *dst_blocks[:start])
-    data_config = nets.data_config
+    prefix = nn.Sequential(src_parts.stem, *src_blocks[: cut.prefix_end])
+    suffix = nn.Sequential(*dst_blocks[cut.suffix_start:], dst_parts.head)
+    target = nn.Sequential(dst_parts.stem, *dst_blocks[: cut.suffix_start])
 
     if plan.kind == "finetune":
-        middle = nn.Sequential(*[dst_parts.stages[st - 1][0] for st in plan.kept_blocks])
+        middle = nn.Sequential(*[dst_blocks[i] for i in cut.kept])
         model = StitchedModel(prefix, middle, suffix, frozen=False, plan=plan)
-        return BuiltModel(model, "finetune", data_config, plan)
+        return BuiltModel(model, "finetune", nets.data_config, plan)
 
+    model = StitchedModel(prefix, nn.Sequential(*adapter_layers(mcfg, plan, nets.destination)), suffix,
+                          frozen=True, plan=plan, frozen_bn=frozen_bn)
+    cuts = {k: Shape(nets.destination_spec.cut(*k).format, *v) for k, v in nets.destination_shapes.items()}
+    return BuiltModel(model, "stitched", nets.data_config, plan, target, dst_parts, cuts)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a stitched (or fine-tuned) model cuts its two networks' flat block lists (``Parts.blocks()``):
+    the prefix is the source's stem and ``blocks[:prefix_end]``, the suffix the destination's
+    ``blocks[suffix_start:]`` and head, the destination's own network up to the join (``BuiltModel.target``)
+    its stem and ``blocks[:suffix_start]``; a fine-tuned model keeps the destination blocks ``kept`` between
+    them (the first blocks of the stages its gap crosses)."""
+
+    plan: StitchPlan
+    prefix_end: int
+    suffix_start: int
+    kept: tuple[int, ...] = ()
+
+
+def layout(mcfg, src_spec, dst_spec, src_parts: Parts, dst_parts: Parts, src_shapes: dict, dst_shapes: dict,
+           traced: tuple | None = None) -> Layout:
+    """The plan and the cuts of a config's ``model`` section (stage or block cuts) on the split networks:
+    ``*_shapes`` are :func:`~stitching.models.trace.trace_cuts`' traced cut shapes, ``traced`` the
+    :func:`~stitching.models.trace.trace_blocks` lists of both networks (needed for block cuts only).
+    :func:`assemble` builds the modules from it; :mod:`stitching.stitch.cost` counts them."""
+    if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
+        i, j = mcfg.source_block, mcfg.destination_block
+        plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced[0],
+                           traced[1], style=mcfg.adapter_style)
+        return Layout(plan, i + 1, j + 1)
+    s, t = mcfg.source_stage, mcfg.destination_stage
+    plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule, src_shapes, dst_shapes,
+                       style=mcfg.adapter_style)
+    stage, where = destination_target(dst_spec, s, t)
+    start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
+    kept = tuple(dst_parts.index_after_first(st) - 1 for st in plan.kept_blocks)
+    return Layout(plan, src_parts.index_after_first(s), start, kept)
+
+
+def adapter_layers(mcfg, plan: StitchPlan, dst_model: nn.Module) -> list[nn.Module]:
+    """The modules between prefix and suffix of a stitched model: conversion into the chain's working format,
+    the planned adapters, conversion into the destination's format and, with ``model.pos_embed: reinject``,
+    the destination's position embedding (read from ``dst_model``)."""
     grid = (plan.source_cut.height, plan.source_cut.width)
     last = plan.steps[-1]
     layers = [Convert(plan.source_cut.format, plan.working_format, grid)]
@@ -223,8 +256,6 @@ def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
     if getattr(mcfg, "pos_embed", "none") == "reinject":
         found = learned_pos_embed(dst_model)
         if found is None:    # the config check refuses this first (model.pos_embed)
-            raise ValueError(f"model.pos_embed=reinject: {dst_name} has no learned position embedding")
+            raise ValueError(f"model.pos_embed=reinject: {plan.destination} has no learned position embedding")
         layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), last.size_out))
-    model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
-    cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in nets.destination_shapes.items()}
-    return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts)
+    return layers

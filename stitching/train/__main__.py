@@ -1,6 +1,6 @@
-"""``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``).
+"""Train (or evaluate) the model a config describes into its run directory, resuming where it stopped.
 
-Trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
+``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``): trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
 (``output.dir``; without one, ``runs/<config name>/<run name>``, named by the run's identity as a sweep names
 its runs, and printed first). Overrides are typed by the key they set (a path exactly as typed, ``2e-3``
 a number, ``true``/``false``, ``null``; :func:`stitching.config.parse_value`), ``--run-dir`` is a plain
@@ -10,21 +10,24 @@ checkpoint; a finished run is not redone unless ``--force`` (which keeps the old
 write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value that run had). Exit codes
 (:mod:`stitching.rundir`): done (or already finished), bad config/input (one line on stderr, nothing
 computed or overwritten), non-finite loss, run directory held by another trainer, a file that cannot be
-written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
+written, preempted by SIGTERM/SIGUSR1 or interrupted by Ctrl-C after saving a checkpoint (run it again).
 From Python: ``stitching.train(config, **overrides)`` (:func:`stitching.train.train`).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
 """
 
 from __future__ import annotations
 
-import argparse
-
+from stitching import cli
 from stitching.config import run_cli
 from stitching.train import resolve
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.train", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.train", __doc__, [
+        "python -m stitching.train --config configs/quickstart.yaml train.lr=0.01",
+        "torchrun --nproc_per_node=4 -m stitching.train --config configs/paper/resnet50_1to4_bottleneck.yaml",
+        "python -m stitching.train --run-dir runs/paper/<run name>      # a sweep's run, by hand"],
+        cli.TRAINER_EXITS)
     parser.add_argument("--config", help="run config YAML")
     parser.add_argument("--run-dir", help="run directory holding config.yaml (written by stitching.sweep)")
     parser.add_argument("--force", action="store_true", help="redo a finished run (old files kept in previous/)")
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
     cfg = resolve(args.config, args.run_dir, args.overrides)
     from stitching.train.loop import run
 
-    return run(cfg, force=args.force)
+    return run(cfg, force=args.force, exiting=True)
 
 
 if __name__ == "__main__":
