@@ -1,13 +1,13 @@
 """Run a list of run directories on this machine, one after another or N at a time.
 
-Each run is ``python -m stitching.train --run-dir DIR`` in its own process (and its own session, so that a
-terminal's Ctrl-C reaches the launcher only, which passes it on once), its output appended to
-``DIR/launcher.log``. Placement: each run gets one of the GPUs this process may use -- the entries of
-the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never
-``"0"``), else every device CUDA reports -- the least busy one, so runs go round-robin when they outnumber
-the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
-``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its affinity, e.g. a SLURM allocation) / N,
-unless the parent sets them.
+Each run is ``python -m stitching.train --run-dir DIR`` (or another ``command`` given the directory: a
+closed-form matrix's groups) in its own process (and its own session, so that a terminal's Ctrl-C reaches
+the launcher only, which passes it on once), its output appended to ``DIR/launcher.log``. Placement: each
+run gets one of the GPUs this process may use -- the entries of the parent's ``CUDA_VISIBLE_DEVICES`` when it
+is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never ``"0"``), else every device CUDA reports -- the least
+busy one, so runs go round-robin when they outnumber the GPUs; and each of the N runs at a time gets
+``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its
+affinity, e.g. a SLURM allocation) / N, unless the parent sets them.
 
 Signals to the launcher: nothing new is started afterwards, and each running trainer is told -- SIGINT
 (Ctrl-C) is passed on as SIGINT (the trainers checkpoint at their next step and exit interrupted; a second
@@ -33,6 +33,9 @@ from pathlib import Path
 
 from stitching import rundir as R
 
+#: what each run directory is given to (``python`` + this + the directory)
+TRAIN_COMMAND = ("-m", "stitching.train", "--run-dir")
+
 
 @dataclasses.dataclass
 class _Stop:
@@ -52,8 +55,9 @@ class LocalResult:
     stopped_by: str | None = None       # the signal that stopped the launcher (its name), if one did
 
 
-def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.executable) -> LocalResult:
-    """Run every directory (see the module docstring)."""
+def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.executable,
+              command: tuple[str, ...] = TRAIN_COMMAND) -> LocalResult:
+    """Run every directory (``python *command DIR``; see the module docstring)."""
     pending = [Path(d) for d in run_dirs]
     running: dict[Path, tuple[subprocess.Popen, object, str | None]] = {}
     endings: dict[str, R.Ending] = {}
@@ -74,7 +78,7 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
             if stop.signal is None:
                 for d in _startable(pending, waiting, endings, parallel - len(running)):
                     pending.remove(d)
-                    running[d] = _start(d, python, gpus, running, threads)
+                    running[d] = _start(d, (python, *command), gpus, running, threads)
             if stop.signal is not None and not running:
                 break
             for d, (proc, log, _) in list(running.items()):
@@ -132,14 +136,14 @@ def _startable(pending: list[Path], waiting: dict[Path, str], endings: dict, slo
     return chosen
 
 
-def _start(d: Path, python: str, gpus: list[str], running: dict, threads: int):
+def _start(d: Path, command: tuple[str, ...], gpus: list[str], running: dict, threads: int):
     slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
     env = run_env(os.environ, slot, threads)
     log = open(d / R.LAUNCHER_LOG, "a")
     print(f"[local] start {d}" + (f" on GPU {slot}" if slot is not None else "")
           + f", {env['OMP_NUM_THREADS']} threads", flush=True)
-    proc = subprocess.Popen([python, "-m", "stitching.train", "--run-dir", str(d)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen([*command, str(d)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
     return proc, log, slot
 
 
