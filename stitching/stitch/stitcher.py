@@ -108,6 +108,7 @@ class BuiltModel:
                                       # (its stem and blocks before the suffix; modules shared, not copied)
     destination_parts: object = None  # stitched: the destination split (registry.Parts; modules shared)
     destination_cuts: dict | None = None  # stitched: (stage, "first"|"end") -> its traced Shape (plan.Shape)
+    source_parts: object = None       # stitched / finetune: the source split (registry.Parts; modules shared)
 
 
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
@@ -146,13 +147,13 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
         traced_dst = traced_src if same else trace_blocks(dst_spec, dst_parts, img_size, dst_model)
         plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced_src,
                            traced_dst, style=mcfg.adapter_style)
-        prefix = nn.Sequential(src_parts.stem, *src_blocks[: i + 1])
+        prefix = nn.Sequential(src_parts.stem, *src_blocks[: prefix_blocks(mcfg, src_parts)])
         start = j + 1
     else:
         s, t = mcfg.source_stage, mcfg.destination_stage
         plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
                            src_shapes, dst_shapes, style=mcfg.adapter_style)
-        prefix = nn.Sequential(src_parts.stem, *src_blocks[: src_parts.index_after_first(s)])
+        prefix = nn.Sequential(src_parts.stem, *src_blocks[: prefix_blocks(mcfg, src_parts)])
         stage, where = destination_target(dst_spec, s, t)
         start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
     suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
@@ -161,7 +162,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     if plan.kind == "finetune":
         middle = nn.Sequential(*[dst_parts.stages[st - 1][0] for st in plan.kept_blocks])
         model = StitchedModel(prefix, middle, suffix, frozen=False, plan=plan)
-        return BuiltModel(model, "finetune", data_config, plan)
+        return BuiltModel(model, "finetune", data_config, plan, source_parts=src_parts)
 
     grid = (plan.source_cut.height, plan.source_cut.width)
     last = plan.steps[-1]
@@ -175,4 +176,13 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
         layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), last.size_out))
     model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
     cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in dst_shapes.items()}
-    return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts)
+    return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts, src_parts)
+
+
+def prefix_blocks(mcfg, parts) -> int:
+    """How many of the source's blocks (``parts.blocks()``, after its stem) the prefix of a stitch cut as
+    ``mcfg`` says (a config's ``model`` section) runs: up to the first block of ``source_stage``, or blocks
+    ``0..source_block``."""
+    if getattr(mcfg, "source_block", None) is not None:
+        return mcfg.source_block + 1
+    return parts.index_after_first(mcfg.source_stage)
