@@ -1,7 +1,9 @@
 """Run a list of run directories on this machine, one after another or N at a time.
 
-Each run is ``python -m stitching.train --run-dir DIR`` in its own process, its output appended to
-``DIR/launcher.log``. Placement: each run gets one of the GPUs this process may use -- the entries of
+Each job is ``python -m stitching.train --run-dir DIR`` in its own process, its output appended to
+``DIR/launcher.log``; a pack (a list of run directories, :mod:`stitching.train.pack`) is one job, ``--run-dir``
+once per directory, its output in its first directory's ``launcher.log`` (the others' say where), and each of
+its runs' exit code is the one its ``state.json`` holds from that job. Placement: each run gets one of the GPUs this process may use -- the entries of
 the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never
 ``"0"``), else every device CUDA reports -- the least busy one, so runs go round-robin when they outnumber
 the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
@@ -20,14 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from stitching.rundir import EXIT_OK, EXIT_PREEMPTED, LAUNCHER_LOG, describe_exit
+from stitching.rundir import EXIT_OK, EXIT_PREEMPTED, LAUNCHER_LOG, RunDir, describe_exit
 
 
-def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.executable) -> dict[str, int]:
-    """Run every directory; returns run dir -> exit code (``rundir.EXIT_OK`` done,
-    ``rundir.EXIT_PREEMPTED`` preempted, other = failed)."""
-    pending = [Path(d) for d in run_dirs]
+def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable) -> dict[str, int]:
+    """Run every job (a run directory, or a pack's list of them); returns run dir -> exit code
+    (``rundir.EXIT_OK`` done, ``rundir.EXIT_PREEMPTED`` preempted, other = failed)."""
+    pending = [[Path(x) for x in d] if isinstance(d, (list, tuple)) else Path(d) for d in run_dirs]
     running: dict[Path, tuple[subprocess.Popen, object, int | None]] = {}
+    packs: dict[Path, list[Path]] = {}
     codes: dict[str, int] = {}
     stop = {"signal": None}
     gpus = visible_gpus()
@@ -42,15 +45,24 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
     try:
         while pending or running:
             while pending and len(running) < parallel and stop["signal"] is None:
-                d = pending.pop(0)
+                job = pending.pop(0)
+                dirs = job if isinstance(job, list) else [job]
+                d = dirs[0]
                 slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
                 env = run_env(os.environ, slot, threads)
                 log = open(d / LAUNCHER_LOG, "a")
-                print(f"[local] start {d}" + (f" on GPU {slot}" if slot is not None else "")
+                for other in dirs[1:]:
+                    with open(other / LAUNCHER_LOG, "a") as note:
+                        note.write(f"[local] trained in a pack of {len(dirs)} runs: its output is in "
+                                   f"{d / LAUNCHER_LOG}\n")
+                what = f"a pack of {len(dirs)} runs: {d}, ..." if len(dirs) > 1 else str(d)
+                print(f"[local] start {what}" + (f" on GPU {slot}" if slot is not None else "")
                       + f", {env['OMP_NUM_THREADS']} threads", flush=True)
-                proc = subprocess.Popen([python, "-m", "stitching.train", "--run-dir", str(d)], stdout=log,
+                args = [a for x in dirs for a in ("--run-dir", str(x))]
+                proc = subprocess.Popen([python, "-m", "stitching.train", *args], stdout=log,
                                         stderr=subprocess.STDOUT, env=env)
                 running[d] = (proc, log, slot)
+                packs[d] = dirs
             if stop["signal"] is not None and not running:
                 break
             for d, (proc, log, _) in list(running.items()):
@@ -61,17 +73,26 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
                         # stopped by the forwarded signal before its handler was installed (still starting):
                         # nothing trained is lost, the next launch resumes it -- preempted, not failed
                         code = EXIT_PREEMPTED
-                    codes[str(d)] = code
                     del running[d]
-                    state = describe_exit(code)
-                    print(f"[local] {state}: {d}" + ("" if code in (EXIT_OK, EXIT_PREEMPTED)
-                                                     else f" -- see {d / LAUNCHER_LOG}"),
-                          flush=True)
+                    for member in packs[d]:
+                        own = _ending(member, proc.pid, code) if len(packs[d]) > 1 else code
+                        codes[str(member)] = own
+                        print(f"[local] {describe_exit(own)}: {member}" + (
+                            "" if own in (EXIT_OK, EXIT_PREEMPTED) else f" -- see {d / LAUNCHER_LOG}"), flush=True)
             time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     return codes
+
+
+def _ending(run_dir: Path, pid: int, code: int) -> int:
+    """The exit code of one run of a pack's job: what its ``state.json`` says the job (``pid``) ended it with,
+    0 for a run already finished, else the job's own ``code``."""
+    state = RunDir(run_dir).read_state()
+    if state.get("pid") == pid and isinstance(state.get("exit_code"), int):
+        return state["exit_code"]
+    return EXIT_OK if RunDir(run_dir).finished else code
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

@@ -1,4 +1,4 @@
-"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw]``.
+"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw] [--pack K]``.
 
 Expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
@@ -12,7 +12,10 @@ finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the c
 ``DIR/matrix.csv`` (:mod:`stitching.matrix.cells`) and draws ``DIR/figures/matrix_heatmaps.png`` and
 ``DIR/figures/accuracy_vs_depth.png`` (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
 arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have run, ``--draw`` collects and
-draws. ``--dry-run`` prints the tables and counts and writes or submits nothing.
+draws. ``--pack K`` trains up to K cells that share a sender, seed and recipe as one job over one data pass
+(:mod:`stitching.train.pack`; the default 1: one cell per job); the dry run prints the jobs, data passes and
+frozen-prefix GMACs separate vs packed. ``--dry-run`` prints the tables and counts and writes or submits
+nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from pathlib import Path
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
+from stitching.sweep.__main__ import (_print_dropped, check_pack, launch, print_reused, print_slurm_plan,
+                                      runs_dir_of)
+from stitching.sweep.packs import describe, pack_runs, savings
 
 #: a cell's mark in the printed tables
 MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
@@ -123,11 +129,13 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (as python -m stitching.sweep)")
+    parser.add_argument("--pack", type=int, default=1, metavar="K",
+                        help="train up to K cells that share a sender, seed and recipe as one job, over one data "
+                             "pass (default 1: one cell per job)")
     args = parser.parse_args(argv)
     if args.launcher is None and not args.draw:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
-
-    from stitching.sweep.__main__ import _print_dropped, launch, print_reused, print_slurm_plan, runs_dir_of
+    check_pack(args.pack)
 
     matrix = load_matrix(args.matrix)
     runs_dir = runs_dir_of(args.runs_dir, matrix.name)
@@ -149,13 +157,15 @@ def main(argv=None) -> int:
     print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
+        print(describe(savings(exp.runs, pack_runs(exp.runs, args.pack)), args.pack))
         if args.launcher == "slurm":
-            print_slurm_plan(todo, matrix.blocks(), args.slurm)
+            print_slurm_plan(todo, matrix.blocks(), args.slurm, args.pack)
         print("dry run: nothing written or submitted")
         return 0
     code = 0
     if todo:
-        code = launch(todo, matrix.blocks(), runs_dir, matrix.name, args.launcher, args.parallel, args.slurm)
+        code = launch(todo, matrix.blocks(), runs_dir, matrix.name, args.launcher, args.parallel, args.slurm,
+                      args.pack)
     else:
         print("nothing to do: every cell has finished")
     if args.launcher == "local" and code != R.EXIT_PREEMPTED:

@@ -1,4 +1,4 @@
-"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--paper-only]``.
+"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--paper-only] [--pack K]``.
 
 Expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
@@ -12,6 +12,10 @@ and of the full sweep (with ``--launcher slurm``, also how many job arrays the s
 or submits nothing.
 ``--paper-only`` / ``--extensions`` switch the extension blocks off / on (default: the file's
 ``extensions:``, itself true by default).
+``--pack K`` trains up to K runs that share a source, data, seed and recipe as one pack (one SLURM task or local
+job, one data pass, the frozen source prefix run once: :mod:`stitching.train.pack`, grouped by
+:mod:`stitching.sweep.packs`); the default ``--pack 1`` is one run per job. The dry run prints, for the whole
+sweep, the jobs, passes over the training data and frozen-prefix GMACs per image, separate vs packed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from stitching import rundir as R
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
+from stitching.sweep.packs import describe, pack_runs, savings
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
 
 
@@ -129,7 +134,11 @@ def main(argv=None) -> int:
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (partition, gpus_per_task, cpus_per_task, mem, time, "
                              "max_parallel, requeue, signal, account, qos, ...)")
+    parser.add_argument("--pack", type=int, default=1, metavar="K",
+                        help="train up to K runs that share a source, data, seed and recipe as one job, over one "
+                             "data pass (default 1: one run per job)")
     args = parser.parse_args(argv)
+    check_pack(args.pack)
 
     from stitching.sweep.spec import load_sweep
 
@@ -172,20 +181,35 @@ def main(argv=None) -> int:
     print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
     todo = [r for r in runs if _status(r) != R.FINISHED]
     if args.dry_run:
+        print()
+        print(describe(savings(runs, pack_runs(runs, args.pack)), args.pack))
         if args.launcher == "slurm":
-            print_slurm_plan(todo, blocks, args.slurm)
+            print_slurm_plan(todo, blocks, args.slurm, args.pack)
         print("dry run: nothing written or submitted")
         return 0
     if not todo:
         print("nothing to do: every run has finished")
         return 0
-    return launch(todo, blocks, runs_dir, name, args.launcher, args.parallel, args.slurm)
+    return launch(todo, blocks, runs_dir, name, args.launcher, args.parallel, args.slurm, args.pack)
+
+
+def check_pack(k: int) -> None:
+    """``--pack K``: at least 1 (a ConfigError naming the option otherwise)."""
+    if k < 1:
+        raise ConfigError("--pack", k, "command line", "must be >= 1 (runs per job; 1: one run per job)")
+
+
+def _job(pack: list[Run]):
+    """A launcher's job: one run directory, or a pack's list of them."""
+    dirs = [r.config.output.dir for r in pack]
+    return dirs[0] if len(dirs) == 1 else dirs
 
 
 def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, parallel: int = 1,
-           slurm_overrides: list[str] = ()) -> int:
-    """Write each unfinished run's ``config.yaml`` and run them: ``local`` here (``parallel`` at a time; the
-    exit code says whether any failed or was preempted), ``slurm`` as job arrays (never twice for a run
+           slurm_overrides: list[str] = (), pack: int = 1) -> int:
+    """Write each unfinished run's ``config.yaml`` and run them, up to ``pack`` to a job
+    (:func:`stitching.sweep.packs.pack_runs`): ``local`` here (``parallel`` jobs at a time; the exit code says
+    whether any failed or was preempted), ``slurm`` as job arrays, a job per task (never twice for a run
     directory already queued or running). Shared by every command that expands runs (sweeps, matrices)."""
     for run in todo:
         _write_config(run)
@@ -193,14 +217,17 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
     if launcher == "local":
         from stitching.launch.local import run_local
 
-        codes = run_local([r.config.output.dir for r in todo], parallel=max(1, parallel))
+        jobs = pack_runs(todo, pack)
+        if len(jobs) < len(todo):
+            print(f"local: {len(todo)} runs in {len(jobs)} jobs (--pack {pack})")
+        codes = run_local([_job(p) for p in jobs], parallel=max(1, parallel))
         failed = {d: c for d, c in codes.items() if c not in (R.EXIT_OK, R.EXIT_PREEMPTED)}
         # interrupted (SIGTERM/SIGINT): the runs not started count as preempted -- run the command again
         preempted = sum(c == R.EXIT_PREEMPTED for c in codes.values()) + len(todo) - len(codes)
         print(f"local: {sum(c == R.EXIT_OK for c in codes.values())} done, {preempted} preempted, {len(failed)} failed"
               + (f" ({len(todo) - len(codes)} not started: interrupted)" if len(codes) < len(todo) else ""))
         return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
-    return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides))
+    return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides), pack)
 
 
 def _slurm_groups(todo: list[Run], blocks, overrides: list[str]) -> list:
@@ -240,9 +267,10 @@ def _arrays_said(sizes: list[int], res) -> str:
     return arrays + (f", at most {res.max_parallel} running at once (max_parallel)" if res.max_parallel else "")
 
 
-def print_slurm_plan(todo: list[Run], blocks, overrides: list[str]) -> None:
-    """What ``--launcher slurm`` would submit (the dry run): per resource group, how many job arrays the cluster's
-    ``MaxArraySize`` splits it into (read from ``scontrol show config``; SLURM's default where it cannot be)."""
+def print_slurm_plan(todo: list[Run], blocks, overrides: list[str], pack: int = 1) -> None:
+    """What ``--launcher slurm`` would submit (the dry run): per resource group, its tasks (runs, or packs of up
+    to ``pack``) and how many job arrays the cluster's ``MaxArraySize`` splits them into (read from ``scontrol
+    show config``; SLURM's default where it cannot be)."""
     from stitching.launch import slurm
 
     if not todo:
@@ -253,46 +281,56 @@ def print_slurm_plan(todo: list[Run], blocks, overrides: list[str]) -> None:
         limit, where = slurm.DEFAULT_MAX_ARRAY_SIZE, f"SLURM's default; not read here: {str(err).splitlines()[0]}"
     for res, runs in _slurm_groups(todo, blocks, overrides):
         blocks_of = sorted({r.block for r in runs})
+        jobs = pack_runs(runs, pack)
         try:
-            arrays = _arrays_said(slurm.array_chunks(len(runs), limit), res)
+            arrays = _arrays_said(slurm.array_chunks(len(jobs), limit), res)
         except slurm.UnsatisfiableJob as err:      # a cluster that takes no arrays at all
             arrays = f"none: {err}"
-        print(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)} -> {arrays} (MaxArraySize {limit}: "
-              f"{where}; runs already queued or running are left out when submitting)")
+        packs = f" in {len(jobs)} packs of up to {pack}" if len(jobs) < len(runs) else ""
+        print(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)}{packs} -> {arrays} (MaxArraySize "
+              f"{limit}: {where}; runs already queued or running are left out when submitting)")
 
 
-def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str]) -> int:
+def _runs_in(tasks) -> int:
+    """How many runs a list of SLURM tasks holds (a task: a run directory, or a pack's tuple of them)."""
+    return sum(len(t) if isinstance(t, (list, tuple)) else 1 for t in tasks)
+
+
+def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str], pack: int = 1) -> int:
     from stitching.launch import slurm
 
     submitted = 0
     refused: dict[str, int] = {}                      # cause (slurm.REFUSALS) -> runs not submitted
     for res, runs in _slurm_groups(todo, blocks, overrides):
-        command = slurm.train_command(sys.executable, res.gpus_per_task)
+        jobs_of = pack_runs(runs, pack)
+        command = slurm.train_command(sys.executable, res.gpus_per_task, pack=len(jobs_of) < len(runs))
         try:
-            arrays = slurm.submit_arrays([r.config.output.dir for r in runs], runs_dir.absolute() / "slurm", res,
+            arrays = slurm.submit_arrays([_job(p) for p in jobs_of], runs_dir.absolute() / "slurm", res,
                                          name, command, chdir=Path.cwd())
         except slurm.UnsatisfiableJob as err:  # more than the cluster has (or allows): said now, not left queued
             print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
-            done = sum(len(dirs) for _, dirs in err.submitted)
+            done = sum(_runs_in(tasks) for _, tasks in err.submitted)
             refused[err.cause] = refused.get(err.cause, 0) + len(runs) - done
             submitted += done
             continue
         except RuntimeError as err:   # no SLURM client here, or its controller cannot be reached: one line
             raise ConfigError("--launcher", "slurm", "command line", str(err).strip().splitlines()[0]) from None
-        dirs = [d for _, ds in arrays for d in ds]
-        skipped = len(runs) - len(dirs)
+        tasks = [t for _, ts in arrays for t in ts]
+        n = _runs_in(tasks)
+        skipped = len(runs) - n
         jobs = [job for job, _ in arrays]
         ids = ", ".join(jobs if len(jobs) <= 4 else [*jobs[:2], "...", jobs[-1]])
+        packed = f" ({n} runs in packs of up to {pack})" if len(tasks) < n else ""
         if len(arrays) == 1:
-            print(f"slurm: submitted job array {ids} with {len(dirs)} tasks"
+            print(f"slurm: submitted job array {ids} with {len(tasks)} tasks{packed}"
                   + (f", at most {res.max_parallel} running at once" if res.max_parallel else "")
                   + (f" ({skipped} already queued or running, not resubmitted)" if skipped else ""))
         elif arrays:
-            print(f"slurm: submitted {_arrays_said([len(ds) for _, ds in arrays], res)}: job arrays {ids}"
+            print(f"slurm: submitted {_arrays_said([len(ts) for _, ts in arrays], res)}{packed}: job arrays {ids}"
                   + (f" ({skipped} already queued or running, not resubmitted)" if skipped else ""))
         else:
             print(f"slurm: all {len(runs)} unfinished runs are already queued or running")
-        submitted += len(dirs)
+        submitted += n
     print(f"logs: {runs_dir / 'slurm' / 'logs'}; collect with: python -m stitching.collect {shlex.quote(str(runs_dir))} "
           f"-o {shlex.quote(str(runs_dir / 'results.csv'))}")
     for cause, n in refused.items():

@@ -1,0 +1,119 @@
+"""A sweep's runs grouped into packs (``--pack K``) and what packing saves.
+
+Owns :func:`pack_runs` -- the runs that :func:`stitching.config.pack_key` puts together (same source, data,
+seed, epochs, batch, device, precision), at most ``K`` to a pack, each group split into packs of even sizes
+in the order of their source cut, so a pack's runs need prefixes of similar depth; a run that trains alone
+(an original model, ``train.compile``) is a pack of its own; ``K = 1`` is one run per job, as before packs --
+and :func:`savings`, the dry run's totals separate vs packed (:func:`describe`): jobs, passes over the training
+data (a job reads it once per epoch) and the GMACs of the frozen source prefixes per training image (a pack
+runs its deepest prefix once; fine-tuning runs have no frozen prefix), counted on the source built on the meta
+device (no weights read).
+
+A pack is one SLURM task or one local job (:mod:`stitching.launch.slurm`, :mod:`stitching.launch.local`), so
+``K`` also bounds how far a study spreads: packs of 16 on a study of 1,738 runs make ~120 jobs, as many GPUs as
+one may want at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from stitching.config import Config, model_args, pack_key
+from stitching.models.registry import get_spec
+from stitching.stitch.cost import count_cost
+from stitching.stitch.stitcher import prefix_blocks
+
+
+def _cut_order(cfg: Config) -> tuple:
+    m = cfg.model
+    return (0, m.source_stage) if m.source_stage is not None else (1, m.source_block if m.source_block is not None
+                                                                   else -1)
+
+
+def pack_runs(runs: list, k: int) -> list[list]:
+    """``runs`` (anything with a ``.config``) as packs of at most ``k``: per pack key, in the order of the source
+    cut, split into ``ceil(n / k)`` packs of sizes differing by at most one; packs in the order of their first
+    run. ``k < 1`` is an error (ValueError)."""
+    if k < 1:
+        raise ValueError(f"--pack must be >= 1, not {k}")
+    groups: OrderedDict = OrderedDict()
+    for i, run in enumerate(runs):
+        key = pack_key(run.config.to_dict()) if k > 1 else None
+        groups.setdefault(key if key is not None else ("alone", i), []).append(run)
+    packs = []
+    for members in groups.values():
+        members = sorted(members, key=lambda r: _cut_order(r.config))
+        n = math.ceil(len(members) / k)
+        size, extra = divmod(len(members), n)
+        start = 0
+        for j in range(n):
+            stop = start + size + (j < extra)
+            packs.append(members[start:stop])
+            start = stop
+    order = {id(r): i for i, r in enumerate(runs)}
+    return sorted(packs, key=lambda p: min(order[id(r)] for r in p))
+
+
+class PrefixCost:
+    """GMACs of a source's frozen prefix (its stem and first blocks) per image, counted once per source and cut
+    on the source built on the meta device (the CPU where a model cannot be built there)."""
+
+    def __init__(self):
+        self._parts: dict = {}
+        self._macs: dict = {}
+
+    def __call__(self, cfg: Config) -> float:
+        """The GMACs of ``cfg``'s frozen prefix per image; 0 for a run without one (original, fine-tuning, frozen
+        parts in train mode: the source part is trained or recomputed, not shared)."""
+        m = cfg.model
+        if cfg.is_original or m.adapter == "finetune" or cfg.train.frozen_bn != "eval":
+            return 0.0
+        kwargs = model_args(m, "source")
+        key = (m.source, repr(sorted((kwargs or {}).items())), cfg.data.img_size, cfg.num_classes)
+        if key not in self._parts:
+            spec = get_spec(m.source, kwargs)
+            try:
+                with torch.device("meta"):
+                    self._parts[key] = spec.split(spec.build(False, cfg.num_classes))
+            except Exception:  # noqa: BLE001 - a model that cannot be built on meta: on the CPU
+                self._parts[key] = spec.split(spec.build(False, cfg.num_classes))
+        parts = self._parts[key]
+        n = prefix_blocks(m, parts)
+        if (key, n) not in self._macs:
+            prefix = nn.Sequential(parts.stem, *parts.blocks()[:n])
+            self._macs[(key, n)] = count_cost(prefix, cfg.data.img_size)["macs"] / 1e9
+        return self._macs[(key, n)]
+
+
+def savings(runs: list, packs: list[list], cost: PrefixCost | None = None) -> dict:
+    """Totals of ``runs`` trained one per job and as ``packs``: ``{"jobs": (separate, packed), "data_passes":
+    ..., "prefix_gmacs": ...}`` (module docstring)."""
+    cost = cost or PrefixCost()
+
+    def passes(r) -> int:
+        return r.config.train.epochs
+
+    prefix = {id(r): cost(r.config) for r in runs}
+    return {
+        "jobs": (len(runs), len(packs)),
+        "data_passes": (sum(passes(r) for r in runs), sum(max(passes(r) for r in p) for p in packs)),
+        "prefix_gmacs": (sum(prefix.values()), sum(max(prefix[id(r)] for r in p) for p in packs)),
+    }
+
+
+def describe(totals: dict, k: int) -> str:
+    """The dry run's lines for :func:`savings`."""
+    rows = [("jobs (SLURM tasks or local jobs)", "jobs", "{:,.0f}"),
+            ("passes over the training data (jobs x epochs)", "data_passes", "{:,.0f}"),
+            ("frozen source prefix per training image, GMACs", "prefix_gmacs", "{:,.1f}")]
+    lines = [f"packs (--pack {k}): runs that share a source, data, seed and recipe train together, one data pass"]
+    lines.append(f"  {'':48}{'separate':>12}{'packed':>12}{'ratio':>8}")
+    for label, key, fmt in rows:
+        a, b = totals[key]
+        ratio = f"{a / b:.1f}x" if b else "-"
+        lines.append(f"  {label:48}{fmt.format(a):>12}{fmt.format(b):>12}{ratio:>8}")
+    return "\n".join(lines)
