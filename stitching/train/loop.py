@@ -287,10 +287,12 @@ def _already_finished(r: Run, force: bool) -> bool:
         try:
             old = read_yaml(r.rundir.config) or {}  # (bounded: an alias bomb there is one line, exit 2)
             diff = R.differing_keys(old, cfg.to_dict(), IDENTITY) if isinstance(old, dict) else None
-        except ConfigError:                         # unreadable, not UTF-8, not YAML, too large
-            diff = None
+        except ConfigError as err:                  # unreadable, not UTF-8, not YAML, too large
+            diff, why = None, err.message
+        else:
+            why = "not a mapping"
         if diff != []:                                      # []: the same run
-            what = f"differs in {', '.join(diff)}" if diff else f"its {R.CONFIG} is not a readable run config"
+            what = f"differs in {', '.join(diff)}" if diff else f"its {R.CONFIG} is not a readable run config: {why}"
             raise ConfigError("output.dir", str(path), cfg.source_of("output.dir"),
                               f"holds a different run ({what}); "
                               "choose another output.dir or pass --force (the old files are kept in previous/)")
