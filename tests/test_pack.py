@@ -267,3 +267,34 @@ def test_paper_sweep_packed_by_16_has_ten_times_fewer_jobs_and_data_passes(tmp_p
         separate, packed = table[key]
         assert separate >= 10 * packed, (key, table)
     assert table["jobs"][0] == 2749 and table["gmacs"][0] > table["gmacs"][1] > 0
+
+
+def test_a_slurm_task_line_of_a_pack_trains_its_run_directories_as_one_pack(tmp_path):
+    """The array script (run by bash as SLURM would, without a cluster) hands a task line's run directories -- a
+    pack's, tab-separated, paths with spaces and '#' -- to one trainer as ``--run-dir`` each; a one-run line as
+    one ``--run-dir``."""
+    from stitching.launch import slurm
+
+    record = tmp_path / "argv.txt"
+    fake = tmp_path / "fake python"
+    fake.write_text(f'#!/bin/bash\nfor a in "$@"; do echo "$a"; done >> {json.dumps(str(record))}\necho --- >> '
+                    f'{json.dumps(str(record))}\n')
+    fake.chmod(0o755)
+    runs = tmp_path / "runs #1"
+    pack, alone = [runs / "r a", runs / "r #b", runs / "c"], runs / "d"
+    for d in [*pack, alone]:
+        d.mkdir(parents=True)
+    tasks = tmp_path / "tasks.txt"
+    lines = slurm.write_task_file(tasks, [pack, alone])
+    assert lines[0].count("\t") == 2 and "\t" not in lines[1]
+    script = tmp_path / "array.sbatch"
+    script.write_text(slurm.render_array_script(tasks, 2, slurm.SlurmResources(), tmp_path, "t",
+                                                slurm.train_command(str(fake), 1, pack=True)))
+    for i in range(2):
+        proc = subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = record.read_text().split("---\n")[:-1]
+    expect = [["-m", "stitching.train", *[a for d in pack for a in ("--run-dir", str(d))]],
+              ["-m", "stitching.train", "--run-dir", str(alone)]]
+    assert [c.splitlines() for c in calls] == expect
