@@ -247,6 +247,9 @@ def _table(out: str) -> dict[str, tuple[float, float]]:
 def test_sweep_trains_in_packs_and_its_dry_run_counts_the_savings(tmp_path):
     runs = tmp_path / "sweep #1"
     sweep = ROOT / "configs" / "sweeps" / "smoke.yaml"
+    bad = subprocess.run([sys.executable, "-m", "stitching.sweep", str(sweep), "--launcher", "local", "--runs-dir",
+                          str(runs), "--pack", "0"], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert bad.returncode == R.EXIT_CONFIG and "--pack=0: must be >= 1" in bad.stderr and not runs.exists()
     dry = _sweep(str(sweep), "--launcher", "local", "--runs-dir", str(runs), "--pack", "4", "--dry-run")
     # 2 adapters x 2 seeds + the original: the adapters of a seed pack together, the original trains alone (and
     # evaluates only: no pass over the training data)
