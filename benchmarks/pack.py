@@ -16,12 +16,14 @@ paper's recipe (``configs/paper/imagenet.yaml``) at ``--img-size`` px, batch ``-
 The training time of (a) and (b) is the trainer's own (result.csv's ``images_per_s`` over its timed window: the
 steps after the warm-up, :data:`stitching.train.perf.WARMUP_STEPS` or half the steps); (c) times the same steps.
 Rates are *branch-images* per second (images x runs trained on them). Ratios: ``speedup_packed`` = a / b (time),
-``overhead_vs_ideal`` = b / c. The processes' wall times (start-up, model building, evaluation included) are
+``overhead_vs_ideal`` = b / c, and ``speedup_by_macs``, what the shared prefix allows by MAC count (a run alone
+does, per image, its prefix P once and the rest R forward and about as much backward: ``sum(P + 2R) / (max P +
+sum 2R)``). The processes' wall times (start-up, model building, evaluation included) are
 printed too: packing also saves 8 of 9 start-ups. Then the paper sweep's totals separate vs packed
 (:func:`stitching.sweep.packs.savings`, ``--pack`` K). The output ends with one JSON line.
 
     python benchmarks/pack.py                                   # CPU, 224 px, batch 16, 8 steps
-    python benchmarks/pack.py --img-size 64 --steps 4 --gaps 3  # a quick look
+    python benchmarks/pack.py --img-size 64 --steps 4 --gaps 3 --source resnet18   # a quick look
     python benchmarks/pack.py --device cuda                     # the loader at the trainer's default workers
 """
 
@@ -66,10 +68,10 @@ def write_configs(where: Path, data_root: Path, args, gaps) -> list[Path]:
     workers = "null" if args.workers is None else args.workers
     files = []
     for s, d in gaps:
-        path = where / f"resnet50_{s}to{d}.yaml"
+        path = where / f"{args.source}_{s}to{d}.yaml"
         path.write_text(
             f"base: {json.dumps(str(ROOT / 'configs' / 'paper' / 'imagenet.yaml'))}\n"
-            f"model: {{source: resnet50, destination: resnet50, source_stage: {s}, destination_stage: {d}, "
+            f"model: {{source: {args.source}, destination: {args.source}, source_stage: {s}, destination_stage: {d}, "
             f"adapter: bottleneck, resize: bilinear, pretrained: false}}\n"
             f"data: {{root: {json.dumps(str(data_root))}, num_classes: {CLASSES}, img_size: {args.img_size}, "
             f"workers: {workers}}}\n"
@@ -101,6 +103,23 @@ def timed_seconds(run_dir: Path, args) -> float:
     with (run_dir / R.RESULT).open() as f:
         [row] = list(csv.DictReader(f))
     return window(args)[1] * args.batch_size / float(row["images_per_s"])
+
+
+def mac_bound(files: list[Path], where: Path) -> float:
+    """The speed-up the shared prefix allows by MAC count: per image, a run alone does ``P + 2 R`` (its frozen
+    prefix P once, the rest R forward and, about as much again, backward); the pack ``max P + sum 2 R``."""
+    cost = PrefixCost()
+    alone = packed = 0.0
+    deepest = 0.0
+    for f in files:
+        with (where / f.stem / R.RESULT).open() as fh:
+            [row] = list(csv.DictReader(fh))
+        p = cost(resolve(f)) * 1e9
+        rest = float(row["macs"]) - p
+        alone += p + 2 * rest
+        packed += 2 * rest
+        deepest = max(deepest, p)
+    return alone / (packed + deepest)
 
 
 def ideal(files: list[Path], args) -> dict:
@@ -167,6 +186,7 @@ def paper_totals(k: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--source", default="resnet50", help="the self-stitched model (4 stages; tests: resnet18)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -197,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         separate = write_configs(work / "separate", data_root, args, gaps)
         walls_a = [trainer([f], env) for f in separate]
         time_a = sum(timed_seconds(work / "separate" / f.stem, args) for f in separate)
+        by_macs = mac_bound(separate, work / "separate")
         print(f"(a) separate: {time_a:.2f} s trained, {sum(walls_a):.1f} s wall", flush=True)
         packed = write_configs(work / "packed", data_root, args, gaps)
         wall_b = trainer(packed, env)
@@ -217,12 +238,13 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_packed": round(time_a / time_b, 3),
         "overhead_vs_ideal": round(time_b / c["total"], 3),
         "speedup_wall": round(sum(walls_a) / wall_b, 3),
+        "speedup_by_macs": round(by_macs, 3),
         "paper_sweep": totals,
-        "gaps": len(gaps), "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
+        "source": args.source, "gaps": len(gaps), "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
         "timed_steps": window(args)[1], "device": args.device, "threads": args.threads, "workers": args.workers,
         "mean_jpeg_kb": round(kb, 1), "torch": torch.__version__,
     }
-    print(f"a/b (packed speed-up) {result['speedup_packed']:.2f}x, b/c (overhead vs ideal) "
+    print(f"a/b (packed speed-up) {result['speedup_packed']:.2f}x (by MAC count: {by_macs:.2f}x), b/c (overhead vs ideal) "
           f"{result['overhead_vs_ideal']:.2f}, process walls a/b {result['speedup_wall']:.2f}x")
     for part, t in totals.items():
         print(f"paper sweep ({part}), --pack {args.pack}: " + ", ".join(
