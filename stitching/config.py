@@ -196,7 +196,7 @@ class Config:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "output": OutputConfig}
 
 #: The two ways a config names a cut, each kind's (sender key, receiver key): stage cuts (the stage convention of
-#: docs/method.md) or block cuts (indices into :func:`stitching.models.registry.list_blocks`). A side is cut one
+#: docs/method.md) or block cuts (indices into :func:`stitching.models.trace.list_blocks`). A side is cut one
 #: way only, and both sides the same way (:func:`_check_cut_keys`); between layers the later kind wins
 #: (:func:`_replace_cut_kind`).
 CUT_KEYS = {"stages": ("model.source_stage", "model.destination_stage"),
@@ -834,7 +834,7 @@ def _check_pos_embed(cfg: Config) -> None:
     name = m.destination or m.source
     found = None
     if m.destination_block is not None:
-        from stitching.models.registry import list_blocks
+        from stitching.models.trace import list_blocks
 
         fmt = list_blocks(name, m.destination_args(), cfg.data.img_size)[m.destination_block].format
     else:

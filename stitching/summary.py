@@ -1,4 +1,4 @@
-"""What a config builds and costs (``--config FILE [key=value ...]``), or where a model can be cut (``--cuts MODEL``).
+"""What a config builds and costs (MACs, parameters, shapes at every join), or where a model can be cut.
 
 ``python -m stitching.summary --config FILE [section.key=value ...]`` or
 ``python -m stitching.summary --cuts MODEL [--img-size N]``.
@@ -28,19 +28,19 @@ block, its output format and shape; ``--json`` prints the rows as JSON.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 
 import yaml
 
+from stitching import cli
 from stitching.config import CLI, ConfigError, check_files, load_config, run_cli
 from stitching.stitch.cost import human, share
 
 
 def check_weights(cfg) -> None:
     """The config's weights files exist and fit their models (keys and shapes from the files' headers)."""
-    from stitching.models.registry import WeightsError, check_weights_file
+    from stitching.models.weights import WeightsError, check_weights_file
 
     check_files(cfg, data=False)
     m = cfg.model
@@ -106,7 +106,7 @@ def similarity(cfg, n: int, built) -> dict:
 def build_stitched(cfg):
     """The stitched model of ``cfg`` with its real weights, for ``--similarity`` (one build serves the cost
     too); a config without a join is a one-line error."""
-    from stitching.models.registry import PretrainedError
+    from stitching.models.weights import PretrainedError
     from stitching.stitch.stitcher import build_model
 
     check_files(cfg)
@@ -123,7 +123,7 @@ def originals(cfg) -> dict:
     """``{"source": {...}, "destination": {...}}`` of a stitched (or fine-tuning) config: each original
     model's name, MACs, FLOPs and parameters at ``data.img_size`` (random init: costs do not depend on weights;
     a destination that is the source network is counted once)."""
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
     from stitching.stitch.cost import count_cost
 
     m = cfg.model
@@ -212,7 +212,10 @@ def print_cuts(table, name: str, img_size: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.summary", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.summary", __doc__, [
+        "python -m stitching.summary --config configs/paper/resnet50_1to4_bottleneck.yaml",
+        "python -m stitching.summary --config configs/quickstart.yaml --json --similarity 256",
+        "python -m stitching.summary --cuts convnext_atto --img-size 64"], cli.SIMPLE_EXITS)
     parser.add_argument("--config", help="run config YAML")
     parser.add_argument("--cuts", metavar="MODEL", help="list MODEL's stage and block cuts instead of a config")
     parser.add_argument("--img-size", type=int, metavar="N", help="--cuts: the input size (default 224)")

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 def cached_models(monkeypatch):
     """Make ``build_model`` reuse one random-init instance per (name, num_classes) (deep-copied)."""
     import stitching.stitch.stitcher as stitcher
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
 
     def cached(name, pretrained=False, weights_file=None, num_classes=1000, kwargs=None):
         assert not pretrained and weights_file is None

@@ -345,7 +345,7 @@ def test_summary_prints_the_cut_table_and_the_stitchs_share_of_its_originals(tmp
 
 
 def _original_macs(name: str, kwargs: dict | None) -> int:
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
     from stitching.stitch.cost import count_cost
 
     return count_cost(load_model(name, False, None, 10, kwargs), 64)["macs"]

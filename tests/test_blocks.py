@@ -14,7 +14,9 @@ import torch
 
 from stitching.config import ConfigError, load_config
 from stitching.models.formats import spatial_shape
-from stitching.models.registry import get_spec, list_blocks, load_model, trace_blocks, trace_cuts
+from stitching.models.registry import get_spec
+from stitching.models.trace import list_blocks, trace_blocks, trace_cuts
+from stitching.models.weights import load_model
 from stitching.stitch.plan import PlanError, plan_blocks, plan_stitch
 from stitching.stitch.stitcher import build_model
 from tests.conftest import model_cfg, together

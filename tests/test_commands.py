@@ -37,7 +37,8 @@ import yaml
 from stitching.rundir import EXIT_CONFIG
 from tests.conftest import ROOT
 
-DOCS = ["README.md", "docs/method.md", "benchmarks/README.md", "scripts/slurm/README.md"]
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")),
+        "benchmarks/README.md", "scripts/slurm/README.md"]
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
 # "python -m stitching.train ...", "torchrun ... -m stitching.train", "python scripts/x.py ...": the program and
 # the rest of the command (up to the end of the code span, table cell or comment)
@@ -107,6 +108,12 @@ def test_documented_command_exists_and_takes_its_documented_flags(program):
     gives arguments (not a bare name in prose) gives the options it cannot run without."""
     proc = run(*(["-m", program] if not program.endswith(".py") else [program]), "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # plain text (no reStructuredText), an example of its own and what each exit code means (stitching.cli)
+    assert "``" not in proc.stdout and ":func:" not in proc.stdout and ":mod:" not in proc.stdout, proc.stdout
+    examples = proc.stdout.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0]
+    assert program in examples, proc.stdout
+    exits = proc.stdout.split("\nexit codes:\n", 1)[1]
+    assert exits.lstrip().startswith("0  "), proc.stdout
     usage = proc.stdout.split("\n\n")[0]     # argparse's usage paragraph lists every option (the description
     known, required = set(FLAG.findall(usage)), required_flags(usage)   # after it may quote the docstring)
     unknown = {f: sorted({flag for args in mentions for flag in FLAG.findall(args)} - known)
@@ -312,11 +319,11 @@ def test_train_device_cuda_without_a_gpu_is_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_the_readmes_config_contract_is_a_valid_config(tmp_path):
-    """The README's annotated config (every key with its documented value) loads and validates."""
+def test_the_documented_config_contract_is_a_valid_config(tmp_path):
+    """docs/config.md's annotated config (every key with its documented value) loads and validates."""
     from stitching.config import load_config
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "config.md").read_text()
     text = text[text.index("## The config contract"):]
     start = text.index("```yaml") + len("```yaml")
     block = text[start:text.index("```", start)]

@@ -11,7 +11,8 @@ import torch
 
 from stitching.config import ConfigError, load_config
 from stitching.models.derive import derive_spec
-from stitching.models.registry import available, get_spec, load_model
+from stitching.models.registry import available, get_spec
+from stitching.models.weights import load_model
 from stitching.stitch.stitcher import build_model
 
 ROOT = Path(__file__).resolve().parents[1]

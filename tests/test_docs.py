@@ -3,7 +3,8 @@
 - Nothing a user receives (README, package, configs, scripts, docs, benchmarks, notebooks) refers to files
   outside the repository (a ``../`` path must name something the repository holds): the method lives in
   ``docs/method.md``.
-- Every config key and every repository path that ``docs/method.md`` names exists.
+- Every config key and every repository path that the docs pages name exists; every relative link and image
+  of README.md and ``docs/`` resolves; the README stays a short page that links every docs page.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from stitching import rundir as R
 from stitching.config import SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = ROOT / "docs" / "method.md"
+#: the pages a user reads (the figures' generated captions / tables are checked by the study tests)
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").rglob("*.md") if "figures" not in p.parts)]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 SHIPPED = ["README.md", "stitching", "configs", "scripts", "docs", "benchmarks", "notebooks"]
 # a relative path that climbs out of its folder: it must end in a path the repository holds
 PARENT_PATH = re.compile(r"(?:\.\./)+([\w.-]+(?:/[\w.-]+)*)")
@@ -74,16 +79,20 @@ def _method_text() -> str:
     return METHOD.read_text()
 
 
-def test_config_keys_named_in_the_method_exist():
-    named = set(re.findall(r"`((?:model|data|train|output)\.[a-z_]+)\b(?!\()", _method_text()))
+def _pages_text() -> str:
+    return "\n".join(p.read_text() for p in PAGES)
+
+
+def test_config_keys_named_in_the_docs_exist():
+    named = set(re.findall(r"`((?:model|data|train|output)\.[a-z_]+)\b(?!\()", _pages_text()))
     assert {"model.adapter_style", "train.frozen_bn", "model.resize", "model.schedule"} <= named
     fields = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-    assert sorted(named - fields) == []
+    assert sorted(named - fields - {R.MODEL, R.LOG}) == []       # less the run directory's files
 
 
-def test_paths_named_in_the_method_exist():
+def test_paths_named_in_the_docs_exist():
     named = set(re.findall(r"`((?:stitching|configs|scripts|benchmarks|docs|tests|notebooks)/[\w./*-]*)`",
-                           _method_text()))
+                           _pages_text()))
     assert "configs/paper/imagenet_code.yaml" in named and "stitching/stitch/cost.py" in named
     missing = [p for p in sorted(named) if not list(ROOT.glob(p.rstrip("/")))]
     assert missing == []
@@ -96,3 +105,34 @@ def test_configs_named_in_the_method_load(config):
 
     assert f"configs/paper/{config}.yaml" in _method_text()
     load_config(ROOT / "configs" / "paper" / f"{config}.yaml", ["model.pretrained=false"])
+
+
+def _broken_links(page: Path) -> list[str]:
+    """The relative links and images of ``page`` whose file is not in the repository (anchors ignored)."""
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:", "#")):
+            continue
+        if not (page.parent / target.split("#", 1)[0]).exists():
+            broken.append(target)
+    return broken
+
+
+def test_the_link_check_can_fail(tmp_path):
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    (tmp_path / "docs" / "there.md").write_text("x")
+    page.write_text("[a](there.md) [b](there.md#part) [c](../docs/gone.md) ![d](figures/x.png) [e](https://x.org)")
+    assert _broken_links(page) == ["../docs/gone.md", "figures/x.png"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    assert _broken_links(page) == []
+
+
+def test_the_readme_is_a_short_page_that_links_every_docs_page():
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= 200
+    linked = {(ROOT / t.split("#", 1)[0]).resolve() for t in LINK.findall(readme.read_text())}
+    assert [p.relative_to(ROOT).as_posix() for p in PAGES[1:] if p.resolve() not in linked] == []

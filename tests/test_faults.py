@@ -131,7 +131,7 @@ def test_bad_images_switch_is_checked(tmp_path, bad_folder):
 def _weights(tmp_path: Path, name: str, num_classes: int, file: str) -> Path:
     from safetensors.torch import save_file
 
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
 
     path = tmp_path / file
     state = {k: v.contiguous() for k, v in load_model(name, num_classes=num_classes).state_dict().items()}
@@ -238,13 +238,13 @@ def test_summary_reads_no_tensors(tmp_path, weight_files, monkeypatch, capsys):
 
     import safetensors.torch
 
-    import stitching.models.registry as registry
+    import stitching.models.weights as weights
     from stitching.summary import main
 
     def no(*a, **k):
         raise AssertionError("the summary loaded weights")
 
-    monkeypatch.setattr(registry, "read_state_dict", no)
+    monkeypatch.setattr(weights, "read_state_dict", no)
     monkeypatch.setattr(safetensors.torch, "load_file", no)
     assert main(["--json", "--config", str(_weights_cfg(tmp_path, "source: resnet18")),
                  f"model.source_weights={weight_files['r18_20']}"]) == 0

@@ -207,7 +207,7 @@ def _confident_weights(path):
     every detail of its features (a random network's logits are otherwise nearly uniform)."""
     from safetensors.torch import save_file
 
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
 
     torch.manual_seed(0)
     model = load_model("resnet18", False, None, 10)

@@ -24,7 +24,7 @@ def _weights(path: Path) -> Path:
     """A ResNet-18 (10 classes) with its own random weights: the 'trained' network of the tests' matrices."""
     from safetensors.torch import save_file
 
-    from stitching.models.registry import load_model
+    from stitching.models.weights import load_model
 
     torch.manual_seed(123)
     model = load_model("resnet18", False, None, 10)
@@ -128,7 +128,7 @@ def test_dry_run_prints_every_matrix_and_counts_writing_nothing(tmp_path, capsys
 
 
 def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
-    from stitching.models.registry import list_blocks
+    from stitching.models.trace import list_blocks
 
     spec = tmp_path / "blocks.yaml"
     spec.write_text(f"base: {TINY}\ncuts: blocks\nstride: 3\n")      # the base's stage keys are cleared

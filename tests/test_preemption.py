@@ -13,7 +13,7 @@
 
 Exactness: on CPU a resumed run equals an uninterrupted one bit for bit (same world size). On CUDA the
 backward of bilinear resizing uses atomic adds and is not deterministic, so there the numbers agree to
-float tolerance only (see the README's "Reliability" section); these tests pin ``train.device: cpu``.
+float tolerance only (see docs/reliability.md); these tests pin ``train.device: cpu``.
 """
 
 from __future__ import annotations

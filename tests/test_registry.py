@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from stitching.models.registry import available, get_spec, load_model, read_state_dict, trace_cuts
+from stitching.models.registry import available, get_spec
+
+from stitching.models.trace import trace_cuts
+
+from stitching.models.weights import load_model, read_state_dict
 
 MAIN = ["resnet50", "mobilenetv3_large_100", "vit_small_patch16_224", "swin_t"]
 

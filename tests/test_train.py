@@ -135,7 +135,7 @@ def _interrupted_and_resumed(tmp_path: Path, cfg: Path, out: Path) -> None:
 
 def test_sigterm_then_rerun_equals_an_uninterrupted_run(tmp_path):
     """Bit for bit on CPU (pinned above). On CUDA the same state is restored but the backward of bilinear
-    resizing is not deterministic, so there a resumed run agrees to float tolerance only (README,
+    resizing is not deterministic, so there a resumed run agrees to float tolerance only (docs/reliability.md,
     "Reliability")."""
     text = BASE.replace("epochs: 2", "epochs: 3").replace("train_size: 512", "train_size: 1024")
     cfg = write_cfg(tmp_path, text)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a real, single-node SLURM cluster (munged + slurmctld + slurmd) on this
-# host, without systemd.  Used by tests/test_slurm.py and CI; see README.md.
+# host, without systemd.  Used by tests/test_slurm.py and CI; see scripts/slurm/README.md.
 #
 # Idempotent: re-running it while the cluster is up only re-checks it.  If the
 # generated slurm.conf changed, the daemons started by this script are

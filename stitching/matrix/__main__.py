@@ -1,6 +1,7 @@
-"""``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw] [--pack K]``.
+"""Train a stitching matrix (every sender cut x every receiver cut, with random controls), collect and draw it.
 
-Expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
+``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw] [--pack K]``:
+expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
 (:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.__main__.launch`): impossible cells are
 dropped and counted with their reason, duplicates dropped, each cell gets a stable run directory under
@@ -20,11 +21,11 @@ nothing.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 from collections import Counter
 from pathlib import Path
 
+from stitching import cli
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
@@ -119,7 +120,11 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.matrix", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.matrix", __doc__, [
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --dry-run   # the cells",
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local",
+        "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --draw          # after SLURM"],
+        cli.LAUNCHER_EXITS)
     parser.add_argument("matrix", help="matrix YAML file")
     parser.add_argument("--launcher", choices=("local", "slurm"), help="where the cells train (required unless "
                         "--draw)")

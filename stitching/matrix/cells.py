@@ -87,10 +87,10 @@ def _kwargs(row) -> dict:
 def cut_depths(cuts: str, sender: str, sender_kwargs: dict | None, receiver: str, receiver_kwargs: dict | None,
                i: int, j: int, img_size: int = 224) -> tuple[float, float]:
     """Relative depths (sender, receiver) of cell (i, j): see the module docstring. A block's depth is its
-    ``relative_depth`` in the model's block list (:func:`stitching.models.registry.list_blocks`: blocks up to
+    ``relative_depth`` in the model's block list (:func:`stitching.models.trace.list_blocks`: blocks up to
     and including it / all blocks). Stage cuts follow the stage convention: the sender cut is the first block
     of stage i, the receiver cut the first block of stage j (j > i) or the last block of stage i (j == i)."""
-    from stitching.models.registry import list_blocks
+    from stitching.models.trace import list_blocks
 
     src = list_blocks(sender, sender_kwargs or None, img_size)
     dst = list_blocks(receiver, receiver_kwargs or None, img_size)

@@ -187,7 +187,7 @@ def model_cuts(cfg, role: str, cuts: str) -> list[int]:
 def model_blocks(cfg, role: str):
     """The flat block list of the config's ``source`` / ``destination`` model (registry ``list_blocks``)."""
     from stitching.config import model_spec
-    from stitching.models.registry import list_blocks
+    from stitching.models.trace import list_blocks
 
     model_spec(cfg, role)          # an unknown name or bad arguments: the config's one-line error
     m = cfg.model

@@ -1,7 +1,7 @@
 """Specs derived from the model itself: any timm or torchvision classifier cut into stem, four stages and head.
 
 :func:`derive_spec` builds the named network once (random init, CPU), reads how it is put together and
-returns a :class:`~stitching.models.registry.ModelSpec` whose ``split`` re-applies the same layout (module
+returns a :class:`~stitching.models.spec.ModelSpec` whose ``split`` re-applies the same layout (module
 paths) to any instance, pretrained or not. Two layouts:
 
 - **trunk** (hierarchical networks: ResNet, ConvNeXt, EfficientNet, RegNet, DenseNet, Swin, MaxViT, ...):
@@ -38,6 +38,7 @@ from torch import nn
 
 from stitching.messages import short_repr
 from stitching.models.formats import token_format
+from stitching.models.spec import Cut, ModelSpec, Parts
 
 FLATTEN = "<flatten>"   # a head entry: torch.flatten(x, 1), where torchvision's forward flattens
 TORCHVISION = "torchvision:"   # name prefix selecting torchvision (e.g. torchvision:resnet18)
@@ -133,9 +134,7 @@ class RopeBlock(nn.Module):
 
 # ----------------------------------------------------------------------------------------- applying
 def apply_layout(layout: Layout, model: nn.Module):
-    """The :class:`~stitching.models.registry.Parts` of ``model`` (modules shared with it)."""
-    from stitching.models.registry import Parts
-
+    """The :class:`~stitching.models.spec.Parts` of ``model`` (modules shared with it)."""
     get = model.get_submodule
     if layout.kind == "column":
         rope = getattr(model, "rope", None) is not None
@@ -328,8 +327,6 @@ def _derive_column(name: str, model: nn.Module) -> Layout:
 def _trace_parts(name, parts, img: int, channels: list[int | None], prefix: int, x, want):
     """(first, end) cuts of traced parts (a first block has the layout of its stage's end); the parts must
     give ``want`` (the model's output) for ``x``."""
-    from stitching.models.registry import Cut
-
     x = parts.stem(x)
     first, end = [], []
     for stage in parts.stages:
@@ -425,7 +422,7 @@ def _native_size(model: nn.Module, data_config: Callable[[nn.Module], dict]) -> 
 
 
 def derive_spec(name: str, kwargs: dict | None = None, family: str | None = None, tag: str | None = None):
-    """The :class:`~stitching.models.registry.ModelSpec` of ``name`` (constructor ``kwargs``; ``tag``: the
+    """The :class:`~stitching.models.spec.ModelSpec` of ``name`` (constructor ``kwargs``; ``tag``: the
     pretrained weights when the name has none), derived from the model. ``KeyError`` for an unknown name;
     :class:`SplitError` (one line) where it cannot be cut."""
     library, arch, own_tag = split_name(name)
@@ -440,8 +437,6 @@ def derive_spec(name: str, kwargs: dict | None = None, family: str | None = None
 
 
 def _derive(name: str, library: str, arch: str, tag: str | None, kwargs: dict, family: str | None):
-    from stitching.models.registry import ModelSpec
-
     if library == "timm":
         build = functools.partial(timm_build, arch, tag, kwargs)
         data_config = timm_data_config

@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from stitching.models.registry import Cut, ModelSpec, Parts, register
+from stitching.models.spec import Cut, ModelSpec, Parts, register
 
 # ----------------------------------------------------------------------------------------- timm helpers
 def _timm_build(name: str, tag: str, pretrained: bool, num_classes: int, **kwargs) -> nn.Module:

@@ -16,7 +16,7 @@ class token is concatenated onto every token first), as the paper's code builds 
 
 Block cuts (config ``model.source_block`` / ``destination_block``, :func:`plan_blocks`): the source cut is
 the output of source block i, the destination cut the output of destination block j (the destination resumes
-at block j + 1), indices into the flat block lists of :func:`~stitching.models.registry.list_blocks`. The
+at block j + 1), indices into the flat block lists of :func:`~stitching.models.trace.list_blocks`. The
 chain is planned as for stages: one adapter per stage boundary between the two blocks' stages (at least
 one; a receiver in an earlier stage than the sender counts the boundaries back), with the same schedules
 (``destination``: the intermediate adapters land on the destination's first blocks of the stages between).
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from stitching.messages import short_repr
 from stitching.models.formats import channels_after, is_token, prefix_tokens
-from stitching.models.registry import ModelSpec
+from stitching.models.spec import ModelSpec
 
 ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck", "vit_block", "finetune")
 RESIZES = ("none", "bilinear", "strided")
@@ -208,10 +208,11 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
 def plan_config(m, img_size: int = 224, resize: str | None = None) -> StitchPlan:
     """The plan of a config's ``model`` section (:class:`~stitching.config.ModelConfig`) before anything is
     built: stage cuts from the declared cuts at a nominal ``img_size``, block cuts from the blocks listed at
-    ``img_size`` (:func:`~stitching.models.registry.list_blocks`, traced on the meta device). ``resize``
+    ``img_size`` (:func:`~stitching.models.trace.list_blocks`, traced on the meta device). ``resize``
     replaces the config's (e.g. to compare the modes). :class:`PlanError` for an impossible stitch."""
     from stitching.config import model_args
-    from stitching.models.registry import get_spec, list_blocks
+    from stitching.models.registry import get_spec
+    from stitching.models.trace import list_blocks
 
     src_args, dst_args = model_args(m, "source"), model_args(m, "destination")
     dst_name = m.destination or m.source
@@ -235,8 +236,8 @@ def check_blocks(i, j, n_src: int, n_dst: int, src: str = "the source", dst: str
 def plan_blocks(src: ModelSpec, dst: ModelSpec, i: int, j: int, adapter: str, resize: str, schedule: str,
                 blocks_src: list, blocks_dst: list, style: str = "code") -> StitchPlan:
     """Plan a block cut: source block ``i``'s output into the destination after its block ``j``.
-    ``blocks_*`` are the models' :func:`~stitching.models.registry.list_blocks` (or
-    :func:`~stitching.models.registry.trace_blocks` of the real models) at the run's resolution. The receiver
+    ``blocks_*`` are the models' :func:`~stitching.models.trace.list_blocks` (or
+    :func:`~stitching.models.trace.trace_blocks` of the real models) at the run's resolution. The receiver
     may sit at any depth, also before the sender's (every pair of a stitching matrix)."""
     check_blocks(i, j, len(blocks_src), len(blocks_dst), src.name, dst.name)
     _check_choices(adapter, resize, schedule, style)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from stitching.models.registry import Parts
+from stitching.models.spec import Parts
 from stitching.stitch import fast
 from stitching.stitch.stitcher import BuiltModel, StitchedModel
 

@@ -35,7 +35,9 @@ from torch import nn
 
 from stitching.messages import short_repr
 from stitching.models.formats import Convert, prefix_tokens
-from stitching.models.registry import WeightsError, get_spec, load_model, trace_blocks, trace_cuts
+from stitching.models.registry import get_spec
+from stitching.models.trace import trace_blocks, trace_cuts
+from stitching.models.weights import WeightsError, load_model
 from stitching.stitch.adapters import Adapter
 from stitching.stitch.plan import Shape, StitchPlan, destination_target, plan_blocks, plan_stitch
 from stitching.stitch.posembed import PosReinject, learned_pos_embed

@@ -1,6 +1,7 @@
-"""``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--paper-only] [--pack K]``.
+"""Run a grid of runs (a sweep file) here or as SLURM job arrays, skipping what has finished.
 
-Expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
+``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--paper-only] [--pack K]``:
+expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
 ``local`` runs them here (``--parallel N`` at a time); ``slurm`` submits one job array per distinct set of
 resources (``slurm:`` in the sweep file, overridden by ``--slurm key=value``) -- split into several arrays
@@ -20,7 +21,6 @@ sweep, the jobs, passes over the training data and frozen-prefix GMACs per image
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import shlex
@@ -29,6 +29,7 @@ import typing
 from collections import Counter
 from pathlib import Path
 
+from stitching import cli
 from stitching import rundir as R
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
 from stitching.sweep.packs import describe, pack_runs, savings
@@ -120,7 +121,10 @@ def _write_config(run: Run) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.sweep", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.sweep", __doc__, [
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # what it would run",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
+        "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2"], cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("--launcher", choices=("local", "slurm"), required=True)
     parser.add_argument("--runs-dir", help="where run directories go (default: runs/<sweep name>)")

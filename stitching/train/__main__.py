@@ -1,6 +1,6 @@
-"""``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``).
+"""Train (or evaluate) the model a config describes into its run directory, resuming where it stopped.
 
-Trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
+``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``): trains (or, with ``train.epochs: 0``, evaluates) the model a config describes into its run directory
 (``output.dir``; without one, ``runs/<config name>/<run name>``, named by the run's identity as a sweep names
 its runs, and printed first). Overrides are typed by the key they set (a path exactly as typed, ``2e-3``
 a number, ``true``/``false``, ``null``; :func:`stitching.config.parse_value`), ``--run-dir`` is a plain
@@ -20,14 +20,18 @@ overrides apply to every one); runs that cannot share a pack are refused with th
 
 from __future__ import annotations
 
-import argparse
-
+from stitching import cli
 from stitching.config import run_cli
 from stitching.train import resolve
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stitching.train", description=__doc__.split("\n")[0])
+    parser = cli.parser("python -m stitching.train", __doc__, [
+        "python -m stitching.train --config configs/quickstart.yaml train.lr=0.01",
+        "torchrun --nproc_per_node=4 -m stitching.train --config configs/paper/resnet50_1to4_bottleneck.yaml",
+        "python -m stitching.train --run-dir runs/paper/<run name>      # a sweep's run, by hand",
+        "python -m stitching.train --run-dir runs/p/a --run-dir runs/p/b   # two runs as one pack, one data pass"],
+        cli.TRAINER_EXITS)
     parser.add_argument("--config", action="append", default=[],
                         help="run config YAML (several: the runs train as one pack)")
     parser.add_argument("--run-dir", action="append", default=[],
