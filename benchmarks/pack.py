@@ -48,7 +48,7 @@ from benchmarks.data import write_jpegs  # noqa: E402
 from stitching import cli  # noqa: E402
 from stitching import rundir as R  # noqa: E402
 from stitching.data.loaders import set_epoch  # noqa: E402
-from stitching.sweep.packs import PrefixCost, pack_runs, savings  # noqa: E402
+from stitching.sweep.packs import pack_runs, prefix_gmacs, savings  # noqa: E402
 from stitching.sweep.spec import PAPER, expand  # noqa: E402
 from stitching.train import distributed as D  # noqa: E402
 from stitching.train import loop as L  # noqa: E402
@@ -108,13 +108,12 @@ def timed_seconds(run_dir: Path, args) -> float:
 def mac_bound(files: list[Path], where: Path) -> float:
     """The speed-up the shared prefix allows by MAC count: per image, a run alone does ``P + 2 R`` (its frozen
     prefix P once, the rest R forward and, about as much again, backward); the pack ``max P + sum 2 R``."""
-    cost = PrefixCost()
     alone = packed = 0.0
     deepest = 0.0
     for f in files:
         with (where / f.stem / R.RESULT).open() as fh:
             [row] = list(csv.DictReader(fh))
-        p = cost(resolve(f)) * 1e9
+        p = prefix_gmacs(resolve(f)) * 1e9
         rest = float(row["macs"]) - p
         alone += p + 2 * rest
         packed += 2 * rest
@@ -174,10 +173,9 @@ def paper_totals(k: int) -> dict:
     """The paper sweep's (paper part and full) jobs, data passes and prefix GMACs per image, separate vs packed."""
     _, _, exp = expand(ROOT / "configs" / "sweeps" / "paper.yaml", Path(tempfile.gettempdir()) / "paper-runs",
                        extensions=True)
-    cost = PrefixCost()
     out = {}
     for part, runs in (("paper", exp.part(PAPER)), ("full", exp.runs)):
-        totals = savings(runs, pack_runs(runs, k), cost)
+        totals = savings(runs, pack_runs(runs, k))
         out[part] = {key: {"separate": round(a, 1), "packed": round(b, 1), "ratio": round(a / b, 2)}
                      for key, (a, b) in totals.items()}
     return out

@@ -33,12 +33,14 @@ TRAINER_EXITS = {
 
 #: what a launcher's exit codes mean (``stitching.sweep``, ``stitching.matrix``): its runs' codes summed up
 LAUNCHER_EXITS = {
-    R.EXIT_OK: "every run finished (or was submitted to SLURM; or a dry run)",
-    R.EXIT_FAILED: "local: a run failed (each is listed with its directory and exit code)",
+    R.EXIT_OK: "every run finished (or was submitted to SLURM; or a dry run); --status: every run has finished",
+    R.EXIT_FAILED: "local: a run failed (each is listed with its directory and exit code); --status: a run has "
+                   "failed (listed with its directory and last error line)",
     R.EXIT_CONFIG: "bad sweep / matrix file, run config or option, or SLURM refused a job array: one line says "
                    "which; nothing was submitted for it",
     R.EXIT_PREEMPTED: "local: a run was stopped (SIGTERM, Ctrl-C) after saving a checkpoint; the same command "
-                      "resumes",
+                      "resumes; --status: none failed, some are still to finish (running, preempted, interrupted "
+                      "or not started)",
 }
 
 #: a command that reads its input, writes its output and stops: argparse's own code for bad options too

@@ -81,20 +81,19 @@ class ModelConfig:
         """No cut on either key (stage or block): the original, unstitched source model."""
         return self.source_stage is None and self.source_block is None
 
+    def args(self, role: str) -> dict | None:
+        """Constructor arguments of the ``source`` or ``destination`` (None: the constructor's defaults):
+        ``<role>_kwargs``; a destination without its own takes the source's when it is the source."""
+        own = getattr(self, f"{role}_kwargs")
+        if role == "source" or own is not None:
+            return own or None
+        return self.args("source") if (self.destination or self.source) == self.source else None
+
     def source_args(self) -> dict | None:
-        return model_args(self, "source")
+        return self.args("source")
 
     def destination_args(self) -> dict | None:
-        return model_args(self, "destination")
-
-
-def model_args(m, role: str) -> dict | None:
-    """Constructor arguments of a ``model`` section's ``source`` or ``destination`` (None: the constructor's
-    defaults): ``<role>_kwargs``; a destination without its own takes the source's when it is the source."""
-    own = getattr(m, f"{role}_kwargs", None)
-    if role == "source" or own is not None:
-        return own or None
-    return model_args(m, "source") if (m.destination or m.source) == m.source else None
+        return self.args("destination")
 
 
 @dataclass
@@ -158,6 +157,8 @@ class TrainConfig:
 class OutputConfig:
     dir: str | None = None                  # default: runs/<config file stem>/<run name> (rundir.run_dir_name)
     save_model: bool = True
+    log_to: list | None = None              # live curves besides metrics.csv: [tensorboard], [wandb] or both
+                                            # (optional extras; stitching/train/curves.py); null: none
 
 
 @dataclass
@@ -632,6 +633,8 @@ def _coerce(hint, value, key: str, src: str):
             return float(value)
         if t is str and isinstance(value, str):
             return value
+        if t is list and isinstance(value, list):
+            return copy.deepcopy(value)
         if t is dict and isinstance(value, dict):
             bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
             if bad:
@@ -717,7 +720,7 @@ def validate(cfg: Config) -> None:
     _check_pos_embed(cfg)
     from stitching.stitch.lsinit import check_config as _check_init
 
-    _check_init(cfg)
+    _check_init(cfg, lambda: (model_spec(cfg, "source"), model_spec(cfg, "destination")))
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
     from stitching.data.loaders import BAD_IMAGE_MODES
 
@@ -733,6 +736,9 @@ def validate(cfg: Config) -> None:
         raise cfg.error("train.frozen_bn", "train mode re-estimates the frozen BatchNorm statistics, which "
                         "folded BatchNorms cannot: set train.fold_bn=false")
     _check_objective(cfg)
+    from stitching.train.curves import check as _check_curves
+
+    _check_curves(cfg)
     _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
     _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
     _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))
@@ -746,7 +752,7 @@ def validate(cfg: Config) -> None:
     if d.decode == "gpu" and d.pipeline != "fast":
         raise cfg.error("data.decode", "gpu decoding is part of data.pipeline=fast (torchvision decodes with PIL)")
     for role in ("source", "destination"):
-        size = (model_args(m, role) or {}).get("img_size")
+        size = (m.args(role) or {}).get("img_size")
         if size is not None and size not in (d.img_size, [d.img_size] * 2):
             own = role == "source" or m.destination_kwargs is not None
             key = f"model.{role}_kwargs" if own else "model.source_kwargs"

@@ -19,13 +19,16 @@ renamed into place, so a file is either the old complete one or the new complete
 ``launcher.log``            output of ``stitching.launch.local``
 ``slurm_job``               ``<jobid>_<task>`` of the last SLURM submission (for humans)
 ``.requeue_requested``      the requeue request of a multi-process trainer (see below)
+``tensorboard/``            the curves for TensorBoard (``output.log_to``, :mod:`stitching.train.curves`)
+``wandb/``                  W&B's files (``output.log_to``; offline unless configured)
 ``previous/<stamp>/``       an earlier run's files moved aside by ``--force``
 ==========================  =====================================================================
 
 A run's status (:func:`status`): ``new`` (nothing trained yet), ``started`` (a checkpoint or a trainer
 that has not said how it ended: running, or killed), ``preempted`` (checkpointed after a signal; run it
 again to resume), ``finished`` (``result.csv``) or ``failed`` (the trainer stopped with an error; the
-message is in ``state.json``).
+message is in ``state.json``, :func:`error_line`). :func:`live_status` tells ``started`` apart by the lock:
+``running`` (a live trainer holds it) or ``interrupted`` (gone without saying how it ended).
 
 Identity (:func:`identity`, :func:`run_key`, :func:`same_run`, :func:`differing_keys`): a run is its resolved
 config without the ``output`` section (where a run writes and whether it also saves the model do not change
@@ -95,10 +98,12 @@ LAUNCHER_LOG = "launcher.log"
 SLURM_MARKER = "slurm_job"
 REQUEUE_REQUEST = ".requeue_requested"
 PREVIOUS_DIR = "previous"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 #: where run directories go unless told otherwise (``runs/<config, sweep or matrix name>/...``)
 RUNS = "runs"
 #: what ``--force`` moves aside (the lock stays: it is the current trainer's)
-RUN_FILES = (CONFIG, METRICS, RESULT, CHECKPOINT, CHECKPOINT_PREVIOUS, MODEL, LOG, STATE)
+RUN_FILES = (CONFIG, METRICS, RESULT, CHECKPOINT, CHECKPOINT_PREVIOUS, MODEL, LOG, STATE, TENSORBOARD_DIR, WANDB_DIR)
 
 # ------------------------------------------------------------------------------------------- exit codes
 EXIT_OK = 0
@@ -113,6 +118,12 @@ REQUEUE_ENV = "STITCHING_REQUEUE_FILE"
 # ------------------------------------------------------------------------------------------- statuses
 NEW, STARTED, PREEMPTED, FINISHED, FAILED = "new", "started", "preempted", "finished", "failed"
 STATUSES = (NEW, STARTED, PREEMPTED, FINISHED, FAILED)
+#: :func:`live_status` tells a started run apart by its trainer: still running, or gone without saying how
+RUNNING, INTERRUPTED = "running", "interrupted"
+LIVE_STATUSES = (FINISHED, RUNNING, PREEMPTED, INTERRUPTED, FAILED, NEW)
+#: ``state.json``'s message when the trainer stopped on an unexpected error (its traceback is in the trainer's
+#: output: ``launcher.log``, or the SLURM task's log)
+UNEXPECTED = "unexpected error (traceback above)"
 
 #: a lock taken on another host whose holder has not touched it for this long is stale
 LOCK_STALE_S = 900.0
@@ -429,6 +440,40 @@ def status(path: str | os.PathLike) -> str:
     return NEW
 
 
+def live_status(path: str | os.PathLike) -> str:
+    """:func:`status`, a started run told apart by its lock: :data:`RUNNING` while a live trainer holds it (on
+    another host: one that touched the lock within :data:`LOCK_STALE_S`), else :data:`INTERRUPTED` (killed, its
+    node lost or its process gone without saying how it ended; running it again resumes from its last
+    checkpoint). A run whose new trainer is already working again is running whatever the last one said."""
+    st = status(path)
+    if st == FINISHED:
+        return st
+    if Lock(Path(path) / LOCK).alive_holder() is not None:
+        return RUNNING
+    return INTERRUPTED if st == STARTED else st
+
+
+def error_line(path: str | os.PathLike, logs: tuple = ()) -> str:
+    """The last line of a failed run's error: ``state.json``'s message, or, where that only says the error was
+    unexpected, the last line the trainer wrote to the first of ``logs`` that exists (``launcher.log``, a SLURM
+    task's log: the traceback's last line), skipping the launchers' own ``[...]`` lines and progress bars."""
+    message = RunDir(path).read_state().get("message", "")
+    if message and message != UNEXPECTED:
+        return message
+    for log in (Path(path) / LAUNCHER_LOG, *map(Path, logs)):
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith("[") and "it/s]" not in ln and "s/it]" not in ln]
+        if lines:
+            return lines[-1]
+    if message == UNEXPECTED:
+        return "an unexpected error, and no log of it here (launcher.log, the SLURM task's log)"
+    return "no error recorded (state.json, launcher.log and the SLURM task's log say nothing)"
+
+
 # ------------------------------------------------------------------------------------------- requeue
 def request_requeue(env: dict | None = None) -> Path | None:
     """Create the file ``$STITCHING_REQUEUE_FILE`` names (rank 0 of a preempted multi-process trainer)."""
@@ -528,6 +573,11 @@ class Lock:
             pass
         start = holder.get("start")
         return start is None or _process_start(pid) in (None, start)
+
+    def alive_holder(self) -> dict | None:
+        """The lock's holder if it is alive (see the class docstring), else None (no lock, or a stale one)."""
+        holder = self.read()
+        return holder if self._alive(holder) else None
 
     def touch(self) -> None:
         """Say the holder is alive (cheap; called at every step by the trainer)."""

@@ -52,7 +52,7 @@ def cached_models(monkeypatch):
     return cached
 
 
-def model_cfg(**kw) -> SimpleNamespace:
+def model_cfg(**kw):
     """A config's ``model`` section: the defaults of :class:`stitching.config.ModelConfig`, random init."""
     import dataclasses
 
@@ -62,7 +62,7 @@ def model_cfg(**kw) -> SimpleNamespace:
     unknown = set(kw) - set(d)
     assert not unknown, f"not model config keys: {unknown}"
     d.update(kw)
-    return SimpleNamespace(**d)
+    return ModelConfig(**d)
 
 
 # ------------------------------------------------------------------------------------------ SLURM

@@ -102,6 +102,28 @@ def test_the_docs_name_the_commands():
                           "     [--paper-only | --extensions] [--slurm KEY=VALUE] sweep\n\nmore") == {"--launcher"}
 
 
+# "python -m stitching.sweep SWEEP ... --dry-run ...  # ... 1,738 runs ...": a documented dry run and the runs it says
+STUDY = re.compile(r"python -m stitching\.sweep (\S+\.yaml)([^#`\n]*--dry-run[^#`\n]*)#[^`\n]*?([\d,]+) runs")
+
+
+@pytest.mark.slow   # the paper sweep's expansion and its cost: ~30 s
+def test_the_documented_study_command_runs_the_runs_the_docs_say(tmp_path):
+    """The README said "the study" (1,738 runs) of a command that ran 2,749 (extensions on): every documented
+    ``--dry-run`` whose comment counts its runs prints that total, and every documented command on the same sweep
+    file switches the same part on or off."""
+    found = [(doc, m) for doc in DOCS for m in STUDY.finditer((ROOT / doc).read_text())]
+    assert any(doc == "docs/running.md" and m.group(1) == "configs/sweeps/paper.yaml" for doc, m in found)
+    for doc, m in found:
+        proc = run("-m", "stitching.sweep", m.group(1), *m.group(2).split(), "--runs-dir", tmp_path / "runs",
+                   timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"total runs: {int(m.group(3).replace(',', ''))} (" in proc.stdout, (doc, m.group(0))
+        part = {"--paper-only", "--extensions"} & set(m.group(2).split())
+        for args in COMMANDS["stitching.sweep"][doc]:
+            if args.startswith(m.group(1)):
+                assert part <= set(args.split()), f"{doc}: {args} (its dry run says {m.group(0)})"
+
+
 @pytest.mark.parametrize("program", sorted(COMMANDS))
 def test_documented_command_exists_and_takes_its_documented_flags(program):
     """Each program answers ``--help``; every ``--flag`` a doc gives it is one it knows, and every mention that

@@ -559,6 +559,7 @@ NOT_RECIPE = {
     "train.compile": "execution", "train.log_every": "logging", "train.preempt_check_every": "execution",
     "train.per_device_batch_size":
     "-> per_device_batch_size (resolved)", "output.dir": "where", "output.save_model": "what is kept",
+    "output.log_to": "logging (live curves)",
 }
 
 

@@ -449,7 +449,7 @@ class TestMoreTasksThanMaxArraySize:
         assert dry.returncode == 0, dry.stderr
         assert ("slurm: 4 unfinished runs of block0 -> 2 job arrays of 3 + 1 tasks, chained (each waits for the one "
                 "before: afterany) so that at most 2 run at once (max_parallel) (MaxArraySize 3: scontrol show "
-                "config;") in dry.stdout, dry.stdout
+                "config;") in " ".join(dry.stdout.split()), dry.stdout      # (wrapped at 120 columns)
         proc = sweep()
         assert proc.returncode == 0, proc.stdout + proc.stderr
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("slurm: submitted"))

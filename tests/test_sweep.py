@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,8 +71,11 @@ def test_paper_dry_run_counts_every_combination_and_writes_nothing(paper):
     assert len(pairs) == 12                                   # the paper's 12 architecture combinations
     assert {r.pair for r in exp.runs if r.config.is_original} == {
         "resnet50", "mobilenetv3_large_100", "vit_small_patch16_224", "swin_t"}
+    from stitching.sweep.__main__ import pair_label
+
     for pair in pairs:
-        assert pair in out
+        assert pair_label(pair) in out
+    assert "vit_small_patch16_224 (self)" in out and "resnet50 -> swin_t" in out
     assert "duplicates dropped" in out and "model.resize" in out
     # 9 gaps x 3 seeds per method; self-stitched ResNet-50 bottleneck: 3 resize modes, sizes match at s->s
     rb = [r for r in exp.runs if r.pair == "resnet50 -> resnet50" and r.config.model.adapter == "bottleneck"]
@@ -187,13 +191,15 @@ def test_paper_part_has_no_hole_and_upsampling_integrated_runs_share_the_bilinea
     row = next(line for line in out.splitlines() if line.startswith(f"{VIT} -> {R50}"))
     assert "9+18" in row.split() and "18+9" in row.split()
     # every paper line has its 9 gaps x 3 seeds in the table (own runs + shared rows)
-    paper_table = out.split("paper part:")[1].split("extension part")[0]
-    for line in paper_table.splitlines()[2:]:
-        cells = line.split()
-        if not line.startswith(("mobilenetv3_large_100 ", "resnet50 ", "swin_t ", "vit_small_patch16_224 ",
-                                "total")):
-            for cell in cells[3:-1]:
-                assert cell == "-" or sum(map(int, cell.split("+"))) in (27, 81, 45), line
+    paper_table = out.split("paper part:")[1].split("\n\n")[0]
+    rows = [re.match(r"^(\S+ -> \S+|\S+ \(self\))\s+(.*)$", line) for line in paper_table.splitlines()]
+    rows = [m for m in rows if m]
+    assert len(rows) == 8                           # the paper's 8 stitched configurations
+    for row in rows:
+        for cell in row.group(2).split()[:-1]:      # (the last: the row's total)
+            assert cell == "-" or sum(map(int, cell.split("+"))) in (27, 81, 45), row.group(0)
+    # and the table fits a terminal
+    assert max(map(len, out.splitlines())) <= 120
 
 
 def dry_run(capsys, *args) -> str:

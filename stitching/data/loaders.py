@@ -89,6 +89,30 @@ def build_datasets(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Ca
     raise ValueError(f"unknown dataset name {short_repr(name)}; expected one of {DATASET_NAMES}")
 
 
+def dataset_sizes(data: Any) -> tuple[int, int]:
+    """``(training images, validation images)`` of a data config without reading an image: the synthetic
+    lengths, or the files torchvision's ``ImageFolder`` lists under ``root/train`` and ``root/val`` (what
+    :func:`build_datasets` would load). ``FileNotFoundError`` (naming the path) for a missing root or split
+    folder, ``ValueError`` for an unknown name or an unset root."""
+    name = getattr(data, "name", None)
+    if name == "synthetic":
+        return data.train_size, data.val_size
+    if name != "imagefolder":
+        raise ValueError(f"unknown dataset name {name!r}; expected one of {DATASET_NAMES}")
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = getattr(data, "root", None)
+    if root is None or str(root) == "":
+        raise ValueError("data.root must be set for the 'imagefolder' dataset")
+    sizes = []
+    for split in ("train", "val"):
+        path = os.path.join(os.path.expanduser(str(root)), split)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"imagefolder split folder does not exist: {path}")
+        sizes.append(len(make_dataset(path, find_classes(path)[1], extensions=IMG_EXTENSIONS)))
+    return sizes[0], sizes[1]
+
+
 def _build_imagefolders(data: Any, train_tf: Optional[Callable], eval_tf: Optional[Callable]
                         ) -> tuple[Dataset, Dataset]:
     from torchvision.datasets import ImageFolder

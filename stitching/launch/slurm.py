@@ -135,6 +135,21 @@ EXIT_REQUEUE = EXIT_PREEMPTED
 JOB_NAME_PREFIX = "stitching:"
 COMMENT_PREFIX = "stitching-tasks="
 MARKER_FILE = SLURM_MARKER
+#: a sweep's SLURM files (task files, batch scripts, logs) go into this folder of its runs directory
+SWEEP_DIR = "slurm"
+LOG_DIR = "logs"
+
+
+def sweep_dir(runs_dir: str | os.PathLike) -> Path:
+    """Where a sweep (or matrix) whose runs go into ``runs_dir`` keeps its job arrays' files."""
+    return Path(runs_dir) / SWEEP_DIR
+
+
+def task_log(work_dir: str | os.PathLike, task: str) -> Path:
+    """The log of array task ``task`` (``<jobid>_<index>``, as :data:`MARKER_FILE` holds it) of a submission
+    into ``work_dir`` (:func:`submit_array`)."""
+    return Path(work_dir) / LOG_DIR / f"{task}.out"
+
 
 #: Job states after which a task will not run again by itself.
 TERMINAL_STATES = frozenset(
@@ -158,6 +173,11 @@ _MEM_RE = re.compile(r"^\d+[KMGT]?$")
 _SIGNAL_RE = re.compile(r"^(?:B:)?(?:SIG)?([A-Z][A-Z0-9]*)@(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:+=@,/-]+$")
 _GPU_FLAGS = ("gpus-per-task", "gres")
+
+
+def time_seconds(time: str) -> int:
+    """Seconds of a SLURM time limit as :class:`SlurmResources` holds it (``HH:MM:SS`` or ``D-HH:MM:SS``)."""
+    return _time_to_seconds(time)
 
 
 def _time_to_seconds(time: str) -> int:
@@ -692,7 +712,7 @@ def submit_arrays(
         script = work_dir / f"array-{stamp}{suffix}.sbatch"
         write_task_file(task_file, chunk)
         after = submitted[-1][0] if submitted and resources.max_parallel else None
-        script.write_text(render_array_script(task_file, len(chunk), resources, work_dir / "logs", job_name,
+        script.write_text(render_array_script(task_file, len(chunk), resources, work_dir / LOG_DIR, job_name,
                                               command, chdir=chdir, after=after))
         try:
             try:

@@ -1,6 +1,7 @@
 """Train a stitching matrix (every sender cut x every receiver cut, with random controls), collect and draw it.
 
-``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--draw] [--pack K]``:
+``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--draw]
+[--pack K]``:
 expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
 (:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.__main__.launch`): impossible cells are
@@ -14,9 +15,12 @@ finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the c
 ``DIR/figures/accuracy_vs_depth.png`` (:mod:`stitching.plots.matrix`). ``--launcher slurm`` submits job
 arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have run, ``--draw`` collects and
 draws. ``--pack K`` trains up to K cells that share a sender, seed and recipe as one job over one data pass
-(:mod:`stitching.train.pack`; the default 1: one cell per job); the dry run prints the jobs, data passes and
-frozen-prefix GMACs separate vs packed. ``--dry-run`` prints the tables and counts and writes or submits
-nothing.
+(:mod:`stitching.train.pack`; the default 1: one cell per job). ``--dry-run`` prints the tables and counts, the
+jobs, data passes and frozen-prefix GMACs separate vs packed, and what the cells cost per matrix (as ``python -m
+stitching.sweep --dry-run``: MACs, GPU-hours at ``--rate``, wall time; ``--images``, ``--loader-rate``) and writes or
+submits nothing. ``--status`` (no ``--launcher`` needed) prints, per matrix, how many cells are done, running,
+preempted, interrupted, failed or not started and every failed cell's directory and last error line; exit 0 when
+every cell has finished, 1 when any failed, 75 when some are still to finish.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from stitching import cli
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
-from stitching.sweep.__main__ import (_print_dropped, check_pack, launch, print_reused, print_slurm_plan,
+from stitching.sweep import estimate as E
+from stitching.sweep.__main__ import (_print_dropped, check_pack, launch, print_cost, print_reused, print_slurm_plan,
                                       runs_dir_of)
 from stitching.sweep.packs import describe, pack_runs, savings
+from stitching.sweep.status import report
 
 #: a cell's mark in the printed tables
 MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
@@ -121,8 +127,9 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
 
 def main(argv=None) -> int:
     parser = cli.parser("python -m stitching.matrix", __doc__, [
-        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --dry-run   # the cells",
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --dry-run   # the cells, their cost",
         "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local",
+        "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --status        # where the cells stand",
         "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --draw          # after SLURM"],
         cli.LAUNCHER_EXITS)
     parser.add_argument("matrix", help="matrix YAML file")
@@ -130,6 +137,8 @@ def main(argv=None) -> int:
                         "--draw)")
     parser.add_argument("--runs-dir", help="where run directories go (default: runs/<matrix name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the cells; write and submit nothing")
+    parser.add_argument("--status", action="store_true", help="print where the cells stand, read from their "
+                        "directories; write and submit nothing (exit 0: all done, 1: some failed, 75: not yet)")
     parser.add_argument("--draw", action="store_true", help="only collect the finished cells and draw")
     parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
@@ -137,9 +146,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pack", type=int, default=1, metavar="K",
                         help="train up to K cells that share a sender, seed and recipe as one job, over one data "
                              "pass (default 1: one cell per job)")
+    E.add_options(parser)
     args = parser.parse_args(argv)
-    if args.launcher is None and not args.draw:
-        parser.error("--launcher is required (or --draw to collect and draw the finished cells)")
+    if args.launcher is None and not (args.draw or args.status):
+        parser.error("--launcher is required (or --draw to collect and draw the finished cells, --status to see "
+                     "where they stand)")
+    E.parse_rate(args.rate), E.parse_images(args.images)       # a bad value: one line before any work
     check_pack(args.pack)
 
     matrix = load_matrix(args.matrix)
@@ -148,6 +160,13 @@ def main(argv=None) -> int:
     names = {r.name for r in exp.runs}
     if args.draw:
         return draw(matrix, runs_dir, names)
+    matrices = {matrix.block_name(c): CONTROL_NAMES[c] for c in matrix.controls}
+    shown = list(matrices.values())
+    groups = [("", lambda r: matrices.get(r.block, r.block), lambda name: (shown + [name]).index(name))]
+    if args.status:
+        print(f"{summary_line(matrix)}\n{len(exp.runs)} runs in {runs_dir}; where they stand, read from their "
+              "directories (nothing written or submitted)")
+        return report(exp.runs, runs_dir, groups)
 
     print(summary_line(matrix))
     print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}")
@@ -165,6 +184,8 @@ def main(argv=None) -> int:
         print(describe(savings(exp.runs, pack_runs(exp.runs, args.pack)), args.pack))
         if args.launcher == "slurm":
             print_slurm_plan(todo, matrix.blocks(), args.slurm, args.pack)
+        print()
+        print_cost(exp.runs, matrix.blocks(), groups, args)
         print("dry run: nothing written or submitted")
         return 0
     code = 0

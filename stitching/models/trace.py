@@ -34,7 +34,8 @@ def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, 
     was = {id(b): b.training for b in parts.blocks()}
     for m in [parts.stem, parts.head, *parts.blocks()]:
         m.eval()
-    device = next(iter(p.device for p in parts.stem.parameters()), torch.device("cpu"))
+    params = itertools.chain(*(m.parameters() for m in (parts.stem, *parts.blocks())))
+    device = next(iter(p.device for p in params), torch.device("cpu"))     # (a stem may have none: Swin)
     try:
         x = parts.stem(torch.zeros(1, 3, img_size, img_size, device=device))
         shapes = {}
@@ -148,11 +149,12 @@ def list_blocks(name: str, kwargs: dict | None = None, img_size: int = 224) -> l
     Shapes are traced on a random-init model built on the meta device (no weights, no compute; a real CPU
     build where meta fails), cached per (name, kwargs, img_size). ``KeyError`` / ``SplitError`` as
     :func:`get_spec`; ``RuntimeError`` when a block does not output its stage's format."""
-    return list(_blocks_cached(name, repr(sorted((kwargs or {}).items())), img_size, _Kwargs(kwargs)))
+    return list(_blocks_cached(name, repr(sorted((kwargs or {}).items())), img_size, CachedKwargs(kwargs)))
 
 
-class _Kwargs:
-    """Carries the kwargs dict past the cache key (the repr is the key)."""
+class CachedKwargs:
+    """Carries a kwargs dict past an ``lru_cache`` key (the caller passes its repr as the key too): every
+    instance hashes and compares equal, so only the repr decides the cache entry."""
 
     def __init__(self, kwargs):
         self.kwargs = kwargs
@@ -161,11 +163,11 @@ class _Kwargs:
         return 0
 
     def __eq__(self, other):
-        return isinstance(other, _Kwargs)
+        return isinstance(other, CachedKwargs)
 
 
 @functools.lru_cache(maxsize=64)
-def _blocks_cached(name: str, key: str, img_size: int, kwargs: _Kwargs) -> tuple[Block, ...]:
+def _blocks_cached(name: str, key: str, img_size: int, kwargs: CachedKwargs) -> tuple[Block, ...]:
     spec = get_spec(name, kwargs.kwargs)
     try:
         with torch.device("meta"):

@@ -133,11 +133,9 @@ def model_kwargs_column(cfg) -> str:
     """The constructor arguments of the run's models as one JSON cell (``''`` when both use the defaults)."""
     import json
 
-    from stitching.config import model_args
-
-    args = {"source": model_args(cfg.model, "source")}
+    args = {"source": cfg.model.source_args()}
     if not cfg.is_original:
-        args["destination"] = model_args(cfg.model, "destination")
+        args["destination"] = cfg.model.destination_args()
     args = {k: v for k, v in args.items() if v}
     return json.dumps(args, sort_keys=True) if args else ""
 

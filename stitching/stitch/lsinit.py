@@ -88,11 +88,11 @@ def link_targets(plan: StitchPlan, destination_cut: Callable[[int, str], Shape])
     return points
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, specs) -> None:
     """``model.init`` / ``model.init_images`` of ``cfg`` (a :class:`stitching.config.Config`): a known mode;
     least squares needs adapters with a map to fit and a target for every link (checked on the declared
-    shapes at ``data.img_size``; the trainer checks the traced ones again before computing)."""
-    from stitching.config import model_spec
+    shapes at ``data.img_size``; the trainer checks the traced ones again before computing). ``specs()``
+    gives the source's and the destination's model specs (asked for only where needed)."""
     from stitching.stitch.plan import nominal_shape, plan_stitch
 
     m = cfg.model
@@ -111,7 +111,7 @@ def check_config(cfg) -> None:
                         f"{', '.join(FITTED_ADAPTERS)}); use model.init=default")
     if blocks:
         return                          # block cuts: checked on the traced plan (trainer, before any compute)
-    src, dst = model_spec(cfg, "source"), model_spec(cfg, "destination")
+    src, dst = specs()
     try:
         plan = plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, m.resize, m.schedule,
                            img_size=cfg.data.img_size, style=m.adapter_style)

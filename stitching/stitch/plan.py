@@ -210,11 +210,10 @@ def plan_config(m, img_size: int = 224, resize: str | None = None) -> StitchPlan
     built: stage cuts from the declared cuts at a nominal ``img_size``, block cuts from the blocks listed at
     ``img_size`` (:func:`~stitching.models.trace.list_blocks`, traced on the meta device). ``resize``
     replaces the config's (e.g. to compare the modes). :class:`PlanError` for an impossible stitch."""
-    from stitching.config import model_args
     from stitching.models.registry import get_spec
     from stitching.models.trace import list_blocks
 
-    src_args, dst_args = model_args(m, "source"), model_args(m, "destination")
+    src_args, dst_args = m.source_args(), m.destination_args()
     dst_name = m.destination or m.source
     src, dst = get_spec(m.source, src_args), get_spec(dst_name, dst_args)
     resize = resize or m.resize

@@ -36,6 +36,7 @@ from torch import nn
 from stitching.messages import short_repr
 from stitching.models.formats import Convert, prefix_tokens
 from stitching.models.registry import get_spec
+from stitching.models.spec import Parts
 from stitching.models.trace import trace_blocks, trace_cuts
 from stitching.models.weights import WeightsError, load_model
 from stitching.stitch.adapters import Adapter
@@ -116,9 +117,7 @@ class BuiltModel:
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
     """Build the network a config's ``model`` section describes (see :mod:`stitching.config`);
     ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
-    from stitching.config import model_args
-
-    src_args, dst_args = model_args(mcfg, "source"), model_args(mcfg, "destination")
+    src_args, dst_args = mcfg.source_args(), mcfg.destination_args()
     src_spec = get_spec(mcfg.source, src_args)
     random = getattr(mcfg, "random_init", "none")
     src_random, dst_random = random in ("source", "both"), random in ("destination", "both")
@@ -142,30 +141,66 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     src_shapes = trace_cuts(src_spec, src_parts, img_size)
     dst_shapes = src_shapes if same else trace_cuts(dst_spec, dst_parts, img_size)
 
-    src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
-    if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
-        i, j = mcfg.source_block, mcfg.destination_block
+    traced = None
+    if getattr(mcfg, "source_block", None) is not None:     # block cuts: the blocks' traced outputs
         traced_src = trace_blocks(src_spec, src_parts, img_size, src_model)
-        traced_dst = traced_src if same else trace_blocks(dst_spec, dst_parts, img_size, dst_model)
-        plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced_src,
-                           traced_dst, style=mcfg.adapter_style)
-        prefix = nn.Sequential(src_parts.stem, *src_blocks[: prefix_blocks(mcfg, src_parts)])
-        start = j + 1
-    else:
-        s, t = mcfg.source_stage, mcfg.destination_stage
-        plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule,
-                           src_shapes, dst_shapes, style=mcfg.adapter_style)
-        prefix = nn.Sequential(src_parts.stem, *src_blocks[: prefix_blocks(mcfg, src_parts)])
-        stage, where = destination_target(dst_spec, s, t)
-        start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
-    suffix = nn.Sequential(*dst_blocks[start:], dst_parts.head)
-    target = nn.Sequential(dst_parts.stem, *dst_blocks[:start])
+        traced = (traced_src, traced_src if same else trace_blocks(dst_spec, dst_parts, img_size, dst_model))
+    cut = layout(mcfg, src_spec, dst_spec, src_parts, dst_parts, src_shapes, dst_shapes, traced)
+    plan = cut.plan
+    src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
+    prefix = nn.Sequential(src_parts.stem, *src_blocks[: cut.prefix_end])
+    suffix = nn.Sequential(*dst_blocks[cut.suffix_start:], dst_parts.head)
+    target = nn.Sequential(dst_parts.stem, *dst_blocks[: cut.suffix_start])
 
     if plan.kind == "finetune":
-        middle = nn.Sequential(*[dst_parts.stages[st - 1][0] for st in plan.kept_blocks])
+        middle = nn.Sequential(*[dst_blocks[i] for i in cut.kept])
         model = StitchedModel(prefix, middle, suffix, frozen=False, plan=plan)
         return BuiltModel(model, "finetune", data_config, plan, source_parts=src_parts)
 
+    model = StitchedModel(prefix, nn.Sequential(*adapter_layers(mcfg, plan, dst_model)), suffix, frozen=True,
+                          plan=plan, frozen_bn=frozen_bn)
+    cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in dst_shapes.items()}
+    return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts, src_parts)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a stitched (or fine-tuned) model cuts its two networks' flat block lists (``Parts.blocks()``):
+    the prefix is the source's stem and ``blocks[:prefix_end]``, the suffix the destination's
+    ``blocks[suffix_start:]`` and head, the destination's own network up to the join (``BuiltModel.target``)
+    its stem and ``blocks[:suffix_start]``; a fine-tuned model keeps the destination blocks ``kept`` between
+    them (the first blocks of the stages its gap crosses)."""
+
+    plan: StitchPlan
+    prefix_end: int
+    suffix_start: int
+    kept: tuple[int, ...] = ()
+
+
+def layout(mcfg, src_spec, dst_spec, src_parts: Parts, dst_parts: Parts, src_shapes: dict, dst_shapes: dict,
+           traced: tuple | None = None) -> Layout:
+    """The plan and the cuts of a config's ``model`` section (stage or block cuts) on the split networks:
+    ``*_shapes`` are :func:`~stitching.models.trace.trace_cuts`' traced cut shapes, ``traced`` the
+    :func:`~stitching.models.trace.trace_blocks` lists of both networks (needed for block cuts only).
+    :func:`build_model` assembles the modules from it; :mod:`stitching.stitch.cost` counts them."""
+    if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
+        i, j = mcfg.source_block, mcfg.destination_block
+        plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced[0],
+                           traced[1], style=mcfg.adapter_style)
+        return Layout(plan, i + 1, j + 1)
+    s, t = mcfg.source_stage, mcfg.destination_stage
+    plan = plan_stitch(src_spec, dst_spec, s, t, mcfg.adapter, mcfg.resize, mcfg.schedule, src_shapes, dst_shapes,
+                       style=mcfg.adapter_style)
+    stage, where = destination_target(dst_spec, s, t)
+    start = dst_parts.index_after_first(stage) if where == "first" else dst_parts.index_end(stage)
+    kept = tuple(dst_parts.index_after_first(st) - 1 for st in plan.kept_blocks)
+    return Layout(plan, src_parts.index_after_first(s), start, kept)
+
+
+def adapter_layers(mcfg, plan: StitchPlan, dst_model: nn.Module) -> list[nn.Module]:
+    """The modules between prefix and suffix of a stitched model: conversion into the chain's working format,
+    the planned adapters, conversion into the destination's format and, with ``model.pos_embed: reinject``,
+    the destination's position embedding (read from ``dst_model``)."""
     grid = (plan.source_cut.height, plan.source_cut.width)
     last = plan.steps[-1]
     layers = [Convert(plan.source_cut.format, plan.working_format, grid)]
@@ -174,17 +209,6 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     if getattr(mcfg, "pos_embed", "none") == "reinject":
         found = learned_pos_embed(dst_model)
         if found is None:    # the config check refuses this first (model.pos_embed)
-            raise ValueError(f"model.pos_embed=reinject: {dst_name} has no learned position embedding")
+            raise ValueError(f"model.pos_embed=reinject: {plan.destination} has no learned position embedding")
         layers.append(PosReinject(*found, prefix_tokens(plan.destination_cut.format), last.size_out))
-    model = StitchedModel(prefix, nn.Sequential(*layers), suffix, frozen=True, plan=plan, frozen_bn=frozen_bn)
-    cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in dst_shapes.items()}
-    return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts, src_parts)
-
-
-def prefix_blocks(mcfg, parts) -> int:
-    """How many of the source's blocks (``parts.blocks()``, after its stem) the prefix of a stitch cut as
-    ``mcfg`` says (a config's ``model`` section) runs: up to the first block of ``source_stage``, or blocks
-    ``0..source_block``."""
-    if getattr(mcfg, "source_block", None) is not None:
-        return mcfg.source_block + 1
-    return parts.index_after_first(mcfg.source_stage)
+    return layers

@@ -1,6 +1,7 @@
 """Run a grid of runs (a sweep file) here or as SLURM job arrays, skipping what has finished.
 
-``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run] [--paper-only] [--pack K]``:
+``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--paper-only]
+[--pack K]``:
 expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
 ``local`` runs them here (``--parallel N`` at a time); ``slurm`` submits one job array per distinct set of
@@ -8,15 +9,20 @@ resources (``slurm:`` in the sweep file, overridden by ``--slurm key=value``) --
 where the cluster's ``MaxArraySize`` asks for it, chained so the ``%`` throttle holds across them
 (:mod:`stitching.launch.slurm`) -- never a second job for a run directory that already has a pending or
 running task. ``--dry-run`` prints, for the paper part and the extension part (blocks with ``extension:``)
-each, the table of runs per architecture pair and method, and the totals per seed of the paper part alone
-and of the full sweep (with ``--launcher slurm``, also how many job arrays the submission becomes); it writes
-or submits nothing.
-``--paper-only`` / ``--extensions`` switch the extension blocks off / on (default: the file's
-``extensions:``, itself true by default).
+each, the table of runs per architecture pair and method, the totals per seed of the paper part alone and of
+the full sweep, with ``--launcher slurm`` how many job arrays the submission becomes, and what it costs
+(:mod:`stitching.sweep.estimate`: training and evaluation MACs per pair and per method, GPU-hours at ``--rate``
+-- a GPU of the rate table, ``a100`` by default, or the images/s at which your GPU trains ResNet-50 -- and the
+wall time at the SLURM throttle or ``--parallel``; ``--images TRAIN,VAL`` and ``--loader-rate`` refine it); it
+writes or submits nothing. ``--status`` (no ``--launcher`` needed) reads the run directories and prints, per
+part and pair, how many runs are done, running, preempted, interrupted, failed or not started, and every failed
+run's directory and last error line; it exits 0 when every run has finished, 1 when any failed, 75 when some
+are still to finish (:mod:`stitching.sweep.status`). ``--paper-only`` / ``--extensions`` switch the extension
+blocks off / on (default: the file's ``extensions:``, itself true by default).
 ``--pack K`` trains up to K runs that share a source, data, seed and recipe as one pack (one SLURM task or local
 job, one data pass, the frozen source prefix run once: :mod:`stitching.train.pack`, grouped by
-:mod:`stitching.sweep.packs`); the default ``--pack 1`` is one run per job. The dry run prints, for the whole
-sweep, the jobs, passes over the training data and frozen-prefix GMACs per image, separate vs packed.
+:mod:`stitching.sweep.packs`); the default ``--pack 1`` is one run per job. The dry run then also prints, for the
+whole sweep, the jobs, passes over the training data and frozen-prefix GMACs per image, separate vs packed.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import itertools
 import math
 import shlex
 import sys
+import textwrap
 import typing
 from collections import Counter
 from pathlib import Path
@@ -32,36 +39,80 @@ from pathlib import Path
 from stitching import cli
 from stitching import rundir as R
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
+from stitching.launch import slurm
+from stitching.sweep import estimate as E
+from stitching.sweep import status as S
 from stitching.sweep.packs import describe, pack_runs, savings
-from stitching.sweep.spec import EXTENSION, PAPER, Run, expand
+from stitching.sweep.spec import EXTENSION, PAPER, Run, expand, load_sweep
+from stitching.train import curves
+
+#: the widest line the dry run's tables aim for
+WIDTH = 120
+#: the table's second header row: a method's resize mode, in one letter
+RESIZE_CODES = {"none": "n", "bilinear": "b", "strided": "s"}
 
 
 def _status(run: Run) -> str:
     return R.status(run.config.output.dir)
 
 
-def table(runs: list[Run], part: str | None = None) -> str:
-    """Runs to train per architecture pair (rows) and method (columns). A cell ``18+9`` is a line with 18
-    runs of its own and 9 rows shared from a run that builds the same module (a duplicate: e.g. the three
-    resize modes where sizes already match, or an integrated variant that must upsample). ``part``: count
-    only the runs and duplicates of that part (``paper``/``extension``); the ``total`` column counts runs."""
-    import pandas as pd
+def pair_label(pair: str) -> str:
+    """A table's row label for an architecture pair: ``a -> b``, or ``a (self)`` for a network stitched to itself."""
+    src, arrow, dst = pair.partition(" -> ")
+    return f"{src} (self)" if arrow and src == dst else pair
 
+
+def _method_order(method: str) -> tuple:
+    adapter, _, resize = method.partition("/")
+    kind = 2 if method == "original" else 1 if method == "finetune" else 0
+    return kind, adapter, list(RESIZE_CODES).index(resize) if resize in RESIZE_CODES else 9
+
+
+def table(runs: list[Run], part: str | None = None) -> str:
+    """Runs to train per architecture pair (rows) and method (columns: the adapter, and under it the resize mode
+    in one letter, :data:`RESIZE_CODES`). A cell ``18+9`` is a line with 18 runs of its own and 9 rows shared
+    from a run that builds the same module (a duplicate: e.g. the three resize modes where sizes already match, or
+    an integrated variant that must upsample); ``-``: no such line. ``part``: count only the runs and duplicates
+    of that part (``paper``/``extension``); the ``total`` column counts runs."""
     own = [r.points[0] for r in runs if part is None or r.part == part]
     shared = [p for r in runs for p in r.shared if part is None or p["part"] == part]
     if not own and not shared:
         return "(no runs)"
-    df = pd.DataFrame([{"pair": p["pair"], "method": p["method"], "own": 1} for p in own]
-                      + [{"pair": p["pair"], "method": p["method"], "own": 0} for p in shared])
-    trained = df.pivot_table(index="pair", columns="method", values="own", aggfunc="sum", fill_value=0)
-    rows = df.pivot_table(index="pair", columns="method", values="own", aggfunc="count", fill_value=0)
-    cells = trained.astype(int).astype(str).where(rows == trained, trained.astype(int).astype(str) + "+"
-                                                 + (rows - trained).astype(int).astype(str))
-    cells[trained == 0] = cells[trained == 0].where(rows[trained == 0] > 0, "-")   # no such line: "-"
-    cells["total"] = trained.sum(axis=1).astype(int)
-    cells.loc["total"] = [*(str(int(v)) for v in trained.sum(axis=0)), int(trained.to_numpy().sum())]
-    cells.columns.name, cells.index.name = "method", "pair"
-    return cells.to_string()
+    trained, rows = Counter(), Counter()
+    for p in own:
+        trained[(p["pair"], p["method"])] += 1
+    for p in own + shared:
+        rows[(p["pair"], p["method"])] += 1
+    pairs = sorted({pair for pair, _ in rows})
+    methods = sorted({m for _, m in rows}, key=_method_order)
+
+    def cell(pair: str, method: str) -> str:
+        a, n = trained[(pair, method)], rows[(pair, method)]
+        return "-" if n == 0 else str(a) if a == n else f"{a}+{n - a}"
+
+    body = {pair: [cell(pair, m) for m in methods] + [str(sum(trained[(pair, m)] for m in methods))]
+            for pair in pairs}
+    body["total"] = [str(sum(trained[(p, m)] for p in pairs)) for m in methods] + [str(sum(trained.values()))]
+    heads = [(m.partition("/")[0], RESIZE_CODES.get(m.partition("/")[2], "")) for m in methods] + [("total", "")]
+    widths = [max(len(sub), *(len(v[k]) for v in body.values())) for k, (_, sub) in enumerate(heads)]
+    groups: list[list[int]] = []            # columns sharing a top heading (an adapter)
+    for k, (top, _) in enumerate(heads):
+        if groups and heads[groups[-1][0]][0] == top:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    for g in groups:                        # the top heading fits over its columns
+        span = sum(widths[k] for k in g) + len(g) - 1
+        widths[g[-1]] += max(0, len(heads[g[0]][0]) - span)
+    label = max(len(pair_label(p)) for p in body) + 1
+    top = f"{'':<{label}}" + "".join("  " + f"{heads[g[0]][0]:<{sum(widths[k] for k in g) + len(g) - 1}}"
+                                     for g in groups)
+    sub = f"{'pair':<{label}}" + "".join("  " + " ".join(f"{heads[k][1]:>{widths[k]}}" for k in g) for g in groups)
+    lines = [top.rstrip(), sub.rstrip()]
+    for pair, cells in body.items():
+        lines.append(f"{pair_label(pair):<{label}}" + "".join("  " + " ".join(f"{cells[k]:>{widths[k]}}" for k in g)
+                                                           for g in groups))
+    return "\n".join(lines)
 
 
 def totals(runs: list[Run], has_extensions: bool = True) -> str:
@@ -86,7 +137,7 @@ def _print_dropped(title: str, counter: Counter) -> None:
         by_reason[reason] += n
     print(f"{title}: {sum(counter.values())}")
     for reason, n in by_reason.most_common():
-        print(f"  {n:6d}  {reason}")
+        print(textwrap.fill(reason, WIDTH, initial_indent=f"  {n:6d}  ", subsequent_indent=" " * 10))
 
 
 def print_reused(reused: list) -> None:
@@ -120,15 +171,100 @@ def _write_config(run: Run) -> None:
     d.write_text(R.CONFIG, run.config.to_yaml())
 
 
+def groupings(runs: list[Run], has_extensions: bool, by_method: bool = True) -> list[tuple[str, callable]]:
+    """The row groups of the status and cost tables: per part (where the sweep has extension blocks), the runs by
+    architecture pair and, with ``by_method``, by method."""
+    parts = [(PAPER, "paper part"), (EXTENSION, "extension part")] if has_extensions else [(None, "")]
+    out = []
+    for part, title in parts:
+        if not any(part is None or r.part == part for r in runs):
+            continue
+
+        def keyed(attr, part=part):
+            return lambda r: (pair_label(r.pair) if attr == "pair" else r.method) if part in (None, r.part) else None
+
+        out.append((f"{title}, by pair".lstrip(", "), keyed("pair")))
+        if by_method:
+            out.append((f"{title}, by method".lstrip(", "), keyed("method")))
+    return out
+
+
+def print_cost(runs: list[Run], blocks, groups: list[tuple[str, callable]], args, has_extensions: bool = False
+               ) -> None:
+    """The dry run's cost of ``runs`` (:mod:`stitching.sweep.estimate`): the rate, the table (rows ``groups``, as
+    :func:`groupings` gives them), the totals of the paper part and the full sweep where there are both, what is
+    still to run, and its wall time at the launcher's parallelism (``args``: the command's options)."""
+    rate = E.parse_rate(args.rate)
+    est = E.estimate_runs(runs, rate, E.parse_images(args.images), args.loader_rate)
+    ref = E.reference_macs()
+    print(textwrap.fill(f"cost: an estimate (its conventions and what it leaves out: docs/method.md, \"MACs\"). "
+                        f"GPU-hours at {rate.describe()}, i.e. {rate.images_per_s['mixed'] * ref:.2e} MACs/s per GPU "
+                        f"(ResNet-50 trains at {ref:.3g} MACs per image) for every run"
+                        + (f", at most {args.loader_rate:g} images/s from the data loader" if args.loader_rate
+                           else "; data loading not counted (--loader-rate caps it)"), WIDTH, subsequent_indent="  "))
+    for note in est.notes:
+        print(textwrap.fill(note, WIDTH, initial_indent="note: ", subsequent_indent="  "))
+    if est.unknown:
+        print(f"note: {len(est.unknown)} runs have unknown image counts and are left out of the sums")
+    print()
+    print(E.cost_table(est.runs, groups))
+    if has_extensions and any(r.part == EXTENSION for r in runs):
+        print()
+        for label, ests in (("paper only", [e for e in est.runs if e.run.part == PAPER]),
+                            ("full (paper + extensions)", est.runs)):
+            known = [e for e in ests if e.known]
+            print(f"{label:28}{len(ests):>7} runs  {E.macs(sum(e.train_macs + e.eval_macs for e in known)):>9} MACs"
+                  f"  {E.hours(sum(e.gpu_hours for e in known)):>9} GPU-hours")
+    todo = [e for e in est.runs if R.status(e.run.config.output.dir) != R.FINISHED and e.known]
+    if len(todo) < len([e for e in est.runs if e.known]):
+        print(f"still to run: {len(todo)} runs, {E.hours(sum(e.gpu_hours for e in todo))} GPU-hours")
+    files = [e for e in todo if e.train_hours and e.run.config.data.name == "imagefolder"]    # decoded from files
+    fastest = max(files, key=lambda e: e.train_images / e.train_hours, default=None)
+    if fastest is not None and not args.loader_rate:
+        print(textwrap.fill(f"the fastest run would train at {fastest.train_images / fastest.train_hours / 3600:,.0f} "
+                            "images/s: check that its data loader keeps up (benchmarks/keep_up.py measures a node's), "
+                            "or cap it with --loader-rate", WIDTH, subsequent_indent="  "))
+    print(wall_line(todo, blocks, args))
+
+
+def wall_line(todo: list[E.Estimate], blocks, args) -> str:
+    """What the runs still to run take from submission to the last result, at the launcher's parallelism."""
+    if args.launcher == "slurm":
+        groups = [(res.max_parallel, res.gpus_per_task, [e for e in todo if e.run in runs],
+                   slurm.time_seconds(res.time) / 3600, res.time)
+                  for res, runs in slurm_groups([e.run for e in todo], blocks, args.slurm).values()]
+    else:
+        groups = [(max(1, args.parallel), 1, todo, None, "")]
+    wall = E.wall_time(groups)
+    if wall is None:
+        return "wall time: nothing to run"
+    at = (f"{wall.tasks} task{'s' * (wall.tasks > 1)} at a time" if wall.tasks
+          else "no % throttle: as many tasks at a time as the cluster gives")
+    at += f" x {wall.gpus} GPUs" if wall.gpus > 1 else ""
+    where = "the job array's slurm.max_parallel" if args.launcher == "slurm" else "--parallel"
+    line = (f"wall time: {E.duration(wall.hours)} ({at}, {where}; the longest run {E.duration(wall.longest)})"
+            + (" if the cluster grants them" if args.launcher == "slurm" else ""))
+    if wall.over_limit:
+        line += (f"; {wall.over_limit} runs outlast the time limit {wall.limit} of their task (they checkpoint and "
+                 "requeue themselves)")
+    return textwrap.fill(line, WIDTH, subsequent_indent="  ")
+
+
 def main(argv=None) -> int:
     parser = cli.parser("python -m stitching.sweep", __doc__, [
-        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # what it would run",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # its runs and cost",
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
-        "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2"], cli.LAUNCHER_EXITS)
+        "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],
+        cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")
-    parser.add_argument("--launcher", choices=("local", "slurm"), required=True)
+    parser.add_argument("--launcher", choices=("local", "slurm"), help="where the runs train (required unless "
+                        "--status)")
     parser.add_argument("--runs-dir", help="where run directories go (default: runs/<sweep name>)")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs; write and submit nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their cost; write and submit "
+                        "nothing")
+    parser.add_argument("--status", action="store_true", help="print where the runs stand, read from their "
+                        "directories; write and submit nothing (exit 0: all done, 1: some failed, 75: not yet)")
     part = parser.add_mutually_exclusive_group()
     part.add_argument("--paper-only", dest="extensions", action="store_false", default=None,
                       help="leave the extension blocks out (the sweep file's 'extensions: false' does the same)")
@@ -141,10 +277,12 @@ def main(argv=None) -> int:
     parser.add_argument("--pack", type=int, default=1, metavar="K",
                         help="train up to K runs that share a source, data, seed and recipe as one job, over one "
                              "data pass (default 1: one run per job)")
+    E.add_options(parser)
     args = parser.parse_args(argv)
+    if args.launcher is None and not args.status:
+        parser.error("--launcher is required (or --status: where the runs stand)")
+    E.parse_rate(args.rate), E.parse_images(args.images)       # a bad value: one line before any work
     check_pack(args.pack)
-
-    from stitching.sweep.spec import load_sweep
 
     name, _, switch = load_sweep(args.sweep)
     extensions = switch if args.extensions is None else args.extensions
@@ -159,24 +297,30 @@ def main(argv=None) -> int:
 
     points = exp.total - (0 if extensions else sum(math.prod(map(len, b.grid.values()))
                                                    for b in blocks if b.extension))
+    off = "" if extensions else " (paper part only: extension blocks switched off)"
+    if args.status:
+        print(f"sweep {name}: {len(runs)} runs in {runs_dir}{off}; where they stand, read from their directories "
+              "(nothing written or submitted)")
+        return S.report(runs, runs_dir, groupings(runs, bool(ext_blocks) and extensions, by_method=False))
     status = Counter(_status(r) for r in runs)
-    print(f"sweep {name}: {points} grid points -> {len(runs)} runs in {runs_dir}"
-          + ("" if extensions else " (paper part only: extension blocks switched off)"))
+    print(f"sweep {name}: {points} grid points -> {len(runs)} runs in {runs_dir}{off}")
     _print_dropped("excluded by rules", chosen(exp.excluded))
     _print_dropped("impossible combinations dropped", chosen(exp.impossible))
     _print_dropped("duplicates dropped (same model, same recipe; their rows are shared)", chosen(exp.duplicates))
     dirs = {r.config.output.dir for r in runs}
     print_reused([(n, d) for n, d in exp.reused if str(d) in dirs])
     print()
-    legend = "rows: pairs; columns: adapter/resize; a+b: a runs, b rows shared from a duplicate"
-    print(f"paper part: the runs the paper's study needs ({legend})" if ext_blocks else f"runs ({legend})")
+    legend = ("rows: pairs; columns: the adapter over its resize modes, n none, b bilinear, s strided; a+b: a runs, "
+              "b rows shared from a duplicate")
+    print(textwrap.fill(f"paper part: the runs the paper's study needs ({legend})" if ext_blocks
+                        else f"runs ({legend})", WIDTH))
     print(table(runs, PAPER))
     if ext_blocks:
         print()
         state = "on" if extensions else "OFF (--paper-only or 'extensions: false'; shown for reference)"
         print(f"extension part ({state}): runs beyond the paper's own")
         for block, why in ext_blocks.items():
-            print(f"  {block}: {why}")
+            print(textwrap.fill(f"{block}: {why}", WIDTH, initial_indent="  ", subsequent_indent="    "))
         print(table(exp.runs, EXTENSION))
     print()
     print(totals(exp.runs, bool(ext_blocks)))
@@ -189,6 +333,8 @@ def main(argv=None) -> int:
         print(describe(savings(runs, pack_runs(runs, args.pack)), args.pack))
         if args.launcher == "slurm":
             print_slurm_plan(todo, blocks, args.slurm, args.pack)
+        print()
+        print_cost(runs, blocks, groupings(runs, bool(ext_blocks)), args, bool(ext_blocks))
         print("dry run: nothing written or submitted")
         return 0
     if not todo:
@@ -215,6 +361,8 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
     (:func:`stitching.sweep.packs.pack_runs`): ``local`` here (``parallel`` jobs at a time; the exit code says
     whether any failed or was preempted), ``slurm`` as job arrays, a job per task (never twice for a run
     directory already queued or running). Shared by every command that expands runs (sweeps, matrices)."""
+    for log_to in {tuple(r.config.output.log_to or ()) for r in todo}:     # their extras, before anything is written
+        curves.check_installed(next(r.config for r in todo if tuple(r.config.output.log_to or ()) == log_to))
     for run in todo:
         _write_config(run)
 
@@ -234,11 +382,10 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
     return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides), pack)
 
 
-def _slurm_groups(todo: list[Run], blocks, overrides: list[str]) -> list:
-    """``[(SlurmResources, runs), ...]``: the runs to submit grouped by their resources (a block's ``slurm:``,
-    overridden by ``--slurm key=value``); one submission (one or more job arrays) per group."""
-    from stitching.launch import slurm
-
+def slurm_groups(runs: list[Run], blocks, overrides: list[str]) -> dict[str, tuple]:
+    """The runs by job array: ``{key: (SlurmResources, runs)}``, one per distinct set of resources (a block's
+    ``slurm:`` with the ``--slurm key=value`` overrides, each typed by the resource it sets, as section.key=value
+    is); one submission (one or more job arrays) per group; ConfigError for a malformed override or resource."""
     extra = {}
     fields = typing.get_type_hints(slurm.SlurmResources)
     for item in overrides:
@@ -249,15 +396,14 @@ def _slurm_groups(todo: list[Run], blocks, overrides: list[str]) -> list:
         extra[key] = parse_value(fields[key], value, f"--slurm {key}") if key in fields else value
     groups: dict[str, tuple[slurm.SlurmResources, list[Run]]] = {}
     by_block = {b.name: b for b in blocks}
-    for run in todo:
+    for run in runs:
         spec = {**by_block[run.block].slurm, **extra}
         try:
             res = slurm.SlurmResources.from_dict(spec, source=f"slurm resources of block {run.block}")
         except ValueError as err:
             raise ConfigError("slurm", spec, "sweep", str(err)) from None
-        key = repr(res)
-        groups.setdefault(key, (res, []))[1].append(run)
-    return list(groups.values())
+        groups.setdefault(repr(res), (res, []))[1].append(run)
+    return groups
 
 
 def _arrays_said(sizes: list[int], res) -> str:
@@ -275,15 +421,13 @@ def print_slurm_plan(todo: list[Run], blocks, overrides: list[str], pack: int = 
     """What ``--launcher slurm`` would submit (the dry run): per resource group, its tasks (runs, or packs of up
     to ``pack``) and how many job arrays the cluster's ``MaxArraySize`` splits them into (read from ``scontrol
     show config``; SLURM's default where it cannot be)."""
-    from stitching.launch import slurm
-
     if not todo:
         return
     try:
         limit, where = slurm.max_array_size(), "scontrol show config"
     except RuntimeError as err:
         limit, where = slurm.DEFAULT_MAX_ARRAY_SIZE, f"SLURM's default; not read here: {str(err).splitlines()[0]}"
-    for res, runs in _slurm_groups(todo, blocks, overrides):
+    for res, runs in slurm_groups(todo, blocks, overrides).values():
         blocks_of = sorted({r.block for r in runs})
         jobs = pack_runs(runs, pack)
         try:
@@ -291,8 +435,9 @@ def print_slurm_plan(todo: list[Run], blocks, overrides: list[str], pack: int = 
         except slurm.UnsatisfiableJob as err:      # a cluster that takes no arrays at all
             arrays = f"none: {err}"
         packs = f" in {len(jobs)} packs of up to {pack}" if len(jobs) < len(runs) else ""
-        print(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)}{packs} -> {arrays} (MaxArraySize "
-              f"{limit}: {where}; runs already queued or running are left out when submitting)")
+        print(textwrap.fill(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)}{packs} -> {arrays} "
+                            f"(MaxArraySize {limit}: {where}; runs already queued or running are left out when "
+                            "submitting)", WIDTH, subsequent_indent="  "))
 
 
 def _runs_in(tasks) -> int:
@@ -301,15 +446,13 @@ def _runs_in(tasks) -> int:
 
 
 def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str], pack: int = 1) -> int:
-    from stitching.launch import slurm
-
     submitted = 0
     refused: dict[str, int] = {}                      # cause (slurm.REFUSALS) -> runs not submitted
-    for res, runs in _slurm_groups(todo, blocks, overrides):
+    for res, runs in slurm_groups(todo, blocks, overrides).values():
         jobs_of = pack_runs(runs, pack)
         command = slurm.train_command(sys.executable, res.gpus_per_task, pack=len(jobs_of) < len(runs))
         try:
-            arrays = slurm.submit_arrays([_job(p) for p in jobs_of], runs_dir.absolute() / "slurm", res,
+            arrays = slurm.submit_arrays([_job(p) for p in jobs_of], slurm.sweep_dir(runs_dir.absolute()), res,
                                          name, command, chdir=Path.cwd())
         except slurm.UnsatisfiableJob as err:  # more than the cluster has (or allows): said now, not left queued
             print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
@@ -335,7 +478,8 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
         else:
             print(f"slurm: all {len(runs)} unfinished runs are already queued or running")
         submitted += n
-    print(f"logs: {runs_dir / 'slurm' / 'logs'}; collect with: python -m stitching.collect {shlex.quote(str(runs_dir))} "
+    logs = slurm.sweep_dir(runs_dir) / slurm.LOG_DIR
+    print(f"logs: {logs}; collect with: python -m stitching.collect {shlex.quote(str(runs_dir))} "
           f"-o {shlex.quote(str(runs_dir / 'results.csv'))}")
     for cause, n in refused.items():
         print(f"error: {n} runs not submitted: {slurm.REFUSALS[cause]} (see above)", file=sys.stderr)

@@ -6,8 +6,8 @@ in the order of their source cut, so a pack's runs need prefixes of similar dept
 (an original model, ``train.compile``) is a pack of its own; ``K = 1`` is one run per job, as before packs --
 and :func:`savings`, the dry run's totals separate vs packed (:func:`describe`): jobs, passes over the training
 data (a job reads it once per epoch) and the GMACs of the frozen source prefixes per training image (a pack
-runs its deepest prefix once; fine-tuning runs have no frozen prefix), counted on the source built on the meta
-device (no weights read).
+runs its deepest prefix once; fine-tuning runs have no frozen prefix), counted by :mod:`stitching.stitch.cost`
+on the meta device (no weights read).
 
 A pack is one SLURM task or one local job (:mod:`stitching.launch.slurm`, :mod:`stitching.launch.local`), so
 ``K`` also bounds how far a study spreads: packs of 16 on a study of 1,738 runs make ~120 jobs, as many GPUs as
@@ -19,13 +19,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-import torch
-from torch import nn
-
-from stitching.config import Config, model_args, pack_key
-from stitching.models.registry import get_spec
-from stitching.stitch.cost import count_cost
-from stitching.stitch.stitcher import prefix_blocks
+from stitching.config import Config, pack_key
+from stitching.stitch.cost import stitch_cost
 
 
 def _cut_order(cfg: Config) -> tuple:
@@ -58,46 +53,22 @@ def pack_runs(runs: list, k: int) -> list[list]:
     return sorted(packs, key=lambda p: min(order[id(r)] for r in p))
 
 
-class PrefixCost:
-    """GMACs of a source's frozen prefix (its stem and first blocks) per image, counted once per source and cut
-    on the source built on the meta device (the CPU where a model cannot be built there)."""
-
-    def __init__(self):
-        self._parts: dict = {}
-        self._macs: dict = {}
-
-    def __call__(self, cfg: Config) -> float:
-        """The GMACs of ``cfg``'s frozen prefix per image; 0 for a run without one (original, fine-tuning, frozen
-        parts in train mode: the source part is trained or recomputed, not shared)."""
-        m = cfg.model
-        if cfg.is_original or m.adapter == "finetune" or cfg.train.frozen_bn != "eval":
-            return 0.0
-        kwargs = model_args(m, "source")
-        key = (m.source, repr(sorted((kwargs or {}).items())), cfg.data.img_size, cfg.num_classes)
-        if key not in self._parts:
-            spec = get_spec(m.source, kwargs)
-            try:
-                with torch.device("meta"):
-                    self._parts[key] = spec.split(spec.build(False, cfg.num_classes))
-            except Exception:  # noqa: BLE001 - a model that cannot be built on meta: on the CPU
-                self._parts[key] = spec.split(spec.build(False, cfg.num_classes))
-        parts = self._parts[key]
-        n = prefix_blocks(m, parts)
-        if (key, n) not in self._macs:
-            prefix = nn.Sequential(parts.stem, *parts.blocks()[:n])
-            self._macs[(key, n)] = count_cost(prefix, cfg.data.img_size)["macs"] / 1e9
-        return self._macs[(key, n)]
+def prefix_gmacs(cfg: Config) -> float:
+    """GMACs per image of ``cfg``'s frozen source prefix (its stem and the blocks before the cut, as
+    :func:`stitching.stitch.cost.stitch_cost` counts them on the meta device); 0 for a run without one (original,
+    fine-tuning, frozen parts in train mode: the source part is trained or recomputed, not shared)."""
+    if cfg.is_original or cfg.model.adapter == "finetune" or cfg.train.frozen_bn != "eval":
+        return 0.0
+    return stitch_cost(cfg.model, cfg.data.img_size, cfg.num_classes).prefix / 1e9
 
 
-def savings(runs: list, packs: list[list], cost: PrefixCost | None = None) -> dict:
+def savings(runs: list, packs: list[list]) -> dict:
     """Totals of ``runs`` trained one per job and as ``packs``: ``{"jobs": (separate, packed), "data_passes":
     ..., "prefix_gmacs": ...}`` (module docstring)."""
-    cost = cost or PrefixCost()
-
     def passes(r) -> int:
         return r.config.train.epochs
 
-    prefix = {id(r): cost(r.config) for r in runs}
+    prefix = {id(r): prefix_gmacs(r.config) for r in runs}
     return {
         "jobs": (len(runs), len(packs)),
         "data_passes": (sum(passes(r) for r in runs), sum(max(passes(r) for r in p) for p in packs)),

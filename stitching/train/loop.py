@@ -41,6 +41,7 @@ from stitching.config import IDENTITY, Config, ConfigError, check_files, load_co
 from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
+from stitching.train import curves
 from stitching.train import distributed as D
 from stitching.train import perf as P
 from stitching.train import measure
@@ -176,6 +177,7 @@ class Run:
     preempt: _Preemption | None = None
     to_device: tuple = (None, None)         # (train, eval) batch -> device (stitching.data.pipeline.batch_to_device)
     pack: str = ""                          # the pack it trains in (stitching.train.pack; result.csv's pack column)
+    trackers: curves.Curves | None = None   # output.log_to: where the curves also go (the main process only)
 
     @property
     def model(self) -> nn.Module:
@@ -199,13 +201,14 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     from stitching.data.images import BadImageError
 
     check_files(cfg)
+    curves.check_installed(cfg)
     device = resolve_device(cfg)
     path, how = run_dir_path(cfg, run_dir)
     info = D.init(device.type)
     if how and info.is_main:
         print(f"run directory: {path} ({how})", flush=True)
     r = Run(cfg, R.RunDir(path), info, device)
-    code, message = R.EXIT_FAILED, "unexpected error (traceback above)"
+    code, message = R.EXIT_FAILED, R.UNEXPECTED
     try:
         code = _start(r, force)
         if code is None:
@@ -228,11 +231,16 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
         if r.preempt is not None:
             r.preempt.restore()
         _close(r, code, message)
+        _teardown_logging()
         D.shutdown()
 
 
 def _close(r: Run, code: int, message: str) -> None:
-    """Say in ``state.json`` how this trainer ended (its exit code and message) and give the lock back."""
+    """Close the run's curves (``output.log_to``), say in ``state.json`` how this trainer ended (its exit code and
+    message) and give the lock back."""
+    if r.trackers is not None:
+        r.trackers.close()
+        r.trackers = None
     if r.lock is not None and r.lock.held:
         r.rundir.write_state(R.status_of_exit(code), code, message)
         r.lock.release()
@@ -391,6 +399,7 @@ def _open_rundir(r: Run, force: bool) -> bool:
             log.info("took over the stale lock of pid %s on host %s (that process is gone)",
                      r.lock.took_over.get("pid"), r.lock.took_over.get("host"))
         r.rundir.write_state(R.STARTED)
+        r.trackers = curves.Curves(r.cfg, r.rundir.path) if r.cfg.output.log_to else None
     D.barrier(r.info)
     return False
 
@@ -591,6 +600,8 @@ def _record_epoch(r: Run, epoch: int, ev: dict) -> dict:
     r.pos.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0])
     if r.info.is_main:
         r.rundir.write_rows(R.METRICS, METRICS_COLUMNS, r.metrics)
+        if r.trackers is not None:
+            r.trackers.log(r.metrics[-1])
     _save_checkpoint(r)
     row = r.metrics[-1]
     r.say("epoch %d/%d: train_loss %.4f  val top1 %.2f top5 %.2f loss %.4f  %.1f img/s", epoch + 1, r.epochs,
@@ -645,6 +656,15 @@ def _setup_logging(file: Path) -> None:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+
+
+def _teardown_logging() -> None:
+    """Undo :func:`_setup_logging` when a run ends (``stitching.train`` runs in-process from notebooks): the
+    run's ``train.log`` handle closed, the trainer's log propagating to the root logger again."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()         # (a file's handle; a stream handler leaves its stream open)
+    log.propagate = True
 
 
 def _lr_factor(cfg: Config, steps_per_epoch: int, total_steps: int):

@@ -21,7 +21,8 @@ The destination's extra forward pass runs under ``torch.no_grad`` on a frozen co
 (eval mode, ``requires_grad=False``, BatchNorm folded when ``train.fold_bn``, stochastic layers off): the
 destination as it was loaded, whatever ``train.frozen_bn`` later does to the stitched model's own suffix.
 :func:`train_macs` counts it in the result's ``train_macs`` column (the ``macs`` column stays the stitched
-model's inference cost).
+model's inference cost); :func:`step_macs` is a whole training step's cost (forward and backward) under each
+loss, for the sweep's cost estimate.
 """
 
 from __future__ import annotations
@@ -140,3 +141,21 @@ def train_macs(cfg, macs: int, extra: dict[str, int]) -> int | str:
         return ""
     total = sum(macs + extra[objective_at(cfg, e)] for e in range(epochs))
     return round(total / epochs)
+
+
+def step_macs(cost, loss: str) -> int:
+    """MACs of one training image's step, forward and backward, under ``loss`` (``task``, ``match`` or
+    ``distill``: :func:`objective_at`) for a model whose parts cost ``cost``
+    (:class:`stitching.stitch.cost.StitchCost`). A model trained whole (fine-tuning, an original) costs its
+    ``trained``. A stitched one: the frozen prefix's forward pass, the adapters' forward pass and weight
+    gradients, then, for ``task``, the frozen suffix's forward pass and its input gradient (back to the
+    adapters); ``distill`` adds the teacher's forward pass (the destination's own network up to the join, then
+    its suffix); ``match`` runs the suffix forward only (on the detached output, without autograd) and adds
+    the destination's own network up to the join (the activation to match)."""
+    if cost.kind != "stitched":
+        return cost.trained
+    step = cost.prefix + cost.adapters.forward + cost.adapters.backward_weights + cost.suffix.forward
+    if loss == "match":
+        return step + cost.target
+    step += cost.suffix.backward_input
+    return step + (cost.target + cost.suffix.forward if loss == "distill" else 0)

@@ -43,11 +43,9 @@ train a run: every rank steps the same branches at the same steps.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import hashlib
 import itertools
-import logging
 import sys
 import time
 from pathlib import Path
@@ -69,13 +67,10 @@ from stitching.train import loop as L
 from stitching.train import measure
 from stitching.train import perf as P
 from stitching.train.objective import Objective
+from stitching.train.pack_log import open_log, working_on
 from stitching.train.step import autocast, train_step
 
 log = L.log
-
-#: the branch the pack is working on (its log lines go to its own train.log; None: every branch's)
-_CURRENT: contextvars.ContextVar = contextvars.ContextVar("stitching_pack_branch", default=None)
-
 
 @dataclasses.dataclass(eq=False)
 class Branch(L.Run):
@@ -179,7 +174,7 @@ def run(cfgs: list[Config], force: bool = False) -> int:
             pack.preempt.restore()
         for b in pack.active:         # the branches still in the pack end with it
             L._close(b, code, message)
-        _close_log()
+        L._teardown_logging()
         D.shutdown()
 
 
@@ -214,15 +209,14 @@ def _end(pack: Pack, b: Branch, code: int, message: str) -> None:
 def _scope(b: Branch, rng: bool = True):
     """Work on branch ``b``: its own global random state swapped in (and kept when done), its log lines to its
     ``train.log`` only."""
-    token = _CURRENT.set(b)
-    if rng and b.rng is not None:
-        C.set_rng(b.rng, b.device)
-    try:
-        yield
-    finally:
-        if rng:
-            b.rng = C.get_rng(b.device)
-        _CURRENT.reset(token)
+    with working_on(b):
+        if rng and b.rng is not None:
+            C.set_rng(b.rng, b.device)
+        try:
+            yield
+        finally:
+            if rng:
+                b.rng = C.get_rng(b.device)
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -264,7 +258,7 @@ def _start(pack: Pack, force: bool) -> None:
             _end(pack, b, R.EXIT_CONFIG, str(err))
     if not pack.active:
         return
-    _open_log(pack)
+    open_log(pack.active)
     pack.steps_per_epoch, pack.accum, pack.epochs = lead.steps_per_epoch, lead.accum, lead.epochs
     pack.log_every, pack.preempt_every = t.log_every, t.preempt_check_every
     pack.precision = P.resolve_precision(t.precision, pack.device)
@@ -290,58 +284,6 @@ def _start(pack: Pack, force: bool) -> None:
     for b in pack.active:
         with _scope(b):
             L._resume(b, force)
-
-
-def _open_log(pack: Pack) -> None:
-    """The trainer's log for a pack: each branch's lines to its own ``train.log`` (and to stderr with its
-    number), the pack's own lines to every branch's."""
-    _close_log()
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    files = {}
-    for b in pack.active:
-        handler = logging.FileHandler(b.rundir.file(R.LOG))
-        handler.setFormatter(fmt)
-        files[b.index] = handler
-    log.setLevel(logging.INFO)
-    log.addHandler(_PackLog(files, fmt))
-    log.propagate = False
-
-
-def _close_log() -> None:
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-
-
-class _PackLog(logging.Handler):
-    """Routes a record by the branch being worked on (:data:`_CURRENT`): its ``train.log`` or, outside any
-    branch, every branch's; and stderr, a branch's lines marked with its number."""
-
-    def __init__(self, files: dict, fmt: logging.Formatter):
-        super().__init__()
-        self.files, self.fmt = files, fmt
-        self.stderr = logging.StreamHandler(sys.stderr)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        b = _CURRENT.get()
-        for index, handler in self.files.items():
-            if b is None or b.index == index:
-                handler.handle(record)
-        line = self.fmt.format(record)
-        if b is not None:
-            stamp, _, rest = line.partition(" ")
-            day, _, rest = rest.partition(" ") if stamp.count("-") == 2 else ("", "", rest)
-            line = " ".join(x for x in (stamp, day, b.label.strip(), rest) if x)
-        try:
-            self.stderr.stream.write(line + "\n")
-            self.stderr.flush()
-        except (OSError, ValueError):
-            pass
-
-    def close(self) -> None:
-        for handler in self.files.values():
-            handler.close()
-        super().close()
 
 
 # ------------------------------------------------------------------------------------------- training
