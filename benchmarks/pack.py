@@ -165,7 +165,7 @@ def ideal(files: list[Path], args) -> dict:
     finally:
         for b in pk.active:
             L._close(b, R.EXIT_PREEMPTED, "benchmark: the ideal pass is not a run")
-        PK._close_log()
+        PK._restore_log(pk)
     return {"data": data, "prefix": prefix, "branches": branches, "total": data + prefix + sum(branches)}
 
 

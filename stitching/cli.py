@@ -29,6 +29,8 @@ TRAINER_EXITS = {
     R.EXIT_BUSY: "another trainer holds the run directory (named by host and pid)",
     R.EXIT_IO: "a file could not be written (disk full, permissions); the files already there are intact",
     R.EXIT_PREEMPTED: "preempted (SIGTERM / SIGUSR1): a checkpoint was saved; the same command resumes",
+    R.EXIT_INTERRUPTED: "interrupted (Ctrl-C): a checkpoint saved at the next step (a second Ctrl-C, or one "
+                        "while starting: the last complete one kept, if any); the same command resumes",
 }
 
 #: what a launcher's exit codes mean (``stitching.sweep``, ``stitching.matrix``): its runs' codes summed up
@@ -38,9 +40,10 @@ LAUNCHER_EXITS = {
                    "failed (listed with its directory and last error line)",
     R.EXIT_CONFIG: "bad sweep / matrix file, run config or option, or SLURM refused a job array: one line says "
                    "which; nothing was submitted for it",
-    R.EXIT_PREEMPTED: "local: a run was stopped (SIGTERM, Ctrl-C) after saving a checkpoint; the same command "
-                      "resumes; --status: none failed, some are still to finish (running, preempted, interrupted "
-                      "or not started)",
+    R.EXIT_PREEMPTED: "local: runs are left to resume or start (preempted, stopped by SIGTERM); the same "
+                      "command resumes them; --status: none failed, some are still to finish (running, preempted, "
+                      "interrupted, killed or not started)",
+    R.EXIT_INTERRUPTED: "local: stopped by Ctrl-C (each run's ending is listed); the same command resumes",
 }
 
 #: a command that reads its input, writes its output and stops: argparse's own code for bad options too

@@ -33,7 +33,7 @@ import yaml
 
 from stitching.messages import MAX_MESSAGE_CHARS, clip, short_repr
 # EXIT_CONFIG is re-exported: the exit code of a ConfigError
-from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
+from stitching.rundir import EXIT_CONFIG, EXIT_INTERRUPTED, IdentityRules  # noqa: F401
 from stitching.rundir import identity as rundir_identity
 
 CLI = "command line"
@@ -913,10 +913,14 @@ def _one_of(cfg: Config, key: str, choices: tuple) -> None:
 
 
 def run_cli(main: typing.Callable[[], int | None]) -> typing.NoReturn:
-    """Run a command's ``main``; a :class:`ConfigError` becomes one line on stderr and exit code 2."""
+    """Run a command's ``main``; a :class:`ConfigError` becomes one line on stderr and exit code 2, a Ctrl-C
+    that ``main`` does not handle itself one line and ``EXIT_INTERRUPTED`` (no traceback)."""
     try:
         code = main()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(code or 0)

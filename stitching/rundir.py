@@ -24,11 +24,14 @@ renamed into place, so a file is either the old complete one or the new complete
 ``previous/<stamp>/``       an earlier run's files moved aside by ``--force``
 ==========================  =====================================================================
 
-A run's status (:func:`status`): ``new`` (nothing trained yet), ``started`` (a checkpoint or a trainer
-that has not said how it ended: running, or killed), ``preempted`` (checkpointed after a signal; run it
-again to resume), ``finished`` (``result.csv``) or ``failed`` (the trainer stopped with an error; the
-message is in ``state.json``, :func:`error_line`). :func:`live_status` tells ``started`` apart by the lock:
-``running`` (a live trainer holds it) or ``interrupted`` (gone without saying how it ended).
+A run's status (:func:`status`, one of :data:`STATUSES`): ``new`` (nothing trained yet), ``started`` (a
+checkpoint or a trainer that has not said how it ended: running, or killed), ``preempted`` (checkpointed after
+SIGTERM/SIGUSR1; run it again to resume), ``interrupted`` (stopped by Ctrl-C: checkpointed after the first,
+aborted by a second keeping the last complete checkpoint; run it again to resume), ``finished``
+(``result.csv``) or ``failed`` (the trainer stopped with an error). ``state.json``'s message says how
+(:func:`error_line`), and :func:`ending` turns a trainer process's exit into the words a launcher prints.
+:func:`live_status` tells ``started`` apart by the lock: ``running`` (a live trainer holds it) or ``killed``
+(gone without saying how it ended).
 
 Identity (:func:`identity`, :func:`run_key`, :func:`same_run`, :func:`differing_keys`): a run is its resolved
 config without the ``output`` section (where a run writes and whether it also saves the model do not change
@@ -58,9 +61,10 @@ Exit codes (of ``python -m stitching.train``; the launchers and the SLURM batch 
 :data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (an unexpected error; traceback in the log),
 :data:`EXIT_CONFIG` 2 (bad config or input, nothing computed or overwritten), :data:`EXIT_NONFINITE` 65
 (the loss became NaN/Inf: no result, the last good checkpoint kept), :data:`EXIT_BUSY` 73 (another
-trainer holds the directory), :data:`EXIT_IO` 74 (a file could not be written, e.g. disk full; earlier
-files intact), :data:`EXIT_PREEMPTED` 75 (``EX_TEMPFAIL``: checkpoint saved after SIGTERM/SIGUSR1,
-run the same command again).
+trainer holds the directory), :data:`EXIT_IO` 74 (a file could not be written, e.g. disk full or a
+directory that became unwritable; earlier files intact), :data:`EXIT_PREEMPTED` 75 (``EX_TEMPFAIL``:
+checkpoint saved after SIGTERM/SIGUSR1, run the same command again), :data:`EXIT_INTERRUPTED` 130 (128 +
+SIGINT, the shell's convention: Ctrl-C; run the same command again).
 
 Requeue request: ``torch.distributed.run`` does not pass its workers' exit codes through (it exits 1 when
 a worker exits 75), so when ``$STITCHING_REQUEUE_FILE`` is set (the SLURM batch script sets it to
@@ -78,6 +82,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from datetime import datetime, timezone
@@ -113,14 +118,19 @@ EXIT_NONFINITE = 65      # EX_DATAERR: the loss became NaN/Inf
 EXIT_BUSY = 73           # EX_CANTCREAT: another trainer holds the run directory
 EXIT_IO = 74             # EX_IOERR: a run-directory file could not be written (disk full, ...)
 EXIT_PREEMPTED = 75      # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; run the same command again
+EXIT_INTERRUPTED = 130   # 128 + SIGINT: Ctrl-C (checkpoint saved, or aborted by a second one); run it again
 REQUEUE_ENV = "STITCHING_REQUEUE_FILE"
 
 # ------------------------------------------------------------------------------------------- statuses
 NEW, STARTED, PREEMPTED, FINISHED, FAILED = "new", "started", "preempted", "finished", "failed"
-STATUSES = (NEW, STARTED, PREEMPTED, FINISHED, FAILED)
+INTERRUPTED = "interrupted"
+#: every status, in the order summaries list them
+STATUSES = (FINISHED, PREEMPTED, INTERRUPTED, STARTED, FAILED, NEW)
+#: statuses a trainer writes into ``state.json`` when it ends (:func:`status` reads them back)
+ENDED = (PREEMPTED, INTERRUPTED, FAILED)
 #: :func:`live_status` tells a started run apart by its trainer: still running, or gone without saying how
-RUNNING, INTERRUPTED = "running", "interrupted"
-LIVE_STATUSES = (FINISHED, RUNNING, PREEMPTED, INTERRUPTED, FAILED, NEW)
+RUNNING, KILLED = "running", "killed"
+LIVE_STATUSES = (FINISHED, RUNNING, PREEMPTED, INTERRUPTED, KILLED, FAILED, NEW)
 #: ``state.json``'s message when the trainer stopped on an unexpected error (its traceback is in the trainer's
 #: output: ``launcher.log``, or the SLURM task's log)
 UNEXPECTED = "unexpected error (traceback above)"
@@ -129,15 +139,62 @@ UNEXPECTED = "unexpected error (traceback above)"
 LOCK_STALE_S = 900.0
 
 
+_FAILURES = {EXIT_CONFIG: "bad config", EXIT_NONFINITE: "non-finite loss", EXIT_BUSY: "run directory in use",
+             EXIT_IO: "could not write the run directory"}
+
+
 def describe_exit(code: int) -> str:
-    """A few words for a trainer's exit code (launchers print them)."""
-    return {EXIT_OK: "done", EXIT_PREEMPTED: "preempted (checkpoint saved)", EXIT_CONFIG: "FAILED: bad config",
-            EXIT_NONFINITE: "FAILED: non-finite loss", EXIT_BUSY: "FAILED: run directory in use",
-            EXIT_IO: "FAILED: could not write the run directory"}.get(code, f"FAILED (exit {code})")
+    """A few words for a trainer's exit code alone (what it says without ``state.json``: :func:`ending`)."""
+    if code < 0:
+        return f"killed by {_signal_name(-code)}"
+    if code in (EXIT_OK, EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        return {EXIT_OK: "done", EXIT_PREEMPTED: "preempted", EXIT_INTERRUPTED: "interrupted"}[code]
+    return f"FAILED: {_FAILURES.get(code, 'error')} (exit {code})"
 
 
 def status_of_exit(code: int) -> str:
-    return FINISHED if code == EXIT_OK else PREEMPTED if code == EXIT_PREEMPTED else FAILED
+    return {EXIT_OK: FINISHED, EXIT_PREEMPTED: PREEMPTED, EXIT_INTERRUPTED: INTERRUPTED}.get(code, FAILED)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+    """How one trainer process ended, as a launcher reports it (:func:`ending`)."""
+
+    code: int               # its exit code (negative: killed by that signal)
+    status: str             # one of STATUSES: what the run directory is now
+    message: str            # what happened, in a few words
+    elsewhere: bool = False  # the run was finished by another trainer, not by this process
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAILED
+
+
+def ending(path: str | os.PathLike, code: int, pid: int | None = None) -> Ending:
+    """How the trainer process ``pid`` that exited with ``code`` on run directory ``path`` ended: what it wrote
+    into ``state.json`` when it wrote it (status and message), else what its exit code and the directory say
+    -- never that a checkpoint was saved unless the trainer said so. A trainer killed by a signal before it
+    said anything (still starting up, or SIGKILL) is reported with what the directory holds: its last
+    checkpoint, or nothing saved."""
+    d = RunDir(path)
+    state = d.read_state()
+    if pid is not None and state.get("pid") == pid and state.get("exit_code") == code \
+            and state.get("status") in (*ENDED, FINISHED):
+        return Ending(code, state["status"], state.get("message") or describe_exit(code))
+    if code == EXIT_OK:         # it wrote no state of its own: it found the run finished (by another trainer)
+        by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") not in (None, pid) else ""
+        return Ending(code, FINISHED, f"already finished{by}", elsewhere=pid is not None)
+    if code < 0 or code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):   # stopped while starting, or killed
+        saved = "its last checkpoint is kept" if d.checkpoint_candidates() else "nothing was saved"
+        return Ending(code, status(path), f"{describe_exit(code)} before it said how it ended; {saved}")
+    return Ending(code, FAILED, describe_exit(code).removeprefix("FAILED: "))
 
 
 class RunDirError(Exception):
@@ -301,14 +358,24 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
         _write_file(tmp, data)
         os.replace(tmp, path)
     except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        why = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-        raise WriteError(f"cannot write {path}: {why} (errno {err.errno}); the files already there are "
-                         "intact") from err
+        _discard(tmp)
+        raise WriteError(f"cannot write {path}: {_write_why(err)}; the files already there are intact") from err
+    except BaseException:       # KeyboardInterrupt (a second Ctrl-C) in the middle: no temporary file left
+        _discard(tmp)
+        raise
     return path
+
+
+def _write_why(err: OSError) -> str:
+    why = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    return f"{why} (errno {err.errno})"
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -381,13 +448,17 @@ class RunDir:
         """Write the serialized checkpoint; the former newest becomes ``checkpoint.prev.pt``. A kill between
         the two renames leaves ``checkpoint.prev.pt`` only, which :meth:`checkpoint_candidates` finds."""
         path = self.path / CHECKPOINT
-        tmp = self.write_bytes(f".{CHECKPOINT}.new", data)
+        try:
+            tmp = self.write_bytes(f".{CHECKPOINT}.new", data)
+        except WriteError as err:
+            raise WriteError(f"cannot write {path}: {_write_why(err.__cause__)}; the checkpoints already there are "
+                             "intact") from err.__cause__
         try:
             if path.is_file():
                 os.replace(path, self.path / CHECKPOINT_PREVIOUS)
             os.replace(tmp, path)
         except OSError as err:
-            raise WriteError(f"cannot write {path}: {err.strerror or err}") from err
+            raise WriteError(f"cannot write {path}: {_write_why(err)}") from err
         return path
 
     def set_aside(self, path: Path) -> Path:
@@ -408,13 +479,17 @@ class RunDir:
         return dest
 
     # ---- how the last trainer ended
-    def write_state(self, status_: str, exit_code: int | None = None, message: str = "") -> None:
-        data = {"status": status_, "exit_code": exit_code, "message": message, "host": socket.gethostname(),
-                "pid": os.getpid(), "at": _now()}
+    def write_state(self, status_: str, exit_code: int | None = None, message: str = "") -> bool:
+        """Write ``state.json``; False if it could not be written at all. Where the directory refuses new
+        files (it became unwritable) but the old ``state.json`` may still be written, it is overwritten in
+        place (not atomically: a kill in the middle leaves a file :meth:`read_state` reads as no state)."""
+        data = (json.dumps({"status": status_, "exit_code": exit_code, "message": message,
+                            "host": socket.gethostname(), "pid": os.getpid(), "at": _now()}) + "\n").encode()
         try:
-            self.write_text(STATE, json.dumps(data) + "\n")
+            self.write_bytes(STATE, data)
+            return True
         except WriteError:
-            pass  # the state is a convenience; never let it hide the real outcome
+            return _overwrite(self.path / STATE, data)  # the state is a convenience: never hide the real outcome
 
     def read_state(self) -> dict:
         try:
@@ -428,12 +503,12 @@ class RunDir:
 
 
 def status(path: str | os.PathLike) -> str:
-    """``new``, ``started``, ``preempted``, ``finished`` or ``failed`` (see the module docstring)."""
+    """One of :data:`STATUSES` (see the module docstring)."""
     d = Path(path)
     if (d / RESULT).is_file():
         return FINISHED
     state = RunDir(d).read_state().get("status")
-    if state in (PREEMPTED, FAILED):
+    if state in ENDED:
         return state
     if state == STARTED or any((d / f).is_file() for f in (CHECKPOINT, CHECKPOINT_PREVIOUS)):
         return STARTED
@@ -442,15 +517,14 @@ def status(path: str | os.PathLike) -> str:
 
 def live_status(path: str | os.PathLike) -> str:
     """:func:`status`, a started run told apart by its lock: :data:`RUNNING` while a live trainer holds it (on
-    another host: one that touched the lock within :data:`LOCK_STALE_S`), else :data:`INTERRUPTED` (killed, its
-    node lost or its process gone without saying how it ended; running it again resumes from its last
-    checkpoint). A run whose new trainer is already working again is running whatever the last one said."""
+    another host: one that touched the lock within :data:`LOCK_STALE_S`), else :data:`KILLED` (its node lost or
+    its process gone without saying how it ended; running it again resumes from its last checkpoint). A run whose new trainer is already working again is running whatever the last one said."""
     st = status(path)
     if st == FINISHED:
         return st
     if Lock(Path(path) / LOCK).alive_holder() is not None:
         return RUNNING
-    return INTERRUPTED if st == STARTED else st
+    return KILLED if st == STARTED else st
 
 
 def error_line(path: str | os.PathLike, logs: tuple = ()) -> str:
@@ -558,7 +632,7 @@ class Lock:
             return 0.0
 
     def _alive(self, holder: dict) -> bool:
-        if not holder:
+        if not holder or holder.get("released"):
             return False
         pid = holder.get("pid")
         if holder.get("host") != socket.gethostname():
@@ -587,14 +661,41 @@ class Lock:
             except OSError:
                 pass
 
-    def release(self) -> None:
+    def holder(self) -> dict | None:
+        """Who holds the lock now (host, pid, started), or None when it is free or its holder is gone (a
+        stale lock, which the next trainer takes over)."""
+        holder = self.read()
+        return holder if holder and self._alive(holder) else None
+
+    def release(self) -> bool:
+        """Remove the lock; False when the directory refuses (it became unwritable): the lock is then marked
+        ``released`` in place where the file itself can still be written, and is free for the next trainer
+        either way (its process is gone)."""
+        removed = True
         if self.held:
             if self.read().get("pid") == os.getpid():
                 try:
                     self.path.unlink()
                 except FileNotFoundError:
                     pass
+                except OSError:
+                    removed = False
+                    _overwrite(self.path, (json.dumps({**self.read(), "released": _now()}) + "\n").encode())
             self.held = False
+        return removed
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Rewrite an existing file in place (for a directory that no longer takes new files); False if not."""
+    try:
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False
 
 
 def _process_start(pid: int) -> int | None:

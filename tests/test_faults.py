@@ -280,8 +280,9 @@ def test_local_launcher_maps_runs_onto_the_visible_gpus_and_shares_the_cpus(tmp_
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(ROOT)
 
-    codes = run_local(dirs, parallel=3, python=str(python))
+    result = run_local(dirs, parallel=3, python=str(python))
 
+    codes = {d: e.code for d, e in result.endings.items()}
     assert codes == {str(d): 0 for d in dirs}, [(d / "launcher.log").read_text() for d in dirs]
     envs = [dict(line.split("=", 1) for line in (d / "env.txt").read_text().splitlines() if "=" in line)
             for d in dirs]

@@ -118,7 +118,7 @@ def test_dry_run_prints_every_matrix_and_counts_writing_nothing(tmp_path, capsys
     for name in ("trained", "random sender", "random receiver", "random sender and receiver"):
         assert f"{name} (20 runs): rows sender stage, columns receiver stage" in out
     assert "       4  x  x  x ..\n" in out          # sender stage 4: only receiver 4, both seeds to train
-    assert "total runs: 80 (0 finished, 0 preempted, 0 started, 0 failed, 80 new)" in out
+    assert "total runs: 80 (0 finished, 0 preempted, 0 interrupted, 0 started, 0 failed, 80 new)" in out
     assert not runs.exists()
     # stride thins the cuts; controls: [] leaves the trained matrix alone
     spec.write_text(f"base: {TINY}\nstride: 2\ncontrols: []\n")
@@ -209,7 +209,7 @@ def test_a_launch_interrupted_between_runs_is_preempted_not_finished(tmp_path, m
     monkeypatch.setattr(local, "run_local", lambda dirs, parallel=1: real(dirs, parallel, python=str(fake)))
     capsys.readouterr()
     assert launch(runs, matrix.blocks(), tmp_path / "runs", "m", "local") == 75
-    assert "(2 not started: interrupted)" in capsys.readouterr().out
+    assert "(2 not started: the launcher was stopped by SIGTERM)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ end to end

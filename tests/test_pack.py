@@ -6,6 +6,8 @@ real run directories.
   metrics.csv value but the timings and the pack column, the same 3 runs trained alone (CPU, 1 thread);
 - a pack preempted by SIGTERM checkpoints every branch at the same step; resumed as a pack whose runs stand at
   different positions (one finished alone meanwhile, one half-way, one new), each ends equal to its run alone;
+- Ctrl-C checkpoints every branch at one step (exit 130, each state.json ``interrupted``), and the same command
+  resumes each to the result of its run alone;
 - a branch whose loss turns NaN stops alone (exit 65 in its own state.json) while the other finishes;
 - runs that cannot pack are refused with one line (exit 2) before anything is written;
 - ``stitching.sweep --pack K`` trains the smoke sweep in packs and its dry run prints the savings; the paper
@@ -209,6 +211,46 @@ def test_preempted_pack_resumes_each_branch_from_its_own_position(tmp_path, alon
         a, b = _rows(dirs["a"] / name), _rows(alone["a"] / name)
         assert [{k: v for k, v in r.items() if k not in TIMING} for r in a] == \
                [{k: v for k, v in r.items() if k not in TIMING} for r in b]
+
+
+def _as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)    # (a background test run's children inherit SIGINT ignored)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_pack_like_a_run_and_the_same_command_resumes_it(tmp_path, alone):
+    """Ctrl-C (SIGINT to the trainer's process group, as a terminal sends it) in epoch 2: every branch is
+    checkpointed at the same step and says ``interrupted`` (exit 130, no lock left), one line says how to resume
+    the pack; the same command resumes each branch from there, each ending equal to its run alone."""
+    cfgs = _configs(tmp_path / "ctrl-c #1", ("a", "b"))
+    dirs = {name: cfg.parent / name for name, cfg in cfgs.items()}
+    command = [sys.executable, "-m", "stitching.train", "--config", str(cfgs["a"]), "--config", str(cfgs["b"]),
+               *COMMON]
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, preexec_fn=_as_from_a_terminal)
+    try:
+        _wait(lambda: all((d / R.METRICS).is_file() for d in dirs.values()), 300, "the first epoch's metrics", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == R.EXIT_INTERRUPTED, err[-3000:]
+    steps = set()
+    for d in dirs.values():
+        state = json.loads((d / R.STATE).read_text())
+        assert state["status"] == R.INTERRUPTED and state["exit_code"] == R.EXIT_INTERRUPTED, state
+        assert state["message"].startswith("Ctrl-C (SIGINT): checkpoint saved in epoch 2 at step"), state
+        assert not (d / R.LOCK).exists() and not (d / R.RESULT).exists()
+        steps.add(torch.load(d / R.CHECKPOINT, weights_only=False)["position"]["step"])
+    [step] = steps                  # every branch at the same step, in the second epoch
+    assert 10 <= step < 20, step
+    assert "to resume the pack, run the same command again (or: python -m stitching.train --run-dir" in err
+    rerun = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stderr.count("the last trainer: interrupted: Ctrl-C (SIGINT): checkpoint saved") == 2
+    for name, d in dirs.items():
+        _assert_same_run(d, alone[name])
 
 
 @pytest.mark.slow

@@ -219,7 +219,7 @@ def test_sweep_prints_every_status(tmp_path):
                            str(tmp_path / "runs"), "--dry-run"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "total runs: 2 (0 finished, 0 preempted, 0 started, 0 failed, 2 new)" in proc.stdout
+    assert "total runs: 2 (0 finished, 0 preempted, 0 interrupted, 0 started, 0 failed, 2 new)" in proc.stdout
 
 
 def _cli(module: str, *args) -> subprocess.CompletedProcess:
@@ -289,7 +289,7 @@ def test_an_older_versions_run_directory_is_resumed_by_the_trainer_and_the_sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "reusing 1 run directories named by an older version's run key" in proc.stdout
     assert f"  {older.name}  (this version names it {name})" in proc.stdout
-    assert "0 finished, 0 preempted, 1 started" in proc.stdout and "local: 1 done" in proc.stdout
+    assert "0 finished, 0 preempted, 0 interrupted, 1 started" in proc.stdout and "local: 1 done" in proc.stdout
     assert sorted(p.name for p in runs.iterdir() if p.name != "slurm") == [older.name]    # no new directory
     log = (older / R.LOG).read_text()
     assert f"resuming {older} at epoch 3" in log and (older / R.RESULT).is_file()

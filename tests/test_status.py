@@ -40,7 +40,7 @@ def status(capsys, *args) -> tuple[int, str]:
 def counts(out: str, label: str = "total") -> dict[str, int]:
     """A status table row as {column: count}."""
     head = next(line for line in out.splitlines() if "not started" in line)
-    columns = ["done", "running", "preempted", "interrupted", "failed", "not started", "total"]
+    columns = ["done", "running", "preempted", "interrupted", "killed", "failed", "not started", "total"]
     row = next(line for line in out.splitlines() if line.strip().startswith(label + " "))
     cells = row.strip()[len(label):].split()
     assert len(cells) == len(columns) and all(c in head for c in columns), (head, row)
@@ -68,7 +68,7 @@ def test_status_of_a_sweep_with_runs_done_failed_running_killed_and_not_started(
     cli("stitching.sweep", spec, "--launcher", "local", "--runs-dir", runs, check=R.EXIT_FAILED)   # lr 1e30: NaN
     code, out = status(capsys, spec, "--runs-dir", runs)
     assert code == R.EXIT_FAILED
-    assert counts(out) == {"done": 1, "running": 0, "preempted": 0, "interrupted": 0, "failed": 1,
+    assert counts(out) == {"done": 1, "running": 0, "preempted": 0, "interrupted": 0, "killed": 0, "failed": 1,
                            "not started": 0, "total": 2}
     failed = next(r for r in expand(spec, runs)[2].runs if r.config.train.lr > 1)
     lines = out.splitlines()
@@ -90,14 +90,14 @@ def test_status_of_a_sweep_with_runs_done_failed_running_killed_and_not_started(
             assert trainer.poll() is None and time.time() < deadline, "the trainer did not start"
             time.sleep(0.5)
         code, out = status(capsys, spec, "--runs-dir", runs)
-        assert counts(out) == {"done": 1, "running": 1, "preempted": 0, "interrupted": 0, "failed": 1,
+        assert counts(out) == {"done": 1, "running": 1, "preempted": 0, "interrupted": 0, "killed": 0, "failed": 1,
                                "not started": 1, "total": 4}
     finally:
         trainer.send_signal(signal.SIGKILL)                # killed without a word: its lock is left behind
         trainer.wait()
     assert R.status(long.config.output.dir) == R.STARTED and (Path(long.config.output.dir) / R.LOCK).exists()
     code, out = status(capsys, spec, "--runs-dir", runs)
-    assert counts(out)["interrupted"] == 1 and counts(out)["running"] == 0
+    assert counts(out)["killed"] == 1 and counts(out)["running"] == 0
 
     # the exit codes through the command line: 0 when every run has finished, 75 while some are to finish
     only_done = tmp_path / "done.yaml"
@@ -107,8 +107,8 @@ def test_status_of_a_sweep_with_runs_done_failed_running_killed_and_not_started(
     only_long = tmp_path / "long.yaml"
     only_long.write_text("blocks:" + LONG)
     proc = cli("stitching.sweep", only_long, "--status", "--runs-dir", runs, check=R.EXIT_PREEMPTED)
-    assert counts(proc.stdout) == {"done": 0, "running": 0, "preempted": 0, "interrupted": 1, "failed": 0,
-                                   "not started": 1, "total": 2}
+    assert counts(proc.stdout) == {"done": 0, "running": 0, "preempted": 0, "interrupted": 0, "killed": 1,
+                                   "failed": 0, "not started": 1, "total": 2}
 
 
 def test_a_failed_runs_error_line_comes_from_its_log_when_the_error_was_unexpected(tmp_path):
@@ -141,6 +141,7 @@ def test_matrix_status_counts_each_matrix(tmp_path, capsys):
     code = main([str(ROOT / "configs" / "matrix" / "tiny.yaml"), "--runs-dir", str(tmp_path / "runs"), "--status"])
     out = capsys.readouterr().out
     assert code == R.EXIT_PREEMPTED and not (tmp_path / "runs").exists()
-    assert counts(out, "trained") == {"done": 0, "running": 0, "preempted": 0, "interrupted": 0, "failed": 0,
+    assert counts(out, "trained") == {"done": 0, "running": 0, "preempted": 0, "interrupted": 0, "killed": 0,
+                                      "failed": 0,
                                       "not started": 10, "total": 10}
     assert counts(out, "random sender and receiver")["not started"] == 10 and counts(out)["total"] == 40

@@ -261,10 +261,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed ``numpy`` and ``random`` from the worker's torch seed, and ignore
-    the preemption signals (SIGTERM, SIGUSR1): SLURM sends them to every process of a job, and a worker that
-    died of one would make the main process fail (exit 1) before it could checkpoint; the main process
-    checkpoints and exits, and its workers are shut down with it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    the stop signals (SIGTERM, SIGUSR1, SIGINT): SLURM sends them to every process of a job and a terminal's
+    Ctrl-C reaches every process in its foreground group, and a worker that died of one would make the main
+    process fail (exit 1, a traceback per worker) before it could checkpoint; the main process checkpoints
+    and exits, and its workers are shut down with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)

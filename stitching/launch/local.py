@@ -1,20 +1,32 @@
 """Run a list of run directories on this machine, one after another or N at a time.
 
-Each job is ``python -m stitching.train --run-dir DIR`` in its own process, its output appended to
+Each run is ``python -m stitching.train --run-dir DIR`` in its own process (and its own session, so that a
+terminal's Ctrl-C reaches the launcher only, which passes it on once), its output appended to
 ``DIR/launcher.log``; a pack (a list of run directories, :mod:`stitching.train.pack`) is one job, ``--run-dir``
-once per directory, its output in its first directory's ``launcher.log`` (the others' say where), and each of
-its runs' exit code is the one its ``state.json`` holds from that job. Placement: each run gets one of the GPUs this process may use -- the entries of
+once per directory, its output in its first directory's ``launcher.log`` (the others' say where), each of its
+runs reported by the ending its ``state.json`` holds from that job. Placement: each run gets one of the GPUs this process may use -- the entries of
 the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never
 ``"0"``), else every device CUDA reports -- the least busy one, so runs go round-robin when they outnumber
 the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
 ``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its affinity, e.g. a SLURM allocation) / N,
-unless the parent sets them. SIGTERM/SIGINT to the launcher is forwarded to the running trainers (which
-checkpoint and exit with ``EXIT_PREEMPTED``; one still starting up, killed by the signal, counts as preempted
-too); nothing new is started afterwards. Re-running the launcher resumes them.
+unless the parent sets them.
+
+Signals to the launcher: nothing new is started afterwards, and each running trainer is told -- SIGINT
+(Ctrl-C) is passed on as SIGINT (the trainers checkpoint at their next step and exit interrupted; a second
+Ctrl-C aborts them at once, keeping their last complete checkpoints), SIGTERM and SIGHUP as SIGTERM (they
+checkpoint and exit preempted). Each run's real ending is printed as it ends (:func:`stitching.rundir.ending`:
+what the trainer wrote into ``state.json``, else what its exit code and directory say), never "checkpoint
+saved" unless the trainer saved one. Re-running the launcher resumes them.
+
+Another trainer on a run directory (a second copy of the same sweep, another user): a run whose lock is
+held by a live process is not started (a pack starts without it); the launcher starts the others first and
+waits for it, then reports it finished by the other trainer (or, if that one stopped without finishing, starts
+it, alone: it resumes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -22,77 +34,187 @@ import sys
 import time
 from pathlib import Path
 
-from stitching.rundir import EXIT_OK, EXIT_PREEMPTED, LAUNCHER_LOG, RunDir, describe_exit
+from stitching import rundir as R
 
 
-def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable) -> dict[str, int]:
-    """Run every job (a run directory, or a pack's list of them); returns run dir -> exit code
-    (``rundir.EXIT_OK`` done, ``rundir.EXIT_PREEMPTED`` preempted, other = failed)."""
-    pending = [[Path(x) for x in d] if isinstance(d, (list, tuple)) else Path(d) for d in run_dirs]
-    running: dict[Path, tuple[subprocess.Popen, object, int | None]] = {}
-    packs: dict[Path, list[Path]] = {}
-    codes: dict[str, int] = {}
-    stop = {"signal": None}
+@dataclasses.dataclass
+class _Stop:
+    """What the launcher was asked: the signals it received, in order (the main loop passes them on)."""
+
+    signal: int | None = None                   # the first one
+    queue: list = dataclasses.field(default_factory=list)    # not passed on yet
+    interrupts: int = 0                         # Ctrl-Cs passed on
+
+
+@dataclasses.dataclass
+class LocalResult:
+    """What :func:`run_local` did."""
+
+    endings: dict[str, R.Ending]        # run dir -> how it ended: every run started, or finished by another trainer
+    not_started: list[str]              # runs never started (the launcher was stopped first, or another held them)
+    stopped_by: str | None = None       # the signal that stopped the launcher (its name), if one did
+
+
+def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable) -> LocalResult:
+    """Run every job: a run directory, or a pack's list of them (see the module docstring)."""
+    pending = [[Path(x) for x in d] if isinstance(d, (list, tuple)) else [Path(d)] for d in run_dirs]
+    running: dict[Path, tuple[subprocess.Popen, object, str | None]] = {}    # by the job's first directory
+    jobs: dict[Path, list[Path]] = {}
+    endings: dict[str, R.Ending] = {}
+    waiting: dict[Path, str] = {}            # run dir -> who holds it (said once)
+    stop = _Stop()
     gpus = visible_gpus()
     threads = max(1, usable_cpus() // max(1, min(parallel, len(pending))))
 
     def handle(signum, frame):
-        stop["signal"] = signum
-        for proc, _, _ in running.values():
-            proc.send_signal(signal.SIGTERM)
+        stop.queue.append(signum)
+        if stop.signal is None:
+            stop.signal = signum
 
-    old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         while pending or running:
-            while pending and len(running) < parallel and stop["signal"] is None:
-                job = pending.pop(0)
-                dirs = job if isinstance(job, list) else [job]
-                d = dirs[0]
-                slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
-                env = run_env(os.environ, slot, threads)
-                log = open(d / LAUNCHER_LOG, "a")
-                for other in dirs[1:]:
-                    with open(other / LAUNCHER_LOG, "a") as note:
-                        note.write(f"[local] trained in a pack of {len(dirs)} runs: its output is in "
-                                   f"{d / LAUNCHER_LOG}\n")
-                what = f"a pack of {len(dirs)} runs: {d}, ..." if len(dirs) > 1 else str(d)
-                print(f"[local] start {what}" + (f" on GPU {slot}" if slot is not None else "")
-                      + f", {env['OMP_NUM_THREADS']} threads", flush=True)
-                args = [a for x in dirs for a in ("--run-dir", str(x))]
-                proc = subprocess.Popen([python, "-m", "stitching.train", *args], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
-                running[d] = (proc, log, slot)
-                packs[d] = dirs
-            if stop["signal"] is not None and not running:
+            _pass_on(stop, running)
+            if stop.signal is None:
+                for job in _startable(pending, waiting, endings, parallel - len(running)):
+                    running[job[0]] = _start(job, python, gpus, running, threads)
+                    jobs[job[0]] = job
+            if stop.signal is not None and not running:
                 break
-            for d, (proc, log, _) in list(running.items()):
+            for first, (proc, log, _) in list(running.items()):
                 code = proc.poll()
-                if code is not None:
-                    log.close()
-                    if code < 0 and stop["signal"] is not None:
-                        # stopped by the forwarded signal before its handler was installed (still starting):
-                        # nothing trained is lost, the next launch resumes it -- preempted, not failed
-                        code = EXIT_PREEMPTED
-                    del running[d]
-                    for member in packs[d]:
-                        own = _ending(member, proc.pid, code) if len(packs[d]) > 1 else code
-                        codes[str(member)] = own
-                        print(f"[local] {describe_exit(own)}: {member}" + (
-                            "" if own in (EXIT_OK, EXIT_PREEMPTED) else f" -- see {d / LAUNCHER_LOG}"), flush=True)
+                if code is None:
+                    continue
+                log.close()
+                del running[first]
+                job = jobs.pop(first)
+                for d in job:
+                    own = code if len(job) == 1 else _member_code(d, proc.pid, code)
+                    if own == R.EXIT_BUSY:          # taken by another trainer meanwhile: wait for it
+                        holder = R.RunDir(d).lock().holder()
+                        waiting[d] = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "a trainer"
+                        print(f"[local] waiting: {d} is in use by {waiting[d]} (another trainer)", flush=True)
+                        pending.append([d])
+                        continue
+                    endings[str(d)] = ending = R.ending(d, own, proc.pid)
+                    _say(d, ending, first)
+            if not running and pending and stop.signal is None:
+                time.sleep(1.0)              # every run left is held by another trainer
             time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return codes
+    left = [d for job in pending for d in job]
+    for d in left:
+        if d in waiting:
+            print(f"[local] not started: {d} (in use by {waiting[d]})", flush=True)
+    return LocalResult(endings, [str(d) for d in left],
+                       signal.Signals(stop.signal).name if stop.signal is not None else None)
 
 
-def _ending(run_dir: Path, pid: int, code: int) -> int:
-    """The exit code of one run of a pack's job: what its ``state.json`` says the job (``pid``) ended it with,
-    0 for a run already finished, else the job's own ``code``."""
-    state = RunDir(run_dir).read_state()
+def _startable(pending: list[list[Path]], waiting: dict[Path, str], endings: dict, slots: int) -> list[list[Path]]:
+    """Up to ``slots`` pending jobs that may start now, in order, taken out of ``pending``: their runs not held by
+    another trainer (said once; such a run stays pending, waited for, and a pack starts without it), not
+    finished meanwhile (reported as such)."""
+    chosen = []
+    for job in list(pending):
+        if len(chosen) >= slots:
+            break
+        free, held = [], []
+        for d in job:
+            if R.status(d) == R.FINISHED:
+                state = R.RunDir(d).read_state()
+                by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") else ""
+                endings[str(d)] = ending = R.Ending(R.EXIT_OK, R.FINISHED, f"finished{by}", elsewhere=True)
+                _say(d, ending)
+                waiting.pop(d, None)
+                continue
+            holder = R.RunDir(d).lock().holder()
+            if holder is not None:
+                who = f"pid {holder.get('pid')} on host {holder.get('host')}"
+                if d not in waiting:
+                    print(f"[local] waiting: {d} is in use by {who} (another trainer); starting the others first",
+                          flush=True)
+                waiting[d] = who
+                held.append(d)
+                continue
+            waiting.pop(d, None)
+            free.append(d)
+        at = pending.index(job)
+        pending[at:at + 1] = [[d] for d in held]        # (each run waited for is a job of its own now)
+        if free:
+            chosen.append(free)
+    return chosen
+
+
+def _start(job: list[Path], python: str, gpus: list[str], running: dict, threads: int):
+    d = job[0]
+    slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
+    env = run_env(os.environ, slot, threads)
+    log = open(d / R.LAUNCHER_LOG, "a")
+    for other in job[1:]:
+        with open(other / R.LAUNCHER_LOG, "a") as note:
+            note.write(f"[local] trained in a pack of {len(job)} runs: its output is in {d / R.LAUNCHER_LOG}\n")
+    what = f"a pack of {len(job)} runs: {d}, ..." if len(job) > 1 else str(d)
+    print(f"[local] start {what}" + (f" on GPU {slot}" if slot is not None else "")
+          + f", {env['OMP_NUM_THREADS']} threads", flush=True)
+    args = [a for x in job for a in ("--run-dir", str(x))]
+    proc = subprocess.Popen([python, "-m", "stitching.train", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    return proc, log, slot
+
+
+def _member_code(d: Path, pid: int, code: int) -> int:
+    """The exit code of one run of a pack's job (``pid``, exit ``code``): the one its ``state.json`` says that job
+    ended it with; 0 for a run already finished; ``EXIT_BUSY`` for a run another trainer holds (the pack left it
+    out); else the job's own ``code``."""
+    rd = R.RunDir(d)
+    state = rd.read_state()
     if state.get("pid") == pid and isinstance(state.get("exit_code"), int):
         return state["exit_code"]
-    return EXIT_OK if RunDir(run_dir).finished else code
+    if rd.finished:
+        return R.EXIT_OK
+    return R.EXIT_BUSY if rd.lock().holder() is not None else code
+
+
+def _pass_on(stop: _Stop, running: dict) -> None:
+    """Pass each signal the launcher received on to the running trainers, once: SIGINT as SIGINT, SIGTERM and
+    SIGHUP as SIGTERM (in the main loop, not in the handler, so that printing cannot re-enter a print the
+    signal interrupted)."""
+    while stop.queue:
+        received = stop.queue.pop(0)
+        sig = signal.SIGINT if received == signal.SIGINT else signal.SIGTERM
+        stop.interrupts += sig == signal.SIGINT
+        for proc, _, _ in running.values():
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGTERM:
+            what = "stopping them at their next step with a checkpoint (preempted)"
+        elif stop.interrupts == 1:
+            what = "stopping them at their next step with a checkpoint (Ctrl-C again aborts them at once)"
+        else:
+            what = "aborting them at once (their last complete checkpoints are kept)"
+        print(f"[local] {signal.Signals(received).name}: {len(running)} running, {what}; starting nothing new",
+              flush=True)
+
+
+def _say(d: Path, ending: R.Ending, job: Path | None = None) -> None:
+    """One line for a run that ended: its real ending (``job``: the directory whose ``launcher.log`` has the
+    output of the job it ran in)."""
+    job = job or d
+    if ending.elsewhere:
+        print(f"[local] {ending.message} (another trainer): {d}", flush=True)
+    elif ending.status == R.FINISHED:
+        print(f"[local] done: {d}", flush=True)
+    elif ending.failed:
+        print(f"[local] FAILED: {d} ({ending.message}) -- see {job / R.LAUNCHER_LOG}", flush=True)
+    elif ending.status in (R.NEW, R.STARTED):     # it said nothing: stopped while starting, or killed
+        print(f"[local] stopped: {d} ({ending.message})", flush=True)
+    else:
+        resumes = "; the next launch resumes it" if ending.status in (R.PREEMPTED, R.INTERRUPTED) else ""
+        print(f"[local] {ending.status}: {d} ({ending.message}{resumes})", flush=True)
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

@@ -49,6 +49,10 @@ Preemption / time limit protocol (what the trainer must do):
   ``$STITCHING_REQUEUE_FILE`` (rank 0, before exiting); the batch script
   treats that exactly like exit code 75.  ``$SLURM_RESTART_COUNT`` tells a
   restarted trainer how many times it was requeued.
+* Exit code 130 (``EXIT_INTERRUPTED``: SIGINT, e.g. ``scancel --signal=INT``; the command runs in the
+  background of a non-interactive shell, so a SIGINT sent to the whole job is ignored, as Python leaves it)
+  is a deliberate stop: the script says so and exits 130 without requeueing; submitting the sweep again
+  resumes the run.
 * On exit code 75 the batch script requeues *itself* with
   ``scontrol requeue ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}`` while the
   task is still RUNNING (this is why the signal comes before the time limit:
@@ -101,7 +105,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from stitching.messages import short_repr
-from stitching.rundir import EXIT_PREEMPTED, REQUEUE_ENV, REQUEUE_REQUEST, SLURM_MARKER
+from stitching.rundir import EXIT_INTERRUPTED, EXIT_PREEMPTED, REQUEUE_ENV, REQUEUE_REQUEST, SLURM_MARKER
 
 __all__ = [
     "EXIT_REQUEUE",
@@ -351,6 +355,7 @@ TASK_FILE=@TASK_FILE@
 REQUEUE=@REQUEUE@
 SIGNAL_CHILDREN=@SIGNAL_CHILDREN@
 EXIT_REQUEUE=@EXIT_REQUEUE@
+EXIT_INTERRUPTED=@EXIT_INTERRUPTED@
 
 : "${SLURM_ARRAY_TASK_ID:?this script must run as a SLURM array task}"
 TASK_ID="${SLURM_ARRAY_JOB_ID:-local}_${SLURM_ARRAY_TASK_ID}"
@@ -413,6 +418,9 @@ if ((rc == EXIT_REQUEUE)) || [[ -e "$@REQUEUE_ENV@" ]]; then
         say "scontrol requeue failed"
     fi
     exit "$EXIT_REQUEUE"
+fi
+if ((rc == EXIT_INTERRUPTED)); then
+    say "interrupted (SIGINT): the trainer kept its checkpoint; not requeued (a deliberate stop): submit the sweep again to resume"
 fi
 exit "$rc"
 """
@@ -483,6 +491,7 @@ def render_array_script(
         .replace("@REQUEUE@", "1" if resources.requeue else "0")
         .replace("@SIGNAL_CHILDREN@", "1" if signal_children else "0")
         .replace("@EXIT_REQUEUE@", str(EXIT_REQUEUE))
+        .replace("@EXIT_INTERRUPTED@", str(EXIT_INTERRUPTED))
         .replace("@REQUEUE_ENV@", REQUEUE_ENV)
         .replace("@REQUEUE_REQUEST@", REQUEUE_REQUEST)
         .replace("@TRAPS@", traps)

@@ -34,15 +34,14 @@ from stitching import rundir as R
 from stitching.config import CUT_KEYS, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, Matrix, load_matrix
 from stitching.sweep import estimate as E
-from stitching.sweep.__main__ import (_print_dropped, check_pack, launch, print_cost, print_reused, print_slurm_plan,
-                                      runs_dir_of)
-from stitching.sweep.packs import describe, pack_runs, savings
+from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
+from stitching.sweep.packs import check_pack, describe, pack_runs, savings
 from stitching.sweep.status import report
 
 #: a cell's mark in the printed tables
-MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
+MARKS = {R.NEW: ".", R.STARTED: "~", R.PREEMPTED: "~", R.INTERRUPTED: "~", R.FINISHED: "#", R.FAILED: "!"}
 IMPOSSIBLE, MISSING = "x", " "
-LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started or preempted (resumes), "
+LEGEND = (f"'{MARKS[R.NEW]}' to train, '{MARKS[R.FINISHED]}' finished, '~' started, preempted or interrupted (resumes), "
           f"'{MARKS[R.FAILED]}' failed, '{IMPOSSIBLE}' cannot be stitched (see above), '=' built by another cell")
 
 
@@ -129,6 +128,7 @@ def main(argv=None) -> int:
     parser = cli.parser("python -m stitching.matrix", __doc__, [
         "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --dry-run   # the cells, their cost",
         "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local",
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --pack 8    # a sender's cells together",
         "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --status        # where the cells stand",
         "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --draw          # after SLURM"],
         cli.LAUNCHER_EXITS)
@@ -177,8 +177,7 @@ def main(argv=None) -> int:
     print_tables(matrix, exp)
     print(f"legend: {LEGEND}")
     status = Counter(R.status(r.config.output.dir) for r in exp.runs)
-    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
-    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
         print(describe(savings(exp.runs, pack_runs(exp.runs, args.pack)), args.pack))
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
                       args.pack)
     else:
         print("nothing to do: every cell has finished")
-    if args.launcher == "local" and code != R.EXIT_PREEMPTED:
+    if args.launcher == "local" and code not in (R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED):
         draw(matrix, runs_dir, names)
     elif args.launcher == "slurm":
         print(f"once the jobs have run: python -m stitching.matrix {shlex.quote(args.matrix)} --draw"

@@ -2,9 +2,10 @@
 
 Owns: walking a runs folder, reading each run's ``result.csv``, deciding which runs are finished,
 unfinished (``config.yaml`` but no ``result.csv``; reported with :func:`stitching.rundir.status` and, for a
-failed run, its trainer's last message), damaged (a ``result.csv`` that cannot be read, is too large, does not
-parse, has other than one row or lacks a required column; a ``config.yaml`` beside it that cannot be read
-within :func:`stitching.config.read_yaml`'s bounds: unreadable, too large, an alias bomb, not YAML) or duplicated (the same run twice: two directories whose ``config.yaml``
+run whose trainer said how it ended -- preempted, interrupted, failed -- its last message), damaged (a
+``result.csv`` that cannot be read, is too large, does not parse, has other than one row or lacks a required
+column; a ``config.yaml`` beside it that cannot be read within :func:`stitching.config.read_yaml`'s bounds:
+unreadable, too large, an alias bomb, not YAML) or duplicated (the same run twice: two directories whose ``config.yaml``
 are the same run by :func:`stitching.rundir.run_key`, or, without a config, the same ``run_id``; the newest
 ``finished_at`` wins), and writing the table atomically. Problems are reported, never fatal.
 
@@ -158,7 +159,7 @@ def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:
             rows.append(row)
         elif CONFIG_NAME in filenames:
             state = rundir.RunDir(here).read_state()
-            why = f": {state.get('message')}" if rundir.status(here) == rundir.FAILED and state.get("message") else ""
+            why = f": {state.get('message')}" if rundir.status(here) in rundir.ENDED and state.get("message") else ""
             problems.append(Problem("unfinished", here, f"{CONFIG_NAME} but no {RESULT_NAME} "
                                                         f"({rundir.status(here)}{why})"))
     if not rows:

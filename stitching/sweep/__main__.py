@@ -42,7 +42,7 @@ from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_
 from stitching.launch import slurm
 from stitching.sweep import estimate as E
 from stitching.sweep import status as S
-from stitching.sweep.packs import describe, pack_runs, savings
+from stitching.sweep.packs import check_pack, describe, job_of, pack_runs, runs_in, savings
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand, load_sweep
 from stitching.train import curves
 
@@ -218,6 +218,10 @@ def print_cost(runs: list[Run], blocks, groups: list[tuple[str, callable]], args
     todo = [e for e in est.runs if R.status(e.run.config.output.dir) != R.FINISHED and e.known]
     if len(todo) < len([e for e in est.runs if e.known]):
         print(f"still to run: {len(todo)} runs, {E.hours(sum(e.gpu_hours for e in todo))} GPU-hours")
+    if args.pack > 1:
+        packed = E.jobs(todo, args.pack)
+        print(f"packed (--pack {args.pack}): {len(todo)} runs in {len(packed)} jobs, "
+              f"{E.hours(sum(e.gpu_hours for e in packed))} GPU-hours (the frozen source prefix run once per pack)")
     files = [e for e in todo if e.train_hours and e.run.config.data.name == "imagefolder"]    # decoded from files
     fastest = max(files, key=lambda e: e.train_images / e.train_hours, default=None)
     if fastest is not None and not args.loader_rate:
@@ -228,13 +232,14 @@ def print_cost(runs: list[Run], blocks, groups: list[tuple[str, callable]], args
 
 
 def wall_line(todo: list[E.Estimate], blocks, args) -> str:
-    """What the runs still to run take from submission to the last result, at the launcher's parallelism."""
+    """What the runs still to run take from submission to the last result, at the launcher's parallelism (its
+    jobs: runs, or with ``--pack K`` packs, :func:`stitching.sweep.estimate.jobs`)."""
     if args.launcher == "slurm":
-        groups = [(res.max_parallel, res.gpus_per_task, [e for e in todo if e.run in runs],
+        groups = [(res.max_parallel, res.gpus_per_task, E.jobs([e for e in todo if e.run in runs], args.pack),
                    slurm.time_seconds(res.time) / 3600, res.time)
                   for res, runs in slurm_groups([e.run for e in todo], blocks, args.slurm).values()]
     else:
-        groups = [(max(1, args.parallel), 1, todo, None, "")]
+        groups = [(max(1, args.parallel), 1, E.jobs(todo, args.pack), None, "")]
     wall = E.wall_time(groups)
     if wall is None:
         return "wall time: nothing to run"
@@ -242,10 +247,11 @@ def wall_line(todo: list[E.Estimate], blocks, args) -> str:
           else "no % throttle: as many tasks at a time as the cluster gives")
     at += f" x {wall.gpus} GPUs" if wall.gpus > 1 else ""
     where = "the job array's slurm.max_parallel" if args.launcher == "slurm" else "--parallel"
-    line = (f"wall time: {E.duration(wall.hours)} ({at}, {where}; the longest run {E.duration(wall.longest)})"
+    longest = "pack" if args.pack > 1 else "run"
+    line = (f"wall time: {E.duration(wall.hours)} ({at}, {where}; the longest {longest} {E.duration(wall.longest)})"
             + (" if the cluster grants them" if args.launcher == "slurm" else ""))
     if wall.over_limit:
-        line += (f"; {wall.over_limit} runs outlast the time limit {wall.limit} of their task (they checkpoint and "
+        line += (f"; {wall.over_limit} {longest}s outlast the time limit {wall.limit} of their task (they checkpoint and "
                  "requeue themselves)")
     return textwrap.fill(line, WIDTH, subsequent_indent="  ")
 
@@ -255,6 +261,7 @@ def main(argv=None) -> int:
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # its runs and cost",
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
         "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --pack 16   # 16 runs a task, one data pass",
         "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],
         cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")
@@ -325,8 +332,7 @@ def main(argv=None) -> int:
     print()
     print(totals(exp.runs, bool(ext_blocks)))
     print()
-    order = (R.FINISHED, R.PREEMPTED, R.STARTED, R.FAILED, R.NEW)
-    print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in order) + ")")
+    print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in runs if _status(r) != R.FINISHED]
     if args.dry_run:
         print()
@@ -341,18 +347,6 @@ def main(argv=None) -> int:
         print("nothing to do: every run has finished")
         return 0
     return launch(todo, blocks, runs_dir, name, args.launcher, args.parallel, args.slurm, args.pack)
-
-
-def check_pack(k: int) -> None:
-    """``--pack K``: at least 1 (a ConfigError naming the option otherwise)."""
-    if k < 1:
-        raise ConfigError("--pack", k, "command line", "must be >= 1 (runs per job; 1: one run per job)")
-
-
-def _job(pack: list[Run]):
-    """A launcher's job: one run directory, or a pack's list of them."""
-    dirs = [r.config.output.dir for r in pack]
-    return dirs[0] if len(dirs) == 1 else dirs
 
 
 def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, parallel: int = 1,
@@ -372,14 +366,34 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
         jobs = pack_runs(todo, pack)
         if len(jobs) < len(todo):
             print(f"local: {len(todo)} runs in {len(jobs)} jobs (--pack {pack})")
-        codes = run_local([_job(p) for p in jobs], parallel=max(1, parallel))
-        failed = {d: c for d, c in codes.items() if c not in (R.EXIT_OK, R.EXIT_PREEMPTED)}
-        # interrupted (SIGTERM/SIGINT): the runs not started count as preempted -- run the command again
-        preempted = sum(c == R.EXIT_PREEMPTED for c in codes.values()) + len(todo) - len(codes)
-        print(f"local: {sum(c == R.EXIT_OK for c in codes.values())} done, {preempted} preempted, {len(failed)} failed"
-              + (f" ({len(todo) - len(codes)} not started: interrupted)" if len(codes) < len(todo) else ""))
-        return R.EXIT_FAILED if failed else (R.EXIT_PREEMPTED if preempted else R.EXIT_OK)
+        return local_summary(run_local([job_of(p) for p in jobs], parallel=max(1, parallel)))
     return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides), pack)
+
+
+def local_summary(result) -> int:
+    """Print the local launcher's tally (:class:`stitching.launch.local.LocalResult`) and return the command's
+    exit code: ``EXIT_FAILED`` if a run failed, else ``EXIT_INTERRUPTED`` after a Ctrl-C, ``EXIT_PREEMPTED``
+    if runs are left to resume or start (run the command again), else 0 -- also when other trainers finished
+    some of the runs."""
+    endings = list(result.endings.values())
+    n = Counter(e.status for e in endings if not e.elsewhere)
+    killed = n[R.NEW] + n[R.STARTED]        # ended by a signal before saying how (R.ending)
+    failed = n[R.FAILED] + (0 if result.stopped_by else killed)
+    extra = [f"{n[R.INTERRUPTED]} interrupted" if n[R.INTERRUPTED] else "",
+             f"{killed} stopped while starting" if killed and result.stopped_by else "",
+             f"{sum(e.elsewhere for e in endings)} finished by another trainer" if any(e.elsewhere for e in endings)
+             else ""]
+    why = f"the launcher was stopped by {result.stopped_by}" if result.stopped_by else "in use by another trainer"
+    print(f"local: {n[R.FINISHED]} done, {n[R.PREEMPTED]} preempted, {failed} failed"
+          + "".join(f", {x}" for x in extra if x)
+          + (f" ({len(result.not_started)} not started: {why})" if result.not_started else "")
+          + ("; run the same command again to resume" if n[R.PREEMPTED] + n[R.INTERRUPTED] + len(result.not_started)
+             + killed and not failed else ""))
+    if failed:
+        return R.EXIT_FAILED
+    if result.stopped_by == "SIGINT" or n[R.INTERRUPTED]:
+        return R.EXIT_INTERRUPTED
+    return R.EXIT_PREEMPTED if n[R.PREEMPTED] or killed or result.not_started else R.EXIT_OK
 
 
 def slurm_groups(runs: list[Run], blocks, overrides: list[str]) -> dict[str, tuple]:
@@ -440,11 +454,6 @@ def print_slurm_plan(todo: list[Run], blocks, overrides: list[str], pack: int = 
                             "submitting)", WIDTH, subsequent_indent="  "))
 
 
-def _runs_in(tasks) -> int:
-    """How many runs a list of SLURM tasks holds (a task: a run directory, or a pack's tuple of them)."""
-    return sum(len(t) if isinstance(t, (list, tuple)) else 1 for t in tasks)
-
-
 def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str], pack: int = 1) -> int:
     submitted = 0
     refused: dict[str, int] = {}                      # cause (slurm.REFUSALS) -> runs not submitted
@@ -452,18 +461,18 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
         jobs_of = pack_runs(runs, pack)
         command = slurm.train_command(sys.executable, res.gpus_per_task, pack=len(jobs_of) < len(runs))
         try:
-            arrays = slurm.submit_arrays([_job(p) for p in jobs_of], slurm.sweep_dir(runs_dir.absolute()), res,
+            arrays = slurm.submit_arrays([job_of(p) for p in jobs_of], slurm.sweep_dir(runs_dir.absolute()), res,
                                          name, command, chdir=Path.cwd())
         except slurm.UnsatisfiableJob as err:  # more than the cluster has (or allows): said now, not left queued
             print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
-            done = sum(_runs_in(tasks) for _, tasks in err.submitted)
+            done = sum(runs_in(tasks) for _, tasks in err.submitted)
             refused[err.cause] = refused.get(err.cause, 0) + len(runs) - done
             submitted += done
             continue
         except RuntimeError as err:   # no SLURM client here, or its controller cannot be reached: one line
             raise ConfigError("--launcher", "slurm", "command line", str(err).strip().splitlines()[0]) from None
         tasks = [t for _, ts in arrays for t in ts]
-        n = _runs_in(tasks)
+        n = runs_in(tasks)
         skipped = len(runs) - n
         jobs = [job for job, _ in arrays]
         ids = ", ".join(jobs if len(jobs) <= 4 else [*jobs[:2], "...", jobs[-1]])

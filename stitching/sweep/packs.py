@@ -9,7 +9,8 @@ data (a job reads it once per epoch) and the GMACs of the frozen source prefixes
 runs its deepest prefix once; fine-tuning runs have no frozen prefix), counted by :mod:`stitching.stitch.cost`
 on the meta device (no weights read).
 
-A pack is one SLURM task or one local job (:mod:`stitching.launch.slurm`, :mod:`stitching.launch.local`), so
+A pack is one SLURM task or one local job (:mod:`stitching.launch.slurm`, :mod:`stitching.launch.local`): a run
+directory, or a pack's list of them (:func:`job_of`, :func:`runs_in`; :func:`check_pack` refuses ``K < 1``), so
 ``K`` also bounds how far a study spreads: packs of 16 on a study of 1,738 runs make ~120 jobs, as many GPUs as
 one may want at once.
 """
@@ -19,14 +20,20 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from stitching.config import Config, pack_key
-from stitching.stitch.cost import stitch_cost
+from stitching.config import Config, ConfigError, pack_key
+from stitching.stitch.cost import StitchCost, stitch_cost
 
 
 def _cut_order(cfg: Config) -> tuple:
     m = cfg.model
     return (0, m.source_stage) if m.source_stage is not None else (1, m.source_block if m.source_block is not None
                                                                    else -1)
+
+
+def check_pack(k: int) -> None:
+    """``--pack K``: at least 1 (a ConfigError naming the option otherwise)."""
+    if k < 1:
+        raise ConfigError("--pack", k, "command line", "must be >= 1 (runs per job; 1: one run per job)")
 
 
 def pack_runs(runs: list, k: int) -> list[list]:
@@ -53,13 +60,31 @@ def pack_runs(runs: list, k: int) -> list[list]:
     return sorted(packs, key=lambda p: min(order[id(r)] for r in p))
 
 
+def job_of(pack: list):
+    """A launcher's job of a pack (runs with a ``.config``): one run directory, or a pack's list of them."""
+    dirs = [r.config.output.dir for r in pack]
+    return dirs[0] if len(dirs) == 1 else dirs
+
+
+def runs_in(tasks) -> int:
+    """How many runs a list of launcher jobs or SLURM tasks holds (a run directory, or a pack's list or tuple)."""
+    return sum(len(t) if isinstance(t, (list, tuple)) else 1 for t in tasks)
+
+
+def shared_prefix_macs(cfg: Config, cost: StitchCost | None = None) -> int:
+    """MACs per image of ``cfg``'s frozen source prefix (its stem and the blocks before the cut, as
+    :func:`stitching.stitch.cost.stitch_cost` counts them on the meta device; ``cost``: that count, made already),
+    the part of its work a pack runs once for all its runs; 0 for a run without one (original, fine-tuning, frozen
+    parts in train mode: the source part is trained or recomputed, not shared)."""
+    if cfg.train.frozen_bn != "eval":
+        return 0
+    cost = cost or stitch_cost(cfg.model, cfg.data.img_size, cfg.num_classes)
+    return cost.prefix if cost.kind == "stitched" else 0
+
+
 def prefix_gmacs(cfg: Config) -> float:
-    """GMACs per image of ``cfg``'s frozen source prefix (its stem and the blocks before the cut, as
-    :func:`stitching.stitch.cost.stitch_cost` counts them on the meta device); 0 for a run without one (original,
-    fine-tuning, frozen parts in train mode: the source part is trained or recomputed, not shared)."""
-    if cfg.is_original or cfg.model.adapter == "finetune" or cfg.train.frozen_bn != "eval":
-        return 0.0
-    return stitch_cost(cfg.model, cfg.data.img_size, cfg.num_classes).prefix / 1e9
+    """:func:`shared_prefix_macs` in GMACs."""
+    return shared_prefix_macs(cfg) / 1e9
 
 
 def savings(runs: list, packs: list[list]) -> dict:

@@ -296,7 +296,7 @@ def _same_run_dir(cfg: Config, candidates: list[Path], read: dict) -> Path | Non
                 read[d] = None
         if isinstance(read[d], dict) and R.same_run(read[d], cfg.to_dict(), IDENTITY):
             same.append(d)
-    rank = {R.FINISHED: 0, R.PREEMPTED: 1, R.STARTED: 1, R.FAILED: 2, R.NEW: 3}
+    rank = {R.FINISHED: 0, R.PREEMPTED: 1, R.INTERRUPTED: 1, R.STARTED: 1, R.FAILED: 2, R.NEW: 3}
     return min(same, key=lambda d: (rank[R.status(d)], d.name), default=None)
 
 

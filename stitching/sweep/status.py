@@ -2,11 +2,11 @@
 
 Owns the ``--status`` view of ``python -m stitching.sweep`` and ``python -m stitching.matrix``: per group of
 runs (a sweep's parts by architecture pair, a matrix's matrices) how many are done, running, preempted,
-interrupted, failed or not started (:func:`stitching.rundir.live_status`), then every failed run's directory and
+interrupted (Ctrl-C), killed (gone without saying how), failed or not started (:func:`stitching.rundir.live_status`), then every failed run's directory and
 the last line of its error (:func:`stitching.rundir.error_line`: ``state.json``, else the trainer's output in
 ``launcher.log`` or the run's SLURM task log), and the exit code (:func:`exit_code`): ``0`` when every run has
 finished, ``1`` when any failed, ``75`` when none failed but some have not finished (running, preempted,
-interrupted or not started) -- the codes of the local launcher, so a script can wait with
+interrupted, killed or not started) -- the codes of the local launcher, so a script can wait with
 ``until python -m stitching.sweep FILE --status; do sleep 600; done`` (stopping at ``1``).
 """
 
@@ -21,7 +21,7 @@ from stitching.launch.slurm import MARKER_FILE, sweep_dir, task_log
 
 #: the columns, in order: a live status and its heading
 COLUMNS = ((R.FINISHED, "done"), (R.RUNNING, "running"), (R.PREEMPTED, "preempted"),
-           (R.INTERRUPTED, "interrupted"), (R.FAILED, "failed"), (R.NEW, "not started"))
+           (R.INTERRUPTED, "interrupted"), (R.KILLED, "killed"), (R.FAILED, "failed"), (R.NEW, "not started"))
 
 
 def states(runs) -> dict[str, str]:

@@ -33,7 +33,7 @@ API = "stitching.train()"
 class RunFailed(RuntimeError):
     """A run that ended without its result (:func:`train`): :attr:`exit_code` is the code ``python -m
     stitching.train`` would have exited with (:mod:`stitching.rundir`), :attr:`status` the run's status
-    (``preempted``: call again to resume; ``failed``), :attr:`run_dir` its directory."""
+    (``preempted`` or ``interrupted``: call again to resume; ``failed``), :attr:`run_dir` its directory."""
 
     def __init__(self, run_dir: Path, exit_code: int):
         self.run_dir, self.exit_code, self.status = Path(run_dir), exit_code, R.status_of_exit(exit_code)
@@ -77,7 +77,9 @@ def train(config: str | os.PathLike | typing.Mapping | None = None, *, run_dir: 
 
     Raises :class:`~stitching.config.ConfigError` (a ``ValueError``: key, value and where it came from; nothing
     computed or written) for a bad config, and :class:`RunFailed` when the run ends without a result
-    (preempted, non-finite loss, directory held by another trainer, a file that cannot be written).
+    (preempted, interrupted by Ctrl-C -- the notebook's interrupt too --, non-finite loss, directory held by
+    another trainer, a file that cannot be written). Ctrl-C and SIGTERM are handled during training (when called
+    from the main thread) and the process's own handlers put back afterwards.
 
     >>> import stitching
     >>> run = stitching.train("configs/synthetic/tiny.yaml", train={"epochs": 1, "max_steps_per_epoch": 2},

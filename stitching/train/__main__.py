@@ -10,7 +10,7 @@ checkpoint; a finished run is not redone unless ``--force`` (which keeps the old
 write takes its baseline (:data:`stitching.config.IDENTITY_BASELINE`: the value that run had). Exit codes
 (:mod:`stitching.rundir`): done (or already finished), bad config/input (one line on stderr, nothing
 computed or overwritten), non-finite loss, run directory held by another trainer, a file that cannot be
-written, preempted by SIGTERM/SIGUSR1 after saving a checkpoint (run it again).
+written, preempted by SIGTERM/SIGUSR1 or interrupted by Ctrl-C after saving a checkpoint (run it again).
 From Python: ``stitching.train(config, **overrides)`` (:func:`stitching.train.train`).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
 Several runs as one pack (:mod:`stitching.train.pack`: one data pass, the shared source prefix run once, each
@@ -46,10 +46,10 @@ def main(argv=None) -> int:
     if len(cfgs) == 1:
         from stitching.train.loop import run
 
-        return run(cfgs[0], force=args.force)
+        return run(cfgs[0], force=args.force, exiting=True)
     from stitching.train.pack import run as run_pack
 
-    return run_pack(cfgs, force=args.force)
+    return run_pack(cfgs, force=args.force, exiting=True)
 
 
 if __name__ == "__main__":

@@ -58,14 +58,14 @@ def all_sum_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step); a host sync
-    (the trainer calls it every ``train.preempt_check_every`` steps, :mod:`stitching.train.perf`)."""
+def all_max(value: float, device: torch.device, info: DistInfo) -> float:
+    """The largest of one number over ranks (the trainer agrees on a stop signal with it every
+    ``train.preempt_check_every`` steps, :mod:`stitching.train.stop`); a host sync."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.item()
 
 
 def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:

@@ -8,15 +8,18 @@ fused AdamW), channels_last and BatchNorm folding of frozen parts (:mod:`stitchi
 ``torch.compile``. The step itself is
 :func:`stitching.train.step.train_step`. Evaluation after every epoch (top-1, top-5, loss), reduced exactly
 over ranks. The run directory is :mod:`stitching.rundir`'s: one trainer holds it (its ``lock``), a
-checkpoint is written atomically after every epoch and when SIGTERM/SIGUSR1 arrives (then the process
-exits with ``EXIT_PREEMPTED``, rank 0 having created ``$STITCHING_REQUEUE_FILE`` if set); running the
-same command again resumes from it, mid-epoch included, and reproduces an uninterrupted run's numbers. A
-NaN/Inf loss stops the run (``EXIT_NONFINITE``) without a result and without overwriting the last good
-checkpoint; a file that cannot be written (disk full) stops it with ``EXIT_IO``, earlier files intact.
+checkpoint is written atomically after every epoch and when a stop signal arrives (:mod:`stitching.train.stop`:
+at the next optimizer step, or after the current evaluation batch; SIGTERM/SIGUSR1 exit with
+``EXIT_PREEMPTED``, rank 0 having created ``$STITCHING_REQUEUE_FILE`` if set, Ctrl-C with
+``EXIT_INTERRUPTED``, a second Ctrl-C at once); running the same command again resumes from it, mid-epoch
+included, and reproduces an uninterrupted run's numbers. A NaN/Inf loss stops the run (``EXIT_NONFINITE``)
+without a result and without overwriting the last good checkpoint; a file that cannot be written (disk full,
+a directory that became unwritable) stops it with ``EXIT_IO``, earlier files intact, ``state.json`` and the
+lock updated as far as the directory allows.
 
 Reading order: :func:`run` (outcome -> exit code) -> :func:`_start` (:func:`_already_finished`,
 :func:`_build`, :func:`_open_rundir`, :func:`build_step`, :func:`_resume`) -> :func:`_train` (epochs) ->
-:func:`_train_epoch` -> :func:`_end_epoch` / :func:`_stop_preempted` -> :func:`_finish`.
+:func:`_train_epoch` -> :func:`_end_epoch` / :func:`_stop` -> :func:`_finish`; :func:`_close`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,6 +49,7 @@ from stitching.train import curves
 from stitching.train import distributed as D
 from stitching.train import perf as P
 from stitching.train import measure
+from stitching.train import stop as S
 from stitching.train.objective import Objective, train_macs
 from stitching.train.step import StepState, autocast, train_step
 
@@ -125,29 +130,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-class _Preemption:
-    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self.seen_at: int | None = None     # the optimizer step after which this process first saw it
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        # SLURM may deliver the signal twice (to the job step and forwarded by the batch script): ignore
-        # the rest, or Python's default handler would turn the orderly EXIT_PREEMPTED into a kill (143).
-        self.signal = signum
-        for sig in self._old:
-            signal.signal(sig, signal.SIG_IGN)
-
-    def restore(self):
-        if self.signal is None:
-            for sig, handler in self._old.items():
-                signal.signal(sig, handler)
-
-
 @dataclasses.dataclass
 class Run:
     """Everything a run holds between its start and its end (built by :func:`_start`)."""
@@ -174,10 +156,14 @@ class Run:
     started: float = 0.0                    # wall clock of the last time accounting
     val_set: object = None                  # the whole validation set (the similarity at the join reads it)
     objective: object = None                # stitching.train.objective.Objective
-    preempt: _Preemption | None = None
+    stop: S.StopSignals | None = None       # installed while training (stitching.train.stop)
+    previous: dict = dataclasses.field(default_factory=dict)    # state.json as the last trainer left it
+    saved: str = ""                         # where the last checkpoint written or loaded stands (words)
+    ending: str = ""                        # how this trainer stopped, for state.json (a stop signal)
     to_device: tuple = (None, None)         # (train, eval) batch -> device (stitching.data.pipeline.batch_to_device)
     pack: str = ""                          # the pack it trains in (stitching.train.pack; result.csv's pack column)
     trackers: curves.Curves | None = None   # output.log_to: where the curves also go (the main process only)
+    logging_was: tuple | None = None        # the trainer's log as it was before this run (_setup_logging)
 
     @property
     def model(self) -> nn.Module:
@@ -196,8 +182,10 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
-    """Train/evaluate ``cfg`` into ``run_dir``; returns the process exit code (:mod:`stitching.rundir`)."""
+def run(cfg: Config, run_dir: Path | None = None, force: bool = False, exiting: bool = False) -> int:
+    """Train/evaluate ``cfg`` into ``run_dir``; returns the process exit code (:mod:`stitching.rundir`).
+    ``exiting``: the caller exits with that code next (the command line: after a stop, the stop signals'
+    handlers stay until then, :meth:`stitching.train.stop.StopSignals.restore`)."""
     from stitching.data.images import BadImageError
 
     check_files(cfg)
@@ -208,12 +196,12 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
     if how and info.is_main:
         print(f"run directory: {path} ({how})", flush=True)
     r = Run(cfg, R.RunDir(path), info, device)
-    code, message = R.EXIT_FAILED, R.UNEXPECTED
+    code, message, error, aborted = R.EXIT_FAILED, R.UNEXPECTED, None, False
     try:
         code = _start(r, force)
         if code is None:
             code = _train(r)
-        message = R.describe_exit(code)
+        message = r.ending or R.describe_exit(code)
         return code
     except BadImageError as err:  # met while loading (also when re-raised from a DataLoader worker)
         hint = " (data.bad_images=skip leaves such files out)" if cfg.data.bad_images == "error" else ""
@@ -224,26 +212,70 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False) -> int:
         raise
     except R.RunDirError as err:
         code, message = err.exit_code, str(err)
-        if info.is_main:
-            print(f"error: {err}", file=sys.stderr)
+        error = message
+        return code
+    except KeyboardInterrupt as err:    # Ctrl-C while starting up, or a second one (stitching.train.stop)
+        aborted = isinstance(err, S.Aborted)
+        code, message = R.EXIT_INTERRUPTED, _interrupted(r, aborted)
         return code
     finally:
-        if r.preempt is not None:
-            r.preempt.restore()
-        _close(r, code, message)
-        _teardown_logging()
-        D.shutdown()
+        if r.stop is not None:
+            r.stop.restore(exiting)
+        note = _close(r, code, message)
+        if info.is_main and (error or note):
+            print(f"error: {error}{note}" if error else f"warning: {note[2:]}", file=sys.stderr)
+        if r.logging_was is not None:
+            _restore_logging(r.logging_was)
+        if not (aborted and info.enabled):  # (other ranks may be gone mid-collective: no goodbye with them)
+            D.shutdown()
 
 
-def _close(r: Run, code: int, message: str) -> None:
-    """Close the run's curves (``output.log_to``), say in ``state.json`` how this trainer ended (its exit code and
-    message) and give the lock back."""
+def _close(r: Run, code: int, message: str) -> str:
+    """Close the run's curves (``output.log_to``), say in ``state.json`` how this trainer ended and give the lock
+    back, as far as the run directory still allows (it may have become unwritable); what could not be done, as
+    words for the error line ("" if all went well)."""
     if r.trackers is not None:
         r.trackers.close()
         r.trackers = None
-    if r.lock is not None and r.lock.held:
-        r.rundir.write_state(R.status_of_exit(code), code, message)
-        r.lock.release()
+    if r.lock is None or not r.lock.held:
+        return ""
+    wrote = r.rundir.write_state(R.status_of_exit(code), code, message)
+    released = r.lock.release()
+    if wrote and released:
+        return ""
+    said = r.rundir.read_state().get("status")
+    notes = [] if wrote else [f"{R.STATE} could not be updated (it still says {said!r})"]
+    if not released:
+        marked = "marked released" if r.lock.read().get("released") else "left as it was"
+        notes.append(f"the lock could not be removed ({marked}; the next trainer takes it over, this process "
+                     "being gone)")
+    return f"; {r.rundir.path} takes no new files: " + ", ".join(notes)
+
+
+def _interrupted(r: Run, aborted: bool) -> str:
+    """Ctrl-C without the orderly stop (while starting up, or a second one): say what is kept; the words for
+    ``state.json``."""
+    if aborted:
+        kept = f"the last complete checkpoint ({r.saved}) is kept" if r.saved else "no checkpoint was written yet"
+        what = f"aborted by a second Ctrl-C: {kept}"
+    else:
+        what = "interrupted (Ctrl-C) while starting, before any training step" + (
+            f"; the checkpoint ({r.saved}) is kept" if r.saved else "")
+    if r.info.is_main:
+        _tell(f"{what}; to {'resume' if r.saved else 'start it'}, run the same command again ({_rerun(r)})")
+    return what
+
+
+def _rerun(r: Run) -> str:
+    return f"or: python -m stitching.train --run-dir {shlex.quote(str(r.rundir.path))}"
+
+
+def _tell(line: str) -> None:
+    """One line for the user: on the log once it is set up (stderr and train.log), else on stderr."""
+    if log.handlers:
+        log.info(line)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _start(r: Run, force: bool) -> int | None:
@@ -394,10 +426,11 @@ def _open_rundir(r: Run, force: bool) -> bool:
             if moved:
                 print(f"--force: earlier files moved to {moved}")
         r.rundir.write_text(R.CONFIG, r.cfg.to_yaml())
-        _setup_logging(r.rundir.file(R.LOG))
+        r.logging_was = _setup_logging(r.rundir.file(R.LOG))
         if r.lock.took_over:
             log.info("took over the stale lock of pid %s on host %s (that process is gone)",
                      r.lock.took_over.get("pid"), r.lock.took_over.get("host"))
+        r.previous = r.rundir.read_state()       # how the last trainer ended (said when resuming)
         r.rundir.write_state(R.STARTED)
         r.trackers = curves.Curves(r.cfg, r.rundir.path) if r.cfg.output.log_to else None
     D.barrier(r.info)
@@ -461,6 +494,10 @@ def _resume(r: Run, force: bool) -> None:
             r.pos["init_residual"] = residual                                     # (the checkpoint carries it)
         r.metrics = []
         r.pos["world_size"] = info.world_size
+        last = r.previous.get("status")
+        if last in (R.STARTED, *R.ENDED):     # said, so that starting afresh is never silent
+            r.say(f"no checkpoint in {r.rundir.path} to resume from (the last trainer: {_last(r)}): starting "
+                  "from step 0")
         m = r.cfg.model
         stitch = (f" {r.built.plan.cut_label} {m.destination or m.source}" if r.built.plan else "")
         r.say(f"run {r.rundir.path}: {r.built.kind} {m.source}{stitch}, {r.cost['macs'] / 1e9:.3f} GMACs, "
@@ -486,15 +523,38 @@ def _resume(r: Run, force: bool) -> None:
               "with the new batch split (not bit-exact)")
     r.pos["world_size"] = info.world_size
     r.metrics = (r.rundir.read_rows(R.METRICS) if not force else [])[: r.pos["epoch"]]
+    r.saved = _where(r)
     r.say(f"resuming {r.rundir.path} at epoch {r.pos['epoch'] + 1}, batch {r.pos['batch']} "
-          f"(step {r.pos['step']} of {r.total_steps})")
+          f"(step {r.pos['step']} of {r.total_steps}"
+          + ("; its evaluation first" if r.pos["batch"] >= r.steps_per_epoch * r.accum > 0 else "")
+          + f"); the last trainer: {_last(r)}")
+
+
+def _last(r: Run) -> str:
+    """How the last trainer on this directory ended, from ``state.json`` as it left it."""
+    state = r.previous
+    if not state:
+        return "said nothing (no state.json)"
+    if state.get("status") == R.STARTED:
+        return f"started (pid {state.get('pid')} on host {state.get('host')}) and never said how it ended: killed"
+    return f"{state.get('status')}" + (f": {state['message']}" if state.get("message") else "")
+
+
+def _where(r: Run) -> str:
+    """Where the run stands, in words (the position of the checkpoint being written or just loaded)."""
+    pos, total = r.pos, r.total_steps
+    if pos["batch"] >= r.steps_per_epoch * r.accum > 0:
+        return f"after the training of epoch {pos['epoch'] + 1}, step {pos['step']} of {total}; its evaluation reruns"
+    if pos["batch"] == 0:
+        return f"at the end of epoch {pos['epoch']}, step {pos['step']} of {total}"
+    return f"in epoch {pos['epoch'] + 1} at step {pos['step']} of {total}"
 
 
 def _train(r: Run) -> int:
     """Every remaining epoch, then the result; an exit code."""
     from stitching.data.loaders import set_epoch
 
-    r.preempt = _Preemption()
+    r.stop = S.StopSignals(r.info.is_main)
     r.started = time.time()
     if "similarity_before" not in r.pos:    # once, before epoch 1 (a checkpoint carries it)
         r.pos["similarity_before"] = measure.before(r.cfg, r.built, r.val_set, r.device) if r.info.is_main \
@@ -503,16 +563,19 @@ def _train(r: Run) -> int:
     for epoch in range(r.pos["epoch"], r.epochs):
         set_epoch(r.train_loader, epoch)
         if _train_epoch(r, epoch):
-            return _stop_preempted(r, epoch)
+            return _stop(r, epoch)
         last_eval = _end_epoch(r, epoch)
-    r.preempt.restore()
-    if last_eval is None:
-        last_eval = evaluate(r.st, r.val_loader, r.info, r.to_device[1])
+        if last_eval is None:               # a stop signal during the evaluation
+            return _stop(r, epoch)
+    if last_eval is None:                   # train.epochs: 0, an evaluation only
+        last_eval = evaluate(r.st, r.val_loader, r.info, r.to_device[1], _eval_stop(r))
+        if last_eval is None:
+            return _stop(r, None)
     return _finish(r, last_eval)
 
 
 def _train_epoch(r: Run, epoch: int) -> bool:
-    """One epoch from micro-batch ``pos['batch']``; True when a preemption signal arrived. No host sync
+    """One epoch from micro-batch ``pos['batch']``; True when a stop signal arrived. No host sync
     per step: the metric sums stay on the device until the epoch ends, the loss and the non-finite flag are
     read at log intervals only (the loss on rank 0 only, for its bar), and under DDP the ranks agree on a
     signal every ``train.preempt_check_every`` steps (:func:`stitching.train.perf.preempt_check_due`; one
@@ -543,8 +606,8 @@ def _train_epoch(r: Run, epoch: int) -> bool:
             meter.step(step_images)
             step_images = 0
             pos["step"] = st.step
-            if r.preempt.signal is not None and r.preempt.seen_at is None:
-                r.preempt.seen_at = st.step             # (this process's first look: for the log line)
+            if r.stop.level and r.stop.seen_at is None:
+                r.stop.seen_at = st.step                # (this process's first look: for the log line)
             bar.update(1)
             if r.lock is not None:
                 r.lock.touch()
@@ -555,8 +618,7 @@ def _train_epoch(r: Run, epoch: int) -> bool:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{st.lr():.2e}",
                                     img_s=f"{meter.rate():.0f}")
             if P.preempt_check_due(st.step, r.cfg.train.preempt_check_every, info.enabled,
-                                   done == r.steps_per_epoch) and \
-                    D.any_rank(r.preempt.signal is not None, r.device, info):
+                                   done == r.steps_per_epoch) and r.stop.agree(r.device, info):
                 preempted = True
                 break
     finally:
@@ -583,10 +645,14 @@ def _check_finite(r: Run, epoch: int) -> None:
                             f"a lower train.lr usually helps")
 
 
-def _end_epoch(r: Run, epoch: int) -> dict:
-    """Evaluate, append the epoch's metrics row, checkpoint."""
+def _end_epoch(r: Run, epoch: int) -> dict | None:
+    """Evaluate, append the epoch's metrics row, checkpoint; None when a stop signal ended the evaluation
+    (the epoch's training is then checkpointed by :func:`_stop`, its evaluation runs again on resume)."""
     _check_finite(r, epoch)
-    return _record_epoch(r, epoch, evaluate(r.st, r.val_loader, r.info, r.to_device[1]))
+    ev = evaluate(r.st, r.val_loader, r.info, r.to_device[1], _eval_stop(r))
+    if ev is None:
+        return None
+    return _record_epoch(r, epoch, ev)
 
 
 def _record_epoch(r: Run, epoch: int, ev: dict) -> dict:
@@ -609,6 +675,22 @@ def _record_epoch(r: Run, epoch: int, ev: dict) -> dict:
     return ev
 
 
+def _eval_stop(r: Run):
+    """The evaluation's look at a stop signal after each batch (``batches done -> stop now?``). Under DDP
+    the ranks agree every ``train.preempt_check_every`` batches, on batches every rank has (their shares of
+    the validation set may differ by one batch)."""
+    if r.stop is None:
+        return None
+    every, distributed = r.cfg.train.preempt_check_every, r.info.enabled
+    common = int(D.all_min(len(r.val_loader), r.device, r.info)) if distributed else None
+
+    def stop(done: int) -> bool:      # (asked before batch done + 1: never after the last one)
+        if distributed and done >= common:
+            return False
+        return P.preempt_check_due(done, every, distributed) and bool(r.stop.agree(r.device, r.info))
+    return stop
+
+
 def _save_checkpoint(r: Run) -> None:
     """Every rank's RNG states and metric sums gathered, rank 0 writes; all ranks wait for it."""
     ranks = C.gather({"rng": C.get_rng(r.device), "sums": r.pos["sums"]}, r.info)
@@ -618,21 +700,32 @@ def _save_checkpoint(r: Run) -> None:
         position = {**r.pos, "sums": [x["sums"] for x in ranks]}
         C.save(r.rundir, C.make(r.checkpointed(), r.st.optimizer, r.st.scheduler, r.st.scaler,
                                 [x["rng"] for x in ranks], position))
+    r.saved = _where(r)
     D.barrier(r.info)
 
 
-def _stop_preempted(r: Run, epoch: int) -> int:
-    """Checkpoint, ask for a requeue (``$STITCHING_REQUEUE_FILE``, rank 0), exit ``EXIT_PREEMPTED``."""
-    _check_finite(r, epoch)
-    _save_checkpoint(r)
-    if r.info.is_main:
+def _stop(r: Run, epoch: int | None) -> int:
+    """A stop signal the ranks agreed on: checkpoint (not for an evaluation-only run, ``epoch`` None), then
+    SIGTERM/SIGUSR1: ask for a requeue (``$STITCHING_REQUEUE_FILE``, rank 0), exit ``EXIT_PREEMPTED``;
+    Ctrl-C: say how to resume, exit ``EXIT_INTERRUPTED``."""
+    interrupted = r.stop.agreed == S.INTERRUPT
+    if epoch is not None:
+        _check_finite(r, epoch)
+        _save_checkpoint(r)
+    saved = f"checkpoint saved {r.saved}" if epoch is not None else "an evaluation only: nothing to save"
+    if r.info.is_main and interrupted:
+        r.ending = f"Ctrl-C (SIGINT): {saved}"
+        _tell(f"interrupted by Ctrl-C: {saved}; exiting with {R.EXIT_INTERRUPTED}; to resume, run the same "
+              f"command again ({_rerun(r)})")
+    elif r.info.is_main:
         requested = R.request_requeue()
-        log.info("signal %s (seen after step %s): checkpoint saved at epoch %d, step %d of %d; exiting with %d "
-                 "to be resumed%s", r.preempt.signal, r.preempt.seen_at, epoch + 1, r.pos["step"], r.total_steps,
-                 R.EXIT_PREEMPTED,
-                 f" (requeue requested in {requested})" if requested else "")
+        name = signal.Signals(r.stop.signal).name if r.stop.signal else "a signal to another rank"
+        r.ending = f"{name}: {saved}"
+        log.info("signal %s (seen after step %s): %s; exiting with %d to be resumed%s", r.stop.signal,
+                 r.stop.seen_at, saved, R.EXIT_PREEMPTED, f" (requeue requested in {requested})" if requested
+                 else "")
     D.barrier(r.info)
-    return R.EXIT_PREEMPTED
+    return R.EXIT_INTERRUPTED if interrupted else R.EXIT_PREEMPTED
 
 
 def _finish(r: Run, last_eval: dict) -> int:
@@ -648,7 +741,11 @@ def _finish(r: Run, last_eval: dict) -> int:
     return R.EXIT_OK
 
 
-def _setup_logging(file: Path) -> None:
+def _setup_logging(file: Path) -> tuple:
+    """The trainer's log (``stitching.train`` and its children) to ``file`` and stderr, and only there; returns
+    how it was before, for :func:`_restore_logging` when the run ends (``stitching.train()`` runs in the
+    caller's process: a notebook, a script, a test session, which go on using ``logging``)."""
+    was = (log.level, list(log.handlers), log.propagate)
     log.setLevel(logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -656,15 +753,20 @@ def _setup_logging(file: Path) -> None:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+    return was
 
 
-def _teardown_logging() -> None:
-    """Undo :func:`_setup_logging` when a run ends (``stitching.train`` runs in-process from notebooks): the
-    run's ``train.log`` handle closed, the trainer's log propagating to the root logger again."""
+def _restore_logging(was: tuple) -> None:
+    """The trainer's log as :func:`_setup_logging` found it; this run's handlers flushed and closed (the log
+    file's handle; the stream handler leaves stderr open)."""
     for handler in list(log.handlers):
         log.removeHandler(handler)
-        handler.close()         # (a file's handle; a stream handler leaves its stream open)
-    log.propagate = True
+        handler.close()
+    level, handlers, propagate = was
+    log.setLevel(level)
+    for handler in handlers:
+        log.addHandler(handler)
+    log.propagate = propagate
 
 
 def _lr_factor(cfg: Config, steps_per_epoch: int, total_steps: int):
@@ -685,14 +787,17 @@ def _skipped(loader, skip: int):
 
 
 @torch.no_grad()
-def evaluate(st: StepState, loader, info: D.DistInfo, prepare=None) -> dict:
+def evaluate(st: StepState, loader, info: D.DistInfo, prepare=None, stop=None) -> dict | None:
     """Top-1, top-5 (percent) and mean loss over ``loader`` (this rank's share): summed on the device
     (float64: loss, top-1 hits, top-5 hits, images; no host sync per batch), then one all-reduce over the
-    ranks and one read."""
+    ranks and one read. ``stop(batches done)`` is asked before each batch but the first (so never after
+    the last: a complete evaluation is kept); when it says stop, None."""
     device = st.device
     st.runner.eval()
     sums = eval_sums(st)
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader, start=1):
+        if stop is not None and i > 1 and stop(i - 1):
+            return None
         # prepare: the pipeline's device stage (uint8 -> normalised float there; stitching.data.pipeline)
         x, y = prepare(x, y) if prepare else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         eval_batch(st, x, y, sums)

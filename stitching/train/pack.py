@@ -20,7 +20,7 @@ ordinary runs. What makes a run's numbers depend on what else happens in the pro
 kept to what it computes alone: every branch is built as its run alone builds it (``torch.manual_seed`` then
 :func:`~stitching.stitch.stitcher.build_model`: its adapters' initial weights) and then keeps its *own* global
 random state (torch's CPU and CUDA generators, ``random``, ``numpy``), swapped in around everything it does
-(:func:`_scope`: dropout, stochastic depth, a random network) and saved in its checkpoint; the shared work draws
+(:func:`stitching.train.branch.scope`: dropout, stochastic depth, a random network) and saved in its checkpoint; the shared work draws
 nothing (samples are a pure function of ``(seed, epoch, index)`` and restore the generators; the frozen prefix
 runs in eval mode); a branch's adapters receive the very tensor its own prefix computes (the same modules, the
 same operations in the same order); and within a branch the operations are those of its run alone. So on the
@@ -31,21 +31,25 @@ run. ``images_per_s`` and ``wall_time_s`` are the pack's (every branch trains on
 Positions: a branch resumes from its own checkpoint. The pack's data pass starts at the earliest branch's
 position; a branch further on joins when the pass reaches its epoch and micro-batch (samples depend only on
 ``(seed, epoch, index)``), so branches at different positions -- one new, one half-way, one finished (left out)
--- each go on exactly from where they stand. A preemption signal checkpoints every branch that trains at that
-step (a branch still waiting for its position keeps its checkpoint) and exits ``EXIT_PREEMPTED``. A branch whose
-loss becomes NaN/Inf stops alone: ``EXIT_NONFINITE`` in its own ``state.json``, its last good checkpoint kept,
-its lock released, while the others go on; a file of one branch that cannot be written stops that branch
-(``EXIT_IO``). The process exits 0 when every branch finished, ``EXIT_PREEMPTED`` when the pack was preempted
-(run it again), else the first branch's failure code. Several processes (``torchrun``) train the pack as they
-train a run: every rank steps the same branches at the same steps.
+-- each go on exactly from where they stand. A stop signal (:mod:`stitching.train.stop`, as a run alone takes it:
+at the next step, or after the current evaluation batch) checkpoints every branch that trained up to there (a
+branch still waiting for its position keeps its checkpoint) and ends every branch ``EXIT_PREEMPTED``
+(SIGTERM/SIGUSR1) or ``EXIT_INTERRUPTED`` (Ctrl-C; a second one aborts at once, each branch keeping its last
+complete checkpoint). A branch whose loss becomes NaN/Inf stops alone: ``EXIT_NONFINITE`` in its own
+``state.json``, its last good checkpoint kept, its lock released, while the others go on; a file of one branch
+that cannot be written stops that branch (``EXIT_IO``). The process exits 0 when every branch finished,
+``EXIT_INTERRUPTED`` after Ctrl-C, ``EXIT_PREEMPTED`` when the pack was preempted (run it again), else the first
+branch's failure code. Several processes (``torchrun``) train the pack as they train a run: every rank steps the
+same branches at the same steps and stops at the same one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -61,36 +65,17 @@ from stitching.data.pipeline import CpuFloat
 from stitching.stitch import fast
 from stitching.stitch.cost import count_cost
 from stitching.stitch.shared import SharedFrozen
-from stitching.train import checkpoint as C
+from stitching.train import branch as B
 from stitching.train import distributed as D
 from stitching.train import loop as L
 from stitching.train import measure
 from stitching.train import perf as P
+from stitching.train import stop as S
+from stitching.train.branch import Branch
 from stitching.train.objective import Objective
-from stitching.train.pack_log import open_log, working_on
 from stitching.train.step import autocast, train_step
 
 log = L.log
-
-@dataclasses.dataclass(eq=False)
-class Branch(L.Run):
-    """One run of a pack: the single run's state (:class:`stitching.train.loop.Run`) and what the pack keeps per
-    branch."""
-
-    index: int = 0
-    rng: dict | None = None                 # its own global random state (stitching.train.checkpoint.get_rng)
-    code: int | None = None                 # its exit code once it has ended (None: still in the pack)
-    message: str = ""
-    shared: bool = False                    # its runner reads the pack's source prefix
-    last_eval: dict | None = None
-    meter: object = None
-    joined: bool = False                    # it has trained in the current epoch of the data pass
-    step_images: int = 0
-    loss: object = None
-
-    @property
-    def label(self) -> str:
-        return f"[{self.index + 1}] "
 
 
 @dataclasses.dataclass(eq=False)
@@ -108,7 +93,8 @@ class Pack:
     steps_per_epoch: int = 0
     accum: int = 1
     epochs: int = 0
-    preempt: object = None
+    stop: S.StopSignals | None = None      # installed while training (stitching.train.stop)
+    logging_was: tuple | None = None        # the trainer's log before the pack (B.adopt)
     log_every: int = 10
     preempt_every: int = 10
 
@@ -122,10 +108,11 @@ class Pack:
 
 
 # ------------------------------------------------------------------------------------------- the pack
-def run(cfgs: list[Config], force: bool = False) -> int:
+def run(cfgs: list[Config], force: bool = False, exiting: bool = False) -> int:
     """Train the runs of ``cfgs`` as one pack (each resolved, ``output.dir`` set or named by its identity);
     returns the process exit code (module docstring). A config that cannot join the first one's pack, or two
-    configs naming one directory, is a :class:`~stitching.config.ConfigError` before anything is built."""
+    configs naming one directory, is a :class:`~stitching.config.ConfigError` before anything is built.
+    ``exiting``: as :func:`stitching.train.loop.run` (the command line exits with the code next)."""
     for cfg in cfgs:
         check_files(cfg)
     first = cfgs[0].to_dict()
@@ -149,7 +136,7 @@ def run(cfgs: list[Config], force: bool = False) -> int:
             print(f"run directory: {path} ({how})", flush=True)
     pack = Pack([Branch(cfg, R.RunDir(path), info, device, pack=name, index=i)
                  for i, (cfg, (path, _)) in enumerate(zip(cfgs, paths))], info, device, name)
-    code, message = R.EXIT_FAILED, "unexpected error (traceback above)"
+    code, message, aborted = R.EXIT_FAILED, R.UNEXPECTED, False
     try:
         _start(pack, force)
         if pack.active:
@@ -169,13 +156,31 @@ def run(cfgs: list[Config], force: bool = False) -> int:
         if info.is_main:
             print(f"error: {err}", file=sys.stderr)
         return code
+    except KeyboardInterrupt as err:    # Ctrl-C while starting up, or a second one (stitching.train.stop)
+        aborted = isinstance(err, S.Aborted)
+        code = R.EXIT_INTERRUPTED
+        for b in pack.active:           # (each branch's line and state.json say what it keeps)
+            with B.scope(b, rng=False):
+                b.message = L._interrupted(b, aborted)
+        return code
     finally:
-        if pack.preempt is not None:
-            pack.preempt.restore()
+        if pack.stop is not None:
+            pack.stop.restore(exiting)
         for b in pack.active:         # the branches still in the pack end with it
-            L._close(b, code, message)
-        L._teardown_logging()
-        D.shutdown()
+            note = L._close(b, code, b.message or message)
+            if note and info.is_main:
+                print(f"warning: {note[2:]}", file=sys.stderr)
+        _restore_log(pack)
+        if not (aborted and info.enabled):  # (other ranks may be gone mid-collective: no goodbye with them)
+            D.shutdown()
+
+
+def _restore_log(pack: Pack) -> None:
+    """The trainer's log as it was before the pack (:func:`stitching.train.B.adopt`)."""
+    was = B.adopt(pack.branches) or pack.logging_was
+    pack.logging_was = None
+    if was is not None:
+        L._restore_logging(was)
 
 
 def pack_name(config: dict, paths: list[Path]) -> str:
@@ -185,38 +190,27 @@ def pack_name(config: dict, paths: list[Path]) -> str:
 
 
 def outcome(pack: Pack) -> int:
-    """The process's exit code: 0 when every branch finished, ``EXIT_PREEMPTED`` when any was preempted, else the
-    first branch's failure."""
+    """The process's exit code: 0 when every branch finished, ``EXIT_INTERRUPTED`` when Ctrl-C stopped it,
+    ``EXIT_PREEMPTED`` when a signal preempted it, else the first branch's failure."""
     codes = [b.code for b in pack.branches]
     if all(c == R.EXIT_OK for c in codes):
         return R.EXIT_OK
-    if R.EXIT_PREEMPTED in codes:
-        return R.EXIT_PREEMPTED
+    for stopped in (R.EXIT_INTERRUPTED, R.EXIT_PREEMPTED):
+        if stopped in codes:
+            return stopped
     return next(c for c in codes if c not in (R.EXIT_OK, None))
 
 
 def _end(pack: Pack, b: Branch, code: int, message: str) -> None:
     """Branch ``b`` leaves the pack with ``code``: its ``state.json`` says so and its lock is given back now."""
     b.code, b.message = code, message
-    if code not in (R.EXIT_OK, R.EXIT_PREEMPTED) and pack.info.is_main:
-        print(f"error: {b.rundir.path}: {message}", file=sys.stderr)
-        with _scope(b, rng=False):
+    failed = code not in (R.EXIT_OK, R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED)
+    if failed and pack.logging_was is not None:     # (its train.log, once the pack's log is open)
+        with B.scope(b, rng=False):
             log.info("stopped (exit %d): %s; the other runs of the pack go on", code, message)
-    L._close(b, code, message)
-
-
-@contextlib.contextmanager
-def _scope(b: Branch, rng: bool = True):
-    """Work on branch ``b``: its own global random state swapped in (and kept when done), its log lines to its
-    ``train.log`` only."""
-    with working_on(b):
-        if rng and b.rng is not None:
-            C.set_rng(b.rng, b.device)
-        try:
-            yield
-        finally:
-            if rng:
-                b.rng = C.get_rng(b.device)
+    note = L._close(b, code, message)
+    if pack.info.is_main and (failed or note):
+        print(f"error: {b.rundir.path}: {message}{note}" if failed else f"warning: {note[2:]}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -239,7 +233,7 @@ def _start(pack: Pack, force: bool) -> None:
     pack.frozen = SharedFrozen(t.fold_bn, pack.channels_last)
     transforms = None
     for b in pack.active:
-        with _scope(b):
+        with B.scope(b):
             tf = L._build_model(b)          # (seeds the branch's generators as its run alone: its adapters)
         transforms = transforms or tf
         pack.frozen.share(b.built)          # its own copies of networks the pack holds are dropped here
@@ -258,19 +252,20 @@ def _start(pack: Pack, force: bool) -> None:
             _end(pack, b, R.EXIT_CONFIG, str(err))
     if not pack.active:
         return
-    open_log(pack.active)
+    if info.is_main:
+        pack.logging_was = B.open_log(pack.branches, pack.active)
     pack.steps_per_epoch, pack.accum, pack.epochs = lead.steps_per_epoch, lead.accum, lead.epochs
     pack.log_every, pack.preempt_every = t.log_every, t.preempt_check_every
     pack.precision = P.resolve_precision(t.precision, pack.device)
     if pack.device.type == "cpu":
         fast.tune_cpu_allocator()
     for b in pack.active:
-        with _scope(b):
+        with B.scope(b):
             b.cost = count_cost(b.model, b.cfg.data.img_size)
             b.model.to(b.device)
             b.precision = pack.precision
     for b in pack.active:
-        with _scope(b):
+        with B.scope(b):
             runner, b.shared = pack.frozen.runner(b.built)
             b.st = L.step_state(runner, b.model, b.cfg, b.device, b.precision, b.accum, b.steps_per_epoch, info,
                                 pack.channels_last)
@@ -282,7 +277,7 @@ def _start(pack: Pack, force: bool) -> None:
              f"{shared} of them (the others run their own forward), {pack.frozen.held_count()} frozen network(s) "
              f"held once; runs: " + "; ".join(f"{b.label.strip()} {b.rundir.path}" for b in pack.active))
     for b in pack.active:
-        with _scope(b):
+        with B.scope(b):
             L._resume(b, force)
 
 
@@ -290,11 +285,11 @@ def _start(pack: Pack, force: bool) -> None:
 def _train(pack: Pack) -> None:
     """From the earliest branch's position to the end: epochs over the shared data pass, one evaluation pass
     per epoch for the branches that trained it, each branch's result."""
-    pack.preempt = L._Preemption()
+    pack.stop = S.StopSignals(pack.info.is_main)
     for b in pack.active:
-        b.started = time.time()
+        b.started, b.stop, b.val_loader = time.time(), pack.stop, pack.val_loader
         if "similarity_before" not in b.pos:    # once, before epoch 1 (a checkpoint carries it)
-            with _scope(b):
+            with B.scope(b):
                 b.pos["similarity_before"] = measure.before(b.cfg, b.built, b.val_set, b.device) \
                     if pack.info.is_main else None
     while pack.active:
@@ -302,17 +297,19 @@ def _train(pack: Pack) -> None:
         if epoch >= pack.epochs:
             break
         training = [b for b in pack.active if b.pos["epoch"] == epoch]
-        if _train_epoch(pack, epoch, training):
-            _stop_preempted(pack, epoch, training)
+        if _train_epoch(pack, epoch, training) or not _end_epoch(pack, epoch, training):
+            _stop(pack, epoch, training)        # (a stop signal in the training or in the evaluation)
             return
-        _end_epoch(pack, epoch, training)
-    pack.preempt.restore()
     left = [b for b in pack.active if b.last_eval is None]      # evaluation only, or resumed at the very end
-    for b, ev in zip(left, _evaluate(pack, left)):
+    evs = _evaluate(pack, left)
+    if evs is None:
+        _stop(pack, None, [])
+        return
+    for b, ev in zip(left, evs):
         b.last_eval = ev
     for b in pack.active:
         try:
-            with _scope(b):
+            with B.scope(b):
                 L._finish(b, b.last_eval)
         except R.RunDirError as err:
             _end(pack, b, err.exit_code, str(err))
@@ -322,7 +319,7 @@ def _train(pack: Pack) -> None:
 
 def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
     """One epoch of the shared data pass from the earliest of ``training``'s positions (each joins at its own);
-    True when a preemption signal arrived. As :func:`stitching.train.loop._train_epoch`, per branch: no host
+    True when a stop signal arrived (:mod:`stitching.train.stop`). As :func:`stitching.train.loop._train_epoch`, per branch: no host
     sync per step, the loss and the non-finite flag read at log intervals; the ranks agree on a signal every
     ``train.preempt_check_every`` steps."""
     info, accum, steps = pack.info, pack.accum, pack.steps_per_epoch
@@ -348,7 +345,7 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
                 if not b.joined:            # (a branch further on waits for its position: its meter starts now)
                     b.meter = P.Throughput(steps - i // accum, P.cuda_sync(pack.device))
                     b.joined = True
-                with _scope(b):
+                with B.scope(b):
                     b.loss = train_step(b.st, x, y, i)
                 b.step_images += len(y) * info.world_size
                 b.pos["batch"] = i + 1
@@ -361,8 +358,8 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
                 b.pos["step"] = b.st.step
                 if b.lock is not None:
                     b.lock.touch()
-            if pack.preempt.signal is not None and pack.preempt.seen_at is None:
-                pack.preempt.seen_at = epoch * steps + done
+            if pack.stop.level and pack.stop.seen_at is None:
+                pack.stop.seen_at = epoch * steps + done
             bar.update(1)
             if done % pack.log_every == 0 or done == steps:
                 for b in joining:
@@ -372,7 +369,7 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
                     bar.set_postfix(run=shown.index + 1, loss=f"{shown.loss.item():.3f}", lr=f"{shown.st.lr():.2e}",
                                     img_s=f"{shown.meter.rate() * len(joining):.0f}")
             if P.preempt_check_due(epoch * steps + done, pack.preempt_every, info.enabled, done == steps) and \
-                    D.any_rank(pack.preempt.signal is not None, pack.device, info):
+                    pack.stop.agree(pack.device, info):
                 preempted = True
                 break
     finally:
@@ -410,31 +407,41 @@ def _check_finite(pack: Pack, b: Branch, epoch: int) -> None:
         _end(pack, b, err.exit_code, str(err))
 
 
-def _end_epoch(pack: Pack, epoch: int, training: list[Branch]) -> None:
+def _end_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
     """The branches that trained epoch ``epoch``: finite checks, one evaluation pass for all, then each one's
-    metrics row and checkpoint (:func:`stitching.train.loop._record_epoch`)."""
+    metrics row and checkpoint (:func:`stitching.train.loop._record_epoch`); False when a stop signal ended the
+    evaluation (the epoch's training is then checkpointed by :func:`_stop`, its evaluation runs again on
+    resume)."""
     for b in training:
         _check_finite(pack, b, epoch)
     live = [b for b in training if b.code is None]
-    for b, ev in zip(live, _evaluate(pack, live)):
+    evs = _evaluate(pack, live)
+    if evs is None:
+        return False
+    for b, ev in zip(live, evs):
         try:
-            with _scope(b):
+            with B.scope(b):
                 b.last_eval = L._record_epoch(b, epoch, ev)
         except R.RunDirError as err:
             _end(pack, b, err.exit_code, str(err))
+    return True
 
 
 @torch.no_grad()
-def _evaluate(pack: Pack, branches: list[Branch]) -> list[dict]:
+def _evaluate(pack: Pack, branches: list[Branch]) -> list[dict] | None:
     """One pass over the validation set for every branch of ``branches`` (each as
-    :func:`stitching.train.loop.evaluate` evaluates it alone)."""
+    :func:`stitching.train.loop.evaluate` evaluates it alone, a stop signal looked at after each batch as
+    there); None when a stop signal ended it."""
     if not branches:
         return []
     sums = [L.eval_sums(b.st) for b in branches]
     for b in branches:
         b.st.runner.eval()
+    stop = L._eval_stop(branches[0])
     try:
-        for x, y in pack.val_loader:
+        for i, (x, y) in enumerate(pack.val_loader, start=1):
+            if stop is not None and i > 1 and stop(i - 1):
+                return None
             x, y = pack.to_device[1](x, y)
             x = _prefix(pack, x, branches)
             for b, s in zip(branches, sums):
@@ -444,25 +451,37 @@ def _evaluate(pack: Pack, branches: list[Branch]) -> list[dict]:
     return [L.eval_result(s, pack.info) for s in sums]
 
 
-def _stop_preempted(pack: Pack, epoch: int, training: list[Branch]) -> None:
-    """A preemption signal the ranks agreed on: every branch that trained up to this step is checkpointed (a
-    branch still waiting for its position keeps its own), a requeue is asked for once; every branch left in the
-    pack ends ``EXIT_PREEMPTED``."""
+def _stop(pack: Pack, epoch: int | None, training: list[Branch]) -> None:
+    """A stop signal the ranks agreed on (:func:`stitching.train.loop._stop` for a pack): every branch that
+    trained up to this point in epoch ``epoch`` is checkpointed (a branch still waiting for its position keeps its
+    own; None: an evaluation only); then every branch left in the pack ends -- SIGTERM/SIGUSR1: a requeue asked
+    for once, ``EXIT_PREEMPTED``; Ctrl-C: one line says how to resume the pack, ``EXIT_INTERRUPTED``."""
+    interrupted, saved_now = pack.stop.agreed == S.INTERRUPT, set()
     for b in training:
         if b.code is None and b.joined:
             _check_finite(pack, b, epoch)
             if b.code is None:
                 try:
-                    with _scope(b):
+                    with B.scope(b):
                         L._save_checkpoint(b)
+                    saved_now.add(b.index)
                 except R.RunDirError as err:
                     _end(pack, b, err.exit_code, str(err))
-    requested = R.request_requeue() if pack.info.is_main else None
+    requested = R.request_requeue() if pack.info.is_main and not interrupted else None
+    name = "Ctrl-C (SIGINT)" if interrupted else \
+        signal.Signals(pack.stop.signal).name if pack.stop.signal else "a signal to another rank"
     for b in pack.active:
-        with _scope(b, rng=False):
-            pack.say(f"signal {pack.preempt.signal} (seen after step {pack.preempt.seen_at}): checkpoint at epoch "
-                     f"{b.pos['epoch'] + 1}, step {b.pos['step']} of {b.total_steps}; exiting with "
-                     f"{R.EXIT_PREEMPTED} to be resumed"
-                     + (f" (requeue requested in {requested})" if requested else ""))
-        _end(pack, b, R.EXIT_PREEMPTED, R.describe_exit(R.EXIT_PREEMPTED))
+        saved = f"checkpoint saved {b.saved}" if b.index in saved_now else \
+            f"its checkpoint ({b.saved}) is kept" if b.saved else "nothing saved yet"
+        with B.scope(b, rng=False):
+            if interrupted:
+                pack.say(f"interrupted by Ctrl-C: {saved}; exiting with {R.EXIT_INTERRUPTED}")
+            else:
+                pack.say(f"signal {pack.stop.signal} (seen after step {pack.stop.seen_at}): {saved}; exiting with "
+                         f"{R.EXIT_PREEMPTED} to be resumed" + (f" (requeue requested in {requested})" if requested
+                                                                 else ""))
+        _end(pack, b, R.EXIT_INTERRUPTED if interrupted else R.EXIT_PREEMPTED, f"{name}: {saved}")
+    if interrupted and pack.info.is_main:
+        dirs = " ".join(f"--run-dir {shlex.quote(str(b.rundir.path))}" for b in pack.branches)
+        pack.say(f"to resume the pack, run the same command again (or: python -m stitching.train {dirs})")
     D.barrier(pack.info)
