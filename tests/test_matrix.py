@@ -114,17 +114,19 @@ def test_dry_run_prints_every_matrix_and_counts_writing_nothing(tmp_path, capsys
     out = dry_run(capsys, spec, "--runs-dir", runs)
     # 4 x 4 stage cells x 2 seeds per matrix, 4 matrices; stage cuts stitch forwards only: 10 of 16 cells
     assert "4 sender x 4 receiver cuts x 2 seeds = 32 cells per matrix; 4 matrices" in out
-    assert "128 grid points -> 80 runs" in out and "cells that cannot be stitched: 48" in out
+    # + the receiver evaluated alone (the calibrated scores' ceiling)
+    assert "129 grid points -> 81 runs" in out and "cells that cannot be stitched: 48" in out
     for name in ("trained", "random sender", "random receiver", "random sender and receiver"):
         assert f"{name} (20 runs): rows sender stage, columns receiver stage" in out
     assert "       4  x  x  x ..\n" in out          # sender stage 4: only receiver 4, both seeds to train
-    assert "total runs: 80 (0 finished, 0 preempted, 0 interrupted, 0 started, 0 failed, 80 new)" in out
+    assert "receiver alone (evaluated; the calibrated scores' ceiling): . original.resnet18.ep0" in out
+    assert "total runs: 81 (0 finished, 0 preempted, 0 interrupted, 0 started, 0 failed, 81 new)" in out
     assert not runs.exists()
     # stride thins the cuts; controls: [] leaves the trained matrix alone
     spec.write_text(f"base: {TINY}\nstride: 2\ncontrols: []\n")
     out = dry_run(capsys, spec, "--runs-dir", runs)
     assert "2 sender x 2 receiver cuts x 1 seed = 4 cells per matrix; 1 matrices" in out
-    assert "total runs: 3 " in out and "random sender" not in out
+    assert "total runs: 4 " in out and "random sender" not in out
 
 
 def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
@@ -136,14 +138,14 @@ def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
     cuts = [b.index for b in list_blocks("resnet18", None, 32)][::3]
     assert cuts == [0, 3, 6]
     assert "3 sender x 3 receiver cuts x 1 seed = 9 cells per matrix; 4 matrices" in out
-    assert "36 grid points -> 36 runs" in out and "cells that cannot be stitched" not in out
+    assert "37 grid points -> 37 runs" in out and "cells that cannot be stitched" not in out
     assert "       6  .  .  .\n" in out                          # block 6 into blocks 0 and 3: backwards
     # the stage-granularity matrix with every pair: the first block of each stage on either side
     spec.write_text(f"base: {TINY}\ncuts: blocks\nsenders: stages\nreceivers: stages\ncontrols: []\n")
     firsts = [b.index for b in list_blocks("resnet18", None, 32) if b.first]
     assert firsts == [0, 2, 4, 6]
     out = dry_run(capsys, spec, "--runs-dir", tmp_path / "runs")
-    assert "total runs: 16 " in out and "        " + "".join(f"{j:>3}" for j in firsts) + "\n" in out
+    assert "total runs: 17 " in out and "        " + "".join(f"{j:>3}" for j in firsts) + "\n" in out
     spec.write_text(f"base: {TINY}\nsenders: stages\n")
     with pytest.raises(Exception, match="needs cuts: blocks"):
         from stitching.matrix.spec import load_matrix
@@ -156,7 +158,7 @@ def test_block_matrix_takes_every_pair_backwards_included(tmp_path, capsys):
         load_matrix(spec)
 
 
-@pytest.mark.parametrize("name,runs", [("tiny", 40), ("resnet50_imagenet", 64)])
+@pytest.mark.parametrize("name,runs", [("tiny", 41), ("resnet50_imagenet", 65)])   # cells + the receiver alone
 def test_shipped_matrix_files_expand(name, runs, capsys, tmp_path):
     out = dry_run(capsys, ROOT / "configs" / "matrix" / f"{name}.yaml", "--runs-dir", tmp_path / "runs")
     assert f"total runs: {runs} (0 finished" in out and not (tmp_path / "runs").exists()
@@ -209,7 +211,8 @@ def test_a_launch_interrupted_between_runs_is_preempted_not_finished(tmp_path, m
     monkeypatch.setattr(local, "run_local", lambda dirs, parallel=1: real(dirs, parallel, python=str(fake)))
     capsys.readouterr()
     assert launch(runs, matrix.blocks(), tmp_path / "runs", "m", "local") == 75
-    assert "(2 not started: the launcher was stopped by SIGTERM)" in capsys.readouterr().out
+    # 2 cells and the receiver alone
+    assert "(3 not started: the launcher was stopped by SIGTERM)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -222,7 +225,7 @@ def test_matrix_runs_resumes_after_interruption_collects_and_draws(matrix_file, 
     runs = tmp_path / "runs"
     out = dry_run(capsys, matrix_file, "--runs-dir", runs)
     assert "2 sender x 2 receiver cuts x 1 seed = 4 cells per matrix; 4 matrices" in out
-    assert "total runs: 16 (" in out and "cells that cannot be stitched" not in out
+    assert "total runs: 17 (" in out and "cells that cannot be stitched" not in out    # + the receiver alone
 
     # interrupted: SIGTERM (as Ctrl-C or a scheduler would) once a few cells have finished
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -235,26 +238,29 @@ def test_matrix_runs_resumes_after_interruption_collects_and_draws(matrix_file, 
     proc.send_signal(signal.SIGTERM)
     first, _ = proc.communicate(timeout=300)
     done = {d: (d / "result.csv").stat().st_mtime_ns for d in _finished(runs)}
-    assert 3 <= len(done) < 16, first
+    assert 3 <= len(done) < 17, first
     assert proc.returncode == 75, first                     # rundir.EXIT_PREEMPTED: run it again to resume
     assert not (runs / "results.csv").exists()              # nothing drawn from a half matrix
 
     second = cli(matrix_file, "--launcher", "local", "--runs-dir", runs, "--parallel", "2").stdout
-    assert f"total runs: 16 ({len(done)} finished" in second
+    assert f"total runs: 17 ({len(done)} finished" in second
     started = [line.split("start ")[1].split(",")[0] for line in second.splitlines() if "[local] start" in line]
-    assert len(started) == 16 - len(done) and not {str(d) for d in done} & set(started)
+    assert len(started) == 17 - len(done) and not {str(d) for d in done} & set(started)
     assert {d: (d / "result.csv").stat().st_mtime_ns for d in done} == done   # finished cells never redone
-    assert len(_finished(runs)) == 16
+    assert len(_finished(runs)) == 17
 
     # collected: every cell's identity is in its result row; drawn: the heatmaps show those accuracies
     results = pd.read_csv(runs / "results.csv")
-    assert len(results) == 16
+    assert len(results) == 17 and (results["kind"] == "original").sum() == 1
+    receiver = results[results["kind"] == "original"]["top1"].item()
+    results = results[results["kind"] == "stitched"]
     cells = {(r.random_init, r.source_stage, r.destination_stage): r.top1 for r in results.itertuples()}
     assert set(cells) == {(c, s, t) for c in ("none", "source", "destination", "both") for s in (1, 2)
                           for t in (2, 3)}
     table = pd.read_csv(runs / "matrix.csv")
     assert {(r.control, r.sender_cut, r.receiver_cut): r.top1_mean for r in table.itertuples()} == cells
     assert (table["depth_difference"] > 0).all()       # stage cuts: the receiver is deeper than the sender
+    assert (table["fit"] == "trained").all() and (table["receiver_top1"] == receiver).all()
     for png in ("matrix_heatmaps.png", "accuracy_vs_depth.png"):
         assert (runs / "figures" / png).stat().st_size > 10_000
 
@@ -282,8 +288,9 @@ def test_block_matrix_trains_a_backwards_cell_and_draws_it(matrix_file, tmp_path
                            "controls: []\n")
     runs = tmp_path / "runs"
     out = cli(matrix_file, "--launcher", "local", "--runs-dir", runs, "--parallel", "2").stdout
-    assert "local: 2 done, 0 preempted, 0 failed" in out
+    assert "local: 3 done, 0 preempted, 0 failed" in out       # the two cells and the receiver alone
     results = pd.read_csv(runs / "results.csv")
+    results = results[results["kind"] == "stitched"]
     assert sorted(zip(results["source_block"], results["destination_block"])) == [(5, 1), (5, 5)]
     assert results["source_stage"].isna().all() and set(results["gap"]) == {"b5->b1", "b5->b5"}
     table = pd.read_csv(runs / "matrix.csv").set_index(["sender_cut", "receiver_cut"])
@@ -306,14 +313,14 @@ def test_slurm_matrix_is_one_job_array_never_resubmitted_then_drawn(slurm_cluste
                            + 'slurm: {cpus_per_task: 1, mem: 2G, time: "00:20:00", max_parallel: 2}\n')
     runs = tmp_path / "runs"
     first = cli(matrix_file, "--launcher", "slurm", "--runs-dir", runs).stdout
-    assert "submitted job array" in first and "with 8 tasks" in first and "--draw" in first
+    assert "submitted job array" in first and "with 9 tasks" in first and "--draw" in first   # + the receiver
     again = cli(matrix_file, "--launcher", "slurm", "--runs-dir", runs).stdout      # while queued/running
     assert "already queued or running" in again and "submitted job array" not in again
     dirs = [p for p in runs.iterdir() if (p / "config.yaml").is_file()]
-    assert len(dirs) == 8
+    assert len(dirs) == 9
     _wait_for_results(dirs, timeout=900)
     out = cli(matrix_file, "--draw", "--runs-dir", runs).stdout
-    assert "finished:   8\n" in out
+    assert "finished:   9\n" in out
     table = pd.read_csv(runs / "matrix.csv")
     assert len(table) == 8 and set(table["control"]) == {"none", "source", "destination", "both"}
     assert set(zip(table["sender_cut"], table["receiver_cut"])) == {(1, 2), (1, 3)}

@@ -1,15 +1,16 @@
 """Run a list of run directories on this machine, one after another or N at a time.
 
-Each run is ``python -m stitching.train --run-dir DIR`` in its own process (and its own session, so that a
-terminal's Ctrl-C reaches the launcher only, which passes it on once), its output appended to
-``DIR/launcher.log``; a pack (a list of run directories, :mod:`stitching.train.pack`) is one job, ``--run-dir``
-once per directory, its output in its first directory's ``launcher.log`` (the others' say where), each of its
-runs reported by the ending its ``state.json`` holds from that job. Placement: each run gets one of the GPUs this process may use -- the entries of
-the parent's ``CUDA_VISIBLE_DEVICES`` when it is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never
-``"0"``), else every device CUDA reports -- the least busy one, so runs go round-robin when they outnumber
-the GPUs; and each of the N runs at a time gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` /
-``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its affinity, e.g. a SLURM allocation) / N,
-unless the parent sets them.
+Each run is ``python -m stitching.train --run-dir DIR`` (or another ``command`` given the directory: a
+closed-form matrix's groups) in its own process (and its own session, so that a terminal's Ctrl-C reaches
+the launcher only, which passes it on once), its output appended to ``DIR/launcher.log``; a pack (a list of run
+directories, :mod:`stitching.train.pack`) is one job, ``--run-dir`` once per directory (:func:`job_command`),
+its output in its first directory's ``launcher.log`` (the others' say where), each of its runs reported by the
+ending its ``state.json`` holds from that job. Placement: each
+run gets one of the GPUs this process may use -- the entries of the parent's ``CUDA_VISIBLE_DEVICES`` when it
+is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never ``"0"``), else every device CUDA reports -- the least
+busy one, so runs go round-robin when they outnumber the GPUs; and each of the N runs at a time gets
+``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its
+affinity, e.g. a SLURM allocation) / N, unless the parent sets them.
 
 Signals to the launcher: nothing new is started afterwards, and each running trainer is told -- SIGINT
 (Ctrl-C) is passed on as SIGINT (the trainers checkpoint at their next step and exit interrupted; a second
@@ -36,6 +37,9 @@ from pathlib import Path
 
 from stitching import rundir as R
 
+#: what each run directory is given to (``python`` + this + the directory)
+TRAIN_COMMAND = ("-m", "stitching.train", "--run-dir")
+
 
 @dataclasses.dataclass
 class _Stop:
@@ -55,8 +59,10 @@ class LocalResult:
     stopped_by: str | None = None       # the signal that stopped the launcher (its name), if one did
 
 
-def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable) -> LocalResult:
-    """Run every job: a run directory, or a pack's list of them (see the module docstring)."""
+def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable,
+              command: tuple[str, ...] = TRAIN_COMMAND) -> LocalResult:
+    """Run every job -- a directory, or a pack's list of them -- as ``python`` + :func:`job_command` (see the
+    module docstring)."""
     pending = [[Path(x) for x in d] if isinstance(d, (list, tuple)) else [Path(d)] for d in run_dirs]
     running: dict[Path, tuple[subprocess.Popen, object, str | None]] = {}    # by the job's first directory
     jobs: dict[Path, list[Path]] = {}
@@ -77,7 +83,7 @@ def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable) -
             _pass_on(stop, running)
             if stop.signal is None:
                 for job in _startable(pending, waiting, endings, parallel - len(running)):
-                    running[job[0]] = _start(job, python, gpus, running, threads)
+                    running[job[0]] = _start(job, (python, *command), gpus, running, threads)
                     jobs[job[0]] = job
             if stop.signal is not None and not running:
                 break
@@ -147,7 +153,7 @@ def _startable(pending: list[list[Path]], waiting: dict[Path, str], endings: dic
     return chosen
 
 
-def _start(job: list[Path], python: str, gpus: list[str], running: dict, threads: int):
+def _start(job: list[Path], command: tuple[str, ...], gpus: list[str], running: dict, threads: int):
     d = job[0]
     slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
     env = run_env(os.environ, slot, threads)
@@ -158,10 +164,18 @@ def _start(job: list[Path], python: str, gpus: list[str], running: dict, threads
     what = f"a pack of {len(job)} runs: {d}, ..." if len(job) > 1 else str(d)
     print(f"[local] start {what}" + (f" on GPU {slot}" if slot is not None else "")
           + f", {env['OMP_NUM_THREADS']} threads", flush=True)
-    args = [a for x in job for a in ("--run-dir", str(x))]
-    proc = subprocess.Popen([python, "-m", "stitching.train", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen(job_command(command, job), stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     return proc, log, slot
+
+
+def job_command(command: tuple[str, ...], job: list) -> list[str]:
+    """The command line of a job of run directories: ``command`` and the directory; for several (a pack), the
+    command's last word before each of them where it is an option (``--run-dir A --run-dir B``), else the
+    directories one after another."""
+    if len(job) > 1 and command[-1].startswith("-"):
+        return [*command[:-1], *(a for d in job for a in (command[-1], str(d)))]
+    return [*command, *map(str, job)]
 
 
 def _member_code(d: Path, pid: int, code: int) -> int:

@@ -3,12 +3,24 @@
 Owns: which result rows belong to a matrix and which cell each is (:func:`cell_of`: control, sender cut,
 receiver cut -- from the result columns ``random_init``, ``source_stage``/``destination_stage`` or
 ``source_block``/``destination_block``), the cell table (:func:`cell_table`: one row per control and cell,
-top-1 mean, standard error and count over seeds; written as ``matrix.csv``) and the relative depth of a cut
+top-1 mean, standard error and count over seeds; written as ``matrix.csv``), what its columns beyond accuracy
+mean -- ``fit`` (:data:`FITS`: trained, or ``closed_form``: least-squares adapters without training), the
+receiver's own accuracy (``receiver_top1``), the calibrated scores (:func:`calibrated`, columns
+:data:`CALIBRATED_COLUMNS` and their standard errors), the similarity at the join (``cka``, ``ls_residual``:
+before any training; ``init_residual``: the least-squares fit's) -- and the relative depth of a cut
 (:func:`cut_depths`): the fraction of a model's blocks that run on its side of the join. A sender cut's
 depth is (blocks in the prefix) / (blocks of the sender); a receiver cut's, (blocks of the receiver *before*
 the join, i.e. skipped) / (blocks of the receiver). Their difference (receiver - sender) is > 0 where the
 stitch skips layers, < 0 where it goes backwards (the receiver repeats layers), 0 where it joins
 corresponding depths.
+
+Calibrated scores: a cell of the trained matrix (control ``none``) is read against the same cell of each
+random-init control c, seed by seed (the control's random weights follow the seed):
+``(acc - acc_c) / (acc_receiver - acc_c)``, where ``acc_receiver`` is the receiver's own top-1 (its original
+network evaluated alone, with its own preprocessing: the accuracy a stitch that hands the receiver exactly its own
+representation reaches, so 1 means "as good as the receiver itself", 0 "no better than the control"; above 1
+the stitched network beats the receiver). Mean and standard error over the seeds both matrices ran; undefined
+(empty) where the control reaches the receiver's accuracy.
 """
 
 from __future__ import annotations
@@ -22,8 +34,36 @@ from stitching.config import CUT_KEYS
 from stitching.matrix.spec import CONTROLS, Matrix
 
 CELL_COLUMNS = ["control", "sender_cut", "receiver_cut"]
+#: how a cell's adapters came about: trained (the recipe's epochs), or fitted by least squares with no training
+FITS = ("trained", "closed_form")
+#: per random-init control, the column of the trained cells' calibrated score against it
+CALIBRATED_COLUMNS = {c: f"calibrated_{c}" for c in CONTROLS[1:]}
 TABLE_COLUMNS = [*CELL_COLUMNS, "sender", "receiver", "sender_depth", "receiver_depth", "depth_difference",
-                 "top1_mean", "top1_se", "n", "run_dirs"]
+                 "top1_mean", "top1_se", "n", "fit", "receiver_top1",
+                 *(x for col in CALIBRATED_COLUMNS.values() for x in (col, f"{col}_se")),
+                 "cka", "ls_residual", "init_residual", "run_dirs"]
+
+
+def calibrated(acc: float, control: float, receiver: float) -> float:
+    """``(acc - control) / (receiver - control)``; NaN where the control reaches the receiver's accuracy."""
+    return (acc - control) / (receiver - control) if receiver > control else float("nan")
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    v = np.array([x for x in values if np.isfinite(x)], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def _number(row, column: str) -> float:
+    value = pd.to_numeric(pd.Series([row.get(column)]), errors="coerce").iloc[0]
+    return float(value) if pd.notna(value) else float("nan")
+
+
+def fit_of(row) -> str:
+    """A row's :data:`FITS`: ``closed_form`` for least-squares adapters evaluated without training."""
+    return "closed_form" if str(row.get("init")) == "least_squares" and _number(row, "epochs") == 0 else "trained"
 
 
 def result_columns(cuts: str) -> tuple[str, str]:
@@ -52,13 +92,15 @@ def cell_table(results: pd.DataFrame, matrix: Matrix, run_names: set[str] | None
     s_col, r_col = result_columns(matrix.cuts)
     if s_col not in rows.columns or r_col not in rows.columns:
         return pd.DataFrame(columns=TABLE_COLUMNS)
+    mine = (lambda d: str(d).split("/")[-1] in run_names) if run_names is not None else (lambda d: True)
     rows = rows.dropna(subset=[s_col, r_col, "top1"])
-    if run_names is not None:
-        rows = rows[rows["run_dir"].map(lambda d: str(d).split("/")[-1] in run_names)]
+    rows = rows[rows["run_dir"].map(mine)]
+    receiver = receiver_top1(results[results["run_dir"].map(mine)] if len(results) else results, matrix.receiver)
     out = []
     cells = {}
     for _, row in rows.iterrows():
         cells.setdefault(cell_of(row, matrix.cuts), []).append(row)
+    by_seed = {cell: {_number(g, "seed"): float(g["top1"]) for g in group} for cell, group in cells.items()}
     for (control, i, j), group in cells.items():
         if control not in matrix.controls or i not in matrix.sender_cuts or j not in matrix.receiver_cuts:
             continue
@@ -66,15 +108,38 @@ def cell_table(results: pd.DataFrame, matrix: Matrix, run_names: set[str] | None
         kwargs = _kwargs(group[0])
         d_s, d_r = cut_depths(matrix.cuts, matrix.sender, kwargs.get("source"), matrix.receiver,
                               kwargs.get("destination"), i, j, int(float(group[0]["img_size"])))
-        out.append({"control": control, "sender_cut": i, "receiver_cut": j, "sender": matrix.sender,
-                    "receiver": matrix.receiver, "sender_depth": d_s, "receiver_depth": d_r,
-                    "depth_difference": d_r - d_s, "top1_mean": top1.mean(),
-                    "top1_se": top1.std(ddof=1) / np.sqrt(len(top1)) if len(top1) > 1 else np.nan,
-                    "n": len(top1), "run_dirs": "|".join(sorted(str(g["run_dir"]) for g in group))})
+        fits = {fit_of(g) for g in group}
+        row = {"control": control, "sender_cut": i, "receiver_cut": j, "sender": matrix.sender,
+               "receiver": matrix.receiver, "sender_depth": d_s, "receiver_depth": d_r,
+               "depth_difference": d_r - d_s, "top1_mean": top1.mean(),
+               "top1_se": top1.std(ddof=1) / np.sqrt(len(top1)) if len(top1) > 1 else np.nan,
+               "n": len(top1), "fit": "|".join(sorted(fits)),
+               "receiver_top1": receiver,
+               "cka": _mean_se([_number(g, "cka_before") for g in group])[0],
+               "ls_residual": _mean_se([_number(g, "ls_residual_before") for g in group])[0],
+               "init_residual": _mean_se([_number(g, "init_residual") for g in group])[0],
+               "run_dirs": "|".join(sorted(str(g["run_dir"]) for g in group))}
+        for c, col in CALIBRATED_COLUMNS.items():
+            row[col] = row[f"{col}_se"] = np.nan
+            if control == "none" and (c, i, j) in by_seed and np.isfinite(receiver):
+                own, other = by_seed[(control, i, j)], by_seed[(c, i, j)]
+                row[col], row[f"{col}_se"] = _mean_se([calibrated(own[s], other[s], receiver)
+                                                        for s in own if s in other])
+        out.append(row)
     table = pd.DataFrame(out, columns=TABLE_COLUMNS)
     order = {c: k for k, c in enumerate(CONTROLS)}
     return table.sort_values(["control", "sender_cut", "receiver_cut"], key=lambda c: c.map(order)
                              if c.name == "control" else c, kind="stable").reset_index(drop=True)
+
+
+def receiver_top1(results: pd.DataFrame, receiver: str) -> float:
+    """The receiver's own top-1: the mean of the original-model rows of ``receiver`` in ``results`` (NaN
+    without one)."""
+    if not len(results) or "kind" not in results.columns:
+        return float("nan")
+    rows = results[(results["kind"] == "original") & (results["source"] == receiver)]
+    top1 = pd.to_numeric(rows["top1"], errors="coerce").dropna()
+    return float(top1.mean()) if len(top1) else float("nan")
 
 
 def _kwargs(row) -> dict:

@@ -6,7 +6,10 @@ controls (:data:`CONTROLS`, the values of config ``model.random_init`` a matrix 
 names :data:`CONTROL_NAMES`), the cut lists (every stage or block of each model, thinned by ``stride``) and
 the translation of a matrix into :class:`stitching.sweep.spec.Block` s -- one per matrix (the trained one,
 then each control), its grid the sender cuts x the receiver cuts x the seeds -- which the sweep machinery
-expands (impossible cells dropped and counted, duplicates dropped, stable run directories) and launches.
+expands (impossible cells dropped and counted, duplicates dropped, stable run directories) and launches; the
+receiver evaluated alone (:data:`RECEIVER_BLOCK`, the calibrated scores' ceiling); and the groups of a
+closed-form matrix (:meth:`Matrix.groups`: a block per control and seed, its cells :data:`CLOSED_FORM_GRID`
+runs, in ``<runs dir>/<group name>``).
 
 A matrix file::
 
@@ -45,6 +48,12 @@ CONTROLS = ("none", "source", "destination", "both")
 CONTROL_NAMES = {"none": "trained", "source": "random sender", "destination": "random receiver",
                  "both": "random sender and receiver"}
 STAGES = (1, 2, 3, 4)
+#: the sweep block of the receiver evaluated alone (``train.epochs: 0``, its own preprocessing): the accuracy the
+#: calibrated scores take as a cell's ceiling (:mod:`stitching.matrix.cells`)
+RECEIVER_BLOCK = "receiver"
+#: a closed-form matrix's cells: the run with least-squares adapters and no training (:mod:`.closed_form`), no
+#: model file kept, the similarity at the join measured (the config default where the base switches it off)
+CLOSED_FORM_GRID = {"model.init": "least_squares", "train.epochs": 0, "output.save_model": False}
 #: ``senders:`` / ``receivers:`` of a block matrix: the first (downsampling) block of each stage, the stage cut
 #: points -- a stage-granularity matrix with every pair, backwards included
 STAGE_BLOCKS = "stages"
@@ -66,6 +75,8 @@ class Matrix:
     slurm: dict
     sender: str = ""                     # model names (from the base config)
     receiver: str = ""
+    base_seed: int = 0                   # the base config's train.seed (the seed when seeds: is not given)
+    similarity_images: int = 0           # the base config's train.similarity_images
     sender_cuts: list[int] = field(default_factory=list)
     receiver_cuts: list[int] = field(default_factory=list)
 
@@ -78,24 +89,73 @@ class Matrix:
         """The sweep block (and, in tables, the panel) of one matrix."""
         return CONTROL_NAMES[control].replace(" ", "-")
 
-    def blocks(self):
-        """The sweep blocks of the matrix: one per control (the trained matrix first)."""
-        from stitching.sweep.spec import Block
-
+    def _grid(self, control: str) -> dict:
+        """The grid of one matrix (one control): every sender cut x every receiver cut."""
         from stitching.config import ModelConfig
 
         src_key, dst_key = CUT_KEYS[self.cuts]
         # the other kind's keys are cleared: a base config with stage cuts serves a block matrix and vice versa
         other = {k: [None] for kind, keys in CUT_KEYS.items() if kind != self.cuts for k in keys
                  if k.partition(".")[2] in ModelConfig.__dataclass_fields__}
+        return {**other, src_key: list(self.sender_cuts), dst_key: list(self.receiver_cuts),
+                "model.random_init": [control]}
+
+    def blocks(self):
+        """The sweep blocks of the trained matrix: one per control (the trained matrix first), then the
+        receiver evaluated alone (:data:`RECEIVER_BLOCK`)."""
+        from stitching.sweep.spec import Block
+
         out = []
         for control in self.controls:
-            grid = {**other, src_key: list(self.sender_cuts), dst_key: list(self.receiver_cuts),
-                    "model.random_init": [control]}
+            grid = self._grid(control)
             if self.seeds is not None:
                 grid["train.seed"] = list(self.seeds)
             out.append(Block(self.block_name(control), self.base, grid, [], dict(self.slurm)))
+        return out + [self.receiver_block()]
+
+    def receiver_block(self):
+        """The receiver on its own, evaluated (``train.epochs: 0``) as an original model: with its own
+        weights, constructor arguments and evaluation preprocessing."""
+        from stitching.sweep.spec import Block
+
+        cfg = load_config(self.base, check=False)
+        m = cfg.model
+        own = (m.destination or m.source) == m.source and m.destination_args() == m.source_args()
+        weights = m.destination_weights or (m.source_weights if own else None)
+        grid = {"model.source": [self.receiver], "model.source_kwargs": [m.destination_args()],
+                "model.source_weights": [weights], "model.destination": [None], "model.destination_weights": [None],
+                "model.destination_kwargs": [None], "model.random_init": ["none"], "model.init": ["default"],
+                "model.pos_embed": ["none"], "train.objective": ["task"], "train.epochs": [0],
+                **{k: [None] for keys in CUT_KEYS.values() for k in keys}}
+        return Block(RECEIVER_BLOCK, self.base, grid, [], dict(self.slurm))
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else [self.base_seed]
+
+    def groups(self) -> list[tuple[str, "object"]]:
+        """The closed-form matrix: ``(group name, sweep block)`` per control and seed -- a group's cells share
+        their passes (:mod:`stitching.matrix.closed_form`) and live in ``<runs dir>/<group name>/``. The cells
+        are the trained matrix's with :data:`CLOSED_FORM_GRID` (and ``train.similarity_images`` at the config
+        default where the base config switches it off: the similarity is half of what a closed-form matrix
+        reports)."""
+        from stitching.config import TrainConfig
+        from stitching.sweep.spec import Block
+
+        extra = {k: [v] for k, v in CLOSED_FORM_GRID.items()}
+        if self.similarity_images <= 0:
+            extra["train.similarity_images"] = [TrainConfig.similarity_images]
+        out = []
+        for control in self.controls:
+            for seed in self.seed_list():
+                grid = {**self._grid(control), "train.seed": [seed], **extra}
+                out.append((group_name(self.block_name(control), seed),
+                            Block(self.block_name(control), self.base, grid, [], dict(self.slurm))))
         return out
+
+
+def group_name(block: str, seed: int) -> str:
+    """The folder of a closed-form group: ``<matrix>.seed<seed>`` (``trained.seed0``, ``random-sender.seed1``)."""
+    return f"{block}.seed{seed}"
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -148,7 +208,8 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError("model.random_init", cfg.model.random_init, cfg.source_of("model.random_init"),
                           "the matrix sets the random-init controls itself (controls:): remove it from the base")
     m = Matrix(name, path, base_path, cuts, stride, ["none", *controls], seeds, slurm,
-               cfg.model.source, cfg.model.destination or cfg.model.source)
+               cfg.model.source, cfg.model.destination or cfg.model.source, cfg.train.seed,
+               cfg.train.similarity_images)
     all_src = model_cuts(cfg, "source", cuts)
     all_dst = model_cuts(cfg, "destination", cuts)
     m.sender_cuts = _chosen(data, "senders", all_src, stride, src, cfg, "source")

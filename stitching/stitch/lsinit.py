@@ -2,7 +2,10 @@
 
 Owns the init modes (:data:`INIT_MODES`), which adapters have a map to fit (:data:`FITTED_ADAPTERS`), the
 config check (:func:`check_config`: exit 2 before anything is built), where each link of a chain finds its
-target (:func:`link_targets`), the fit itself (:func:`fit`) and the trainer's entry (:func:`initialise`).
+target (:func:`link_targets`, :func:`link_points`), the fit itself -- per-batch accumulators, :class:`LinkFit` (one
+link's normal equations, solved and written) and :class:`ChainMeasure` (the chain's residual), which the one-cell
+fit :func:`fit` and a stitching matrix's shared pass (:mod:`stitching.matrix.closed_form`) both feed -- and the
+trainer's entry (:func:`initialise`).
 
 The fit streams N training images (evaluation transforms, a seeded subset spread over the whole set) through
 the frozen source and the destination, batch by batch, accumulating the normal equations
@@ -50,7 +53,7 @@ from torch import nn
 from stitching.models.formats import Convert, convert, is_token, prefix_tokens
 from stitching.similarity import LeastSquares, channels_last_samples
 from stitching.stitch.adapters import Adapter
-from stitching.stitch.plan import PlanError, Shape, StitchPlan
+from stitching.stitch.plan import PlanError, Shape, StitchPlan, nominal_shape, plan_config, plan_stitch
 from stitching.stitch.posembed import PosReinject
 
 INIT_MODES = ("default", "least_squares")
@@ -93,8 +96,6 @@ def check_config(cfg, specs) -> None:
     least squares needs adapters with a map to fit and a target for every link (checked on the declared
     shapes at ``data.img_size``; the trainer checks the traced ones again before computing). ``specs()``
     gives the source's and the destination's model specs (asked for only where needed)."""
-    from stitching.stitch.plan import nominal_shape, plan_stitch
-
     m = cfg.model
     if m.init not in INIT_MODES:
         raise cfg.error("model.init", f"must be one of {', '.join(INIT_MODES)}")
@@ -109,8 +110,12 @@ def check_config(cfg, specs) -> None:
     if m.adapter not in FITTED_ADAPTERS:
         raise cfg.error("model.init", f"{m.adapter} adapters have no linear map to fit in closed form (fitted: "
                         f"{', '.join(FITTED_ADAPTERS)}); use model.init=default")
-    if blocks:
-        return                          # block cuts: checked on the traced plan (trainer, before any compute)
+    if blocks:                          # declared block shapes at data.img_size (the trainer checks the traced)
+        try:
+            link_targets(plan_config(m, cfg.data.img_size), lambda st, w: None)   # (one link: no intermediate)
+        except PlanError as err:
+            raise cfg.error(err.key, str(err)) from None
+        return
     src, dst = specs()
     try:
         plan = plan_stitch(src, dst, m.source_stage, m.destination_stage, m.adapter, m.resize, m.schedule,
@@ -171,7 +176,7 @@ def _samples(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) if t.ndim == 4 else t.reshape(-1, t.shape[-1])
 
 
-def _chain(built) -> tuple[list[Adapter], PosReinject | None]:
+def adapter_chain(built) -> tuple[list[Adapter], PosReinject | None]:
     layers = list(built.model.adapters)
     chain = [m for m in layers if isinstance(m, Adapter)]
     if not isinstance(layers[0], Convert) or layers[1:1 + len(chain)] != chain:
@@ -189,81 +194,103 @@ def _to_working(y: torch.Tensor, fmt: str, work: str, size: tuple[int, int]) -> 
     return convert(y, fmt, work, size)
 
 
+def link_points(built, points: list | None = None) -> list[tuple[int, Shape]]:
+    """Per link of ``built``'s chain, where its target is: (how many of the destination's blocks run before it
+    -- the target is the output of its stem and those blocks --, the destination's traced shape there).
+    ``points``: :func:`check_built`'s (computed when not given)."""
+    plan, parts = built.plan, built.destination_parts
+    out = []
+    for point in check_built(built) if points is None else points:
+        if point is None:
+            # the receiving point: every destination block the suffix does not run (suffix = blocks + head)
+            out.append((len(parts.blocks()) - (len(built.model.suffix) - 1), plan.destination_cut))
+        else:
+            out.append((parts.index_after_first(point[0]), built.destination_cuts[point]))
+    return out
+
+
+def source_depth(built) -> int:
+    """How many of the source's blocks run before the join: its features there are the output of its stem and
+    those blocks (``built.model.prefix``)."""
+    return len(built.model.prefix) - 1
+
+
 class _Destination:
     """The destination's own activations at the links' targets (its modules in eval mode)."""
 
     def __init__(self, built, points):
-        plan, parts = built.plan, built.destination_parts
-        self.work, self.built = plan.working_format, built
-        self.runs = []
-        for point in points:
-            if point is None:
-                self.runs.append((built.target, plan.destination_cut))
-            else:
-                blocks = parts.blocks()[: parts.index_after_first(point[0])]
-                self.runs.append((nn.Sequential(parts.stem, *blocks), built.destination_cuts[point]))
-
-    def __call__(self, i: int, x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
-        run, cut = self.runs[i]
-        y = run(x)
-        if minus is not None:
-            y = y - minus.to(y.dtype)
-        return _to_working(y, cut.format, self.work, (cut.height, cut.width))
+        parts = built.destination_parts
+        self.runs = [(built.target if point is None else nn.Sequential(parts.stem, *parts.blocks()[:depth]), cut)
+                     for point, (depth, cut) in zip(points, link_points(built, points))]
 
 
-def _through(built, chain: list[Adapter], i: int, x: torch.Tensor) -> torch.Tensor:
-    """Link ``i``'s input: the source's features in the working format through the links before it."""
-    h = built.model.adapters[0](built.model.prefix(x))
-    for a in chain[:i]:
-        h = a(h)
-    return h
+class LinkFit:
+    """The least-squares fit of link ``i`` of ``built``'s chain (``chain``: its adapters, in order), fed batch by
+    batch: :meth:`update` with the source's features at its cut (the prefix's output) and the destination's
+    own activation where the link lands (its own format; ``cut`` its traced shape), :meth:`finish` solves and
+    writes the adapter. ``minus``: subtracted from the target first (the last link under ``pos_embed:
+    reinject``). ``skip``: nothing to fit (a bottleneck with an identity shortcut); it needs no batches. The
+    one-cell fit (:func:`fit`) and a stitching matrix's shared pass feed the same objects."""
 
+    def __init__(self, built, chain: list[Adapter], i: int, cut: Shape, minus: torch.Tensor | None = None):
+        self.built, self.chain, self.i, self.cut, self.minus = built, chain, i, cut, minus
+        a = self.a = chain[i]
+        self.skip = a.kind == "bottleneck" and isinstance(a.core.shortcut, nn.Identity)
+        self.bn_in = isinstance(a.norm_in, nn.BatchNorm2d)
+        self.ln_out = isinstance(a.norm_out, nn.LayerNorm)
+        self.ls, self.out = LeastSquares(), _Sums()
 
-@torch.no_grad()
-def _fit_link(built, chain, i: int, images: Iterable[torch.Tensor], device, dst: _Destination,
-              minus: torch.Tensor | None) -> dict:
-    a = chain[i]
-    if a.kind == "bottleneck" and isinstance(a.core.shortcut, nn.Identity):
-        return {"link": i + 1, "fitted": "nothing (identity shortcut)", "residual": float("nan")}
-    stride = a.step.stride
-    bn_in = isinstance(a.norm_in, nn.BatchNorm2d)
-    ln_out = isinstance(a.norm_out, nn.LayerNorm)
-    ls, out = LeastSquares(), _Sums()
-    for x in images:
-        x = x.to(device)
-        u = a.resize(_through(built, chain, i, x))
+    @torch.no_grad()
+    def update(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        if self.skip:
+            return
+        a, stride = self.a, self.a.step.stride
+        u = self.built.model.adapters[0](h)                 # into the working format, then the links before it
+        for link in self.chain[: self.i]:
+            u = link(u)
+        u = a.resize(u)
         if stride > 1:
             u = u[:, :, ::stride, ::stride]     # the positions a stride-s 1x1 / centred 3x3 conv reads
-        xin = _samples(u if bn_in else a.norm_in(u))
-        y = _samples(dst(i, x, minus if i == len(chain) - 1 else None))
-        if ln_out:
+        xin = _samples(u if self.bn_in else a.norm_in(u))
+        if self.minus is not None:
+            y = y - self.minus.to(y.dtype)
+        cut = self.cut
+        y = _samples(_to_working(y, cut.format, self.built.plan.working_format, (cut.height, cut.width)))
+        if self.ln_out:
             yn = F.layer_norm(y, (y.shape[1],), eps=a.norm_out.eps)
-            out.add(yn, y)
+            self.out.add(yn, y)
             y = yn
-        ls.update(xin, y)
-    residual = ls.value()
-    A, b = ls.solve()                                   # y ~ x A + b on what the core's input norm receives
-    mean, var = ls.sx / ls.n, (ls.xtx.diagonal() / ls.n - (ls.sx / ls.n) ** 2).clamp_min(0)
-    cov = ls.xtx / ls.n - torch.outer(mean, mean)
-    var_out = ((A * (cov @ A)).sum(0)).clamp_min(0)   # each output channel's variance over the samples
-    if bn_in:                                           # the core sees (x - mean) / s: fold
-        _set_bn(a.norm_in, mean, var, torch.ones_like(mean), torch.zeros_like(mean))
-        b = b + mean @ A
-        A = A * (var + a.norm_in.eps).sqrt()[:, None]
-        mean_core_in = torch.zeros_like(mean)
-    else:
-        mean_core_in = mean
-    _write_core(a, A, b, mean_core_in @ A, var_out)
-    if isinstance(a.norm_out, nn.BatchNorm2d):
-        _identity_bn(a.norm_out)
-    elif ln_out:                                        # y_c ~ gamma_c * layernorm(y)_c + beta_c
-        mn, vn = out.mean_var()
-        my = out.sy / out.n
-        cov_ny = out.sxy / out.n - mn * my
-        gamma = torch.where(vn > 0, cov_ny / vn.clamp_min(1e-30), torch.ones_like(vn))
-        a.norm_out.weight.copy_(gamma)
-        a.norm_out.bias.copy_(my - gamma * mn)
-    return {"link": i + 1, "fitted": _what(a), "residual": residual, "samples": ls.n}
+        self.ls.update(xin, y)
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        """Solve and write the fitted map into the adapter: ``{link, fitted, residual, samples}``."""
+        a, ls, out, i = self.a, self.ls, self.out, self.i
+        if self.skip:
+            return {"link": i + 1, "fitted": "nothing (identity shortcut)", "residual": float("nan")}
+        residual = ls.value()
+        A, b = ls.solve()                                   # y ~ x A + b on what the core's input norm receives
+        mean, var = ls.sx / ls.n, (ls.xtx.diagonal() / ls.n - (ls.sx / ls.n) ** 2).clamp_min(0)
+        cov = ls.xtx / ls.n - torch.outer(mean, mean)
+        var_out = ((A * (cov @ A)).sum(0)).clamp_min(0)   # each output channel's variance over the samples
+        if self.bn_in:                                      # the core sees (x - mean) / s: fold
+            _set_bn(a.norm_in, mean, var, torch.ones_like(mean), torch.zeros_like(mean))
+            b = b + mean @ A
+            A = A * (var + a.norm_in.eps).sqrt()[:, None]
+            mean_core_in = torch.zeros_like(mean)
+        else:
+            mean_core_in = mean
+        _write_core(a, A, b, mean_core_in @ A, var_out)
+        if isinstance(a.norm_out, nn.BatchNorm2d):
+            _identity_bn(a.norm_out)
+        elif self.ln_out:                                   # y_c ~ gamma_c * layernorm(y)_c + beta_c
+            mn, vn = out.mean_var()
+            my = out.sy / out.n
+            cov_ny = out.sxy / out.n - mn * my
+            gamma = torch.where(vn > 0, cov_ny / vn.clamp_min(1e-30), torch.ones_like(vn))
+            a.norm_out.weight.copy_(gamma)
+            a.norm_out.bias.copy_(my - gamma * mn)
+        return {"link": i + 1, "fitted": _what(a), "residual": residual, "samples": ls.n}
 
 
 def _what(a: Adapter) -> str:
@@ -304,47 +331,57 @@ def _identity_bn(bn: nn.BatchNorm2d) -> None:
     bn.bias.copy_(bn.running_mean)
 
 
-@torch.no_grad()
-def _measure(built, chain, images, device, dst: _Destination) -> float:
-    """The relative residual of the initialised chain's output against the destination's own activation at
-    the receiving point; meanwhile each BatchNorm ``norm_out`` learns its input's statistics (kept an
-    identity in eval mode, so the output measured does not change)."""
-    sums: dict = {}
-    hooks = []
-    for a in chain:
-        if isinstance(a.norm_out, nn.BatchNorm2d):
-            sums[a.norm_out] = _Sums()
-            hooks.append(a.norm_out.register_forward_pre_hook(
-                lambda m, inp: sums[m].add(_samples(inp[0]))))
-    fmt = built.plan.destination_cut.format
-    sse = 0.0
-    total = _Sums()
-    try:
-        for x in images:
-            x = x.to(device)
-            out = built.model.adapters(built.model.prefix(x))
-            y = built.target(x)
-            o, t = channels_last_samples(out.float(), fmt), channels_last_samples(y.float(), fmt)
-            sse += float(((o.double() - t.double()) ** 2).sum())
-            total.add(t)
-    finally:
-        for h in hooks:
+class ChainMeasure:
+    """The relative residual of ``built``'s initialised chain against the destination's own activation at the
+    receiving point, fed batch by batch (:meth:`update`: the source's features at its cut, the destination's
+    activation there); meanwhile each BatchNorm ``norm_out`` learns its input's statistics, set by
+    :meth:`finish` (kept an identity in eval mode, so the output measured does not change). :meth:`close`
+    removes the statistics' hooks without setting anything (an interrupted pass)."""
+
+    def __init__(self, built, chain: list[Adapter]):
+        self.built = built
+        self.sums: dict = {}
+        self.hooks = []
+        for a in chain:
+            if isinstance(a.norm_out, nn.BatchNorm2d):
+                self.sums[a.norm_out] = _Sums()
+                self.hooks.append(a.norm_out.register_forward_pre_hook(
+                    lambda m, inp: self.sums[m].add(_samples(inp[0]))))
+        self.fmt = built.plan.destination_cut.format
+        self.sse = 0.0
+        self.total = _Sums()
+
+    @torch.no_grad()
+    def update(self, h: torch.Tensor, y: torch.Tensor) -> None:
+        out = self.built.model.adapters(h)
+        o, t = channels_last_samples(out.float(), self.fmt), channels_last_samples(y.float(), self.fmt)
+        self.sse += float(((o.double() - t.double()) ** 2).sum())
+        self.total.add(t)
+
+    def close(self) -> None:
+        for h in self.hooks:
             h.remove()
-    for bn, s in sums.items():
-        mean, var = s.mean_var()
-        _set_bn(bn, mean, var, (var + bn.eps).sqrt(), mean)
-    mean, _ = total.mean_var()
-    spread = float(total.ss.sum()) - total.n * float(mean @ mean)
-    return sse / spread if spread > 0 else float("nan")
+        self.hooks = []
+
+    @torch.no_grad()
+    def finish(self) -> float:
+        self.close()
+        for bn, s in self.sums.items():
+            mean, var = s.mean_var()
+            _set_bn(bn, mean, var, (var + bn.eps).sqrt(), mean)
+        mean, _ = self.total.mean_var()
+        spread = float(self.total.ss.sum()) - self.total.n * float(mean @ mean)
+        return self.sse / spread if spread > 0 else float("nan")
 
 
+@torch.no_grad()
 def fit(built, images: Callable[[], Iterable[torch.Tensor]], device: torch.device | str = "cpu") -> dict:
     """Fit ``built``'s adapters in place (see the module docstring). ``images()`` yields the same batches of
     images each time it is called (one pass per link, then one to measure). Returns ``{residual, links}``:
     the chain's relative residual at the receiving point and, per link, what was fitted and the fit's own
     relative residual (on the core's target: the LayerNorm-normalised target where a LayerNorm follows)."""
     points = check_built(built)
-    chain, reinject = _chain(built)
+    chain, reinject = adapter_chain(built)
     model, target = built.model, built.target
     was = model.training
     model.eval()
@@ -354,8 +391,21 @@ def fit(built, images: Callable[[], Iterable[torch.Tensor]], device: torch.devic
         run.eval()
     try:
         minus = reinject.embedding if reinject is not None else None
-        links = [_fit_link(built, chain, i, images(), device, dst, minus) for i in range(len(chain))]
-        residual = _measure(built, chain, images(), device, dst)
+        links = []
+        for i, (run, cut) in enumerate(dst.runs):
+            link = LinkFit(built, chain, i, cut, minus if i == len(chain) - 1 else None)
+            for x in () if link.skip else images():
+                x = x.to(device)
+                link.update(model.prefix(x), run(x))
+            links.append(link.finish())
+        measure = ChainMeasure(built, chain)
+        try:
+            for x in images():
+                x = x.to(device)
+                measure.update(model.prefix(x), target(x))
+        finally:
+            measure.close()
+        residual = measure.finish()
     finally:
         model.train(was)
     return {"residual": residual, "links": links}

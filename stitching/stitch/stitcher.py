@@ -20,7 +20,9 @@ every weight in train mode.
 
 :func:`build_model` is the single entry point from a config's ``model`` section: it loads each network
 once (source and destination share one instance when they are the same weights), traces the real shapes
-at the cut points, plans the stitch (:mod:`stitching.stitch.plan`) and assembles the parts. ``model.random_init``
+at the cut points, plans the stitch (:mod:`stitching.stitch.plan`) and assembles the parts -- two steps that
+are public too: :func:`load_networks` (the two networks loaded, split and traced once) and :func:`assemble`
+(one stitch on them; a stitching matrix assembles all its cells on one :class:`Networks`). ``model.random_init``
 (:data:`RANDOM_INIT`) builds the named side(s) with random weights, whatever ``pretrained`` and the weights
 files say: the controls of a stitching matrix. With ``both`` on a model stitched to itself the two sides stay
 one (random) network, as the real cells are one network.
@@ -114,9 +116,49 @@ class BuiltModel:
     source_parts: object = None       # stitched / finetune: the source split (registry.Parts; modules shared)
 
 
+@dataclass
+class Networks:
+    """The two networks of a config's ``model`` section, loaded once (:func:`load_networks`), from which any
+    number of stitches between their cuts are assembled (:func:`assemble`; a stitching matrix's cells share
+    them). ``same``: the destination is the source network itself (one instance, one split); ``blocks_*``:
+    the traced block lists (:func:`~stitching.models.trace.trace_blocks`), traced on first use."""
+
+    source: nn.Module
+    destination: nn.Module | None
+    source_spec: object
+    destination_spec: object
+    source_parts: object
+    destination_parts: object
+    source_shapes: dict
+    destination_shapes: dict
+    data_config: dict
+    same: bool
+    img_size: int
+    blocks_source: list | None = None
+    blocks_destination: list | None = None
+
+    def blocks(self) -> tuple[list, list]:
+        """(source, destination) traced block lists (block cuts)."""
+        if self.blocks_source is None:
+            self.blocks_source = trace_blocks(self.source_spec, self.source_parts, self.img_size, self.source)
+            self.blocks_destination = self.blocks_source if self.same else trace_blocks(
+                self.destination_spec, self.destination_parts, self.img_size, self.destination)
+        return self.blocks_source, self.blocks_destination
+
+
 def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
     """Build the network a config's ``model`` section describes (see :mod:`stitching.config`);
     ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
+    nets = load_networks(mcfg, img_size, num_classes)
+    if nets.destination is None:
+        return BuiltModel(nets.source, "original", nets.data_config, None)
+    return assemble(nets, mcfg, frozen_bn)
+
+
+def load_networks(mcfg, img_size: int = 224, num_classes: int = 1000) -> Networks:
+    """The source and (for a stitched config) the destination network of ``mcfg``, with
+    ``model.random_init``, split and traced at ``img_size``: what every stitch between their cuts shares.
+    An original config (no cut) loads the source only (``destination`` None)."""
     src_args, dst_args = mcfg.source_args(), mcfg.destination_args()
     src_spec = get_spec(mcfg.source, src_args)
     random = getattr(mcfg, "random_init", "none")
@@ -129,7 +171,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
                       num_classes, src_args)
     data_config = src_spec.data_config(src_model)
     if mcfg.source_stage is None and getattr(mcfg, "source_block", None) is None:
-        return BuiltModel(src_model, "original", data_config, None)
+        return Networks(src_model, None, src_spec, None, None, None, {}, {}, data_config, False, img_size)
 
     same = own and src_random == dst_random and (dst_random or mcfg.destination_weights in (None,
                                                                                       mcfg.source_weights))
@@ -140,12 +182,18 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     dst_parts = src_parts if same else dst_spec.split(dst_model)
     src_shapes = trace_cuts(src_spec, src_parts, img_size)
     dst_shapes = src_shapes if same else trace_cuts(dst_spec, dst_parts, img_size)
+    return Networks(src_model, dst_model, src_spec, dst_spec, src_parts, dst_parts, src_shapes, dst_shapes,
+                    data_config, same, img_size)
 
-    traced = None
-    if getattr(mcfg, "source_block", None) is not None:     # block cuts: the blocks' traced outputs
-        traced_src = trace_blocks(src_spec, src_parts, img_size, src_model)
-        traced = (traced_src, traced_src if same else trace_blocks(dst_spec, dst_parts, img_size, dst_model))
-    cut = layout(mcfg, src_spec, dst_spec, src_parts, dst_parts, src_shapes, dst_shapes, traced)
+
+def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
+    """The stitched model of ``mcfg``'s cut, adapter, resize, schedule, style and position embedding on the
+    loaded ``nets`` (their modules shared, not copied; only the adapters are new, drawn from the global
+    random generator as :func:`build_model` draws them)."""
+    src_parts, dst_parts = nets.source_parts, nets.destination_parts
+    traced = nets.blocks() if getattr(mcfg, "source_block", None) is not None else None   # block cuts
+    cut = layout(mcfg, nets.source_spec, nets.destination_spec, src_parts, dst_parts, nets.source_shapes,
+                 nets.destination_shapes, traced)
     plan = cut.plan
     src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
     prefix = nn.Sequential(src_parts.stem, *src_blocks[: cut.prefix_end])
@@ -155,12 +203,12 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     if plan.kind == "finetune":
         middle = nn.Sequential(*[dst_blocks[i] for i in cut.kept])
         model = StitchedModel(prefix, middle, suffix, frozen=False, plan=plan)
-        return BuiltModel(model, "finetune", data_config, plan, source_parts=src_parts)
+        return BuiltModel(model, "finetune", nets.data_config, plan, source_parts=nets.source_parts)
 
-    model = StitchedModel(prefix, nn.Sequential(*adapter_layers(mcfg, plan, dst_model)), suffix, frozen=True,
-                          plan=plan, frozen_bn=frozen_bn)
-    cuts = {k: Shape(dst_spec.cut(*k).format, *v) for k, v in dst_shapes.items()}
-    return BuiltModel(model, "stitched", data_config, plan, target, dst_parts, cuts, src_parts)
+    model = StitchedModel(prefix, nn.Sequential(*adapter_layers(mcfg, plan, nets.destination)), suffix,
+                          frozen=True, plan=plan, frozen_bn=frozen_bn)
+    cuts = {k: Shape(nets.destination_spec.cut(*k).format, *v) for k, v in nets.destination_shapes.items()}
+    return BuiltModel(model, "stitched", nets.data_config, plan, target, dst_parts, cuts, nets.source_parts)
 
 
 @dataclass(frozen=True)
@@ -182,7 +230,7 @@ def layout(mcfg, src_spec, dst_spec, src_parts: Parts, dst_parts: Parts, src_sha
     """The plan and the cuts of a config's ``model`` section (stage or block cuts) on the split networks:
     ``*_shapes`` are :func:`~stitching.models.trace.trace_cuts`' traced cut shapes, ``traced`` the
     :func:`~stitching.models.trace.trace_blocks` lists of both networks (needed for block cuts only).
-    :func:`build_model` assembles the modules from it; :mod:`stitching.stitch.cost` counts them."""
+    :func:`assemble` builds the modules from it; :mod:`stitching.stitch.cost` counts them."""
     if getattr(mcfg, "source_block", None) is not None:     # block cuts: after block i, into after block j
         i, j = mcfg.source_block, mcfg.destination_block
         plan = plan_blocks(src_spec, dst_spec, i, j, mcfg.adapter, mcfg.resize, mcfg.schedule, traced[0],
