@@ -151,6 +151,19 @@ def test_a_pack_of_runs_that_cannot_share_is_refused_before_anything_is_written(
     assert not (where / "a").exists() and not (where / "e").exists()
 
 
+def test_a_closed_form_matrix_with_packs_is_one_line(tmp_path):
+    """``--closed-form`` trains nothing, so ``--pack`` has no meaning there: one line naming it, exit 2, nothing
+    written (before: the packs were silently ignored)."""
+    runs = tmp_path / "m #1"
+    proc = subprocess.run([sys.executable, "-m", "stitching.matrix", str(ROOT / "configs" / "matrix" / "tiny.yaml"),
+                           "--launcher", "local", "--closed-form", "--pack", "4", "--runs-dir", str(runs)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == R.EXIT_CONFIG
+    [line] = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: command line: --pack=4: ") and "--closed-form" in line, line
+    assert not runs.exists()
+
+
 # ------------------------------------------------------------------------------------------ exactness
 @pytest.mark.slow
 def test_three_packed_stitches_equal_their_runs_alone(tmp_path, alone):
