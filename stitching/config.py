@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -32,6 +34,7 @@ import yaml
 from stitching.messages import MAX_MESSAGE_CHARS, clip, short_repr
 # EXIT_CONFIG is re-exported: the exit code of a ConfigError
 from stitching.rundir import EXIT_CONFIG, EXIT_INTERRUPTED, IdentityRules  # noqa: F401
+from stitching.rundir import identity as rundir_identity
 
 CLI = "command line"
 
@@ -311,6 +314,71 @@ def unread_keys(config: dict) -> set[str]:
 #: A run's identity (:func:`stitching.rundir.identity`): its keys off their :data:`IDENTITY_BASELINE`, without
 #: the keys it never reads (:func:`unread_keys`). Directory names, "same run" and duplicates all use it.
 IDENTITY = IdentityRules(IDENTITY_BASELINE, unread_keys)
+
+
+# ------------------------------------------------------------------------------------------------- packs
+#: The keys in which the runs of one *pack* may differ (:mod:`stitching.train.pack`: one process trains them over
+#: one data pass): each run is a branch with its own cut, destination, adapters, objective, optimizer and schedule.
+#: Every other key a run's identity holds is shared -- source model, its weights and constructor arguments, the
+#: data section (so the preprocessing), seed, epochs, batch size and accumulation, device, precision, layout and
+#: folding of the frozen parts -- so every branch sees the same images in the same order with the same
+#: augmentation, and the same frozen source prefix. ``model.random_init`` is a branch key for its destination
+#: side only (whether the source is random is shared). ``train.frozen_bn: train`` and ``model.adapter: finetune``
+#: branches run their own prefix (it is not frozen in eval mode) and share the data pass only.
+PACK_BRANCH_KEYS = frozenset({
+    "model.destination", "model.destination_kwargs", "model.destination_weights", "model.source_stage",
+    "model.destination_stage", "model.source_block", "model.destination_block", "model.adapter", "model.resize",
+    "model.schedule", "model.adapter_style", "model.pos_embed", "model.init", "model.init_images",
+    "model.random_init", "train.lr", "train.weight_decay", "train.lr_schedule", "train.lr_schedule_unit",
+    "train.label_smoothing", "train.objective", "train.distill_temperature", "train.match_epochs",
+    "train.similarity_images", "train.frozen_bn",
+})
+
+#: what stands for the source side of ``model.random_init`` in the shared part of a pack key
+_RANDOM_SOURCE = "model.random_init (source side)"
+
+
+def _pack_shared(config: dict) -> tuple[dict | None, str, str]:
+    """``(the part of a run's identity every branch of its pack shares, "", "")``, or ``(None, the key that makes
+    the run train alone, why)``."""
+    if config_value(config, "model.source_stage") is None and config_value(config, "model.source_block") is None:
+        return None, "model.source_stage", "an original (unstitched) model has no stitch to share a data pass: " \
+                                           "it trains alone"
+    if config_value(config, "train.compile") is True:
+        return None, "train.compile", "a compiled run trains alone"
+    shared = {k: v for k, v in rundir_identity(config, IDENTITY).items() if k not in PACK_BRANCH_KEYS}
+    shared[_RANDOM_SOURCE] = config_value(config, "model.random_init") in ("source", "both")
+    return shared, "", ""
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def pack_key(config: dict) -> str | None:
+    """The pack rule: runs with the same key may train in one pack (one process, one data pass, the frozen source
+    prefix run once for all), each branch's result the one it would have alone. ``config`` is a resolved config
+    (``Config.to_dict()`` or a run directory's ``config.yaml``, a missing key at its baseline); the key is
+    ``<source>.seed<seed>.<8 hex digits>``, the digits naming its identity (:func:`stitching.rundir.identity`)
+    without :data:`PACK_BRANCH_KEYS`. None: the run trains alone (an original model; ``train.compile``)."""
+    shared, _, _ = _pack_shared(config)
+    if shared is None:
+        return None
+    digest = hashlib.sha1(_json(shared).encode()).hexdigest()[:8]
+    return f"{config_value(config, 'model.source')}.seed{config_value(config, 'train.seed')}.{digest}"
+
+
+def pack_refusal(config: dict, other: dict) -> tuple[str, str] | None:
+    """Why the runs of ``config`` and ``other`` cannot train in one pack (:func:`pack_key`'s rule, in words):
+    ``(the first key that keeps them apart, the reason)``, or None when they may."""
+    (a, key_a, why_a), (b, key_b, why_b) = _pack_shared(config), _pack_shared(other)
+    if a is None or b is None:
+        return (key_a, why_a) if a is None else (key_b, why_b)
+    differ = sorted(k for k in set(a) | set(b) if k not in a or k not in b or _json(a[k]) != _json(b[k]))
+    if not differ:
+        return None
+    return differ[0].split(" ")[0], (f"differs in {', '.join(differ)}: the runs of a pack share all but their "
+                                     "cut, destination, adapters, objective, lr and schedule")
 
 
 # ------------------------------------------------------------------------------------------------- loading

@@ -79,3 +79,20 @@ def test_gpu_check_without_cuda_checks_its_arguments_then_says_so_in_one_line(tm
     lines = ok.stdout.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.slow          # 3 trainer processes and the paper sweep's expansion: ~1-2 min
+def test_pack_benchmark_trains_separately_packed_and_ideal_through_the_trainer():
+    """``pack.py``: the gaps trained one after another and as one pack by the real trainer, the ideal packed time
+    in the process; its ratios are its timings', and the paper sweep's totals fall by at least 10x at --pack 16."""
+    out = json.loads(_run("pack.py", "--source", "resnet18", "--gaps", "2", "--img-size", "32", "--batch-size", "4",
+                          "--steps", "4")[-1])
+    t = out["timed_s"]
+    assert all(t[k] > 0 for k in "abc") and out["gaps"] == 2 and out["timed_steps"] == 2
+    # (the timings are rounded to the millisecond in the JSON line, the ratios are not)
+    assert out["speedup_packed"] == pytest.approx(t["a"] / t["b"], rel=0.05)
+    assert out["overhead_vs_ideal"] == pytest.approx(t["b"] / t["c"], rel=0.05)
+    assert out["images_per_s"]["b"] == pytest.approx(2 * 2 * 4 / t["b"], rel=0.05)   # timed steps x batch x runs
+    assert len(out["ideal_parts_s"]["branches"]) == 2
+    for key in ("jobs", "data_passes"):
+        assert out["paper_sweep"]["paper"][key]["ratio"] >= 10 and out["paper_sweep"]["full"][key]["ratio"] >= 10

@@ -216,6 +216,38 @@ def test_bad_cost_options_are_one_line(tmp_path, option, value):
     assert "sweep smoke" not in proc.stdout                                 # before any work
 
 
+def test_a_pack_costs_its_runs_less_the_prefix_it_runs_once(tmp_path, capsys):
+    """``--pack K``: a pack (one job) costs its runs' GPU-hours less the frozen source prefix that every run but
+    the deepest would run again over the training images and the evaluations; the dry run says so, and its wall
+    time is the packs' (the longest pack); an original trains alone."""
+    from stitching.sweep.spec import expand
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"""
+slurm: {{max_parallel: 2, time: "00:30:00"}}
+blocks:
+  - name: stitched
+    base: {TINY}
+    grid: {{model.source_stage: [1, 2], model.destination_stage: [3], train.epochs: [2]}}
+  - name: original
+    base: {TINY}
+    grid: {{model.source_stage: [null], model.destination_stage: [null], train.epochs: [0]}}
+""")
+    runs = tmp_path / "runs"
+    out = flat(dry_run(capsys, spec, "--launcher", "slurm", "--runs-dir", runs, "--rate", "1000", "--pack", "4"))
+    assert "packed (--pack 4): 3 runs in 2 jobs" in out and "the longest pack" in out and not runs.exists()
+    assert "the longest run" in flat(dry_run(capsys, spec, "--launcher", "slurm", "--runs-dir", runs))
+    est = E.estimate_runs(expand(spec, runs)[2].runs, E.parse_rate("1000")).runs
+    jobs = E.jobs(est, 4)
+    stitched = [e for e in est if not e.run.config.is_original]
+    [pack] = [j for j in jobs if not j.run.config.is_original]
+    shallow = min(C.stitch_cost(e.run.config.model, 32, 10).prefix for e in stitched)
+    saved = shallow * (2 * 256 + 2 * 128) / (1000 * E.reference_macs()) / 3600   # 2 epochs of 256, 2 evaluations
+    assert 0 < saved and math.isclose(pack.gpu_hours, sum(e.gpu_hours for e in stitched) - saved)
+    assert [j for j in jobs if j.run.config.is_original] == [e for e in est if e.run.config.is_original]
+    assert E.jobs(est, 1) == est
+
+
 def test_wall_time_spreads_gpu_hours_over_the_throttle():
     est = [E.Estimate(None, gpu_hours=h) for h in (4.0, 1.0, 1.0, 2.0)]
     wall = E.wall_time([(2, 1, est, 3.0, "03:00:00")])

@@ -2,7 +2,10 @@
 
 Each run is ``python -m stitching.train --run-dir DIR`` (or another ``command`` given the directory: a
 closed-form matrix's groups) in its own process (and its own session, so that a terminal's Ctrl-C reaches
-the launcher only, which passes it on once), its output appended to ``DIR/launcher.log``. Placement: each
+the launcher only, which passes it on once), its output appended to ``DIR/launcher.log``; a pack (a list of run
+directories, :mod:`stitching.train.pack`) is one job, ``--run-dir`` once per directory (:func:`job_command`),
+its output in its first directory's ``launcher.log`` (the others' say where), each of its runs reported by the
+ending its ``state.json`` holds from that job. Placement: each
 run gets one of the GPUs this process may use -- the entries of the parent's ``CUDA_VISIBLE_DEVICES`` when it
 is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never ``"0"``), else every device CUDA reports -- the least
 busy one, so runs go round-robin when they outnumber the GPUs; and each of the N runs at a time gets
@@ -17,8 +20,9 @@ what the trainer wrote into ``state.json``, else what its exit code and director
 saved" unless the trainer saved one. Re-running the launcher resumes them.
 
 Another trainer on a run directory (a second copy of the same sweep, another user): a run whose lock is
-held by a live process is not started; the launcher starts the others first and waits for it, then reports
-it finished by the other trainer (or, if that one stopped without finishing, starts it: it resumes).
+held by a live process is not started (a pack starts without it); the launcher starts the others first and
+waits for it, then reports it finished by the other trainer (or, if that one stopped without finishing, starts
+it, alone: it resumes).
 """
 
 from __future__ import annotations
@@ -51,15 +55,17 @@ class LocalResult:
     """What :func:`run_local` did."""
 
     endings: dict[str, R.Ending]        # run dir -> how it ended: every run started, or finished by another trainer
-    not_started: list[str]              # runs never started (the launcher was stopped first)
+    not_started: list[str]              # runs never started (the launcher was stopped first, or another held them)
     stopped_by: str | None = None       # the signal that stopped the launcher (its name), if one did
 
 
-def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.executable,
+def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable,
               command: tuple[str, ...] = TRAIN_COMMAND) -> LocalResult:
-    """Run every directory (``python *command DIR``; see the module docstring)."""
-    pending = [Path(d) for d in run_dirs]
-    running: dict[Path, tuple[subprocess.Popen, object, str | None]] = {}
+    """Run every job -- a directory, or a pack's list of them -- as ``python`` + :func:`job_command` (see the
+    module docstring)."""
+    pending = [[Path(x) for x in d] if isinstance(d, (list, tuple)) else [Path(d)] for d in run_dirs]
+    running: dict[Path, tuple[subprocess.Popen, object, str | None]] = {}    # by the job's first directory
+    jobs: dict[Path, list[Path]] = {}
     endings: dict[str, R.Ending] = {}
     waiting: dict[Path, str] = {}            # run dir -> who holds it (said once)
     stop = _Stop()
@@ -76,75 +82,113 @@ def run_local(run_dirs: list[str | Path], parallel: int = 1, python: str = sys.e
         while pending or running:
             _pass_on(stop, running)
             if stop.signal is None:
-                for d in _startable(pending, waiting, endings, parallel - len(running)):
-                    pending.remove(d)
-                    running[d] = _start(d, (python, *command), gpus, running, threads)
+                for job in _startable(pending, waiting, endings, parallel - len(running)):
+                    running[job[0]] = _start(job, (python, *command), gpus, running, threads)
+                    jobs[job[0]] = job
             if stop.signal is not None and not running:
                 break
-            for d, (proc, log, _) in list(running.items()):
+            for first, (proc, log, _) in list(running.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 log.close()
-                del running[d]
-                if code == R.EXIT_BUSY:          # taken by another trainer meanwhile: wait for it
-                    holder = R.RunDir(d).lock().holder()
-                    waiting[d] = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "a trainer"
-                    print(f"[local] waiting: {d} is in use by {waiting[d]} (another trainer)", flush=True)
-                    pending.append(d)
-                    continue
-                endings[str(d)] = ending = R.ending(d, code, proc.pid)
-                _say(d, ending)
+                del running[first]
+                job = jobs.pop(first)
+                for d in job:
+                    own = code if len(job) == 1 else _member_code(d, proc.pid, code)
+                    if own == R.EXIT_BUSY:          # taken by another trainer meanwhile: wait for it
+                        holder = R.RunDir(d).lock().holder()
+                        waiting[d] = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "a trainer"
+                        print(f"[local] waiting: {d} is in use by {waiting[d]} (another trainer)", flush=True)
+                        pending.append([d])
+                        continue
+                    endings[str(d)] = ending = R.ending(d, own, proc.pid)
+                    _say(d, ending, first)
             if not running and pending and stop.signal is None:
                 time.sleep(1.0)              # every run left is held by another trainer
             time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    for d in pending:
+    left = [d for job in pending for d in job]
+    for d in left:
         if d in waiting:
             print(f"[local] not started: {d} (in use by {waiting[d]})", flush=True)
-    return LocalResult(endings, [str(d) for d in pending],
+    return LocalResult(endings, [str(d) for d in left],
                        signal.Signals(stop.signal).name if stop.signal is not None else None)
 
 
-def _startable(pending: list[Path], waiting: dict[Path, str], endings: dict, slots: int) -> list[Path]:
-    """Up to ``slots`` pending runs that may start now, in order: not held by another trainer (said once, and
-    waited for), not finished meanwhile (reported as such)."""
+def _startable(pending: list[list[Path]], waiting: dict[Path, str], endings: dict, slots: int) -> list[list[Path]]:
+    """Up to ``slots`` pending jobs that may start now, in order, taken out of ``pending``: their runs not held by
+    another trainer (said once; such a run stays pending, waited for, and a pack starts without it), not
+    finished meanwhile (reported as such)."""
     chosen = []
-    for d in list(pending):
+    for job in list(pending):
         if len(chosen) >= slots:
             break
-        if R.status(d) == R.FINISHED:
-            pending.remove(d)
-            state = R.RunDir(d).read_state()
-            by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") else ""
-            endings[str(d)] = ending = R.Ending(R.EXIT_OK, R.FINISHED, f"finished{by}", elsewhere=True)
-            _say(d, ending)
+        free, held = [], []
+        for d in job:
+            if R.status(d) == R.FINISHED:
+                state = R.RunDir(d).read_state()
+                by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") else ""
+                endings[str(d)] = ending = R.Ending(R.EXIT_OK, R.FINISHED, f"finished{by}", elsewhere=True)
+                _say(d, ending)
+                waiting.pop(d, None)
+                continue
+            holder = R.RunDir(d).lock().holder()
+            if holder is not None:
+                who = f"pid {holder.get('pid')} on host {holder.get('host')}"
+                if d not in waiting:
+                    print(f"[local] waiting: {d} is in use by {who} (another trainer); starting the others first",
+                          flush=True)
+                waiting[d] = who
+                held.append(d)
+                continue
             waiting.pop(d, None)
-            continue
-        holder = R.RunDir(d).lock().holder()
-        if holder is not None:
-            who = f"pid {holder.get('pid')} on host {holder.get('host')}"
-            if d not in waiting:
-                print(f"[local] waiting: {d} is in use by {who} (another trainer); starting the others first",
-                      flush=True)
-            waiting[d] = who
-            continue
-        waiting.pop(d, None)
-        chosen.append(d)
+            free.append(d)
+        at = pending.index(job)
+        pending[at:at + 1] = [[d] for d in held]        # (each run waited for is a job of its own now)
+        if free:
+            chosen.append(free)
     return chosen
 
 
-def _start(d: Path, command: tuple[str, ...], gpus: list[str], running: dict, threads: int):
+def _start(job: list[Path], command: tuple[str, ...], gpus: list[str], running: dict, threads: int):
+    d = job[0]
     slot = least_busy(gpus, [gpu for _, _, gpu in running.values()])
     env = run_env(os.environ, slot, threads)
     log = open(d / R.LAUNCHER_LOG, "a")
-    print(f"[local] start {d}" + (f" on GPU {slot}" if slot is not None else "")
+    for other in job[1:]:
+        with open(other / R.LAUNCHER_LOG, "a") as note:
+            note.write(f"[local] trained in a pack of {len(job)} runs: its output is in {d / R.LAUNCHER_LOG}\n")
+    what = f"a pack of {len(job)} runs: {d}, ..." if len(job) > 1 else str(d)
+    print(f"[local] start {what}" + (f" on GPU {slot}" if slot is not None else "")
           + f", {env['OMP_NUM_THREADS']} threads", flush=True)
-    proc = subprocess.Popen([*command, str(d)], stdout=log, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen(job_command(command, job), stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     return proc, log, slot
+
+
+def job_command(command: tuple[str, ...], job: list) -> list[str]:
+    """The command line of a job of run directories: ``command`` and the directory; for several (a pack), the
+    command's last word before each of them where it is an option (``--run-dir A --run-dir B``), else the
+    directories one after another."""
+    if len(job) > 1 and command[-1].startswith("-"):
+        return [*command[:-1], *(a for d in job for a in (command[-1], str(d)))]
+    return [*command, *map(str, job)]
+
+
+def _member_code(d: Path, pid: int, code: int) -> int:
+    """The exit code of one run of a pack's job (``pid``, exit ``code``): the one its ``state.json`` says that job
+    ended it with; 0 for a run already finished; ``EXIT_BUSY`` for a run another trainer holds (the pack left it
+    out); else the job's own ``code``."""
+    rd = R.RunDir(d)
+    state = rd.read_state()
+    if state.get("pid") == pid and isinstance(state.get("exit_code"), int):
+        return state["exit_code"]
+    if rd.finished:
+        return R.EXIT_OK
+    return R.EXIT_BUSY if rd.lock().holder() is not None else code
 
 
 def _pass_on(stop: _Stop, running: dict) -> None:
@@ -170,14 +214,16 @@ def _pass_on(stop: _Stop, running: dict) -> None:
               flush=True)
 
 
-def _say(d: Path, ending: R.Ending) -> None:
-    """One line for a run that ended: its real ending."""
+def _say(d: Path, ending: R.Ending, job: Path | None = None) -> None:
+    """One line for a run that ended: its real ending (``job``: the directory whose ``launcher.log`` has the
+    output of the job it ran in)."""
+    job = job or d
     if ending.elsewhere:
         print(f"[local] {ending.message} (another trainer): {d}", flush=True)
     elif ending.status == R.FINISHED:
         print(f"[local] done: {d}", flush=True)
     elif ending.failed:
-        print(f"[local] FAILED: {d} ({ending.message}) -- see {d / R.LAUNCHER_LOG}", flush=True)
+        print(f"[local] FAILED: {d} ({ending.message}) -- see {job / R.LAUNCHER_LOG}", flush=True)
     elif ending.status in (R.NEW, R.STARTED):     # it said nothing: stopped while starting, or killed
         print(f"[local] stopped: {d} ({ending.message})", flush=True)
     else:

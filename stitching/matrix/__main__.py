@@ -1,7 +1,7 @@
 """Train a stitching matrix (every sender cut x every receiver cut, with random controls), collect and draw it.
 
 ``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--closed-form] [--runs-dir DIR]
-[--dry-run|--status] [--draw]``:
+[--dry-run|--status] [--draw] [--pack K]``:
 expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
 (:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.__main__.launch`): impossible cells are
@@ -15,9 +15,11 @@ finished cell into ``DIR/results.csv`` (:mod:`stitching.results.collect`), the c
 ``DIR/figures/accuracy_vs_depth.png``, ``calibrated_heatmaps.png`` (with the controls and the receiver's
 accuracy) and ``similarity_heatmaps.png`` (where the cells measured it) (:mod:`stitching.plots.matrix`).
 ``--launcher slurm`` submits job arrays (``slurm:`` in the matrix file, ``--slurm key=value``); once they have
-run, ``--draw`` collects and draws. ``--dry-run`` prints the tables and counts and what the cells cost per matrix
-(as ``python -m stitching.sweep --dry-run``: MACs, GPU-hours at ``--rate``, wall time; ``--images``,
-``--loader-rate``) and writes or submits nothing. ``--status`` (no ``--launcher`` needed) prints, per matrix, how
+run, ``--draw`` collects and draws. ``--pack K`` trains up to K cells that share a sender, seed and recipe as one
+job over one data pass (:mod:`stitching.train.pack`; the default 1: one cell per job). ``--dry-run`` prints the
+tables and counts, the jobs, data passes and frozen-prefix GMACs separate vs packed by ``--pack``, and what the
+cells cost per matrix (as ``python -m stitching.sweep --dry-run``: MACs, GPU-hours at ``--rate``, wall time;
+``--images``, ``--loader-rate``) and writes or submits nothing. ``--status`` (no ``--launcher`` needed) prints, per matrix, how
 many cells are done, running, preempted, interrupted, failed or not started and every failed cell's directory and
 last error line; exit 0 when every cell has finished, 1 when any failed, 75 when some are still to finish. The
 receiver is also evaluated alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling of
@@ -44,6 +46,8 @@ from stitching import rundir as R
 from stitching.config import CUT_KEYS, ConfigError, run_cli
 from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
 from stitching.sweep import estimate as E
+from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
+from stitching.sweep.packs import check_pack, describe, pack_runs, savings
 from stitching.sweep.status import report
 
 #: a cell's mark in the printed tables
@@ -187,7 +191,7 @@ def check_closed_form(matrix: Matrix) -> None:
 
 def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
     """``--closed-form``: expand the groups, print the tables, compute the groups (here or on SLURM), draw."""
-    from stitching.sweep.__main__ import _print_dropped, _write_config, launch, print_reused
+    from stitching.sweep.__main__ import _write_config
     from stitching.sweep.spec import expand_blocks
 
     check_closed_form(matrix)
@@ -297,6 +301,7 @@ def main(argv=None) -> int:
     parser = cli.parser("python -m stitching.matrix", __doc__, [
         "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --dry-run   # the cells, their cost",
         "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local",
+        "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --pack 8    # a sender's cells together",
         "python -m stitching.matrix configs/matrix/tiny.yaml --launcher local --closed-form   # no training",
         "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --status        # where the cells stand",
         "python -m stitching.matrix configs/matrix/resnet50_imagenet.yaml --draw          # after SLURM"],
@@ -312,6 +317,9 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="local: runs (closed form: groups) at a time")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (as python -m stitching.sweep)")
+    parser.add_argument("--pack", type=int, default=1, metavar="K",
+                        help="train up to K cells that share a sender, seed and recipe as one job, over one data "
+                             "pass (default 1: one cell per job)")
     parser.add_argument("--closed-form", action="store_true",
                         help="fit every cell's adapters by least squares and evaluate them, no training (default "
                              "runs folder: runs/<matrix name>-closed-form)")
@@ -321,8 +329,10 @@ def main(argv=None) -> int:
         parser.error("--launcher is required (or --draw to collect and draw the finished cells, --status to see "
                      "where they stand)")
     E.parse_rate(args.rate), E.parse_images(args.images)       # a bad value: one line before any work
-
-    from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
+    check_pack(args.pack)
+    if args.closed_form and args.pack > 1:
+        raise ConfigError("--pack", args.pack, "command line", "packs train cells together; --closed-form trains "
+                          "none (each of its groups shares its passes already)")
 
     matrix = load_matrix(args.matrix)
     if args.closed_form:
@@ -351,15 +361,17 @@ def main(argv=None) -> int:
     print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
+        print(describe(savings(exp.runs, pack_runs(exp.runs, args.pack)), args.pack))
         if args.launcher == "slurm":
-            print_slurm_plan(todo, matrix.blocks(), args.slurm)
+            print_slurm_plan(todo, matrix.blocks(), args.slurm, args.pack)
         print()
         print_cost(exp.runs, matrix.blocks(), groups, args)
         print("dry run: nothing written or submitted")
         return 0
     code = 0
     if todo:
-        code = launch(todo, matrix.blocks(), runs_dir, matrix.name, args.launcher, args.parallel, args.slurm)
+        code = launch(todo, matrix.blocks(), runs_dir, matrix.name, args.launcher, args.parallel, args.slurm,
+                      args.pack)
     else:
         print("nothing to do: every cell has finished")
     if args.launcher == "local" and code not in (R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED):

@@ -26,6 +26,10 @@ Conventions
 - ``init_residual``: with ``model.init: least_squares``, the relative residual ||out - Y||^2 / ||Y - mean Y||^2
   of the initialised adapters' output against the destination's own activation at the receiving point, on
   the fit's images, before training (:mod:`stitching.stitch.lsinit`); empty for ``default``.
+- ``pack`` names the pack the run was trained in (:mod:`stitching.train.pack`: one process training several runs
+  that share a source, over one data pass; ``<source>.seed<seed>.<shared identity>.<members>``), '' for a run
+  trained alone. A packed run's numbers are those it has alone; its ``images_per_s`` and ``wall_time_s`` are the
+  pack's (every branch trains on every image of the pack's data pass).
 - ``data_label`` is ``data.label``, the dataset's name in figures and tables ('' when not given: the plots
   name it by ``dataset``); not part of the recipe, so a new label never splits a figure.
 - The recipe (dataset, epochs, batch sizes, lr, weight decay, schedule, image size, precision, adapter style,
@@ -49,7 +53,7 @@ RESULT_COLUMNS = [
     "top1", "top5", "val_loss", "train_loss", "init_residual",
     "macs", "flops", "params", "trainable_params", "train_macs",
     *SIMILARITY_COLUMNS,
-    "images_per_s", "wall_time_s", "world_size", "device", "git_sha", "finished_at",
+    "images_per_s", "wall_time_s", "world_size", "pack", "device", "git_sha", "finished_at",
 ]
 
 METRICS_COLUMNS = [

@@ -114,6 +114,7 @@ class BuiltModel:
                                       # (its stem and blocks before the suffix; modules shared, not copied)
     destination_parts: object = None  # stitched: the destination split (registry.Parts; modules shared)
     destination_cuts: dict | None = None  # stitched: (stage, "first"|"end") -> its traced Shape (plan.Shape)
+    source_parts: object = None       # stitched / finetune: the source split (registry.Parts; modules shared)
 
 
 @dataclass
@@ -203,12 +204,12 @@ def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
     if plan.kind == "finetune":
         middle = nn.Sequential(*[dst_blocks[i] for i in cut.kept])
         model = StitchedModel(prefix, middle, suffix, frozen=False, plan=plan)
-        return BuiltModel(model, "finetune", nets.data_config, plan)
+        return BuiltModel(model, "finetune", nets.data_config, plan, source_parts=nets.source_parts)
 
     model = StitchedModel(prefix, nn.Sequential(*adapter_layers(mcfg, plan, nets.destination)), suffix,
                           frozen=True, plan=plan, frozen_bn=frozen_bn)
     cuts = {k: Shape(nets.destination_spec.cut(*k).format, *v) for k, v in nets.destination_shapes.items()}
-    return BuiltModel(model, "stitched", nets.data_config, plan, target, dst_parts, cuts)
+    return BuiltModel(model, "stitched", nets.data_config, plan, target, dst_parts, cuts, nets.source_parts)
 
 
 @dataclass(frozen=True)

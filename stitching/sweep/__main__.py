@@ -1,6 +1,7 @@
 """Run a grid of runs (a sweep file) here or as SLURM job arrays, skipping what has finished.
 
-``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--paper-only]``:
+``python -m stitching.sweep SWEEP.yaml --launcher local|slurm [--runs-dir DIR] [--dry-run|--status] [--paper-only]
+[--pack K]``:
 expands the sweep into one run directory per run (``DIR/<run name>/config.yaml``), prints how many grid
 points were excluded, impossible or duplicates (and why), skips finished runs, and launches the rest:
 ``local`` runs them here (``--parallel N`` at a time); ``slurm`` submits one job array per distinct set of
@@ -18,6 +19,10 @@ part and pair, how many runs are done, running, preempted, interrupted, failed o
 run's directory and last error line; it exits 0 when every run has finished, 1 when any failed, 75 when some
 are still to finish (:mod:`stitching.sweep.status`). ``--paper-only`` / ``--extensions`` switch the extension
 blocks off / on (default: the file's ``extensions:``, itself true by default).
+``--pack K`` trains up to K runs that share a source, data, seed and recipe as one pack (one SLURM task or local
+job, one data pass, the frozen source prefix run once: :mod:`stitching.train.pack`, grouped by
+:mod:`stitching.sweep.packs`); the default ``--pack 1`` is one run per job. The dry run then also prints, for the
+whole sweep, the jobs, passes over the training data and frozen-prefix GMACs per image, separate vs packed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_
 from stitching.launch import slurm
 from stitching.sweep import estimate as E
 from stitching.sweep import status as S
+from stitching.sweep.packs import check_pack, describe, job_of, pack_runs, runs_in, savings
 from stitching.sweep.spec import EXTENSION, PAPER, Run, expand, load_sweep
 from stitching.train import curves
 
@@ -212,6 +218,10 @@ def print_cost(runs: list[Run], blocks, groups: list[tuple[str, callable]], args
     todo = [e for e in est.runs if R.status(e.run.config.output.dir) != R.FINISHED and e.known]
     if len(todo) < len([e for e in est.runs if e.known]):
         print(f"still to run: {len(todo)} runs, {E.hours(sum(e.gpu_hours for e in todo))} GPU-hours")
+    if args.pack > 1:
+        packed = E.jobs(todo, args.pack)
+        print(f"packed (--pack {args.pack}): {len(todo)} runs in {len(packed)} jobs, "
+              f"{E.hours(sum(e.gpu_hours for e in packed))} GPU-hours (the frozen source prefix run once per pack)")
     files = [e for e in todo if e.train_hours and e.run.config.data.name == "imagefolder"]    # decoded from files
     fastest = max(files, key=lambda e: e.train_images / e.train_hours, default=None)
     if fastest is not None and not args.loader_rate:
@@ -222,13 +232,14 @@ def print_cost(runs: list[Run], blocks, groups: list[tuple[str, callable]], args
 
 
 def wall_line(todo: list[E.Estimate], blocks, args) -> str:
-    """What the runs still to run take from submission to the last result, at the launcher's parallelism."""
+    """What the runs still to run take from submission to the last result, at the launcher's parallelism (its
+    jobs: runs, or with ``--pack K`` packs, :func:`stitching.sweep.estimate.jobs`)."""
     if args.launcher == "slurm":
-        groups = [(res.max_parallel, res.gpus_per_task, [e for e in todo if e.run in runs],
+        groups = [(res.max_parallel, res.gpus_per_task, E.jobs([e for e in todo if e.run in runs], args.pack),
                    slurm.time_seconds(res.time) / 3600, res.time)
                   for res, runs in slurm_groups([e.run for e in todo], blocks, args.slurm).values()]
     else:
-        groups = [(max(1, args.parallel), 1, todo, None, "")]
+        groups = [(max(1, args.parallel), 1, E.jobs(todo, args.pack), None, "")]
     wall = E.wall_time(groups)
     if wall is None:
         return "wall time: nothing to run"
@@ -236,10 +247,11 @@ def wall_line(todo: list[E.Estimate], blocks, args) -> str:
           else "no % throttle: as many tasks at a time as the cluster gives")
     at += f" x {wall.gpus} GPUs" if wall.gpus > 1 else ""
     where = "the job array's slurm.max_parallel" if args.launcher == "slurm" else "--parallel"
-    line = (f"wall time: {E.duration(wall.hours)} ({at}, {where}; the longest run {E.duration(wall.longest)})"
+    longest = "pack" if args.pack > 1 else "run"
+    line = (f"wall time: {E.duration(wall.hours)} ({at}, {where}; the longest {longest} {E.duration(wall.longest)})"
             + (" if the cluster grants them" if args.launcher == "slurm" else ""))
     if wall.over_limit:
-        line += (f"; {wall.over_limit} runs outlast the time limit {wall.limit} of their task (they checkpoint and "
+        line += (f"; {wall.over_limit} {longest}s outlast the time limit {wall.limit} of their task (they checkpoint and "
                  "requeue themselves)")
     return textwrap.fill(line, WIDTH, subsequent_indent="  ")
 
@@ -249,6 +261,7 @@ def main(argv=None) -> int:
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # its runs and cost",
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
         "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --pack 16   # 16 runs a task, one data pass",
         "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],
         cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")
@@ -268,11 +281,15 @@ def main(argv=None) -> int:
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help="override a slurm resource (partition, gpus_per_task, cpus_per_task, mem, time, "
                              "max_parallel, requeue, signal, account, qos, ...)")
+    parser.add_argument("--pack", type=int, default=1, metavar="K",
+                        help="train up to K runs that share a source, data, seed and recipe as one job, over one "
+                             "data pass (default 1: one run per job)")
     E.add_options(parser)
     args = parser.parse_args(argv)
     if args.launcher is None and not args.status:
         parser.error("--launcher is required (or --status: where the runs stand)")
     E.parse_rate(args.rate), E.parse_images(args.images)       # a bad value: one line before any work
+    check_pack(args.pack)
 
     name, _, switch = load_sweep(args.sweep)
     extensions = switch if args.extensions is None else args.extensions
@@ -318,8 +335,10 @@ def main(argv=None) -> int:
     print(f"total runs: {len(runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
     todo = [r for r in runs if _status(r) != R.FINISHED]
     if args.dry_run:
+        print()
+        print(describe(savings(runs, pack_runs(runs, args.pack)), args.pack))
         if args.launcher == "slurm":
-            print_slurm_plan(todo, blocks, args.slurm)
+            print_slurm_plan(todo, blocks, args.slurm, args.pack)
         print()
         print_cost(runs, blocks, groupings(runs, bool(ext_blocks)), args, bool(ext_blocks))
         print("dry run: nothing written or submitted")
@@ -327,13 +346,14 @@ def main(argv=None) -> int:
     if not todo:
         print("nothing to do: every run has finished")
         return 0
-    return launch(todo, blocks, runs_dir, name, args.launcher, args.parallel, args.slurm)
+    return launch(todo, blocks, runs_dir, name, args.launcher, args.parallel, args.slurm, args.pack)
 
 
 def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, parallel: int = 1,
-           slurm_overrides: list[str] = ()) -> int:
-    """Write each unfinished run's ``config.yaml`` and run them: ``local`` here (``parallel`` at a time; the
-    exit code says whether any failed or was preempted), ``slurm`` as job arrays (never twice for a run
+           slurm_overrides: list[str] = (), pack: int = 1) -> int:
+    """Write each unfinished run's ``config.yaml`` and run them, up to ``pack`` to a job
+    (:func:`stitching.sweep.packs.pack_runs`): ``local`` here (``parallel`` jobs at a time; the exit code says
+    whether any failed or was preempted), ``slurm`` as job arrays, a job per task (never twice for a run
     directory already queued or running). Shared by every command that expands runs (sweeps, matrices)."""
     for log_to in {tuple(r.config.output.log_to or ()) for r in todo}:     # their extras, before anything is written
         curves.check_installed(next(r.config for r in todo if tuple(r.config.output.log_to or ()) == log_to))
@@ -343,9 +363,11 @@ def launch(todo: list[Run], blocks, runs_dir: Path, name: str, launcher: str, pa
     if launcher == "local":
         from stitching.launch.local import run_local
 
-        result = run_local([r.config.output.dir for r in todo], parallel=max(1, parallel))
-        return local_summary(result)
-    return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides))
+        jobs = pack_runs(todo, pack)
+        if len(jobs) < len(todo):
+            print(f"local: {len(todo)} runs in {len(jobs)} jobs (--pack {pack})")
+        return local_summary(run_local([job_of(p) for p in jobs], parallel=max(1, parallel)))
+    return _submit_slurm(todo, blocks, runs_dir, name, list(slurm_overrides), pack)
 
 
 def local_summary(result) -> int:
@@ -409,9 +431,10 @@ def _arrays_said(sizes: list[int], res) -> str:
     return arrays + (f", at most {res.max_parallel} running at once (max_parallel)" if res.max_parallel else "")
 
 
-def print_slurm_plan(todo: list[Run], blocks, overrides: list[str]) -> None:
-    """What ``--launcher slurm`` would submit (the dry run): per resource group, how many job arrays the cluster's
-    ``MaxArraySize`` splits it into (read from ``scontrol show config``; SLURM's default where it cannot be)."""
+def print_slurm_plan(todo: list[Run], blocks, overrides: list[str], pack: int = 1) -> None:
+    """What ``--launcher slurm`` would submit (the dry run): per resource group, its tasks (runs, or packs of up
+    to ``pack``) and how many job arrays the cluster's ``MaxArraySize`` splits them into (read from ``scontrol
+    show config``; SLURM's default where it cannot be)."""
     if not todo:
         return
     try:
@@ -420,45 +443,50 @@ def print_slurm_plan(todo: list[Run], blocks, overrides: list[str]) -> None:
         limit, where = slurm.DEFAULT_MAX_ARRAY_SIZE, f"SLURM's default; not read here: {str(err).splitlines()[0]}"
     for res, runs in slurm_groups(todo, blocks, overrides).values():
         blocks_of = sorted({r.block for r in runs})
+        jobs = pack_runs(runs, pack)
         try:
-            arrays = _arrays_said(slurm.array_chunks(len(runs), limit), res)
+            arrays = _arrays_said(slurm.array_chunks(len(jobs), limit), res)
         except slurm.UnsatisfiableJob as err:      # a cluster that takes no arrays at all
             arrays = f"none: {err}"
-        print(textwrap.fill(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)} -> {arrays} (MaxArraySize "
-                            f"{limit}: {where}; runs already queued or running are left out when submitting)", WIDTH,
-                            subsequent_indent="  "))
+        packs = f" in {len(jobs)} packs of up to {pack}" if len(jobs) < len(runs) else ""
+        print(textwrap.fill(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)}{packs} -> {arrays} "
+                            f"(MaxArraySize {limit}: {where}; runs already queued or running are left out when "
+                            "submitting)", WIDTH, subsequent_indent="  "))
 
 
-def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str]) -> int:
+def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str], pack: int = 1) -> int:
     submitted = 0
     refused: dict[str, int] = {}                      # cause (slurm.REFUSALS) -> runs not submitted
     for res, runs in slurm_groups(todo, blocks, overrides).values():
-        command = slurm.train_command(sys.executable, res.gpus_per_task)
+        jobs_of = pack_runs(runs, pack)
+        command = slurm.train_command(sys.executable, res.gpus_per_task, pack=len(jobs_of) < len(runs))
         try:
-            arrays = slurm.submit_arrays([r.config.output.dir for r in runs], slurm.sweep_dir(runs_dir.absolute()), res,
+            arrays = slurm.submit_arrays([job_of(p) for p in jobs_of], slurm.sweep_dir(runs_dir.absolute()), res,
                                          name, command, chdir=Path.cwd())
         except slurm.UnsatisfiableJob as err:  # more than the cluster has (or allows): said now, not left queued
             print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
-            done = sum(len(dirs) for _, dirs in err.submitted)
+            done = sum(runs_in(tasks) for _, tasks in err.submitted)
             refused[err.cause] = refused.get(err.cause, 0) + len(runs) - done
             submitted += done
             continue
         except RuntimeError as err:   # no SLURM client here, or its controller cannot be reached: one line
             raise ConfigError("--launcher", "slurm", "command line", str(err).strip().splitlines()[0]) from None
-        dirs = [d for _, ds in arrays for d in ds]
-        skipped = len(runs) - len(dirs)
+        tasks = [t for _, ts in arrays for t in ts]
+        n = runs_in(tasks)
+        skipped = len(runs) - n
         jobs = [job for job, _ in arrays]
         ids = ", ".join(jobs if len(jobs) <= 4 else [*jobs[:2], "...", jobs[-1]])
+        packed = f" ({n} runs in packs of up to {pack})" if len(tasks) < n else ""
         if len(arrays) == 1:
-            print(f"slurm: submitted job array {ids} with {len(dirs)} tasks"
+            print(f"slurm: submitted job array {ids} with {len(tasks)} tasks{packed}"
                   + (f", at most {res.max_parallel} running at once" if res.max_parallel else "")
                   + (f" ({skipped} already queued or running, not resubmitted)" if skipped else ""))
         elif arrays:
-            print(f"slurm: submitted {_arrays_said([len(ds) for _, ds in arrays], res)}: job arrays {ids}"
+            print(f"slurm: submitted {_arrays_said([len(ts) for _, ts in arrays], res)}{packed}: job arrays {ids}"
                   + (f" ({skipped} already queued or running, not resubmitted)" if skipped else ""))
         else:
             print(f"slurm: all {len(runs)} unfinished runs are already queued or running")
-        submitted += len(dirs)
+        submitted += n
     logs = slurm.sweep_dir(runs_dir) / slurm.LOG_DIR
     print(f"logs: {logs}; collect with: python -m stitching.collect {shlex.quote(str(runs_dir))} "
           f"-o {shlex.quote(str(runs_dir / 'results.csv'))}")

@@ -29,7 +29,8 @@ attention reach other shares of a GPU, data loading can hold a fast stitched ste
 caps the images per second; ``benchmarks/keep_up.py`` measures what a node's loader delivers), and start-up,
 checkpoints and requeues are not counted. The wall time (:func:`wall_time`) is the runs' GPU time spread over
 the tasks running at once -- a SLURM job array's ``%`` throttle (``slurm.max_parallel``) with each task's GPUs,
-or ``--parallel`` local runs -- and at least the longest run: if the cluster grants them.
+or ``--parallel`` local runs -- and at least the longest run: if the cluster grants them. With ``--pack K`` a task
+is a pack (:func:`jobs`, :func:`packed`): its runs one after another, less the frozen source prefix it runs once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from stitching.config import ConfigError
 from stitching.data.loaders import dataset_sizes
 from stitching.stitch.cost import network_cost, stitch_cost
+from stitching.sweep.packs import pack_runs, shared_prefix_macs
 from stitching.train.objective import objective_at, step_macs
 
 #: Images per second at which one GPU trains ResNet-50 whole (224 px), by the precision a run trains in
@@ -123,6 +125,9 @@ class Estimate:
     gpu_hours: float = 0.0         # all of it, on one GPU
     known: bool = True
     train_hours: float = 0.0       # the training part of gpu_hours
+    compute_hours: float = 0.0     # gpu_hours at the rate alone (no data loading cap)
+    loader_hours: float = 0.0      # the images it reads at --loader-rate (0: no cap)
+    shared_hours: float = 0.0      # its frozen source prefix's part of compute_hours (a pack runs it once)
 
 
 @dataclass
@@ -194,11 +199,39 @@ def estimate_runs(runs, rate: Rate, images: tuple[int, int] | None = None,
             eval_macs += (cost.num_adapters + 1) * n * (cost.prefix + cost.target)
         macs_per_s = rate.for_run(cfg) * ref
         train_s, eval_s = train_macs / macs_per_s, eval_macs / macs_per_s
+        compute_s = train_s + eval_s
+        shared_s = shared_prefix_macs(cfg, cost) * (t.epochs * per_epoch + evals * n_val) / macs_per_s
         if loader_rate:
             train_s, eval_s = max(train_s, t.epochs * per_epoch / loader_rate), max(eval_s, eval_images / loader_rate)
         out.append(Estimate(run, t.epochs * per_epoch, train_macs, eval_images, eval_macs, (train_s + eval_s) / 3600,
-                            train_hours=train_s / 3600))
+                            train_hours=train_s / 3600, compute_hours=compute_s / 3600, shared_hours=shared_s / 3600,
+                            loader_hours=(t.epochs * per_epoch + eval_images) / loader_rate / 3600 if loader_rate
+                            else 0.0))
     return Estimates(out, rate, list(notes.values()))
+
+
+def packed(ests: list[Estimate]) -> Estimate:
+    """The estimate of a pack of runs (one launcher job, :mod:`stitching.sweep.packs`: one data pass, its runs'
+    steps one after another on its GPUs): their compute, less the frozen source prefix that every run but the
+    deepest would compute again, and at least the longest of their reading at ``--loader-rate`` (the data is read
+    once). Its GPU-hours are what counts; the image and MAC counts are the runs' sums. A pack of one: its run's."""
+    if len(ests) == 1 or not all(e.known for e in ests):
+        return ests[0] if len(ests) == 1 else Estimate(ests[0].run, known=False)
+    shared = [e.shared_hours for e in ests]
+    compute = sum(e.compute_hours for e in ests) - (sum(shared) - max(shared))
+    return Estimate(ests[0].run, *(sum(getattr(e, k) for e in ests) for k in ("train_images", "train_macs",
+                                                                               "eval_images", "eval_macs")),
+                    max(compute, *(e.loader_hours for e in ests)), compute_hours=compute,
+                    train_hours=sum(e.train_hours for e in ests))
+
+
+def jobs(ests: list[Estimate], k: int) -> list[Estimate]:
+    """The launcher's jobs of ``ests``' runs with ``--pack k`` (:func:`stitching.sweep.packs.pack_runs`), each
+    :func:`packed`; ``k`` 1: the runs themselves."""
+    if k <= 1:
+        return ests
+    by_run = {id(e.run): e for e in ests}
+    return [packed([by_run[id(r)] for r in pack]) for pack in pack_runs([e.run for e in ests], k)]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ computed or overwritten), non-finite loss, run directory held by another trainer
 written, preempted by SIGTERM/SIGUSR1 or interrupted by Ctrl-C after saving a checkpoint (run it again).
 From Python: ``stitching.train(config, **overrides)`` (:func:`stitching.train.train`).
 Several processes: ``torchrun --nproc_per_node=N -m stitching.train --config FILE``.
+Several runs as one pack (:mod:`stitching.train.pack`: one data pass, the shared source prefix run once, each
+run's result the one it has alone): ``--run-dir A --run-dir B ...`` or ``--config`` several times (the
+overrides apply to every one); runs that cannot share a pack are refused with the key that keeps them apart.
 """
 
 from __future__ import annotations
@@ -26,19 +29,27 @@ def main(argv=None) -> int:
     parser = cli.parser("python -m stitching.train", __doc__, [
         "python -m stitching.train --config configs/quickstart.yaml train.lr=0.01",
         "torchrun --nproc_per_node=4 -m stitching.train --config configs/paper/resnet50_1to4_bottleneck.yaml",
-        "python -m stitching.train --run-dir runs/paper/<run name>      # a sweep's run, by hand"],
+        "python -m stitching.train --run-dir runs/paper/<run name>      # a sweep's run, by hand",
+        "python -m stitching.train --run-dir runs/p/a --run-dir runs/p/b   # two runs as one pack, one data pass"],
         cli.TRAINER_EXITS)
-    parser.add_argument("--config", help="run config YAML")
-    parser.add_argument("--run-dir", help="run directory holding config.yaml (written by stitching.sweep)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="run config YAML (several: the runs train as one pack)")
+    parser.add_argument("--run-dir", action="append", default=[],
+                        help="run directory holding config.yaml, written by stitching.sweep (several: one pack)")
     parser.add_argument("--force", action="store_true", help="redo a finished run (old files kept in previous/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    if bool(args.config) == bool(args.run_dir):
-        parser.error("give exactly one of --config FILE or --run-dir DIR")
-    cfg = resolve(args.config, args.run_dir, args.overrides)
-    from stitching.train.loop import run
+    runs = [(c, None) for c in args.config] + [(None, d) for d in args.run_dir]
+    if not runs:
+        parser.error("give --config FILE or --run-dir DIR (several of them: the runs train as one pack)")
+    cfgs = [resolve(config, run_dir, args.overrides) for config, run_dir in runs]
+    if len(cfgs) == 1:
+        from stitching.train.loop import run
 
-    return run(cfg, force=args.force, exiting=True)
+        return run(cfgs[0], force=args.force, exiting=True)
+    from stitching.train.pack import run as run_pack
+
+    return run_pack(cfgs, force=args.force, exiting=True)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ class Run:
     saved: str = ""                         # where the last checkpoint written or loaded stands (words)
     ending: str = ""                        # how this trainer stopped, for state.json (a stop signal)
     to_device: tuple = (None, None)         # (train, eval) batch -> device (stitching.data.pipeline.batch_to_device)
+    pack: str = ""                          # the pack it trains in (stitching.train.pack; result.csv's pack column)
     trackers: curves.Curves | None = None   # output.log_to: where the curves also go (the main process only)
     logging_was: tuple | None = None        # the trainer's log as it was before this run (_setup_logging)
 
@@ -218,8 +219,6 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False, exiting: 
         code, message = R.EXIT_INTERRUPTED, _interrupted(r, aborted)
         return code
     finally:
-        if r.trackers is not None:
-            r.trackers.close()
         if r.stop is not None:
             r.stop.restore(exiting)
         note = _close(r, code, message)
@@ -232,9 +231,12 @@ def run(cfg: Config, run_dir: Path | None = None, force: bool = False, exiting: 
 
 
 def _close(r: Run, code: int, message: str) -> str:
-    """Say in ``state.json`` how this trainer ended and give the lock back, as far as the run directory still
-    allows (it may have become unwritable); what could not be done, as words for the error line ("" if all
-    went well)."""
+    """Close the run's curves (``output.log_to``), say in ``state.json`` how this trainer ended and give the lock
+    back, as far as the run directory still allows (it may have become unwritable); what could not be done, as
+    words for the error line ("" if all went well)."""
+    if r.trackers is not None:
+        r.trackers.close()
+        r.trackers = None
     if r.lock is None or not r.lock.held:
         return ""
     wrote = r.rundir.write_state(R.status_of_exit(code), code, message)
@@ -279,7 +281,6 @@ def _tell(line: str) -> None:
 def _start(r: Run, force: bool) -> int | None:
     """Checks, model, data, then the run directory (locked, config written) and the step; None to train
     on, or an exit code (an already finished run)."""
-    from stitching.data.loaders import build_loader
     from stitching.data.pipeline import CpuFloat
     from stitching.stitch.cost import count_cost
 
@@ -299,13 +300,22 @@ def _start(r: Run, force: bool) -> int | None:
     r.precision = P.resolve_precision(cfg.train.precision, r.device)
     r.st = build_step(r.model, cfg, r.built.kind, r.device, r.precision, r.accum, r.steps_per_epoch, info)
     r.objective = Objective(cfg, r.built, r.device, r.st.channels_last)
-    pin = r.device.type == "cuda"
-    r.train_loader = build_loader(train_ds, r.per_device, True, cfg.train.seed, cfg.data.workers, info.rank,
-                                  info.world_size, pin_memory=pin) if r.epochs > 0 else None
-    r.val_loader = build_loader(torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size)),
-                                r.per_device, False, cfg.train.seed, cfg.data.workers, pin_memory=pin)
+    r.train_loader, r.val_loader = _loaders(r, train_ds, val_ds)
     _resume(r, force)
     return None
+
+
+def _loaders(r: Run, train_ds, val_ds) -> tuple:
+    """(train loader or None without training, this rank's validation loader)."""
+    from stitching.data.loaders import build_loader
+
+    cfg, info = r.cfg, r.info
+    pin = r.device.type == "cuda"
+    train = build_loader(train_ds, r.per_device, True, cfg.train.seed, cfg.data.workers, info.rank,
+                         info.world_size, pin_memory=pin) if r.epochs > 0 else None
+    val = build_loader(torch.utils.data.Subset(val_ds, range(info.rank, len(val_ds), info.world_size)),
+                       r.per_device, False, cfg.train.seed, cfg.data.workers, pin_memory=pin)
+    return train, val
 
 
 def _already_finished(r: Run, force: bool) -> bool:
@@ -335,7 +345,12 @@ def _already_finished(r: Run, force: bool) -> bool:
 
 def _build(r: Run) -> tuple:
     """The model and the datasets, every check before any compute or write (ConfigError); (train, val)."""
-    from stitching.data.loaders import build_datasets
+    return _build_data(r, *_build_model(r))
+
+
+def _build_model(r: Run) -> tuple:
+    """The model (``torch.manual_seed(train.seed)`` first: the adapters' initial weights, random networks) and the
+    transforms, ``r.to_device``; (train transform, eval transform)."""
     from stitching.data.pipeline import batch_to_device
     from stitching.data.transforms import build_transforms
     from stitching.stitch.stitcher import build_model
@@ -353,6 +368,14 @@ def _build(r: Run) -> tuple:
     check_run(cfg, r.built)             # model.init=least_squares: a target for every link (traced shapes)
     train_tf, eval_tf = build_transforms(r.built.data_config, cfg.data, r.device)   # uint8 out, finished on the device
     r.to_device = (batch_to_device(train_tf, r.device), batch_to_device(eval_tf, r.device))
+    return train_tf, eval_tf
+
+
+def _build_data(r: Run, train_tf, eval_tf) -> tuple:
+    """The datasets and the run's steps (checked: ConfigError); (train, val)."""
+    from stitching.data.loaders import build_datasets
+
+    cfg = r.cfg
     try:
         train_ds, val_ds = build_datasets(dataclasses.replace(cfg.data, num_classes=cfg.num_classes), train_tf,
                                           eval_tf)
@@ -421,11 +444,26 @@ def build_step(model: nn.Module, cfg: Config, kind: str, device: torch.device, p
     ``device`` already."""
     from stitching.stitch import fast
 
-    P.configure_backends(device)            # cuDNN autotuning, TF32 (CUDA only)
-    want = cfg.train.channels_last
-    channels_last = fast.default_channels_last(device) if want == "auto" else bool(want)
+    channels_last = backends(cfg, device)
     runner = fast.prepare_for_training(model, fold_bn=cfg.train.fold_bn and kind == "stitched",
                                        channels_last=channels_last, compile=cfg.train.compile)
+    return step_state(runner, model, cfg, device, precision, accum, steps_per_epoch, info, channels_last)
+
+
+def backends(cfg: Config, device: torch.device) -> bool:
+    """Set the device's backends (:func:`stitching.train.perf.configure_backends`); whether the run is
+    channels-last (``train.channels_last``; ``auto``: :func:`stitching.stitch.fast.default_channels_last`)."""
+    from stitching.stitch import fast
+
+    P.configure_backends(device)            # cuDNN autotuning, TF32 (CUDA only)
+    want = cfg.train.channels_last
+    return fast.default_channels_last(device) if want == "auto" else bool(want)
+
+
+def step_state(runner: nn.Module, model: nn.Module, cfg: Config, device: torch.device, precision: str, accum: int,
+               steps_per_epoch: int, info: D.DistInfo, channels_last: bool) -> StepState:
+    """The step around ``runner`` (the module that runs ``model``'s training step, on ``device``): DDP over ranks,
+    AdamW over ``model``'s trainable parameters, the learning-rate schedule and the fp16 scaler."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if info.enabled and cfg.train.epochs > 0:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[info.local_rank]
@@ -614,6 +652,11 @@ def _end_epoch(r: Run, epoch: int) -> dict | None:
     ev = evaluate(r.st, r.val_loader, r.info, r.to_device[1], _eval_stop(r))
     if ev is None:
         return None
+    return _record_epoch(r, epoch, ev)
+
+
+def _record_epoch(r: Run, epoch: int, ev: dict) -> dict:
+    """Append epoch ``epoch``'s metrics row (its evaluation ``ev``), write ``metrics.csv``, checkpoint; ``ev``."""
     s = D.all_sum(r.pos["sums"], r.device, r.info)
     r.metrics.append({"epoch": epoch + 1, "step": r.pos["step"], "lr": r.st.lr(),
                       "train_loss": s[0] / max(s[2], 1), "train_top1": 100 * s[1] / max(s[2], 1), **ev,
@@ -749,24 +792,40 @@ def evaluate(st: StepState, loader, info: D.DistInfo, prepare=None, stop=None) -
     (float64: loss, top-1 hits, top-5 hits, images; no host sync per batch), then one all-reduce over the
     ranks and one read. ``stop(batches done)`` is asked before each batch but the first (so never after
     the last: a complete evaluation is kept); when it says stop, None."""
-    runner, device = st.runner, st.device
-    runner.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    device = st.device
+    st.runner.eval()
+    sums = eval_sums(st)
     for i, (x, y) in enumerate(loader, start=1):
         if stop is not None and i > 1 and stop(i - 1):
             return None
         # prepare: the pipeline's device stage (uint8 -> normalised float there; stitching.data.pipeline)
         x, y = prepare(x, y) if prepare else (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        if st.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(st.precision, device):
-            logits = runner(x).float()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-        sums[1] += (topk[:, 0] == y).sum()
-        sums[2] += (topk == y[:, None]).any(dim=1).sum()
-        sums[3] += len(y)
+        eval_batch(st, x, y, sums)
+    return eval_result(sums, info)
+
+
+def eval_sums(st: StepState) -> torch.Tensor:
+    """An evaluation's running sums on the device (float64: loss, top-1 hits, top-5 hits, images)."""
+    return torch.zeros(4, dtype=torch.float64, device=st.device)
+
+
+@torch.no_grad()
+def eval_batch(st: StepState, x: torch.Tensor, y: torch.Tensor, sums: torch.Tensor) -> None:
+    """Add one validation batch (on the device, the runner in eval mode) to ``sums``."""
+    if st.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(st.precision, st.device):
+        logits = st.runner(x).float()
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+    sums[1] += (topk[:, 0] == y).sum()
+    sums[2] += (topk == y[:, None]).any(dim=1).sum()
+    sums[3] += len(y)
+
+
+def eval_result(sums: torch.Tensor, info: D.DistInfo) -> dict:
+    """Top-1, top-5 (percent) and mean loss of an evaluation's sums, summed over the ranks (one read)."""
     loss_sum, top1, top5, n = D.all_sum_tensor(sums, info).tolist()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss_sum / n}
 
@@ -827,7 +886,7 @@ def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
         "init_residual": pos.get("init_residual", ""),
         **cost, "train_macs": train_macs(cfg, cost["macs"], r.objective.extra_macs(cfg.data.img_size)),
         **measure.columns(pos.get("similarity_before"), after),
-        "images_per_s": _ips(pos), "wall_time_s": pos["wall"], "world_size": info.world_size,
+        "images_per_s": _ips(pos), "wall_time_s": pos["wall"], "world_size": info.world_size, "pack": r.pack,
         "device": dev, "git_sha": git_sha(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
