@@ -55,7 +55,7 @@ def create_model(source: str, destination: str | None = None, source_stage: int 
     ``destination_stage`` (or the block cuts ``source_block=i, destination_block=j``, indices of
     :func:`list_cuts`): a :class:`~stitching.stitch.stitcher.StitchedModel` -- ``prefix`` (the source up to the
     cut), ``adapters``, ``suffix`` (the destination from the receiving point on) -- whose frozen parts have
-    ``requires_grad=False`` and stay in eval mode, so only the adapters train (``adapter="finetune"``, the
+    ``requires_grad=False`` and stay in eval mode, so only the adapters train (``adapter=finetune``, the
     fine-tuning baseline, trains everything). ``destination`` defaults to ``source``.
 
     ``options`` are any other ``model.*`` config key (``resize``, ``schedule``, ``adapter_style``,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from stitching.kinds import FINETUNE
 from stitching.messages import MAX_MESSAGE_CHARS, clip, short_repr
 # EXIT_CONFIG is re-exported: the exit code of a ConfigError
 from stitching.rundir import EXIT_CONFIG, EXIT_INTERRUPTED, IdentityRules  # noqa: F401
@@ -59,7 +60,7 @@ class ModelConfig:
     destination_stage: int | None = None
     source_block: int | None = None         # block cuts instead of stages: the source's output after its block i
     destination_block: int | None = None    # (0-based, registry.list_blocks) into the destination after block j
-    adapter: str = "bottleneck"             # linear | linear_relu | conv3x3 | bottleneck | vit_block | finetune
+    adapter: str = "bottleneck"             # an adapter kind (stitching/kinds.py) | finetune
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
     adapter_style: str = "code"             # code | text: adapters as the paper's code or its text builds them
@@ -768,8 +769,7 @@ def validate(cfg: Config) -> None:
         raise cfg.error("data.img_size", f"must be at least {src_spec.min_img_size} for {m.source}")
     for key, low in [("data.num_classes", 2), ("data.train_size", 1), ("data.val_size", 1), ("data.workers", 0),
                      ("train.epochs", 0), ("train.batch_size", 1), ("train.per_device_batch_size", 1),
-                     ("train.max_steps_per_epoch", 1), ("train.log_every", 1),
-                     ("train.preempt_check_every", 1)]:
+                     ("train.max_steps_per_epoch", 1), ("train.log_every", 1), ("train.preempt_check_every", 1)]:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value is not None and value < low:
@@ -793,7 +793,7 @@ def _check_objective(cfg: Config) -> None:
 
     t, m = cfg.train, cfg.model
     _one_of(cfg, "train.objective", OBJECTIVES)
-    if t.objective != "task" and (m.is_original or m.adapter == "finetune"):
+    if t.objective != "task" and (m.is_original or m.adapter == FINETUNE):
         raise cfg.error("train.objective", "trains the adapters against the destination's own activation or "
                         "logits: it needs a stitched config with adapters (model.source_stage, not finetune)")
     if not t.distill_temperature > 0:
@@ -839,7 +839,7 @@ def _check_pos_embed(cfg: Config) -> None:
     m = cfg.model
     if m.pos_embed == "none":
         return
-    if m.is_original or m.adapter == "finetune":
+    if m.is_original or m.adapter == FINETUNE:
         raise cfg.error("model.pos_embed", "reinject adds the destination's position embedding after the adapters: "
                         "it needs a stitched config with adapters (model.source_stage, not finetune)")
     spec = model_spec(cfg, "destination")

@@ -35,6 +35,7 @@ import yaml
 
 from stitching import cli
 from stitching.config import CLI, ConfigError, check_files, load_config, run_cli
+from stitching.kinds import FINETUNE, ORIGINAL
 from stitching.stitch.cost import human, share
 
 
@@ -110,7 +111,7 @@ def build_stitched(cfg):
     from stitching.stitch.stitcher import build_model
 
     check_files(cfg)
-    if cfg.is_original or cfg.model.adapter == "finetune":
+    if cfg.is_original or cfg.model.adapter == FINETUNE:
         raise cfg.error("model.source_stage" if cfg.is_original else "model.adapter",
                         "--similarity needs a stitched config (a join between two networks)")
     try:
@@ -141,12 +142,12 @@ def originals(cfg) -> dict:
 def describe(out: dict) -> str:
     """The lines for people in front of the JSON of :func:`summarize` (with ``originals`` for a stitch)."""
     at = f"at {out['img_size']} px, {out['num_classes']} classes"
-    if out["kind"] == "original":
+    if out["kind"] == ORIGINAL:
         lines = [f"original {out['source']} {at}"]
     else:
         cut = ((f"block {out['source_block']}", f"block {out['destination_block']}") if "source_block" in out
                else (f"stage {out['source_stage']}", f"stage {out['destination_stage']}"))
-        what = ("fine-tuned (every weight trains)" if out["kind"] == "finetune" else
+        what = ("fine-tuned (every weight trains)" if out["kind"] == FINETUNE else
                 f"{out['num_adapters']} {out['adapter']} adapter{'s' * (out['num_adapters'] != 1)}, "
                 f"resize {out['resize']}, schedule {out['schedule']}")
         lines = [f"{out['kind']} {out['source']} {cut[0]} -> {out['destination']} {cut[1]} (gap {out['gap']}): "
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     check_weights(cfg)
     built = build_stitched(cfg) if args.similarity else None
     out = summarize(cfg, built)
-    if out["kind"] != "original":
+    if out["kind"] != ORIGINAL:
         out["originals"] = originals(cfg)
     if args.similarity:
         out["similarity_before"] = similarity(cfg, args.similarity, built)

@@ -44,6 +44,8 @@ from pathlib import Path
 from stitching import cli
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, ConfigError, run_cli
+from stitching.kinds import kinds_with
+from stitching.kinds import STITCHED
 from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
 from stitching.sweep import estimate as E
 from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
@@ -123,7 +125,7 @@ def draw(matrix: Matrix, runs_dir: Path, run_names: set[str]) -> int:
     table = cell_table(df, matrix, run_names)
     write_csv_atomic(table, runs_dir / "matrix.csv")
     print(f"wrote {runs_dir / 'results.csv'} ({len(df)} rows), {runs_dir / 'matrix.csv'} ({len(table)} cells)")
-    mine = df[df["run_dir"].map(lambda d: str(d).split("/")[-1] in run_names) & (df["kind"] == "stitched")] \
+    mine = df[df["run_dir"].map(lambda d: str(d).split("/")[-1] in run_names) & (df["kind"] == STITCHED)] \
         if len(df) else df
     recipes = [r for r, _ in split_by_recipe(mine.drop(columns=["random_init"], errors="ignore"))] if len(mine) \
         else []
@@ -180,12 +182,11 @@ def combined(expansions: list):
 def check_closed_form(matrix: Matrix) -> None:
     """A matrix whose adapters have no map to fit is refused in one line before anything is built."""
     from stitching.config import load_config
-    from stitching.stitch.lsinit import FITTED_ADAPTERS
 
     cfg = load_config(matrix.base, check=False)
-    if cfg.model.adapter not in FITTED_ADAPTERS:
+    if cfg.model.adapter not in kinds_with("fit"):
         raise MatrixError("model.adapter", cfg.model.adapter, cfg.source_of("model.adapter"),
-                          f"--closed-form fits the adapters by least squares: {', '.join(FITTED_ADAPTERS)} have a map "
+                          f"--closed-form fits the adapters by least squares: {', '.join(kinds_with('fit'))} have a map "
                           f"to fit")
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from stitching.config import CUT_KEYS
+from stitching.kinds import ORIGINAL, STITCHED
 from stitching.matrix.spec import CONTROLS, Matrix
 
 CELL_COLUMNS = ["control", "sender_cut", "receiver_cut"]
@@ -87,7 +88,7 @@ def cell_table(results: pd.DataFrame, matrix: Matrix, run_names: set[str] | None
     """One row per (control, sender cut, receiver cut) of ``matrix`` found in ``results`` (the stitched rows of
     its sender and receiver; with ``run_names``, only those run directories): top-1 mean over seeds, its
     standard error, the count, and the cuts' relative depths."""
-    rows = results[(results["kind"] == "stitched") & (results["source"] == matrix.sender)
+    rows = results[(results["kind"] == STITCHED) & (results["source"] == matrix.sender)
                    & (results["destination"] == matrix.receiver)]
     s_col, r_col = result_columns(matrix.cuts)
     if s_col not in rows.columns or r_col not in rows.columns:
@@ -137,7 +138,7 @@ def receiver_top1(results: pd.DataFrame, receiver: str) -> float:
     without one)."""
     if not len(results) or "kind" not in results.columns:
         return float("nan")
-    rows = results[(results["kind"] == "original") & (results["source"] == receiver)]
+    rows = results[(results["kind"] == ORIGINAL) & (results["source"] == receiver)]
     top1 = pd.to_numeric(rows["top1"], errors="coerce").dropna()
     return float(top1.mean()) if len(top1) else float("nan")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stitching.kinds import FINETUNE, ORIGINAL, STITCHED, kinds_with
 from stitching.plots.labels import add_labels, arch_name
 from stitching.results.collect import REQUIRED_COLUMNS, normalize_columns
 from stitching.results.recipe import EVAL_COLUMNS, canonical, group_columns
@@ -79,7 +80,7 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
         out["resize_shared"] = out["resize_shared"].fillna(False).astype(bool)
     else:
         out["resize_shared"] = False
-    stitched = out[out["kind"] == "stitched"]
+    stitched = out[out["kind"] == STITCHED]
     if stitched.empty:
         return out
     keys = ["source", "destination", "adapter"]
@@ -116,7 +117,7 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
         free = stitched[none & ~stitched["resamples"].map(lambda v: str(v).strip().lower() in ("true", "1"))
                         & stitched["resamples"].notna() & (stitched["resamples"].astype(str) != "")]
         copies = [free.assign(resize="bilinear"),
-                  free[free["adapter"].isin(["conv3x3", "bottleneck"])].assign(resize="strided")]
+                  free[free["adapter"].isin(kinds_with("strided"))].assign(resize="strided")]
         shared = pd.concat(copies, ignore_index=True)
         if shared.empty:
             return out
@@ -136,8 +137,8 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
 
 
 #: the keys within which one learning rate is chosen, per kind of run (a stitched scenario is also its method)
-LR_KEYS = {"finetune": ["source", "destination", "source_stage", "destination_stage"],
-           "stitched": ["source", "destination", "source_stage", "destination_stage", "method"]}
+LR_KEYS = {FINETUNE: ["source", "destination", "source_stage", "destination_stage"],
+           STITCHED: ["source", "destination", "source_stage", "destination_stage", "method"]}
 #: why a scenario's learning rate was chosen
 RULE_ADAPTER_LR = "the recipe's adapter lr"
 RULE_BEST_MEAN = "best mean top-1 over seeds"
@@ -174,7 +175,7 @@ def lr_choice(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
         best = means.sort_values(["top1", "value"], ascending=[False, True], kind="stable").drop_duplicates("group")
         chosen = best.set_index("group")["lr"]
         rule = pd.Series(RULE_BEST_MEAN, index=chosen.index)
-        if kind == "stitched":
+        if kind == STITCHED:
             at = means[np.isclose(means["value"].astype(float), adapter_lr)].drop_duplicates("group")
             chosen.loc[at["group"].to_numpy()] = at["lr"].to_numpy()
             rule.loc[at["group"].to_numpy()] = RULE_ADAPTER_LR
@@ -196,7 +197,7 @@ def best_finetune_lr(df: pd.DataFrame) -> pd.DataFrame:
     A scenario is (source, destination, source_stage, destination_stage) and its recipe. Rows of other kinds are
     returned unchanged. (Choosing by the best single seed would reward noise; the paper reports the best mean.)
     """
-    return _keep_chosen_lr(df, "finetune", ADAPTER_LR)
+    return _keep_chosen_lr(df, FINETUNE, ADAPTER_LR)
 
 
 def select_adapter_lr(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
@@ -206,7 +207,7 @@ def select_adapter_lr(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.Da
     Rows of other kinds are returned unchanged.
     """
     df = df if "method" in df.columns else add_labels(df)
-    return _keep_chosen_lr(df, "stitched", adapter_lr)
+    return _keep_chosen_lr(df, STITCHED, adapter_lr)
 
 
 def prepare(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR, all_lrs: bool = False) -> pd.DataFrame:
@@ -242,7 +243,7 @@ def lr_statement(rows: pd.DataFrame, all_lrs: bool = False) -> str:
     """What learning rates ``rows`` (:func:`prepare`'s, one figure's) show, in words, e.g. ``adapters at lr 0.002
     (the recipe's adapter lr; another lr left out) · fine-tuning at its best mean lr (0.0002, 0.002)``."""
     parts = []
-    for kind, who in (("stitched", "adapters"), ("finetune", "fine-tuning")):
+    for kind, who in ((STITCHED, "adapters"), (FINETUNE, "fine-tuning")):
         mine = rows[rows["kind"] == kind] if "lrs_run" in rows.columns else rows.iloc[0:0]
         if mine.empty:
             continue
@@ -250,7 +251,7 @@ def lr_statement(rows: pd.DataFrame, all_lrs: bool = False) -> str:
         several = int(mine["lrs_run"].max()) > 1
         if all_lrs:
             parts.append(f"{who} at every lr run ({lrs})")
-        elif kind == "finetune" and several:
+        elif kind == FINETUNE and several:
             parts.append(f"{who} at its best mean lr per gap ({lrs}; other lrs left out)")
         elif several:
             rules = sorted(set(mine.loc[mine["lrs_run"] > 1, "lr_rule"]))
@@ -296,11 +297,11 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def originals(df: pd.DataFrame) -> pd.DataFrame:
-    """The unstitched reference models (``kind == "original"``), one row per model.
+    """The unstitched reference models (``kind`` :data:`~stitching.kinds.ORIGINAL`), one row per model.
 
     Columns: ``model`` (raw name), ``name`` (short name), ``n``, ``top1_mean``, ``top1_se``, ``macs_mean``.
     """
-    rows = df[df["kind"] == "original"]
+    rows = df[df["kind"] == ORIGINAL]
     columns = ["model", "name", "n", "top1_mean", "top1_se", "macs_mean"]
     if rows.empty:
         return pd.DataFrame(columns=columns)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from stitching.kinds import BOTTLENECK, LINEAR, STITCHED, TRAINED_KINDS
+
 #: a pairing is "on the front" when its best stitches are within this many top-1 points of it
 FRONT_POINTS = 3.0
 #: a matrix cell is "high" at this fraction of the trained matrix's best cell or more
@@ -110,21 +112,22 @@ def scenarios(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     keys = SCENARIO_KEYS + group_columns(rows)            # aggregate's own keys: one row per scenario and recipe
     marked = every.merge(own[keys], on=keys, how="left", indicator=True)
     every["shared"] = (marked["_merge"] == "left_only").to_numpy()     # only copies from another resize mode
-    return every[every["kind"].isin(["stitched", "finetune"])].reset_index(drop=True), originals(df)
+    return every[every["kind"].isin(TRAINED_KINDS)].reset_index(drop=True), originals(df)
 
 
 def bottleneck_vs_linear(sc: pd.DataFrame) -> Claim:
-    st = sc[(sc["kind"] == "stitched")]
+    st = sc[(sc["kind"] == STITCHED)]
     keys = GAP + ["resize"]
-    rows = _compare(st[st["adapter"] == "bottleneck"], st[st["adapter"] == "linear"], keys, "bottleneck", "linear")
+    b, lin = BOTTLENECK.name, LINEAR.name
+    rows = _compare(st[st["adapter"] == b], st[st["adapter"] == lin], keys, b, lin)
     # a gap compared once per resize mode where the modes build one module (shared rows) counts once
-    rows = rows.drop_duplicates(GAP + ["top1_mean_bottleneck", "top1_mean_linear"])
+    rows = rows.drop_duplicates(GAP + [f"top1_mean_{b}", f"top1_mean_{lin}"])
     return _claim_from("bottleneck >= linear", "a bottleneck adapter stitches at least as well as a linear one, "
                        "at every gap (same pair, gap and resize)", rows)
 
 
 def separate_vs_integrated(sc: pd.DataFrame) -> Claim:
-    st = sc[(sc["kind"] == "stitched") & ~sc["shared"]]
+    st = sc[(sc["kind"] == STITCHED) & ~sc["shared"]]
     keys = GAP + ["adapter"]
     rows = _compare(st[st["resize"] == "bilinear"], st[st["resize"] == "strided"], keys, "separate", "integrated")
     return _claim_from("separate >= integrated", "a separate (bilinear) downsample stitches at least as well as "
@@ -133,7 +136,7 @@ def separate_vs_integrated(sc: pd.DataFrame) -> Claim:
 
 
 def _best_per_pairing(sc: pd.DataFrame) -> pd.DataFrame:
-    st = sc[sc["kind"] == "stitched"].sort_values("top1_mean", ascending=False, kind="stable")
+    st = sc[sc["kind"] == STITCHED].sort_values("top1_mean", ascending=False, kind="stable")
     return st.drop_duplicates(GAP).reset_index(drop=True)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from stitching.kinds import ORIGINAL, STITCHED, TRAINED_KINDS
 from stitching.plots.aggregate import ADAPTER_LR, aggregate, lr_statement
 from stitching.plots.figures import (CROSS_ARCHITECTURE_ADAPTER, DPI, FORMATS, SHARED_NOTE, FigureOptions,
                                      NoData, accuracy_vs_macs_figure, accuracy_vs_stage_figure,
@@ -126,7 +127,7 @@ def _slug(name) -> str:
 
 def pairs(df: pd.DataFrame) -> list[tuple[str, str]]:
     """(source, destination) combinations with stitched or fine-tuning runs, sorted."""
-    rows = df[df["kind"].isin(["stitched", "finetune"])].dropna(subset=["source", "destination"])
+    rows = df[df["kind"].isin(TRAINED_KINDS)].dropna(subset=["source", "destination"])
     return sorted(set(zip(rows["source"].astype(str), rows["destination"].astype(str))))
 
 
@@ -193,7 +194,7 @@ def _attempt(what: str, make):
 
 
 def _seeds(rows: pd.DataFrame) -> str:
-    counts = aggregate(rows[rows["kind"] != "original"])["n"]
+    counts = aggregate(rows[rows["kind"] != ORIGINAL])["n"]
     if counts.empty:
         return "seeds"
     low, high = int(counts.min()), int(counts.max())
@@ -248,7 +249,7 @@ def _draw_recipe(rows: pd.DataFrame, folder: str, recipe: dict, options: DrawOpt
                            _caption(what, drawn_rows, rows, recipe, options, note_text, *caption_args),
                            frozenset(int(r) for r in drawn_rows[ROW])))
 
-    trained = pool["kind"].isin(["stitched", "finetune"])
+    trained = pool["kind"].isin(TRAINED_KINDS)
     for source, destination in pairs(rows):
         stem = f"{_slug(source)}_to_{_slug(destination)}"
         scope = trained & (pool["source"] == source) & (pool["destination"] == destination)
@@ -261,7 +262,7 @@ def _draw_recipe(rows: pd.DataFrame, folder: str, recipe: dict, options: DrawOpt
             f"accuracy vs MACs {source} -> {destination}",
             lambda: accuracy_vs_macs_figure(rows, source, destination, fig_options, text)),
             (source, destination), text)
-    stitched = pool["kind"] == "stitched"
+    stitched = pool["kind"] == STITCHED
     text = note(stitched, ("stitched run", "stitched runs"))
     add("cross-architecture", FIGURE_NAMES["cross-architecture"], _attempt(
         "cross-architecture figure", lambda: cross_architecture_figure(rows, fig_options, text)), (), text)

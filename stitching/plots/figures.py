@@ -43,6 +43,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from stitching.kinds import BOTTLENECK, ORIGINAL, STITCHED, TRAINED_KINDS, VIT_BLOCK
 from stitching.plots.aggregate import ADAPTER_LR, aggregate, lr_statement, originals, prepare
 from stitching.plots.labels import ORIGINAL_COLOR, arch_name, method_sort_key, method_style
 from stitching.results.recipe import SHORT_RECIPE, dataset_label, recipe_label, recipe_of
@@ -100,7 +101,7 @@ def _new_figure(ncols: int, nrows: int = 1) -> tuple[Figure, list]:
 
 def _one_recipe(df: pd.DataFrame, what: str, keep: pd.Series | None = None) -> tuple[pd.DataFrame, dict]:
     """The rows a figure draws (``keep`` and the originals evaluated like them) and their one recipe."""
-    rows = df if keep is None else df[keep | (df["kind"] == "original")]
+    rows = df if keep is None else df[keep | (df["kind"] == ORIGINAL)]
     recipe, rows = recipe_of(rows, what)
     return rows, recipe
 
@@ -192,7 +193,7 @@ def save_figure(fig: Figure, out_path: str | os.PathLike | None, dpi: int = DPI)
 def _pair_rows(df: pd.DataFrame, source: str, destination: str, options: FigureOptions) -> pd.DataFrame:
     """The prepared stitched + fine-tuning runs of one architecture pair (one lr per scenario, or all)."""
     prepared = prepare(df, options.adapter_lr, options.all_lrs)
-    rows = prepared[prepared["kind"].isin(["stitched", "finetune"])
+    rows = prepared[prepared["kind"].isin(TRAINED_KINDS)
                     & (prepared["source"] == source) & (prepared["destination"] == destination)]
     rows = rows.dropna(subset=["source_stage", "destination_stage", "top1"])
     if rows.empty:
@@ -201,7 +202,7 @@ def _pair_rows(df: pd.DataFrame, source: str, destination: str, options: FigureO
 
 
 def _original_rows(df: pd.DataFrame, models) -> pd.DataFrame:
-    rows = df[df["kind"] == "original"]
+    rows = df[df["kind"] == ORIGINAL]
     model = rows["source"].where(rows["source"].notna(), rows["destination"]).astype(str)
     return rows[model.isin(list(models))]
 
@@ -415,17 +416,17 @@ def plot_accuracy_vs_macs(df: pd.DataFrame, source: str, destination: str,
 def best_adapter_rows(prepared: pd.DataFrame, source: str, destination: str) -> pd.DataFrame:
     """The rows of a pair's "full block" adapter: ViT block for a model stitched to itself where it was
     run (ViT -> ViT), otherwise bottleneck with bilinear resize. Empty when the pair has neither."""
-    rows = prepared[(prepared["kind"] == "stitched") & (prepared["source"] == source)
+    rows = prepared[(prepared["kind"] == STITCHED) & (prepared["source"] == source)
                     & (prepared["destination"] == destination)]
     if source == destination:
-        vit = rows[rows["adapter"] == "vit_block"]
+        vit = rows[rows["adapter"] == VIT_BLOCK.name]
         if not vit.empty:
             # the ViT block has no resize: every mode is the same module; keep one
             for mode in ("none", "bilinear", "strided"):
                 if (vit["resize"] == mode).any():
                     return vit[vit["resize"] == mode]
             return vit[vit["resize"] == vit["resize"].iloc[0]]
-    return rows[(rows["adapter"] == "bottleneck") & (rows["resize"] == "bilinear")]
+    return rows[(rows["adapter"] == BOTTLENECK.name) & (rows["resize"] == "bilinear")]
 
 
 #: what the cross-architecture figure draws of each pair (its caption and the selection's words)
@@ -437,7 +438,7 @@ def cross_architecture_figure(df: pd.DataFrame, options: FigureOptions = DEFAULT
     """:func:`plot_cross_architecture`'s figure and the rows of the runs it draws."""
     df, recipe = _one_recipe(df, "the cross-architecture figure")
     prepared = prepare(df, options.adapter_lr, options.all_lrs)
-    stitched = prepared[prepared["kind"] == "stitched"]
+    stitched = prepared[prepared["kind"] == STITCHED]
     pairs = sorted(set(zip(stitched["source"].astype(str), stitched["destination"].astype(str))))
     lines = []
     absent = []

@@ -1,7 +1,7 @@
 """The paper's names for methods and architectures, their legend order and their line styles.
 
 Owns: ``method`` labels ("Downsample, Bottleneck", "Fine-Tuning", ...), short architecture names
-("ResNet-50", "Swin-T", ...), and the colour (adapter) / line style (resize mode) of each method, so a
+("ResNet-50", "Swin-T", ...), and the line style (resize mode) of each method (its colour: the adapter kind's record), so a
 method looks the same in every figure.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+
+from stitching.kinds import ADAPTER_KINDS, FINETUNE, ORIGINAL, RUN_KINDS, STITCHED, adapter_kind
 
 ARCH_NAMES = {
     "resnet18": "ResNet-18",
@@ -30,24 +32,10 @@ ARCH_NAMES = {
 }
 
 RESIZE_LABELS = {"none": "No Downsample", "bilinear": "Downsample", "strided": "Integrated Downsample"}
-ADAPTER_LABELS = {
-    "linear": "Linear",
-    "linear_relu": "Linear + ReLU",
-    "conv3x3": "Conv3x3",
-    "bottleneck": "Bottleneck",
-    "vit_block": "ViT Block",
-}
 FINETUNE_LABEL = "Fine-Tuning"
 ORIGINAL_LABEL = "Original"
 
-#: colour per adapter (the paper: Bottleneck orange, Conv3x3 green), line style per resize mode.
-ADAPTER_COLORS = {
-    "linear": "tab:blue",
-    "linear_relu": "tab:purple",
-    "conv3x3": "tab:green",
-    "bottleneck": "tab:orange",
-    "vit_block": "tab:red",
-}
+#: line style per resize mode (an adapter kind's label and colour are its record's: :mod:`stitching.kinds`)
 RESIZE_STYLES = {"none": ":", "bilinear": "-", "strided": "--"}
 RESIZE_MARKERS = {"none": "v", "bilinear": "o", "strided": "s"}
 ORIGINAL_COLOR = "0.45"
@@ -84,11 +72,12 @@ def gap_label(source_name: str, s, destination_name: str, t) -> str:
 
 def method_label(kind, adapter=None, resize=None) -> str:
     """The paper's legend label: ``"Downsample, Bottleneck"``, ``"Fine-Tuning"``, ``"Original"``."""
-    if kind == "finetune":
+    if kind == FINETUNE:
         return FINETUNE_LABEL
-    if kind == "original":
+    if kind == ORIGINAL:
         return ORIGINAL_LABEL
-    adapter_label = ADAPTER_LABELS.get(str(adapter), str(adapter)) if _present(adapter) else "?"
+    record = adapter_kind(str(adapter))
+    adapter_label = (record.label if record else str(adapter)) if _present(adapter) else "?"
     if not _present(resize):
         return adapter_label
     return f"{RESIZE_LABELS.get(str(resize), str(resize))}, {adapter_label}"
@@ -104,7 +93,7 @@ def add_labels(df: pd.DataFrame) -> pd.DataFrame:
     methods = [method_label(k, a, r) for k, a, r in zip(out["kind"], out["adapter"], out["resize"])]
     out["method"] = methods
     if "schedule" in out.columns:
-        stitched = out["kind"] == "stitched"
+        stitched = out["kind"] == STITCHED
         schedules = out.loc[stitched, "schedule"].dropna().astype(str).unique()
         if len(schedules) > 1:
             suffix = out["schedule"].where(out["schedule"].notna(), "?").astype(str)
@@ -114,11 +103,10 @@ def add_labels(df: pd.DataFrame) -> pd.DataFrame:
 
 def method_sort_key(kind, adapter, resize) -> tuple:
     """Legend order: stitched methods by resize mode then adapter, fine-tuning last."""
-    kinds = {"stitched": 0, "finetune": 1, "original": 2}
     resizes = list(RESIZE_LABELS)
-    adapters = list(ADAPTER_LABELS)
+    adapters = list(ADAPTER_KINDS)
     return (
-        kinds.get(kind, 3),
+        RUN_KINDS.index(kind) if kind in RUN_KINDS else len(RUN_KINDS),
         resizes.index(resize) if resize in resizes else len(resizes),
         adapters.index(adapter) if adapter in adapters else len(adapters),
         str(adapter),
@@ -127,10 +115,10 @@ def method_sort_key(kind, adapter, resize) -> tuple:
 
 def method_style(kind, adapter, resize) -> dict:
     """Matplotlib ``color``/``linestyle``/``marker`` of a method (same in every figure)."""
-    if kind == "finetune":
+    if kind == FINETUNE:
         return {"color": "black", "linestyle": "-", "marker": "D"}
     return {
-        "color": ADAPTER_COLORS.get(str(adapter), "tab:brown"),
+        "color": getattr(adapter_kind(str(adapter)), "color", "tab:brown"),
         "linestyle": RESIZE_STYLES.get(str(resize), "-."),
         "marker": RESIZE_MARKERS.get(str(resize), "^"),
     }

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import rundir as R
+from stitching.kinds import ORIGINAL, STITCHED
 from stitching.plots.aggregate import _se
 from stitching.plots.labels import add_labels, arch_name
 from stitching.plots.table import format_accuracy, to_markdown
@@ -66,7 +67,7 @@ def compare_options(df: pd.DataFrame, runs_dir: str | os.PathLike | None = None)
     ``top1_mean``, ``top1_se`` and, per measurement ``m`` of the option, ``m`` (the mean over seeds).
     """
     runs = Path(runs_dir) if runs_dir is not None else None
-    rows = add_labels(df[df["kind"] == "stitched"].copy())
+    rows = add_labels(df[df["kind"] == STITCHED].copy())
     if rows.empty:
         return pd.DataFrame()
     recipe = group_columns(rows)
@@ -134,7 +135,7 @@ def off_defaults(df: pd.DataFrame) -> pd.Series:
     for option in OPTIONS:
         if option in df.columns:
             value = df[option].map(canonical)
-            off = (value != option_default(option)) & (value != "") & (df["kind"] != "original")
+            off = (value != option_default(option)) & (value != "") & (df["kind"] != ORIGINAL)
             joint = reasons[off].where(reasons[off] == "", reasons[off] + "; ")
             reasons[off] = joint + f"{option}: " + value[off]
     return reasons

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stitching.kinds import ORIGINAL as ORIGINAL_RUN
+from stitching.kinds import STITCHED
 from stitching.plots.aggregate import LR_KEYS, _recipe_keys, _se, lr_candidates
 from stitching.plots.labels import add_labels, arch_name, method_sort_key
 from stitching.plots.table import format_accuracy, to_markdown
@@ -71,7 +73,7 @@ def lr_reasons(rows: pd.DataFrame, adapter_lr: float, all_lrs: bool) -> pd.Serie
     if own.empty:
         return reasons
     # the mean top-1 of each lr of each scenario: what the choice compared
-    scenario = ["kind", *LR_KEYS["stitched"], *recipe]
+    scenario = ["kind", *LR_KEYS[STITCHED], *recipe]
     stats = every[trained].groupby(scenario + ["_lr"], dropna=False)["top1"].agg(["mean", "count"]).reset_index()
     own = own.merge(stats.rename(columns={"mean": "mine"})[scenario + ["_lr", "mine"]], how="left",
                     on=scenario + ["_lr"])
@@ -89,7 +91,7 @@ def lr_reasons(rows: pd.DataFrame, adapter_lr: float, all_lrs: bool) -> pd.Serie
 
 def unexplained_reason(row: pd.Series) -> str:
     """Why a run that no selection step left out is in no figure."""
-    if row["kind"] == "original":
+    if row["kind"] == ORIGINAL_RUN:
         return f"{ORIGINAL}: an original model evaluated unlike every trained run (no recipe of the figures)"
     blocks = [c for c in ("source_block", "destination_block") if c in row.index]
     if pd.isna(row["source_stage"]) and any(pd.notna(row[c]) and str(row[c]) != "" for c in blocks):
@@ -134,11 +136,11 @@ def selection_table(runs: pd.DataFrame, reasons: pd.Series, shown: dict[int, lis
     table = pd.DataFrame({
         "shown": ["yes" if shown.get(r) else "no" for r in runs[ROW]],
         "recipe": [(recipes or {}).get(r, "") for r in runs[ROW]],
-        "pair": [m if k == "original" else f"{arch_name(s)} -> {arch_name(d)}"
+        "pair": [m if k == ORIGINAL_RUN else f"{arch_name(s)} -> {arch_name(d)}"
                  for k, m, s, d in zip(runs["kind"], model, runs["source"], runs["destination"])],
         "gap": [_gap(r) for _, r in runs.iterrows()],
         "method": runs["method"],
-        "lr": ["" if k == "original" else canonical(v) for k, v in zip(runs["kind"], runs["lr"])],
+        "lr": ["" if k == ORIGINAL_RUN else canonical(v) for k, v in zip(runs["kind"], runs["lr"])],
         "where": [_places(shown[r]) if shown.get(r) else (why or unexplained_reason(row))
                   for r, why, (_, row) in zip(runs[ROW], reasons.reindex(runs.index).fillna(""), runs.iterrows())],
         "top1": runs["top1"].astype(float),

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from stitching.kinds import STITCHED
 from stitching.plots.aggregate import SCENARIO_KEYS, _recipe_keys, _se, choose_lrs
 from stitching.plots.figures import (ACCURACY_LABEL, DEFAULT_OPTIONS, DPI, FigureOptions, NoData, _finish,
                                      _new_figure, _one_recipe, _style, legend_title, lr_shades, save_figure)
@@ -42,7 +43,7 @@ def cka_rows(df: pd.DataFrame, options: FigureOptions = DEFAULT_OPTIONS) -> pd.D
     """The stitched runs with a CKA at the join that the figure draws (one lr per scenario unless
     ``options.all_lrs``), with ``method`` labels and :func:`~stitching.plots.aggregate.lr_choice`'s columns. A
     module shared by several resize modes is one point: its rows are not copied to the other modes."""
-    rows = df[(df["kind"] == "stitched") & df["top1"].notna()]
+    rows = df[(df["kind"] == STITCHED) & df["top1"].notna()]
     present = [c for c, _ in PANELS if c in rows.columns]
     rows = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in present})    # '' is no CKA
     rows = rows[rows[present].notna().any(axis=1)] if present else rows.iloc[0:0]
@@ -123,7 +124,7 @@ def place_labels(fig: Figure, texts: list) -> None:
 def accuracy_vs_cka_figure(df: pd.DataFrame, options: FigureOptions = DEFAULT_OPTIONS,
                            note: str = "") -> tuple[Figure, pd.DataFrame]:
     """:func:`plot_accuracy_vs_cka`'s figure and the rows of the runs it draws."""
-    df, recipe = _one_recipe(df, "accuracy vs. CKA at the join", df["kind"] == "stitched")
+    df, recipe = _one_recipe(df, "accuracy vs. CKA at the join", df["kind"] == STITCHED)
     rows = cka_rows(df, options)
     points = _scenarios(rows)
     panels = [(c, label) for c, label in PANELS if points[c].notna().any()] if not points.empty else []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stitching.kinds import BOTTLENECK, ORIGINAL, STITCHED
 from stitching.plots.aggregate import aggregate, originals, prepare
 from stitching.plots.figures import NoData
 from stitching.plots.labels import arch_name, gap_label
@@ -30,8 +31,8 @@ CAPTION = ("Stitching parts of a {name} (source stage 1, bottleneck adapters, bi
 
 
 def _self_stitch_rows(prepared: pd.DataFrame, source: str | None) -> tuple[str | None, pd.DataFrame]:
-    rows = prepared[(prepared["kind"] == "stitched") & (prepared["source"] == prepared["destination"])
-                    & (prepared["adapter"] == "bottleneck") & (prepared["resize"] == "bilinear")
+    rows = prepared[(prepared["kind"] == STITCHED) & (prepared["source"] == prepared["destination"])
+                    & (prepared["adapter"] == BOTTLENECK.name) & (prepared["resize"] == "bilinear")
                     & (prepared["source_stage"] == 1)]
     if source is None:
         counts = rows["source"].value_counts()
@@ -51,7 +52,7 @@ def table1_rows(df: pd.DataFrame, source: str | None = None, models: list[str] |
     original models' rows."""
     _, df = recipe_of(df, "Table 1")
     _, rows = _self_stitch_rows(prepare(df), source)
-    orig = df[df["kind"] == "original"]
+    orig = df[df["kind"] == ORIGINAL]
     model = orig["source"].where(orig["source"].notna(), orig["destination"]).astype(str)
     return pd.concat([rows, orig if models is None else orig[model.isin(models)]])
 
@@ -76,7 +77,7 @@ def table1_numbers(df: pd.DataFrame, source: str | None = None,
         parts.append(pd.DataFrame({
             "model": [gap_label(name, s, name, t) + (f" [{m}]" if several else "")
                       for s, t, m in zip(agg["source_stage"], agg["destination_stage"], agg["method"])],
-            "kind": "stitched",
+            "kind": STITCHED,
             "top1_mean": agg["top1_mean"].to_numpy(),
             "top1_se": agg["top1_se"].to_numpy(),
             "n": agg["n"].to_numpy(),
@@ -84,7 +85,7 @@ def table1_numbers(df: pd.DataFrame, source: str | None = None,
         }))
     if not orig.empty:
         parts.append(pd.DataFrame({
-            "model": orig["name"].to_numpy(), "kind": "original", "top1_mean": orig["top1_mean"].to_numpy(),
+            "model": orig["name"].to_numpy(), "kind": ORIGINAL, "top1_mean": orig["top1_mean"].to_numpy(),
             "top1_se": orig["top1_se"].to_numpy(), "n": orig["n"].to_numpy(), "macs": orig["macs_mean"].to_numpy(),
         }))
     if not parts:

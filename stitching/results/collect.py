@@ -23,6 +23,7 @@ import pandas as pd
 
 from stitching import rundir
 from stitching.config import IDENTITY, ConfigError, read_yaml
+from stitching.kinds import RUN_KINDS
 from stitching.messages import clip, short_repr
 from stitching.results.recipe import fill_missing_recipe
 from stitching.results.schema import RESULT_COLUMNS
@@ -36,7 +37,6 @@ REQUIRED_COLUMNS = [
     "run_id", "kind", "source", "destination", "source_stage", "destination_stage",
     "adapter", "resize", "lr", "seed", "top1", "macs",
 ]
-KINDS = ("stitched", "finetune", "original")
 
 #: The largest ``result.csv`` read (a header and one row: a few KiB); a larger one is reported as damaged unread.
 MAX_RESULT_BYTES = 256 * 1024
@@ -99,8 +99,8 @@ def read_result(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise DamagedResult(f"missing required columns: {', '.join(missing)}")
     kind = row["kind"].iloc[0]
-    if kind not in KINDS:
-        raise DamagedResult(f"unknown kind {short_repr(kind)} (expected one of {', '.join(KINDS)})")
+    if kind not in RUN_KINDS:
+        raise DamagedResult(f"unknown kind {short_repr(kind)} (expected one of {', '.join(RUN_KINDS)})")
     if pd.isna(pd.to_numeric(row["top1"], errors="coerce").iloc[0]):
         raise DamagedResult(f"top1 is not a number: {short_repr(row['top1'].iloc[0])}")
     return row

@@ -20,7 +20,7 @@ scenario, learning-rate sweeps), so the checks and splits leave it to the scenar
 (:data:`PER_SCENARIO`). The models' constructor arguments (``model_kwargs``, e.g. a ViT's patch size for small
 images) are part of what an architecture *is*: rows that differ in them are never averaged together, but, like
 two architecture names, they may share a figure (:data:`ARCHITECTURE_COLUMNS`). Reference rows of the
-original models (``kind == "original"``, no training) belong to every recipe whose evaluation
+original models (``kind`` :data:`~stitching.kinds.ORIGINAL`, no training) belong to every recipe whose evaluation
 (:data:`EVAL_COLUMNS`) equals theirs.
 """
 
@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from stitching.kinds import FINETUNE, ORIGINAL
 
 if TYPE_CHECKING:          # the trainer imports this module (via the schema): pandas only where tables are
     import pandas as pd
@@ -147,7 +149,7 @@ def resize_modes(cfg) -> str:
     from stitching.stitch.plan import RESIZES, PlanError, plan_config
 
     m = cfg.model
-    if cfg.is_original or m.adapter == "finetune":
+    if cfg.is_original or m.adapter == FINETUNE:
         return ""
 
     def signature(resize):
@@ -206,8 +208,8 @@ def split_by_recipe(df: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     import pandas as pd
 
     columns = figure_columns(df)
-    trained = df[df["kind"] != "original"]
-    originals = df[df["kind"] == "original"]
+    trained = df[df["kind"] != ORIGINAL]
+    originals = df[df["kind"] == ORIGINAL]
     if trained.empty:
         base, columns = originals, _columns(df, EVAL_COLUMNS)
     else:

@@ -11,7 +11,8 @@ Each :class:`Adapter` is ``resize -> norm_in -> core -> norm_out -> act``, built
 ``text``            as the paper's text describes them: a norm before and after *every* adapter, ReLU inside
                     the core (before the second norm).
 
-Norms are BatchNorm on feature maps and LayerNorm on token sequences. Cores:
+Norms are BatchNorm on feature maps and LayerNorm on token sequences. Which kinds have outer norms and an
+activation are traits of their records (:mod:`stitching.kinds`), each naming its core function here. Cores:
 
 ``linear``       1x1 conv with bias, no padding (feature maps) or an ``nn.Linear`` applied to every token
 ``linear_relu``  the same with an activation
@@ -39,19 +40,20 @@ width to 4 x the inner width.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitching.kinds import AdapterKind, adapter_kind
 from stitching.messages import short_repr
 from stitching.models.formats import is_token, prefix_tokens
-from stitching.stitch.plan import CONV_ADAPTERS, Step
+from stitching.stitch.plan import Step
 
-SIMPLE_ADAPTERS = ("linear", "linear_relu", "conv3x3")   # norm -> core -> norm in both styles
 #: config ``model.init`` values that build the adapters (``least_squares`` starts from ``default``, then fits)
 ADAPTER_INITS = ("default", "pytorch")
 TORCH_INIT = ADAPTER_INITS[1]                            # PyTorch's own initialisation, nothing re-drawn
-ACTIVATED = ("linear_relu", "conv3x3")
 LEAKY_SLOPE = 0.1                                        # the paper code's LeakyReLU
 
 
@@ -118,22 +120,50 @@ class TokenBlock(nn.Module):
         return self.block(self.proj(x))
 
 
+def linear_core(c_in: int, c_out: int, stride: int = 1, tokens: bool = False, pad: int = 0,
+                init: str = "default") -> nn.Module:
+    """A 1x1 convolution with bias (``pad``: its padding) on feature maps, an ``nn.Linear`` on every token."""
+    return nn.Linear(c_in, c_out) if tokens else nn.Conv2d(c_in, c_out, 1, padding=pad, bias=True)
+
+
+def conv3x3_core(c_in: int, c_out: int, stride: int = 1, tokens: bool = False, pad: int = 0,
+                 init: str = "default") -> nn.Module:
+    """A 3x3 convolution with bias, padding 1, stride the strided-resize factor."""
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True)
+
+
+def bottleneck_core(c_in: int, c_out: int, stride: int = 1, tokens: bool = False, pad: int = 0,
+                    init: str = "default") -> nn.Module:
+    return Bottleneck(c_in, c_out, stride, zero_last=init != TORCH_INIT)
+
+
+def vit_block_core(c_in: int, c_out: int, stride: int = 1, tokens: bool = False, pad: int = 0,
+                   init: str = "default") -> nn.Module:
+    return TokenBlock(c_in, c_out, vit_init=init != TORCH_INIT)
+
+
+def _record(kind: str) -> AdapterKind:
+    record = adapter_kind(kind)
+    if record is None:
+        raise ValueError(f"unknown adapter {short_repr(kind)}")
+    return record
+
+
+def core_builder(record: AdapterKind):
+    """The function that builds ``record``'s core (its :attr:`~stitching.kinds.AdapterKind.core`, imported)."""
+    module, _, name = record.core.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def make_core(kind: str, c_in: int, c_out: int, stride: int = 1, tokens: bool = False,
               relu_inside: bool = False, pad: int = 0, init: str = "default") -> nn.Module:
-    """The adapter's core; ``relu_inside`` puts a ReLU at its end (the text style's activated adapters); ``pad``
-    is the 1x1 convolution's padding (1: the paper's code); ``init`` one of :data:`ADAPTER_INITS`."""
-    if kind in CONV_ADAPTERS and tokens:
+    """The adapter's core, built by its kind's record (:mod:`stitching.kinds`); ``relu_inside`` puts a ReLU at its
+    end (the text style's activated adapters); ``pad`` is the 1x1 convolution's padding (1: the paper's code);
+    ``init`` one of :data:`ADAPTER_INITS`."""
+    record = _record(kind)
+    if record.feature_map and tokens:
         raise ValueError(f"{kind} needs a feature map, not a token sequence")
-    if kind in ("linear", "linear_relu"):
-        layer = nn.Linear(c_in, c_out) if tokens else nn.Conv2d(c_in, c_out, 1, padding=pad, bias=True)
-    elif kind == "conv3x3":
-        layer = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=True)
-    elif kind == "bottleneck":
-        return Bottleneck(c_in, c_out, stride, zero_last=init != TORCH_INIT)
-    elif kind == "vit_block":
-        return TokenBlock(c_in, c_out, vit_init=init != TORCH_INIT)
-    else:
-        raise ValueError(f"unknown adapter {short_repr(kind)}")
+    layer = core_builder(record)(c_in, c_out, stride=stride, tokens=tokens, pad=pad, init=init)
     return nn.Sequential(layer, nn.ReLU(inplace=True)) if relu_inside else layer
 
 
@@ -149,13 +179,14 @@ class Adapter(nn.Module):
         resize = step.size_in != step.size_out and step.stride == 1    # a strided adapter resizes in its conv
         lead = prefix_tokens(working_format) if tokens else None
         self.resize = Resize(step.size_in, step.size_out, lead) if resize else nn.Identity()
-        outer = style == "text" or kind in SIMPLE_ADAPTERS
+        record = _record(kind)
+        outer = style == "text" or record.outer_norms
         norm = nn.LayerNorm if tokens else nn.BatchNorm2d
         self.norm_in = norm(step.c_in) if outer else nn.Identity()
         self.core = make_core(kind, step.c_in, step.c_out, step.stride, tokens,
-                              relu_inside=style == "text" and kind in ACTIVATED, pad=step.pad, init=init)
+                              relu_inside=style == "text" and record.activated, pad=step.pad, init=init)
         self.norm_out = norm(step.c_out) if outer else nn.Identity()
-        self.act = (nn.LeakyReLU(LEAKY_SLOPE, inplace=True) if style == "code" and kind in ACTIVATED
+        self.act = (nn.LeakyReLU(LEAKY_SLOPE, inplace=True) if style == "code" and record.activated
                     else nn.Identity())
         for m in self.core.modules() if init != TORCH_INIT else ():
             if isinstance(m, nn.Conv2d):

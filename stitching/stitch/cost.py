@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from stitching.kinds import FINETUNE, ORIGINAL, STITCHED
 from stitching.models.formats import prefix_tokens
 from stitching.models.registry import get_spec
 from stitching.models.trace import CachedKwargs, trace_blocks, trace_cuts
@@ -321,7 +322,7 @@ def stitch_cost(mcfg, img_size: int = 224, num_classes: int = 1000) -> StitchCos
     src = _net(mcfg.source, mcfg.source_args(), img_size, num_classes)
     if mcfg.is_original:
         cost = src.cost
-        return StitchCost("original", cost.prefix(len(cost.blocks)).forward + cost.head.forward,
+        return StitchCost(ORIGINAL, cost.prefix(len(cost.blocks)).forward + cost.head.forward,
                           trained=cost.trained(range(len(cost.blocks))))
     dst_name = mcfg.destination or mcfg.source
     dst = _net(dst_name, mcfg.destination_args(), img_size, num_classes)
@@ -329,14 +330,14 @@ def stitch_cost(mcfg, img_size: int = 224, num_classes: int = 1000) -> StitchCos
     cut = layout(mcfg, src.spec, dst.spec, src.parts, dst.parts, src.shapes, dst.shapes, traced)
     s, d = src.cost, dst.cost
     prefix, suffix = s.prefix(cut.prefix_end), d.suffix(cut.suffix_start)
-    if cut.plan.kind == "finetune":
+    if cut.plan.kind == FINETUNE:
         kept = [*range(cut.prefix_end), *cut.kept, *range(cut.suffix_start, len(d.blocks))]
-        return StitchCost("finetune", prefix.forward + sum(d.blocks[i].forward for i in cut.kept) + suffix.forward,
+        return StitchCost(FINETUNE, prefix.forward + sum(d.blocks[i].forward for i in cut.kept) + suffix.forward,
                           trained=d.trained(kept), num_adapters=0)
     adapters, handed = _adapters_cost(mcfg, cut.plan, dst)
     if handed != d.inputs[cut.suffix_start]:    # a larger map than the destination's own (resize none, the quirks)
         suffix = dst.suffix_at(cut.suffix_start, handed)
-    return StitchCost("stitched", prefix.forward + adapters.forward + suffix.forward, prefix=prefix.forward,
+    return StitchCost(STITCHED, prefix.forward + adapters.forward + suffix.forward, prefix=prefix.forward,
                       adapters=adapters, suffix=suffix, target=d.prefix(cut.suffix_start).forward,
                       num_adapters=cut.plan.num_adapters)
 

@@ -1,7 +1,7 @@
 """Least-squares initialisation of the adapters: ``model.init: least_squares`` (``default``, ``pytorch``: as
 built, :data:`stitching.stitch.adapters.ADAPTER_INITS`).
 
-Owns the init modes (:data:`INIT_MODES`), which adapters have a map to fit (:data:`FITTED_ADAPTERS`), the
+Owns the init modes (:data:`INIT_MODES`), which adapters have a map to fit (the kinds whose record has a ``fit``: :mod:`stitching.kinds`), the
 config check (:func:`check_config`: exit 2 before anything is built), where each link of a chain finds its
 target (:func:`link_targets`, :func:`link_points`), the fit itself -- per-batch accumulators, :class:`LinkFit` (one
 link's normal equations, solved and written) and :class:`ChainMeasure` (the chain's residual), which the one-cell
@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitching.kinds import FINETUNE, FIT_SHORTCUT, STITCHED, adapter_kind, kinds_with
 from stitching.models.formats import Convert, convert, is_token, prefix_tokens
 from stitching.similarity import LeastSquares, channels_last_samples
 from stitching.stitch.adapters import ADAPTER_INITS, Adapter
@@ -59,7 +60,6 @@ from stitching.stitch.posembed import PosReinject
 
 LEAST_SQUARES = "least_squares"
 INIT_MODES = (ADAPTER_INITS[0], LEAST_SQUARES, *ADAPTER_INITS[1:])   # default | least_squares | pytorch
-FITTED_ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck")   # vit_block has no linear map to fit
 
 log = logging.getLogger("stitching.train")
 
@@ -110,12 +110,12 @@ def check_config(cfg, specs) -> None:
     if m.init != LEAST_SQUARES:
         return
     blocks = getattr(m, "source_block", None) is not None
-    if (m.source_stage is None and not blocks) or m.adapter == "finetune":
+    if (m.source_stage is None and not blocks) or m.adapter == FINETUNE:
         raise cfg.error("model.init", "fits adapters: it needs a stitched config with adapters "
                         "(model.source_stage, not finetune)")
-    if m.adapter not in FITTED_ADAPTERS:
+    if not getattr(adapter_kind(m.adapter), "fit", ""):
         raise cfg.error("model.init", f"{m.adapter} adapters have no linear map to fit in closed form (fitted: "
-                        f"{', '.join(FITTED_ADAPTERS)}); use model.init=default")
+                        f"{', '.join(kinds_with('fit'))}); use model.init=default")
     if blocks:                          # declared block shapes at data.img_size (the trainer checks the traced)
         try:
             link_targets(plan_config(m, cfg.data.img_size), lambda st, w: None)   # (one link: no intermediate)
@@ -139,7 +139,7 @@ def check_built(built) -> list:
 def check_run(cfg, built) -> None:
     """The trainer's check after building, before any compute: with ``model.init: least_squares``, a target
     for every link on the traced shapes (a :class:`~stitching.config.ConfigError` otherwise)."""
-    if cfg.model.init != LEAST_SQUARES or built.kind != "stitched":
+    if cfg.model.init != LEAST_SQUARES or built.kind != STITCHED:
         return
     try:
         check_built(built)
@@ -241,7 +241,7 @@ class LinkFit:
     def __init__(self, built, chain: list[Adapter], i: int, cut: Shape, minus: torch.Tensor | None = None):
         self.built, self.chain, self.i, self.cut, self.minus = built, chain, i, cut, minus
         a = self.a = chain[i]
-        self.skip = a.kind == "bottleneck" and isinstance(a.core.shortcut, nn.Identity)
+        self.skip = _fits_shortcut(a) and isinstance(a.core.shortcut, nn.Identity)
         self.bn_in = isinstance(a.norm_in, nn.BatchNorm2d)
         self.ln_out = isinstance(a.norm_out, nn.LayerNorm)
         self.ls, self.out = LeastSquares(), _Sums()
@@ -299,20 +299,32 @@ class LinkFit:
         return {"link": i + 1, "fitted": _what(a), "residual": residual, "samples": ls.n}
 
 
+def _fits_shortcut(a: Adapter) -> bool:
+    return adapter_kind(a.kind).fit == FIT_SHORTCUT
+
+
+def _layer(a: Adapter) -> nn.Module:
+    """The layer a :data:`~stitching.kinds.FIT_LAYER` kind fits: its core's first."""
+    return a.core[0] if isinstance(a.core, nn.Sequential) else a.core
+
+
 def _what(a: Adapter) -> str:
-    return {"bottleneck": "projection shortcut", "conv3x3": "centre tap"}.get(a.kind, "1x1 map")
+    if _fits_shortcut(a):
+        return "projection shortcut"
+    layer = _layer(a)
+    return "centre tap" if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1) else "1x1 map"
 
 
 def _write_core(a: Adapter, A: torch.Tensor, b: torch.Tensor, mean_z: torch.Tensor, var_z: torch.Tensor) -> None:
     """The fitted affine map ``x A + b`` (A: in x out) into the adapter's core; for the shortcut, whose
     convolution has no bias, the BatchNorm after it carries the intercept (identity on its input's statistics
     ``mean_z`` / ``var_z``, which it is given as running statistics)."""
-    if a.kind == "bottleneck":
+    if _fits_shortcut(a):
         conv, bn = a.core.shortcut
         conv.weight.copy_(A.T.reshape(conv.weight.shape).to(conv.weight.dtype))
         _set_bn(bn, mean_z, var_z, (var_z + bn.eps).sqrt(), mean_z + b)
         return
-    layer = a.core[0] if isinstance(a.core, nn.Sequential) else a.core
+    layer = _layer(a)
     w = A.T.to(layer.weight.dtype)
     if isinstance(layer, nn.Linear):
         layer.weight.copy_(w)
@@ -438,7 +450,7 @@ def fit_images(cfg, built, batch_size: int):
 def initialise(cfg, built, device, batch_size: int, say: Callable[[str], None] = log.info) -> float | None:
     """The trainer's entry, on a fresh start: fit ``built``'s adapters when ``model.init`` asks for it and
     return the chain's relative residual (None for ``default``)."""
-    if cfg.model.init != LEAST_SQUARES or built.kind != "stitched":
+    if cfg.model.init != LEAST_SQUARES or built.kind != STITCHED:
         return None
     t0 = time.time()
     images, n = fit_images(cfg, built, batch_size)

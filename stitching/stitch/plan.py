@@ -33,7 +33,7 @@ module as ``bilinear``, recorded as such so that sweeps see the duplicate. Metho
 ``quirks`` (config ``model.code_quirks``, the ``code`` style only: :data:`CODE_STYLE`) plans the network the
 paper's published code built where it differs from the corrected one above, on chains that work on feature maps:
 
-- the 1x1 convolutions of :data:`PADDED_ADAPTERS` have padding 1 (:attr:`Step.pad`): each adapter's output
+- the 1x1 convolutions of the padded adapter kinds (:attr:`~stitching.kinds.AdapterKind.padded`) have padding 1 (:attr:`Step.pad`): each adapter's output
   is 2 px larger than the size it computes at, its border bias-only pixels. The next adapter resizes that map
   (bilinear) to its own size; under a resizing mode the destination gets the last map resized back to its own
   size (:attr:`StitchPlan.end_resize`), under ``none`` the grown map flows on into the destination;
@@ -48,19 +48,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stitching.kinds import FINETUNE, STITCHED, adapter_choices, adapter_kind, kinds_with
 from stitching.messages import short_repr
 from stitching.models.formats import channels_after, is_token, prefix_tokens
 from stitching.models.spec import ModelSpec
 
-ADAPTERS = ("linear", "linear_relu", "conv3x3", "bottleneck", "vit_block", "finetune")
 RESIZES = ("none", "bilinear", "strided")
 SCHEDULES = ("paper", "destination")
-STRIDED_ADAPTERS = ("conv3x3", "bottleneck")
-CONV_ADAPTERS = ("conv3x3", "bottleneck")          # need a feature map: refused between two token formats
-TOKEN_ADAPTERS = ("linear", "linear_relu")         # per-token linear maps when both ends are token formats
 ADAPTER_STYLES = ("code", "text")                  # construction: the paper's code, or its text (adapters.py)
 CODE_STYLE = ADAPTER_STYLES[0]                     # the only style model.code_quirks applies to
-PADDED_ADAPTERS = ("linear", "linear_relu")        # model.code_quirks: their 1x1 convolutions have padding 1
 
 
 class PlanError(ValueError):
@@ -126,7 +122,7 @@ class StitchPlan:
 
     @property
     def kind(self) -> str:
-        return "finetune" if self.adapter == "finetune" else "stitched"
+        return FINETUNE if self.adapter == FINETUNE else STITCHED
 
     @property
     def num_adapters(self) -> int:
@@ -143,7 +139,7 @@ class StitchPlan:
         variants even where no size changes: padded 1x1 convolutions (``none`` hands the grown map on), or a
         token source into a feature-map chain (``none`` runs on the N x N map)."""
         return self.quirks and self.working_format == "image" and (
-            self.adapter in PADDED_ADAPTERS or is_token(self.source_cut.format))
+            _has(self.adapter, "padded") or is_token(self.source_cut.format))
 
     @property
     def effective_resize(self) -> str:
@@ -162,7 +158,7 @@ class StitchPlan:
     def signature(self) -> tuple:
         """Equal signatures build identical modules (used to drop duplicate runs from sweeps)."""
         return (self.source, self.destination, self.source_stage, self.destination_stage, self.adapter,
-                self.style if self.kind == "stitched" else "", self.working_format, tuple(self.steps),
+                self.style if self.kind == STITCHED else "", self.working_format, tuple(self.steps),
                 tuple(self.kept_blocks), self.end_resize) + ((self.source_block, self.destination_block)
                                                              if self.source_block is not None else ())
 
@@ -255,7 +251,7 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
     plan = StitchPlan(src.name, dst.name, s, t, adapter, resize, schedule, style, source_cut, destination_cut,
                       working_format=source_cut.format, quirks=quirks)
 
-    if adapter == "finetune":
+    if adapter == FINETUNE:
         return _plan_finetune(plan, src, dst, lambda st, w: shape(dst, shapes_dst, st, w))
     k = max(t - s, 1)
     inter = [shape(dst, shapes_dst, st, "first") for st in range(s + 1, s + k)] if schedule == "destination" else []
@@ -297,7 +293,7 @@ def plan_blocks(src: ModelSpec, dst: ModelSpec, i: int, j: int, adapter: str, re
     may sit at any depth, also before the sender's (every pair of a stitching matrix)."""
     check_blocks(i, j, len(blocks_src), len(blocks_dst), src.name, dst.name)
     _check_choices(adapter, resize, schedule, style, quirks)
-    if adapter == "finetune":
+    if adapter == FINETUNE:
         raise PlanError("model.adapter", adapter, "the fine-tuning baseline takes stage cuts "
                         "(model.source_stage / destination_stage), not block cuts")
     a, b = blocks_src[i], blocks_dst[j]
@@ -314,8 +310,8 @@ def plan_blocks(src: ModelSpec, dst: ModelSpec, i: int, j: int, adapter: str, re
 
 
 def _check_choices(adapter: str, resize: str, schedule: str, style: str, quirks: bool = False) -> None:
-    if adapter not in ADAPTERS:
-        raise PlanError("model.adapter", adapter, f"must be one of {', '.join(ADAPTERS)}")
+    if adapter not in adapter_choices():
+        raise PlanError("model.adapter", adapter, f"must be one of {', '.join(adapter_choices())}")
     if resize not in RESIZES:
         raise PlanError("model.resize", resize, f"must be one of {', '.join(RESIZES)}")
     if schedule not in SCHEDULES:
@@ -323,6 +319,12 @@ def _check_choices(adapter: str, resize: str, schedule: str, style: str, quirks:
     if style not in ADAPTER_STYLES:
         raise PlanError("model.adapter_style", style, f"must be one of {', '.join(ADAPTER_STYLES)}")
     check_quirks(quirks, style)
+
+
+def _has(adapter: str, trait: str) -> bool:
+    """Whether adapter kind ``adapter`` has ``trait`` (:class:`~stitching.kinds.AdapterKind`; finetune: none)."""
+    record = adapter_kind(adapter)
+    return record is not None and bool(getattr(record, trait))
 
 
 def style_label(style: str, quirks: bool) -> str:
@@ -345,19 +347,20 @@ def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter:
     ``destination`` schedule."""
     adapter, resize, schedule = plan.adapter, plan.resize, plan.schedule
     source_cut, destination_cut = plan.source_cut, plan.destination_cut
-    if resize == "strided" and adapter not in STRIDED_ADAPTERS:
+    if resize == "strided" and not _has(adapter, "strided"):
         raise PlanError("model.resize", resize, f"strided resizing needs a 3x3 conv inside the adapter "
-                        f"({' or '.join(STRIDED_ADAPTERS)}), not {short_repr(adapter)}")
-    if adapter == "vit_block":
+                        f"({' or '.join(kinds_with('strided'))}), not {short_repr(adapter)}")
+    if _has(adapter, "sequence"):
         if prefix_tokens(destination_cut.format) == 0:
-            raise PlanError("model.adapter", adapter, f"vit_block works on class-token sequences and needs a "
+            raise PlanError("model.adapter", adapter, f"{adapter} works on class-token sequences and needs a "
                             f"ViT-like destination; {dst.name} takes {destination_cut.format!r}")
         plan.working_format = destination_cut.format
     elif is_token(source_cut.format) and is_token(destination_cut.format):
-        if adapter in CONV_ADAPTERS:
+        if _has(adapter, "feature_map"):
             raise PlanError("model.adapter", adapter, f"convolutional adapters need a feature map at one end; "
                             f"{src.name} gives {source_cut.format!r} and {dst.name} takes "
-                            f"{destination_cut.format!r}: use {', '.join(TOKEN_ADAPTERS)} or vit_block")
+                            f"{destination_cut.format!r}: use {', '.join(kinds_with('per_token'))} or "
+                            f"{' or '.join(kinds_with('sequence'))}")
         plan.working_format = destination_cut.format
     else:
         plan.working_format = "image"
@@ -373,7 +376,7 @@ def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter:
         sizes = [(x.height, x.width) for x in inter] + [(destination_cut.height, destination_cut.width)]
 
     quirks = plan.quirks and plan.working_format == "image"
-    pad = 1 if quirks and adapter in PADDED_ADAPTERS else 0
+    pad = 1 if quirks and _has(adapter, "padded") else 0
     c_in = c_first_in
     size_in = planned = (source_cut.height, source_cut.width)    # received / the previous adapter's own size
     if quirks and resize == "none" and is_token(source_cut.format):
@@ -401,7 +404,7 @@ def _plan_chain(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, k: int, inter:
 
 def _plan_finetune(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, dst_shape) -> StitchPlan:
     if src.name != dst.name:
-        raise PlanError("model.adapter", "finetune", f"the fine-tuning baseline keeps the destination's own "
+        raise PlanError("model.adapter", FINETUNE, f"the fine-tuning baseline keeps the destination's own "
                         f"blocks and only joins a model to itself, not {src.name} to {dst.name}")
     s, t = plan.source_stage, plan.destination_stage
     prev, prev_at = plan.source_cut, f"stage {s}'s first block"
@@ -410,7 +413,7 @@ def _plan_finetune(plan: StitchPlan, src: ModelSpec, dst: ModelSpec, dst_shape) 
         if st < t or t == s:
             if prev.channels != expected.channels:
                 nxt = f"stage {st + 1}'s first block" if st < 4 else "the head"
-                raise PlanError("model.adapter", "finetune",
+                raise PlanError("model.adapter", FINETUNE,
                                 f"{dst.name}: {prev_at} gives {prev.channels} channels but {nxt} expects "
                                 f"{expected.channels} (the blocks dropped in gap {s}->{t} change the width); "
                                 f"use an adapter instead")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from stitching.kinds import STITCHED
 from stitching.models.spec import Parts
 from stitching.stitch import fast
 from stitching.stitch.stitcher import BuiltModel, StitchedModel
@@ -147,7 +148,7 @@ class SharedFrozen:
     def shareable(built: BuiltModel) -> bool:
         """A stitched model whose prefix and suffix are frozen and stay in eval mode (``frozen_bn: eval``)."""
         m = built.model
-        return (built.kind == "stitched" and isinstance(m, StitchedModel) and m.frozen and m.frozen_bn == "eval"
+        return (built.kind == STITCHED and isinstance(m, StitchedModel) and m.frozen and m.frozen_bn == "eval"
                 and built.source_parts is not None and built.destination_parts is not None)
 
     def share(self, built: BuiltModel) -> bool:
@@ -228,7 +229,7 @@ class SharedFrozen:
                     self.sources[id(hs)] = hs
                     self.lengths.setdefault(id(hs), set()).add(n)
                     return runner, True
-        return fast.prepare_for_training(m, fold_bn=self.fold_bn and built.kind == "stitched",
+        return fast.prepare_for_training(m, fold_bn=self.fold_bn and built.kind == STITCHED,
                                          channels_last=self.channels_last, compile=False), False
 
     # ------------------------------------------------------------------------------------- the prefix

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stitching.kinds import FINETUNE, ORIGINAL, STITCHED
 from stitching.messages import short_repr
 from stitching.models.formats import Convert, prefix_tokens
 from stitching.models.registry import get_spec
@@ -152,7 +153,7 @@ def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: s
     ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
     nets = load_networks(mcfg, img_size, num_classes)
     if nets.destination is None:
-        return BuiltModel(nets.source, "original", nets.data_config, None)
+        return BuiltModel(nets.source, ORIGINAL, nets.data_config, None)
     return assemble(nets, mcfg, frozen_bn)
 
 
@@ -201,15 +202,15 @@ def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
     suffix = nn.Sequential(*dst_blocks[cut.suffix_start:], dst_parts.head)
     target = nn.Sequential(dst_parts.stem, *dst_blocks[: cut.suffix_start])
 
-    if plan.kind == "finetune":
+    if plan.kind == FINETUNE:
         middle = nn.Sequential(*[dst_blocks[i] for i in cut.kept])
         model = StitchedModel(prefix, middle, suffix, frozen=False, plan=plan)
-        return BuiltModel(model, "finetune", nets.data_config, plan, source_parts=nets.source_parts)
+        return BuiltModel(model, FINETUNE, nets.data_config, plan, source_parts=nets.source_parts)
 
     model = StitchedModel(prefix, nn.Sequential(*adapter_layers(mcfg, plan, nets.destination)), suffix,
                           frozen=True, plan=plan, frozen_bn=frozen_bn)
     cuts = {k: Shape(nets.destination_spec.cut(*k).format, *v) for k, v in nets.destination_shapes.items()}
-    return BuiltModel(model, "stitched", nets.data_config, plan, target, dst_parts, cuts, nets.source_parts)
+    return BuiltModel(model, STITCHED, nets.data_config, plan, target, dst_parts, cuts, nets.source_parts)
 
 
 @dataclass(frozen=True)

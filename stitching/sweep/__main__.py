@@ -39,6 +39,7 @@ from pathlib import Path
 from stitching import cli
 from stitching import rundir as R
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
+from stitching.kinds import FINETUNE, ORIGINAL
 from stitching.launch import slurm
 from stitching.sweep import estimate as E
 from stitching.sweep import status as S
@@ -64,7 +65,7 @@ def pair_label(pair: str) -> str:
 
 def _method_order(method: str) -> tuple:
     adapter, _, resize = method.partition("/")
-    kind = 2 if method == "original" else 1 if method == "finetune" else 0
+    kind = 2 if method == ORIGINAL else 1 if method == FINETUNE else 0
     return kind, adapter, list(RESIZE_CODES).index(resize) if resize in RESIZE_CODES else 9
 
 

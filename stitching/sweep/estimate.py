@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 from stitching.config import ConfigError
 from stitching.data.loaders import dataset_sizes
+from stitching.kinds import STITCHED
 from stitching.stitch.cost import network_cost, stitch_cost
 from stitching.sweep.packs import pack_runs, shared_prefix_macs
 from stitching.train.objective import objective_at, step_macs
@@ -189,11 +190,11 @@ def estimate_runs(runs, rate: Rate, images: tuple[int, int] | None = None,
         train_macs = sum(per_epoch * step_macs(cost, objective_at(cfg, e)) for e in range(t.epochs))
         evals = max(t.epochs, 1)
         eval_images, eval_macs = evals * n_val, evals * n_val * cost.forward
-        if cost.kind == "stitched" and t.similarity_images > 0:         # before and after training
+        if cost.kind == STITCHED and t.similarity_images > 0:         # before and after training
             n = min(t.similarity_images, n_val)
             eval_images += 2 * n
             eval_macs += n * (2 * (cost.prefix + cost.target) + cost.adapters.forward)
-        if cost.kind == "stitched" and m.init == "least_squares":
+        if cost.kind == STITCHED and m.init == "least_squares":
             n = min(m.init_images, n_train)
             eval_images += (cost.num_adapters + 1) * n
             eval_macs += (cost.num_adapters + 1) * n * (cost.prefix + cost.target)

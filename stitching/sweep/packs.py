@@ -21,6 +21,7 @@ import math
 from collections import OrderedDict
 
 from stitching.config import Config, ConfigError, pack_key
+from stitching.kinds import STITCHED
 from stitching.stitch.cost import StitchCost, stitch_cost
 
 
@@ -79,7 +80,7 @@ def shared_prefix_macs(cfg: Config, cost: StitchCost | None = None) -> int:
     if cfg.train.frozen_bn != "eval":
         return 0
     cost = cost or stitch_cost(cfg.model, cfg.data.img_size, cfg.num_classes)
-    return cost.prefix if cost.kind == "stitched" else 0
+    return cost.prefix if cost.kind == STITCHED else 0
 
 
 def prefix_gmacs(cfg: Config) -> float:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, read_yaml, validate
+from stitching.kinds import FINETUNE, ORIGINAL
 from stitching.rundir import RUN_KEY_CHARS, identity, run_dir_name
 
 SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}
@@ -91,9 +92,9 @@ def method_of(cfg: Config) -> str:
     """The sweep table's column: ``adapter/resize``, ``finetune`` or ``original``."""
     m = cfg.model
     if cfg.is_original:
-        return "original"
-    if m.adapter == "finetune":
-        return "finetune"
+        return ORIGINAL
+    if m.adapter == FINETUNE:
+        return FINETUNE
     return f"{m.adapter}/{m.resize}"
 
 
@@ -226,7 +227,7 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
                 continue
             m = cfg.model
             if cfg.is_original:
-                structure = ("original", m.source)
+                structure = (ORIGINAL, m.source)
             else:
                 structure = plan_config(m, cfg.data.img_size).signature()
             # the recipe: the run's identity (keys it never reads left out) without what the structure says
@@ -255,7 +256,7 @@ def expand_blocks(blocks: list[Block], runs_dir: str | Path, extensions: bool = 
     return Expansion(runs, excluded, impossible, duplicates, total, extensions, skipped, reused)
 
 
-#: the keys a stitch plan's signature (or an original's ``("original", source)``) already stands for
+#: the keys a stitch plan's signature (or an original's ``(ORIGINAL, source)``) already stands for
 _STRUCTURE_KEYS = frozenset(f"model.{k}" for k in ("source", "destination", "source_stage", "destination_stage",
                                                    "source_block", "destination_block", "adapter", "resize",
                                                    "schedule"))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from stitching.kinds import STITCHED
 from stitching.rundir import RunDir
 from stitching.train import distributed as D
 
@@ -33,7 +34,7 @@ def checkpointed_module(model: nn.Module, kind: str, frozen_bn: str = "eval") ->
     """The part of the model whose state a checkpoint holds: the adapters of a stitched model, unless the
     frozen parts' BatchNorm statistics change during training (``train.frozen_bn: train``): then, like the
     fine-tuning baseline and an original model, the whole model."""
-    return model.adapters if kind == "stitched" and frozen_bn != "train" else model
+    return model.adapters if kind == STITCHED and frozen_bn != "train" else model
 
 
 def get_rng(device: torch.device) -> dict:

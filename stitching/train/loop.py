@@ -42,6 +42,7 @@ from torch import nn
 
 from stitching import rundir as R
 from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config, read_yaml
+from stitching.kinds import ORIGINAL, STITCHED
 from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
@@ -389,7 +390,7 @@ def _build_data(r: Run, train_tf, eval_tf) -> tuple:
         r.steps_per_epoch = min(r.steps_per_epoch, cfg.train.max_steps_per_epoch)
     if r.epochs > 0 and r.steps_per_epoch < 1:
         raise cfg.error("train.batch_size", f"larger than the {len(train_ds)} training images")
-    if r.epochs > 0 and r.built.kind == "original" and not any(p.requires_grad for p in r.model.parameters()):
+    if r.epochs > 0 and r.built.kind == ORIGINAL and not any(p.requires_grad for p in r.model.parameters()):
         raise cfg.error("train.epochs", "nothing to train")
     r.total_steps = max(1, r.epochs * r.steps_per_epoch)
     return train_ds, val_ds
@@ -445,7 +446,7 @@ def build_step(model: nn.Module, cfg: Config, kind: str, device: torch.device, p
     from stitching.stitch import fast
 
     channels_last = backends(cfg, device)
-    runner = fast.prepare_for_training(model, fold_bn=cfg.train.fold_bn and kind == "stitched",
+    runner = fast.prepare_for_training(model, fold_bn=cfg.train.fold_bn and kind == STITCHED,
                                        channels_last=channels_last, compile=cfg.train.compile)
     return step_state(runner, model, cfg, device, precision, accum, steps_per_epoch, info, channels_last)
 
@@ -660,8 +661,7 @@ def _record_epoch(r: Run, epoch: int, ev: dict) -> dict:
     s = D.all_sum(r.pos["sums"], r.device, r.info)
     r.metrics.append({"epoch": epoch + 1, "step": r.pos["step"], "lr": r.st.lr(),
                       "train_loss": s[0] / max(s[2], 1), "train_top1": 100 * s[1] / max(s[2], 1), **ev,
-                      "images_per_s": P.images_per_s(r.pos.pop("epoch_images", 0),
-                                                     r.pos.pop("epoch_timed_s", 0.0)),
+                      "images_per_s": P.images_per_s(r.pos.pop("epoch_images", 0), r.pos.pop("epoch_timed_s", 0.0)),
                       "epoch_time_s": r.pos.pop("epoch_time", 0.0)})
     r.pos.update(epoch=epoch + 1, batch=0, sums=[0.0, 0.0, 0.0])
     if r.info.is_main:
@@ -867,7 +867,7 @@ def load_trained(run_dir: str | Path) -> nn.Module:
 def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
     cfg, built, cost, pos, info = r.cfg, r.built, r.cost, r.pos, r.info
     m, plan = cfg.model, built.plan
-    stitched = plan is not None and plan.kind == "stitched"
+    stitched = plan is not None and plan.kind == STITCHED
     dev = torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu"
     return {
         "run_id": r.rundir.path.name, "kind": built.kind, "source": m.source,

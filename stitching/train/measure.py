@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from stitching.kinds import STITCHED
 from stitching.results.schema import SIMILARITY_COLUMNS
 
 BATCH = 64      # images per batch: the unbiased HSIC estimator wants several; bounded memory for large features
@@ -28,7 +29,7 @@ BATCH = 64      # images per batch: the unbiased HSIC estimator wants several; b
 
 def applies(cfg, built) -> bool:
     """Whether the run measures it: a stitched model with adapters and ``train.similarity_images > 0``."""
-    return built.kind == "stitched" and built.target is not None and cfg.train.similarity_images > 0
+    return built.kind == STITCHED and built.target is not None and cfg.train.similarity_images > 0
 
 
 def _images(cfg, val_set):

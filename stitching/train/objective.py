@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stitching.kinds import STITCHED
 from stitching.stitch.join import on_destination_grid
 from stitching.train.step import autocast
 
@@ -87,7 +88,7 @@ class Objective:
         self.target = self.suffix = None
         if self.name == "task":
             return
-        if built.kind != "stitched" or built.target is None:
+        if built.kind != STITCHED or built.target is None:
             raise ValueError(f"train.objective={self.name} needs a stitched model with adapters")
         fold = bool(cfg.train.fold_bn)
         self.target = frozen_copy(built.target, fold).to(device)
@@ -152,7 +153,7 @@ def step_macs(cost, loss: str) -> int:
     adapters); ``distill`` adds the teacher's forward pass (the destination's own network up to the join, then
     its suffix); ``match`` runs the suffix forward only (on the detached output, without autograd) and adds
     the destination's own network up to the join (the activation to match)."""
-    if cost.kind != "stitched":
+    if cost.kind != STITCHED:
         return cost.trained
     step = cost.prefix + cost.adapters.forward + cost.adapters.backward_weights + cost.suffix.forward
     if loss == "match":
