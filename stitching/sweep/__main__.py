@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # its runs and cost",
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
         "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2",
-        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --pack 16   # 16 runs a task, one data pass",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --pack 16   # 16 runs a task: fewer, longer tasks",
         "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],
         cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")
