@@ -186,8 +186,8 @@ def check_closed_form(matrix: Matrix) -> None:
     cfg = load_config(matrix.base, check=False)
     if cfg.model.adapter not in kinds_with("fit"):
         raise MatrixError("model.adapter", cfg.model.adapter, cfg.source_of("model.adapter"),
-                          f"--closed-form fits the adapters by least squares: {', '.join(kinds_with('fit'))} have a map "
-                          f"to fit")
+                          f"--closed-form fits the adapters by least squares: {', '.join(kinds_with('fit'))} have a "
+                          f"map to fit")
 
 
 def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:

@@ -1,7 +1,8 @@
 """The paper's names for methods and architectures, their legend order and their line styles.
 
 Owns: ``method`` labels ("Downsample, Bottleneck", "Fine-Tuning", ...), short architecture names
-("ResNet-50", "Swin-T", ...), and the line style (resize mode) of each method (its colour: the adapter kind's record), so a
+("ResNet-50", "Swin-T", ...), and the line style (resize mode) of each method (its colour: the adapter kind's
+record), so a
 method looks the same in every figure.
 """
 

@@ -1,12 +1,12 @@
 """Least-squares initialisation of the adapters: ``model.init: least_squares`` (``default``, ``pytorch``: as
 built, :data:`stitching.stitch.adapters.ADAPTER_INITS`).
 
-Owns the init modes (:data:`INIT_MODES`), which adapters have a map to fit (the kinds whose record has a ``fit``: :mod:`stitching.kinds`), the
-config check (:func:`check_config`: exit 2 before anything is built), where each link of a chain finds its
-target (:func:`link_targets`, :func:`link_points`), the fit itself -- per-batch accumulators, :class:`LinkFit` (one
-link's normal equations, solved and written) and :class:`ChainMeasure` (the chain's residual), which the one-cell
-fit :func:`fit` and a stitching matrix's shared pass (:mod:`stitching.matrix.closed_form`) both feed -- and the
-trainer's entry (:func:`initialise`).
+Owns the init modes (:data:`INIT_MODES`), how each adapter kind's map is fitted (its record's ``fit``:
+:mod:`stitching.kinds`), the config check (:func:`check_config`: exit 2 before anything is built), where each
+link of a chain finds its target (:func:`link_targets`, :func:`link_points`), the fit itself -- per-batch
+accumulators, :class:`LinkFit` (one link's normal equations, solved and written) and :class:`ChainMeasure` (the
+chain's residual), which the one-cell fit :func:`fit` and a stitching matrix's shared pass
+(:mod:`stitching.matrix.closed_form`) both feed -- and the trainer's entry (:func:`initialise`).
 
 The fit streams N training images (evaluation transforms, a seeded subset spread over the whole set) through
 the frozen source and the destination, batch by batch, accumulating the normal equations

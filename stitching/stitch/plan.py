@@ -33,8 +33,9 @@ module as ``bilinear``, recorded as such so that sweeps see the duplicate. Metho
 ``quirks`` (config ``model.code_quirks``, the ``code`` style only: :data:`CODE_STYLE`) plans the network the
 paper's published code built where it differs from the corrected one above, on chains that work on feature maps:
 
-- the 1x1 convolutions of the padded adapter kinds (:attr:`~stitching.kinds.AdapterKind.padded`) have padding 1 (:attr:`Step.pad`): each adapter's output
-  is 2 px larger than the size it computes at, its border bias-only pixels. The next adapter resizes that map
+- the 1x1 convolutions of the padded adapter kinds (:attr:`~stitching.kinds.AdapterKind.padded`) have padding
+  1 (:attr:`Step.pad`): each adapter's output is 2 px larger than the size it computes at, its border bias-only
+  pixels. The next adapter resizes that map
   (bilinear) to its own size; under a resizing mode the destination gets the last map resized back to its own
   size (:attr:`StitchPlan.end_resize`), under ``none`` the grown map flows on into the destination;
 - ``none`` from a token source (a ViT) into an image-like destination: the N grid tokens become an N x N map
