@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.launch.slurm import MARKER_FILE, sweep_dir, task_log
+from stitching.launch.slurm.queue import MARKER_FILE, sweep_dir, task_log
 
 #: the columns, in order: a live status and its heading
 COLUMNS = ((R.FINISHED, "done"), (R.RUNNING, "running"), (R.PREEMPTED, "preempted"),
