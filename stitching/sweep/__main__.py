@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 
 from stitching import cli
-from stitching import rundir as R
+from stitching import rundir as R, rundir_paths
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
 from stitching.launch.slurm import queue, resources, script
 from stitching.sweep import estimate as E
@@ -151,10 +151,10 @@ def print_reused(reused: list) -> None:
 
 def runs_dir_of(given: str | None, name: str) -> Path:
     """Where the run directories of a sweep (or matrix) called ``name`` go: ``--runs-dir`` as typed (a plain
-    path), else ``runs/<name>``; resolved (:func:`stitching.rundir.canonical`) before anything is read or
+    path), else ``runs/<name>``; resolved (:func:`stitching.rundir_paths.canonical`) before anything is read or
     written there. A path that cannot be a directory is a :class:`ConfigError` naming ``--runs-dir``."""
     try:
-        return R.canonical(given if given is not None else Path(R.RUNS) / name)
+        return rundir_paths.canonical(given if given is not None else Path(R.RUNS) / name)
     except R.PathError as err:
         raise ConfigError("--runs-dir", given, "command line", str(err)) from None
 
@@ -377,7 +377,7 @@ def local_summary(result) -> int:
     some of the runs."""
     endings = list(result.endings.values())
     n = Counter(e.status for e in endings if not e.elsewhere)
-    killed = n[R.NEW] + n[R.STARTED]        # ended by a signal before saying how (R.ending)
+    killed = n[R.NEW] + n[R.STARTED]        # ended by a signal before saying how (rundir_ending.ending)
     failed = n[R.FAILED] + (0 if result.stopped_by else killed)
     extra = [f"{n[R.INTERRUPTED]} interrupted" if n[R.INTERRUPTED] else "",
              f"{killed} stopped while starting" if killed and result.stopped_by else "",
