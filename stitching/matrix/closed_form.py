@@ -361,7 +361,8 @@ def parts_of(nets: Networks) -> tuple:
 def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) -> int:
     import dataclasses
 
-    from stitching.data.loaders import build_datasets, build_loader
+    from stitching.data.datasets import build_datasets
+    from stitching.data.loaders import build_loader
     from stitching.data.pipeline import CpuFloat, batch_to_device
     from stitching.data.transforms import build_transforms
     from stitching.stitch import fast

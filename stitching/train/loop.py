@@ -373,7 +373,7 @@ def _build_model(r: Run) -> tuple:
 
 def _build_data(r: Run, train_tf, eval_tf) -> tuple:
     """The datasets and the run's steps (checked: ConfigError); (train, val)."""
-    from stitching.data.loaders import build_datasets
+    from stitching.data.datasets import build_datasets
 
     cfg = r.cfg
     try:
@@ -552,7 +552,7 @@ def _where(r: Run) -> str:
 
 def _train(r: Run) -> int:
     """Every remaining epoch, then the result; an exit code."""
-    from stitching.data.loaders import set_epoch
+    from stitching.data.seeding import set_epoch
 
     r.stop = S.StopSignals(r.info.is_main)
     r.started = time.time()
@@ -780,7 +780,7 @@ def _lr_factor(cfg: Config, steps_per_epoch: int, total_steps: int):
 
 def _skipped(loader, skip: int):
     """The loader from micro-batch ``skip`` on (resuming mid-epoch); skipping costs no image loading."""
-    from stitching.data.loaders import start_at
+    from stitching.data.seeding import start_at
 
     start_at(loader, skip)
     return iter(loader)

@@ -61,7 +61,7 @@ from stitching import rundir as R
 from stitching.rundir_paths import check_writable
 from stitching.config import Config, ConfigError, check_files, pack_key, pack_refusal
 from stitching.data.images import BadImageError
-from stitching.data.loaders import set_epoch
+from stitching.data.seeding import set_epoch
 from stitching.data.pipeline import CpuFloat
 from stitching.stitch import fast
 from stitching.stitch.cost import count_cost
