@@ -4,7 +4,7 @@ Three variants on the same generated ImageNet-sized JPEGs, in one process with o
 (``torch.set_num_threads(1)``, loaders with ``--workers`` workers, default 0: everything on this core), timed
 in interleaved rounds so that load from other processes hits all three alike (the median round counts):
 
-- **(a) framework**: the trainer's own code path -- ``stitching.data.loaders.build_datasets`` (ImageFolder
+- **(a) framework**: the trainer's own code path -- ``stitching.data.datasets.build_datasets`` (ImageFolder
   opening files lazily) with ``stitching.data.transforms.build_transforms(..., device)`` (``data.pipeline:
   fast``: RandomResizedCrop box drawn first, JPEG decoded at a reduced size where the box allows,
   antialiased uint8 resize of the box only, flip, AutoAugment(IMAGENET) on uint8), batched by
@@ -58,7 +58,9 @@ from PIL import Image  # noqa: E402
 
 from stitching import cli  # noqa: E402
 from stitching.config import DataConfig  # noqa: E402
-from stitching.data.loaders import build_datasets, build_loader, set_epoch  # noqa: E402
+from stitching.data.datasets import build_datasets  # noqa: E402
+from stitching.data.loaders import build_loader  # noqa: E402
+from stitching.data.seeding import set_epoch  # noqa: E402
 from stitching.data.synthetic import SyntheticImages  # noqa: E402
 from stitching.data.transforms import build_transforms  # noqa: E402
 

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from benchmarks.data import write_jpegs  # noqa: E402
 from stitching import cli  # noqa: E402
 from stitching import rundir as R  # noqa: E402
-from stitching.data.loaders import set_epoch  # noqa: E402
+from stitching.data.seeding import set_epoch  # noqa: E402
 from stitching.sweep.packs import pack_runs, prefix_gmacs, savings  # noqa: E402
 from stitching.sweep.spec import PAPER, expand  # noqa: E402
 from stitching.train import distributed as D  # noqa: E402

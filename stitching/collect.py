@@ -17,18 +17,19 @@ from pathlib import Path
 
 from stitching import cli
 from stitching import rundir as R
+from stitching.rundir_paths import canonical
 from stitching.results.collect import collect, summarize, write_csv_atomic
 from stitching.results.recipe import describe_recipes
 
 
 def output_file(output: Path) -> tuple[Path, str | None]:
-    """Where ``-o`` puts the collected CSV -- its folder resolved (:func:`stitching.rundir.canonical`), so ``..``
+    """Where ``-o`` puts the collected CSV -- its folder resolved (:func:`stitching.rundir_paths.canonical`), so ``..``
     and symlinked folders cannot hide a run directory -- and why it cannot go there (None: it can): ``-o`` is a
     directory, or a file of a run directory (:data:`stitching.rundir.RUN_FILES`, e.g. its ``result.csv``)."""
     if output.is_dir():
         return output, "is a directory; give the CSV's file name (e.g. results.csv inside it)"
     try:
-        folder = R.canonical(output.parent)
+        folder = canonical(output.parent)
     except R.PathError as err:
         return output, str(err)
     if output.name in R.RUN_FILES and R.is_run_dir(folder):

@@ -729,7 +729,7 @@ def validate(cfg: Config) -> None:
 
     _check_init(cfg, lambda: (model_spec(cfg, "source"), model_spec(cfg, "destination")))
     _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
-    from stitching.data.loaders import BAD_IMAGE_MODES
+    from stitching.data.bad_images import BAD_IMAGE_MODES
 
     _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
     _one_of(cfg, "data.normalize", NORMALIZATIONS)

@@ -16,6 +16,7 @@ renamed into place, so a file is either the old complete one or the new complete
 ``train.log``               the trainer's log
 ``state.json``              how the last trainer process ended (status, exit code, one-line message)
 ``lock``                    who trains in it now (host, pid): one trainer per directory
+                            (:mod:`stitching.rundir_lock`)
 ``launcher.log``            output of ``stitching.launch.local``
 ``slurm_job``               ``<jobid>_<task>`` of the last SLURM submission (for humans)
 ``.requeue_requested``      the requeue request of a multi-process trainer (see below)
@@ -29,9 +30,9 @@ checkpoint or a trainer that has not said how it ended: running, or killed), ``p
 SIGTERM/SIGUSR1; run it again to resume), ``interrupted`` (stopped by Ctrl-C: checkpointed after the first,
 aborted by a second keeping the last complete checkpoint; run it again to resume), ``finished``
 (``result.csv``) or ``failed`` (the trainer stopped with an error). ``state.json``'s message says how
-(:func:`error_line`), and :func:`ending` turns a trainer process's exit into the words a launcher prints.
-:func:`live_status` tells ``started`` apart by the lock: ``running`` (a live trainer holds it) or ``killed``
-(gone without saying how it ended).
+(:func:`error_line`), and :func:`stitching.rundir_ending.ending` turns a trainer process's exit into the words a
+launcher prints. :func:`stitching.rundir_lock.live_status` tells ``started`` apart by the lock: ``running`` (a
+live trainer holds it) or ``killed`` (gone without saying how it ended).
 
 Identity (:func:`identity`, :func:`run_key`, :func:`same_run`, :func:`differing_keys`): a run is its resolved
 config without the ``output`` section (where a run writes and whether it also saves the model do not change
@@ -52,10 +53,7 @@ different run with :func:`same_run`, and collection treats two finished director
 duplicates. A run directory's name (:func:`run_dir_name`: a readable head and the run key) is what a sweep
 calls its runs and what a single run without ``output.dir`` is called (under ``runs/<config name>/``).
 
-Paths (:func:`canonical`, :func:`check_writable`): a run directory is known by its resolved path -- absolute,
-symlinks followed, ``..`` applied also through folders that do not exist yet (``runs/nothere/..`` then
-``victim`` *is* ``runs/victim``) -- before anything about it is decided: whether it holds another run, its
-lock, the messages.
+Paths: :mod:`stitching.rundir_paths` (a run directory is known by its resolved path).
 
 Exit codes (of ``python -m stitching.train``; the launchers and the SLURM batch script read them):
 :data:`EXIT_OK` 0, :data:`EXIT_FAILED` 1 (an unexpected error; traceback in the log),
@@ -128,15 +126,14 @@ INTERRUPTED = "interrupted"
 STATUSES = (FINISHED, PREEMPTED, INTERRUPTED, STARTED, FAILED, NEW)
 #: statuses a trainer writes into ``state.json`` when it ends (:func:`status` reads them back)
 ENDED = (PREEMPTED, INTERRUPTED, FAILED)
-#: :func:`live_status` tells a started run apart by its trainer: still running, or gone without saying how
+#: :func:`stitching.rundir_lock.live_status` tells a started run apart by its trainer: still running, or gone
+#: without saying how
 RUNNING, KILLED = "running", "killed"
 LIVE_STATUSES = (FINISHED, RUNNING, PREEMPTED, INTERRUPTED, KILLED, FAILED, NEW)
 #: ``state.json``'s message when the trainer stopped on an unexpected error (its traceback is in the trainer's
 #: output: ``launcher.log``, or the SLURM task's log)
 UNEXPECTED = "unexpected error (traceback above)"
 
-#: a lock taken on another host whose holder has not touched it for this long is stale
-LOCK_STALE_S = 900.0
 
 
 _FAILURES = {EXIT_CONFIG: "bad config", EXIT_NONFINITE: "non-finite loss", EXIT_BUSY: "run directory in use",
@@ -144,7 +141,8 @@ _FAILURES = {EXIT_CONFIG: "bad config", EXIT_NONFINITE: "non-finite loss", EXIT_
 
 
 def describe_exit(code: int) -> str:
-    """A few words for a trainer's exit code alone (what it says without ``state.json``: :func:`ending`)."""
+    """A few words for a trainer's exit code alone (what it says without ``state.json``:
+    :func:`stitching.rundir_ending.ending`)."""
     if code < 0:
         return f"killed by {_signal_name(-code)}"
     if code in (EXIT_OK, EXIT_PREEMPTED, EXIT_INTERRUPTED):
@@ -161,40 +159,6 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Ending:
-    """How one trainer process ended, as a launcher reports it (:func:`ending`)."""
-
-    code: int               # its exit code (negative: killed by that signal)
-    status: str             # one of STATUSES: what the run directory is now
-    message: str            # what happened, in a few words
-    elsewhere: bool = False  # the run was finished by another trainer, not by this process
-
-    @property
-    def failed(self) -> bool:
-        return self.status == FAILED
-
-
-def ending(path: str | os.PathLike, code: int, pid: int | None = None) -> Ending:
-    """How the trainer process ``pid`` that exited with ``code`` on run directory ``path`` ended: what it wrote
-    into ``state.json`` when it wrote it (status and message), else what its exit code and the directory say
-    -- never that a checkpoint was saved unless the trainer said so. A trainer killed by a signal before it
-    said anything (still starting up, or SIGKILL) is reported with what the directory holds: its last
-    checkpoint, or nothing saved."""
-    d = RunDir(path)
-    state = d.read_state()
-    if pid is not None and state.get("pid") == pid and state.get("exit_code") == code \
-            and state.get("status") in (*ENDED, FINISHED):
-        return Ending(code, state["status"], state.get("message") or describe_exit(code))
-    if code == EXIT_OK:         # it wrote no state of its own: it found the run finished (by another trainer)
-        by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") not in (None, pid) else ""
-        return Ending(code, FINISHED, f"already finished{by}", elsewhere=pid is not None)
-    if code < 0 or code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):   # stopped while starting, or killed
-        saved = "its last checkpoint is kept" if d.checkpoint_candidates() else "nothing was saved"
-        return Ending(code, status(path), f"{describe_exit(code)} before it said how it ended; {saved}")
-    return Ending(code, FAILED, describe_exit(code).removeprefix("FAILED: "))
 
 
 class RunDirError(Exception):
@@ -300,50 +264,9 @@ def run_dir_name(cfg, rules: IdentityRules) -> str:
     return f"{head}.lr{t.lr:g}.seed{t.seed}.{digest}"
 
 
-# ------------------------------------------------------------------------------------------- paths
-def canonical(path: str | os.PathLike) -> Path:
-    """``path`` as the file system will know it once it exists: absolute, every symlink followed and ``..``
-    applied -- also through folders that do not exist yet, as ``mkdir -p`` would create and leave them
-    (``runs/nothere/..`` then ``victim`` is ``<cwd>/runs/victim``). Raises :class:`PathError` for a symlink
-    loop and when the path, or the nearest of its parents that exists, is not a directory. Creates nothing."""
-    try:
-        resolved = Path(path).resolve()
-    except (RuntimeError, OSError) as err:      # a symlink loop: RuntimeError up to Python 3.12, OSError after
-        raise PathError(f"cannot be resolved: {_why(err)}") from None
-    for p in (resolved, *resolved.parents):
-        try:
-            if not p.exists():
-                continue
-        except OSError as err:
-            raise PathError(f"cannot be resolved: {_why(err)}") from None
-        if not p.is_dir():
-            raise PathError(f"{p} is a file, not a directory" if p == resolved
-                            else f"{p} (a parent) is a file, not a directory")
-        break
-    return resolved
-
-
-def check_writable(path: Path) -> None:
-    """Raise :class:`WriteError` unless this process can write in the directory ``path`` (when it exists) or
-    create it (its nearest existing parent is writable); creates nothing. The trainer calls it before any
-    compute, so an unwritable place stops a run at once."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise WriteError(f"cannot write {path}: {p} is not writable (permission denied); nothing was "
-                                 "written")
-            return
-
-
 def is_run_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a run directory (it holds one of :data:`RUN_FILES`)."""
     return any((Path(path) / name).is_file() for name in RUN_FILES)
-
-
-def _why(err: BaseException) -> str:
-    if isinstance(err, RuntimeError) or (isinstance(err, OSError) and err.errno == errno.ELOOP):
-        return "a symlink loop"
-    return getattr(err, "strerror", None) or str(err)
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -394,7 +317,8 @@ def csv_bytes(columns: list[str], rows: list[dict]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now, UTC, to the second (ISO 8601): when a state or a lock was written."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -484,12 +408,12 @@ class RunDir:
         files (it became unwritable) but the old ``state.json`` may still be written, it is overwritten in
         place (not atomically: a kill in the middle leaves a file :meth:`read_state` reads as no state)."""
         data = (json.dumps({"status": status_, "exit_code": exit_code, "message": message,
-                            "host": socket.gethostname(), "pid": os.getpid(), "at": _now()}) + "\n").encode()
+                            "host": socket.gethostname(), "pid": os.getpid(), "at": utc_now()}) + "\n").encode()
         try:
             self.write_bytes(STATE, data)
             return True
         except WriteError:
-            return _overwrite(self.path / STATE, data)  # the state is a convenience: never hide the real outcome
+            return overwrite(self.path / STATE, data)  # the state is a convenience: never hide the real outcome
 
     def read_state(self) -> dict:
         try:
@@ -497,9 +421,6 @@ class RunDir:
         except (OSError, ValueError):
             return {}
 
-    # ---- one trainer per directory
-    def lock(self) -> "Lock":
-        return Lock(self.path / LOCK)
 
 
 def status(path: str | os.PathLike) -> str:
@@ -513,18 +434,6 @@ def status(path: str | os.PathLike) -> str:
     if state == STARTED or any((d / f).is_file() for f in (CHECKPOINT, CHECKPOINT_PREVIOUS)):
         return STARTED
     return NEW
-
-
-def live_status(path: str | os.PathLike) -> str:
-    """:func:`status`, a started run told apart by its lock: :data:`RUNNING` while a live trainer holds it (on
-    another host: one that touched the lock within :data:`LOCK_STALE_S`), else :data:`KILLED` (its node lost or
-    its process gone without saying how it ended; running it again resumes from its last checkpoint). A run whose new trainer is already working again is running whatever the last one said."""
-    st = status(path)
-    if st == FINISHED:
-        return st
-    if Lock(Path(path) / LOCK).alive_holder() is not None:
-        return RUNNING
-    return KILLED if st == STARTED else st
 
 
 def error_line(path: str | os.PathLike, logs: tuple = ()) -> str:
@@ -555,137 +464,11 @@ def request_requeue(env: dict | None = None) -> Path | None:
     if not name:
         return None
     path = Path(name)
-    atomic_write(path, f"{socket.gethostname()} {os.getpid()} {_now()}\n".encode())
+    atomic_write(path, f"{socket.gethostname()} {os.getpid()} {utc_now()}\n".encode())
     return path
 
 
-# ------------------------------------------------------------------------------------------- the lock
-class Lock:
-    """``lock`` = JSON {host, pid, started}: created exclusively; a second trainer is refused with the
-    holder's name. A lock whose process is gone (same host: no such pid, or a pid reused by another
-    process; another host: not touched for :data:`LOCK_STALE_S` seconds -- the holder touches it at
-    every step) is stale and taken over."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.held = False
-        self.took_over: dict | None = None
-
-    def _mine(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid()),
-                "started": _now()}
-
-    def read(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`BusyError` naming its holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.read()
-                if not holder and time.time() - self._mtime() < 5:
-                    time.sleep(0.2)      # being written by another trainer right now
-                    continue
-                if self._alive(holder):
-                    raise BusyError(f"{self.path.parent} is in use by pid {holder.get('pid')} on host "
-                                    f"{holder.get('host')} (since {holder.get('started')}); wait for it or stop it "
-                                    f"(a lock left by a process that is gone is taken over)") from None
-                self._remove_stale(holder)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self._mine()) + "\n")
-            self.held = True
-            return
-        raise BusyError(f"{self.path.parent}: could not take its lock {self.path}")
-
-    def _remove_stale(self, holder: dict) -> None:
-        """Move the stale lock aside -- only if it is still the one judged stale (another trainer may have
-        taken it over and written a fresh one meanwhile: that one is put back)."""
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = {}
-        if moved != holder:
-            try:
-                os.link(aside, self.path)      # never replaces a lock created in between
-            except FileExistsError:
-                pass
-        else:
-            self.took_over = holder or {"host": "?", "pid": "?"}
-        aside.unlink(missing_ok=True)
-
-    def _mtime(self) -> float:
-        try:
-            return self.path.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def _alive(self, holder: dict) -> bool:
-        if not holder or holder.get("released"):
-            return False
-        pid = holder.get("pid")
-        if holder.get("host") != socket.gethostname():
-            return time.time() - self._mtime() < LOCK_STALE_S
-        if not isinstance(pid, int):
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        start = holder.get("start")
-        return start is None or _process_start(pid) in (None, start)
-
-    def alive_holder(self) -> dict | None:
-        """The lock's holder if it is alive (see the class docstring), else None (no lock, or a stale one)."""
-        holder = self.read()
-        return holder if self._alive(holder) else None
-
-    def touch(self) -> None:
-        """Say the holder is alive (cheap; called at every step by the trainer)."""
-        if self.held:
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
-
-    def holder(self) -> dict | None:
-        """Who holds the lock now (host, pid, started), or None when it is free or its holder is gone (a
-        stale lock, which the next trainer takes over)."""
-        holder = self.read()
-        return holder if holder and self._alive(holder) else None
-
-    def release(self) -> bool:
-        """Remove the lock; False when the directory refuses (it became unwritable): the lock is then marked
-        ``released`` in place where the file itself can still be written, and is free for the next trainer
-        either way (its process is gone)."""
-        removed = True
-        if self.held:
-            if self.read().get("pid") == os.getpid():
-                try:
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    removed = False
-                    _overwrite(self.path, (json.dumps({**self.read(), "released": _now()}) + "\n").encode())
-            self.held = False
-        return removed
-
-
-def _overwrite(path: Path, data: bytes) -> bool:
+def overwrite(path: Path, data: bytes) -> bool:
     """Rewrite an existing file in place (for a directory that no longer takes new files); False if not."""
     try:
         with open(path, "r+b") as f:
@@ -696,12 +479,3 @@ def _overwrite(path: Path, data: bytes) -> bool:
         return True
     except OSError:
         return False
-
-
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (tells a reused pid apart); None if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None

@@ -86,7 +86,8 @@ def similarity(cfg, n: int, built) -> dict:
     (:func:`build_stitched`), on the first ``n`` training images (evaluation transforms), before training."""
     import torch
 
-    from stitching.data.loaders import build_datasets, default_workers
+    from stitching.data.datasets import build_datasets
+    from stitching.data.loaders import default_workers
     from stitching.data.transforms import build_transforms
     from stitching.stitch.join import similarity_before
 

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from stitching import rundir as R
+from stitching import rundir_ending
 from stitching.config import load_config
 from stitching.matrix import closed_form as CF
 from stitching.stitch.lsinit import fit
@@ -222,7 +223,7 @@ def test_ctrl_c_interrupts_a_group_with_130_and_its_state_says_so(tmp_path, monk
     """Ctrl-C as the trainer takes it (stitching.train.stop): the first stops the group at the next batch, a
     second at once; either way exit 130 (not 75: the local launcher reports the group interrupted, not
     preempted), nothing written for its cells, the lock released, the signal handlers back, and the group's
-    state.json says how it ended (what rundir.ending reads for the launcher)."""
+    state.json says how it ended (what rundir_ending.ending reads for the launcher)."""
     group = _group(tmp_path, "g", cuts=((1, 2),))
     before = signal.getsignal(signal.SIGINT)
     real = CF.lsinit.LinkFit.update
@@ -239,7 +240,7 @@ def test_ctrl_c_interrupts_a_group_with_130_and_its_state_says_so(tmp_path, monk
     assert CF.run_group(group) == R.EXIT_INTERRUPTED
     assert not list(group.glob(f"*/{R.RESULT}")) and not (group / R.LOCK).exists()
     assert signal.getsignal(signal.SIGINT) is before
-    ending = R.ending(group, R.EXIT_INTERRUPTED, os.getpid())
+    ending = rundir_ending.ending(group, R.EXIT_INTERRUPTED, os.getpid())
     assert ending.status == R.INTERRUPTED and "computed when it runs again" in ending.message
 
 

@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from stitching.data.loaders import build_datasets, build_loader, set_epoch
+from stitching.data.datasets import build_datasets
+from stitching.data.loaders import build_loader
+from stitching.data.seeding import set_epoch
 from stitching.data.synthetic import MAX_CLASSES, SyntheticImages, class_factors
 from stitching.data.transforms import data_config_for_size, eval_transform, train_transform
 
@@ -382,7 +384,8 @@ def test_synthetic_is_learnable_by_a_small_cnn_but_not_by_a_linear_model():
 
 
 def test_start_at_resumes_mid_epoch_with_the_same_batches_without_loading_skipped_ones():
-    from stitching.data.loaders import build_loader, set_epoch, start_at
+    from stitching.data.loaders import build_loader
+    from stitching.data.seeding import set_epoch, start_at
 
     class Counting(torch.utils.data.Dataset):
         def __init__(self):

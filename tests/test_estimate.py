@@ -179,7 +179,7 @@ blocks:
 def test_imagefolder_counts_come_from_the_folders_or_are_said(tmp_path, capsys):
     """An ImageFolder's images are counted from its root; a 1000-class root that is not here is ImageNet-1k,
     said; another is left out, said, unless ``--images`` gives the counts."""
-    from stitching.data.loaders import dataset_sizes
+    from stitching.data.datasets import dataset_sizes
 
     root = image_folder(tmp_path / "data", classes=2, per_class=3)
     spec = tmp_path / "s.yaml"

@@ -165,7 +165,9 @@ def test_gpu_decode_and_device_normalisation_match_the_cpu(tmp_path, device):
     augmented on the GPU, against the same device half on the CPU (libjpeg): a level or two apart at most on
     average. And the uint8 batch normalised on the GPU equals the CPU's."""
     from stitching.data import pipeline as P
-    from stitching.data.loaders import build_datasets, build_loader, set_epoch
+    from stitching.data.datasets import build_datasets
+    from stitching.data.loaders import build_loader
+    from stitching.data.seeding import set_epoch
     from stitching.data.transforms import build_transforms
     from tests.test_pipeline import STD, _data, _jpeg, _model_cfg, _photo
 

@@ -20,7 +20,9 @@ from PIL import Image
 
 from stitching.data import pipeline as P
 from stitching.data.images import BadImageError, load_image, open_image, to_rgb
-from stitching.data.loaders import build_datasets, build_loader, set_epoch
+from stitching.data.datasets import build_datasets
+from stitching.data.loaders import build_loader
+from stitching.data.seeding import set_epoch
 from stitching.data.transforms import build_transforms
 from stitching.rundir import EXIT_CONFIG
 from tests.conftest import ROOT, together

@@ -29,6 +29,8 @@ import torch
 import yaml
 
 from stitching import rundir as R
+from stitching import rundir_ending
+from stitching.rundir_lock import run_lock
 from tests.conftest import ROOT, in_background
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"
@@ -368,26 +370,26 @@ def test_stitching_train_in_process_leaves_logging_as_it_found_it(tmp_path, monk
 
 # ----------------------------------------------------------------------------------------- how an ending reads
 def test_a_launcher_reads_the_real_ending_never_a_checkpoint_that_was_not_saved(tmp_path):
-    """:func:`stitching.rundir.ending` as the local launcher uses it: what the trainer said in state.json when it
+    """:func:`stitching.rundir_ending.ending` as the local launcher uses it: what the trainer said in state.json when it
     was this process, else only what the exit code and the directory show."""
     d = R.RunDir(tmp_path / "run")
     d.path.mkdir()
     # killed by Ctrl-C while starting (no state of its own): before, "preempted (checkpoint saved)"
     for code in (-signal.SIGINT, R.EXIT_INTERRUPTED, R.EXIT_PREEMPTED):
-        ending = R.ending(d.path, code, pid=4242)
+        ending = rundir_ending.ending(d.path, code, pid=4242)
         assert "checkpoint saved" not in ending.message and "nothing was saved" in ending.message
         assert ending.status == R.NEW and not ending.failed
     (d.path / R.CHECKPOINT).write_bytes(b"x")
-    assert "its last checkpoint is kept" in R.ending(d.path, -signal.SIGKILL, pid=4242).message
+    assert "its last checkpoint is kept" in rundir_ending.ending(d.path, -signal.SIGKILL, pid=4242).message
     # what the trainer itself said
     d.write_state(R.INTERRUPTED, R.EXIT_INTERRUPTED, "Ctrl-C (SIGINT): checkpoint saved in epoch 2 at step 14 of 30")
-    mine = R.ending(d.path, R.EXIT_INTERRUPTED, pid=os.getpid())
+    mine = rundir_ending.ending(d.path, R.EXIT_INTERRUPTED, pid=os.getpid())
     assert (mine.status, mine.message) == (R.INTERRUPTED, "Ctrl-C (SIGINT): checkpoint saved in epoch 2 at step 14 of 30")
     assert R.status(d.path) == R.INTERRUPTED
     # exit 0 without a state of its own: the run was finished by another trainer
-    other = R.ending(d.path, R.EXIT_OK, pid=4242)
+    other = rundir_ending.ending(d.path, R.EXIT_OK, pid=4242)
     assert other.status == R.FINISHED and other.elsewhere and f"by pid {os.getpid()}" in other.message
-    assert R.ending(d.path, R.EXIT_CONFIG, pid=4242).message == "bad config (exit 2)"
+    assert rundir_ending.ending(d.path, R.EXIT_CONFIG, pid=4242).message == "bad config (exit 2)"
 
 
 # ----------------------------------------------------------------------------------------- the local launcher
@@ -513,7 +515,7 @@ def test_a_run_directory_that_becomes_unwritable_mid_run_is_one_line_exit_74_and
         state = R.RunDir(out).read_state()              # rewritten in place: the directory takes no new file
         assert (state["status"], state["exit_code"], state["pid"]) == (R.FAILED, R.EXIT_IO, proc.pid)
         assert R.status(out) == R.FAILED and f"cannot write {out}/" in state["message"]
-        assert R.RunDir(out).lock().holder() is None     # free for the next trainer
+        assert run_lock(out).holder() is None     # free for the next trainer
         assert _position(out)["epoch"] >= 1               # the checkpoint already there is intact
     finally:
         undo()

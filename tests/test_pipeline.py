@@ -31,7 +31,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from stitching.data import pipeline as P
-from stitching.data.loaders import build_datasets, build_loader, default_workers, set_epoch
+from stitching.data.datasets import build_datasets
+from stitching.data.loaders import build_loader, default_workers
+from stitching.data.seeding import set_epoch
 from stitching.data.transforms import build_transforms, eval_transform, train_transform
 from tests.conftest import ROOT, together
 
@@ -239,7 +241,7 @@ def test_simplejpeg_decodes_the_pixels_pillow_does_and_pillow_stands_in_without_
         assert (a.float() - b.float()).abs().mean() < 0.05
     data = rgb.read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    from stitching.data.loaders import BadImageError
+    from stitching.data.images import BadImageError
     with pytest.raises(BadImageError, match="cut.jpg"):
         tf(Image.open(tmp_path / "cut.jpg"))
 
@@ -427,7 +429,7 @@ def test_cli_trains_on_a_generated_imagefolder_of_jpegs_same_numbers_for_any_wor
 
 
 def test_a_corrupt_jpeg_decoded_on_the_device_is_named(tmp_path):
-    from stitching.data.loaders import BadImageError
+    from stitching.data.images import BadImageError
 
     good = _jpeg(tmp_path / "good.jpg", _photo(200, 150, 0))
     data = good.read_bytes()

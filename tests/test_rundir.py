@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from stitching import rundir as R
+from stitching.rundir_lock import LOCK_STALE_S, Lock
 from stitching.config import IDENTITY, IDENTITY_BASELINE, Config, load_config
 from tests.conftest import ROOT
 
@@ -188,11 +189,11 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     try:
         path.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "started": "then"}))
         with pytest.raises(R.BusyError, match=f"in use by pid {holder.pid} on host {socket.gethostname()}"):
-            R.Lock(path).acquire()
+            Lock(path).acquire()
     finally:
         holder.kill()
         holder.wait()
-    lock = R.Lock(path)
+    lock = Lock(path)
     lock.acquire()                          # that process is gone: stale
     assert lock.took_over["pid"] == holder.pid and json.loads(path.read_text())["pid"] == os.getpid()
     lock.release()
@@ -200,10 +201,10 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     # a lock from another host counts as alive until it has not been touched for LOCK_STALE_S
     path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
     with pytest.raises(R.BusyError, match="on host elsewhere"):
-        R.Lock(path).acquire()
-    old = path.stat().st_mtime - R.LOCK_STALE_S - 1
+        Lock(path).acquire()
+    old = path.stat().st_mtime - LOCK_STALE_S - 1
     os.utime(path, (old, old))
-    R.Lock(path).acquire()
+    Lock(path).acquire()
 
 
 def test_requeue_request_only_when_asked(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from stitching import rundir as R
+from stitching.rundir_lock import live_status
 from stitching.sweep.spec import expand
 from tests.conftest import ROOT
 
@@ -86,7 +87,7 @@ def test_status_of_a_sweep_with_runs_done_failed_running_killed_and_not_started(
                                stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while R.live_status(long.config.output.dir) != R.RUNNING:
+        while live_status(long.config.output.dir) != R.RUNNING:
             assert trainer.poll() is None and time.time() < deadline, "the trainer did not start"
             time.sleep(0.5)
         code, out = status(capsys, spec, "--runs-dir", runs)

@@ -7,8 +7,12 @@
   reduced-size JPEG decoding, uint8 augmentation, normalisation on the device; ``data.decode: gpu``.
 * :mod:`stitching.data.images` -- image files opened and converted to 8-bit RGB by the range of their mode
   (16-bit, float, palette, CMYK, alpha, 1-bit, ...); :class:`BadImageError` for a file that cannot be.
-* :mod:`stitching.data.loaders` -- dataset construction from a data config, seeded loaders whose
-  epoch order (and augmentation) is a pure function of ``(seed, epoch)``.
+* :mod:`stitching.data.datasets` -- the ``(train, val)`` datasets a data config names (:data:`DATASET_NAMES`).
+* :mod:`stitching.data.bad_images` -- ``data.bad_images``: an unreadable file stops the run or is skipped and
+  counted.
+* :mod:`stitching.data.seeding` -- per-sample seeds, ``set_epoch`` and ``start_at``: epoch order (and
+  augmentation) a pure function of ``(seed, epoch)``.
+* :mod:`stitching.data.loaders` -- ``build_loader``: the DataLoader putting them together.
 """
 
 from stitching.data.synthetic import MAX_CLASSES, SyntheticImages

@@ -4,7 +4,7 @@ Owns:
 
 * :class:`BadImageError` -- a file that cannot be read, decoded or converted to 8-bit RGB; its
   :attr:`~BadImageError.message` is one line naming the file (``data.bad_images: error`` stops the run with it,
-  ``skip`` leaves the file out and counts it: :mod:`stitching.data.loaders`).
+  ``skip`` leaves the file out and counts it: :mod:`stitching.data.bad_images`).
 * :func:`to_rgb` -- any Pillow image -> an 8-bit RGB image by the value range of its mode, never by clipping
   (Pillow's own ``convert("RGB")`` saturates 16-bit and 32-bit modes: a 16-bit PNG becomes nearly white).
   Both input pipelines call it on every file they decode (``data.pipeline: fast`` through

@@ -15,7 +15,7 @@ affinity, e.g. a SLURM allocation) / N, unless the parent sets them.
 Signals to the launcher: nothing new is started afterwards, and each running trainer is told -- SIGINT
 (Ctrl-C) is passed on as SIGINT (the trainers checkpoint at their next step and exit interrupted; a second
 Ctrl-C aborts them at once, keeping their last complete checkpoints), SIGTERM and SIGHUP as SIGTERM (they
-checkpoint and exit preempted). Each run's real ending is printed as it ends (:func:`stitching.rundir.ending`:
+checkpoint and exit preempted). Each run's real ending is printed as it ends (:func:`stitching.rundir_ending.ending`:
 what the trainer wrote into ``state.json``, else what its exit code and directory say), never "checkpoint
 saved" unless the trainer saved one. Re-running the launcher resumes them.
 
@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 from stitching import rundir as R
+from stitching import rundir_ending
+from stitching.rundir_lock import run_lock
 
 #: what each run directory is given to (``python`` + this + the directory)
 TRAIN_COMMAND = ("-m", "stitching.train", "--run-dir")
@@ -54,7 +56,7 @@ class _Stop:
 class LocalResult:
     """What :func:`run_local` did."""
 
-    endings: dict[str, R.Ending]        # run dir -> how it ended: every run started, or finished by another trainer
+    endings: dict[str, rundir_ending.Ending]  # run dir -> how it ended: every run started, or finished elsewhere
     not_started: list[str]              # runs never started (the launcher was stopped first, or another held them)
     stopped_by: str | None = None       # the signal that stopped the launcher (its name), if one did
 
@@ -66,7 +68,7 @@ def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable,
     pending = [[Path(x) for x in d] if isinstance(d, (list, tuple)) else [Path(d)] for d in run_dirs]
     running: dict[Path, tuple[subprocess.Popen, object, str | None]] = {}    # by the job's first directory
     jobs: dict[Path, list[Path]] = {}
-    endings: dict[str, R.Ending] = {}
+    endings: dict[str, rundir_ending.Ending] = {}
     waiting: dict[Path, str] = {}            # run dir -> who holds it (said once)
     stop = _Stop()
     gpus = visible_gpus()
@@ -97,12 +99,12 @@ def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable,
                 for d in job:
                     own = code if len(job) == 1 else _member_code(d, proc.pid, code)
                     if own == R.EXIT_BUSY:          # taken by another trainer meanwhile: wait for it
-                        holder = R.RunDir(d).lock().holder()
+                        holder = run_lock(d).holder()
                         waiting[d] = f"pid {holder.get('pid')} on host {holder.get('host')}" if holder else "a trainer"
                         print(f"[local] waiting: {d} is in use by {waiting[d]} (another trainer)", flush=True)
                         pending.append([d])
                         continue
-                    endings[str(d)] = ending = R.ending(d, own, proc.pid)
+                    endings[str(d)] = ending = rundir_ending.ending(d, own, proc.pid)
                     _say(d, ending, first)
             if not running and pending and stop.signal is None:
                 time.sleep(1.0)              # every run left is held by another trainer
@@ -131,11 +133,11 @@ def _startable(pending: list[list[Path]], waiting: dict[Path, str], endings: dic
             if R.status(d) == R.FINISHED:
                 state = R.RunDir(d).read_state()
                 by = f" by pid {state['pid']} on host {state.get('host')}" if state.get("pid") else ""
-                endings[str(d)] = ending = R.Ending(R.EXIT_OK, R.FINISHED, f"finished{by}", elsewhere=True)
+                endings[str(d)] = ending = rundir_ending.Ending(R.EXIT_OK, R.FINISHED, f"finished{by}", elsewhere=True)
                 _say(d, ending)
                 waiting.pop(d, None)
                 continue
-            holder = R.RunDir(d).lock().holder()
+            holder = run_lock(d).holder()
             if holder is not None:
                 who = f"pid {holder.get('pid')} on host {holder.get('host')}"
                 if d not in waiting:
@@ -188,7 +190,7 @@ def _member_code(d: Path, pid: int, code: int) -> int:
         return state["exit_code"]
     if rd.finished:
         return R.EXIT_OK
-    return R.EXIT_BUSY if rd.lock().holder() is not None else code
+    return R.EXIT_BUSY if run_lock(rd.path).holder() is not None else code
 
 
 def _pass_on(stop: _Stop, running: dict) -> None:
@@ -214,7 +216,7 @@ def _pass_on(stop: _Stop, running: dict) -> None:
               flush=True)
 
 
-def _say(d: Path, ending: R.Ending, job: Path | None = None) -> None:
+def _say(d: Path, ending: rundir_ending.Ending, job: Path | None = None) -> None:
     """One line for a run that ended: its real ending (``job``: the directory whose ``launcher.log`` has the
     output of the job it ran in)."""
     job = job or d

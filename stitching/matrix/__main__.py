@@ -44,8 +44,9 @@ from pathlib import Path
 from stitching import cli
 from stitching import rundir as R
 from stitching.config import CUT_KEYS, ConfigError, run_cli
-from stitching.kinds import kinds_with
-from stitching.kinds import STITCHED
+from stitching.kinds import STITCHED, kinds_with
+from stitching.launch.slurm.queue import LOG_DIR, submit_arrays, sweep_dir
+from stitching.launch.slurm.resources import UnsatisfiableJob
 from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
 from stitching.sweep import estimate as E
 from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
@@ -272,7 +273,6 @@ def _submit_groups(groups: list[tuple[str, Path, list]], matrix: Matrix, runs_di
     sweep's are."""
     import sys
 
-    from stitching.launch import slurm
     from stitching.matrix.closed_form import group_command
     from stitching.sweep.__main__ import slurm_groups
 
@@ -280,9 +280,9 @@ def _submit_groups(groups: list[tuple[str, Path, list]], matrix: Matrix, runs_di
     blocks = [block for _, block in matrix.groups()]
     res = next(iter(slurm_groups([r for _, _, runs in groups for r in runs], blocks, overrides).values()))[0]
     try:
-        arrays = slurm.submit_arrays(dirs, slurm.sweep_dir(runs_dir.absolute()), res, f"{matrix.name}-closed-form",
+        arrays = submit_arrays(dirs, sweep_dir(runs_dir.absolute()), res, f"{matrix.name}-closed-form",
                                      group_command(), chdir=Path.cwd())
-    except slurm.UnsatisfiableJob as err:
+    except UnsatisfiableJob as err:
         print(f"error: slurm resources of the matrix: {err}", file=sys.stderr)
         return R.EXIT_CONFIG
     except RuntimeError as err:
@@ -294,7 +294,7 @@ def _submit_groups(groups: list[tuple[str, Path, list]], matrix: Matrix, runs_di
               + (f" ({len(dirs) - submitted} already queued or running)" if submitted < len(dirs) else ""))
     else:
         print(f"slurm: all {len(dirs)} unfinished groups are already queued or running")
-    print(f"logs: {slurm.sweep_dir(runs_dir) / slurm.LOG_DIR}")
+    print(f"logs: {sweep_dir(runs_dir) / LOG_DIR}")
     return 0
 
 

@@ -56,6 +56,7 @@ from torch import nn
 
 from stitching import cli
 from stitching import rundir as R
+from stitching.rundir_lock import run_lock
 from stitching.config import CUT_KEYS, IDENTITY, Config, ConfigError, check_files, load_config, run_cli
 from stitching.results.schema import RESULT_COLUMNS
 from stitching.similarity import LeastSquares, MinibatchCKA, channels_last_samples
@@ -298,7 +299,7 @@ def run_group(group_dir: str | Path, say=print) -> int:
     check_group(cfgs, group_dir)
     for cfg in cfgs:
         check_files(cfg)
-    lock = R.RunDir(group_dir).lock()
+    lock = run_lock(group_dir)
     try:
         lock.acquire()
     except R.BusyError as err:
@@ -360,7 +361,8 @@ def parts_of(nets: Networks) -> tuple:
 def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) -> int:
     import dataclasses
 
-    from stitching.data.loaders import build_datasets, build_loader
+    from stitching.data.datasets import build_datasets
+    from stitching.data.loaders import build_loader
     from stitching.data.pipeline import CpuFloat, batch_to_device
     from stitching.data.transforms import build_transforms
     from stitching.stitch import fast

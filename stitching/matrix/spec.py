@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stitching.config import CUT_KEYS, ConfigError, load_config
+from stitching.launch.slurm.resources import SlurmResources
 
 MATRIX_KEYS = ("name", "base", "cuts", "stride", "senders", "receivers", "controls", "seeds", "slurm")
 #: ``cuts:`` -- the config's cut kinds; :data:`stitching.config.CUT_KEYS` gives the keys a sender cut and a
@@ -193,8 +194,6 @@ def load_matrix(path: str | Path) -> Matrix:
     slurm = data.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise err("slurm", "must map SLURM resources to values")
-    from stitching.launch.slurm import SlurmResources
-
     try:
         SlurmResources.from_dict(slurm, source="")
     except (ValueError, TypeError) as error:

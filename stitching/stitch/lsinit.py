@@ -435,7 +435,8 @@ def fit_images(cfg, built, batch_size: int):
     transforms, a subset spread over the training set drawn with ``train.seed`` (identical on every rank)."""
     import dataclasses
 
-    from stitching.data.loaders import build_datasets, build_loader
+    from stitching.data.datasets import build_datasets
+    from stitching.data.loaders import build_loader
     from stitching.data.transforms import build_transforms
 
     _, eval_tf = build_transforms(built.data_config, cfg.data)

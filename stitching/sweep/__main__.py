@@ -37,10 +37,10 @@ from collections import Counter
 from pathlib import Path
 
 from stitching import cli
-from stitching import rundir as R
+from stitching import rundir as R, rundir_paths
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
 from stitching.kinds import FINETUNE, ORIGINAL
-from stitching.launch import slurm
+from stitching.launch.slurm import queue, resources, script
 from stitching.sweep import estimate as E
 from stitching.sweep import status as S
 from stitching.sweep.packs import check_pack, describe, job_of, pack_runs, runs_in, savings
@@ -152,10 +152,10 @@ def print_reused(reused: list) -> None:
 
 def runs_dir_of(given: str | None, name: str) -> Path:
     """Where the run directories of a sweep (or matrix) called ``name`` go: ``--runs-dir`` as typed (a plain
-    path), else ``runs/<name>``; resolved (:func:`stitching.rundir.canonical`) before anything is read or
+    path), else ``runs/<name>``; resolved (:func:`stitching.rundir_paths.canonical`) before anything is read or
     written there. A path that cannot be a directory is a :class:`ConfigError` naming ``--runs-dir``."""
     try:
-        return R.canonical(given if given is not None else Path(R.RUNS) / name)
+        return rundir_paths.canonical(given if given is not None else Path(R.RUNS) / name)
     except R.PathError as err:
         raise ConfigError("--runs-dir", given, "command line", str(err)) from None
 
@@ -237,7 +237,7 @@ def wall_line(todo: list[E.Estimate], blocks, args) -> str:
     jobs: runs, or with ``--pack K`` packs, :func:`stitching.sweep.estimate.jobs`)."""
     if args.launcher == "slurm":
         groups = [(res.max_parallel, res.gpus_per_task, E.jobs([e for e in todo if e.run in runs], args.pack),
-                   slurm.time_seconds(res.time) / 3600, res.time)
+                   resources.time_seconds(res.time) / 3600, res.time)
                   for res, runs in slurm_groups([e.run for e in todo], blocks, args.slurm).values()]
     else:
         groups = [(max(1, args.parallel), 1, E.jobs(todo, args.pack), None, "")]
@@ -378,7 +378,7 @@ def local_summary(result) -> int:
     some of the runs."""
     endings = list(result.endings.values())
     n = Counter(e.status for e in endings if not e.elsewhere)
-    killed = n[R.NEW] + n[R.STARTED]        # ended by a signal before saying how (R.ending)
+    killed = n[R.NEW] + n[R.STARTED]        # ended by a signal before saying how (rundir_ending.ending)
     failed = n[R.FAILED] + (0 if result.stopped_by else killed)
     extra = [f"{n[R.INTERRUPTED]} interrupted" if n[R.INTERRUPTED] else "",
              f"{killed} stopped while starting" if killed and result.stopped_by else "",
@@ -402,19 +402,19 @@ def slurm_groups(runs: list[Run], blocks, overrides: list[str]) -> dict[str, tup
     ``slurm:`` with the ``--slurm key=value`` overrides, each typed by the resource it sets, as section.key=value
     is); one submission (one or more job arrays) per group; ConfigError for a malformed override or resource."""
     extra = {}
-    fields = typing.get_type_hints(slurm.SlurmResources)
+    fields = typing.get_type_hints(resources.SlurmResources)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError("--slurm", item, "command line", "write --slurm key=value")
         # typed by the resource it sets, as section.key=value is (an unknown key is named by from_dict)
         extra[key] = parse_value(fields[key], value, f"--slurm {key}") if key in fields else value
-    groups: dict[str, tuple[slurm.SlurmResources, list[Run]]] = {}
+    groups: dict[str, tuple[resources.SlurmResources, list[Run]]] = {}
     by_block = {b.name: b for b in blocks}
     for run in runs:
         spec = {**by_block[run.block].slurm, **extra}
         try:
-            res = slurm.SlurmResources.from_dict(spec, source=f"slurm resources of block {run.block}")
+            res = resources.SlurmResources.from_dict(spec, source=f"slurm resources of block {run.block}")
         except ValueError as err:
             raise ConfigError("slurm", spec, "sweep", str(err)) from None
         groups.setdefault(repr(res), (res, []))[1].append(run)
@@ -439,15 +439,15 @@ def print_slurm_plan(todo: list[Run], blocks, overrides: list[str], pack: int = 
     if not todo:
         return
     try:
-        limit, where = slurm.max_array_size(), "scontrol show config"
+        limit, where = resources.max_array_size(), "scontrol show config"
     except RuntimeError as err:
-        limit, where = slurm.DEFAULT_MAX_ARRAY_SIZE, f"SLURM's default; not read here: {str(err).splitlines()[0]}"
+        limit, where = resources.DEFAULT_MAX_ARRAY_SIZE, f"SLURM's default; not read here: {str(err).splitlines()[0]}"
     for res, runs in slurm_groups(todo, blocks, overrides).values():
         blocks_of = sorted({r.block for r in runs})
         jobs = pack_runs(runs, pack)
         try:
-            arrays = _arrays_said(slurm.array_chunks(len(jobs), limit), res)
-        except slurm.UnsatisfiableJob as err:      # a cluster that takes no arrays at all
+            arrays = _arrays_said(resources.array_chunks(len(jobs), limit), res)
+        except resources.UnsatisfiableJob as err:  # a cluster that takes no arrays at all
             arrays = f"none: {err}"
         packs = f" in {len(jobs)} packs of up to {pack}" if len(jobs) < len(runs) else ""
         print(textwrap.fill(f"slurm: {len(runs)} unfinished runs of {', '.join(blocks_of)}{packs} -> {arrays} "
@@ -457,14 +457,14 @@ def print_slurm_plan(todo: list[Run], blocks, overrides: list[str], pack: int = 
 
 def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides: list[str], pack: int = 1) -> int:
     submitted = 0
-    refused: dict[str, int] = {}                      # cause (slurm.REFUSALS) -> runs not submitted
+    refused: dict[str, int] = {}                      # cause (resources.REFUSALS) -> runs not submitted
     for res, runs in slurm_groups(todo, blocks, overrides).values():
         jobs_of = pack_runs(runs, pack)
-        command = slurm.train_command(sys.executable, res.gpus_per_task, pack=len(jobs_of) < len(runs))
+        command = script.train_command(sys.executable, res.gpus_per_task, pack=len(jobs_of) < len(runs))
         try:
-            arrays = slurm.submit_arrays([job_of(p) for p in jobs_of], slurm.sweep_dir(runs_dir.absolute()), res,
+            arrays = queue.submit_arrays([job_of(p) for p in jobs_of], queue.sweep_dir(runs_dir.absolute()), res,
                                          name, command, chdir=Path.cwd())
-        except slurm.UnsatisfiableJob as err:  # more than the cluster has (or allows): said now, not left queued
+        except resources.UnsatisfiableJob as err:  # more than the cluster has or allows: said now, not left queued
             print(f"error: slurm resources of block {runs[0].block} ({len(runs)} runs): {err}", file=sys.stderr)
             done = sum(runs_in(tasks) for _, tasks in err.submitted)
             refused[err.cause] = refused.get(err.cause, 0) + len(runs) - done
@@ -488,11 +488,11 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
         else:
             print(f"slurm: all {len(runs)} unfinished runs are already queued or running")
         submitted += n
-    logs = slurm.sweep_dir(runs_dir) / slurm.LOG_DIR
+    logs = queue.sweep_dir(runs_dir) / queue.LOG_DIR
     print(f"logs: {logs}; collect with: python -m stitching.collect {shlex.quote(str(runs_dir))} "
           f"-o {shlex.quote(str(runs_dir / 'results.csv'))}")
     for cause, n in refused.items():
-        print(f"error: {n} runs not submitted: {slurm.REFUSALS[cause]} (see above)", file=sys.stderr)
+        print(f"error: {n} runs not submitted: {resources.REFUSALS[cause]} (see above)", file=sys.stderr)
     return R.EXIT_CONFIG if refused else 0
 
 

@@ -16,7 +16,7 @@ The compute of a run (:func:`estimate_runs`), in MACs (the convention: ``docs/me
   adapters too); the least-squares fit (``model.init: least_squares``: adapters + 1 passes of both frozen
   networks over ``model.init_images`` training images, an upper bound).
 
-Image counts come from the data config (:func:`stitching.data.loaders.dataset_sizes`: the synthetic lengths, or
+Image counts come from the data config (:func:`stitching.data.datasets.dataset_sizes`: the synthetic lengths, or
 the files of an ImageFolder's ``root/train`` and ``root/val``, counted once per root). Where a root is not on this
 machine, ``--images TRAIN,VAL`` gives the counts; without it a 1000-class ImageFolder is taken to be ImageNet-1k
 (:data:`IMAGENET`; the output says so) and any other is left out of the sums (the output says how many runs).
@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 
 from stitching.config import ConfigError
-from stitching.data.loaders import dataset_sizes
+from stitching.data.datasets import dataset_sizes
 from stitching.kinds import STITCHED
 from stitching.stitch.cost import network_cost, stitch_cost
 from stitching.sweep.packs import pack_runs, shared_prefix_macs

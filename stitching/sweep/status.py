@@ -2,7 +2,8 @@
 
 Owns the ``--status`` view of ``python -m stitching.sweep`` and ``python -m stitching.matrix``: per group of
 runs (a sweep's parts by architecture pair, a matrix's matrices) how many are done, running, preempted,
-interrupted (Ctrl-C), killed (gone without saying how), failed or not started (:func:`stitching.rundir.live_status`), then every failed run's directory and
+interrupted (Ctrl-C), killed (gone without saying how), failed or not started
+(:func:`stitching.rundir_lock.live_status`), then every failed run's directory and
 the last line of its error (:func:`stitching.rundir.error_line`: ``state.json``, else the trainer's output in
 ``launcher.log`` or the run's SLURM task log), and the exit code (:func:`exit_code`): ``0`` when every run has
 finished, ``1`` when any failed, ``75`` when none failed but some have not finished (running, preempted,
@@ -17,7 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.launch.slurm import MARKER_FILE, sweep_dir, task_log
+from stitching.rundir_lock import live_status
+from stitching.launch.slurm.queue import MARKER_FILE, sweep_dir, task_log
 
 #: the columns, in order: a live status and its heading
 COLUMNS = ((R.FINISHED, "done"), (R.RUNNING, "running"), (R.PREEMPTED, "preempted"),
@@ -26,7 +28,7 @@ COLUMNS = ((R.FINISHED, "done"), (R.RUNNING, "running"), (R.PREEMPTED, "preempte
 
 def states(runs) -> dict[str, str]:
     """Run directory -> its live status, for every run (``stitching.sweep.spec.Run``)."""
-    return {r.config.output.dir: R.live_status(r.config.output.dir) for r in runs}
+    return {r.config.output.dir: live_status(r.config.output.dir) for r in runs}
 
 
 def table(runs, state: dict[str, str], groupings: list[tuple[str, callable]]) -> str:

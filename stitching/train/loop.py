@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitching import rundir as R
+from stitching import rundir as R, rundir_lock, rundir_paths
 from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config, read_yaml
 from stitching.kinds import ORIGINAL, STITCHED
 from stitching.results.recipe import recipe_columns, resize_modes
@@ -88,7 +88,7 @@ def batch_split(cfg: Config, world: int) -> tuple[int, int]:
 
 
 def run_dir_path(cfg: Config, run_dir: str | Path | None = None) -> tuple[Path, str]:
-    """The run directory, canonical (:func:`stitching.rundir.canonical`: absolute, symlinks followed, ``..``
+    """The run directory, canonical (:func:`stitching.rundir_paths.canonical`: absolute, symlinks followed, ``..``
     applied), and how it was chosen (``""``: given). ``run_dir`` or ``output.dir`` when given; else the run names
     its own: ``runs/<config name>/<run name>`` (:func:`stitching.rundir.run_dir_name`, as a sweep names its
     runs), so another key on the command line is another directory and the same command finds the same one
@@ -105,7 +105,7 @@ def run_dir_path(cfg: Config, run_dir: str | Path | None = None) -> tuple[Path, 
             given = Path(R.RUNS, *([stem] if stem else []), R.run_dir_name(cfg, IDENTITY))
             how = "named by the run's identity, as a sweep names its runs; output.dir=DIR chooses another"
     try:
-        return R.canonical(given), how
+        return rundir_paths.canonical(given), how
     except R.PathError as err:
         raise ConfigError("output.dir", str(given), cfg.source_of("output.dir"), str(err)) from None
 
@@ -139,7 +139,7 @@ class Run:
     rundir: R.RunDir
     info: D.DistInfo
     device: torch.device
-    lock: R.Lock | None = None
+    lock: rundir_lock.Lock | None = None
     built: object = None                    # stitching.stitch.stitcher.BuiltModel
     cost: dict = dataclasses.field(default_factory=dict)
     steps_per_epoch: int = 0
@@ -290,7 +290,7 @@ def _start(r: Run, force: bool) -> int | None:
     cfg.output.dir = str(r.rundir.path)
     if _already_finished(r, force):
         return R.EXIT_OK
-    R.check_writable(r.rundir.path)     # (a place this process cannot write: said before any compute)
+    rundir_paths.check_writable(r.rundir.path)     # (a place this process cannot write: said before any compute)
     train_ds, val_ds = _build(r)
     r.val_set = CpuFloat(val_ds, val_ds.transform) if hasattr(val_ds, "transform") else val_ds   # normalised floats
     if _open_rundir(r, force):
@@ -374,7 +374,7 @@ def _build_model(r: Run) -> tuple:
 
 def _build_data(r: Run, train_tf, eval_tf) -> tuple:
     """The datasets and the run's steps (checked: ConfigError); (train, val)."""
-    from stitching.data.loaders import build_datasets
+    from stitching.data.datasets import build_datasets
 
     cfg = r.cfg
     try:
@@ -405,7 +405,7 @@ def _open_rundir(r: Run, force: bool) -> bool:
     if r.info.is_main:
         try:
             r.rundir.path.mkdir(parents=True, exist_ok=True)
-            r.lock = r.rundir.lock()
+            r.lock = rundir_lock.run_lock(r.rundir.path)
             r.lock.acquire()
         except OSError as err:
             raise R.WriteError(f"cannot write {r.rundir.path}: {err.strerror or err} (errno {err.errno}); "
@@ -553,7 +553,7 @@ def _where(r: Run) -> str:
 
 def _train(r: Run) -> int:
     """Every remaining epoch, then the result; an exit code."""
-    from stitching.data.loaders import set_epoch
+    from stitching.data.seeding import set_epoch
 
     r.stop = S.StopSignals(r.info.is_main)
     r.started = time.time()
@@ -780,7 +780,7 @@ def _lr_factor(cfg: Config, steps_per_epoch: int, total_steps: int):
 
 def _skipped(loader, skip: int):
     """The loader from micro-batch ``skip`` on (resuming mid-epoch); skipping costs no image loading."""
-    from stitching.data.loaders import start_at
+    from stitching.data.seeding import start_at
 
     start_at(loader, skip)
     return iter(loader)

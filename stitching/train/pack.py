@@ -58,9 +58,10 @@ import torch
 from tqdm import tqdm
 
 from stitching import rundir as R
+from stitching.rundir_paths import check_writable
 from stitching.config import Config, ConfigError, check_files, pack_key, pack_refusal
 from stitching.data.images import BadImageError
-from stitching.data.loaders import set_epoch
+from stitching.data.seeding import set_epoch
 from stitching.data.pipeline import CpuFloat
 from stitching.stitch import fast
 from stitching.stitch.cost import count_cost
@@ -225,7 +226,7 @@ def _start(pack: Pack, force: bool) -> None:
         if L._already_finished(b, force):
             b.code, b.message = R.EXIT_OK, "already finished"
     for b in pack.active:
-        R.check_writable(b.rundir.path)
+        check_writable(b.rundir.path)
     if not pack.active:
         return
     t = pack.branches[0].cfg.train

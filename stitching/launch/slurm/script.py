@@ -1,0 +1,275 @@
+"""The batch script of a SLURM job array: the command it runs per task, its task file and its requeue protocol.
+
+Array task ``i`` reads line ``i`` (0-based) of the task file (:func:`write_task_file`): its run
+directories (one, or a pack's: :mod:`stitching.train.pack`) are the command's
+arguments (``"$@"``), the first is ``$RUN_DIR``; it runs the command (e.g.
+:func:`train_command`) in the background, so that the batch shell stays
+responsive to signals.  A pack's requeue request lives in its first directory.
+The script (:func:`render_array_script`) names its job ``stitching:<name>`` (:data:`JOB_NAME_PREFIX`) and
+carries ``--comment=stitching-tasks=<task file>`` (:data:`COMMENT_PREFIX`), by which
+:mod:`stitching.launch.slurm.queue` maps queued tasks back to run directories.
+
+Preemption / time limit protocol (what the trainer must do):
+
+* ``SlurmResources.signal`` (default ``USR1@300``) is submitted as
+  ``--signal=B:USR1@300``: SLURM sends SIGUSR1 to the *batch shell* only, 300 s
+  before the time limit.  The shell traps it (and SIGTERM) and forwards it to
+  the command: to the command's process itself, or, for a ``torchrun`` /
+  ``torch.distributed.run`` command, to the agent's children (the workers),
+  because the agent would die on SIGUSR1.  On preemption or ``scancel`` SLURM
+  sends SIGTERM to every process of the job anyway (so a trainer may see
+  SIGTERM twice).
+* On SIGUSR1/SIGTERM the trainer saves a checkpoint into ``$RUN_DIR`` and
+  exits with :data:`EXIT_REQUEUE` (``stitching.rundir.EXIT_PREEMPTED``,
+  ``EX_TEMPFAIL``: "preempted, please requeue").  It should set both signals to ``SIG_IGN`` when the first one
+  arrives: the forwarded copy of a SIGTERM that SLURM also sent directly can
+  arrive while Python is exiting (handlers are reset to the default by then),
+  turning exit 75 into "killed by SIGTERM" (143).  ``torchrun`` does not pass worker exit codes through, so a
+  multi-process trainer instead creates the file named by
+  ``$STITCHING_REQUEUE_FILE`` (rank 0, before exiting); the batch script
+  treats that exactly like exit code 75.  ``$SLURM_RESTART_COUNT`` tells a
+  restarted trainer how many times it was requeued.
+* Exit code 130 (``EXIT_INTERRUPTED``: SIGINT, e.g. ``scancel --signal=INT``; the command runs in the
+  background of a non-interactive shell, so a SIGINT sent to the whole job is ignored, as Python leaves it)
+  is a deliberate stop: the script says so and exits 130 without requeueing; submitting the sweep again
+  resumes the run.
+* On exit code 75 the batch script requeues *itself* with
+  ``scontrol requeue ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}`` while the
+  task is still RUNNING (this is why the signal comes before the time limit:
+  a job that already reached TIMEOUT or was cancelled cannot be requeued),
+  then exits 0.  ``--requeue`` alone would not do it: it only covers node
+  failure and preemption; exit-code based requeue (``RequeueExit=75``) is a
+  cluster setting we cannot rely on.  If ``scontrol requeue`` fails (or
+  ``requeue=False``), the script exits 75, so a cluster that does configure
+  ``RequeueExit=75`` still requeues it.  Logs use ``--open-mode=append`` so a
+  requeued task appends to its ``%A_%a.out`` instead of truncating it.
+
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Iterable
+
+from stitching.launch.slurm.resources import NAME_RE, SlurmResources
+from stitching.messages import short_repr
+from stitching.rundir import EXIT_INTERRUPTED, EXIT_PREEMPTED, REQUEUE_ENV, REQUEUE_REQUEST
+
+#: Exit code meaning "checkpointed after a signal, please requeue me" (EX_TEMPFAIL): the run directory's.
+EXIT_REQUEUE = EXIT_PREEMPTED
+JOB_NAME_PREFIX = "stitching:"
+COMMENT_PREFIX = "stitching-tasks="
+
+
+def train_command(python: str, gpus_per_task: int, pack: bool = False) -> str:
+    """Shell command (referring to "$RUN_DIR") that trains one run directory; with ``pack``, every run directory
+    of the task (``"$@"``) as one pack."""
+    py = shlex.quote(python)
+    launcher = "" if gpus_per_task <= 1 else \
+        f"-m torch.distributed.run --standalone --nproc_per_node={int(gpus_per_task)} "
+    if pack:
+        return (f'args=(); for d in "$@"; do args+=(--run-dir "$d"); done; '
+                f'exec {py} {launcher}-m stitching.train "${{args[@]}}"')
+    return f'{py} {launcher}-m stitching.train --run-dir "$RUN_DIR"'
+
+
+def _is_launcher(command: str) -> bool:
+    return bool(re.search(r"(^|[\s/])(torchrun|torch\.distributed\.run)(\s|$)", command))
+
+
+def _sbatch_quote(value: str) -> str:
+    # sbatch splits #SBATCH lines on blanks but honours double quotes.
+    if re.search(r'\s|"', value):
+        if '"' in value or "\n" in value:
+            raise ValueError(f"cannot put {short_repr(value)} on an #SBATCH line")
+        return f'"{value}"'
+    return value
+
+
+_SCRIPT_BODY = r"""
+# Generated by stitching.launch.slurm.script (see its module docstring).
+# Array task i runs line i (0-based) of TASK_FILE: its run directories (a pack's are separated by tabs)
+# are the command's arguments, the first one $RUN_DIR.
+# Exit status @EXIT_REQUEUE@ of the command (or $@REQUEUE_ENV@ existing) means
+# "checkpointed after a signal, please requeue": the task requeues itself.
+set -euo pipefail
+
+TASK_FILE=@TASK_FILE@
+REQUEUE=@REQUEUE@
+SIGNAL_CHILDREN=@SIGNAL_CHILDREN@
+EXIT_REQUEUE=@EXIT_REQUEUE@
+EXIT_INTERRUPTED=@EXIT_INTERRUPTED@
+
+: "${SLURM_ARRAY_TASK_ID:?this script must run as a SLURM array task}"
+TASK_ID="${SLURM_ARRAY_JOB_ID:-local}_${SLURM_ARRAY_TASK_ID}"
+LINE="$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$TASK_FILE")"
+if [[ -z "$LINE" ]]; then
+    echo "[stitching] task $TASK_ID: no line $((SLURM_ARRAY_TASK_ID + 1)) in $TASK_FILE" >&2
+    exit 2
+fi
+IFS=$'\t' read -r -a RUN_DIRS <<< "$LINE"
+RUN_DIR="${RUN_DIRS[0]}"
+export RUN_DIR
+export @REQUEUE_ENV@="$RUN_DIR/@REQUEUE_REQUEST@"
+rm -f "$@REQUEUE_ENV@"
+say() { echo "[stitching] $(date '+%F %T') task $TASK_ID: $*"; }
+PACK=""
+if ((${#RUN_DIRS[@]} > 1)); then PACK=" (a pack of ${#RUN_DIRS[@]} runs)"; fi
+say "start (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname) RUN_DIR=$RUN_DIR$PACK"
+
+child=""
+caught=""
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+    caught="$1"
+    if [[ -z "$child" ]]; then return 0; fi
+    if ((SIGNAL_CHILDREN)); then
+        say "caught SIG$1, forwarding to the workers of pid $child"
+        pkill -"$1" -P "$child" 2>/dev/null || true
+    else
+        say "caught SIG$1, forwarding to pid $child"
+        kill -s "$1" "$child" 2>/dev/null || true
+    fi
+}
+@TRAPS@
+
+bash -c @COMMAND@ stitching-task "${RUN_DIRS[@]}" &
+child=$!
+
+# A trapped signal makes `wait` return early (status > 128) after running the
+# trap; keep waiting until the command itself has exited, then take its status.
+rc=0
+while :; do
+    caught=""
+    if wait "$child"; then rc=0; else rc=$?; fi
+    [[ -n "$caught" ]] || break
+    if kill -0 "$child" 2>/dev/null; then continue; fi
+    if wait "$child" 2>/dev/null; then rc=0; else r=$?; ((r == 127)) || rc=$r; fi
+    break
+done
+# From here on, signals are caught and do nothing (SLURM sends SIGTERM after a requeue).
+trap 'true' @SIGNALS@
+say "command exited with status $rc"
+
+if ((rc == EXIT_REQUEUE)) || [[ -e "$@REQUEUE_ENV@" ]]; then
+    rm -f "$@REQUEUE_ENV@"
+    if ((REQUEUE)); then
+        say "requeue requested; scontrol requeue $TASK_ID"
+        if scontrol requeue "$TASK_ID"; then
+            exit 0
+        fi
+        say "scontrol requeue failed"
+    fi
+    exit "$EXIT_REQUEUE"
+fi
+if ((rc == EXIT_INTERRUPTED)); then
+    say "interrupted (SIGINT): the trainer kept its checkpoint; not requeued (a deliberate stop): submit the sweep again to resume"
+fi
+exit "$rc"
+"""
+
+
+def render_array_script(
+    task_file: Path,
+    n_tasks: int,
+    resources: SlurmResources,
+    log_dir: Path,
+    job_name: str,
+    command: str,
+    *,
+    chdir: Path | None = None,
+    signal_children: bool | None = None,
+    after: str | None = None,
+) -> str:
+    """An sbatch script running ``command`` once per line of ``task_file``.
+
+    ``command`` is a shell command string referring to "$RUN_DIR" (or to
+    ``"$@"``: every run directory of the task, a pack's).  Paths are
+    made absolute; ``log_dir`` must exist when the job starts (:func:`submit`
+    creates it).  ``signal_children`` (default: auto, true for torchrun
+    commands) forwards USR1/TERM to the command's children instead of the
+    command itself.  ``after``: a job id this array waits for
+    (``--dependency=afterany:<id>``: the chain that keeps the throttle across
+    the arrays of one submission).
+    """
+    if not isinstance(n_tasks, int) or n_tasks < 1:
+        raise ValueError(f"n_tasks must be >= 1, got {short_repr(n_tasks)}")
+    if not job_name or not NAME_RE.match(job_name):
+        raise ValueError(f"bad job name {short_repr(job_name)} (no blanks or quotes)")
+    if not command.strip():
+        raise ValueError("empty command")
+    if not job_name.startswith(JOB_NAME_PREFIX):
+        job_name = JOB_NAME_PREFIX + job_name
+    task_file = Path(task_file).absolute()
+    log_dir = Path(log_dir).absolute()
+    if signal_children is None:
+        signal_children = _is_launcher(command)
+
+    array = f"0-{n_tasks - 1}"
+    if resources.max_parallel:
+        array += f"%{resources.max_parallel}"
+    opts = [
+        f"--job-name={job_name}",
+        f"--array={array}",
+        f"--output={_sbatch_quote(str(log_dir / '%A_%a.out'))}",
+        "--open-mode=append",
+        f"--comment={_sbatch_quote(COMMENT_PREFIX + str(task_file))}",
+    ]
+    if chdir is not None:
+        opts.append(f"--chdir={_sbatch_quote(str(Path(chdir).absolute()))}")
+    if after is not None:
+        if not str(after).isdigit():
+            raise ValueError(f"after must be a job id, got {short_repr(after)}")
+        opts.append(f"--dependency=afterany:{after}")
+    opts += resources.sbatch_options()
+
+    signals = ["USR1", "TERM"]
+    sig = resources.signal_parts()
+    if sig and sig[0] not in signals:
+        signals.append(sig[0])
+    traps = "\n".join(f"trap 'forward {s}' {s}" for s in signals)
+
+    body = (
+        _SCRIPT_BODY.replace("@TASK_FILE@", shlex.quote(str(task_file)))
+        .replace("@REQUEUE@", "1" if resources.requeue else "0")
+        .replace("@SIGNAL_CHILDREN@", "1" if signal_children else "0")
+        .replace("@EXIT_REQUEUE@", str(EXIT_REQUEUE))
+        .replace("@EXIT_INTERRUPTED@", str(EXIT_INTERRUPTED))
+        .replace("@REQUEUE_ENV@", REQUEUE_ENV)
+        .replace("@REQUEUE_REQUEST@", REQUEUE_REQUEST)
+        .replace("@TRAPS@", traps)
+        .replace("@SIGNALS@", " ".join(signals))
+        .replace("@COMMAND@", shlex.quote(command))
+    )
+    return "#!/bin/bash\n" + "".join(f"#SBATCH {o}\n" for o in opts) + body
+
+
+def write_task_file(path: Path, run_dirs: Iterable) -> list[str]:
+    """Write one task per line: an absolute run directory, or a pack's (a list of them) separated by tabs;
+    returns the lines."""
+    lines = []
+    for task in run_dirs:
+        dirs = [abs_dir(d) for d in task_dirs(task)]
+        for s in dirs:
+            if "\n" in s or "\r" in s or "\t" in s:
+                raise ValueError(f"run directory with a newline or a tab: {short_repr(s)}")
+        lines.append("\t".join(dirs))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
+    return lines
+
+
+def abs_dir(path: str | os.PathLike) -> str:
+    """``path`` made absolute, as a task file holds it."""
+    return os.path.abspath(os.fspath(path))
+
+
+def task_dirs(task) -> list:
+    """The run directories of a task: one (a path) or a pack's (a list or tuple of paths)."""
+    return list(task) if isinstance(task, (list, tuple)) else [task]
