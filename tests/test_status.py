@@ -145,4 +145,5 @@ def test_matrix_status_counts_each_matrix(tmp_path, capsys):
     assert counts(out, "trained") == {"done": 0, "running": 0, "preempted": 0, "interrupted": 0, "killed": 0,
                                       "failed": 0,
                                       "not started": 10, "total": 10}
-    assert counts(out, "random sender and receiver")["not started"] == 10 and counts(out)["total"] == 40
+    assert counts(out, "random sender and receiver")["not started"] == 10
+    assert counts(out, "receiver")["not started"] == 1 and counts(out)["total"] == 41     # the receiver alone
