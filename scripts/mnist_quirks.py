@@ -23,7 +23,6 @@ Uses the trained models of the MNIST study (``scripts/toy_study.py``, its mnist 
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -128,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.absolute()
     data_root = out / "data"
     parallel = max(1, args.parallel)
-    env, solo = dict(os.environ), dict(os.environ)
-    if args.threads is not None or "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 1) // parallel))
-        solo["OMP_NUM_THREADS"] = str(args.threads or os.cpu_count() or 1)
+    env, solo = toy.thread_envs(args.threads, parallel)
     py = sys.executable
 
     toy.write_sweep(out, study="mnist", data_root=data_root)

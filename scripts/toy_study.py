@@ -310,6 +310,16 @@ def write_claims(out: Path, results: Path, matrices: list[Path], path: Path) -> 
     return verdicts
 
 
+def thread_envs(threads: int | None, parallel: int) -> tuple[dict, dict]:
+    """The environments of the steps: (runs ``parallel`` at a time, one run alone); ``OMP_NUM_THREADS`` is
+    ``threads``, or the cores shared out, unless the caller's environment sets it and ``threads`` is not given."""
+    env, solo = dict(os.environ), dict(os.environ)
+    if threads is not None or "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // parallel))
+        solo["OMP_NUM_THREADS"] = str(threads or os.cpu_count() or 1)
+    return env, solo
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("python scripts/toy_study.py", __doc__, [
         "python scripts/toy_study.py                     # synthetic images: runs/toy, docs/figures",
@@ -345,10 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if study == "mnist":
         data_root = (args.data_root or out / "data").absolute()
     parallel = max(1, args.parallel)
-    env, solo = dict(os.environ), dict(os.environ)
-    if args.threads is not None or "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 1) // parallel))
-        solo["OMP_NUM_THREADS"] = str(args.threads or os.cpu_count() or 1)
+    env, solo = thread_envs(args.threads, parallel)
     py = sys.executable
     start = time.time()
 

@@ -546,6 +546,7 @@ NOT_RECIPE = {
     "model.destination_weights": "-> pretrained", "model.pretrained": "-> pretrained",
     "model.source_kwargs": "-> model_kwargs", "model.destination_kwargs": "-> model_kwargs",
     "model.init_images": "-> init_images (least_squares only)",
+    "model.code_quirks": "-> adapter_style (code+quirks)",
     "data.name": "-> dataset", "data.root": "-> dataset", "data.label": "a display name (data_label column)", "data.num_classes": "-> num_classes",
     "data.train_size": "synthetic data only", "data.val_size": "synthetic data only",
     "data.seed": "synthetic data only", "data.workers": "execution",

@@ -165,6 +165,19 @@ def print_receiver(exp) -> None:
               f"{run.name}")
 
 
+def print_plan(matrix: Matrix, exp, impossible: str) -> None:
+    """What was dropped and reused, the matrix's tables, its receiver run, the legend and the runs' statuses."""
+    _print_dropped(impossible, exp.impossible)
+    _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
+    print_reused(exp.reused)
+    print()
+    print_tables(matrix, exp)
+    print_receiver(exp)
+    print(f"legend: {LEGEND}")
+    status = Counter(R.status(r.config.output.dir) for r in exp.runs)
+    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
+
+
 def combined(expansions: list):
     """One :class:`stitching.sweep.spec.Expansion` of several (the runs, counts added up)."""
     from stitching.sweep.spec import Expansion
@@ -211,15 +224,7 @@ def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
     print(summary_line(matrix) + " -- closed form (least squares, no training)")
     print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}, {len(groups)} groups (one per control and "
           f"seed; a group's cells share their passes)")
-    _print_dropped("cells that cannot be stitched or fitted in closed form", exp.impossible)
-    _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
-    print_reused(exp.reused)
-    print()
-    print_tables(matrix, exp)
-    print_receiver(exp)
-    print(f"legend: {LEGEND}")
-    status = Counter(R.status(r.config.output.dir) for r in exp.runs)
-    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
+    print_plan(matrix, exp, "cells that cannot be stitched or fitted in closed form")
     todo = [(name, d, [r for r in e.runs if R.status(r.config.output.dir) != R.FINISHED]) for name, d, e in groups]
     todo = [t for t in todo if t[2]]
     todo_receiver = [r for r in receiver.runs if R.status(r.config.output.dir) != R.FINISHED]
@@ -351,15 +356,7 @@ def main(argv=None) -> int:
 
     print(summary_line(matrix))
     print(f"{exp.total} grid points -> {len(exp.runs)} runs in {runs_dir}")
-    _print_dropped("cells that cannot be stitched", exp.impossible)
-    _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
-    print_reused(exp.reused)
-    print()
-    print_tables(matrix, exp)
-    print_receiver(exp)
-    print(f"legend: {LEGEND}")
-    status = Counter(R.status(r.config.output.dir) for r in exp.runs)
-    print(f"total runs: {len(exp.runs)} (" + ", ".join(f"{status[s]} {s}" for s in R.STATUSES) + ")")
+    print_plan(matrix, exp, "cells that cannot be stitched")
     todo = [r for r in exp.runs if R.status(r.config.output.dir) != R.FINISHED]
     if args.dry_run:
         print(describe(savings(exp.runs, pack_runs(exp.runs, args.pack)), args.pack))

@@ -103,12 +103,7 @@ def plot_matrix_heatmaps(table: pd.DataFrame, out_path: str | os.PathLike | None
         values = heatmap_values(table, control, senders, receivers)
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=vmax, origin="upper",
                           aspect="auto", interpolation="nearest")
-        ax.set_title(CONTROL_NAMES[control], fontsize="medium")
-        ax.set_xticks(range(len(receivers)), [str(r) for r in receivers], fontsize="small")
-        ax.set_yticks(range(len(senders)), [str(s) for s in senders], fontsize="small")
-        ax.set_xlabel(f"receiver {unit}")
-        if ax is axes[0]:
-            ax.set_ylabel(f"sender {unit}")
+        _label_axes(ax, CONTROL_NAMES[control], senders, receivers, unit, first=ax is axes[0])
         if annotate:
             for (r, c), v in np.ndenumerate(values):
                 if np.isfinite(v):
@@ -142,6 +137,16 @@ def plot_accuracy_vs_depth(table: pd.DataFrame, out_path: str | os.PathLike | No
     return _save(fig, out_path, caption)
 
 
+def _label_axes(ax, title: str, senders: list, receivers: list, unit: str, first: bool) -> None:
+    """A heatmap panel's title, cut ticks and axis labels (the sender label on the first panel only)."""
+    ax.set_title(title, fontsize="medium")
+    ax.set_xticks(range(len(receivers)), [str(r) for r in receivers], fontsize="small")
+    ax.set_yticks(range(len(senders)), [str(x) for x in senders], fontsize="small")
+    ax.set_xlabel(f"receiver {unit}")
+    if first:
+        ax.set_ylabel(f"sender {unit}")
+
+
 def _panels(table, cuts, senders, receivers, panels, title, caption, out_path, shared: bool = False):
     """Heatmap panels side by side: ``panels`` = [(title, values, cmap, norm, format, colorbar label)];
     ``shared``: one colour bar for all (the first panel's scale)."""
@@ -156,12 +161,7 @@ def _panels(table, cuts, senders, receivers, panels, title, caption, out_path, s
         cmap = matplotlib.colormaps[cmap].with_extremes(bad=MISSING_COLOR)
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, origin="upper", aspect="auto",
                           interpolation="nearest")
-        ax.set_title(name, fontsize="medium")
-        ax.set_xticks(range(len(receivers)), [str(r) for r in receivers], fontsize="small")
-        ax.set_yticks(range(len(senders)), [str(x) for x in senders], fontsize="small")
-        ax.set_xlabel(f"receiver {unit}")
-        if ax is axes[0]:
-            ax.set_ylabel(f"sender {unit}")
+        _label_axes(ax, name, senders, receivers, unit, first=ax is axes[0])
         if annotate:
             for (r, c), v in np.ndenumerate(values):
                 if np.isfinite(v):
