@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from stitching.plots.labels import add_labels, arch_name
-from stitching.results.collect import REQUIRED_COLUMNS, normalize_columns
+from stitching.results.collect import normalize_columns
+from stitching.results.schema import REQUIRED_COLUMNS
 from stitching.results.recipe import EVAL_COLUMNS, canonical, group_columns
 
 #: One scenario = one point of one line in a figure; seeds are averaged within it.

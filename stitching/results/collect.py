@@ -25,17 +25,11 @@ from stitching import rundir
 from stitching.config import IDENTITY, ConfigError, read_yaml
 from stitching.messages import clip, short_repr
 from stitching.results.recipe import fill_missing_recipe
-from stitching.results.schema import RESULT_COLUMNS
+from stitching.results.schema import FLOAT_COLUMNS, INT_COLUMNS, REQUIRED_COLUMNS, RESULT_COLUMNS
 
 CONFIG_NAME = rundir.CONFIG
 RESULT_NAME = rundir.RESULT
 
-#: Columns a ``result.csv`` must have to be usable by the plots; the other RESULT_COLUMNS are filled
-#: with missing values when absent (older runs, hand-made rows).
-REQUIRED_COLUMNS = [
-    "run_id", "kind", "source", "destination", "source_stage", "destination_stage",
-    "adapter", "resize", "lr", "seed", "top1", "macs",
-]
 KINDS = ("stitched", "finetune", "original")
 
 #: The largest ``result.csv`` read (a header and one row: a few KiB); a larger one is reported as damaged unread.
@@ -43,17 +37,6 @@ MAX_RESULT_BYTES = 256 * 1024
 
 #: Extra column added by :func:`collect`: the run directory, relative to the runs folder.
 RUN_DIR_COLUMN = "run_dir"
-
-_INT_COLUMNS = [
-    "source_stage", "destination_stage", "source_block", "destination_block",
-    "num_adapters", "num_classes", "img_size", "epochs",
-    "batch_size", "seed", "params", "trainable_params", "world_size", "similarity_images",
-]
-_FLOAT_COLUMNS = [
-    "lr", "weight_decay", "top1", "top5", "val_loss", "train_loss", "macs", "flops",
-    "images_per_s", "wall_time_s", "train_macs", "cka_before", "ls_residual_before", "cka_after", "match_mse_after",
-]
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -107,16 +90,17 @@ def read_result(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def normalize_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Order the columns (RESULT_COLUMNS first, extras after) and give numeric columns numeric dtypes. A
+    """Order the columns (RESULT_COLUMNS first, extras after) and give numeric columns the dtypes their
+    declaration says (:data:`stitching.results.schema.COLUMNS`: ``float64``; ``Int64`` where whole). A
     recipe column the whole table lacks (collected by a version before it existed) takes its baseline
     (:func:`stitching.results.recipe.fill_missing_recipe`)."""
     df = fill_missing_recipe(df) if len(df) else df.copy()
     for col in RESULT_COLUMNS:
         if col not in df.columns:
             df[col] = pd.NA
-    for col in _FLOAT_COLUMNS:
+    for col in FLOAT_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in _INT_COLUMNS:
+    for col in INT_COLUMNS:
         values = pd.to_numeric(df[col], errors="coerce")
         whole = values.dropna()
         df[col] = values.astype("Int64") if (whole == whole.round()).all() else values

@@ -30,10 +30,8 @@ import logging
 import math
 import shlex
 import signal
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -42,7 +40,7 @@ from torch import nn
 
 from stitching import rundir as R
 from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config, read_yaml
-from stitching.results.recipe import recipe_columns, resize_modes
+from stitching.results.row import result_row
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
 from stitching.train import curves
@@ -116,18 +114,6 @@ def _holds_run(path: Path, cfg: Config) -> bool:
     except ConfigError:
         return False
     return isinstance(old, dict) and R.same_run(old, cfg.to_dict(), IDENTITY)
-
-
-def git_sha() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @dataclasses.dataclass
@@ -865,28 +851,12 @@ def load_trained(run_dir: str | Path) -> nn.Module:
 
 
 def _result_row(r: Run, ev: dict, after: dict | None = None) -> dict:
-    cfg, built, cost, pos, info = r.cfg, r.built, r.cost, r.pos, r.info
-    m, plan = cfg.model, built.plan
-    stitched = plan is not None and plan.kind == "stitched"
-    dev = torch.cuda.get_device_name(r.device) if r.device.type == "cuda" else "cpu"
-    return {
-        "run_id": r.rundir.path.name, "kind": built.kind, "source": m.source,
-        "destination": plan.destination if plan else m.source,
-        "source_stage": plan.source_stage if plan else "", "destination_stage": plan.destination_stage if plan else "",
-        "source_block": plan.source_block if plan else "", "destination_block": plan.destination_block if plan else "",
-        "gap": plan.cut_label if plan else "",
-        "adapter": plan.adapter if plan else "", "resize": plan.effective_resize if stitched else "",
-        "resamples": any(s.size_in != s.size_out for s in plan.steps) if stitched else "",
-        "resize_modes": resize_modes(cfg) if stitched else "",
-        "schedule": plan.schedule if stitched else "",
-        "num_adapters": plan.num_adapters if plan else 0,
-        **recipe_columns(cfg, info.world_size, r.precision), "data_label": cfg.data.label or "",
-        "seed": cfg.train.seed, "top1": ev["top1"], "top5": ev["top5"], "val_loss": ev["val_loss"],
-        "train_loss": r.metrics[-1]["train_loss"] if r.metrics else "",
-        "init_residual": pos.get("init_residual", ""),
-        **cost, "train_macs": train_macs(cfg, cost["macs"], r.objective.extra_macs(cfg.data.img_size)),
-        **measure.columns(pos.get("similarity_before"), after),
-        "images_per_s": _ips(pos), "wall_time_s": pos["wall"], "world_size": info.world_size, "pack": r.pack,
-        "device": dev, "git_sha": git_sha(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    """The run's ``result.csv`` row (:func:`stitching.results.row.result_row`) from what the trainer holds."""
+    cfg, pos = r.cfg, r.pos
+    return result_row(run_id=r.rundir.path.name, cfg=cfg, kind=r.built.kind, plan=r.built.plan,
+                      precision=r.precision, world_size=r.info.world_size, evaluation=ev,
+                      train_loss=r.metrics[-1]["train_loss"] if r.metrics else "",
+                      init_residual=pos.get("init_residual", ""), cost=r.cost,
+                      train_macs=train_macs(cfg, r.cost["macs"], r.objective.extra_macs(cfg.data.img_size)),
+                      before=pos.get("similarity_before"), after=after, images_per_s=_ips(pos),
+                      wall_time_s=pos["wall"], pack=r.pack, device=P.device_name(r.device))
