@@ -64,6 +64,7 @@ from stitching.stitch import lsinit
 from stitching.stitch.join import adapted_at_join, destination_at_join, on_destination_grid, source_at_join
 from stitching.stitch.stitcher import Networks, assemble, load_networks
 from stitching.train.objective import Objective, train_macs
+from stitching.train.opening import batch_split, resolve_device
 from stitching.train.perf import device_name
 from stitching.train.stop import INTERRUPT, NONE, Aborted, StopSignals
 
@@ -253,7 +254,7 @@ def similarity_cells(cells: list[Cell], shared: SharedForward, images, device, s
 def evaluate_cells(cells: list[Cell], shared: SharedForward, loader, prepare, device, precision: str,
                    channels_last: bool, stop: _Stop | None = None) -> None:
     """Every cell's top-1, top-5 (percent) and mean loss on the validation ``loader``, as the trainer's
-    evaluation computes them (:func:`stitching.train.loop.evaluate`: autocast, float64 sums), the sender's
+    evaluation computes them (:func:`stitching.train.evaluation.evaluate`: autocast, float64 sums), the sender's
     forward shared; ``shared`` holds the evaluation copies of the networks (folded, channels-last)."""
     from stitching.train.step import autocast
 
@@ -369,7 +370,6 @@ def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) 
     from stitching.stitch import fast
     from stitching.stitch.cost import count_cost
     from stitching.train import perf as P
-    from stitching.train.loop import batch_split, resolve_device
     from stitching.train.measure import BATCH
 
     t0 = time.time()
