@@ -698,3 +698,17 @@ def test_the_row_builder_fills_every_declared_column():
     assert list(row) == RESULT_COLUMNS
     assert row["kind"] == "original" and row["destination"] == row["source"] == "resnet50" and row["gap"] == ""
     assert row["top1"] == 1.0 and row["macs"] == 1 and row["cka_before"] == "" and row["lr"] not in ("", None)
+
+
+def test_collection_gives_rows_of_older_versions_their_resize_modes(results):
+    """Rows written before ``resize_modes`` (and before ``resamples``) get it in collection, so the plots read one
+    shape: within a (source, destination, adapter) that used bilinear somewhere, a gap whose every row says
+    ``none`` stands for none and bilinear; gaps run with a resize mode, and rows that say it, stay as they are."""
+    df = normalize_columns(results)
+    stitched = df[df["kind"] == "stitched"]
+    gap = (stitched["source"] == "resnet50") & (stitched["destination"] == "resnet50") \
+        & (stitched["adapter"] == "bottleneck") & (stitched["source_stage"] == 1)
+    assert set(stitched[gap & (stitched["destination_stage"] == 1)]["resize_modes"]) == {"none|bilinear"}
+    assert stitched[gap & (stitched["destination_stage"] > 1)]["resize_modes"].isna().all()
+    said = results.assign(resize_modes="none")       # a newer row says it: kept
+    assert set(normalize_columns(said)[lambda d: d["kind"] == "stitched"]["resize_modes"]) == {"none"}
