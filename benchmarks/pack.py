@@ -51,7 +51,7 @@ from stitching.data.seeding import set_epoch  # noqa: E402
 from stitching.sweep.packs import pack_runs, prefix_gmacs, savings  # noqa: E402
 from stitching.sweep.spec import PAPER, expand  # noqa: E402
 from stitching.train import distributed as D  # noqa: E402
-from stitching.train import loop as L  # noqa: E402
+from stitching.train import ending as E  # noqa: E402
 from stitching.train import pack as PK  # noqa: E402
 from stitching.train import perf as P  # noqa: E402
 from stitching.train import resolve  # noqa: E402
@@ -164,7 +164,7 @@ def ideal(files: list[Path], args) -> dict:
                 branches = [a + b for a, b in zip(branches, own)]
     finally:
         for b in pk.active:
-            L._close(b, R.EXIT_PREEMPTED, "benchmark: the ideal pass is not a run")
+            E.close(b, R.EXIT_PREEMPTED, "benchmark: the ideal pass is not a run")
         PK._restore_log(pk)
     return {"data": data, "prefix": prefix, "branches": branches, "total": data + prefix + sum(branches)}
 

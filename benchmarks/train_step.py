@@ -3,7 +3,7 @@
 For each stitch (defaults: ResNet-50 1->3 self-stitch and ResNet-50 1 -> Swin-T 3, bottleneck adapters with
 bilinear resizing) it times, on synthetic tensors (random-init models, random images and labels):
 
-(a) ``framework``: the trainer's own step -- :func:`stitching.train.loop.build_step` (the module from
+(a) ``framework``: the trainer's own step -- :func:`stitching.train.step.build_step` (the module from
     :func:`stitching.stitch.fast.prepare_for_training`: frozen BatchNorms folded, channels-last per
     ``--channels-last``, ``--precision``, optional ``--compile``; AdamW over the trainable (adapter)
     parameters with the paper's lr/weight decay, the cosine schedule, the fp16 scaler) and
@@ -111,7 +111,7 @@ def build_variant(variant: str, stitch: dict, opts: dict, device: torch.device):
     """A function running one optimizer step of variant a, b or c on ``(x, y)``."""
     from stitching.models.weights import load_model
     from stitching.stitch.stitcher import StitchedModel, build_model
-    from stitching.train.loop import build_step
+    from stitching.train.step import build_step
     from stitching.train.step import train_step
 
     torch.manual_seed(0)

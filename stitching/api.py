@@ -3,7 +3,7 @@
 Owns nothing but the translation of Python arguments into a config and back: :func:`create_model` builds with
 :func:`stitching.stitch.stitcher.build_model` (the trainer's builder) after the config's checks, :func:`cost` is
 :func:`stitching.stitch.cost.count_cost`, :func:`list_cuts` tabulates :func:`stitching.models.trace.list_blocks`,
-:func:`load_run` is :func:`stitching.train.loop.load_trained` plus the run's result row as
+:func:`load_run` is :func:`stitching.train.saved.load_trained` plus the run's result row as
 :mod:`stitching.results.collect` reads it, and :func:`train` is the callable :mod:`stitching.train` package.
 Errors are :class:`~stitching.config.ConfigError` (a ``ValueError``): the one line a config error prints,
 naming the key, the value and the call it came from.
@@ -37,7 +37,7 @@ from stitching.results.collect import normalize_columns, read_result
 from stitching.stitch.cost import count_cost as cost
 from stitching.stitch.stitcher import build_model
 from stitching.train import RunFailed, train
-from stitching.train.loop import load_trained
+from stitching.train.saved import load_trained
 
 __all__ = ["create_model", "cost", "list_cuts", "load_run", "train", "RunFailed", "CUT_COLUMNS"]
 

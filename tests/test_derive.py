@@ -177,7 +177,7 @@ def test_the_trainer_runs_a_derived_pair_with_constructor_arguments(tmp_path):
     import csv
     import os
 
-    from stitching.train.loop import load_trained
+    from stitching.train.saved import load_trained
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text("""\

@@ -17,7 +17,7 @@ from stitching.config import load_config
 from stitching.stitch import cost as C
 from stitching.stitch.stitcher import build_model
 from stitching.sweep import estimate as E
-from stitching.train.loop import build_step
+from stitching.train.step import build_step
 from stitching.train.objective import Objective, objective_at, step_macs
 from stitching.train.step import train_step
 from tests.conftest import ROOT

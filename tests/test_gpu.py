@@ -36,7 +36,7 @@ from stitching import rundir as R
 from stitching.config import load_config
 from stitching.stitch.stitcher import build_model
 from stitching.train import distributed as D
-from stitching.train.loop import build_step
+from stitching.train.step import build_step
 from stitching.train.step import train_step
 from tests.conftest import ROOT
 

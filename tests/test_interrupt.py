@@ -319,6 +319,7 @@ def test_stitching_train_in_process_leaves_logging_as_it_found_it(tmp_path, monk
     import stitching
     import stitching.train.loop as loop
     from stitching.train import RunFailed
+    from stitching.train import ending
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # as from a terminal (_as_from_a_terminal)
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
@@ -339,7 +340,7 @@ def test_stitching_train_in_process_leaves_logging_as_it_found_it(tmp_path, monk
         return ev
 
     attached = []                               # the handlers each run attached
-    real_setup = loop._setup_logging
+    real_setup = ending.setup_logging
 
     def setup_logging(file):
         was = real_setup(file)
@@ -349,7 +350,7 @@ def test_stitching_train_in_process_leaves_logging_as_it_found_it(tmp_path, monk
     def open_logs() -> list[str]:
         return [h.baseFilename for h in attached if isinstance(h, logging.FileHandler) and h.stream is not None]
 
-    monkeypatch.setattr(loop, "_setup_logging", setup_logging)
+    monkeypatch.setattr(ending, "setup_logging", setup_logging)
     monkeypatch.setattr(loop, "_end_epoch", end_epoch)
     with pytest.raises(RunFailed) as err:
         stitching.train(TINY, **kw)

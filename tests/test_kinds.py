@@ -85,7 +85,7 @@ def _train(tmp_path, init: str = "default") -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_new_adapter_kind_trains_through_the_trainer(tmp_path, new_kind):
     from stitching.results.collect import read_result
-    from stitching.train.loop import load_trained
+    from stitching.train.saved import load_trained
 
     proc = _train(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr

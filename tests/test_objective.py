@@ -13,7 +13,7 @@ from torch import nn
 from stitching.config import ConfigError, load_config
 from stitching.stitch.join import destination_at_join
 from stitching.stitch.stitcher import build_model
-from stitching.train.loop import build_step
+from stitching.train.step import build_step
 from stitching.train.objective import OBJECTIVES, Objective, distill_loss, match_epochs, objective_at, train_macs
 from stitching.train.step import train_step
 from tests.conftest import ROOT, in_background

@@ -100,9 +100,9 @@ def test_dotdot_through_a_folder_not_yet_there_does_not_touch_a_finished_run(tmp
 # or a large ImageFolder scan opens): it says when it is there, then waits for the test's go.
 SLOWED = """\
 import pathlib, runpy, sys, time
-import stitching.train.loop as loop
+import stitching.train.opening as opening
 ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-build = loop._build
+build = opening.build
 def slowed(r):
     out = build(r)
     ready.touch()
@@ -110,7 +110,7 @@ def slowed(r):
     while not go.exists() and time.time() < deadline:
         time.sleep(0.05)
     return out
-loop._build = slowed
+opening.build = slowed
 sys.argv = ["python -m stitching.train", *sys.argv[3:]]
 runpy.run_module("stitching.train", run_name="__main__", alter_sys=True)
 """

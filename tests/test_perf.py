@@ -46,7 +46,7 @@ def test_a_step_built_for_what_auto_picks_on_a_gpu(tmp_path):
     (bf16) none; AdamW over CPU parameters is not fused."""
     from stitching.config import load_config
     from stitching.stitch.stitcher import build_model
-    from stitching.train.loop import build_step
+    from stitching.train.step import build_step
 
     cfg = load_config(ROOT / "configs" / "synthetic" / "tiny.yaml", ["train.device=cpu"])
     built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
@@ -230,7 +230,7 @@ def test_trainer_images_per_s_leaves_a_slow_first_step_out(tmp_path, monkeypatch
 # -------------------------------------------------------------------------------------- evaluation
 def test_evaluation_sums_on_the_device_equal_the_per_batch_figures():
     from stitching.train.distributed import DistInfo
-    from stitching.train.loop import evaluate
+    from stitching.train.evaluation import evaluate
     from stitching.train.step import StepState
 
     torch.manual_seed(0)

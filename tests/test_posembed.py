@@ -97,7 +97,7 @@ def test_a_reinjecting_run_trains_and_says_so_in_result_csv(tmp_path):
     row = pd.read_csv(out / "result.csv", dtype=str).iloc[0]
     assert row["pos_embed"] == "reinject" and row["destination"] == "vit_tiny_patch16_224"
     # the reloaded model re-injects the embedding it was trained with (the trainer's seeded destination)
-    from stitching.train.loop import load_trained
+    from stitching.train.saved import load_trained
 
     cfg = load_config(out / "config.yaml")
     torch.manual_seed(cfg.train.seed)

@@ -34,7 +34,7 @@ from stitching.plots import (
     write_table1,
 )
 from stitching.plots.labels import arch_name, method_label
-from stitching.results.collect import collect
+from stitching.results.collect import DamagedResult, collect, normalize_columns
 from stitching.results.schema import RESULT_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -648,3 +648,68 @@ def test_models_built_with_other_arguments_share_a_figure_but_are_never_averaged
     written = draw_all(df, tmp_path / "fig")
     assert any(p.name == "cross_architecture.png" for p in map(Path, written))
     assert not any("recipe-" in str(p) for p in written)
+
+
+# ------------------------------------------------------------------------------- one declaration per column
+def test_a_result_column_is_one_declaration_and_collection_types_it_from_there(tmp_path):
+    """Every column's type and whether it is required come from its one declaration (``schema.COLUMNS``):
+    collection gives each declared int column ``Int64``, each float one ``float64`` and keeps the strings; a
+    ``result.csv`` lacking a declared-required column is damaged, naming it; a declared column without its value in
+    the row builder is refused, naming it (a new column is its declaration plus its value)."""
+    from stitching.results import row as row_module
+    from stitching.results.collect import read_result
+    from stitching.results.schema import COLUMNS, REQUIRED_COLUMNS
+
+    assert [c.name for c in COLUMNS] == RESULT_COLUMNS and len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS)
+    values = {int: "3", float: "0.5", str: "x"}
+    raw = {c.name: values[c.type] for c in COLUMNS} | {"kind": "stitched", "top1": "50.0"}
+    pd.DataFrame([raw]).to_csv(tmp_path / "result.csv", index=False)
+    df = normalize_columns(read_result(tmp_path / "result.csv"))
+    for c in COLUMNS:
+        dtype = df[c.name].dtype
+        if c.type is str:           # kept as read (object, or pandas' string dtype)
+            assert pd.api.types.is_string_dtype(dtype) or dtype == object, (c.name, dtype)
+        else:
+            assert str(dtype) == {int: "Int64", float: "float64"}[c.type], (c.name, dtype)
+    for name in REQUIRED_COLUMNS:
+        pd.DataFrame([{k: v for k, v in raw.items() if k != name}]).to_csv(tmp_path / "result.csv", index=False)
+        with pytest.raises(DamagedResult, match=f"missing required columns: {name}$"):
+            read_result(tmp_path / "result.csv")
+    with pytest.MonkeyPatch.context() as mp:       # a column declared, its value not given: said, not written
+        mp.setattr(row_module, "RESULT_COLUMNS", [*RESULT_COLUMNS, "a_new_column"])
+        with pytest.raises(ValueError, match="a_new_column"):
+            row_module.result_row(**_row_values())
+
+
+def _row_values() -> dict:
+    """:func:`stitching.results.row.result_row`'s arguments for an original model's row (no plan, no training)."""
+    from stitching.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", check=False)
+    return dict(run_id="r", cfg=cfg, kind="original", plan=None, precision="fp32", world_size=1,
+                evaluation={"top1": 1.0, "top5": 2.0, "val_loss": 3.0}, train_loss="", init_residual="",
+                cost={"macs": 1, "flops": 2, "params": 3, "trainable_params": 0}, train_macs="", before=None,
+                after=None, images_per_s=0.0, wall_time_s=1.0, pack="", device="cpu")
+
+
+def test_the_row_builder_fills_every_declared_column():
+    from stitching.results.row import result_row
+
+    row = result_row(**_row_values())
+    assert list(row) == RESULT_COLUMNS
+    assert row["kind"] == "original" and row["destination"] == row["source"] == "resnet50" and row["gap"] == ""
+    assert row["top1"] == 1.0 and row["macs"] == 1 and row["cka_before"] == "" and row["lr"] not in ("", None)
+
+
+def test_collection_gives_rows_of_older_versions_their_resize_modes(results):
+    """Rows written before ``resize_modes`` (and before ``resamples``) get it in collection, so the plots read one
+    shape: within a (source, destination, adapter) that used bilinear somewhere, a gap whose every row says
+    ``none`` stands for none and bilinear; gaps run with a resize mode, and rows that say it, stay as they are."""
+    df = normalize_columns(results)
+    stitched = df[df["kind"] == "stitched"]
+    gap = (stitched["source"] == "resnet50") & (stitched["destination"] == "resnet50") \
+        & (stitched["adapter"] == "bottleneck") & (stitched["source_stage"] == 1)
+    assert set(stitched[gap & (stitched["destination_stage"] == 1)]["resize_modes"]) == {"none|bilinear"}
+    assert stitched[gap & (stitched["destination_stage"] > 1)]["resize_modes"].isna().all()
+    said = results.assign(resize_modes="none")       # a newer row says it: kept
+    assert set(normalize_columns(said)[lambda d: d["kind"] == "stitched"]["resize_modes"]) == {"none"}

@@ -79,8 +79,11 @@ def test_a_run_writes_every_file_with_sane_values(tmp_path):
     assert float(metrics[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)   # cosine to 0 at the last step
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["position"]["epoch"] == 2 and ckpt["position"]["step"] == 16
+    # the position's keys on disk are those the trainer wrote before its position became a dataclass
+    assert set(ckpt["position"]) == {"epoch", "batch", "step", "wall", "train_time", "train_images", "sums",
+                                     "world_size", "similarity_before"}
     assert all(k.startswith(("0.", "1.", "2.", "3.")) for k in ckpt["trainable"])   # adapters only
-    from stitching.train.loop import load_trained
+    from stitching.train.saved import load_trained
 
     model = load_trained(out)
     assert model.plan.num_adapters == 2
@@ -103,6 +106,32 @@ def _copy_of(run: Path, tmp_path: Path) -> tuple[Path, Path]:
     out = tmp_path / "r"
     shutil.copytree(run, out)
     return out, write_cfg(tmp_path, BASE.replace("epochs: 2", "epochs: 1"))
+
+
+def test_a_checkpoint_of_the_old_position_dict_resumes(tmp_path, one_epoch_run):
+    """A checkpoint whose ``position`` is the plain dict earlier versions wrote (their key set; one written before
+    per-rank sums and ``world_size``, with a key this version does not know) resumes: the run finishes from it
+    (its evaluation), with the numbers of the run that wrote it, and the unknown key is carried along."""
+    import torch
+
+    from stitching.train.checkpoint import Position
+
+    out, cfg = _copy_of(one_epoch_run, tmp_path)
+    [done] = rows(out / "result.csv")
+    (out / "result.csv").unlink()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    new = ckpt["position"]
+    old = {"epoch": new["epoch"], "batch": 0, "step": new["step"], "wall": new["wall"],
+           "train_time": new["train_time"], "train_images": new["train_images"], "sums": [0.0, 0.0, 0.0],
+           "similarity_before": new["similarity_before"], "from_another_version": 7}
+    assert Position.from_dict(old).to_dict() == old             # the same keys and values back
+    torch.save({**ckpt, "position": old}, out / "checkpoint.pt")
+    proc = train("--config", cfg, f"output.dir={out}")
+    assert "at epoch 2, batch 0" in proc.stderr and "resuming" in (out / "train.log").read_text()
+    [again] = rows(out / "result.csv")
+    for col in ("top1", "top5", "val_loss", "train_loss", "cka_before", "images_per_s"):
+        assert again[col] == done[col], col
+    assert float(again["wall_time_s"]) >= float(done["wall_time_s"])
 
 
 def test_a_finished_run_is_skipped_and_force_keeps_the_old_files(tmp_path, one_epoch_run):

@@ -58,11 +58,15 @@ from stitching import cli
 from stitching import rundir as R
 from stitching.rundir_lock import run_lock
 from stitching.config import CUT_KEYS, IDENTITY, Config, ConfigError, check_files, load_config, run_cli
+from stitching.results.row import result_row
 from stitching.results.schema import RESULT_COLUMNS
 from stitching.similarity import LeastSquares, MinibatchCKA, channels_last_samples
 from stitching.stitch import lsinit
 from stitching.stitch.join import adapted_at_join, destination_at_join, on_destination_grid, source_at_join
 from stitching.stitch.stitcher import Networks, assemble, load_networks
+from stitching.train.objective import Objective, train_macs
+from stitching.train.opening import batch_split, resolve_device
+from stitching.train.perf import device_name
 from stitching.train.stop import INTERRUPT, NONE, Aborted, StopSignals
 
 #: what a closed-form cell's config says (a cell of a closed-form matrix is exactly this run)
@@ -251,7 +255,7 @@ def similarity_cells(cells: list[Cell], shared: SharedForward, images, device, s
 def evaluate_cells(cells: list[Cell], shared: SharedForward, loader, prepare, device, precision: str,
                    channels_last: bool, stop: _Stop | None = None) -> None:
     """Every cell's top-1, top-5 (percent) and mean loss on the validation ``loader``, as the trainer's
-    evaluation computes them (:func:`stitching.train.loop.evaluate`: autocast, float64 sums), the sender's
+    evaluation computes them (:func:`stitching.train.evaluation.evaluate`: autocast, float64 sums), the sender's
     forward shared; ``shared`` holds the evaluation copies of the networks (folded, channels-last)."""
     from stitching.train.step import autocast
 
@@ -368,7 +372,6 @@ def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) 
     from stitching.stitch import fast
     from stitching.stitch.cost import count_cost
     from stitching.train import perf as P
-    from stitching.train.loop import batch_split, resolve_device
     from stitching.train.measure import BATCH
 
     t0 = time.time()
@@ -439,15 +442,14 @@ def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) 
 
 
 def _row(c: Cell, device, precision: str, channels_last: bool, wall: float) -> dict:
-    """The trainer's result row for the cell (:func:`stitching.train.loop._result_row`)."""
-    from stitching.train import distributed as D
-    from stitching.train.loop import Run, _result_row
-    from stitching.train.objective import Objective
+    """The cell's result row (:func:`stitching.results.row.result_row`, as the trainer writes it)."""
+    extra = Objective(c.cfg, c.built, device, channels_last).extra_macs(c.cfg.data.img_size)
+    return result_row(run_id=c.rundir.path.name, cfg=c.cfg, kind=c.built.kind, plan=c.built.plan,
+                      precision=precision, world_size=1, evaluation=c.evaluation, train_loss="",
+                      init_residual=c.residual, cost=c.cost,
+                      train_macs=train_macs(c.cfg, c.cost["macs"], extra), before=c.before, after=c.after,
+                      images_per_s=0.0, wall_time_s=wall, pack="", device=device_name(device))
 
-    r = Run(c.cfg, c.rundir, D.DistInfo(), device, built=c.built, cost=c.cost, precision=precision,
-            objective=Objective(c.cfg, c.built, device, channels_last))
-    r.pos.update(init_residual=c.residual, similarity_before=c.before, wall=wall)
-    return _result_row(r, c.evaluation, c.after)
 
 
 #: the command computing one group: ``python -m stitching.matrix.closed_form GROUP_DIR``

@@ -59,7 +59,7 @@ def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, 
 
 # ---------------------------------------------------------------------------------------------- blocks
 @dataclass(frozen=True)
-class Block:
+class TracedBlock:
     """One block of a model's flat block list (``Parts.blocks()``) and the tensor it outputs.
 
     ``index`` is its position (0-based; stage 1's first block is 0), ``name`` its module path in the model,
@@ -96,8 +96,8 @@ def block_names(parts: Parts, model: nn.Module | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def trace_blocks(spec: ModelSpec, parts: Parts, img_size: int, model: nn.Module | None = None) -> list[Block]:
-    """Run a zero image through ``parts`` and describe every block's output (:class:`Block`).
+def trace_blocks(spec: ModelSpec, parts: Parts, img_size: int, model: nn.Module | None = None) -> list[TracedBlock]:
+    """Run a zero image through ``parts`` and describe every block's output (:class:`TracedBlock`).
 
     A block outputs its stage's format (the first block: the stage's ``first`` cut format; the others: the
     stage's ``end`` format). ``RuntimeError`` (one line, naming the model and the block) when a block's
@@ -111,7 +111,7 @@ def trace_blocks(spec: ModelSpec, parts: Parts, img_size: int, model: nn.Module 
     params = itertools.chain(*(m.parameters() for m in (parts.stem, *blocks)))
     device = next(iter(p.device for p in params), torch.device("cpu"))
     names = block_names(parts, model)
-    out: list[Block] = []
+    out: list[TracedBlock] = []
     try:
         x = parts.stem(torch.zeros(1, 3, img_size, img_size, device=device))
         i = 0
@@ -130,18 +130,18 @@ def trace_blocks(spec: ModelSpec, parts: Parts, img_size: int, model: nn.Module 
                 declared = spec.first[s - 1] if k == 0 else spec.end[s - 1] if k == len(stage) - 1 else None
                 if declared is not None and c != declared.channels:
                     raise RuntimeError(f"{where} gives {c} channels, the spec declares {declared.channels}")
-                out.append(Block(i, names[i], s, k == 0, fmt, c, h, w, 0.0))
+                out.append(TracedBlock(i, names[i], s, k == 0, fmt, c, h, w, 0.0))
                 i += 1
     finally:
         for m, mode in zip((parts.stem, parts.head, *blocks), was):
             m.train(mode)
     n = len(out)
-    return [Block(**{**b.__dict__, "relative_depth": (b.index + 1) / n}) for b in out]
+    return [TracedBlock(**{**b.__dict__, "relative_depth": (b.index + 1) / n}) for b in out]
 
 
-def list_blocks(name: str, kwargs: dict | None = None, img_size: int = 224) -> list[Block]:
+def list_blocks(name: str, kwargs: dict | None = None, img_size: int = 224) -> list[TracedBlock]:
     """The flat block list of model ``name`` (constructor ``kwargs`` as in the config's ``model.*_kwargs``)
-    at ``img_size``: one :class:`Block` per block, in order -- index, name (module path), stage, whether it
+    at ``img_size``: one :class:`TracedBlock` per block, in order -- index, name (module path), stage, whether it
     is its stage's first block, output format, (channels, H, W) and relative depth. These are the block cut
     points: config ``model.source_block: i`` cuts after block i (the source's stem and blocks 0..i run),
     ``model.destination_block: j`` receives after block j (the destination's blocks j+1.. and head run).
@@ -167,7 +167,7 @@ class CachedKwargs:
 
 
 @functools.lru_cache(maxsize=64)
-def _blocks_cached(name: str, key: str, img_size: int, kwargs: CachedKwargs) -> tuple[Block, ...]:
+def _blocks_cached(name: str, key: str, img_size: int, kwargs: CachedKwargs) -> tuple[TracedBlock, ...]:
     spec = get_spec(name, kwargs.kwargs)
     try:
         with torch.device("meta"):

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stitching.kinds import FINETUNE, ORIGINAL, STITCHED, kinds_with
+from stitching.kinds import FINETUNE, ORIGINAL, STITCHED
 from stitching.plots.labels import add_labels, arch_name
-from stitching.results.collect import REQUIRED_COLUMNS, normalize_columns
+from stitching.results.collect import infer_resize_modes, normalize_columns
+from stitching.results.schema import REQUIRED_COLUMNS
 from stitching.results.recipe import EVAL_COLUMNS, canonical, group_columns
 
 #: One scenario = one point of one line in a figure; seeds are averaged within it.
@@ -61,79 +62,42 @@ def _recipe_keys(df: pd.DataFrame, columns: list[str] | None = None) -> tuple[pd
     return df.assign(**{c: df[c].map(canonical) for c in columns}), columns
 
 
-def _none_like(series: pd.Series) -> pd.Series:
-    return series.isna() | (series.astype(str) == "none")
-
-
 def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
     """Copy stitched rows to the resize modes that share their module.
 
-    Rows with ``resize_modes`` (the trainer names every mode that builds the row's module) are copied to each
-    of those modes -- resize-free gaps and "integrated" chains that must upsample (the bilinear module).
-    Rows of older runs: for each (source, destination, adapter[, schedule]) whose rows use a resize mode other than
-    ``none`` somewhere, a gap where *every* row says ``none`` is a gap whose sizes already match (the modes build
-    the same module and the sweep trained it once), so its rows are copied under each of those other modes. Copies
-    carry ``resize_shared=True``; every other row has ``False``. Non-stitched rows are untouched.
+    Rows with ``resize_modes`` (the trainer names every mode that builds the row's module; for rows of older runs
+    collection infers it, :func:`stitching.results.collect.infer_resize_modes`) are copied to each of those
+    modes -- resize-free gaps and "integrated" chains that must upsample (the bilinear module) -- unless that mode
+    was also run on its own. Copies carry ``resize_shared=True``; every other row has ``False``. Non-stitched rows
+    are untouched.
     """
-    out = df.copy()
+    out = infer_resize_modes(df)        # (a collected table has them already; a hand-made one gets them here)
     if "resize_shared" in out.columns:
         out["resize_shared"] = out["resize_shared"].fillna(False).astype(bool)
     else:
         out["resize_shared"] = False
     stitched = out[out["kind"] == STITCHED]
-    if stitched.empty:
+    if stitched.empty or "resize_modes" not in stitched.columns:
         return out
-    keys = ["source", "destination", "adapter"]
-    if "schedule" in stitched.columns and stitched["schedule"].notna().any():
-        keys.append("schedule")
-    none = _none_like(stitched["resize"])
-    if "resize_modes" in stitched.columns:
-        # the trainer names every resize mode that builds the row's module (resize-free gaps; "integrated"
-        # chains that must upsample, which are the bilinear module): the row is shared with the others
-        # (raw strings: the canonical spelling of the value "none" is empty, which would read as unknown)
-        modes = stitched["resize_modes"].map(lambda v: "" if pd.isna(v) else str(v).strip())
-        known = modes != ""
-        own = stitched["resize"].map(canonical)
-        copies = [stitched[known & modes.map(lambda ms, m=mode: m in ms.split("|")) & (own != mode)]
-                  .assign(resize=mode) for mode in ("none", "bilinear", "strided")]
-        shared = pd.concat(copies, ignore_index=True)
-        if not shared.empty:
-            # a mode that was also run on its own (outside a sweep) keeps its own rows only
-            same = [c for c in ["source", "destination", "source_stage", "destination_stage", "adapter",
-                                "schedule", "resize", "lr", "seed", *group_columns(stitched)] if c in shared]
-            mine = _recipe_keys(shared, same)[0][same]                      # canonical strings
-            theirs = _recipe_keys(stitched, same)[0][same].drop_duplicates()
-            run_too = mine.merge(theirs, how="left", on=same, indicator=True)["_merge"] == "both"
-            shared = shared[~run_too.to_numpy()]
-        if not shared.empty:
-            shared["resize_shared"] = True
-            out = pd.concat([out, shared[out.columns]], ignore_index=True)
-        # rows of older runs (no resize_modes) follow the rules below
-        stitched, none = stitched[~known], none[~known]
-        if stitched.empty:
-            return out
-    if "resamples" in stitched.columns and stitched["resamples"].notna().any():
-        # the trainer says which rows change no size: those stand for every mode their adapter allows
-        free = stitched[none & ~stitched["resamples"].map(lambda v: str(v).strip().lower() in ("true", "1"))
-                        & stitched["resamples"].notna() & (stitched["resamples"].astype(str) != "")]
-        copies = [free.assign(resize="bilinear"),
-                  free[free["adapter"].isin(kinds_with("strided"))].assign(resize="strided")]
-        shared = pd.concat(copies, ignore_index=True)
-        if shared.empty:
-            return out
+    # (raw strings: the canonical spelling of the value "none" is empty, which would read as unknown)
+    modes = stitched["resize_modes"].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    known = modes != ""
+    own = stitched["resize"].map(canonical)
+    copies = [stitched[known & modes.map(lambda ms, m=mode: m in ms.split("|")) & (own != mode)]
+              .assign(resize=mode) for mode in ("none", "bilinear", "strided")]
+    shared = pd.concat(copies, ignore_index=True)
+    if not shared.empty:
+        # a mode that was also run on its own (outside a sweep) keeps its own rows only
+        same = [c for c in ["source", "destination", "source_stage", "destination_stage", "adapter",
+                            "schedule", "resize", "lr", "seed", *group_columns(stitched)] if c in shared]
+        mine = _recipe_keys(shared, same)[0][same]                      # canonical strings
+        theirs = _recipe_keys(stitched, same)[0][same].drop_duplicates()
+        run_too = mine.merge(theirs, how="left", on=same, indicator=True)["_merge"] == "both"
+        shared = shared[~run_too.to_numpy()]
+    if not shared.empty:
         shared["resize_shared"] = True
-        return pd.concat([out, shared[out.columns]], ignore_index=True)
-    # older results without ``resamples``: infer from the modes each (source, destination, adapter) was run with
-    modes = stitched.loc[~none, keys + ["resize"]].drop_duplicates()
-    if modes.empty:
-        return out
-    gap_keys = [stitched[k] for k in keys + ["source_stage", "destination_stage"]]
-    all_none = none.groupby(gap_keys, dropna=False).transform("all").astype(bool)
-    shared = stitched[all_none].drop(columns="resize").merge(modes, on=keys, how="inner")
-    if shared.empty:
-        return out
-    shared["resize_shared"] = True
-    return pd.concat([out, shared[out.columns]], ignore_index=True)
+        out = pd.concat([out, shared[out.columns]], ignore_index=True)
+    return out
 
 
 #: the keys within which one learning rate is chosen, per kind of run (a stitched scenario is also its method)

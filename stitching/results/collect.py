@@ -23,37 +23,21 @@ import pandas as pd
 
 from stitching import rundir
 from stitching.config import IDENTITY, ConfigError, read_yaml
-from stitching.kinds import RUN_KINDS
+from stitching.kinds import RUN_KINDS, STITCHED, kinds_with
 from stitching.messages import clip, short_repr
-from stitching.results.recipe import fill_missing_recipe
-from stitching.results.schema import RESULT_COLUMNS
+from stitching.results.recipe import canonical, fill_missing_recipe
+from stitching.stitch.plan import RESIZES
+from stitching.results.schema import FLOAT_COLUMNS, INT_COLUMNS, REQUIRED_COLUMNS, RESULT_COLUMNS
 
 CONFIG_NAME = rundir.CONFIG
 RESULT_NAME = rundir.RESULT
 
-#: Columns a ``result.csv`` must have to be usable by the plots; the other RESULT_COLUMNS are filled
-#: with missing values when absent (older runs, hand-made rows).
-REQUIRED_COLUMNS = [
-    "run_id", "kind", "source", "destination", "source_stage", "destination_stage",
-    "adapter", "resize", "lr", "seed", "top1", "macs",
-]
 
 #: The largest ``result.csv`` read (a header and one row: a few KiB); a larger one is reported as damaged unread.
 MAX_RESULT_BYTES = 256 * 1024
 
 #: Extra column added by :func:`collect`: the run directory, relative to the runs folder.
 RUN_DIR_COLUMN = "run_dir"
-
-_INT_COLUMNS = [
-    "source_stage", "destination_stage", "source_block", "destination_block",
-    "num_adapters", "num_classes", "img_size", "epochs",
-    "batch_size", "seed", "params", "trainable_params", "world_size", "similarity_images",
-]
-_FLOAT_COLUMNS = [
-    "lr", "weight_decay", "top1", "top5", "val_loss", "train_loss", "macs", "flops",
-    "images_per_s", "wall_time_s", "train_macs", "cka_before", "ls_residual_before", "cka_after", "match_mse_after",
-]
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -107,21 +91,70 @@ def read_result(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def normalize_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Order the columns (RESULT_COLUMNS first, extras after) and give numeric columns numeric dtypes. A
+    """Order the columns (RESULT_COLUMNS first, extras after) and give numeric columns the dtypes their
+    declaration says (:data:`stitching.results.schema.COLUMNS`: ``float64``; ``Int64`` where whole). A
     recipe column the whole table lacks (collected by a version before it existed) takes its baseline
-    (:func:`stitching.results.recipe.fill_missing_recipe`)."""
+    (:func:`stitching.results.recipe.fill_missing_recipe`); stitched rows written before ``resize_modes`` get it
+    (:func:`infer_resize_modes`), so the plots read one shape."""
     df = fill_missing_recipe(df) if len(df) else df.copy()
     for col in RESULT_COLUMNS:
         if col not in df.columns:
             df[col] = pd.NA
-    for col in _FLOAT_COLUMNS:
+    for col in FLOAT_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in _INT_COLUMNS:
+    for col in INT_COLUMNS:
         values = pd.to_numeric(df[col], errors="coerce")
         whole = values.dropna()
         df[col] = values.astype("Int64") if (whole == whole.round()).all() else values
+    df = infer_resize_modes(df)
     extras = [c for c in df.columns if c not in RESULT_COLUMNS]
     return df[RESULT_COLUMNS + extras]
+
+
+def _none_like(series: pd.Series) -> pd.Series:
+    return series.isna() | (series.astype(str) == "none")
+
+
+def infer_resize_modes(df: pd.DataFrame) -> pd.DataFrame:
+    """``resize_modes`` (every resize mode that builds a row's module) for stitched rows written before the
+    trainer said it, so they are shared among those modes as newer rows are
+    (:func:`stitching.plots.aggregate.share_resize_free`). Rows that say ``resamples``: one that says
+    ``resize=none`` and resamples nothing stands for ``none``, ``bilinear`` and, for an adapter that can stride,
+    ``strided``. Older rows without ``resamples``: within each (source, destination, adapter[, schedule]) whose
+    rows use a resize mode other than ``none`` somewhere, a gap where *every* row says ``none`` is a gap whose
+    sizes already match (the modes build the same module, the sweep trained it once): its rows stand for
+    ``none`` and each of those other modes. Rows that say ``resize_modes`` and other rows are left as they are."""
+    df = df.assign(**{c: pd.NA for c in ("resize_modes", "resamples", "schedule") if c not in df.columns})
+    modes = df["resize_modes"].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    legacy = (df["kind"] == STITCHED) & (modes == "")
+    if not legacy.any():
+        return df
+    rows = df[legacy]
+    none = _none_like(rows["resize"])
+    if "resamples" in rows.columns and rows["resamples"].notna().any() and (rows["resamples"].astype(str) != "").any():
+        said = rows["resamples"].notna() & (rows["resamples"].astype(str) != "")
+        free = none & said & ~rows["resamples"].map(lambda v: str(v).strip().lower() in ("true", "1"))
+        strides = rows["adapter"].isin(kinds_with("strided"))
+        found = pd.Series("", index=rows.index, dtype=object)
+        found[free] = "none|bilinear"
+        found[free & strides] = "none|bilinear|strided"
+    else:
+        keys = ["source", "destination", "adapter"]
+        if rows["schedule"].notna().any() and (rows["schedule"].astype(str) != "").any():
+            keys.append("schedule")
+        used = rows.loc[~none, keys + ["resize"]].drop_duplicates()
+        group = rows[keys].astype(str).agg("\x1f".join, axis=1)
+        others = used.assign(_g=used[keys].astype(str).agg("\x1f".join, axis=1)).groupby("_g")["resize"] \
+            .agg(lambda r: {canonical(m) or "none" for m in r}) if len(used) else pd.Series(dtype=object)
+        gap = [rows[k].astype(str) for k in keys + ["source_stage", "destination_stage"]]
+        all_none = none.groupby(gap, dropna=False).transform("all").astype(bool)
+        found = pd.Series("", index=rows.index, dtype=object)
+        for i in rows.index[all_none & group.isin(others.index)]:
+            extra = others[group[i]]
+            found[i] = "|".join(m for m in RESIZES if m == "none" or m in extra)
+    column = df["resize_modes"].astype(object)          # (all empty when read back: a float column)
+    column[found.index[found != ""]] = found[found != ""]
+    return df.assign(resize_modes=column)
 
 
 def collect(runs_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[Problem]]:

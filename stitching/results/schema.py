@@ -37,24 +37,62 @@ Conventions
   recipes are never averaged together.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 from stitching.results.recipe import RECIPE_COLUMNS
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of ``result.csv``: its name, the type :func:`stitching.results.collect.normalize_columns` gives
+    it (``str``: kept as read; ``int``: nullable integers where every value is whole; ``float``) and whether a
+    ``result.csv`` without it is damaged (``required``; the others are filled with missing values when absent:
+    older runs, hand-made rows). Its value is set by :func:`stitching.results.row.result_row`."""
+
+    name: str
+    type: type = str
+    required: bool = False
+
 
 #: the similarity at the join, measured by every stitched training run (stitching/train/measure.py): the number of
 #: validation images; before training linear CKA and the least-squares residual between the source's features
 #: and the destination's own activation; after training CKA and the mean squared error between the adapters'
 #: output and that activation. Empty for fine-tuning runs, original models and ``train.similarity_images: 0``.
-SIMILARITY_COLUMNS = ["similarity_images", "cka_before", "ls_residual_before", "cka_after", "match_mse_after"]
+SIMILARITY = (Column("similarity_images", int), Column("cka_before", float), Column("ls_residual_before", float),
+              Column("cka_after", float), Column("match_mse_after", float))
+SIMILARITY_COLUMNS = [c.name for c in SIMILARITY]
 
-RESULT_COLUMNS = [
-    "run_id", "kind", "source", "destination", "source_stage", "destination_stage", "source_block",
-    "destination_block", "gap",
-    "adapter", "resize", "resamples", "resize_modes", "schedule", "num_adapters",
-    *RECIPE_COLUMNS, "data_label", "seed",
-    "top1", "top5", "val_loss", "train_loss", "init_residual",
-    "macs", "flops", "params", "trainable_params", "train_macs",
-    *SIMILARITY_COLUMNS,
-    "images_per_s", "wall_time_s", "world_size", "pack", "device", "git_sha", "finished_at",
-]
+#: the recipe columns (:data:`stitching.results.recipe.RECIPE_COLUMNS`) that are numbers; the others are strings
+_RECIPE_TYPES = {"num_classes": int, "img_size": int, "epochs": int, "batch_size": int, "lr": float,
+                 "weight_decay": float}
+_REQUIRED_RECIPE = ("lr",)
+
+#: every column of ``result.csv``, in order: the one declaration (a new column is one entry here plus its value in
+#: :func:`stitching.results.row.result_row`)
+COLUMNS: tuple[Column, ...] = (
+    Column("run_id", required=True), Column("kind", required=True), Column("source", required=True),
+    Column("destination", required=True), Column("source_stage", int, True), Column("destination_stage", int, True),
+    Column("source_block", int), Column("destination_block", int), Column("gap"),
+    Column("adapter", required=True), Column("resize", required=True), Column("resamples"), Column("resize_modes"),
+    Column("schedule"), Column("num_adapters", int),
+    *(Column(c, _RECIPE_TYPES.get(c, str), c in _REQUIRED_RECIPE) for c in RECIPE_COLUMNS),
+    Column("data_label"), Column("seed", int, True),
+    Column("top1", float, True), Column("top5", float), Column("val_loss", float), Column("train_loss", float),
+    Column("init_residual"),
+    Column("macs", float, True), Column("flops", float), Column("params", int), Column("trainable_params", int),
+    Column("train_macs", float),
+    *SIMILARITY,
+    Column("images_per_s", float), Column("wall_time_s", float), Column("world_size", int), Column("pack"),
+    Column("device"), Column("git_sha"), Column("finished_at"),
+)
+
+RESULT_COLUMNS = [c.name for c in COLUMNS]
+#: the columns a ``result.csv`` must have to be usable by the plots
+REQUIRED_COLUMNS = [c.name for c in COLUMNS if c.required]
+INT_COLUMNS = [c.name for c in COLUMNS if c.type is int]
+FLOAT_COLUMNS = [c.name for c in COLUMNS if c.type is float]
 
 METRICS_COLUMNS = [
     "epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "top1", "top5",

@@ -3,11 +3,15 @@
 ``python -m stitching.train --config FILE [section.key=value ...]`` (or ``--run-dir DIR``) and, from Python,
 ``stitching.train(config, **overrides)`` (this package is callable: :func:`train`) both resolve the config with
 :func:`resolve` and run :func:`stitching.train.loop.run`. Modules: ``distributed`` (torchrun/DDP set-up),
-``step`` (the training step as a unit), ``checkpoint`` (what a checkpoint holds, per-rank RNG, loading the newest
-good one), ``objective`` (the loss of ``train.objective``), ``measure`` (the similarity at the join written to
-the result), ``perf`` (precision ``auto``, the CUDA settings, fused AdamW, the preemption-check cadence, how
-``images_per_s`` is timed), ``loop`` (optimizer, schedule, epochs, evaluation, result row). The run directory
-and the exit codes are :mod:`stitching.rundir`'s.
+``step`` (the training step as a unit, built with AdamW and the learning-rate schedule), ``checkpoint`` (what a
+checkpoint holds, its position, per-rank RNG, loading the newest good one), ``objective`` (the loss of
+``train.objective``), ``measure`` (the similarity at the join written to the result), ``perf`` (precision
+``auto``, the CUDA settings, fused AdamW, the preemption-check cadence, how ``images_per_s`` is timed),
+``trainer`` (a run's state), ``opening`` (the start: device, batch split, run directory, model, data),
+``evaluation``, ``saved`` (``model.safetensors`` and :func:`~stitching.train.saved.load_trained`), ``ending``
+(the log, ``state.json`` and the lock at the end, Ctrl-C), ``loop`` (epochs, checkpoints, stop signals, the
+result row from :func:`stitching.results.row.result_row`), ``pack`` / ``branch`` (packed runs). The run
+directory and the exit codes are :mod:`stitching.rundir`'s.
 
 Why a callable package: ``stitching.train`` must stay this package (``python -m stitching.train``, ``import
 stitching.train.loop``; importing a submodule binds the package to the attribute ``stitching.train``), and be

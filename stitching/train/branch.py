@@ -1,11 +1,11 @@
 """One branch of a pack (:mod:`stitching.train.pack`): its state, working on it, and the log it writes to.
 
-:class:`Branch` is a run of the pack: the single run's state (:class:`stitching.train.loop.Run`) and what the
+:class:`Branch` is a run of the pack: the single run's state (:class:`stitching.train.trainer.Trainer`) and what the
 pack keeps per branch. :func:`scope` works on one branch: its own global random state swapped in (and kept when
 done) and its log lines to its own ``train.log``. :func:`open_log` routes the trainer's logger
-(:data:`stitching.train.loop.log`) by the branch being worked on (on the main process, as a run alone logs):
+(:data:`stitching.train.trainer.log`) by the branch being worked on (on the main process, as a run alone logs):
 each branch's lines to its ``train.log`` and to stderr marked with its number, the pack's own lines to every
-branch's; :func:`stitching.train.loop._restore_logging` gives the log back as it was before the pack
+branch's; :func:`stitching.train.ending.restore_logging` gives the log back as it was before the pack
 (:func:`adopt`: each branch's run directory set it up for itself first).
 """
 
@@ -19,15 +19,15 @@ import sys
 
 from stitching import rundir as R
 from stitching.train import checkpoint as C
-from stitching.train import loop as L
+from stitching.train.trainer import Trainer, log
 
 #: the branch the pack is working on (its log lines go to its own train.log; None: every branch's)
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("stitching_pack_branch", default=None)
 
 
 @dataclasses.dataclass(eq=False)
-class Branch(L.Run):
-    """One run of a pack: the single run's state (:class:`stitching.train.loop.Run`) and what the pack keeps per
+class Branch(Trainer):
+    """One run of a pack: the single run's state (:class:`stitching.train.trainer.Trainer`) and what the pack keeps per
     branch."""
 
     index: int = 0
@@ -63,7 +63,7 @@ def scope(b: Branch, rng: bool = True):
 
 def adopt(branches: list) -> tuple | None:
     """The trainer's log as it was before the pack, taken over from ``branches``, whose run directories each set
-    it up for themselves (:func:`stitching.train.loop._setup_logging`: the first found it as it was, each later
+    it up for themselves (:func:`stitching.train.ending.setup_logging`: the first found it as it was, each later
     one the handlers of the one before, closed here); the handlers now on the log (the last one's) removed and
     closed. None when no branch set it up (or it was taken over already)."""
     was = None
@@ -77,8 +77,8 @@ def adopt(branches: list) -> tuple | None:
                 handler.close()
         b.logging_was = None
     if was is not None:
-        for handler in list(L.log.handlers):
-            L.log.removeHandler(handler)
+        for handler in list(log.handlers):
+            log.removeHandler(handler)
             handler.close()
     return was
 
@@ -86,7 +86,7 @@ def adopt(branches: list) -> tuple | None:
 def open_log(branches: list, live: list) -> tuple | None:
     """Route the trainer's log to the ``train.log`` files of ``live`` (the branches still in the pack) and to
     stderr, replacing the handlers the run directories of ``branches`` (all of the pack's) opened; the log as it
-    was before the pack (:func:`adopt`), for :func:`stitching.train.loop._restore_logging` when it ends."""
+    was before the pack (:func:`adopt`), for :func:`stitching.train.ending.restore_logging` when it ends."""
     was = adopt(branches)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     files = {}
@@ -94,9 +94,9 @@ def open_log(branches: list, live: list) -> tuple | None:
         handler = logging.FileHandler(b.rundir.file(R.LOG))
         handler.setFormatter(fmt)
         files[b.index] = handler
-    L.log.setLevel(logging.INFO)
-    L.log.addHandler(PackLog(files, fmt))
-    L.log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(PackLog(files, fmt))
+    log.propagate = False
     return was
 
 

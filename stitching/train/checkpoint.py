@@ -3,7 +3,7 @@
 A checkpoint is a dict loadable with ``torch.load(weights_only=True)``: ``trainable`` (the state of
 :func:`checkpointed_module`), ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (a list: one entry per rank,
 each with the CPU generators and that rank's *own* CUDA device's state, so a run resumes on more or fewer
-visible GPUs), ``position`` (epoch, micro-batch, optimizer step, every rank's metric sums, times) and
+visible GPUs), ``position`` (:class:`Position`: epoch, micro-batch, optimizer step, every rank's metric sums, times) and
 ``saved_at``.
 Rank 0 writes it through :meth:`stitching.rundir.RunDir.write_checkpoint` (atomic; the one before it kept
 as the fallback). :func:`load_latest` takes the newest checkpoint that loads; a damaged one (truncated,
@@ -12,6 +12,7 @@ not a checkpoint) is said so in one line and set aside (renamed, never deleted).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import random
@@ -28,6 +29,74 @@ from stitching.train import distributed as D
 log = logging.getLogger("stitching.train")
 
 REQUIRED = ("trainable", "optimizer", "scheduler", "scaler", "rng", "position")
+
+#: the position's optional keys: on disk only while they hold a value (None: absent)
+_OPTIONAL = ("world_size", "init_residual", "epoch_timed_s", "epoch_images", "epoch_time")
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands, as a checkpoint's ``position`` holds it (:meth:`to_dict` / :meth:`from_dict`: the same
+    keys as the dict earlier versions wrote, so their checkpoints resume and theirs resume here).
+
+    ``epoch`` (epochs done), ``batch`` (micro-batches done in the current epoch), ``step`` (optimizer steps done),
+    ``wall`` (seconds of wall time, every trainer together), ``train_time`` / ``train_images`` (the run's timed
+    windows, :class:`stitching.train.perf.Throughput`), ``sums`` (the epoch's metric sums: loss x images, correct,
+    images; in a checkpoint, one list per rank). Optional, on disk while set: ``world_size`` (the processes that
+    wrote it), ``init_residual`` (``model.init: least_squares``), ``similarity_before`` (measured once before epoch
+    1: on disk once measured, ``measured``, even when None: nothing to measure), and the current epoch's timed
+    window and wall time until its metrics row takes them (``epoch_timed_s``, ``epoch_images``, ``epoch_time``)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    wall: float = 0.0
+    train_time: float = 0.0
+    train_images: int = 0
+    sums: list = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])
+    world_size: int | None = None
+    init_residual: float | None = None
+    similarity_before: dict | None = None
+    measured: bool = False                  # similarity_before is set (it may be None: nothing to measure)
+    epoch_timed_s: float | None = None
+    epoch_images: int | None = None
+    epoch_time: float | None = None
+    extra: dict = dataclasses.field(default_factory=dict)   # keys of another version, carried along unread
+
+    def to_dict(self) -> dict:
+        """The checkpoint's ``position`` (plain values; ``torch.load(weights_only=True)`` reads it)."""
+        out = {"epoch": self.epoch, "batch": self.batch, "step": self.step, "wall": self.wall,
+               "train_time": self.train_time, "train_images": self.train_images, "sums": self.sums}
+        out.update({k: getattr(self, k) for k in _OPTIONAL if getattr(self, k) is not None})
+        if self.measured:
+            out["similarity_before"] = self.similarity_before
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Position:
+        """The position a checkpoint holds (any version's)."""
+        named = {f.name for f in dataclasses.fields(cls)} - {"measured", "extra"}
+        return cls(**{k: v for k, v in d.items() if k in named}, measured="similarity_before" in d,
+                   extra={k: v for k, v in d.items() if k not in named})
+
+    def take_epoch(self) -> tuple[int, float, float]:
+        """The finished epoch's (timed images, timed seconds, wall time), cleared for the next epoch."""
+        taken = (self.epoch_images or 0, self.epoch_timed_s or 0.0, self.epoch_time or 0.0)
+        self.epoch_images = self.epoch_timed_s = self.epoch_time = None
+        return taken
+
+    def add_timed(self, timed: dict) -> None:
+        """Add a stretch of training (:meth:`stitching.train.perf.Throughput.stop`) to the run's and the epoch's
+        timed windows (an epoch cut by a preemption adds its parts) and the epoch's wall time, warm-up included."""
+        self.train_time += timed["seconds"]
+        self.train_images += timed["images"]
+        self.epoch_timed_s = (self.epoch_timed_s or 0.0) + timed["seconds"]
+        self.epoch_images = (self.epoch_images or 0) + timed["images"]
+        self.epoch_time = (self.epoch_time or 0.0) + timed["wall_s"]
+
+    def images_per_s(self) -> float:
+        """The run's training images per second over its timed windows (0 before any)."""
+        return self.train_images / self.train_time if self.train_time > 0 else 0.0
 
 
 def checkpointed_module(model: nn.Module, kind: str, frozen_bn: str = "eval") -> nn.Module:

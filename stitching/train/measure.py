@@ -1,7 +1,7 @@
 """The similarity at the join that every stitched training run writes to ``result.csv``.
 
-Owns when and on what it is measured, and its cells (the columns are :data:`SIMILARITY_COLUMNS` of
-:mod:`stitching.results.schema`):
+Owns when and on what it is measured (its cells in the row: :func:`stitching.results.row.similarity_cells`,
+the columns :data:`stitching.results.schema.SIMILARITY_COLUMNS`):
 
 - on the first ``train.similarity_images`` validation images (evaluation transforms, in order, batches of
   :data:`BATCH`; 0 switches it off), on the main process only;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from stitching.kinds import STITCHED
-from stitching.results.schema import SIMILARITY_COLUMNS
 
 BATCH = 64      # images per batch: the unbiased HSIC estimator wants several; bounded memory for large features
 
@@ -58,13 +57,3 @@ def after(cfg, built, val_set, device) -> dict | None:
         return None
     return similarity_after(built, _images(cfg, val_set), device)
 
-
-def columns(before_: dict | None, after_: dict | None) -> dict:
-    """The result row's similarity cells (empty where not measured)."""
-    cells = dict.fromkeys(SIMILARITY_COLUMNS, "")
-    if before_:
-        cells.update(similarity_images=before_["n"], cka_before=before_["cka"],
-                     ls_residual_before=before_["ls_residual"])
-    if after_:
-        cells.update(similarity_images=after_["n"], cka_after=after_["cka"], match_mse_after=after_["mse"])
-    return cells

@@ -14,7 +14,7 @@ frozen in eval mode) join for the data pass only: they run their own forward on 
 
 **Each branch is a normal run, with the result it has alone**: its own run directory, lock, ``config.yaml``,
 ``train.log``, ``metrics.csv``, ``checkpoint.pt`` (the single run's format), ``state.json`` and
-``result.csv`` (:func:`stitching.train.loop._result_row`, its ``pack`` column naming the pack), written by the
+``result.csv`` (:func:`stitching.results.row.result_row`, its ``pack`` column naming the pack), written by the
 single run's own functions (:mod:`stitching.train.loop`), so collection, plots, resume and ``--status`` see
 ordinary runs. What makes a run's numbers depend on what else happens in the process, and how a branch is
 kept to what it computes alone: every branch is built as its run alone builds it (``torch.manual_seed`` then
@@ -68,15 +68,20 @@ from stitching.stitch.cost import count_cost
 from stitching.stitch.shared import SharedFrozen
 from stitching.train import branch as B
 from stitching.train import distributed as D
+from stitching.train import ending as E
+from stitching.train import evaluation as EV
 from stitching.train import loop as L
 from stitching.train import measure
+from stitching.train import opening as O
 from stitching.train import perf as P
 from stitching.train import stop as S
 from stitching.train.branch import Branch
 from stitching.train.objective import Objective
+from stitching.train.step import backends, step_state
+from stitching.train.trainer import NonFiniteLoss, log
 from stitching.train.step import autocast, train_step
 
-log = L.log
+log = log
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,8 +127,8 @@ def run(cfgs: list[Config], force: bool = False, exiting: bool = False) -> int:
         if refused is not None:
             key, why = refused
             raise cfg.error(key, f"cannot train in one pack with {cfgs[0].path or 'the first run'}: {why}")
-    device = L.resolve_device(cfgs[0])
-    paths = [L.run_dir_path(cfg, None) for cfg in cfgs]
+    device = O.resolve_device(cfgs[0])
+    paths = [O.run_dir_path(cfg, None) for cfg in cfgs]
     seen: dict[Path, Config] = {}
     for cfg, (path, _) in zip(cfgs, paths):
         if path in seen:
@@ -162,13 +167,13 @@ def run(cfgs: list[Config], force: bool = False, exiting: bool = False) -> int:
         code = R.EXIT_INTERRUPTED
         for b in pack.active:           # (each branch's line and state.json say what it keeps)
             with B.scope(b, rng=False):
-                b.message = L._interrupted(b, aborted)
+                b.message = E.interrupted(b, aborted)
         return code
     finally:
         if pack.stop is not None:
             pack.stop.restore(exiting)
         for b in pack.active:         # the branches still in the pack end with it
-            note = L._close(b, code, b.message or message)
+            note = E.close(b, code, b.message or message)
             if note and info.is_main:
                 print(f"warning: {note[2:]}", file=sys.stderr)
         _restore_log(pack)
@@ -181,7 +186,7 @@ def _restore_log(pack: Pack) -> None:
     was = B.adopt(pack.branches) or pack.logging_was
     pack.logging_was = None
     if was is not None:
-        L._restore_logging(was)
+        E.restore_logging(was)
 
 
 def pack_name(config: dict, paths: list[Path]) -> str:
@@ -209,7 +214,7 @@ def _end(pack: Pack, b: Branch, code: int, message: str) -> None:
     if failed and pack.logging_was is not None:     # (its train.log, once the pack's log is open)
         with B.scope(b, rng=False):
             log.info("stopped (exit %d): %s; the other runs of the pack go on", code, message)
-    note = L._close(b, code, message)
+    note = E.close(b, code, message)
     if pack.info.is_main and (failed or note):
         print(f"error: {b.rundir.path}: {message}{note}" if failed else f"warning: {note[2:]}", file=sys.stderr)
 
@@ -221,31 +226,31 @@ def _start(pack: Pack, force: bool) -> None:
     branch resumed from its own checkpoint."""
     info = pack.info
     for b in pack.branches:
-        b.per_device, b.accum = L.batch_split(b.cfg, info.world_size)
+        b.per_device, b.accum = O.batch_split(b.cfg, info.world_size)
         b.cfg.output.dir = str(b.rundir.path)
-        if L._already_finished(b, force):
+        if O.already_finished(b, force):
             b.code, b.message = R.EXIT_OK, "already finished"
     for b in pack.active:
         check_writable(b.rundir.path)
     if not pack.active:
         return
     t = pack.branches[0].cfg.train
-    pack.channels_last = L.backends(pack.branches[0].cfg, pack.device)
+    pack.channels_last = backends(pack.branches[0].cfg, pack.device)
     pack.frozen = SharedFrozen(t.fold_bn, pack.channels_last)
     transforms = None
     for b in pack.active:
         with B.scope(b):
-            tf = L._build_model(b)          # (seeds the branch's generators as its run alone: its adapters)
+            tf = O.build_model(b)          # (seeds the branch's generators as its run alone: its adapters)
         transforms = transforms or tf
         pack.frozen.share(b.built)          # its own copies of networks the pack holds are dropped here
     lead = pack.active[0]
-    train_ds, val_ds = L._build_data(lead, *transforms)
+    train_ds, val_ds = O.build_data(lead, *transforms)
     val_set = CpuFloat(val_ds, val_ds.transform) if hasattr(val_ds, "transform") else val_ds
     for b in pack.active:
         b.steps_per_epoch, b.total_steps, b.val_set = lead.steps_per_epoch, lead.total_steps, val_set
     for b in pack.active:
         try:
-            if L._open_rundir(b, force):
+            if O.open_rundir(b, force):
                 b.code, b.message = R.EXIT_OK, "already finished (by another trainer)"
         except (R.BusyError, R.WriteError) as err:
             _end(pack, b, err.exit_code, str(err))
@@ -268,10 +273,10 @@ def _start(pack: Pack, force: bool) -> None:
     for b in pack.active:
         with B.scope(b):
             runner, b.shared = pack.frozen.runner(b.built)
-            b.st = L.step_state(runner, b.model, b.cfg, b.device, b.precision, b.accum, b.steps_per_epoch, info,
+            b.st = step_state(runner, b.model, b.cfg, b.device, b.precision, b.accum, b.steps_per_epoch, info,
                                 pack.channels_last)
             b.objective = Objective(b.cfg, b.built, b.device, b.st.channels_last)
-    pack.train_loader, pack.val_loader = L._loaders(lead, train_ds, val_ds)
+    pack.train_loader, pack.val_loader = O.loaders(lead, train_ds, val_ds)
     pack.to_device = lead.to_device
     shared = sum(b.shared for b in pack.active)
     pack.say(f"pack {pack.name}: {len(pack.active)} runs over one data pass; the source prefix run once for "
@@ -289,15 +294,16 @@ def _train(pack: Pack) -> None:
     pack.stop = S.StopSignals(pack.info.is_main)
     for b in pack.active:
         b.started, b.stop, b.val_loader = time.time(), pack.stop, pack.val_loader
-        if "similarity_before" not in b.pos:    # once, before epoch 1 (a checkpoint carries it)
+        if not b.pos.measured:                  # once, before epoch 1 (a checkpoint carries it)
             with B.scope(b):
-                b.pos["similarity_before"] = measure.before(b.cfg, b.built, b.val_set, b.device) \
+                b.pos.similarity_before = measure.before(b.cfg, b.built, b.val_set, b.device) \
                     if pack.info.is_main else None
+            b.pos.measured = True
     while pack.active:
-        epoch = min(b.pos["epoch"] for b in pack.active)
+        epoch = min(b.pos.epoch for b in pack.active)
         if epoch >= pack.epochs:
             break
-        training = [b for b in pack.active if b.pos["epoch"] == epoch]
+        training = [b for b in pack.active if b.pos.epoch == epoch]
         if _train_epoch(pack, epoch, training) or not _end_epoch(pack, epoch, training):
             _stop(pack, epoch, training)        # (a stop signal in the training or in the evaluation)
             return
@@ -329,9 +335,9 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
         b.st.objective = b.objective.at(epoch)      # match_then_task switches here, at an epoch boundary
         b.st.runner.train()
         b.model.train()
-        b.st.reset_sums(b.pos["sums"])
+        b.st.reset_sums(b.pos.sums)
         b.step_images, b.joined = 0, False
-    skip = min(b.pos["batch"] for b in training)
+    skip = min(b.pos.batch for b in training)
     batches = itertools.islice(L._skipped(pack.train_loader, skip), steps * accum - skip)
     bar = tqdm(total=steps, initial=skip // accum, disable=not info.is_main,
                desc=f"epoch {epoch + 1} ({len(training)} runs)", dynamic_ncols=True,
@@ -340,7 +346,7 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
     try:
         for i, (x, y) in enumerate(batches, start=skip):
             x, y = pack.to_device[0](x, y)
-            joining = [b for b in training if b.code is None and b.pos["batch"] <= i]
+            joining = [b for b in training if b.code is None and b.pos.batch <= i]
             x = _prefix(pack, x, joining)
             for b in joining:
                 if not b.joined:            # (a branch further on waits for its position: its meter starts now)
@@ -349,14 +355,14 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
                 with B.scope(b):
                     b.loss = train_step(b.st, x, y, i)
                 b.step_images += len(y) * info.world_size
-                b.pos["batch"] = i + 1
+                b.pos.batch = i + 1
             if (i + 1) % accum:
                 continue
             done = (i + 1) // accum                     # optimizer steps of this epoch
             for b in joining:
                 b.meter.step(b.step_images)
                 b.step_images = 0
-                b.pos["step"] = b.st.step
+                b.pos.step = b.st.step
                 if b.lock is not None:
                     b.lock.touch()
             if pack.stop.level and pack.stop.seen_at is None:
@@ -379,13 +385,9 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
     for b in training:
         if b.code is not None or not b.joined:
             continue
-        b.pos["sums"] = b.st.sums.tolist()
+        b.pos.sums = b.st.sums.tolist()
         timed = b.meter.stop()
-        b.pos["train_time"] += timed["seconds"]
-        b.pos["train_images"] += timed["images"]
-        b.pos["epoch_timed_s"] = b.pos.get("epoch_timed_s", 0.0) + timed["seconds"]
-        b.pos["epoch_images"] = b.pos.get("epoch_images", 0) + timed["images"]
-        b.pos["epoch_time"] = b.pos.get("epoch_time", 0.0) + timed["wall_s"]
+        b.pos.add_timed(timed)
     return preempted
 
 
@@ -404,7 +406,7 @@ def _check_finite(pack: Pack, b: Branch, epoch: int) -> None:
         return
     try:
         L._check_finite(b, epoch)
-    except L.NonFiniteLoss as err:
+    except NonFiniteLoss as err:
         _end(pack, b, err.exit_code, str(err))
 
 
@@ -431,11 +433,11 @@ def _end_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
 @torch.no_grad()
 def _evaluate(pack: Pack, branches: list[Branch]) -> list[dict] | None:
     """One pass over the validation set for every branch of ``branches`` (each as
-    :func:`stitching.train.loop.evaluate` evaluates it alone, a stop signal looked at after each batch as
+    :func:`stitching.train.evaluation.evaluate` evaluates it alone, a stop signal looked at after each batch as
     there); None when a stop signal ended it."""
     if not branches:
         return []
-    sums = [L.eval_sums(b.st) for b in branches]
+    sums = [EV.eval_sums(b.st) for b in branches]
     for b in branches:
         b.st.runner.eval()
     stop = L._eval_stop(branches[0])
@@ -446,10 +448,10 @@ def _evaluate(pack: Pack, branches: list[Branch]) -> list[dict] | None:
             x, y = pack.to_device[1](x, y)
             x = _prefix(pack, x, branches)
             for b, s in zip(branches, sums):
-                L.eval_batch(b.st, x, y, s)
+                EV.eval_batch(b.st, x, y, s)
     finally:
         pack.frozen.cache.clear()
-    return [L.eval_result(s, pack.info) for s in sums]
+    return [EV.eval_result(s, pack.info) for s in sums]
 
 
 def _stop(pack: Pack, epoch: int | None, training: list[Branch]) -> None:

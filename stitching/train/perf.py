@@ -191,5 +191,10 @@ class Throughput:
         return self.all_images / max(self.clock() - self.started, 1e-9)
 
 
+def device_name(device: torch.device) -> str:
+    """The device's name for the result row: the CUDA device's (e.g. ``NVIDIA H100 80GB HBM3``), else ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def images_per_s(images: float, seconds: float) -> float:
     return images / seconds if seconds > 0 else 0.0

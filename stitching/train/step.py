@@ -8,19 +8,26 @@ scaler update, the scheduler step and zeroing the gradients. Metrics are summed 
 images, correct, images; float64) so no step waits for the host; the first optimizer step whose loss was
 not finite is remembered on the device too (:attr:`StepState.nonfinite_step`).
 
-The trainer (:mod:`stitching.train.loop`) and ``benchmarks/train_step.py`` both call :func:`train_step`,
-so the benchmark times the trainer's own step.
+The step is built by :func:`build_step` (the fast runner, DDP, AdamW over the trainable parameters, the
+learning-rate schedule :func:`lr_factor`, the fp16 scaler). The trainer (:mod:`stitching.train.loop`) and
+``benchmarks/train_step.py`` both build and call it, so the benchmark times the trainer's own step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stitching.kinds import STITCHED
+from stitching.stitch import fast
+from stitching.train import distributed as D
+from stitching.train import perf as P
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -102,3 +109,52 @@ def train_step(st: StepState, x: torch.Tensor, y: torch.Tensor, micro: int) -> t
             st.scheduler.step()
         st.step += 1
     return loss_d
+
+
+def build_step(model: nn.Module, cfg, kind: str, device: torch.device, precision: str, accum: int,
+               steps_per_epoch: int, info: D.DistInfo = D.DistInfo()) -> StepState:
+    """The step of a run: the fast runner (folded frozen BatchNorms, channels-last, compile; DDP over ranks),
+    AdamW over the trainable parameters, the learning-rate schedule and the fp16 scaler. ``model`` is on
+    ``device`` already; ``cfg`` is the run's :class:`stitching.config.Config` (read, not imported here: config
+    reads the objective, which reads this module)."""
+    channels_last = backends(cfg, device)
+    runner = fast.prepare_for_training(model, fold_bn=cfg.train.fold_bn and kind == STITCHED,
+                                       channels_last=channels_last, compile=cfg.train.compile)
+    return step_state(runner, model, cfg, device, precision, accum, steps_per_epoch, info, channels_last)
+
+
+def backends(cfg, device: torch.device) -> bool:
+    """Set the device's backends (:func:`stitching.train.perf.configure_backends`); whether the run is
+    channels-last (``train.channels_last``; ``auto``: :func:`stitching.stitch.fast.default_channels_last`)."""
+    P.configure_backends(device)            # cuDNN autotuning, TF32 (CUDA only)
+    want = cfg.train.channels_last
+    return fast.default_channels_last(device) if want == "auto" else bool(want)
+
+
+def step_state(runner: nn.Module, model: nn.Module, cfg, device: torch.device, precision: str, accum: int,
+               steps_per_epoch: int, info: D.DistInfo, channels_last: bool) -> StepState:
+    """The step around ``runner`` (the module that runs ``model``'s training step, on ``device``): DDP over ranks,
+    AdamW over ``model``'s trainable parameters, the learning-rate schedule and the fp16 scaler."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if info.enabled and cfg.train.epochs > 0:
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[info.local_rank]
+                                                     if device.type == "cuda" else None)
+    optimizer = P.make_adamw(trainable, cfg.train.lr, cfg.train.weight_decay) if trainable else None
+    total_steps = max(1, cfg.train.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch, total_steps)) \
+        if optimizer else None
+    return StepState(runner, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                     device, precision=precision, accum=accum, channels_last=channels_last,
+                     label_smoothing=cfg.train.label_smoothing, distributed=isinstance(
+                         runner, nn.parallel.DistributedDataParallel))
+
+
+def lr_factor(cfg, steps_per_epoch: int, total_steps: int):
+    """The learning rate's factor at an optimizer step (``train.lr_schedule``): constant, or cosine annealing to 0
+    over the run, stepped per optimizer step or per epoch (``train.lr_schedule_unit``)."""
+    if cfg.train.lr_schedule == "constant":
+        return lambda step: 1.0
+    if cfg.train.lr_schedule_unit == "epoch":
+        epochs = max(1, cfg.train.epochs)
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step // steps_per_epoch, epochs) / epochs))
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
