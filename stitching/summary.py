@@ -34,7 +34,9 @@ import json
 import yaml
 
 from stitching import cli
-from stitching.config import CLI, ConfigError, check_files, load_config, run_cli
+from stitching.cli import run_cli
+from stitching.config import CLI, ConfigError
+from stitching.validate import check_files, load_config
 from stitching.stitch.cost import human, share
 
 

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from tests.conftest import ROOT
 
 

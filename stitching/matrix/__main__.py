@@ -43,7 +43,8 @@ from pathlib import Path
 
 from stitching import cli
 from stitching import rundir as R
-from stitching.config import CUT_KEYS, ConfigError, run_cli
+from stitching.cli import run_cli
+from stitching.config import CUT_KEYS, ConfigError
 from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
 from stitching.sweep import estimate as E
 from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
@@ -179,7 +180,7 @@ def combined(expansions: list):
 
 def check_closed_form(matrix: Matrix) -> None:
     """A matrix whose adapters have no map to fit is refused in one line before anything is built."""
-    from stitching.config import load_config
+    from stitching.validate import load_config
     from stitching.stitch.lsinit import FITTED_ADAPTERS
 
     cfg = load_config(matrix.base, check=False)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from stitching import cli
 from stitching import rundir as R
-from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
+from stitching.cli import run_cli
+from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml
 from stitching.launch import slurm
 from stitching.sweep import estimate as E
 from stitching.sweep import status as S

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stitching import rundir as R
-from stitching.config import IDENTITY, Config, ConfigError, check_files, load_config, read_yaml
+from stitching.config import IDENTITY, Config, ConfigError, read_yaml
+from stitching.validate import check_files, load_config
 from stitching.results.recipe import recipe_columns, resize_modes
 from stitching.results.schema import METRICS_COLUMNS, RESULT_COLUMNS
 from stitching.train import checkpoint as C
