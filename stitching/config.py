@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import types
 import typing
@@ -31,10 +30,11 @@ import yaml
 
 # ConfigError, CLI (its source name for the command line) and the YAML / command-line value readers are re-exported:
 # the config's error and the readers that load it (stitching.messages, stitching.yamlio own them)
-from stitching.messages import CLI, ConfigError, short_repr  # noqa: F401
+from stitching.keyspec import Choices, Column, declare
+from stitching.messages import CLI, ConfigError  # noqa: F401
 # EXIT_CONFIG is re-exported: the exit code of a ConfigError
 from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
-from stitching.yamlio import (MAX_YAML_BYTES, MAX_YAML_NODES, VALUE_SYNTAX, parse_value,  # noqa: F401
+from stitching.yamlio import (MAX_YAML_BYTES, MAX_YAML_NODES, VALUE_SYNTAX, coerce, parse_value,  # noqa: F401
                               parse_yaml, read_yaml)
 
 
@@ -49,19 +49,29 @@ class ModelConfig:
     adapter: str = "bottleneck"             # linear | linear_relu | conv3x3 | bottleneck | vit_block | finetune
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
-    adapter_style: str = "code"             # code | text: adapters as the paper's code or its text builds them
+    adapter_style: str = declare("code", choices=Choices("stitch.plan.ADAPTER_STYLES"),
+                                 recipe=Column("adapter_style", 16, 11, "adapters: {}"))
+                                            # code | text: adapters as the paper's code or its text builds them
     code_quirks: bool = False               # code style: the paper code's padded 1x1 convs, "no downsample" maps
-    pos_embed: str = "none"                 # none | reinject: the destination's position embedding re-added
+    pos_embed: str = declare("none", choices=Choices("stitch.posembed.POS_EMBED_MODES"),
+                             recipe=Column("pos_embed", 17, 12, "pos. embed: {}"))
+                                            # none | reinject: the destination's position embedding re-added
                                             # to the adapters' output tokens (ViT-like destinations)
-    init: str = "default"                   # default (the paper code's) | pytorch (PyTorch's own) | least_squares:
+    init: str = declare("default", recipe=Column("init", 18, 13, "init: {}"))
+                                            # default (the paper code's) | pytorch (PyTorch's own) | least_squares:
                                             # adapters fitted to the destination's activations first (stitch/lsinit.py)
-    init_images: int = 2048                 # least_squares: training images (eval transforms) the fit streams
-    pretrained: bool = True                 # false: random init
+    init_images: int = declare(2048, read_when=("model.init", ("least_squares",)),
+                               recipe=Column("init_images", 19, 14, ("{} init image", "{} init images"), True))
+                                            # least_squares: training images (eval transforms) the fit streams
+    pretrained: bool = declare(True, recipe=Column("pretrained", 2, 27, "pretrained: {}", True))   # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
-    random_init: str = "none"               # none | source | destination | both: that side built with random
+    random_init: str = declare("none", choices=Choices("stitch.stitcher.RANDOM_INIT"),
+                               recipe=Column("random_init", 3, 28, "random init: {}"))
+                                            # none | source | destination | both: that side built with random
                                             # weights whatever pretrained / *_weights say (matrix controls)
-    source_kwargs: dict | None = None       # constructor arguments (timm / torchvision), e.g. {img_size: 64}
+    source_kwargs: dict | None = declare(None, recipe=Column("model_kwargs", 4, resolved=True))
+                                            # constructor arguments (timm / torchvision), e.g. {img_size: 64}
     destination_kwargs: dict | None = None  # null: the source's when the destination is the source, else none
 
     @property
@@ -86,59 +96,99 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"                 # synthetic | imagefolder
+    name: str = declare("synthetic", choices=Choices("data.loaders.DATASET_NAMES"),
+                        recipe=Column("dataset", 0, 0, "{}", True))     # synthetic | imagefolder
     root: str | None = None                 # imagefolder: root/train/<class>/..., root/val/<class>/...
-    label: str | None = None                # the dataset's name in figures and tables (null: data.name for
+    label: str | None = declare(None, operational=True)
+                                            # the dataset's name in figures and tables (null: data.name for
                                             # synthetic, the root folder's name for imagefolder); not identity
-    img_size: int = 224
-    num_classes: int | None = None          # synthetic: 10; imagefolder: 1000 (checked against the folders)
+    img_size: int = declare(224, recipe=Column("img_size", 5, 9, "{} px"))
+    num_classes: int | None = declare(None, recipe=Column("num_classes", 1, 29, ("{} class", "{} classes"), True))
+                                            # synthetic: 10; imagefolder: 1000 (checked against the folders)
     train_size: int = 2000                  # synthetic only
     val_size: int = 500                     # synthetic only
-    workers: int | None = None              # loader workers per process; null = the job's CPUs per process - 1
-    pipeline: str = "fast"                  # fast (crop box first, reduced-size JPEG decode, uint8 to the device,
+    workers: int | None = declare(None, operational=True)   # loader workers per process; null = job's CPUs/process - 1
+    pipeline: str = declare("fast", choices=Choices("data.pipeline.PIPELINES"))
+                                            # fast (crop box first, reduced-size JPEG decode, uint8 to the device,
                                             # normalised there) | torchvision (PIL, float on the CPU); same distribution
-    decode: str = "cpu"                     # fast pipeline: cpu | gpu (nvJPEG on the training GPU; the CPU where none)
-    auto_augment: bool = True
-    min_crop_scale: float = 0.08            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
-    hflip: float = 0.5                      # RandomHorizontalFlip's probability (paper: 0.5; 0 for digits, text)
-    normalize: str = "model"                # model (the source's own mean/std) | imagenet (ImageNet's, any model)
-    train_interpolation: str | None = None  # crop resizing: null = the source model's | nearest | bilinear | bicubic
-    auto_augment_interpolation: str | None = None  # null = train_interpolation (the paper's code: nearest)
-    eval_crop_pct: float | None = None      # null = the source model's own (0.875 = resize 256, crop 224)
-    eval_interpolation: str | None = None   # null = the source model's own
+    decode: str = declare("cpu", choices=Choices("data.pipeline.DECODERS"))
+                                            # fast pipeline: cpu | gpu (nvJPEG on the training GPU; the CPU where none)
+    auto_augment: bool = declare(True, recipe=Column("auto_augment", 25, 20, "AutoAugment: {}"))
+    min_crop_scale: float = declare(0.08, recipe=Column("min_crop_scale", 26, 21, "crop scale >= {}"))
+                                            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
+    hflip: float = declare(0.5, recipe=Column("hflip", 27, 22, "flip p = {}"))
+                                            # RandomHorizontalFlip's probability (paper: 0.5; 0 for digits, text)
+    normalize: str = declare("model", choices=Choices("data.transforms.NORMALIZATIONS"),
+                             recipe=Column("normalize", 24, 19, "mean/std: {}"))
+                                            # model (the source's own mean/std) | imagenet (ImageNet's, any model)
+    train_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
+                                              recipe=Column("train_interpolation", 28, 23, "train interp.: {}"))
+                                            # crop resizing: null = the source model's | nearest | bilinear | bicubic
+    auto_augment_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
+                                                     recipe=Column("auto_augment_interpolation", 29, 24,
+                                                                   "AA interp.: {}"))
+                                            # null = train_interpolation (the paper's code: nearest)
+    eval_crop_pct: float | None = declare(None, recipe=Column("eval_crop_pct", 30, 25, "eval crop {}"))
+                                            # null = the source model's own (0.875 = resize 256, crop 224)
+    eval_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
+                                             recipe=Column("eval_interpolation", 31, 26, "eval interp.: {}"))
+                                            # null = the source model's own
     seed: int = 0                           # synthetic data seed
-    bad_images: str = "error"               # imagefolder: an unreadable file stops the run naming it (error)
+    bad_images: str = declare("error", choices=Choices("data.loaders.BAD_IMAGE_MODES"))
+                                            # imagefolder: an unreadable file stops the run naming it (error)
                                             # or is left out of its batch and counted in train.log (skip)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 512                   # effective batch = per-device x world size x accumulation
-    per_device_batch_size: int | None = None  # None: batch_size / world size (no accumulation)
-    lr: float = 0.002
-    weight_decay: float = 0.05
-    lr_schedule: str = "cosine"             # cosine (to 0) | constant
-    lr_schedule_unit: str = "step"          # step | epoch
-    label_smoothing: float = 0.0
+    epochs: int = declare(10, recipe=Column("epochs", 6, 1, ("{} epoch", "{} epochs")))
+    batch_size: int = declare(512, recipe=Column("batch_size", 7, 2, "batch {}"))
+                                            # effective batch = per-device x world size x accumulation
+    per_device_batch_size: int | None = declare(None, recipe=Column("per_device_batch_size", 8, 3, "{}/device", True))
+                                            # None: batch_size / world size (no accumulation)
+    lr: float = declare(0.002, recipe=Column("lr", 9))
+    weight_decay: float = declare(0.05, recipe=Column("weight_decay", 10, 4, "wd {}"))
+    lr_schedule: str = declare("cosine", choices=("cosine", "constant"),
+                               recipe=Column("lr_schedule", 11, 5, "{}"))   # cosine (to 0) | constant
+    lr_schedule_unit: str = declare("step", choices=("step", "epoch"),
+                                    recipe=Column("lr_schedule_unit", 12, 6, "per {}"))
+    label_smoothing: float = declare(0.0, recipe=Column("label_smoothing", 13, 7, "label smoothing {}"))
     seed: int = 0
-    device: str = "auto"                    # auto | cpu | cuda
-    precision: str = "auto"                 # auto (bf16 on CUDA >= 8.0, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str = declare("auto", choices=("auto", "cpu", "cuda"))
+    precision: str = declare("auto", choices=Choices("train.perf.PRECISIONS", first=("auto",)),
+                             recipe=Column("precision", 15, 10, "{}", True))
+                                            # auto (bf16 on CUDA >= 8.0, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: str | bool = "auto"      # auto (on CUDA for conv parts) | true | false
     fold_bn: bool = True                    # fold frozen BatchNorm into convs (stitched runs only)
     compile: bool = False                   # torch.compile the trainable part
-    frozen_bn: str = "eval"                 # eval | train (the paper's code: frozen parts in train mode, BatchNorm
+    frozen_bn: str = declare("eval", choices=Choices("stitch.stitcher.FROZEN_BN_MODES"),
+                             recipe=Column("frozen_bn", 20, 15, "frozen BN: {}"))
+                                            # eval | train (the paper's code: frozen parts in train mode, BatchNorm
                                             # statistics re-estimated, stochastic depth on; weights stay frozen)
-    max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole epoch
-    log_every: int = 10
-    objective: str = "task"                 # task (cross-entropy) | match (MSE to the destination's activation at
+    max_steps_per_epoch: int | None = declare(None, recipe=Column("max_steps_per_epoch", 14, 8,
+                                                                  ("max {} step/epoch", "max {} steps/epoch")))
+                                            # cap for quick runs; None = the whole epoch
+    log_every: int = declare(10, operational=True)
+    objective: str = declare("task", choices=Choices("train.objective.OBJECTIVES"),
+                             recipe=Column("objective", 21, 16, "objective: {}"))
+                                            # task (cross-entropy) | match (MSE to the destination's activation at
                                             # the join) | distill (KL to the destination's logits) | match_then_task
-    distill_temperature: float = 4.0        # distill: softmax temperature T (the loss is scaled by T^2)
-    match_epochs: int | None = None         # match_then_task: epochs of match before task; null = half the epochs
+    distill_temperature: float = declare(4.0, read_when=("train.objective", ("distill",)),
+                                         recipe=Column("distill_temperature", 22, 17, "T = {}", True))
+                                            # distill: softmax temperature T (the loss is scaled by T^2)
+    match_epochs: int | None = declare(None, read_when=("train.objective", ("match_then_task",)),
+                                       recipe=Column("match_epochs", 23, 18, ("{} match epoch", "{} match epochs"),
+                                                     True))
+                                            # match_then_task: epochs of match before task; null = half the epochs
     similarity_images: int = 1024           # validation images for the similarity at the join written to
                                             # result.csv (before and after training); 0 = not measured
-    preempt_check_every: int = 10           # under DDP the ranks agree on a SIGTERM/SIGUSR1 every N optimizer
+    preempt_check_every: int = declare(10, operational=True)
+                                            # under DDP the ranks agree on a SIGTERM/SIGUSR1 every N optimizer
                                             # steps (one host sync; one process looks every step), train/perf.py
+
+    def resolved_match_epochs(self) -> int:
+        """The epochs of ``match`` before ``task`` in ``match_then_task`` (``match_epochs``; null: half)."""
+        return self.match_epochs if self.match_epochs is not None else max(1, self.epochs // 2)
 
 
 @dataclass
@@ -265,21 +315,28 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "train.preempt_check_every": 10,
 })
 
+
+def declared(name: str) -> dict[str, typing.Any]:
+    """Dotted key -> its ``name`` metadata (:func:`stitching.keyspec.declare`: ``choices``, ``operational``,
+    ``read_when``, ``recipe``), for every key that declares it, in field order: the one source of the tables
+    derived from the fields."""
+    return {f"{s}.{f.name}": f.metadata[name] for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if name in f.metadata}
+
+
 #: Keys that change how a run is carried out or named, never what it computes, so never part of its identity
 #: (another value on a re-run or a resume is the same run): loader processes (every sample is seeded by its index,
 #: so any number of workers gives the same batches, tests/test_pipeline.py), how often the trainer logs, how often
 #: DDP ranks agree on a preemption signal (a preempted run resumes exactly), and the dataset's display name.
-OPERATIONAL_KEYS = ("data.workers", "train.log_every", "train.preempt_check_every", "data.label")
+#: Derived: the keys declared ``operational``.
+OPERATIONAL_KEYS = tuple(declared("operational"))
 
 #: Keys a run reads only when another key has one of some values: key -> (that key, those values). Otherwise
 #: the key is not part of the identity (``model.init_images`` means nothing under ``model.init: default``), and
 #: results write it as '' (:mod:`stitching.results.recipe`). The values are :data:`stitching.stitch.lsinit.
 #: INIT_MODES` and :data:`stitching.train.objective.OBJECTIVES` members (tests/test_rundir.py checks).
-READ_ONLY_WHEN: typing.Mapping[str, tuple[str, tuple]] = types.MappingProxyType({
-    "model.init_images": ("model.init", ("least_squares",)),
-    "train.distill_temperature": ("train.objective", ("distill",)),
-    "train.match_epochs": ("train.objective", ("match_then_task",)),
-})
+#: Derived: the keys' ``read_when``.
+READ_ONLY_WHEN: typing.Mapping[str, tuple[str, tuple]] = types.MappingProxyType(declared("read_when"))
 
 
 def config_value(config: dict | None, dotted: str):
@@ -310,9 +367,9 @@ def read_config(path: str | os.PathLike | typing.Mapping | None, overrides: typi
     """Load ``path`` (its ``base:`` chain first; or a mapping of sections, as a file would hold them, whose
     keys are attributed to ``updates_source``), apply ``updates`` (dotted key -> value, e.g. one point
     of a sweep grid, attributed to ``updates_source``), then the ``overrides`` (``section.key=value``
-    strings from the command line); not validated (:func:`stitching.validate.load_config` validates). ``run_dir``: ``path`` is a run directory's resolved
-    ``config.yaml``, where a key the file lacks (written before the key existed) takes its
-    :data:`IDENTITY_BASELINE` value, the value that run had, rather than today's default."""
+    strings from the command line); not validated (:func:`stitching.validate.load_config` validates).
+    ``run_dir``: ``path`` is a run directory's resolved ``config.yaml``, where a key the file lacks (written
+    before the key existed) takes its :data:`IDENTITY_BASELINE` value, the value that run had, not today's default."""
     tree: dict = {}
     origins: dict = {}
     if isinstance(path, typing.Mapping):         # the sections themselves (Python callers), base: from the cwd
@@ -425,36 +482,10 @@ def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
             if key not in hints:
                 raise ConfigError(dotted, value, src,
                                   f"unknown key; {section} takes {', '.join(f.name for f in dataclasses.fields(cls))}")
-            setattr(obj, key, _coerce(hints[key], value, dotted, src))
+            setattr(obj, key, coerce(hints[key], value, dotted, src))
     return cfg
 
 
 def _hints(cls) -> dict:
     """A section dataclass's field types (cached)."""
     return _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
-
-
-def _coerce(hint, value, key: str, src: str):
-    allowed = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):    # (.nan, .inf: no key of a run means anything with them)
-                raise ConfigError(key, value, src, "must be a finite number")
-            return float(value)
-        if t is str and isinstance(value, str):
-            return value
-        if t is list and isinstance(value, list):
-            return copy.deepcopy(value)
-        if t is dict and isinstance(value, dict):
-            bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
-            if bad:
-                raise ConfigError(key, value, src, f"argument names must be identifiers, not {short_repr(bad[0])}")
-            return copy.deepcopy(value)
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(key, value, src, f"must be {names}")

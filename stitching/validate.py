@@ -14,26 +14,43 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import types
 import typing
 from pathlib import Path
 
 import torch
 
-from stitching.config import CLI, IDENTITY, Config, config_value, read_config
-from stitching.data.loaders import BAD_IMAGE_MODES
-from stitching.data.pipeline import DECODERS, PIPELINES
-from stitching.data.transforms import INTERPOLATIONS, NORMALIZATIONS
+from stitching.config import CLI, IDENTITY, SECTIONS, Config, config_value, declared, read_config
+from stitching.data import loaders, pipeline, transforms
 from stitching.models.derive import ArgumentsError, SplitError
 from stitching.models.formats import is_token
 from stitching.models.registry import available, get_spec
 from stitching.models.trace import list_blocks
 from stitching.rundir import identity as rundir_identity
 from stitching.stitch.lsinit import check_config as check_init
-from stitching.stitch.plan import ADAPTER_STYLES, PlanError, check_quirks, plan_config
-from stitching.stitch.posembed import POS_EMBED_MODES, learned_pos_embed
-from stitching.stitch.stitcher import FROZEN_BN_MODES, RANDOM_INIT
+from stitching.stitch import plan, posembed, stitcher
+from stitching.stitch.plan import PlanError, check_quirks, plan_config
+from stitching.stitch.posembed import learned_pos_embed
+from stitching.train import objective, perf
 from stitching.train.curves import check as check_curves
-from stitching.train.objective import OBJECTIVES
+
+#: the modules that own the choices a key declares (:class:`stitching.keyspec.Choices`), imported here
+_OWNERS = {m.__name__.removeprefix("stitching."): m
+           for m in (loaders, pipeline, transforms, plan, posembed, stitcher, objective, perf)}
+
+
+def _resolve(choices) -> tuple:
+    """A key's declared choices as values: a tuple as declared, or its owner's tuple after ``first``."""
+    if isinstance(choices, tuple):
+        return choices
+    module, _, name = choices.owner.rpartition(".")
+    return choices.first + tuple(getattr(_OWNERS[module], name))
+
+
+#: dotted key -> the values it may take: derived from the keys' declarations (``choices=``), each subsystem's tuple
+#: read from its owner; every one is checked by :func:`validate` (tests/test_config.py)
+CHOICES: typing.Mapping[str, tuple] = types.MappingProxyType({k: _resolve(c) for k, c in declared("choices").items()})
+_HINTS = {f"{s}.{k}": h for s, cls in SECTIONS.items() for k, h in typing.get_type_hints(cls).items()}
 
 
 def load_config(path: str | os.PathLike | typing.Mapping | None, overrides: typing.Sequence[str] = (),
@@ -67,7 +84,7 @@ def validate(cfg: Config) -> None:
             raise cfg.error(err.key, str(err)) from None
         except RuntimeError as err:         # a block that does not output its stage's format (registry)
             raise cfg.error("model.source_block", str(err)) from None
-    _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
+    _one_of(cfg, "model.adapter_style")
     try:
         check_quirks(m.code_quirks, m.adapter_style)        # stitched configs: plan_config checked it
     except PlanError as err:
@@ -76,30 +93,29 @@ def validate(cfg: Config) -> None:
     _check_pos_embed(cfg)
 
     check_init(cfg, lambda: (model_spec(cfg, "source"), model_spec(cfg, "destination")))
-    _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
-    _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
-    _one_of(cfg, "data.normalize", NORMALIZATIONS)
+    _one_of(cfg, "data.name")
+    _one_of(cfg, "data.bad_images")
+    _one_of(cfg, "data.normalize")
     for key in ("data.train_interpolation", "data.auto_augment_interpolation", "data.eval_interpolation"):
-        if getattr(d, key.split(".")[1]) is not None:
-            _one_of(cfg, key, INTERPOLATIONS)
+        _one_of(cfg, key)
     if d.eval_crop_pct is not None and not 0 < d.eval_crop_pct <= 1:
         raise cfg.error("data.eval_crop_pct", "must be in (0, 1] (or null: the model's own)")
-    _one_of(cfg, "train.frozen_bn", FROZEN_BN_MODES)
+    _one_of(cfg, "train.frozen_bn")
     if t.frozen_bn == "train" and t.fold_bn:
         raise cfg.error("train.frozen_bn", "train mode re-estimates the frozen BatchNorm statistics, which "
                         "folded BatchNorms cannot: set train.fold_bn=false")
     _check_objective(cfg)
 
     check_curves(cfg)
-    _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
-    _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
-    _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(cfg, "train.precision", ("auto", "bf16", "fp16", "fp32"))
+    _one_of(cfg, "train.lr_schedule")
+    _one_of(cfg, "train.lr_schedule_unit")
+    _one_of(cfg, "train.device")
+    _one_of(cfg, "train.precision")
     if isinstance(t.channels_last, str) and t.channels_last != "auto":
         raise cfg.error("train.channels_last", "must be auto, true or false")
 
-    _one_of(cfg, "data.pipeline", PIPELINES)
-    _one_of(cfg, "data.decode", DECODERS)
+    _one_of(cfg, "data.pipeline")
+    _one_of(cfg, "data.decode")
     if d.decode == "gpu" and d.pipeline != "fast":
         raise cfg.error("data.decode", "gpu decoding is part of data.pipeline=fast (torchvision decodes with PIL)")
     for role in ("source", "destination"):
@@ -135,7 +151,7 @@ def _check_objective(cfg: Config) -> None:
     task loss needs adapters to train (a stitched config, not finetune); a positive temperature; match epochs
     that leave task epochs to follow; a similarity image count >= 0."""
     t, m = cfg.train, cfg.model
-    _one_of(cfg, "train.objective", OBJECTIVES)
+    _one_of(cfg, "train.objective")
     if t.objective != "task" and (m.is_original or m.adapter == "finetune"):
         raise cfg.error("train.objective", "trains the adapters against the destination's own activation or "
                         "logits: it needs a stitched config with adapters (model.source_stage, not finetune)")
@@ -173,7 +189,7 @@ def _check_cut_keys(cfg: Config) -> None:
 def _check_pos_embed(cfg: Config) -> None:
     """``model.pos_embed``: one of the modes; ``reinject`` needs adapters and a destination with a learned
     absolute position embedding (checked on the destination built on the meta device: no weights read)."""
-    _one_of(cfg, "model.pos_embed", POS_EMBED_MODES)
+    _one_of(cfg, "model.pos_embed")
     m = cfg.model
     if m.pos_embed == "none":
         return
@@ -200,9 +216,9 @@ def _check_pos_embed(cfg: Config) -> None:
 
 
 def _check_random_init(cfg: Config) -> None:
-    """``model.random_init``: which side is built with random weights (:data:`RANDOM_INIT`); a random
+    """``model.random_init``: which side is built with random weights (:data:`stitching.stitch.stitcher.RANDOM_INIT`); a random
     destination needs a stitched config."""
-    _one_of(cfg, "model.random_init", RANDOM_INIT)
+    _one_of(cfg, "model.random_init")
     if cfg.is_original and cfg.model.random_init in ("destination", "both"):
         raise cfg.error("model.random_init", "an original (unstitched) model has no destination: use none or "
                         "source")
@@ -243,10 +259,12 @@ def check_files(cfg: Config, data: bool = True) -> None:
                 raise cfg.error("data.root", f"missing folder {root / split}")
 
 
-def _one_of(cfg: Config, key: str, choices: tuple) -> None:
+def _one_of(cfg: Config, key: str) -> None:
+    """``key``'s value is one of its :data:`CHOICES` (or null, where the key may be unset)."""
     section, name = key.split(".")
-    if getattr(getattr(cfg, section), name) not in choices:
-        raise cfg.error(key, f"must be one of {', '.join(choices)}")
+    value = getattr(getattr(cfg, section), name)
+    if value not in CHOICES[key] and not (value is None and type(None) in typing.get_args(_HINTS[key])):
+        raise cfg.error(key, f"must be one of {', '.join(CHOICES[key])}")
 
 
 # ------------------------------------------------------------------------------------------------- packs

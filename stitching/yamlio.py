@@ -3,13 +3,15 @@
 Owns :func:`read_yaml` / :func:`parse_yaml` (a config and its base files, a sweep or matrix file, a run directory's
 ``config.yaml``: at most :data:`MAX_YAML_BYTES` on disk and :data:`MAX_YAML_NODES` with every alias expanded,
 numbers read as YAML 1.2 reads them) and :func:`parse_value` (a ``section.key=value`` or ``--slurm key=value``
-value, written as :data:`VALUE_SYNTAX` says for the key's type). Errors are a
+value, written as :data:`VALUE_SYNTAX` says for the key's type) and :func:`coerce` (a value read from YAML as
+the key's type takes it). Errors are a
 :class:`stitching.messages.ConfigError` naming the file or key. :mod:`stitching.config` re-exports these.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import types
@@ -17,7 +19,7 @@ import typing
 
 import yaml
 
-from stitching.messages import CLI, ConfigError
+from stitching.messages import CLI, ConfigError, short_repr
 
 #: The most a YAML file the framework reads (a config and its base files, a sweep or matrix file, a run
 #: directory's ``config.yaml``) may hold: bytes on disk, and nodes once every alias is expanded. A config is a few
@@ -168,3 +170,31 @@ def parse_value(hint, raw: str, key: str, source: str = CLI):
     if str in kinds:
         return raw
     raise ConfigError(key, raw, source, "must be " + " or ".join(VALUE_SYNTAX.get(k, k.__name__) for k in kinds))
+
+
+def coerce(hint, value, key: str, src: str):
+    """``value`` (read from a file, or given in Python) as a key of type ``hint`` takes it: a finite number, a
+    mapping with identifier keys (copied), ...; a :class:`ConfigError` naming ``key`` and ``src`` otherwise."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):    # (.nan, .inf: no key of a run means anything with them)
+                raise ConfigError(key, value, src, "must be a finite number")
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+        if t is list and isinstance(value, list):
+            return copy.deepcopy(value)
+        if t is dict and isinstance(value, dict):
+            bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
+            if bad:
+                raise ConfigError(key, value, src, f"argument names must be identifiers, not {short_repr(bad[0])}")
+            return copy.deepcopy(value)
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(key, value, src, f"must be {names}")
