@@ -19,11 +19,11 @@ run, ``--draw`` collects and draws. ``--pack K`` trains up to K cells that share
 job over one data pass (:mod:`stitching.train.pack`; the default 1: one cell per job). ``--dry-run`` prints the
 tables and counts, the jobs, data passes and frozen-prefix GMACs separate vs packed by ``--pack``, and what the
 cells cost per matrix (as ``python -m stitching.sweep --dry-run``: MACs, GPU-hours at ``--rate``, wall time;
-``--images``, ``--loader-rate``) and writes or submits nothing. ``--status`` (no ``--launcher`` needed) prints, per matrix, how
-many cells are done, running, preempted, interrupted, failed or not started and every failed cell's directory and
-last error line; exit 0 when every cell has finished, 1 when any failed, 75 when some are still to finish. The
-receiver is also evaluated alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the ceiling of
-the calibrated scores.
+``--images``, ``--loader-rate``) and writes or submits nothing. ``--status`` (no ``--launcher`` needed) prints, per
+matrix, how many cells are done, running, preempted, interrupted, failed or not started and every failed cell's
+directory and last error line; exit 0 when every cell has finished, 1 when any failed, 75 when some are still to
+finish. The receiver is also evaluated alone (one more run, :data:`~stitching.matrix.spec.RECEIVER_BLOCK`): the
+ceiling of the calibrated scores.
 
 ``--closed-form``: the same cells with their adapters fitted by least squares and evaluated, no gradient step
 (:mod:`stitching.matrix.closed_form`; default runs folder ``runs/<matrix name>-closed-form``): one group per

@@ -252,8 +252,8 @@ def wall_line(todo: list[E.Estimate], blocks, args) -> str:
     line = (f"wall time: {E.duration(wall.hours)} ({at}, {where}; the longest {longest} {E.duration(wall.longest)})"
             + (" if the cluster grants them" if args.launcher == "slurm" else ""))
     if wall.over_limit:
-        line += (f"; {wall.over_limit} {longest}s outlast the time limit {wall.limit} of their task (they checkpoint and "
-                 "requeue themselves)")
+        line += (f"; {wall.over_limit} {longest}s outlast the time limit {wall.limit} of their task (they checkpoint "
+                 "and requeue themselves)")
     return textwrap.fill(line, WIDTH, subsequent_indent="  ")
 
 
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --dry-run   # its runs and cost",
         "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --slurm partition=gpu",
         "python -m stitching.sweep configs/sweeps/smoke.yaml --launcher local --parallel 2",
-        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --pack 16   # 16 runs a task, one data pass",
+        "python -m stitching.sweep configs/sweeps/paper.yaml --launcher slurm --pack 16   # fewer, longer tasks",
         "python -m stitching.sweep configs/sweeps/paper.yaml --paper-only --status        # where it stands"],
         cli.LAUNCHER_EXITS)
     parser.add_argument("sweep", help="sweep YAML file")

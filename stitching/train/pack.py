@@ -20,13 +20,13 @@ ordinary runs. What makes a run's numbers depend on what else happens in the pro
 kept to what it computes alone: every branch is built as its run alone builds it (``torch.manual_seed`` then
 :func:`~stitching.stitch.stitcher.build_model`: its adapters' initial weights) and then keeps its *own* global
 random state (torch's CPU and CUDA generators, ``random``, ``numpy``), swapped in around everything it does
-(:func:`stitching.train.branch.scope`: dropout, stochastic depth, a random network) and saved in its checkpoint; the shared work draws
-nothing (samples are a pure function of ``(seed, epoch, index)`` and restore the generators; the frozen prefix
-runs in eval mode); a branch's adapters receive the very tensor its own prefix computes (the same modules, the
-same operations in the same order); and within a branch the operations are those of its run alone. So on the
-CPU, at the same thread count, a branch's ``metrics.csv`` and ``result.csv`` equal its run alone bit for bit
-(tests/test_pack.py); on CUDA, where cuDNN chooses its algorithms by timing, to float tolerance, as a resumed
-run. ``images_per_s`` and ``wall_time_s`` are the pack's (every branch trains on every image).
+(:func:`stitching.train.branch.scope`: dropout, stochastic depth, a random network) and saved in its checkpoint;
+the shared work draws nothing (samples are a pure function of ``(seed, epoch, index)`` and restore the generators;
+the frozen prefix runs in eval mode); a branch's adapters receive the very tensor its own prefix computes (the same
+modules, the same operations in the same order); and within a branch the operations are those of its run alone. So
+on the CPU, at the same thread count, a branch's ``metrics.csv`` and ``result.csv`` equal its run alone bit for bit
+(tests/test_pack.py); on CUDA, where cuDNN chooses its algorithms by timing, to float tolerance, as a resumed run.
+``images_per_s`` and ``wall_time_s`` are the pack's (every branch trains on every image).
 
 Positions: a branch resumes from its own checkpoint. The pack's data pass starts at the earliest branch's
 position; a branch further on joins when the pass reaches its epoch and micro-batch (samples depend only on
@@ -320,9 +320,9 @@ def _train(pack: Pack) -> None:
 
 def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
     """One epoch of the shared data pass from the earliest of ``training``'s positions (each joins at its own);
-    True when a stop signal arrived (:mod:`stitching.train.stop`). As :func:`stitching.train.loop._train_epoch`, per branch: no host
-    sync per step, the loss and the non-finite flag read at log intervals; the ranks agree on a signal every
-    ``train.preempt_check_every`` steps."""
+    True when a stop signal arrived (:mod:`stitching.train.stop`). As :func:`stitching.train.loop._train_epoch`,
+    per branch: no host sync per step, the loss and the non-finite flag read at log intervals; the ranks agree on
+    a signal every ``train.preempt_check_every`` steps."""
     info, accum, steps = pack.info, pack.accum, pack.steps_per_epoch
     set_epoch(pack.train_loader, epoch)
     for b in training:
