@@ -97,7 +97,7 @@ def models(study: str = "toy") -> dict[str, tuple[str, Path]]:
 def model_kwargs(study: str = "toy") -> dict[str, dict]:
     """Registry name -> the constructor arguments its training config gives it (``model.source_kwargs``,
     e.g. small patches for small images), which every stitched run must build it with too."""
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     return {model: dict(load_config(config).model.source_kwargs or {})
             for model, (_, config) in models(study).items()}

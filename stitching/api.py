@@ -30,7 +30,7 @@ import pandas as pd
 from torch import nn
 
 from stitching import rundir as R
-from stitching.config import check_files, load_config, model_spec
+from stitching.validate import check_files, load_config, model_spec
 from stitching.models.trace import list_blocks
 from stitching.models.weights import PretrainedError, WeightsError
 from stitching.results.collect import normalize_columns, read_result

@@ -4,16 +4,20 @@ Every command of the project (the ``python -m stitching.*`` programs, ``scripts/
 its parser with :func:`parser`, so each help reads the same way: what the command does (its docstring's first
 paragraph without reStructuredText markup), its options, a few example command lines and what each exit code
 means. The codes themselves are spelled in :mod:`stitching.rundir`; :data:`TRAINER_EXITS` says what the
-trainer's mean, and the launchers, which run trainers, say how a trainer's code becomes theirs.
+trainer's mean, and the launchers, which run trainers, say how a trainer's code becomes theirs. :func:`run_cli`
+runs a command's ``main``: a config error becomes one line and exit code 2, a Ctrl-C one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 import textwrap
+import typing
 
 from stitching import rundir as R
+from stitching.config import ConfigError
 
 #: ``x``, :func:`x`, :mod:`~x.y`, `x` -> x
 _MARKUP = re.compile(r"``([^`]*)``|:[a-z]+:`~?([^`]*)`|`([^`]*)`")
@@ -70,3 +74,17 @@ def parser(prog: str | None, doc: str | None, examples: list[str], exits: dict[i
         lines += textwrap.wrap(meaning, WIDTH, initial_indent=f"  {code:>3}  ", subsequent_indent=" " * 7)
     return argparse.ArgumentParser(prog=prog, description=first_paragraph(doc), epilog="\n".join(lines),
                                    formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def run_cli(main: typing.Callable[[], int | None]) -> typing.NoReturn:
+    """Run a command's ``main``; a :class:`ConfigError` becomes one line on stderr and exit code 2, a Ctrl-C
+    that ``main`` does not handle itself one line and ``R.EXIT_INTERRUPTED`` (no traceback)."""
+    try:
+        code = main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(R.EXIT_CONFIG)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(R.EXIT_INTERRUPTED)
+    sys.exit(code or 0)

@@ -10,20 +10,17 @@ keys or by block keys (:data:`CUT_KEYS`); a layer (a base file, the file on it, 
 call's arguments, the command line) that gives one kind a value replaces the other kind an earlier layer gave
 (:func:`_replace_cut_kind`), and one layer giving both is an error. Every leaf remembers
 the file it came from, so an error names the key, the value and the file: an unknown key, a wrong type, an
-impossible combination (checked against the registry's declared shapes, before anything is built) or a
-missing file raises :class:`ConfigError`, which the command-line tools print as one line and exit with code 2.
+impossible combination (checked against the registry's declared shapes, before anything is built:
+:mod:`stitching.validate`, above the subsystems whose choices it checks) or a missing file raises
+:class:`ConfigError`, which the command-line tools print as one line and exit with code 2. This module loads
+(:func:`read_config`) without validating and imports no subsystem.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
-import math
 import os
-import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,25 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from stitching.kinds import FINETUNE
-from stitching.messages import MAX_MESSAGE_CHARS, clip, short_repr
+# ConfigError, CLI (its source name for the command line) and the YAML / command-line value readers are re-exported:
+# the config's error and the readers that load it (stitching.messages, stitching.yamlio own them)
+from stitching.keyspec import Choices, Column, declare
+from stitching.messages import CLI, ConfigError  # noqa: F401
 # EXIT_CONFIG is re-exported: the exit code of a ConfigError
-from stitching.rundir import EXIT_CONFIG, EXIT_INTERRUPTED, IdentityRules  # noqa: F401
-from stitching.rundir import identity as rundir_identity
-
-CLI = "command line"
-
-
-class ConfigError(ValueError):
-    """A bad key, value or combination: ``str()`` is the one line naming the source (file, command line or the
-    Python call), the key and the value; :func:`run_cli` prints it and exits with :data:`EXIT_CONFIG`. The value
-    is quoted with :func:`stitching.messages.short_repr` and the key and message are clipped, so the line stays
-    short whatever the value (an alias bomb, a megabyte string)."""
-
-    def __init__(self, key: str, value, source: str, message: str):
-        self.key, self.value, self.source, self.message = key, value, source, message
-        key, message = clip(key), clip(message, MAX_MESSAGE_CHARS)
-        super().__init__(f"{source}: {key}={short_repr(value)}: {message}" if key else f"{source}: {message}")
+from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
+from stitching.yamlio import (MAX_YAML_BYTES, MAX_YAML_NODES, VALUE_SYNTAX, coerce, parse_value,  # noqa: F401
+                              parse_yaml, read_yaml)
 
 
 @dataclass
@@ -63,19 +49,29 @@ class ModelConfig:
     adapter: str = "bottleneck"             # an adapter kind (stitching/kinds.py) | finetune
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
-    adapter_style: str = "code"             # code | text: adapters as the paper's code or its text builds them
+    adapter_style: str = declare("code", choices=Choices("stitch.plan.ADAPTER_STYLES"),
+                                 recipe=Column("adapter_style", 16, 11, "adapters: {}"))
+                                            # code | text: adapters as the paper's code or its text builds them
     code_quirks: bool = False               # code style: the paper code's padded 1x1 convs, "no downsample" maps
-    pos_embed: str = "none"                 # none | reinject: the destination's position embedding re-added
+    pos_embed: str = declare("none", choices=Choices("stitch.posembed.POS_EMBED_MODES"),
+                             recipe=Column("pos_embed", 17, 12, "pos. embed: {}"))
+                                            # none | reinject: the destination's position embedding re-added
                                             # to the adapters' output tokens (ViT-like destinations)
-    init: str = "default"                   # default (the paper code's) | pytorch (PyTorch's own) | least_squares:
+    init: str = declare("default", recipe=Column("init", 18, 13, "init: {}"))
+                                            # default (the paper code's) | pytorch (PyTorch's own) | least_squares:
                                             # adapters fitted to the destination's activations first (stitch/lsinit.py)
-    init_images: int = 2048                 # least_squares: training images (eval transforms) the fit streams
-    pretrained: bool = True                 # false: random init
+    init_images: int = declare(2048, read_when=("model.init", ("least_squares",)),
+                               recipe=Column("init_images", 19, 14, ("{} init image", "{} init images"), True))
+                                            # least_squares: training images (eval transforms) the fit streams
+    pretrained: bool = declare(True, recipe=Column("pretrained", 2, 27, "pretrained: {}", True))   # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
-    random_init: str = "none"               # none | source | destination | both: that side built with random
+    random_init: str = declare("none", choices=Choices("stitch.stitcher.RANDOM_INIT"),
+                               recipe=Column("random_init", 3, 28, "random init: {}"))
+                                            # none | source | destination | both: that side built with random
                                             # weights whatever pretrained / *_weights say (matrix controls)
-    source_kwargs: dict | None = None       # constructor arguments (timm / torchvision), e.g. {img_size: 64}
+    source_kwargs: dict | None = declare(None, recipe=Column("model_kwargs", 4, resolved=True))
+                                            # constructor arguments (timm / torchvision), e.g. {img_size: 64}
     destination_kwargs: dict | None = None  # null: the source's when the destination is the source, else none
 
     @property
@@ -100,59 +96,99 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"                 # synthetic | imagefolder
+    name: str = declare("synthetic", choices=Choices("data.datasets.DATASET_NAMES"),
+                        recipe=Column("dataset", 0, 0, "{}", True))     # synthetic | imagefolder
     root: str | None = None                 # imagefolder: root/train/<class>/..., root/val/<class>/...
-    label: str | None = None                # the dataset's name in figures and tables (null: data.name for
+    label: str | None = declare(None, operational=True)
+                                            # the dataset's name in figures and tables (null: data.name for
                                             # synthetic, the root folder's name for imagefolder); not identity
-    img_size: int = 224
-    num_classes: int | None = None          # synthetic: 10; imagefolder: 1000 (checked against the folders)
+    img_size: int = declare(224, recipe=Column("img_size", 5, 9, "{} px"))
+    num_classes: int | None = declare(None, recipe=Column("num_classes", 1, 29, ("{} class", "{} classes"), True))
+                                            # synthetic: 10; imagefolder: 1000 (checked against the folders)
     train_size: int = 2000                  # synthetic only
     val_size: int = 500                     # synthetic only
-    workers: int | None = None              # loader workers per process; null = the job's CPUs per process - 1
-    pipeline: str = "fast"                  # fast (crop box first, reduced-size JPEG decode, uint8 to the device,
+    workers: int | None = declare(None, operational=True)   # loader workers per process; null = job's CPUs/process - 1
+    pipeline: str = declare("fast", choices=Choices("data.pipeline.PIPELINES"))
+                                            # fast (crop box first, reduced-size JPEG decode, uint8 to the device,
                                             # normalised there) | torchvision (PIL, float on the CPU); same distribution
-    decode: str = "cpu"                     # fast pipeline: cpu | gpu (nvJPEG on the training GPU; the CPU where none)
-    auto_augment: bool = True
-    min_crop_scale: float = 0.08            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
-    hflip: float = 0.5                      # RandomHorizontalFlip's probability (paper: 0.5; 0 for digits, text)
-    normalize: str = "model"                # model (the source's own mean/std) | imagenet (ImageNet's, any model)
-    train_interpolation: str | None = None  # crop resizing: null = the source model's | nearest | bilinear | bicubic
-    auto_augment_interpolation: str | None = None  # null = train_interpolation (the paper's code: nearest)
-    eval_crop_pct: float | None = None      # null = the source model's own (0.875 = resize 256, crop 224)
-    eval_interpolation: str | None = None   # null = the source model's own
+    decode: str = declare("cpu", choices=Choices("data.pipeline.DECODERS"))
+                                            # fast pipeline: cpu | gpu (nvJPEG on the training GPU; the CPU where none)
+    auto_augment: bool = declare(True, recipe=Column("auto_augment", 25, 20, "AutoAugment: {}"))
+    min_crop_scale: float = declare(0.08, recipe=Column("min_crop_scale", 26, 21, "crop scale >= {}"))
+                                            # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
+    hflip: float = declare(0.5, recipe=Column("hflip", 27, 22, "flip p = {}"))
+                                            # RandomHorizontalFlip's probability (paper: 0.5; 0 for digits, text)
+    normalize: str = declare("model", choices=Choices("data.transforms.NORMALIZATIONS"),
+                             recipe=Column("normalize", 24, 19, "mean/std: {}"))
+                                            # model (the source's own mean/std) | imagenet (ImageNet's, any model)
+    train_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
+                                              recipe=Column("train_interpolation", 28, 23, "train interp.: {}"))
+                                            # crop resizing: null = the source model's | nearest | bilinear | bicubic
+    auto_augment_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
+                                                     recipe=Column("auto_augment_interpolation", 29, 24,
+                                                                   "AA interp.: {}"))
+                                            # null = train_interpolation (the paper's code: nearest)
+    eval_crop_pct: float | None = declare(None, recipe=Column("eval_crop_pct", 30, 25, "eval crop {}"))
+                                            # null = the source model's own (0.875 = resize 256, crop 224)
+    eval_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
+                                             recipe=Column("eval_interpolation", 31, 26, "eval interp.: {}"))
+                                            # null = the source model's own
     seed: int = 0                           # synthetic data seed
-    bad_images: str = "error"               # imagefolder: an unreadable file stops the run naming it (error)
+    bad_images: str = declare("error", choices=Choices("data.bad_images.BAD_IMAGE_MODES"))
+                                            # imagefolder: an unreadable file stops the run naming it (error)
                                             # or is left out of its batch and counted in train.log (skip)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 512                   # effective batch = per-device x world size x accumulation
-    per_device_batch_size: int | None = None  # None: batch_size / world size (no accumulation)
-    lr: float = 0.002
-    weight_decay: float = 0.05
-    lr_schedule: str = "cosine"             # cosine (to 0) | constant
-    lr_schedule_unit: str = "step"          # step | epoch
-    label_smoothing: float = 0.0
+    epochs: int = declare(10, recipe=Column("epochs", 6, 1, ("{} epoch", "{} epochs")))
+    batch_size: int = declare(512, recipe=Column("batch_size", 7, 2, "batch {}"))
+                                            # effective batch = per-device x world size x accumulation
+    per_device_batch_size: int | None = declare(None, recipe=Column("per_device_batch_size", 8, 3, "{}/device", True))
+                                            # None: batch_size / world size (no accumulation)
+    lr: float = declare(0.002, recipe=Column("lr", 9))
+    weight_decay: float = declare(0.05, recipe=Column("weight_decay", 10, 4, "wd {}"))
+    lr_schedule: str = declare("cosine", choices=("cosine", "constant"),
+                               recipe=Column("lr_schedule", 11, 5, "{}"))   # cosine (to 0) | constant
+    lr_schedule_unit: str = declare("step", choices=("step", "epoch"),
+                                    recipe=Column("lr_schedule_unit", 12, 6, "per {}"))
+    label_smoothing: float = declare(0.0, recipe=Column("label_smoothing", 13, 7, "label smoothing {}"))
     seed: int = 0
-    device: str = "auto"                    # auto | cpu | cuda
-    precision: str = "auto"                 # auto (bf16 on CUDA >= 8.0, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str = declare("auto", choices=("auto", "cpu", "cuda"))
+    precision: str = declare("auto", choices=Choices("train.perf.PRECISIONS", first=("auto",)),
+                             recipe=Column("precision", 15, 10, "{}", True))
+                                            # auto (bf16 on CUDA >= 8.0, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: str | bool = "auto"      # auto (on CUDA for conv parts) | true | false
     fold_bn: bool = True                    # fold frozen BatchNorm into convs (stitched runs only)
     compile: bool = False                   # torch.compile the trainable part
-    frozen_bn: str = "eval"                 # eval | train (the paper's code: frozen parts in train mode, BatchNorm
+    frozen_bn: str = declare("eval", choices=Choices("stitch.stitcher.FROZEN_BN_MODES"),
+                             recipe=Column("frozen_bn", 20, 15, "frozen BN: {}"))
+                                            # eval | train (the paper's code: frozen parts in train mode, BatchNorm
                                             # statistics re-estimated, stochastic depth on; weights stay frozen)
-    max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole epoch
-    log_every: int = 10
-    objective: str = "task"                 # task (cross-entropy) | match (MSE to the destination's activation at
+    max_steps_per_epoch: int | None = declare(None, recipe=Column("max_steps_per_epoch", 14, 8,
+                                                                  ("max {} step/epoch", "max {} steps/epoch")))
+                                            # cap for quick runs; None = the whole epoch
+    log_every: int = declare(10, operational=True)
+    objective: str = declare("task", choices=Choices("train.objective.OBJECTIVES"),
+                             recipe=Column("objective", 21, 16, "objective: {}"))
+                                            # task (cross-entropy) | match (MSE to the destination's activation at
                                             # the join) | distill (KL to the destination's logits) | match_then_task
-    distill_temperature: float = 4.0        # distill: softmax temperature T (the loss is scaled by T^2)
-    match_epochs: int | None = None         # match_then_task: epochs of match before task; null = half the epochs
+    distill_temperature: float = declare(4.0, read_when=("train.objective", ("distill",)),
+                                         recipe=Column("distill_temperature", 22, 17, "T = {}", True))
+                                            # distill: softmax temperature T (the loss is scaled by T^2)
+    match_epochs: int | None = declare(None, read_when=("train.objective", ("match_then_task",)),
+                                       recipe=Column("match_epochs", 23, 18, ("{} match epoch", "{} match epochs"),
+                                                     True))
+                                            # match_then_task: epochs of match before task; null = half the epochs
     similarity_images: int = 1024           # validation images for the similarity at the join written to
                                             # result.csv (before and after training); 0 = not measured
-    preempt_check_every: int = 10           # under DDP the ranks agree on a SIGTERM/SIGUSR1 every N optimizer
+    preempt_check_every: int = declare(10, operational=True)
+                                            # under DDP the ranks agree on a SIGTERM/SIGUSR1 every N optimizer
                                             # steps (one host sync; one process looks every step), train/perf.py
+
+    def resolved_match_epochs(self) -> int:
+        """The epochs of ``match`` before ``task`` in ``match_then_task`` (``match_epochs``; null: half)."""
+        return self.match_epochs if self.match_epochs is not None else max(1, self.epochs // 2)
 
 
 @dataclass
@@ -279,21 +315,28 @@ IDENTITY_BASELINE: typing.Mapping[str, typing.Any] = types.MappingProxyType({
     "train.preempt_check_every": 10,
 })
 
+
+def declared(name: str) -> dict[str, typing.Any]:
+    """Dotted key -> its ``name`` metadata (:func:`stitching.keyspec.declare`: ``choices``, ``operational``,
+    ``read_when``, ``recipe``), for every key that declares it, in field order: the one source of the tables
+    derived from the fields."""
+    return {f"{s}.{f.name}": f.metadata[name] for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+            if name in f.metadata}
+
+
 #: Keys that change how a run is carried out or named, never what it computes, so never part of its identity
 #: (another value on a re-run or a resume is the same run): loader processes (every sample is seeded by its index,
 #: so any number of workers gives the same batches, tests/test_pipeline.py), how often the trainer logs, how often
 #: DDP ranks agree on a preemption signal (a preempted run resumes exactly), and the dataset's display name.
-OPERATIONAL_KEYS = ("data.workers", "train.log_every", "train.preempt_check_every", "data.label")
+#: Derived: the keys declared ``operational``.
+OPERATIONAL_KEYS = tuple(declared("operational"))
 
 #: Keys a run reads only when another key has one of some values: key -> (that key, those values). Otherwise
 #: the key is not part of the identity (``model.init_images`` means nothing under ``model.init: default``), and
 #: results write it as '' (:mod:`stitching.results.recipe`). The values are :data:`stitching.stitch.lsinit.
 #: INIT_MODES` and :data:`stitching.train.objective.OBJECTIVES` members (tests/test_rundir.py checks).
-READ_ONLY_WHEN: typing.Mapping[str, tuple[str, tuple]] = types.MappingProxyType({
-    "model.init_images": ("model.init", ("least_squares",)),
-    "train.distill_temperature": ("train.objective", ("distill",)),
-    "train.match_epochs": ("train.objective", ("match_then_task",)),
-})
+#: Derived: the keys' ``read_when``.
+READ_ONLY_WHEN: typing.Mapping[str, tuple[str, tuple]] = types.MappingProxyType(declared("read_when"))
 
 
 def config_value(config: dict | None, dotted: str):
@@ -317,81 +360,16 @@ def unread_keys(config: dict) -> set[str]:
 IDENTITY = IdentityRules(IDENTITY_BASELINE, unread_keys)
 
 
-# ------------------------------------------------------------------------------------------------- packs
-#: The keys in which the runs of one *pack* may differ (:mod:`stitching.train.pack`: one process trains them over
-#: one data pass): each run is a branch with its own cut, destination, adapters, objective, optimizer and schedule.
-#: Every other key a run's identity holds is shared -- source model, its weights and constructor arguments, the
-#: data section (so the preprocessing), seed, epochs, batch size and accumulation, device, precision, layout and
-#: folding of the frozen parts -- so every branch sees the same images in the same order with the same
-#: augmentation, and the same frozen source prefix. ``model.random_init`` is a branch key for its destination
-#: side only (whether the source is random is shared). ``train.frozen_bn: train`` and ``model.adapter: finetune``
-#: branches run their own prefix (it is not frozen in eval mode) and share the data pass only.
-PACK_BRANCH_KEYS = frozenset({
-    "model.destination", "model.destination_kwargs", "model.destination_weights", "model.source_stage",
-    "model.destination_stage", "model.source_block", "model.destination_block", "model.adapter", "model.resize",
-    "model.schedule", "model.adapter_style", "model.pos_embed", "model.init", "model.init_images",
-    "model.random_init", "train.lr", "train.weight_decay", "train.lr_schedule", "train.lr_schedule_unit",
-    "train.label_smoothing", "train.objective", "train.distill_temperature", "train.match_epochs",
-    "train.similarity_images", "train.frozen_bn",
-})
-
-#: what stands for the source side of ``model.random_init`` in the shared part of a pack key
-_RANDOM_SOURCE = "model.random_init (source side)"
-
-
-def _pack_shared(config: dict) -> tuple[dict | None, str, str]:
-    """``(the part of a run's identity every branch of its pack shares, "", "")``, or ``(None, the key that makes
-    the run train alone, why)``."""
-    if config_value(config, "model.source_stage") is None and config_value(config, "model.source_block") is None:
-        return None, "model.source_stage", "an original (unstitched) model has no stitch to share a data pass: " \
-                                           "it trains alone"
-    if config_value(config, "train.compile") is True:
-        return None, "train.compile", "a compiled run trains alone"
-    shared = {k: v for k, v in rundir_identity(config, IDENTITY).items() if k not in PACK_BRANCH_KEYS}
-    shared[_RANDOM_SOURCE] = config_value(config, "model.random_init") in ("source", "both")
-    return shared, "", ""
-
-
-def _json(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def pack_key(config: dict) -> str | None:
-    """The pack rule: runs with the same key may train in one pack (one process, one data pass, the frozen source
-    prefix run once for all), each branch's result the one it would have alone. ``config`` is a resolved config
-    (``Config.to_dict()`` or a run directory's ``config.yaml``, a missing key at its baseline); the key is
-    ``<source>.seed<seed>.<8 hex digits>``, the digits naming its identity (:func:`stitching.rundir.identity`)
-    without :data:`PACK_BRANCH_KEYS`. None: the run trains alone (an original model; ``train.compile``)."""
-    shared, _, _ = _pack_shared(config)
-    if shared is None:
-        return None
-    digest = hashlib.sha1(_json(shared).encode()).hexdigest()[:8]
-    return f"{config_value(config, 'model.source')}.seed{config_value(config, 'train.seed')}.{digest}"
-
-
-def pack_refusal(config: dict, other: dict) -> tuple[str, str] | None:
-    """Why the runs of ``config`` and ``other`` cannot train in one pack (:func:`pack_key`'s rule, in words):
-    ``(the first key that keeps them apart, the reason)``, or None when they may."""
-    (a, key_a, why_a), (b, key_b, why_b) = _pack_shared(config), _pack_shared(other)
-    if a is None or b is None:
-        return (key_a, why_a) if a is None else (key_b, why_b)
-    differ = sorted(k for k in set(a) | set(b) if k not in a or k not in b or _json(a[k]) != _json(b[k]))
-    if not differ:
-        return None
-    return differ[0].split(" ")[0], (f"differs in {', '.join(differ)}: the runs of a pack share all but their "
-                                     "cut, destination, adapters, objective, lr and schedule")
-
-
 # ------------------------------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike | typing.Mapping | None, overrides: typing.Sequence[str] = (), check: bool = True,
+def read_config(path: str | os.PathLike | typing.Mapping | None, overrides: typing.Sequence[str] = (),
                 updates: typing.Mapping[str, typing.Any] | None = None, updates_source: str = CLI,
                 run_dir: bool = False) -> Config:
     """Load ``path`` (its ``base:`` chain first; or a mapping of sections, as a file would hold them, whose
     keys are attributed to ``updates_source``), apply ``updates`` (dotted key -> value, e.g. one point
     of a sweep grid, attributed to ``updates_source``), then the ``overrides`` (``section.key=value``
-    strings from the command line), and validate. ``run_dir``: ``path`` is a run directory's resolved
-    ``config.yaml``, where a key the file lacks (written before the key existed) takes its
-    :data:`IDENTITY_BASELINE` value, the value that run had, rather than today's default."""
+    strings from the command line); not validated (:func:`stitching.validate.load_config` validates).
+    ``run_dir``: ``path`` is a run directory's resolved ``config.yaml``, where a key the file lacks (written
+    before the key existed) takes its :data:`IDENTITY_BASELINE` value, the value that run had, not today's default."""
     tree: dict = {}
     origins: dict = {}
     if isinstance(path, typing.Mapping):         # the sections themselves (Python callers), base: from the cwd
@@ -428,10 +406,7 @@ def load_config(path: str | os.PathLike | typing.Mapping | None, overrides: typi
             raise ConfigError(section, node, origins.get(section, CLI), "must be a mapping of keys")
         node[name] = value
         origins[key] = CLI
-    cfg = _from_tree(tree, origins, str(path) if path is not None else None)
-    if check:
-        validate(cfg)
-    return cfg
+    return _from_tree(tree, origins, str(path) if path is not None else None)
 
 
 def _merge_file(path: Path, tree: dict, origins: dict, seen: tuple) -> None:
@@ -492,111 +467,6 @@ def _replace_cut_kind(tree: dict, origins: dict, layer: typing.Mapping[str, typi
 _HINTS: dict = {}       # section dataclass -> its field types
 
 
-# ------------------------------------------------------------------------------------------------- YAML files
-#: The most a YAML file the framework reads (a config and its base files, a sweep or matrix file, a run
-#: directory's ``config.yaml``) may hold: bytes on disk, and nodes once every alias is expanded. A config is a few
-#: hundred nodes; an alias bomb (a 1.7 KB file whose nested aliases expand to 10^8 nodes) is refused before
-#: anything walks it (an error message, the run hash, a deep copy written out).
-MAX_YAML_BYTES = 256 * 1024
-MAX_YAML_NODES = 100_000
-_PARSED: dict = {}      # a file's text -> its parsed YAML: a sweep loads the same base files for every grid point
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _expanded_nodes(root: yaml.Node, limit: int) -> int:
-    """How many nodes the document rooted at ``root`` has with every alias expanded (each distinct node counted
-    once per place it appears), computed over the distinct nodes only; :class:`_TooLarge` as soon as the count
-    passes ``limit`` or a node contains itself (a recursive alias)."""
-    sizes: dict[int, int] = {}
-    open_: set[int] = set()                       # nodes whose children are being counted: the current path
-    stack = [(root, False)]
-    while stack:
-        node, children_done = stack.pop()
-        if isinstance(node, yaml.MappingNode):
-            children = [n for pair in node.value for n in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = list(node.value)
-        else:
-            children = []
-        if children_done:
-            sizes[id(node)] = size = 1 + sum(sizes[id(c)] for c in children)
-            open_.discard(id(node))
-            if size > limit:
-                raise _TooLarge(f"its aliases expand to more than {limit:,} nodes (MAX_YAML_NODES; a config has a "
-                                "few hundred): not a file this framework reads")
-            continue
-        if id(node) in sizes:
-            continue
-        open_.add(id(node))
-        stack.append((node, True))
-        for child in children:
-            if id(child) in open_:
-                raise _TooLarge("an alias refers to a node that contains it (a recursive alias): its expansion "
-                                "has no end")
-            if id(child) not in sizes:
-                stack.append((child, False))
-    return sizes[id(root)]
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that counts each document's nodes with its aliases expanded before constructing it
-    (:data:`MAX_YAML_NODES`), and reads numbers as YAML 1.2 does (``2e-3`` is a float; YAML 1.1, PyYAML's
-    default, reads it as a string): every file and every command-line mapping or list goes through it."""
-
-    def compose_document(self):
-        node = super().compose_document()
-        if node is not None:
-            _expanded_nodes(node, MAX_YAML_NODES)
-        return node
-
-
-_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)"
-                                     r"([eE][-+]?[0-9]+)$"), list("-+0123456789."))
-
-
-def parse_yaml(text: str, src: str):
-    """The YAML document ``text`` (from ``src``, for messages) as ``yaml.safe_load`` reads it, within
-    :data:`MAX_YAML_NODES`; parsed once per distinct text (a copy each call: callers change it). Invalid YAML,
-    too many nodes, a recursive alias or nesting too deep for the parser are a :class:`ConfigError` naming ``src``."""
-    if text not in _PARSED:
-        try:
-            value = yaml.load(text, Loader=_BoundedLoader)
-        except _TooLarge as err:
-            raise ConfigError("", None, src, str(err)) from None
-        except RecursionError:
-            raise ConfigError("", None, src, "nested too deeply to be read (not a config)") from None
-        except (yaml.YAMLError, ValueError) as err:   # ValueError: e.g. an integer of more than 4300 digits
-            raise ConfigError("", None, src, f"not valid YAML: {(str(err).strip().splitlines() or [''])[0]}") \
-                from None
-        if len(_PARSED) >= 256:
-            _PARSED.clear()
-        _PARSED[text] = value
-    return copy.deepcopy(_PARSED[text])
-
-
-def read_yaml(path: str | os.PathLike, src: str | None = None):
-    """The YAML document in the file ``path`` (:func:`parse_yaml`), read only up to :data:`MAX_YAML_BYTES`; a
-    file that cannot be read, is larger, is not UTF-8 text or not YAML within the bounds is a :class:`ConfigError`
-    naming it (``src``: how to name it, default the path)."""
-    src = str(path) if src is None else src
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_YAML_BYTES + 1)
-    except OSError as err:
-        raise ConfigError("", None, src, f"cannot be read ({err.strerror or type(err).__name__})") from None
-    if len(data) > MAX_YAML_BYTES:
-        raise ConfigError("", None, src, f"larger than {MAX_YAML_BYTES // 1024} KiB (MAX_YAML_BYTES; a config is a "
-                          "few KiB): not a file this framework reads")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError("", None, src, f"not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x})") from None
-    return parse_yaml(text, src)
-
-
 def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
     cfg = Config(path=path, origins=origins)
     for section, values in tree.items():
@@ -612,321 +482,10 @@ def _from_tree(tree: dict, origins: dict, path: str | None) -> Config:
             if key not in hints:
                 raise ConfigError(dotted, value, src,
                                   f"unknown key; {section} takes {', '.join(f.name for f in dataclasses.fields(cls))}")
-            setattr(obj, key, _coerce(hints[key], value, dotted, src))
+            setattr(obj, key, coerce(hints[key], value, dotted, src))
     return cfg
 
 
 def _hints(cls) -> dict:
     """A section dataclass's field types (cached)."""
     return _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
-
-
-def _coerce(hint, value, key: str, src: str):
-    allowed = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):    # (.nan, .inf: no key of a run means anything with them)
-                raise ConfigError(key, value, src, "must be a finite number")
-            return float(value)
-        if t is str and isinstance(value, str):
-            return value
-        if t is list and isinstance(value, list):
-            return copy.deepcopy(value)
-        if t is dict and isinstance(value, dict):
-            bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
-            if bad:
-                raise ConfigError(key, value, src, f"argument names must be identifiers, not {short_repr(bad[0])}")
-            return copy.deepcopy(value)
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ConfigError(key, value, src, f"must be {names}")
-
-
-# ------------------------------------------------------------------------------------- command-line values
-#: How a command-line value (``section.key=value``, ``--slurm key=value``) is written, by the type of the key it
-#: sets -- one syntax each, never a YAML document (so ``#`` starts no comment and ``: `` makes no mapping):
-#: a string or path: exactly as typed (spaces, ``#``, ``: ``, ``=``, unicode; quote it for the shell only);
-#: an integer: ``64``, ``-1``; a number: ``0.002``, ``2e-3``, ``1``; a boolean: ``true`` / ``false``; none (for a
-#: key that may be unset): ``null``; a mapping: ``{img_size: 64, patch_size: 8}`` and a list: ``[a, b]``
-#: (YAML flow style, where ``2e-3`` is a number too).
-VALUE_SYNTAX = types.MappingProxyType({
-    str: "a string, as typed", int: "an integer (64)", float: "a number (0.002, 2e-3)", bool: "true or false",
-    type(None): "null", dict: "a mapping {key: value, ...}", list: "a list [a, b, ...]",
-})
-_INT = re.compile(r"[+-]?[0-9]+")
-_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
-
-
-def parse_value(hint, raw: str, key: str, source: str = CLI):
-    """The value of the command-line text ``raw`` for a key of type ``hint`` (a field's annotation, e.g.
-    ``str | None``), written as :data:`VALUE_SYNTAX` says; :class:`ConfigError` naming ``key`` otherwise.
-    The members of a union are tried in a fixed order: null, boolean, integer, number, mapping/list, string --
-    so ``null`` unsets an optional key, ``true`` is the boolean of a ``str | bool`` key, and a string key takes
-    anything as typed (``null`` included, for a key that cannot be unset)."""
-    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    kinds = [typing.get_origin(m) or m for m in members]
-    if raw == "null" and type(None) in kinds:
-        return None
-    if bool in kinds and raw in ("true", "false"):
-        return raw == "true"
-    if int in kinds and _INT.fullmatch(raw):
-        return int(raw)
-    if float in kinds and _FLOAT.fullmatch(raw):
-        return float(raw)       # (nan and inf parse, and are refused as such by the key's check)
-    for kind in (dict, list):
-        if kind in kinds and raw.lstrip().startswith({dict: "{", list: "["}[kind]):
-            try:
-                value = yaml.load(raw, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-            except _TooLarge as err:
-                raise ConfigError(key, raw, source, str(err)) from None
-            except yaml.YAMLError as err:
-                raise ConfigError(key, raw, source, f"not a valid {VALUE_SYNTAX[kind]}: "
-                                  f"{str(err).splitlines()[0]}") from None
-            if isinstance(value, kind):
-                return value
-    if str in kinds:
-        return raw
-    raise ConfigError(key, raw, source, "must be " + " or ".join(VALUE_SYNTAX.get(k, k.__name__) for k in kinds))
-
-
-# ---------------------------------------------------------------------------------------------- checking
-def validate(cfg: Config) -> None:
-    """Everything that can be known wrong before building: names, ranges and impossible stitches."""
-    from stitching.data.transforms import INTERPOLATIONS, NORMALIZATIONS
-    from stitching.stitch.plan import ADAPTER_STYLES, PlanError, check_quirks, plan_config
-    from stitching.stitch.stitcher import FROZEN_BN_MODES
-
-    m, d, t = cfg.model, cfg.data, cfg.train
-    src_spec = model_spec(cfg, "source")
-    _check_cut_keys(cfg)
-    if m.is_original:
-        for key in ("destination_stage", "destination_block", "destination", "destination_weights",
-                    "destination_kwargs"):
-            if getattr(m, key) is not None:
-                raise cfg.error(f"model.{key}", "needs model.source_stage or model.source_block (without a cut "
-                                "the config describes the original source model)")
-    else:
-        model_spec(cfg, "destination")
-        try:
-            plan_config(m, d.img_size if m.source_block is not None else 224)   # stages: declared, nominal
-        except PlanError as err:
-            raise cfg.error(err.key, str(err)) from None
-        except RuntimeError as err:         # a block that does not output its stage's format (registry)
-            raise cfg.error("model.source_block", str(err)) from None
-    _one_of(cfg, "model.adapter_style", ADAPTER_STYLES)
-    try:
-        check_quirks(m.code_quirks, m.adapter_style)        # stitched configs: plan_config checked it
-    except PlanError as err:
-        raise cfg.error(err.key, str(err)) from None
-    _check_random_init(cfg)
-    _check_pos_embed(cfg)
-    from stitching.stitch.lsinit import check_config as _check_init
-
-    _check_init(cfg, lambda: (model_spec(cfg, "source"), model_spec(cfg, "destination")))
-    _one_of(cfg, "data.name", ("synthetic", "imagefolder"))
-    from stitching.data.bad_images import BAD_IMAGE_MODES
-
-    _one_of(cfg, "data.bad_images", BAD_IMAGE_MODES)
-    _one_of(cfg, "data.normalize", NORMALIZATIONS)
-    for key in ("data.train_interpolation", "data.auto_augment_interpolation", "data.eval_interpolation"):
-        if getattr(d, key.split(".")[1]) is not None:
-            _one_of(cfg, key, INTERPOLATIONS)
-    if d.eval_crop_pct is not None and not 0 < d.eval_crop_pct <= 1:
-        raise cfg.error("data.eval_crop_pct", "must be in (0, 1] (or null: the model's own)")
-    _one_of(cfg, "train.frozen_bn", FROZEN_BN_MODES)
-    if t.frozen_bn == "train" and t.fold_bn:
-        raise cfg.error("train.frozen_bn", "train mode re-estimates the frozen BatchNorm statistics, which "
-                        "folded BatchNorms cannot: set train.fold_bn=false")
-    _check_objective(cfg)
-    from stitching.train.curves import check as _check_curves
-
-    _check_curves(cfg)
-    _one_of(cfg, "train.lr_schedule", ("cosine", "constant"))
-    _one_of(cfg, "train.lr_schedule_unit", ("step", "epoch"))
-    _one_of(cfg, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(cfg, "train.precision", ("auto", "bf16", "fp16", "fp32"))
-    if isinstance(t.channels_last, str) and t.channels_last != "auto":
-        raise cfg.error("train.channels_last", "must be auto, true or false")
-    from stitching.data.pipeline import DECODERS, PIPELINES
-
-    _one_of(cfg, "data.pipeline", PIPELINES)
-    _one_of(cfg, "data.decode", DECODERS)
-    if d.decode == "gpu" and d.pipeline != "fast":
-        raise cfg.error("data.decode", "gpu decoding is part of data.pipeline=fast (torchvision decodes with PIL)")
-    for role in ("source", "destination"):
-        size = (m.args(role) or {}).get("img_size")
-        if size is not None and size not in (d.img_size, [d.img_size] * 2):
-            own = role == "source" or m.destination_kwargs is not None
-            key = f"model.{role}_kwargs" if own else "model.source_kwargs"
-            raise cfg.error(key, f"img_size {size} differs from data.img_size {d.img_size}: both models run on "
-                            "data.img_size images (their cuts are traced there)")
-    if d.img_size < src_spec.min_img_size:
-        raise cfg.error("data.img_size", f"must be at least {src_spec.min_img_size} for {m.source}")
-    for key, low in [("data.num_classes", 2), ("data.train_size", 1), ("data.val_size", 1), ("data.workers", 0),
-                     ("train.epochs", 0), ("train.batch_size", 1), ("train.per_device_batch_size", 1),
-                     ("train.max_steps_per_epoch", 1), ("train.log_every", 1), ("train.preempt_check_every", 1)]:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None and value < low:
-            raise cfg.error(key, f"must be >= {low}")
-    if not 0 < d.min_crop_scale <= 1:
-        raise cfg.error("data.min_crop_scale", "must be in (0, 1]")
-    if isinstance(d.hflip, bool) or not isinstance(d.hflip, (int, float)) or not 0 <= d.hflip <= 1:
-        raise cfg.error("data.hflip", "must be a probability in [0, 1] (0.5: the paper's flip, 0: no flip)")
-    for key in ("train.lr", "train.weight_decay", "train.label_smoothing"):
-        if getattr(t, key.split(".")[1]) < 0:
-            raise cfg.error(key, "must be >= 0")
-    if d.name == "imagefolder" and not d.root:
-        raise cfg.error("data.root", "imagefolder data needs a root folder (root/train, root/val)")
-
-
-def _check_objective(cfg: Config) -> None:
-    """``train.objective`` and its keys (:mod:`stitching.train.objective`): a known objective; anything but the
-    task loss needs adapters to train (a stitched config, not finetune); a positive temperature; match epochs
-    that leave task epochs to follow; a similarity image count >= 0."""
-    from stitching.train.objective import OBJECTIVES
-
-    t, m = cfg.train, cfg.model
-    _one_of(cfg, "train.objective", OBJECTIVES)
-    if t.objective != "task" and (m.is_original or m.adapter == FINETUNE):
-        raise cfg.error("train.objective", "trains the adapters against the destination's own activation or "
-                        "logits: it needs a stitched config with adapters (model.source_stage, not finetune)")
-    if not t.distill_temperature > 0:
-        raise cfg.error("train.distill_temperature", "must be > 0")
-    if t.match_epochs is not None and t.match_epochs < 1:
-        raise cfg.error("train.match_epochs", "must be >= 1 (or null: half of train.epochs)")
-    if t.objective == "match_then_task":
-        if t.epochs < 2:
-            raise cfg.error("train.epochs", "match_then_task needs at least 2 epochs (match first, then task)")
-        if t.match_epochs is not None and t.match_epochs >= t.epochs:
-            raise cfg.error("train.match_epochs", f"must be < train.epochs ({t.epochs}): match_then_task ends "
-                            "with task epochs")
-    if t.similarity_images < 0:
-        raise cfg.error("train.similarity_images", "must be >= 0 (0: not measured)")
-
-
-def _check_cut_keys(cfg: Config) -> None:
-    """A cut is named by stage keys (``model.source_stage`` + ``destination_stage``) or by block keys
-    (``model.source_block`` + ``destination_block``): one kind per side, the same kind on both sides."""
-    m = cfg.model
-    for side in ("source", "destination"):
-        if getattr(m, f"{side}_stage") is not None and getattr(m, f"{side}_block") is not None:
-            raise cfg.error(f"model.{side}_block", f"model.{side}_stage and model.{side}_block are both set: "
-                            "a side is cut at a stage or at a block, not both")
-    if m.source_block is not None and m.destination_block is None:
-        raise cfg.error("model.source_block", "needs model.destination_block (block cuts name a block on both "
-                        "sides)" + (", not destination_stage" if m.destination_stage is not None else ""))
-    if m.source_stage is not None and m.destination_stage is None:
-        raise cfg.error("model.destination_stage", "required with source_stage (source_stage..4)"
-                        + ("; destination_block needs model.source_block instead of source_stage"
-                           if m.destination_block is not None else ""))
-
-
-def _check_pos_embed(cfg: Config) -> None:
-    """``model.pos_embed``: one of the modes; ``reinject`` needs adapters and a destination with a learned
-    absolute position embedding (checked on the destination built on the meta device: no weights read)."""
-    import torch
-
-    from stitching.models.formats import is_token
-    from stitching.stitch.posembed import POS_EMBED_MODES, learned_pos_embed
-
-    _one_of(cfg, "model.pos_embed", POS_EMBED_MODES)
-    m = cfg.model
-    if m.pos_embed == "none":
-        return
-    if m.is_original or m.adapter == FINETUNE:
-        raise cfg.error("model.pos_embed", "reinject adds the destination's position embedding after the adapters: "
-                        "it needs a stitched config with adapters (model.source_stage, not finetune)")
-    spec = model_spec(cfg, "destination")
-    name = m.destination or m.source
-    found = None
-    if m.destination_block is not None:
-        from stitching.models.trace import list_blocks
-
-        fmt = list_blocks(name, m.destination_args(), cfg.data.img_size)[m.destination_block].format
-    else:
-        fmt = spec.cut(m.destination_stage, "first").format
-    if is_token(fmt):
-        try:
-            with torch.device("meta"):
-                model = spec.build(False, cfg.num_classes)
-        except Exception:  # noqa: BLE001 - an architecture that cannot be built on meta: build it for real
-            model = spec.build(False, cfg.num_classes)
-        found = learned_pos_embed(model)
-    if found is None:
-        raise cfg.error("model.pos_embed", f"destination {name} has no learned position embedding to re-inject "
-                        "(ViT-like destinations only)")
-
-
-def _check_random_init(cfg: Config) -> None:
-    """``model.random_init``: which side is built with random weights (:data:`RANDOM_INIT`); a random
-    destination needs a stitched config."""
-    from stitching.stitch.stitcher import RANDOM_INIT
-
-    _one_of(cfg, "model.random_init", RANDOM_INIT)
-    if cfg.is_original and cfg.model.random_init in ("destination", "both"):
-        raise cfg.error("model.random_init", "an original (unstitched) model has no destination: use none or "
-                        "source")
-
-
-def model_spec(cfg: Config, role: str):
-    """The registry spec of the config's ``source`` or ``destination`` model with its constructor arguments; a
-    name no library knows, a model that cannot be cut into four stages or arguments its constructor refuses
-    are a :class:`ConfigError` on ``model.<role>`` / ``model.<role>_kwargs``."""
-    from stitching.models.derive import ArgumentsError, SplitError
-    from stitching.models.registry import available, get_spec
-
-    m = cfg.model
-    name = m.source if role == "source" else (m.destination or m.source)
-    kwargs = m.source_args() if role == "source" else m.destination_args()
-    key = f"model.{role}" if role == "source" or m.destination is not None else "model.source"
-    try:
-        return get_spec(name, kwargs)
-    except KeyError as err:
-        raise cfg.error(key, f"{err.args[0]}; registered by hand: {', '.join(available())}") from None
-    except ArgumentsError as err:
-        kw = f"model.{role}_kwargs" if role == "source" or m.destination_kwargs is not None else "model.source_kwargs"
-        raise cfg.error(kw, str(err)) from None
-    except SplitError as err:
-        raise cfg.error(key, str(err)) from None
-
-
-def check_files(cfg: Config, data: bool = True) -> None:
-    """Files a run needs (weights; with ``data``, the data root): checked by commands that will read them,
-    without reading them."""
-    for key in ("model.source_weights", "model.destination_weights"):
-        value = getattr(cfg.model, key.split(".")[1])
-        if value is not None and not Path(value).is_file():
-            raise cfg.error(key, "weights file not found")
-        if value is not None and not os.access(value, os.R_OK):
-            raise cfg.error(key, "weights file not readable (permissions)")
-    if data and cfg.data.name == "imagefolder":
-        root = Path(cfg.data.root)
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise cfg.error("data.root", f"missing folder {root / split}")
-
-
-def _one_of(cfg: Config, key: str, choices: tuple) -> None:
-    section, name = key.split(".")
-    if getattr(getattr(cfg, section), name) not in choices:
-        raise cfg.error(key, f"must be one of {', '.join(choices)}")
-
-
-def run_cli(main: typing.Callable[[], int | None]) -> typing.NoReturn:
-    """Run a command's ``main``; a :class:`ConfigError` becomes one line on stderr and exit code 2, a Ctrl-C
-    that ``main`` does not handle itself one line and ``EXIT_INTERRUPTED`` (no traceback)."""
-    try:
-        code = main()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(code or 0)

@@ -34,8 +34,10 @@ import json
 import yaml
 
 from stitching import cli
-from stitching.config import CLI, ConfigError, check_files, load_config, run_cli
+from stitching.cli import run_cli
+from stitching.config import CLI, ConfigError
 from stitching.kinds import FINETUNE, ORIGINAL
+from stitching.validate import check_files, load_config
 from stitching.stitch.cost import human, share
 
 

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import torch
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from stitching.rundir import CONFIG, EXIT_BUSY, EXIT_CONFIG, LOCK, RESULT
 from tests.conftest import ROOT, together
 
@@ -288,7 +289,7 @@ def test_summary_prints_the_cut_table_and_the_stitchs_share_of_its_originals(tmp
     in this process (``run_cli`` as ``python -m`` calls it, to keep the suite fast): ``--cuts --json`` (the rows
     of ``list_cuts``) and one-line errors (exit 2)."""
     import stitching
-    from stitching.config import run_cli
+    from stitching.cli import run_cli
     from stitching.summary import main
 
     vit = ["model.destination=vit_tiny_patch16_224", "model.destination_kwargs={patch_size: 8}", "model.adapter=linear"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from stitching.models.formats import spatial_shape
 from stitching.models.registry import get_spec
 from stitching.models.trace import list_blocks, trace_blocks, trace_cuts

@@ -21,7 +21,7 @@ import yaml
 
 from stitching import rundir as R
 from stitching import rundir_ending
-from stitching.config import load_config
+from stitching.validate import load_config
 from stitching.matrix import closed_form as CF
 from stitching.stitch.lsinit import fit
 from stitching.stitch.stitcher import build_model

@@ -187,7 +187,8 @@ def test_the_key_off_is_every_run_written_before_it():
     """A run directory's ``config.yaml`` written before the key existed (no ``model.code_quirks``) holds the same
     run as today's config: same identity, same run key; the quick start among them."""
     from stitching import rundir as R
-    from stitching.config import IDENTITY, load_config
+    from stitching.config import IDENTITY
+    from stitching.validate import load_config
 
     for path, overrides in ((ROOT / "configs" / "quickstart.yaml", []),
                             (CODE, ["model.code_quirks=false", "model.adapter=linear", "model.source_stage=1",

@@ -172,7 +172,7 @@ def _run_configs() -> list[Path]:
 
 
 def test_every_shipped_run_config_loads():
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     configs = _run_configs()
     assert ROOT / "configs" / "quickstart.yaml" in configs and ROOT / "configs" / "matrix" / "resnet50_short.yaml" \
@@ -343,7 +343,7 @@ def test_train_device_cuda_without_a_gpu_is_one_line(tmp_path):
 
 def test_the_documented_config_contract_is_a_valid_config(tmp_path):
     """docs/config.md's annotated config (every key with its documented value) loads and validates."""
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     text = (ROOT / "docs" / "config.md").read_text()
     text = text[text.index("## The config contract"):]

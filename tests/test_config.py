@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from tests.conftest import ROOT
 
 
@@ -69,3 +70,121 @@ def test_cli_error_is_one_line_exit_2_no_traceback(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert str(bad) in lines[0] and "model.adapter='finetune'" in lines[0] and "112" in lines[0]
+
+
+# ------------------------------------------------------------------------ each key declared once (issue 22)
+#: the tables as they were written by hand before they were derived from the keys' declarations (pinned once:
+#: the derivation must give the same values, in the same order -- result.csv's columns, the captions' words)
+OLD_RECIPE = {
+    "dataset": None, "num_classes": None, "pretrained": None, "random_init": "model.random_init",
+    "model_kwargs": None, "img_size": "data.img_size", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "per_device_batch_size": None, "lr": "train.lr", "weight_decay": "train.weight_decay",
+    "lr_schedule": "train.lr_schedule", "lr_schedule_unit": "train.lr_schedule_unit",
+    "label_smoothing": "train.label_smoothing", "max_steps_per_epoch": "train.max_steps_per_epoch",
+    "precision": None, "adapter_style": "model.adapter_style", "pos_embed": "model.pos_embed", "init": "model.init",
+    "init_images": None, "frozen_bn": "train.frozen_bn", "objective": "train.objective",
+    "distill_temperature": None, "match_epochs": None, "normalize": "data.normalize",
+    "auto_augment": "data.auto_augment", "min_crop_scale": "data.min_crop_scale", "hflip": "data.hflip",
+    "train_interpolation": "data.train_interpolation",
+    "auto_augment_interpolation": "data.auto_augment_interpolation", "eval_crop_pct": "data.eval_crop_pct",
+    "eval_interpolation": "data.eval_interpolation",
+}
+OLD_UNITS = [
+    ("dataset", "{}"), ("epochs", ("{} epoch", "{} epochs")), ("batch_size", "batch {}"),
+    ("per_device_batch_size", "{}/device"),
+    ("weight_decay", "wd {}"), ("lr_schedule", "{}"), ("lr_schedule_unit", "per {}"),
+    ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", ("max {} step/epoch", "max {} steps/epoch")),
+    ("img_size", "{} px"),
+    ("precision", "{}"), ("adapter_style", "adapters: {}"), ("pos_embed", "pos. embed: {}"), ("init", "init: {}"),
+    ("init_images", ("{} init image", "{} init images")),
+    ("frozen_bn", "frozen BN: {}"), ("objective", "objective: {}"), ("distill_temperature", "T = {}"),
+    ("match_epochs", ("{} match epoch", "{} match epochs")),
+    ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
+    ("hflip", "flip p = {}"),
+    ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
+    ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),
+    ("pretrained", "pretrained: {}"), ("random_init", "random init: {}"), ("num_classes", ("{} class", "{} classes")),
+]
+OLD_READ_ONLY_WHEN = {
+    "model.init_images": ("model.init", ("least_squares",)),
+    "train.distill_temperature": ("train.objective", ("distill",)),
+    "train.match_epochs": ("train.objective", ("match_then_task",)),
+}
+OLD_OPERATIONAL_KEYS = {"data.workers", "train.log_every", "train.preempt_check_every", "data.label"}
+OLD_COMPANIONS = {"objective": ["distill_temperature", "match_epochs"], "init": ["init_images"]}
+#: the choices validate checked inline, as they were spelled there or imported from their owners
+OLD_CHOICES = {
+    "model.adapter_style": ("code", "text"), "model.pos_embed": ("none", "reinject"),
+    "model.random_init": ("none", "source", "destination", "both"), "data.name": ("synthetic", "imagefolder"),
+    "data.bad_images": ("error", "skip"), "data.normalize": ("model", "imagenet"),
+    "data.train_interpolation": ("nearest", "bilinear", "bicubic"),
+    "data.auto_augment_interpolation": ("nearest", "bilinear", "bicubic"),
+    "data.eval_interpolation": ("nearest", "bilinear", "bicubic"), "train.frozen_bn": ("eval", "train"),
+    "train.objective": ("task", "match", "distill", "match_then_task"), "train.lr_schedule": ("cosine", "constant"),
+    "train.lr_schedule_unit": ("step", "epoch"), "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"), "data.pipeline": ("fast", "torchvision"),
+    "data.decode": ("cpu", "gpu"),
+}
+
+
+def test_the_tables_derived_from_the_key_declarations_are_the_old_ones():
+    """RECIPE, the caption words, READ_ONLY_WHEN, OPERATIONAL_KEYS, the plots' companions and the checked
+    choices are derived from the fields' metadata (stitching.keyspec.declare): the hand-written tables they
+    replace, value for value and in the same order; a key declared later only adds entries (a recipe column
+    after the old ones: result.csv's old columns keep their places)."""
+    from stitching.config import OPERATIONAL_KEYS, READ_ONLY_WHEN
+    from stitching.plots.options import _COMPANIONS
+    from stitching.results import recipe
+    from stitching.validate import CHOICES
+
+    def old_part(table: dict, old: dict) -> dict:
+        return {k: v for k, v in table.items() if k in old}
+
+    assert list(recipe.RECIPE.items())[:len(OLD_RECIPE)] == list(OLD_RECIPE.items())
+    assert recipe.RECIPE_COLUMNS[:len(OLD_RECIPE)] == list(OLD_RECIPE)
+    assert [(c, u) for c, u in recipe._UNITS if c in OLD_RECIPE] == OLD_UNITS
+    assert old_part(READ_ONLY_WHEN, OLD_READ_ONLY_WHEN) == OLD_READ_ONLY_WHEN
+    assert isinstance(OPERATIONAL_KEYS, tuple) and set(OPERATIONAL_KEYS) >= OLD_OPERATIONAL_KEYS
+    assert old_part(_COMPANIONS, OLD_COMPANIONS) == OLD_COMPANIONS
+    assert old_part(CHOICES, OLD_CHOICES) == OLD_CHOICES
+
+
+def test_every_key_declaration_is_complete_and_names_its_owner():
+    """What a declaration gives the derived tables is whole: recipe places 0..n-1 and caption places 0..m-1 with
+    no gaps or doubles; a key read only under another names a real key and values of that key's choices (or,
+    for model.init, lsinit's modes); a subsystem's choices are named by its owner (a tuple there, not retyped)."""
+    import dataclasses
+    import importlib
+
+    from stitching.config import SECTIONS, declared
+    from stitching.keyspec import Choices
+    from stitching.stitch.lsinit import INIT_MODES
+    from stitching.validate import CHOICES
+
+    columns = list(declared("recipe").values())
+    assert sorted(c.at for c in columns) == list(range(len(columns)))
+    captions = [c.caption_at for c in columns if c.unit is not None]
+    assert sorted(captions) == list(range(len(captions)))
+    assert all((c.unit is None) == (c.caption_at is None) for c in columns)
+    keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for key, (other, values) in declared("read_when").items():
+        assert other in keys and set(values) <= set(CHOICES.get(other, INIT_MODES)), key
+    for key, choices in declared("choices").items():
+        assert isinstance(choices, (tuple, Choices)) and CHOICES[key], key
+        if isinstance(choices, Choices):     # the owner's own tuple, resolved in stitching.validate
+            module, _, name = choices.owner.rpartition(".")
+            owned = getattr(importlib.import_module(f"stitching.{module}"), name)
+            assert isinstance(owned, tuple) and CHOICES[key] == choices.first + owned, key
+
+
+@pytest.mark.parametrize("key", sorted(OLD_CHOICES))
+def test_a_value_outside_a_keys_declared_choices_is_one_line_naming_it(tmp_path, key):
+    """Every key that declares choices is checked by validate: a value outside them is a ConfigError naming the
+    key, the value and the choices (the message each inline check gave)."""
+    from stitching.validate import CHOICES
+
+    base = write(tmp_path / "tiny.yaml", "model:\n  source: resnet18\n  pretrained: false\ndata:\n  img_size: 64\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(base, [f"{key}=bogus"])
+    assert err.value.key == key
+    assert str(err.value).endswith(f"{key}='bogus': must be one of {', '.join(CHOICES[key])}")

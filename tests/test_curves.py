@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stitching import rundir as R
-from stitching.config import load_config
+from stitching.validate import load_config
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"

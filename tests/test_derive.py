@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from stitching.models.derive import derive_spec
 from stitching.models.registry import available, get_spec
 from stitching.models.weights import load_model

@@ -101,7 +101,7 @@ def test_paths_named_in_the_docs_exist():
 @pytest.mark.parametrize("config", ["resnet50_1to4_bottleneck", "resnet50_1to2_bottleneck",
                                     "resnet50_to_swin_t_1to3", "imagenet", "imagenet_code"])
 def test_configs_named_in_the_method_load(config):
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     assert f"configs/paper/{config}.yaml" in _method_text()
     load_config(ROOT / "configs" / "paper" / f"{config}.yaml", ["model.pretrained=false"])

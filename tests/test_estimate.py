@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stitching.config import load_config
+from stitching.validate import load_config
 from stitching.stitch import cost as C
 from stitching.stitch.stitcher import build_model
 from stitching.sweep import estimate as E

@@ -182,7 +182,7 @@ def test_weights_that_do_not_fit_exit_2_naming_key_and_mismatch(tmp_path, weight
     process (``run_cli`` as ``python -m`` calls it) to keep the suite fast; one case also as a subprocess."""
     import importlib
 
-    from stitching.config import run_cli
+    from stitching.cli import run_cli
 
     path = weight_files[file]
     if key == "model.destination_weights":
@@ -262,7 +262,7 @@ def test_local_launcher_maps_runs_onto_the_visible_gpus_and_shares_the_cpus(tmp_
     trainer through a ``python`` that first records the environment it was given."""
     from stitching.launch.local import run_local, usable_cpus
 
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     dirs = []
     for i in range(3):

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from stitching import rundir as R
-from stitching.config import load_config
+from stitching.validate import load_config
 from stitching.stitch.stitcher import build_model
 from stitching.train import distributed as D
 from stitching.train.step import build_step

@@ -99,10 +99,10 @@ def _position(run: Path) -> dict:
 
 def _hooked(tmp_path: Path, hook: str) -> list[str]:
     """``python <wrapper>``: ``hook`` (Python source, may patch the trainer's modules), then the trainer's own
-    command line (``stitching.config.run_cli`` over ``stitching.train.__main__.main``) with the arguments."""
+    command line (``stitching.cli.run_cli`` over ``stitching.train.__main__.main``) with the arguments."""
     wrapper = tmp_path / "hooked_train.py"
     wrapper.write_text("import os, signal, sys, time\n" + textwrap.dedent(hook) + textwrap.dedent("""
-        from stitching.config import run_cli
+        from stitching.cli import run_cli
         from stitching.train.__main__ import main
         run_cli(lambda: main(sys.argv[1:]))
     """))

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from stitching.config import load_config
+from stitching.validate import load_config
 from stitching.stitch.join import destination_at_join, source_at_join
 from stitching.stitch.stitcher import build_model
 from tests.conftest import ROOT, together

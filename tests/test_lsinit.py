@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from stitching.similarity import LeastSquares, channels_last_samples
 from stitching.stitch.lsinit import fit
 from stitching.stitch.stitcher import build_model

@@ -68,7 +68,7 @@ def dry_run(capsys, *args) -> str:
 
 # ------------------------------------------------------------------------------------------ random init
 def test_random_init_builds_that_side_with_random_weights(tmp_path):
-    from stitching.config import load_config
+    from stitching.validate import load_config
     from stitching.stitch.stitcher import build_model
 
     weights = _weights(tmp_path / "w.safetensors")
@@ -93,7 +93,8 @@ def test_random_init_builds_that_side_with_random_weights(tmp_path):
 
 
 def test_random_init_is_validated_and_part_of_the_run_identity():
-    from stitching.config import IDENTITY, ConfigError, load_config
+    from stitching.config import IDENTITY, ConfigError
+    from stitching.validate import load_config
     from stitching.rundir import run_key
 
     with pytest.raises(ConfigError) as err:

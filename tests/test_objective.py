@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from stitching.stitch.join import destination_at_join
 from stitching.stitch.stitcher import build_model
 from stitching.train.step import build_step

@@ -1,7 +1,7 @@
 """Packed runs (stitching.train.pack, stitching.sweep.packs) the way a user runs them: the real CLI in subprocesses,
 real run directories.
 
-- the pack rule (config.pack_key / pack_refusal) on configs that must and must not pack;
+- the pack rule (validate.pack_key / pack_refusal) on configs that must and must not pack;
 - 3 different stitches (cuts, adapters, lr, objective) trained as one pack equal, in every result.csv and
   metrics.csv value but the timings and the pack column, the same 3 runs trained alone (CPU, 1 thread);
 - a pack preempted by SIGTERM checkpoints every branch at the same step; resumed as a pack whose runs stand at
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from stitching import rundir as R
-from stitching.config import load_config, pack_key, pack_refusal
+from stitching.validate import load_config, pack_key, pack_refusal
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"

@@ -182,7 +182,7 @@ def test_code_preset_frozen_bn_option_through_the_trainer(tmp_path, frozen_bn):
 
     from safetensors.torch import load_file
 
-    from stitching.config import load_config
+    from stitching.validate import load_config
     from tests.conftest import ROOT
 
     cfg_file = tmp_path / "run.yaml"

@@ -44,7 +44,7 @@ def test_auto_precision_on_cuda_needs_the_capability_and_explicit_choices_pass_t
 def test_a_step_built_for_what_auto_picks_on_a_gpu(tmp_path):
     """The step built for what ``auto`` picks on a V100 (fp16) has an enabled gradient scaler; on an A100
     (bf16) none; AdamW over CPU parameters is not fused."""
-    from stitching.config import load_config
+    from stitching.validate import load_config
     from stitching.stitch.stitcher import build_model
     from stitching.train.step import build_step
 
@@ -146,7 +146,8 @@ def test_preemption_check_cadence():
 
 
 def test_preempt_check_every_is_validated():
-    from stitching.config import ConfigError, load_config
+    from stitching.config import ConfigError
+    from stitching.validate import load_config
 
     with pytest.raises(ConfigError, match="train.preempt_check_every"):
         load_config(ROOT / "configs" / "synthetic" / "tiny.yaml", ["train.preempt_check_every=0"])

@@ -368,7 +368,8 @@ def test_workers_default_from_the_jobs_cpus(monkeypatch):
 
 
 def test_pipeline_and_decode_keys_are_validated(tmp_path):
-    from stitching.config import ConfigError, load_config
+    from stitching.config import ConfigError
+    from stitching.validate import load_config
 
     (tmp_path / "c.yaml").write_text("data:\n  pipeline: dali\n")
     with pytest.raises(ConfigError, match="data.pipeline"):

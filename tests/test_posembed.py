@@ -7,7 +7,8 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from stitching.config import ConfigError, load_config
+from stitching.config import ConfigError
+from stitching.validate import load_config
 from stitching.stitch.posembed import PosReinject
 from stitching.stitch.stitcher import build_model
 from tests.conftest import ROOT

@@ -183,7 +183,7 @@ def _logs(tmp_path: Path) -> str:
 
 
 def _write_config(run: Path, *extra: str) -> None:
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     cfg = load_config(TINY, [*COMMON, *extra, f"output.dir={run}"])
     run.mkdir(parents=True)

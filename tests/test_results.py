@@ -477,7 +477,7 @@ def test_figures_and_table1_name_their_recipe_and_refuse_mixed_ones(results, tmp
 def test_upsampling_integrated_rows_share_the_bilinear_row():
     """ViT-S -> ResNet-50 1->1 must upsample: the strided ("integrated") chain is the bilinear module, the row
     names both modes, and the plots draw it on both lines (no hole)."""
-    from stitching.config import load_config
+    from stitching.validate import load_config
     from stitching.results.recipe import resize_modes
 
     def modes(**model):
@@ -543,6 +543,7 @@ NOT_RECIPE = {
     "model.destination_block": "structure (destination_block column)", "model.adapter": "structure",
     "model.resize": "structure",
     "model.schedule": "structure (its own result column)", "model.source_weights": "-> pretrained",
+    "model.code_quirks": "-> adapter_style (code+quirks)",
     "model.destination_weights": "-> pretrained", "model.pretrained": "-> pretrained",
     "model.source_kwargs": "-> model_kwargs", "model.destination_kwargs": "-> model_kwargs",
     "model.init_images": "-> init_images (least_squares only)",
@@ -683,7 +684,7 @@ def test_a_result_column_is_one_declaration_and_collection_types_it_from_there(t
 
 def _row_values() -> dict:
     """:func:`stitching.results.row.result_row`'s arguments for an original model's row (no plan, no training)."""
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml", check=False)
     return dict(run_id="r", cfg=cfg, kind="original", plan=None, precision="fp32", world_size=1,

@@ -14,7 +14,8 @@ import yaml
 
 from stitching import rundir as R
 from stitching.rundir_lock import LOCK_STALE_S, Lock
-from stitching.config import IDENTITY, IDENTITY_BASELINE, Config, load_config
+from stitching.config import IDENTITY, IDENTITY_BASELINE, Config
+from stitching.validate import load_config
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "synthetic" / "tiny.yaml"

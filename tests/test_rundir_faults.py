@@ -119,7 +119,7 @@ KILLER = textwrap.dedent("""\
     R._write_file = slow_write
     os.replace = killed_between_renames
     sys.argv = ["stitching.train", *sys.argv[3:]]
-    from stitching.config import run_cli
+    from stitching.cli import run_cli
     from stitching.train.__main__ import main
     run_cli(main)
 """)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stitching.config import load_config
+from stitching.validate import load_config
 from stitching.stitch.cost import count_cost
 from stitching.stitch.stitcher import build_model
 from tests.conftest import ROOT, together

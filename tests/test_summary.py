@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from stitching.config import load_config
+from stitching.validate import load_config
 from stitching.summary import summarize
 from tests.conftest import ROOT, together
 

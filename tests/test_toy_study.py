@@ -46,7 +46,7 @@ def fake_weights(tmp_path_factory):
 
 
 def test_written_sweep_expands_into_the_study(fake_weights, tmp_path):
-    from stitching.config import check_files
+    from stitching.validate import check_files
     from stitching.sweep.spec import expand
 
     toy = _script()
@@ -91,7 +91,7 @@ def test_written_sweep_expands_into_the_study(fake_weights, tmp_path):
 
 
 def test_trained_model_configs_train_the_originals():
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     toy = _script()
     for model, (_, config) in toy.MODELS.items():
@@ -112,7 +112,7 @@ def test_mnist_study_sweep_and_matrices_expand(tmp_path):
     patches its training used and reads the ImageFolder (fake weights of the right shapes stand in)."""
     from safetensors.torch import save_file
 
-    from stitching.config import check_files
+    from stitching.validate import check_files
     from stitching.matrix.spec import load_matrix
     from stitching.models import load_model
     from stitching.sweep.spec import expand
@@ -159,7 +159,7 @@ def test_mnist_study_sweep_and_matrices_expand(tmp_path):
         matrix = load_matrix(path)
         assert matrix.cuts == "blocks" and matrix.cells == 4 * 4
         assert matrix.controls == ["none", "source", "destination", "both"]
-        from stitching.config import load_config
+        from stitching.validate import load_config
 
         cell = load_config(matrix.base)
         assert cell.train.epochs == toy.MATRIX_EPOCHS and cell.data.root == str(root.resolve())

@@ -43,7 +43,8 @@ from pathlib import Path
 
 from stitching import cli
 from stitching import rundir as R
-from stitching.config import CUT_KEYS, ConfigError, run_cli
+from stitching.cli import run_cli
+from stitching.config import CUT_KEYS, ConfigError
 from stitching.kinds import STITCHED, kinds_with
 from stitching.launch.slurm.queue import LOG_DIR, submit_arrays, sweep_dir
 from stitching.launch.slurm.resources import UnsatisfiableJob
@@ -195,7 +196,7 @@ def combined(expansions: list):
 
 def check_closed_form(matrix: Matrix) -> None:
     """A matrix whose adapters have no map to fit is refused in one line before anything is built."""
-    from stitching.config import load_config
+    from stitching.validate import load_config
 
     cfg = load_config(matrix.base, check=False)
     if cfg.model.adapter not in kinds_with("fit"):

@@ -57,8 +57,10 @@ from torch import nn
 from stitching import cli
 from stitching import rundir as R
 from stitching.rundir_lock import run_lock
-from stitching.config import CUT_KEYS, IDENTITY, Config, ConfigError, check_files, load_config, run_cli
+from stitching.cli import run_cli
+from stitching.config import CUT_KEYS, IDENTITY, Config, ConfigError
 from stitching.results.row import result_row
+from stitching.validate import check_files, load_config
 from stitching.results.schema import RESULT_COLUMNS
 from stitching.similarity import LeastSquares, MinibatchCKA, channels_last_samples
 from stitching.stitch import lsinit

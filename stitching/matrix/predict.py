@@ -29,7 +29,8 @@ import pandas as pd
 
 from stitching import cli
 from stitching import rundir as R
-from stitching.config import ConfigError, run_cli
+from stitching.cli import run_cli
+from stitching.config import ConfigError
 from stitching.matrix.cells import CALIBRATED_COLUMNS, CELL_COLUMNS
 from stitching.matrix.spec import CONTROL_NAMES, CONTROLS
 

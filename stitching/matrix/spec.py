@@ -37,8 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stitching.config import CUT_KEYS, ConfigError, load_config
+from stitching.config import CUT_KEYS, ConfigError
 from stitching.launch.slurm.resources import SlurmResources
+from stitching.validate import load_config
 
 MATRIX_KEYS = ("name", "base", "cuts", "stride", "senders", "receivers", "controls", "seeds", "slurm")
 #: ``cuts:`` -- the config's cut kinds; :data:`stitching.config.CUT_KEYS` gives the keys a sender cut and a
@@ -246,7 +247,7 @@ def model_cuts(cfg, role: str, cuts: str) -> list[int]:
 
 def model_blocks(cfg, role: str):
     """The flat block list of the config's ``source`` / ``destination`` model (registry ``list_blocks``)."""
-    from stitching.config import model_spec
+    from stitching.validate import model_spec
     from stitching.models.trace import list_blocks
 
     model_spec(cfg, role)          # an unknown name or bad arguments: the config's one-line error

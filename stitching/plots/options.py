@@ -22,12 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import rundir as R
+from stitching.config import READ_ONLY_WHEN, Config
 from stitching.kinds import ORIGINAL, STITCHED
 from stitching.plots.aggregate import _se
 from stitching.plots.labels import add_labels, arch_name
 from stitching.plots.table import format_accuracy, to_markdown
 from stitching.results.collect import RUN_DIR_COLUMN
-from stitching.results.recipe import RECIPE, canonical, group_columns
+from stitching.results.recipe import RECIPE, RECIPE_KEYS, canonical, group_columns
 
 #: option column -> measurements (result columns) shown next to its accuracy
 OPTIONS: dict[str, list[str]] = {
@@ -36,15 +37,15 @@ OPTIONS: dict[str, list[str]] = {
     "pos_embed": ["cka_after", "match_mse_after"],
     "frozen_bn": ["cka_after", "match_mse_after"],
 }
-#: columns that only have a value under some option value (never part of the scenario)
-_COMPANIONS = {"objective": ["distill_temperature", "match_epochs"], "init": ["init_images"]}
+#: columns that only have a value under some option value (never part of the scenario): the recipe columns of
+#: the keys read only under the option's own key (:data:`stitching.config.READ_ONLY_WHEN`). Derived.
+_COMPANIONS = {column: [c for c, k in RECIPE_KEYS.items() if READ_ONLY_WHEN.get(k, ("",))[0] == key]
+               for column, key in RECIPE_KEYS.items() if any(when == key for when, _ in READ_ONLY_WHEN.values())}
 _SCENARIO = ["source", "destination", "gap", "method", "lr"]
 
 
 def option_default(column: str) -> str:
     """The config's default for a recipe column (canonical spelling)."""
-    from stitching.config import Config
-
     section, key = RECIPE[column].split(".")
     return canonical(getattr(getattr(Config(), section), key))
 

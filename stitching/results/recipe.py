@@ -29,46 +29,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stitching.config import config_value, declared, unread_keys
 from stitching.kinds import FINETUNE, ORIGINAL
 
 if TYPE_CHECKING:          # the trainer imports this module (via the schema): pandas only where tables are
     import pandas as pd
 
-#: result column -> dotted config key (``None``: derived below). Order = column order in ``result.csv``.
-RECIPE: dict[str, str | None] = {
-    "dataset": None,                               # synthetic, or the ImageFolder root's name
-    "num_classes": None,
-    "pretrained": None,                            # True / False / weights_file
-    "random_init": "model.random_init",            # none | source | destination | both (random-init controls)
-    "model_kwargs": None,                          # constructor arguments (JSON {source, destination}; '' none)
-    "img_size": "data.img_size",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",              # effective batch (per device x devices x accumulation)
-    "per_device_batch_size": None,                 # resolved: what each device's BatchNorm sees
-    "lr": "train.lr",
-    "weight_decay": "train.weight_decay",
-    "lr_schedule": "train.lr_schedule",
-    "lr_schedule_unit": "train.lr_schedule_unit",
-    "label_smoothing": "train.label_smoothing",
-    "max_steps_per_epoch": "train.max_steps_per_epoch",
-    "precision": None,                             # resolved (auto -> bf16 / fp16 / fp32: train/perf.py)
-    "adapter_style": "model.adapter_style",        # code+quirks with model.code_quirks (stitch/plan.py)
-    "pos_embed": "model.pos_embed",                # none | reinject (stitching/stitch/posembed.py)
-    "init": "model.init",                          # default | least_squares (stitching/stitch/lsinit.py)
-    "init_images": None,                           # least_squares: images the fit streamed ('' for default)
-    "frozen_bn": "train.frozen_bn",
-    "objective": "train.objective",              # task | match | distill | match_then_task
-    "distill_temperature": None,                  # distill only ('' otherwise)
-    "match_epochs": None,                         # match_then_task only, resolved ('' otherwise)
-    "normalize": "data.normalize",
-    "auto_augment": "data.auto_augment",
-    "min_crop_scale": "data.min_crop_scale",
-    "hflip": "data.hflip",                        # the training flip's probability
-    "train_interpolation": "data.train_interpolation",
-    "auto_augment_interpolation": "data.auto_augment_interpolation",
-    "eval_crop_pct": "data.eval_crop_pct",
-    "eval_interpolation": "data.eval_interpolation",
-}
+#: result column -> dotted config key (``None``: a value worked out from the config, below). Order = column order
+#: in ``result.csv``. Derived from the keys' declarations (:class:`stitching.keyspec.Column`, ``recipe=``);
+#: :data:`RECIPE_KEYS`: every column's declaring key, worked out or not.
+RECIPE_KEYS: dict[str, str] = {c.name: k for k, c in sorted(declared("recipe").items(), key=lambda kc: kc[1].at)}
+RECIPE: dict[str, str | None] = {c: None if declared("recipe")[k].resolved else k for c, k in RECIPE_KEYS.items()}
 RECIPE_COLUMNS = list(RECIPE)
 #: chosen per scenario by the plots (never a reason to split a figure)
 PER_SCENARIO = ("lr",)
@@ -87,9 +58,7 @@ class MixedRecipes(ValueError):
 
 def recipe_columns(cfg, world_size: int, precision: str) -> dict:
     """The recipe values of the result row of the run ``cfg`` (a :class:`stitching.config.Config`)."""
-    from stitching.config import unread_keys
     from stitching.stitch.plan import style_label
-    from stitching.train.objective import match_epochs
 
     m, t = cfg.model, cfg.train
     unread = unread_keys(cfg.to_dict())     # keys read only under another key's value: '' where not read
@@ -102,7 +71,7 @@ def recipe_columns(cfg, world_size: int, precision: str) -> dict:
         "precision": precision,
         "init_images": "" if "model.init_images" in unread else m.init_images,
         "distill_temperature": "" if "train.distill_temperature" in unread else t.distill_temperature,
-        "match_epochs": "" if "train.match_epochs" in unread else match_epochs(cfg),
+        "match_epochs": "" if "train.match_epochs" in unread else t.resolved_match_epochs(),
     }
     out = {}
     for column, key in RECIPE.items():
@@ -122,8 +91,6 @@ def fill_missing_recipe(row: pd.DataFrame, config: dict | None = None) -> pd.Dat
     with the key's :data:`stitching.config.IDENTITY_BASELINE` value (the value runs had before the key
     existed). Derived columns (no config key) are left absent. So a result of an older version is read with
     the recipe it ran, and groups with newer rows of the same recipe."""
-    from stitching.config import config_value
-
     row = row.copy()
     for column, key in RECIPE.items():
         if key is None or column in row.columns:
@@ -259,23 +226,10 @@ def recipe_of(df: pd.DataFrame, what: str = "this figure") -> tuple[dict, pd.Dat
     return groups[0]
 
 
-#: recipe column -> its words; a pair is (singular, plural), the singular for the value 1
-_UNITS = [
-    ("dataset", "{}"), ("epochs", ("{} epoch", "{} epochs")), ("batch_size", "batch {}"),
-    ("per_device_batch_size", "{}/device"),
-    ("weight_decay", "wd {}"), ("lr_schedule", "{}"), ("lr_schedule_unit", "per {}"),
-    ("label_smoothing", "label smoothing {}"), ("max_steps_per_epoch", ("max {} step/epoch", "max {} steps/epoch")),
-    ("img_size", "{} px"),
-    ("precision", "{}"), ("adapter_style", "adapters: {}"), ("pos_embed", "pos. embed: {}"), ("init", "init: {}"),
-    ("init_images", ("{} init image", "{} init images")),
-    ("frozen_bn", "frozen BN: {}"), ("objective", "objective: {}"), ("distill_temperature", "T = {}"),
-    ("match_epochs", ("{} match epoch", "{} match epochs")),
-    ("normalize", "mean/std: {}"), ("auto_augment", "AutoAugment: {}"), ("min_crop_scale", "crop scale >= {}"),
-    ("hflip", "flip p = {}"),
-    ("train_interpolation", "train interp.: {}"), ("auto_augment_interpolation", "AA interp.: {}"),
-    ("eval_crop_pct", "eval crop {}"), ("eval_interpolation", "eval interp.: {}"),
-    ("pretrained", "pretrained: {}"), ("random_init", "random init: {}"), ("num_classes", ("{} class", "{} classes")),
-]
+#: recipe column -> its words; a pair is (singular, plural), the singular for the value 1; in caption order.
+#: Derived from the keys' declarations (:class:`stitching.keyspec.Column`: ``unit``, ``caption_at``).
+_UNITS = [(c.name, c.unit) for c in sorted((c for c in declared("recipe").values() if c.unit is not None),
+                                           key=lambda c: c.caption_at)]
 #: the columns of the short recipe (legend titles; the whole recipe goes into the captions)
 SHORT_RECIPE = ("dataset", "epochs", "img_size")
 

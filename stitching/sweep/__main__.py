@@ -38,7 +38,8 @@ from pathlib import Path
 
 from stitching import cli
 from stitching import rundir as R, rundir_paths
-from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml, run_cli
+from stitching.cli import run_cli
+from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml
 from stitching.kinds import FINETUNE, ORIGINAL
 from stitching.launch.slurm import queue, resources, script
 from stitching.sweep import estimate as E

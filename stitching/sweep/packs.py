@@ -1,6 +1,6 @@
 """A sweep's runs grouped into packs (``--pack K``) and what packing saves.
 
-Owns :func:`pack_runs` -- the runs that :func:`stitching.config.pack_key` puts together (same source, data,
+Owns :func:`pack_runs` -- the runs that :func:`stitching.validate.pack_key` puts together (same source, data,
 seed, epochs, batch, device, precision), at most ``K`` to a pack, each group split into packs of even sizes
 in the order of their source cut, so a pack's runs need prefixes of similar depth; a run that trains alone
 (an original model, ``train.compile``) is a pack of its own; ``K = 1`` is one run per job, as before packs --
@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from stitching.config import Config, ConfigError, pack_key
+from stitching.config import Config, ConfigError
 from stitching.kinds import STITCHED
+from stitching.validate import pack_key
 from stitching.stitch.cost import StitchCost, stitch_cost
 
 

@@ -36,8 +36,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, load_config, read_yaml, validate
+from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, read_yaml
 from stitching.kinds import FINETUNE, ORIGINAL
+from stitching.validate import load_config, validate
 from stitching.rundir import RUN_KEY_CHARS, identity, run_dir_name
 
 SWEEP_KEYS = {"name", "base", "grid", "exclude", "slurm", "blocks", "extensions"}

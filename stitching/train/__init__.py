@@ -28,7 +28,8 @@ import typing
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.config import CLI, SECTIONS, Config, ConfigError, load_config
+from stitching.config import CLI, SECTIONS, Config, ConfigError
+from stitching import validate as V     # (a module: stitching.validate imports this package's curves, objective)
 
 #: where the keys given to :func:`train` come from, in error messages
 API = "stitching.train()"
@@ -56,7 +57,7 @@ def resolve(config: str | os.PathLike | typing.Mapping | None = None, run_dir: s
         raise ConfigError("--config" if source == CLI else "config", config, source,
                           "give exactly one of a config or a run directory (--config FILE or --run-dir DIR)")
     if run_dir is None:
-        return load_config(config, overrides, updates=updates, updates_source=source)
+        return V.load_config(config, overrides, updates=updates, updates_source=source)
     file = Path(run_dir) / R.CONFIG
     if not file.is_file():
         raise ConfigError("--run-dir" if source == CLI else "run_dir", str(run_dir), source, f"no {R.CONFIG} in it")
@@ -64,7 +65,7 @@ def resolve(config: str | os.PathLike | typing.Mapping | None = None, run_dir: s
     if "output.dir" in given:
         raise ConfigError("output.dir", given["output.dir"], source, f"the run trains in its run directory "
                           f"{run_dir}: leave output.dir out")
-    return load_config(file, overrides, updates={**(updates or {}), "output.dir": str(run_dir)},
+    return V.load_config(file, overrides, updates={**(updates or {}), "output.dir": str(run_dir)},
                        updates_source=source, run_dir=True)
 
 

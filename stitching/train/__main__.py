@@ -21,7 +21,7 @@ overrides apply to every one); runs that cannot share a pack are refused with th
 from __future__ import annotations
 
 from stitching import cli
-from stitching.config import run_cli
+from stitching.cli import run_cli
 from stitching.train import resolve
 
 

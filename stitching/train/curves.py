@@ -43,7 +43,7 @@ log = logging.getLogger("stitching.train")
 
 def check(cfg) -> None:
     """``output.log_to``: known trackers, each named once; otherwise ``cfg.error`` (a ConfigError: one line naming
-    the key, its value and the file, exit 2). Part of the config check (``stitching.config.validate``)."""
+    the key, its value and the file, exit 2). Part of the config check (``stitching.validate.validate``)."""
     targets = cfg.output.log_to or []
     for target in targets:
         if target not in LOG_TARGETS:

@@ -38,7 +38,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stitching import rundir as R, rundir_paths
-from stitching.config import Config, ConfigError, check_files
+from stitching.config import Config, ConfigError
 from stitching.data.images import BadImageError
 from stitching.data.seeding import set_epoch, start_at
 from stitching.data.pipeline import CpuFloat
@@ -59,6 +59,7 @@ from stitching.train.objective import Objective, train_macs
 from stitching.train.saved import save_model
 from stitching.train.step import build_step, train_step
 from stitching.train.trainer import NonFiniteLoss, Trainer, log
+from stitching.validate import check_files
 
 
 # ------------------------------------------------------------------------------------------ the run

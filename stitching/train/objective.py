@@ -42,8 +42,7 @@ OBJECTIVES = ("task", "match", "distill", "match_then_task")
 
 def match_epochs(cfg) -> int:
     """The epochs of ``match`` before ``task`` in ``match_then_task`` (``train.match_epochs``; null: half)."""
-    t = cfg.train
-    return t.match_epochs if t.match_epochs is not None else max(1, t.epochs // 2)
+    return cfg.train.resolved_match_epochs()
 
 
 def objective_at(cfg, epoch: int) -> str:

@@ -1,7 +1,7 @@
 """Packed runs: one process trains several runs that share a source, over one data pass.
 
 ``python -m stitching.train --run-dir A --run-dir B ...`` (or ``--config`` several times; the launchers with
-``--pack K``) trains the runs as the *branches* of one pack when :func:`stitching.config.pack_key` puts them
+``--pack K``) trains the runs as the *branches* of one pack when :func:`stitching.validate.pack_key` puts them
 together (the same source model, weights, data, seed, epochs, batch split, device and precision; they may
 differ in cut, destination, adapters, objective, lr and schedule). Each micro-batch is loaded and sent to the
 device once; the frozen source runs once to the deepest cut any branch needs (no autograd, eval mode), its
@@ -59,7 +59,8 @@ from tqdm import tqdm
 
 from stitching import rundir as R
 from stitching.rundir_paths import check_writable
-from stitching.config import Config, ConfigError, check_files, pack_key, pack_refusal
+from stitching.config import Config, ConfigError
+from stitching.validate import check_files, pack_key, pack_refusal
 from stitching.data.images import BadImageError
 from stitching.data.seeding import set_epoch
 from stitching.data.pipeline import CpuFloat
@@ -190,7 +191,7 @@ def _restore_log(pack: Pack) -> None:
 
 
 def pack_name(config: dict, paths: list[Path]) -> str:
-    """The ``pack`` column: the pack key (:func:`stitching.config.pack_key`) and 6 hex digits naming its runs."""
+    """The ``pack`` column: the pack key (:func:`stitching.validate.pack_key`) and 6 hex digits naming its runs."""
     members = hashlib.sha1("\n".join(sorted(p.name for p in paths)).encode()).hexdigest()[:6]
     return f"{pack_key(config)}.{members}"
 

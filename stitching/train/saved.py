@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from stitching import rundir as R
-from stitching.config import Config, load_config
+from stitching.config import Config
+from stitching.validate import load_config
 from stitching.stitch.stitcher import build_model
 
 
