@@ -38,7 +38,6 @@ from pathlib import Path
 
 from stitching import cli
 from stitching import rundir as R, rundir_paths
-from stitching.cli import run_cli
 from stitching.config import IDENTITY, ConfigError, parse_value, read_yaml
 from stitching.kinds import FINETUNE, ORIGINAL
 from stitching.launch.slurm import queue, resources, script
@@ -498,4 +497,4 @@ def _submit_slurm(todo: list[Run], blocks, runs_dir: Path, name: str, overrides:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)
