@@ -136,7 +136,7 @@ def ideal(files: list[Path], args) -> dict:
             b.st.objective = b.objective.at(0)
             b.st.runner.train()
             b.model.train()
-            b.st.reset_sums(b.pos["sums"])
+            b.st.reset_sums(b.pos.sums)
         set_epoch(pk.train_loader, 0)
         warm, _ = window(args)
         data = prefix = 0.0

@@ -28,14 +28,12 @@ from pathlib import Path
 
 import yaml
 
-# ConfigError, CLI (its source name for the command line) and the YAML / command-line value readers are re-exported:
-# the config's error and the readers that load it (stitching.messages, stitching.yamlio own them)
 from stitching.keyspec import Choices, Column, declare
+# ConfigError and CLI (its source name for the command line) are re-exported: the config's error, raised by every
+# config check (stitching.messages owns it)
 from stitching.messages import CLI, ConfigError  # noqa: F401
-# EXIT_CONFIG is re-exported: the exit code of a ConfigError
-from stitching.rundir import EXIT_CONFIG, IdentityRules  # noqa: F401
-from stitching.yamlio import (MAX_YAML_BYTES, MAX_YAML_NODES, VALUE_SYNTAX, coerce, parse_value,  # noqa: F401
-                              parse_yaml, read_yaml)
+from stitching.rundir import IdentityRules
+from stitching.yamlio import coerce, parse_value, read_yaml
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stitching.config import MAX_YAML_NODES, ConfigError
+from stitching.config import ConfigError
+from stitching.yamlio import MAX_YAML_NODES
 from stitching.validate import load_config
 from stitching.messages import MAX_MESSAGE_CHARS, MAX_VALUE_CHARS, short_repr
 from stitching.rundir import EXIT_CONFIG

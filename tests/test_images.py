@@ -4,7 +4,6 @@ through both input pipelines, the trainer's CLI included; a file that cannot be 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import re
 import subprocess

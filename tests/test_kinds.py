@@ -15,7 +15,7 @@ import pytest
 from torch import nn
 
 from stitching import kinds
-from stitching.kinds import FINETUNE, ORIGINAL, RUN_KINDS, STITCHED, AdapterKind, kinds_with
+from stitching.kinds import FINETUNE, ORIGINAL, RUN_KINDS, STITCHED, kinds_with
 from stitching.plots.labels import add_labels, method_sort_key, method_style
 from stitching.stitch.plan import PlanError, plan_config
 from tests.conftest import ROOT, model_cfg

@@ -199,7 +199,7 @@ def test_a_launch_interrupted_between_runs_is_preempted_not_finished(tmp_path, m
     from stitching.launch import local
     from stitching.matrix.__main__ import expand_matrix
     from stitching.matrix.spec import load_matrix
-    from stitching.sweep.__main__ import launch
+    from stitching.sweep.launching import launch
 
     spec = tmp_path / "m.yaml"
     spec.write_text(f"base: {TINY}\nsenders: [1]\nreceivers: [2, 3, 4]\ncontrols: []\n")

@@ -29,7 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stitching import rundir as R
-from stitching.config import IDENTITY, ConfigError, parse_value
+from stitching.config import IDENTITY, ConfigError
+from stitching.yamlio import parse_value
 from stitching.validate import load_config
 from tests.conftest import ROOT, together
 

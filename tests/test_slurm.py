@@ -11,7 +11,6 @@ cluster running after the session.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap

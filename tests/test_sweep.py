@@ -71,7 +71,7 @@ def test_paper_dry_run_counts_every_combination_and_writes_nothing(paper):
     assert len(pairs) == 12                                   # the paper's 12 architecture combinations
     assert {r.pair for r in exp.runs if r.config.is_original} == {
         "resnet50", "mobilenetv3_large_100", "vit_small_patch16_224", "swin_t"}
-    from stitching.sweep.__main__ import pair_label
+    from stitching.sweep.report import pair_label
 
     for pair in pairs:
         assert pair_label(pair) in out

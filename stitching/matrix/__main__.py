@@ -4,7 +4,7 @@
 [--dry-run|--status] [--draw] [--pack K]``:
 expands the matrix file (:mod:`stitching.matrix.spec`) into sweep blocks -- the trained matrix and each
 random-init control, every sender cut x every receiver cut x seed -- and hands them to the sweep machinery
-(:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.__main__.launch`): impossible cells are
+(:func:`stitching.sweep.spec.expand_blocks`, :func:`stitching.sweep.launching.launch`): impossible cells are
 dropped and counted with their reason, duplicates dropped, each cell gets a stable run directory under
 ``DIR`` (default ``runs/<matrix name>``), finished cells are skipped and unfinished ones resume. It prints
 one table per matrix (rows sender cuts, columns receiver cuts; each cell's state) and the counts.
@@ -50,7 +50,9 @@ from stitching.launch.slurm.queue import LOG_DIR, submit_arrays, sweep_dir
 from stitching.launch.slurm.resources import UnsatisfiableJob
 from stitching.matrix.spec import CONTROL_NAMES, RECEIVER_BLOCK, Matrix, MatrixError, load_matrix
 from stitching.sweep import estimate as E
-from stitching.sweep.__main__ import _print_dropped, launch, print_cost, print_reused, print_slurm_plan, runs_dir_of
+from stitching.sweep.launching import launch, local_summary, runs_dir_of, write_config
+from stitching.sweep.report import print_cost, print_dropped, print_reused, print_slurm_plan
+from stitching.sweep.spec import slurm_groups
 from stitching.sweep.packs import check_pack, describe, pack_runs, savings
 from stitching.sweep.status import report
 
@@ -168,8 +170,8 @@ def print_receiver(exp) -> None:
 
 def print_plan(matrix: Matrix, exp, impossible: str) -> None:
     """What was dropped and reused, the matrix's tables, its receiver run, the legend and the runs' statuses."""
-    _print_dropped(impossible, exp.impossible)
-    _print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
+    print_dropped(impossible, exp.impossible)
+    print_dropped("duplicates dropped (same model, same recipe)", exp.duplicates)
     print_reused(exp.reused)
     print()
     print_tables(matrix, exp)
@@ -207,7 +209,6 @@ def check_closed_form(matrix: Matrix) -> None:
 
 def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
     """``--closed-form``: expand the groups, print the tables, compute the groups (here or on SLURM), draw."""
-    from stitching.sweep.__main__ import _write_config
     from stitching.sweep.spec import expand_blocks
 
     check_closed_form(matrix)
@@ -234,7 +235,7 @@ def closed_form(matrix: Matrix, args, runs_dir: Path) -> int:
         return 0
     for _, _, runs in todo:
         for run in runs:
-            _write_config(run)
+            write_config(run)
     code = 0
     stopped = (R.EXIT_PREEMPTED, R.EXIT_INTERRUPTED)
     if todo_receiver:
@@ -259,7 +260,6 @@ def _run_groups(dirs: list[Path], parallel: int = 1) -> int:
     each group's lines of this launch are echoed when it ends; the exit code as the local launcher's."""
     from stitching.launch.local import run_local
     from stitching.matrix.closed_form import MODULE
-    from stitching.sweep.__main__ import local_summary
 
     logs = {d: d / R.LAUNCHER_LOG for d in dirs}
     seen = {d: log.stat().st_size if log.is_file() else 0 for d, log in logs.items()}
@@ -280,7 +280,6 @@ def _submit_groups(groups: list[tuple[str, Path, list]], matrix: Matrix, runs_di
     import sys
 
     from stitching.matrix.closed_form import group_command
-    from stitching.sweep.__main__ import slurm_groups
 
     dirs = [d for _, d, _ in groups]
     blocks = [block for _, block in matrix.groups()]

@@ -65,6 +65,7 @@ from stitching.results.schema import RESULT_COLUMNS
 from stitching.similarity import LeastSquares, MinibatchCKA, channels_last_samples
 from stitching.stitch import lsinit
 from stitching.stitch.join import adapted_at_join, destination_at_join, on_destination_grid, source_at_join
+from stitching.stitch.shared import outputs_after
 from stitching.stitch.stitcher import Networks, assemble, load_networks
 from stitching.train.objective import Objective, train_macs
 from stitching.train.opening import batch_split, resolve_device
@@ -150,15 +151,8 @@ class _Stop(StopSignals):
 
 def _activations(stem: nn.Module, blocks: list, depths: set[int], x: torch.Tensor) -> dict[int, torch.Tensor]:
     """The network's activation after its stem and its first k blocks, for every k in ``depths`` (one forward,
-    up to the deepest; nothing else kept)."""
-    out = {}
-    h = stem(x)
-    for k in range(max(depths) + 1):
-        if k:
-            h = blocks[k - 1](h)
-        if k in depths:
-            out[k] = h
-    return out
+    up to the deepest: :func:`stitching.stitch.shared.outputs_after` on stem + blocks)."""
+    return {n - 1: y for n, y in outputs_after([stem, *blocks], {k + 1 for k in depths}, x).items()}
 
 
 class SharedForward:

@@ -54,7 +54,7 @@ def load_results(path: str | os.PathLike) -> pd.DataFrame:
     return normalize_columns(df)
 
 
-def _recipe_keys(df: pd.DataFrame, columns: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+def recipe_keys(df: pd.DataFrame, columns: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """``df`` with its recipe columns in canonical spelling (so ``10`` and ``10.0`` group together), and them."""
     columns = group_columns(df) if columns is None else [c for c in columns if c in df.columns]
     if not columns:
@@ -90,8 +90,8 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
         # a mode that was also run on its own (outside a sweep) keeps its own rows only
         same = [c for c in ["source", "destination", "source_stage", "destination_stage", "adapter",
                             "schedule", "resize", "lr", "seed", *group_columns(stitched)] if c in shared]
-        mine = _recipe_keys(shared, same)[0][same]                      # canonical strings
-        theirs = _recipe_keys(stitched, same)[0][same].drop_duplicates()
+        mine = recipe_keys(shared, same)[0][same]                      # canonical strings
+        theirs = recipe_keys(stitched, same)[0][same].drop_duplicates()
         run_too = mine.merge(theirs, how="left", on=same, indicator=True)["_merge"] == "both"
         shared = shared[~run_too.to_numpy()]
     if not shared.empty:
@@ -129,7 +129,7 @@ def lr_choice(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR) -> pd.DataFrame:
         rows = df[df["kind"] == kind]
         if rows.empty:
             continue
-        rows, recipe = _recipe_keys(rows)
+        rows, recipe = recipe_keys(rows)
         group = rows.groupby(keys + recipe, dropna=False, sort=False).ngroup()
         lr = rows["lr"].map(canonical)
         means = rows.groupby([group, lr], sort=False)["top1"].mean().rename("top1").reset_index()
@@ -193,7 +193,7 @@ def choose_lrs(df: pd.DataFrame, adapter_lr: float = ADAPTER_LR, all_lrs: bool =
     out = pd.concat([out, lr_choice(out, adapter_lr)], axis=1)
     if all_lrs:
         # a method of a pair run at several lrs (at any gap): one line per lr, named by it
-        keyed, recipe = _recipe_keys(out)
+        keyed, recipe = recipe_keys(out)
         family = ["kind", "source", "destination", "method", *recipe]
         lrs = out["lr"].map(canonical)
         several = lrs.groupby([keyed[c] for c in family], dropna=False).transform("nunique") > 1
@@ -225,7 +225,7 @@ def lr_statement(rows: pd.DataFrame, all_lrs: bool = False) -> str:
     return " · ".join(parts)
 
 
-def _se(values: pd.core.groupby.SeriesGroupBy) -> pd.Series:
+def standard_error(values: pd.core.groupby.SeriesGroupBy) -> pd.Series:
     count = values.count()
     se = values.std(ddof=1) / np.sqrt(count)
     return se.where(count > 1, 0.0).where(count > 0)
@@ -241,7 +241,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     Two recipes in ``df`` give two rows per scenario, never one average.
     """
     df = df if "method" in df.columns else add_labels(df)
-    df, recipe = _recipe_keys(df)
+    df, recipe = recipe_keys(df)
     keys = SCENARIO_KEYS + recipe
     columns = keys + ["kind", "adapter", "resize", "n", "top1_mean", "top1_se", "macs_mean", "macs_se"]
     if df.empty:
@@ -253,9 +253,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         "resize": grouped["resize"].first(),
         "n": grouped["top1"].count(),
         "top1_mean": grouped["top1"].mean(),
-        "top1_se": _se(grouped["top1"]),
+        "top1_se": standard_error(grouped["top1"]),
         "macs_mean": grouped["macs"].mean(),
-        "macs_se": _se(grouped["macs"]),
+        "macs_se": standard_error(grouped["macs"]),
     }).reset_index()
     return out[columns]
 
@@ -270,12 +270,12 @@ def originals(df: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=columns)
     rows = rows.assign(model=rows["source"].where(rows["source"].notna(), rows["destination"]).astype(str))
-    rows, recipe = _recipe_keys(rows, list(EVAL_COLUMNS))   # evaluated otherwise: another reference row
+    rows, recipe = recipe_keys(rows, list(EVAL_COLUMNS))   # evaluated otherwise: another reference row
     grouped = rows.groupby(["model", *recipe], sort=True, dropna=False)
     out = pd.DataFrame({
         "n": grouped["top1"].count(),
         "top1_mean": grouped["top1"].mean(),
-        "top1_se": _se(grouped["top1"]),
+        "top1_se": standard_error(grouped["top1"]),
         "macs_mean": grouped["macs"].mean(),
     }).reset_index()
     out["name"] = out["model"].map(arch_name)

@@ -121,7 +121,7 @@ def legend_title(recipe: dict, rows: pd.DataFrame, drawn: pd.DataFrame, options:
     return "\n".join(textwrap.fill(line, chars) for line in lines if line)
 
 
-def _finish(fig: Figure, title: str) -> Figure:
+def finish_figure(fig: Figure, title: str) -> Figure:
     """The figure's one legend below the panels (every labelled artist once), titled ``title``; star labels
     kept inside their panels; the canvas grown until nothing is cut."""
     handles, labels, seen = [], [], set()
@@ -364,7 +364,7 @@ def accuracy_vs_stage_figure(df: pd.DataFrame, source: str, destination: str,
     fig.suptitle(f"{pair_title(source, destination)}: accuracy vs. stitching gap")
     title = legend_title(recipe, df, rows, options, note, fig.get_size_inches()[0])
     drawn = pd.concat([rows, _original_rows(df, {source, destination})])
-    return _finish(fig, title), drawn
+    return finish_figure(fig, title), drawn
 
 
 def plot_accuracy_vs_stage(df: pd.DataFrame, source: str, destination: str,
@@ -403,7 +403,7 @@ def accuracy_vs_macs_figure(df: pd.DataFrame, source: str, destination: str,
     fig.suptitle(f"{pair_title(source, destination)}: accuracy vs. compute")
     title = legend_title(recipe, df, rows, options, note, fig.get_size_inches()[0])
     drawn = pd.concat([rows, _original_rows(df, {source, destination}).dropna(subset=["macs"])])
-    return _finish(fig, title), drawn
+    return finish_figure(fig, title), drawn
 
 
 def plot_accuracy_vs_macs(df: pd.DataFrame, source: str, destination: str,
@@ -480,7 +480,7 @@ def cross_architecture_figure(df: pd.DataFrame, options: FigureOptions = DEFAULT
                                            + ", ".join(absent)) if p)
     title = legend_title(recipe, df, drawn_rows, options, note, fig.get_size_inches()[0])
     drawn = pd.concat([drawn_rows, _original_rows(df, archs).dropna(subset=["macs"])])
-    return _finish(fig, title), drawn
+    return finish_figure(fig, title), drawn
 
 
 def plot_cross_architecture(df: pd.DataFrame, out_path: str | os.PathLike | None = None,

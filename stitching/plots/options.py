@@ -24,7 +24,7 @@ import pandas as pd
 from stitching import rundir as R
 from stitching.config import READ_ONLY_WHEN, Config
 from stitching.kinds import ORIGINAL, STITCHED
-from stitching.plots.aggregate import _se
+from stitching.plots.aggregate import standard_error
 from stitching.plots.labels import add_labels, arch_name
 from stitching.plots.table import format_accuracy, to_markdown
 from stitching.results.collect import RUN_DIR_COLUMN
@@ -92,9 +92,9 @@ def compare_options(df: pd.DataFrame, runs_dir: str | os.PathLike | None = None)
                         "gap": runs_of["gap"].iloc[0], "method": runs_of["method"].iloc[0],
                         "n": int(runs_of["top1"].count()),
                         "top1_epoch1_mean": runs_of["top1_epoch1"].mean(),
-                        "top1_epoch1_se": _se(runs_of.groupby(option)["top1_epoch1"]).iloc[0],
+                        "top1_epoch1_se": standard_error(runs_of.groupby(option)["top1_epoch1"]).iloc[0],
                         "top1_mean": runs_of["top1"].mean(),
-                        "top1_se": _se(runs_of.groupby(option)["top1"]).iloc[0]}
+                        "top1_se": standard_error(runs_of.groupby(option)["top1"]).iloc[0]}
                 for measure in OPTIONS[option]:
                     line[measure] = (pd.to_numeric(runs_of[measure], errors="coerce").mean()
                                      if measure in runs_of.columns else float("nan"))

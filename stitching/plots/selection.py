@@ -24,7 +24,7 @@ import pandas as pd
 
 from stitching.kinds import ORIGINAL as ORIGINAL_RUN
 from stitching.kinds import STITCHED
-from stitching.plots.aggregate import LR_KEYS, _recipe_keys, _se, lr_candidates
+from stitching.plots.aggregate import LR_KEYS, recipe_keys, standard_error, lr_candidates
 from stitching.plots.labels import add_labels, arch_name, method_sort_key
 from stitching.plots.table import format_accuracy, to_markdown
 from stitching.results.recipe import canonical
@@ -65,7 +65,7 @@ def lr_reasons(rows: pd.DataFrame, adapter_lr: float, all_lrs: bool) -> pd.Serie
     reasons = pd.Series("", index=rows.index)
     if all_lrs or rows.empty:
         return reasons
-    every, recipe = _recipe_keys(lr_candidates(rows, adapter_lr))
+    every, recipe = recipe_keys(lr_candidates(rows, adapter_lr))
     trained = every["kind"].isin(list(LR_KEYS))
     every["_lr"] = every["lr"].map(canonical)
     drawn = set(every.loc[~trained | (every["_lr"] == every["chosen_lr"]), ROW])
@@ -153,7 +153,7 @@ def selection_table(runs: pd.DataFrame, reasons: pd.Series, shown: dict[int, lis
     grouped = table.groupby(keys, sort=False, dropna=False)
     out = grouped.agg(runs=("top1", "count"), mean=("top1", "mean"), _order=("_order", "first"),
                       _s=("_s", "first"), _t=("_t", "first"), _lr=("_lr", "first")).reset_index()
-    se = _se(grouped["top1"]).to_numpy()
+    se = standard_error(grouped["top1"]).to_numpy()
     out["top1"] = [format_accuracy(m, s, n) for m, s, n in zip(out["mean"], se, out["runs"])]
     out["_original"] = out["method"] == "Original"
     out = out.sort_values(["_original", "recipe", "pair", "_s", "_t", "_order", "method", "_lr"], kind="stable",

@@ -26,8 +26,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from stitching.kinds import STITCHED
-from stitching.plots.aggregate import SCENARIO_KEYS, _recipe_keys, _se, choose_lrs
-from stitching.plots.figures import (ACCURACY_LABEL, DEFAULT_OPTIONS, DPI, FigureOptions, NoData, _finish,
+from stitching.plots.aggregate import SCENARIO_KEYS, recipe_keys, standard_error, choose_lrs
+from stitching.plots.figures import (ACCURACY_LABEL, DEFAULT_OPTIONS, DPI, FigureOptions, NoData, finish_figure,
                                      _new_figure, _one_recipe, _style, legend_title, lr_shades, save_figure)
 from stitching.plots.labels import add_labels, arch_name, method_sort_key
 
@@ -62,11 +62,11 @@ def _scenarios(rows: pd.DataFrame) -> pd.DataFrame:
     columns = SCENARIO_KEYS + ["kind", "adapter", "resize", "n", "top1_mean", "top1_se"] + [c for c, _ in PANELS]
     if rows.empty:
         return pd.DataFrame(columns=columns)
-    rows, recipe = _recipe_keys(rows)
+    rows, recipe = recipe_keys(rows)
     grouped = rows.groupby(SCENARIO_KEYS + recipe, dropna=False, sort=True)
     out = pd.DataFrame({
         "kind": grouped["kind"].first(), "adapter": grouped["adapter"].first(), "resize": grouped["resize"].first(),
-        "n": grouped["top1"].count(), "top1_mean": grouped["top1"].mean(), "top1_se": _se(grouped["top1"]),
+        "n": grouped["top1"].count(), "top1_mean": grouped["top1"].mean(), "top1_se": standard_error(grouped["top1"]),
         **{c: pd.to_numeric(grouped[c].mean(), errors="coerce") if c in rows.columns else np.nan
            for c, _ in PANELS},
     }).reset_index()
@@ -164,7 +164,7 @@ def accuracy_vs_cka_figure(df: pd.DataFrame, options: FigureOptions = DEFAULT_OP
                              label=f"{arch_name(source)} → {arch_name(destination)}")
     axes[0].set_ylabel(ACCURACY_LABEL)
     fig.suptitle("Accuracy vs. similarity of the representations at the join")
-    fig = _finish(fig, legend_title(recipe, df, rows, options, note, fig.get_size_inches()[0]))
+    fig = finish_figure(fig, legend_title(recipe, df, rows, options, note, fig.get_size_inches()[0]))
     place_labels(fig, texts)
     return fig, rows
 

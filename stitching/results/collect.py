@@ -22,7 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from stitching import rundir
-from stitching.config import IDENTITY, ConfigError, read_yaml
+from stitching.config import IDENTITY, ConfigError
+from stitching.yamlio import read_yaml
 from stitching.kinds import RUN_KINDS, STITCHED, kinds_with
 from stitching.messages import clip, short_repr
 from stitching.results.recipe import canonical, fill_missing_recipe

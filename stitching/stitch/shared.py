@@ -53,6 +53,19 @@ def parts_of(parts: Parts, modules: list[nn.Module]) -> Parts:
     return Parts(modules[0], blocks, modules[-1])
 
 
+def outputs_after(modules: list[nn.Module], lengths: set[int], x: torch.Tensor) -> dict[int, torch.Tensor]:
+    """One forward of ``modules`` in order on ``x``, up to the longest length asked for: ``{n: the output after the
+    first n modules}`` for every n in ``lengths`` (nothing else kept). The one way the package runs a frozen network
+    once for several depths: a pack's source prefix (:meth:`SharedFrozen.run_prefix`) and a closed-form matrix's
+    activations (:mod:`stitching.matrix.closed_form`)."""
+    out, y = {}, x
+    for n, module in enumerate(modules[:max(lengths)], start=1):
+        y = module(y)
+        if n in lengths:
+            out[n] = y
+    return out
+
+
 def same_network(a: list[nn.Module], b: list[nn.Module]) -> bool:
     """Whether two :func:`chain` lists compute the same function: the same modules, or modules of the same types
     and ``repr`` (so the same hyper-parameters) whose every parameter and buffer is bit-equal."""
@@ -241,10 +254,6 @@ class SharedFrozen:
         outputs = {}
         with autocast():
             for key, lengths in self.lengths.items():
-                modules = self.sources[key].runner
-                y = x
-                for i, module in enumerate(modules[:max(lengths)], start=1):
-                    y = module(y)
-                    if i in lengths:
-                        outputs[(key, i)] = y
+                for n, y in outputs_after(self.sources[key].runner, lengths, x).items():
+                    outputs[(key, n)] = y
         self.cache.outputs, self.cache.key = outputs, PrefixCache.key_of(x)

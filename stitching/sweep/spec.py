@@ -32,11 +32,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stitching.config import IDENTITY, SECTIONS, Config, ConfigError, read_yaml
+from stitching.config import IDENTITY, SECTIONS, Config, ConfigError
+from stitching.launch.slurm import resources
+from stitching.yamlio import parse_value, read_yaml
 from stitching.kinds import FINETUNE, ORIGINAL
 from stitching.validate import load_config, validate
 from stitching.rundir import RUN_KEY_CHARS, identity, run_dir_name
@@ -325,3 +328,27 @@ def _matching_rule(block: Block, point: dict) -> str | None:
 
 
 _UNSET = object()
+
+
+def slurm_groups(runs: list[Run], blocks, overrides: list[str]) -> dict[str, tuple]:
+    """The runs by job array: ``{key: (SlurmResources, runs)}``, one per distinct set of resources (a block's
+    ``slurm:`` with the ``--slurm key=value`` overrides, each typed by the resource it sets, as section.key=value
+    is); one submission (one or more job arrays) per group; ConfigError for a malformed override or resource."""
+    extra = {}
+    fields = typing.get_type_hints(resources.SlurmResources)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("--slurm", item, "command line", "write --slurm key=value")
+        # typed by the resource it sets, as section.key=value is (an unknown key is named by from_dict)
+        extra[key] = parse_value(fields[key], value, f"--slurm {key}") if key in fields else value
+    groups: dict[str, tuple[resources.SlurmResources, list[Run]]] = {}
+    by_block = {b.name: b for b in blocks}
+    for run in runs:
+        spec = {**by_block[run.block].slurm, **extra}
+        try:
+            res = resources.SlurmResources.from_dict(spec, source=f"slurm resources of block {run.block}")
+        except ValueError as err:
+            raise ConfigError("slurm", spec, "sweep", str(err)) from None
+        groups.setdefault(repr(res), (res, []))[1].append(run)
+    return groups

@@ -18,8 +18,8 @@ a directory that became unwritable) stops it with ``EXIT_IO``, earlier files int
 lock updated as far as the directory allows.
 
 Reading order: :func:`run` (outcome -> exit code) -> :func:`_start` (:mod:`stitching.train.opening`: the
-checks, the model and data, the run directory; :func:`stitching.train.step.build_step`, :func:`_resume`) ->
-:func:`_train` (epochs) -> :func:`_train_epoch` -> :func:`_end_epoch` / :func:`_stop` -> :func:`_finish`
+checks, the model and data, the run directory; :func:`stitching.train.step.build_step`, :func:`resume`) ->
+:func:`_train` (epochs) -> :func:`_train_epoch` -> :func:`_end_epoch` / :func:`_stop` -> :func:`finish`
 (:func:`_result_row`: :func:`stitching.results.row.result_row`); :func:`stitching.train.ending.close`.
 The run's state is a :class:`stitching.train.trainer.Trainer`, its position a
 :class:`stitching.train.checkpoint.Position`; evaluation is :mod:`stitching.train.evaluation`, the saved model
@@ -129,11 +129,11 @@ def _start(r: Trainer, force: bool) -> int | None:
     r.st = build_step(r.model, cfg, r.built.kind, r.device, r.precision, r.accum, r.steps_per_epoch, info)
     r.objective = Objective(cfg, r.built, r.device, r.st.channels_last)
     r.train_loader, r.val_loader = O.loaders(r, train_ds, val_ds)
-    _resume(r, force)
+    resume(r, force)
     return None
 
 
-def _resume(r: Trainer, force: bool) -> None:
+def resume(r: Trainer, force: bool) -> None:
     """Load the newest good checkpoint (rank 0 sets damaged ones aside first), else log the start."""
     info = r.info
     ckpt = C.load_latest(r.rundir, set_aside=True) if info.is_main else None
@@ -210,14 +210,14 @@ def _train(r: Trainer) -> int:
         if last_eval is None:               # a stop signal during the evaluation
             return _stop(r, epoch)
     if last_eval is None:                   # train.epochs: 0, an evaluation only
-        last_eval = evaluate(r.st, r.val_loader, r.info, r.to_device[1], _eval_stop(r))
+        last_eval = evaluate(r.st, r.val_loader, r.info, r.to_device[1], eval_stop(r))
         if last_eval is None:
             return _stop(r, None)
-    return _finish(r, last_eval)
+    return finish(r, last_eval)
 
 
 def _train_epoch(r: Trainer, epoch: int) -> bool:
-    """One epoch from micro-batch ``pos['batch']``; True when a stop signal arrived. No host sync
+    """One epoch from micro-batch ``r.pos.batch``; True when a stop signal arrived. No host sync
     per step: the metric sums stay on the device until the epoch ends, the loss and the non-finite flag are
     read at log intervals only (the loss on rank 0 only, for its bar), and under DDP the ranks agree on a
     signal every ``train.preempt_check_every`` steps (:func:`stitching.train.perf.preempt_check_due`; one
@@ -227,7 +227,7 @@ def _train_epoch(r: Trainer, epoch: int) -> bool:
     st.runner.train()
     r.model.train()
     skip = pos.batch
-    batches = itertools.islice(_skipped(r.train_loader, skip), r.steps_per_epoch * r.accum - skip)
+    batches = itertools.islice(skipped(r.train_loader, skip), r.steps_per_epoch * r.accum - skip)
     bar = tqdm(total=r.steps_per_epoch, initial=skip // r.accum, disable=not info.is_main,
                desc=f"epoch {epoch + 1}", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
                leave=False)
@@ -253,7 +253,7 @@ def _train_epoch(r: Trainer, epoch: int) -> bool:
                 r.lock.touch()
             done = st.step - epoch * r.steps_per_epoch    # (not bar.n: a disabled bar, ranks > 0, does not count)
             if done % r.cfg.train.log_every == 0 or done == r.steps_per_epoch:
-                _check_finite(r, epoch)
+                check_finite(r, epoch)
                 if info.is_main:                        # (reading the loss waits for the device)
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{st.lr():.2e}",
                                     img_s=f"{meter.rate():.0f}")
@@ -269,7 +269,7 @@ def _train_epoch(r: Trainer, epoch: int) -> bool:
     return preempted
 
 
-def _check_finite(r: Trainer, epoch: int) -> None:
+def check_finite(r: Trainer, epoch: int) -> None:
     """Stop (:class:`NonFiniteLoss`) if any rank saw a NaN/Inf loss; the last checkpoint stays as it is."""
     first = r.st.nonfinite()
     first = D.all_min(first if first is not None else math.inf, r.device, r.info)
@@ -282,14 +282,14 @@ def _check_finite(r: Trainer, epoch: int) -> None:
 def _end_epoch(r: Trainer, epoch: int) -> dict | None:
     """Evaluate, append the epoch's metrics row, checkpoint; None when a stop signal ended the evaluation
     (the epoch's training is then checkpointed by :func:`_stop`, its evaluation runs again on resume)."""
-    _check_finite(r, epoch)
-    ev = evaluate(r.st, r.val_loader, r.info, r.to_device[1], _eval_stop(r))
+    check_finite(r, epoch)
+    ev = evaluate(r.st, r.val_loader, r.info, r.to_device[1], eval_stop(r))
     if ev is None:
         return None
-    return _record_epoch(r, epoch, ev)
+    return record_epoch(r, epoch, ev)
 
 
-def _record_epoch(r: Trainer, epoch: int, ev: dict) -> dict:
+def record_epoch(r: Trainer, epoch: int, ev: dict) -> dict:
     """Append epoch ``epoch``'s metrics row (its evaluation ``ev``), write ``metrics.csv``, checkpoint; ``ev``."""
     s = D.all_sum(r.pos.sums, r.device, r.info)
     images, seconds, epoch_time = r.pos.take_epoch()
@@ -301,14 +301,14 @@ def _record_epoch(r: Trainer, epoch: int, ev: dict) -> dict:
         r.rundir.write_rows(R.METRICS, METRICS_COLUMNS, r.metrics)
         if r.trackers is not None:
             r.trackers.log(r.metrics[-1])
-    _save_checkpoint(r)
+    save_checkpoint(r)
     row = r.metrics[-1]
     r.say("epoch %d/%d: train_loss %.4f  val top1 %.2f top5 %.2f loss %.4f  %.1f img/s", epoch + 1, r.epochs,
           row["train_loss"], row["top1"], row["top5"], row["val_loss"], row["images_per_s"])
     return ev
 
 
-def _eval_stop(r: Trainer):
+def eval_stop(r: Trainer):
     """The evaluation's look at a stop signal after each batch (``batches done -> stop now?``). Under DDP
     the ranks agree every ``train.preempt_check_every`` batches, on batches every rank has (their shares of
     the validation set may differ by one batch)."""
@@ -324,7 +324,7 @@ def _eval_stop(r: Trainer):
     return stop
 
 
-def _save_checkpoint(r: Trainer) -> None:
+def save_checkpoint(r: Trainer) -> None:
     """Every rank's RNG states and metric sums gathered, rank 0 writes; all ranks wait for it."""
     ranks = C.gather({"rng": C.get_rng(r.device), "sums": r.pos.sums}, r.info)
     if r.info.is_main:
@@ -343,8 +343,8 @@ def _stop(r: Trainer, epoch: int | None) -> int:
     Ctrl-C: say how to resume, exit ``EXIT_INTERRUPTED``."""
     interrupted = r.stop.agreed == S.INTERRUPT
     if epoch is not None:
-        _check_finite(r, epoch)
-        _save_checkpoint(r)
+        check_finite(r, epoch)
+        save_checkpoint(r)
     saved = f"checkpoint saved {r.saved}" if epoch is not None else "an evaluation only: nothing to save"
     if r.info.is_main and interrupted:
         r.ending = f"Ctrl-C (SIGINT): {saved}"
@@ -361,7 +361,7 @@ def _stop(r: Trainer, epoch: int | None) -> int:
     return R.EXIT_INTERRUPTED if interrupted else R.EXIT_PREEMPTED
 
 
-def _finish(r: Trainer, last_eval: dict) -> int:
+def finish(r: Trainer, last_eval: dict) -> int:
     r.pos.wall += time.time() - r.started
     if r.info.is_main:
         if r.cfg.output.save_model:
@@ -374,7 +374,7 @@ def _finish(r: Trainer, last_eval: dict) -> int:
     return R.EXIT_OK
 
 
-def _skipped(loader, skip: int):
+def skipped(loader, skip: int):
     """The loader from micro-batch ``skip`` on (resuming mid-epoch); skipping costs no image loading."""
     start_at(loader, skip)
     return iter(loader)

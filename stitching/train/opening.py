@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from stitching import rundir as R, rundir_lock, rundir_paths
-from stitching.config import IDENTITY, Config, ConfigError, read_yaml
+from stitching.config import IDENTITY, Config, ConfigError
+from stitching.yamlio import read_yaml
 from stitching.data.datasets import build_datasets
 from stitching.data.loaders import build_loader
 from stitching.data.pipeline import batch_to_device

@@ -285,7 +285,7 @@ def _start(pack: Pack, force: bool) -> None:
              f"held once; runs: " + "; ".join(f"{b.label.strip()} {b.rundir.path}" for b in pack.active))
     for b in pack.active:
         with B.scope(b):
-            L._resume(b, force)
+            L.resume(b, force)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -318,7 +318,7 @@ def _train(pack: Pack) -> None:
     for b in pack.active:
         try:
             with B.scope(b):
-                L._finish(b, b.last_eval)
+                L.finish(b, b.last_eval)
         except R.RunDirError as err:
             _end(pack, b, err.exit_code, str(err))
             continue
@@ -339,7 +339,7 @@ def _train_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
         b.st.reset_sums(b.pos.sums)
         b.step_images, b.joined = 0, False
     skip = min(b.pos.batch for b in training)
-    batches = itertools.islice(L._skipped(pack.train_loader, skip), steps * accum - skip)
+    batches = itertools.islice(L.skipped(pack.train_loader, skip), steps * accum - skip)
     bar = tqdm(total=steps, initial=skip // accum, disable=not info.is_main,
                desc=f"epoch {epoch + 1} ({len(training)} runs)", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False)
@@ -406,14 +406,14 @@ def _check_finite(pack: Pack, b: Branch, epoch: int) -> None:
     if b.code is not None:
         return
     try:
-        L._check_finite(b, epoch)
+        L.check_finite(b, epoch)
     except NonFiniteLoss as err:
         _end(pack, b, err.exit_code, str(err))
 
 
 def _end_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
     """The branches that trained epoch ``epoch``: finite checks, one evaluation pass for all, then each one's
-    metrics row and checkpoint (:func:`stitching.train.loop._record_epoch`); False when a stop signal ended the
+    metrics row and checkpoint (:func:`stitching.train.loop.record_epoch`); False when a stop signal ended the
     evaluation (the epoch's training is then checkpointed by :func:`_stop`, its evaluation runs again on
     resume)."""
     for b in training:
@@ -425,7 +425,7 @@ def _end_epoch(pack: Pack, epoch: int, training: list[Branch]) -> bool:
     for b, ev in zip(live, evs):
         try:
             with B.scope(b):
-                b.last_eval = L._record_epoch(b, epoch, ev)
+                b.last_eval = L.record_epoch(b, epoch, ev)
         except R.RunDirError as err:
             _end(pack, b, err.exit_code, str(err))
     return True
@@ -441,7 +441,7 @@ def _evaluate(pack: Pack, branches: list[Branch]) -> list[dict] | None:
     sums = [EV.eval_sums(b.st) for b in branches]
     for b in branches:
         b.st.runner.eval()
-    stop = L._eval_stop(branches[0])
+    stop = L.eval_stop(branches[0])
     try:
         for i, (x, y) in enumerate(pack.val_loader, start=1):
             if stop is not None and i > 1 and stop(i - 1):
@@ -467,7 +467,7 @@ def _stop(pack: Pack, epoch: int | None, training: list[Branch]) -> None:
             if b.code is None:
                 try:
                     with B.scope(b):
-                        L._save_checkpoint(b)
+                        L.save_checkpoint(b)
                     saved_now.add(b.index)
                 except R.RunDirError as err:
                     _end(pack, b, err.exit_code, str(err))
