@@ -216,7 +216,7 @@ def test_one_process_nccl_group_runs_the_collectives_and_a_ddp_step(device):
     try:
         info = SimpleNamespace(enabled=True, rank=0, world_size=1, local_rank=0, is_main=True)
         assert D.all_sum([1.5, 2.0], device, info) == [1.5, 2.0]
-        assert D.any_rank(True, device, info) and not D.any_rank(False, device, info)
+        assert D.all_max(2.0, device, info) == 2.0
         assert D.all_min(3.0, device, info) == 3.0
         t = torch.tensor([4.0], device=device)
         assert D.all_sum_tensor(t, info).item() == 4.0
