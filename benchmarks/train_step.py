@@ -111,14 +111,14 @@ def build_variant(variant: str, stitch: dict, opts: dict, device: torch.device):
     """A function running one optimizer step of variant a, b or c on ``(x, y)``."""
     from stitching.models.weights import load_model
     from stitching.stitch.stitcher import StitchedModel, build_model
-    from stitching.train.step import build_step
-    from stitching.train.step import train_step
+    from stitching.kinds import ORIGINAL
+    from stitching.train.step import build_step, train_step
 
     torch.manual_seed(0)
     steps = 10_000  # the schedule's length: far beyond the benchmark's steps
     if variant == "c":  # trained as the framework trains an original model
         model = load_model(stitch["destination"], False, None, 1000).to(device)
-        st = build_step(model, recipe(opts), "original", device, opts["precision"], 1, steps)
+        st = build_step(model, recipe(opts), ORIGINAL, device, opts["precision"], 1, steps)
         return (lambda x, y: train_step(st, x, y, 0)), st.channels_last
     built = build_model(model_cfg(stitch), img_size=opts["img_size"])
     model = built.model.to(device)

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stitching import cli, rundir  # noqa: E402
+from stitching.kinds import STITCHED  # noqa: E402
 
 SWEEP = ROOT / "configs" / "sweeps" / "mnist_quirks.yaml"
 RUNS = "quirks"                 # the runs folder under OUT
@@ -59,7 +60,7 @@ def paired_deltas(df, column: str, reference: str, other: str):
     (other - reference) with the standard error of the per-seed differences."""
     import pandas as pd
 
-    rows = df[df["kind"] == "stitched"].copy()
+    rows = df[df["kind"] == STITCHED].copy()
     for col, ref, _ in COMPARISONS.values():
         rows[col] = rows[col].astype(str)
         if col != column:

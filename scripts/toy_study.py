@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stitching import cli, rundir  # noqa: E402
+from stitching.kinds import FINETUNE, STITCHED  # noqa: E402
 
 #: the studies (``--data``): each has its configs in configs/<study>/ (resnet18.yaml, vit_tiny.yaml: the
 #: originals' training; stitch.yaml: the stitched runs' recipe) and its sweep template configs/sweeps/<study>.yaml
@@ -254,7 +255,7 @@ def summary(out: Path, results: Path) -> str:
     from stitching.plots.options import at_defaults
 
     agg = aggregate(prepare(at_defaults(df)))
-    agg = agg[agg["kind"].isin(["stitched", "finetune"])]
+    agg = agg[agg["kind"].isin([STITCHED, FINETUNE])]
     if agg.empty:
         return "\n".join(lines)
     agg = agg.sort_values("top1_mean", ascending=False, kind="stable")
@@ -265,7 +266,7 @@ def summary(out: Path, results: Path) -> str:
         pair = f"{arch_name(r['source'])} -> {arch_name(r['destination'])}"
         gap = f"{int(r['source_stage'])}->{int(r['destination_stage'])}"
         err = f" ± {r['top1_se']:.1f}" if r["n"] > 1 else ""
-        star = "*" if r["kind"] == "finetune" else ""
+        star = "*" if r["kind"] == FINETUNE else ""
         lines.append(f"  {pair:<32} {gap}  top1 {r['top1_mean']:5.1f}{err:<6} n={int(r['n'])}  "
                      f"{r['macs_mean'] / 1e9:.3f} GMACs  {r['method']}{star}")
     return "\n".join(lines)
