@@ -91,3 +91,52 @@ def test_eval_preprocessing_is_each_models_own():
     assert tuple(vit["mean"]) == (0.5, 0.5, 0.5) and vit["interpolation"] == "bicubic"
     assert tuple(res["mean"]) == pytest.approx((0.485, 0.456, 0.406))
     assert swin["crop_pct"] == pytest.approx(224 / 232) and swin["interpolation"] == "bicubic"
+
+
+# ------------------------------------------------------------------------- a model family added by a user
+FAMILY_CONFIG = """\
+model: {source: tinycnn, source_stage: 1, destination_stage: 3, adapter: linear, pretrained: false}
+data: {name: synthetic, img_size: 32, num_classes: 10, train_size: 128, val_size: 64, workers: 0}
+train: {epochs: 1, batch_size: 64, device: cpu}
+"""
+#: a user's launcher: the family registered, then ``python -m stitching.train`` itself with the same arguments
+FAMILY_LAUNCHER = ("import runpy; from tests.family_plugin import register_family; register_family(); "
+                   "runpy.run_module('stitching.train', run_name='__main__', alter_sys=True)")
+
+
+def test_a_hand_registered_family_is_checked_against_its_real_model():
+    """docs/architecture.md's recipe, step 2: the declared cuts are traced on the real model (and a wrong stride
+    is caught by the same check)."""
+    from tests.family_plugin import spec
+
+    good = spec()
+    shapes = trace_cuts(good, good.split(good.build(False, 10)), 32)
+    assert shapes[(2, "first")] == (16, 8, 8) and shapes[(4, "end")] == (32, 2, 2)
+    bad = spec(strides=(2, 4, 8, 8))
+    with pytest.raises(RuntimeError, match="stride"):
+        trace_cuts(bad, bad.split(bad.build(False, 10)), 32)
+
+
+@pytest.mark.slow
+def test_a_hand_registered_family_trains_through_the_trainer(tmp_path):
+    """The recipe's step 3: a family registered outside the package (tests/family_plugin.py) stitched and trained
+    by ``stitching.train`` in a process that registered it first, its result row naming it."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cfg = tmp_path / "tiny family.yaml"
+    cfg.write_text(FAMILY_CONFIG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", FAMILY_LAUNCHER, "--config", str(cfg), f"output.dir={tmp_path / 'r'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with (tmp_path / "r" / "result.csv").open() as f:
+        [row] = list(csv.DictReader(f))
+    assert (row["source"], row["destination"], row["source_stage"], row["destination_stage"]) == \
+        ("tinycnn", "tinycnn", "1", "3")
+    assert row["num_adapters"] == "2" and 0 < int(row["trainable_params"]) < int(row["params"])
+    assert 0 <= float(row["top1"]) <= 100

@@ -27,8 +27,9 @@ def split_model(name: str, model: nn.Module, kwargs: dict | None = None) -> Part
 def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, str], tuple[int, int, int]]:
     """Run a zero image through ``parts`` and return (channels, H, W) at every cut point.
 
-    Raises ``RuntimeError`` when a traced channel count differs from the declared one: the registry entry
-    is wrong for this model, and nothing should be stitched on top of it.
+    Raises ``RuntimeError`` when a traced channel count differs from the declared one, or the traced grid from
+    the declared stride (checked where ``img_size`` is a multiple of it): the registry entry is wrong for this
+    model, and nothing should be stitched on top of it (the shape plan is made from the declaration).
     """
     training = [m.training for m in (parts.stem, parts.head)]
     was = {id(b): b.training for b in parts.blocks()}
@@ -54,6 +55,11 @@ def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, 
         if c != declared.channels:
             raise RuntimeError(f"{spec.name}: stage {s} ({where}) declares {declared.channels} channels, "
                                f"the real model gives {c}")
+        grid = shapes[(s, where)][1:]
+        if img_size % declared.stride == 0 and grid != (img_size // declared.stride,) * 2:
+            raise RuntimeError(f"{spec.name}: stage {s} ({where}) declares stride {declared.stride} (a "
+                               f"{img_size // declared.stride}x{img_size // declared.stride} grid at {img_size} px), "
+                               f"the real model gives {grid[0]}x{grid[1]}")
     return shapes
 
 
