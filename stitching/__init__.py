@@ -10,10 +10,12 @@ The Python API (:mod:`stitching.api`; loaded on first use, so ``import stitching
   :mod:`stitching.train` package is callable);
 - ``stitching.load_run(run_dir)``: a finished run's trained model and its result row.
 
-The path of data through the package follows its folders:
-``config`` (YAML contract) -> ``models`` (registry: architectures cut into stages) -> ``stitch``
-(formats, adapters, the stitched module, cost) -> ``train`` (recipe, run directory, resume) ->
-``results`` (tidy CSV rows, collection) -> ``plots`` (the paper's figures and Table 1).
+The path of data through the package follows its folders (docs/architecture.md has it module by module):
+``config`` (the YAML contract) -> ``validate`` (every subsystem's choices) -> ``models`` (registry: architectures
+cut into stages) -> ``stitch`` (shape plan, adapters, the stitched module, cost) -> ``data`` (datasets, loaders)
+-> ``train`` (recipe, checkpoints, resume) -> ``rundir`` (the run directory) -> ``results`` (the row of
+``result.csv``, collection) -> ``plots`` (the paper's figures and Table 1). Around it: ``kinds`` (run and
+adapter kinds), ``sweep`` and ``matrix`` (grids of runs), ``launch`` (local and SLURM launchers).
 """
 
 import importlib

@@ -108,3 +108,39 @@ def test_no_module_grows_past_its_size():
     over = {m: n for m, n in sizes.items() if n > OVERSIZED.get(m, MAX_LINES)}
     assert over == {}, f"modules over {MAX_LINES} lines (or past their OVERSIZED size): {over}"
     assert {m for m in OVERSIZED if sizes.get(m, 0) <= MAX_LINES} == set(), "split: drop it from OVERSIZED"
+
+
+def _table_names(text: str) -> list[str]:
+    """The backquoted names in the first column of a markdown table's rows."""
+    import re
+
+    return [n for line in text.splitlines() if line.startswith("| `")
+            for n in re.findall(r"`([^`]+)`", line.split("|")[1])]
+
+
+def test_the_architecture_doc_names_every_module_and_nothing_that_is_gone():
+    """docs/architecture.md's "What each module owns" table lists each module of the package once."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## What each module owns", 1)[1].split("\n## ", 1)[0]
+    listed = _table_names(section)
+    modules = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py"))
+    assert sorted(listed) == modules, (f"missing: {sorted(set(modules) - set(listed))}, "
+                                       f"gone: {sorted(set(listed) - set(modules))}")
+    assert len(listed) == len(set(listed))
+
+
+def test_the_readme_layout_names_every_top_level_module_and_package():
+    """README.md's Layout table names each top-level module and subpackage of ``stitching/``, and
+    ``stitching/__init__.py``'s path of data names every subpackage."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = {n.rstrip("/") for n in _table_names(section)}
+    top = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert top | packages <= listed, f"not in the README's layout: {sorted((top | packages) - listed)}"
+    assert listed <= top | packages, f"gone from the package: {sorted(listed - top - packages)}"
+    import stitching
+
+    path_of_data = stitching.__doc__.split("The path of data", 1)[1]
+    assert all(f"``{name}``" in path_of_data for name in packages), sorted(
+        n for n in packages if f"``{n}``" not in path_of_data)
