@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from stitching.keyspec import Choices, Column, declare
+from stitching.keyspec import Choices, RecipeColumn, declare
 # ConfigError and CLI (its source name for the command line) are re-exported: the config's error, raised by every
 # config check (stitching.messages owns it)
 from stitching.messages import CLI, ConfigError  # noqa: F401
@@ -48,27 +48,27 @@ class ModelConfig:
     resize: str = "bilinear"                # none | bilinear | strided
     schedule: str = "paper"                 # paper | destination (intermediate adapter shapes)
     adapter_style: str = declare("code", choices=Choices("stitch.plan.ADAPTER_STYLES"),
-                                 recipe=Column("adapter_style", 16, 11, "adapters: {}"))
+                                 recipe=RecipeColumn("adapter_style", 16, 11, "adapters: {}"))
                                             # code | text: adapters as the paper's code or its text builds them
     code_quirks: bool = False               # code style: the paper code's padded 1x1 convs, "no downsample" maps
     pos_embed: str = declare("none", choices=Choices("stitch.posembed.POS_EMBED_MODES"),
-                             recipe=Column("pos_embed", 17, 12, "pos. embed: {}"))
+                             recipe=RecipeColumn("pos_embed", 17, 12, "pos. embed: {}"))
                                             # none | reinject: the destination's position embedding re-added
                                             # to the adapters' output tokens (ViT-like destinations)
-    init: str = declare("default", recipe=Column("init", 18, 13, "init: {}"))
+    init: str = declare("default", recipe=RecipeColumn("init", 18, 13, "init: {}"))
                                             # default (the paper code's) | pytorch (PyTorch's own) | least_squares:
                                             # adapters fitted to the destination's activations first (stitch/lsinit.py)
     init_images: int = declare(2048, read_when=("model.init", ("least_squares",)),
-                               recipe=Column("init_images", 19, 14, ("{} init image", "{} init images"), True))
+                               recipe=RecipeColumn("init_images", 19, 14, ("{} init image", "{} init images"), True))
                                             # least_squares: training images (eval transforms) the fit streams
-    pretrained: bool = declare(True, recipe=Column("pretrained", 2, 27, "pretrained: {}", True))   # false: random init
+    pretrained: bool = declare(True, recipe=RecipeColumn("pretrained", 2, 27, "pretrained: {}", True))   # false: random init
     source_weights: str | None = None       # local weights file (safetensors / torch state dict)
     destination_weights: str | None = None
     random_init: str = declare("none", choices=Choices("stitch.stitcher.RANDOM_INIT"),
-                               recipe=Column("random_init", 3, 28, "random init: {}"))
+                               recipe=RecipeColumn("random_init", 3, 28, "random init: {}"))
                                             # none | source | destination | both: that side built with random
                                             # weights whatever pretrained / *_weights say (matrix controls)
-    source_kwargs: dict | None = declare(None, recipe=Column("model_kwargs", 4, resolved=True))
+    source_kwargs: dict | None = declare(None, recipe=RecipeColumn("model_kwargs", 4, resolved=True))
                                             # constructor arguments (timm / torchvision), e.g. {img_size: 64}
     destination_kwargs: dict | None = None  # null: the source's when the destination is the source, else none
 
@@ -95,13 +95,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = declare("synthetic", choices=Choices("data.datasets.DATASET_NAMES"),
-                        recipe=Column("dataset", 0, 0, "{}", True))     # synthetic | imagefolder
+                        recipe=RecipeColumn("dataset", 0, 0, "{}", True))     # synthetic | imagefolder
     root: str | None = None                 # imagefolder: root/train/<class>/..., root/val/<class>/...
     label: str | None = declare(None, operational=True)
                                             # the dataset's name in figures and tables (null: data.name for
                                             # synthetic, the root folder's name for imagefolder); not identity
-    img_size: int = declare(224, recipe=Column("img_size", 5, 9, "{} px"))
-    num_classes: int | None = declare(None, recipe=Column("num_classes", 1, 29, ("{} class", "{} classes"), True))
+    img_size: int = declare(224, recipe=RecipeColumn("img_size", 5, 9, "{} px"))
+    num_classes: int | None = declare(None, recipe=RecipeColumn("num_classes", 1, 29, ("{} class", "{} classes"), True))
                                             # synthetic: 10; imagefolder: 1000 (checked against the folders)
     train_size: int = 2000                  # synthetic only
     val_size: int = 500                     # synthetic only
@@ -111,25 +111,25 @@ class DataConfig:
                                             # normalised there) | torchvision (PIL, float on the CPU); same distribution
     decode: str = declare("cpu", choices=Choices("data.pipeline.DECODERS"))
                                             # fast pipeline: cpu | gpu (nvJPEG on the training GPU; the CPU where none)
-    auto_augment: bool = declare(True, recipe=Column("auto_augment", 25, 20, "AutoAugment: {}"))
-    min_crop_scale: float = declare(0.08, recipe=Column("min_crop_scale", 26, 21, "crop scale >= {}"))
+    auto_augment: bool = declare(True, recipe=RecipeColumn("auto_augment", 25, 20, "AutoAugment: {}"))
+    min_crop_scale: float = declare(0.08, recipe=RecipeColumn("min_crop_scale", 26, 21, "crop scale >= {}"))
                                             # RandomResizedCrop's smallest area (paper: torchvision's 0.08)
-    hflip: float = declare(0.5, recipe=Column("hflip", 27, 22, "flip p = {}"))
+    hflip: float = declare(0.5, recipe=RecipeColumn("hflip", 27, 22, "flip p = {}"))
                                             # RandomHorizontalFlip's probability (paper: 0.5; 0 for digits, text)
     normalize: str = declare("model", choices=Choices("data.transforms.NORMALIZATIONS"),
-                             recipe=Column("normalize", 24, 19, "mean/std: {}"))
+                             recipe=RecipeColumn("normalize", 24, 19, "mean/std: {}"))
                                             # model (the source's own mean/std) | imagenet (ImageNet's, any model)
     train_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
-                                              recipe=Column("train_interpolation", 28, 23, "train interp.: {}"))
+                                              recipe=RecipeColumn("train_interpolation", 28, 23, "train interp.: {}"))
                                             # crop resizing: null = the source model's | nearest | bilinear | bicubic
     auto_augment_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
-                                                     recipe=Column("auto_augment_interpolation", 29, 24,
+                                                     recipe=RecipeColumn("auto_augment_interpolation", 29, 24,
                                                                    "AA interp.: {}"))
                                             # null = train_interpolation (the paper's code: nearest)
-    eval_crop_pct: float | None = declare(None, recipe=Column("eval_crop_pct", 30, 25, "eval crop {}"))
+    eval_crop_pct: float | None = declare(None, recipe=RecipeColumn("eval_crop_pct", 30, 25, "eval crop {}"))
                                             # null = the source model's own (0.875 = resize 256, crop 224)
     eval_interpolation: str | None = declare(None, choices=Choices("data.transforms.INTERPOLATIONS"),
-                                             recipe=Column("eval_interpolation", 31, 26, "eval interp.: {}"))
+                                             recipe=RecipeColumn("eval_interpolation", 31, 26, "eval interp.: {}"))
                                             # null = the source model's own
     seed: int = 0                           # synthetic data seed
     bad_images: str = declare("error", choices=Choices("data.bad_images.BAD_IMAGE_MODES"))
@@ -139,43 +139,43 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = declare(10, recipe=Column("epochs", 6, 1, ("{} epoch", "{} epochs")))
-    batch_size: int = declare(512, recipe=Column("batch_size", 7, 2, "batch {}"))
+    epochs: int = declare(10, recipe=RecipeColumn("epochs", 6, 1, ("{} epoch", "{} epochs")))
+    batch_size: int = declare(512, recipe=RecipeColumn("batch_size", 7, 2, "batch {}"))
                                             # effective batch = per-device x world size x accumulation
-    per_device_batch_size: int | None = declare(None, recipe=Column("per_device_batch_size", 8, 3, "{}/device", True))
+    per_device_batch_size: int | None = declare(None, recipe=RecipeColumn("per_device_batch_size", 8, 3, "{}/device", True))
                                             # None: batch_size / world size (no accumulation)
-    lr: float = declare(0.002, recipe=Column("lr", 9))
-    weight_decay: float = declare(0.05, recipe=Column("weight_decay", 10, 4, "wd {}"))
+    lr: float = declare(0.002, recipe=RecipeColumn("lr", 9))
+    weight_decay: float = declare(0.05, recipe=RecipeColumn("weight_decay", 10, 4, "wd {}"))
     lr_schedule: str = declare("cosine", choices=("cosine", "constant"),
-                               recipe=Column("lr_schedule", 11, 5, "{}"))   # cosine (to 0) | constant
+                               recipe=RecipeColumn("lr_schedule", 11, 5, "{}"))   # cosine (to 0) | constant
     lr_schedule_unit: str = declare("step", choices=("step", "epoch"),
-                                    recipe=Column("lr_schedule_unit", 12, 6, "per {}"))
-    label_smoothing: float = declare(0.0, recipe=Column("label_smoothing", 13, 7, "label smoothing {}"))
+                                    recipe=RecipeColumn("lr_schedule_unit", 12, 6, "per {}"))
+    label_smoothing: float = declare(0.0, recipe=RecipeColumn("label_smoothing", 13, 7, "label smoothing {}"))
     seed: int = 0
     device: str = declare("auto", choices=("auto", "cpu", "cuda"))
     precision: str = declare("auto", choices=Choices("train.perf.PRECISIONS", first=("auto",)),
-                             recipe=Column("precision", 15, 10, "{}", True))
+                             recipe=RecipeColumn("precision", 15, 10, "{}", True))
                                             # auto (bf16 on CUDA >= 8.0, fp16 below, fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: str | bool = "auto"      # auto (on CUDA for conv parts) | true | false
     fold_bn: bool = True                    # fold frozen BatchNorm into convs (stitched runs only)
     compile: bool = False                   # torch.compile the trainable part
     frozen_bn: str = declare("eval", choices=Choices("stitch.stitcher.FROZEN_BN_MODES"),
-                             recipe=Column("frozen_bn", 20, 15, "frozen BN: {}"))
+                             recipe=RecipeColumn("frozen_bn", 20, 15, "frozen BN: {}"))
                                             # eval | train (the paper's code: frozen parts in train mode, BatchNorm
                                             # statistics re-estimated, stochastic depth on; weights stay frozen)
-    max_steps_per_epoch: int | None = declare(None, recipe=Column("max_steps_per_epoch", 14, 8,
+    max_steps_per_epoch: int | None = declare(None, recipe=RecipeColumn("max_steps_per_epoch", 14, 8,
                                                                   ("max {} step/epoch", "max {} steps/epoch")))
                                             # cap for quick runs; None = the whole epoch
     log_every: int = declare(10, operational=True)
     objective: str = declare("task", choices=Choices("train.objective.OBJECTIVES"),
-                             recipe=Column("objective", 21, 16, "objective: {}"))
+                             recipe=RecipeColumn("objective", 21, 16, "objective: {}"))
                                             # task (cross-entropy) | match (MSE to the destination's activation at
                                             # the join) | distill (KL to the destination's logits) | match_then_task
     distill_temperature: float = declare(4.0, read_when=("train.objective", ("distill",)),
-                                         recipe=Column("distill_temperature", 22, 17, "T = {}", True))
+                                         recipe=RecipeColumn("distill_temperature", 22, 17, "T = {}", True))
                                             # distill: softmax temperature T (the loss is scaled by T^2)
     match_epochs: int | None = declare(None, read_when=("train.objective", ("match_then_task",)),
-                                       recipe=Column("match_epochs", 23, 18, ("{} match epoch", "{} match epochs"),
+                                       recipe=RecipeColumn("match_epochs", 23, 18, ("{} match epoch", "{} match epochs"),
                                                      True))
                                             # match_then_task: epochs of match before task; null = half the epochs
     similarity_images: int = 1024           # validation images for the similarity at the join written to

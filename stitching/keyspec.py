@@ -1,6 +1,6 @@
 """How a config key is declared: :func:`declare` (its default and, as dataclass field metadata, what the tables derived
 from the fields read), :class:`Choices` (choices a subsystem owns, named, not imported: :mod:`stitching.config`
-imports no subsystem) and :class:`Column` (its recipe column and caption words). The fields are in
+imports no subsystem) and :class:`RecipeColumn` (its recipe column and caption words). The fields are in
 :mod:`stitching.config`; :func:`stitching.config.declared` collects one kind of metadata over them.
 """
 
@@ -18,7 +18,7 @@ class Choices:
 
 
 @dataclass(frozen=True)
-class Column:
+class RecipeColumn:
     """A key's recipe column (:mod:`stitching.results.recipe`): its ``name``, its place among the recipe columns
     (``at``: the order of ``result.csv``), its place in a recipe caption (``caption_at``) and its words there
     (``unit``: a format, or (singular, plural)); ``resolved``: the row holds a value worked out from the config
@@ -31,7 +31,7 @@ class Column:
 
 
 def declare(default, *, choices: tuple | Choices | None = None, operational: bool = False,
-            read_when: tuple[str, tuple] | None = None, recipe: Column | None = None):
+            read_when: tuple[str, tuple] | None = None, recipe: RecipeColumn | None = None):
     """Declare a config key: its default and, as field metadata, everything the derived tables read -- ``choices``
     (:data:`stitching.validate.CHOICES`), ``operational`` (:data:`OPERATIONAL_KEYS`), ``read_when`` (another
     key, the values under which this one is read: :data:`READ_ONLY_WHEN`, and the plots' companions) and

@@ -44,7 +44,7 @@ TRAIN_COMMAND = ("-m", "stitching.train", "--run-dir")
 
 
 @dataclasses.dataclass
-class _Stop:
+class _LauncherStop:
     """What the launcher was asked: the signals it received, in order (the main loop passes them on)."""
 
     signal: int | None = None                   # the first one
@@ -70,7 +70,7 @@ def run_local(run_dirs: list, parallel: int = 1, python: str = sys.executable,
     jobs: dict[Path, list[Path]] = {}
     endings: dict[str, rundir_ending.Ending] = {}
     waiting: dict[Path, str] = {}            # run dir -> who holds it (said once)
-    stop = _Stop()
+    stop = _LauncherStop()
     gpus = visible_gpus()
     threads = max(1, usable_cpus() // max(1, min(parallel, len(pending))))
 
@@ -193,7 +193,7 @@ def _member_code(d: Path, pid: int, code: int) -> int:
     return R.EXIT_BUSY if run_lock(rd.path).holder() is not None else code
 
 
-def _pass_on(stop: _Stop, running: dict) -> None:
+def _pass_on(stop: _LauncherStop, running: dict) -> None:
     """Pass each signal the launcher received on to the running trainers, once: SIGINT as SIGINT, SIGTERM and
     SIGHUP as SIGTERM (in the main loop, not in the handler, so that printing cannot re-enter a print the
     signal interrupted)."""

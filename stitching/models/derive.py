@@ -54,10 +54,10 @@ class ArgumentsError(SplitError):
 
 
 @dataclass(frozen=True)
-class Layout:
+class PartPaths:
     """Module paths of each part. ``column``: stem and head are the model's own embedding / head code."""
 
-    kind: str                                   # trunk | column
+    form: str                                   # trunk | column
     stem: tuple[str, ...]
     stages: tuple[tuple[str, ...], ...]
     head: tuple[str, ...]
@@ -133,10 +133,10 @@ class RopeBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- applying
-def apply_layout(layout: Layout, model: nn.Module):
+def apply_layout(layout: PartPaths, model: nn.Module):
     """The :class:`~stitching.models.spec.Parts` of ``model`` (modules shared with it)."""
     get = model.get_submodule
-    if layout.kind == "column":
+    if layout.form == "column":
         rope = getattr(model, "rope", None) is not None
         wrap = (lambda b: RopeBlock(model, b)) if rope else (lambda b: b)
         return Parts(ColumnStem(model), [[wrap(get(p)) for p in st] for st in layout.stages], ColumnHead(model))
@@ -235,7 +235,7 @@ def _reduction(t: torch.Tensor, img: int) -> int | None:
     return img // side if side else None
 
 
-def _derive_trunk(name: str, model: nn.Module, img: int, feature_info: list[dict] | None) -> tuple[Layout, list]:
+def _derive_trunk(name: str, model: nn.Module, img: int, feature_info: list[dict] | None) -> tuple[PartPaths, list]:
     x = torch.randn(1, 3, img, img, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(x)
@@ -302,7 +302,7 @@ def _derive_trunk(name: str, model: nn.Module, img: int, feature_info: list[dict
                 raise SplitError(f"{name}: stage {s + 1} flattens its input")
             blocks += _split_module(used[i], model.get_submodule(used[i]), ins[i], outs[i])
         stages.append(tuple(blocks))
-    layout = Layout("trunk", tuple(used[:start]), tuple(stages), tuple(used[ends[3] + 1:]))
+    layout = PartPaths("trunk", tuple(used[:start]), tuple(stages), tuple(used[ends[3] + 1:]))
     chans = [last[r][1] for r in stage_levels]
     return layout, chans, x, want
 
@@ -313,14 +313,14 @@ def _is_column(model: nn.Module, feature_info: list[dict] | None) -> bool:
             and hasattr(model, "forward_head"))
 
 
-def _derive_column(name: str, model: nn.Module) -> Layout:
+def _derive_column(name: str, model: nn.Module) -> PartPaths:
     depth = len(model.blocks)
     if depth < 4 or depth % 4:
         raise SplitError(f"{name}: {depth} blocks cannot be split into four equal stages")
     if getattr(model, "rope_mixed", False):
         raise SplitError(f"{name}: depth-dependent rotary embeddings (rope_mixed) are not supported")
     k = depth // 4
-    return Layout("column", (), tuple(tuple(f"blocks.{i}" for i in range(s * k, s * k + k)) for s in range(4)), ())
+    return PartPaths("column", (), tuple(tuple(f"blocks.{i}" for i in range(s * k, s * k + k)) for s in range(4)), ())
 
 
 @torch.no_grad()
@@ -466,7 +466,7 @@ def _derive(name: str, library: str, arch: str, tag: str | None, kwargs: dict, f
     else:
         layout, chans, x, want = _derive_trunk(name, model, native, info)
     parts = apply_layout(layout, model)
-    prefix = int(getattr(model, "num_prefix_tokens", 0)) if layout.kind == "column" else 0
+    prefix = int(getattr(model, "num_prefix_tokens", 0)) if layout.form == "column" else 0
     try:
         first, end = _trace_parts(name, parts, native, chans, prefix, x, want)
     except SplitError as err:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:          # the trainer imports this module (via the schema): p
     import pandas as pd
 
 #: result column -> dotted config key (``None``: a value worked out from the config, below). Order = column order
-#: in ``result.csv``. Derived from the keys' declarations (:class:`stitching.keyspec.Column`, ``recipe=``);
+#: in ``result.csv``. Derived from the keys' declarations (:class:`stitching.keyspec.RecipeColumn`, ``recipe=``);
 #: :data:`RECIPE_KEYS`: every column's declaring key, worked out or not.
 RECIPE_KEYS: dict[str, str] = {c.name: k for k, c in sorted(declared("recipe").items(), key=lambda kc: kc[1].at)}
 RECIPE: dict[str, str | None] = {c: None if declared("recipe")[k].resolved else k for c, k in RECIPE_KEYS.items()}
@@ -227,7 +227,7 @@ def recipe_of(df: pd.DataFrame, what: str = "this figure") -> tuple[dict, pd.Dat
 
 
 #: recipe column -> its words; a pair is (singular, plural), the singular for the value 1; in caption order.
-#: Derived from the keys' declarations (:class:`stitching.keyspec.Column`: ``unit``, ``caption_at``).
+#: Derived from the keys' declarations (:class:`stitching.keyspec.RecipeColumn`: ``unit``, ``caption_at``).
 _UNITS = [(c.name, c.unit) for c in sorted((c for c in declared("recipe").values() if c.unit is not None),
                                            key=lambda c: c.caption_at)]
 #: the columns of the short recipe (legend titles; the whole recipe goes into the captions)
