@@ -11,8 +11,7 @@ import typing
 from pathlib import Path
 
 from stitching import rundir as R
-from stitching.config import CLI, SECTIONS, Config, ConfigError
-from stitching import validate as V
+from stitching.config import CLI, SECTIONS, Config, ConfigError, read_config
 
 #: where the keys given to :func:`train` come from, in error messages
 API = "stitching.train()"
@@ -40,7 +39,7 @@ def resolve(config: str | os.PathLike | typing.Mapping | None = None, run_dir: s
         raise ConfigError("--config" if source == CLI else "config", config, source,
                           "give exactly one of a config or a run directory (--config FILE or --run-dir DIR)")
     if run_dir is None:
-        return V.load_config(config, overrides, updates=updates, updates_source=source)
+        return _checked(read_config(config, overrides, updates=updates, updates_source=source))
     file = Path(run_dir) / R.CONFIG
     if not file.is_file():
         raise ConfigError("--run-dir" if source == CLI else "run_dir", str(run_dir), source, f"no {R.CONFIG} in it")
@@ -48,8 +47,18 @@ def resolve(config: str | os.PathLike | typing.Mapping | None = None, run_dir: s
     if "output.dir" in given:
         raise ConfigError("output.dir", given["output.dir"], source, f"the run trains in its run directory "
                           f"{run_dir}: leave output.dir out")
-    return V.load_config(file, overrides, updates={**(updates or {}), "output.dir": str(run_dir)},
-                       updates_source=source, run_dir=True)
+    return _checked(read_config(file, overrides, updates={**(updates or {}), "output.dir": str(run_dir)},
+                                updates_source=source, run_dir=True))
+
+
+def _checked(cfg: Config) -> Config:
+    """``cfg`` validated (:func:`stitching.validate.validate`). Imported here, once the file has been read: the
+    check imports torch and every subsystem (seconds), and a file that cannot be read (a YAML alias bomb, an
+    unknown key) is one line at once without them."""
+    from stitching.validate import validate
+
+    validate(cfg)
+    return cfg
 
 
 def train(config: str | os.PathLike | typing.Mapping | None = None, *, run_dir: str | os.PathLike | None = None,
