@@ -17,6 +17,9 @@ call (its record) plus its core function, wherever that lives (``docs/architectu
 ``finetune`` is a run kind, not an adapter kind: it has no core, no traits and no adapter label; it is the one
 extra value ``model.adapter`` accepts (:func:`adapter_choices`), and the planner turns it into the fine-tuning
 baseline's plan.
+
+Resize modes (:data:`RESIZES`, config ``model.resize``) are declared here too, torch-free, so that collection and the
+figures list them without importing the planner.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ STITCHED = "stitched"
 FINETUNE = "finetune"
 ORIGINAL = "original"
 RUN_KINDS = (STITCHED, FINETUNE, ORIGINAL)
+
+#: resize modes (config ``model.resize``; ``result.csv``'s ``resize``, and the ``|``-joined ``resize_modes``), in
+#: this order wherever several are listed: the planner (:mod:`stitching.stitch.plan`) gives them their meaning
+RESIZES = ("none", "bilinear", "strided")
 TRAINED_KINDS = (STITCHED, FINETUNE)       # the run kinds that train (an original only evaluates)
 
 #: :attr:`AdapterKind.fit`: what least squares fits (``""``: nothing, the kind refuses ``model.init: least_squares``)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stitching.kinds import FINETUNE, ORIGINAL, STITCHED
+from stitching.kinds import FINETUNE, ORIGINAL, RESIZES, STITCHED
 from stitching.plots.labels import add_labels, arch_name
 from stitching.results.collect import infer_resize_modes, normalize_columns
 from stitching.results.schema import REQUIRED_COLUMNS
@@ -84,7 +84,7 @@ def share_resize_free(df: pd.DataFrame) -> pd.DataFrame:
     known = modes != ""
     own = stitched["resize"].map(canonical)
     copies = [stitched[known & modes.map(lambda ms, m=mode: m in ms.split("|")) & (own != mode)]
-              .assign(resize=mode) for mode in ("none", "bilinear", "strided")]
+              .assign(resize=mode) for mode in RESIZES]
     shared = pd.concat(copies, ignore_index=True)
     if not shared.empty:
         # a mode that was also run on its own (outside a sweep) keeps its own rows only

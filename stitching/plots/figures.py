@@ -43,7 +43,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from stitching.kinds import BOTTLENECK, ORIGINAL, STITCHED, TRAINED_KINDS, VIT_BLOCK
+from stitching.kinds import BOTTLENECK, ORIGINAL, RESIZES, STITCHED, TRAINED_KINDS, VIT_BLOCK
 from stitching.plots.aggregate import ADAPTER_LR, aggregate, lr_statement, originals, prepare
 from stitching.plots.labels import ORIGINAL_COLOR, arch_name, method_sort_key, method_style
 from stitching.results.recipe import SHORT_RECIPE, dataset_label, recipe_label, recipe_of
@@ -422,7 +422,7 @@ def best_adapter_rows(prepared: pd.DataFrame, source: str, destination: str) -> 
         vit = rows[rows["adapter"] == VIT_BLOCK.name]
         if not vit.empty:
             # the ViT block has no resize: every mode is the same module; keep one
-            for mode in ("none", "bilinear", "strided"):
+            for mode in RESIZES:
                 if (vit["resize"] == mode).any():
                     return vit[vit["resize"] == mode]
             return vit[vit["resize"] == vit["resize"].iloc[0]]

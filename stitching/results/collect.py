@@ -24,10 +24,9 @@ import pandas as pd
 from stitching import rundir
 from stitching.config import IDENTITY, ConfigError
 from stitching.yamlio import read_yaml
-from stitching.kinds import RUN_KINDS, STITCHED, kinds_with
+from stitching.kinds import RESIZES, RUN_KINDS, STITCHED, kinds_with
 from stitching.messages import clip, short_repr
 from stitching.results.recipe import canonical, fill_missing_recipe
-from stitching.stitch.plan import RESIZES
 from stitching.results.schema import FLOAT_COLUMNS, INT_COLUMNS, REQUIRED_COLUMNS, RESULT_COLUMNS
 
 CONFIG_NAME = rundir.CONFIG

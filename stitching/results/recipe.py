@@ -113,7 +113,8 @@ def model_kwargs_column(cfg) -> str:
 
 def resize_modes(cfg) -> str:
     """``|``-joined resize modes that build the same module as the run ``cfg`` ('' for unstitched runs)."""
-    from stitching.stitch.plan import RESIZES, PlanError, plan_config
+    from stitching.kinds import RESIZES
+    from stitching.stitch.plan import PlanError, plan_config
 
     m = cfg.model
     if cfg.is_original or m.adapter == FINETUNE:

@@ -49,12 +49,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stitching.kinds import FINETUNE, STITCHED, adapter_choices, adapter_kind, kinds_with
+from stitching.kinds import FINETUNE, RESIZES, STITCHED, adapter_choices, adapter_kind, kinds_with
 from stitching.messages import short_repr
 from stitching.models.formats import channels_after, is_token, prefix_tokens
 from stitching.models.spec import ModelSpec
 
-RESIZES = ("none", "bilinear", "strided")
 SCHEDULES = ("paper", "destination")
 ADAPTER_STYLES = ("code", "text")                  # construction: the paper's code, or its text (adapters.py)
 CODE_STYLE = ADAPTER_STYLES[0]                     # the only style model.code_quirks applies to
