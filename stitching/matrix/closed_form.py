@@ -51,7 +51,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stitching import cli
@@ -68,6 +67,7 @@ from stitching.stitch.join import adapted_at_join, destination_at_join, on_desti
 from stitching.stitch.shared import outputs_after
 from stitching.stitch.stitcher import Networks, assemble, load_networks
 from stitching.train.objective import Objective, train_macs
+from stitching.train.evaluation import add_logits, new_sums, result_of
 from stitching.train.opening import batch_split, resolve_device
 from stitching.train.perf import device_name
 from stitching.train.stop import INTERRUPT, NONE, Aborted, StopSignals
@@ -255,7 +255,7 @@ def evaluate_cells(cells: list[Cell], shared: SharedForward, loader, prepare, de
     forward shared; ``shared`` holds the evaluation copies of the networks (folded, channels-last)."""
     from stitching.train.step import autocast
 
-    sums = {id(c): torch.zeros(4, dtype=torch.float64, device=device) for c in cells}
+    sums = {id(c): new_sums(device) for c in cells}
     src_depths = {c.source_depth for c in cells}
     suffixes = {id(c): nn.Sequential(*shared.dst[1][c.receiving_depth:], shared.dst[2]) for c in cells}
     for x, y in loader:
@@ -269,16 +269,9 @@ def evaluate_cells(cells: list[Cell], shared: SharedForward, loader, prepare, de
         for c in cells:
             with autocast(precision, device):
                 logits = suffixes[id(c)](c.built.model.adapters(hs[c.source_depth])).float()
-            s = sums[id(c)]
-            k = min(5, logits.shape[1])
-            topk = logits.topk(k, dim=1).indices
-            s[0] += F.cross_entropy(logits, y, reduction="sum").double()
-            s[1] += (topk[:, 0] == y).sum()
-            s[2] += (topk == y[:, None]).any(dim=1).sum()
-            s[3] += len(y)
+            add_logits(sums[id(c)], logits, y)
     for c in cells:
-        loss, top1, top5, n = sums[id(c)].tolist()
-        c.evaluation = {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss / n}
+        c.evaluation = result_of(*sums[id(c)].tolist())
 
 
 # ------------------------------------------------------------------------------------------ a group

@@ -32,7 +32,27 @@ def evaluate(st: StepState, loader, info: D.DistInfo, prepare=None, stop=None) -
 
 def eval_sums(st: StepState) -> torch.Tensor:
     """An evaluation's running sums on the device (float64: loss, top-1 hits, top-5 hits, images)."""
-    return torch.zeros(4, dtype=torch.float64, device=st.device)
+    return new_sums(st.device)
+
+
+def new_sums(device: torch.device) -> torch.Tensor:
+    """Zeroed evaluation sums on ``device`` (float64: loss, top-1 hits, top-5 hits, images)."""
+    return torch.zeros(4, dtype=torch.float64, device=device)
+
+
+def add_logits(sums: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Add one batch's float logits and labels to ``sums`` (on the device, no host sync)."""
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+    sums[1] += (topk[:, 0] == y).sum()
+    sums[2] += (topk == y[:, None]).any(dim=1).sum()
+    sums[3] += len(y)
+
+
+def result_of(loss_sum: float, top1: float, top5: float, n: float) -> dict:
+    """The evaluation's result from its summed values: top-1, top-5 (percent) and mean loss."""
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss_sum / n}
 
 
 @torch.no_grad()
@@ -42,15 +62,9 @@ def eval_batch(st: StepState, x: torch.Tensor, y: torch.Tensor, sums: torch.Tens
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(st.precision, st.device):
         logits = st.runner(x).float()
-    k = min(5, logits.shape[1])
-    topk = logits.topk(k, dim=1).indices
-    sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
-    sums[1] += (topk[:, 0] == y).sum()
-    sums[2] += (topk == y[:, None]).any(dim=1).sum()
-    sums[3] += len(y)
+    add_logits(sums, logits, y)
 
 
 def eval_result(sums: torch.Tensor, info: D.DistInfo) -> dict:
     """Top-1, top-5 (percent) and mean loss of an evaluation's sums, summed over the ranks (one read)."""
-    loss_sum, top1, top5, n = D.all_sum_tensor(sums, info).tolist()
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "val_loss": loss_sum / n}
+    return result_of(*D.all_sum_tensor(sums, info).tolist())
