@@ -300,4 +300,7 @@ def test_visible_gpus_follow_the_parent():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-aa,GPU-bb,-1,3"}) == ["GPU-aa", "GPU-bb"]
     assert least_busy(["2", "5"], ["2", "5", "2"]) == "5" and least_busy([], []) is None
     env = run_env({"OMP_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": "2,5"}, "5", 8)
-    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "8"
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "3"
+    env = run_env({"MKL_NUM_THREADS": "2"}, None, 8)       # the count a user gave serves the libraries they did not
+    assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["OPENBLAS_NUM_THREADS"]) == ("2", "2", "2")
+    assert run_env({}, None, 8)["OPENBLAS_NUM_THREADS"] == "8" and "CUDA_VISIBLE_DEVICES" not in run_env({}, None, 8)

@@ -10,7 +10,7 @@ run gets one of the GPUs this process may use -- the entries of the parent's ``C
 is set (``"2,5"``: runs get ``"2"`` and ``"5"``, never ``"0"``), else every device CUDA reports -- the least
 busy one, so runs go round-robin when they outnumber the GPUs; and each of the N runs at a time gets
 ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` = the CPUs this process may use (its
-affinity, e.g. a SLURM allocation) / N, unless the parent sets them.
+affinity, e.g. a SLURM allocation) / N, unless the parent sets them (then the first it sets serves the others).
 
 Signals to the launcher: nothing new is started afterwards, and each running trainer is told -- SIGINT
 (Ctrl-C) is passed on as SIGINT (the trainers checkpoint at their next step and exit interrupted; a second
@@ -266,12 +266,16 @@ def usable_cpus() -> int:
 
 
 def run_env(environ, gpu: str | None, threads: int) -> dict[str, str]:
-    """A run's environment: ``environ`` with its GPU and thread counts (those ``environ`` sets are kept)."""
+    """A run's environment: ``environ`` with its GPU and thread counts. Thread counts ``environ`` sets are kept,
+    and the first one it sets (in :data:`THREAD_VARS` order) is the count for those it leaves unset: a user's
+    ``OMP_NUM_THREADS=1`` means one thread for MKL and OpenBLAS too (before, they got ``threads``, and a
+    closed-form group on a busy 2-core machine spent 6x the CPU time in a second BLAS thread)."""
     env = dict(environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    given = next((environ[var] for var in THREAD_VARS if environ.get(var)), str(threads))
     for var in THREAD_VARS:
-        env.setdefault(var, str(threads))
+        env.setdefault(var, given)
     return env
 
 
