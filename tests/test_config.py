@@ -188,3 +188,68 @@ def test_a_value_outside_a_keys_declared_choices_is_one_line_naming_it(tmp_path,
         load_config(base, [f"{key}=bogus"])
     assert err.value.key == key
     assert str(err.value).endswith(f"{key}='bogus': must be one of {', '.join(CHOICES[key])}")
+
+
+# ------------------------------------------------------------------ a new key, following docs/architecture.md
+NEW_KEY_SCRIPT = r"""
+import csv, sys
+from pathlib import Path
+import stitching
+from stitching import config, validate
+from stitching.results import recipe, schema
+from stitching.rundir import identity
+assert Path(stitching.__file__).parent == Path(sys.argv[1]), stitching.__file__   # the edited copy
+assert validate.CHOICES["data.my_flip"] == (False, True)
+assert recipe.RECIPE_KEYS["my_flip"] == "data.my_flip" and recipe.RECIPE_COLUMNS[-1] == "my_flip"
+assert "my_flip" in schema.RESULT_COLUMNS and "data.my_flip" not in config.OPERATIONAL_KEYS
+base = {"model": {"source": "resnet18", "source_stage": 1, "destination_stage": 3, "adapter": "linear",
+                  "pretrained": False},
+        "data": {"name": "synthetic", "img_size": 32, "num_classes": 10, "train_size": 64, "val_size": 32,
+                 "workers": 0},
+        "train": {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 32, "device": "cpu"}}
+a = validate.load_config(base)
+b = validate.load_config(base, ["data.my_flip=true"])
+assert a.data.my_flip is False and b.data.my_flip is True
+assert identity(b.to_dict(), config.IDENTITY) == {**identity(a.to_dict(), config.IDENTITY), "data.my_flip": True}
+try:
+    validate.load_config(base, ["data.my_flip=maybe"])
+    raise SystemExit("a value outside the declared choices was accepted")
+except config.ConfigError as err:
+    assert "data.my_flip" in str(err), err
+run = stitching.train(base, data={"my_flip": True}, output={"dir": sys.argv[2]})
+[row] = list(csv.DictReader((run / "result.csv").open()))
+assert row["my_flip"] == "True", row
+print("new key ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_new_key_is_one_declaration_following_the_recipe(tmp_path):
+    """docs/architecture.md's "How to add a config key", followed on a copy of the package: the field with
+    ``declare(...)`` (choices, a recipe column at the next ``at``), its identity baseline, its ``_one_of`` check.
+    The derived tables hold it, a value outside its choices is one line naming it, it is part of a run's
+    identity, and a run trained with it writes its column to ``result.csv``."""
+    import re
+    import shutil
+
+    from stitching.config import declared
+
+    pkg = tmp_path / "copy" / "stitching"
+    shutil.copytree(ROOT / "stitching", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    at = max(c.at for c in declared("recipe").values()) + 1
+    config = pkg / "config.py"
+    text = config.read_text()
+    field = "    root: str | None = None"
+    assert text.count(field) == 1 and text.count('    "data.name": "synthetic",\n') == 1
+    text = text.replace(field, f'    my_flip: bool = declare(False, choices=(False, True), recipe=RecipeColumn("my_flip", '
+                               f'{at}))   # a new key\n' + field)
+    config.write_text(text.replace('    "data.name": "synthetic",\n',
+                                   '    "data.name": "synthetic",\n    "data.my_flip": False,\n'))
+    checks = pkg / "validate.py"
+    text = checks.read_text()
+    assert len(re.findall(r'_one_of\(cfg, "data.name"\)\n', text)) == 1
+    checks.write_text(text.replace('_one_of(cfg, "data.name")\n', '_one_of(cfg, "data.name")\n    _one_of(cfg, "data.my_flip")\n'))
+    proc = subprocess.run([sys.executable, "-c", NEW_KEY_SCRIPT, str(pkg), str(tmp_path / "run")], cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(pkg.parent), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "new key ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
