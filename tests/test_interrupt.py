@@ -394,11 +394,11 @@ def test_a_launcher_reads_the_real_ending_never_a_checkpoint_that_was_not_saved(
 
 
 # ----------------------------------------------------------------------------------------- the local launcher
-def _sweep_file(tmp_path: Path, seeds: int, epochs: int) -> Path:
+def _sweep_file(tmp_path: Path, seeds: int, epochs: int, train_size: int = 640) -> Path:
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({"base": str(TINY), "grid": {
         "train.device": ["cpu"], "train.epochs": [epochs], "train.seed": list(range(seeds)),
-        "data.train_size": [640], "data.val_size": [64], "data.workers": [1], "train.similarity_images": [0],
+        "data.train_size": [train_size], "data.val_size": [64], "data.workers": [1], "train.similarity_images": [0],
         "output.save_model": [False]}}))
     return spec
 
@@ -462,8 +462,11 @@ def test_a_second_copy_of_the_same_local_sweep_waits_for_the_runs_the_first_hold
     """Two launchers on one sweep (before: the second one's trainer exited 73 on the run the first held, and
     the second launcher reported it FAILED and exited 1 although every run finished): the second waits for
     what the first holds, trains the rest, reports what the other one finished as such; both exit 0, every
-    run is finished and reported done by exactly one launcher."""
-    spec = _sweep_file(tmp_path, seeds=2, epochs=1)
+    run is finished and reported done by exactly one launcher. The held run trains 150 steps (3 epochs of 3,200
+    images), so that it is still held when the second launcher (seconds of start-up) reaches it: 10 steps
+    finished first on a quiet machine once the trainers' BLAS threads followed OMP_NUM_THREADS=1, and the second
+    launcher found the run done instead of held."""
+    spec = _sweep_file(tmp_path, seeds=2, epochs=3, train_size=3200)
     runs = tmp_path / "runs"
     first = _start(_sweep(spec, runs))
     _wait(lambda: runs.is_dir() and any((d / R.LOCK).is_file() for d in _run_dirs(runs))
