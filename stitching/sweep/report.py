@@ -9,7 +9,7 @@ import textwrap
 from collections import Counter
 
 from stitching import rundir as R
-from stitching.kinds import FINETUNE, ORIGINAL
+from stitching.kinds import FINETUNE, ORIGINAL, RESIZES
 from stitching.launch.slurm import resources
 from stitching.sweep import estimate as E
 from stitching.sweep.packs import pack_runs
@@ -21,7 +21,7 @@ WIDTH = 120
 
 
 #: the table's second header row: a method's resize mode, in one letter
-RESIZE_CODES = {"none": "n", "bilinear": "b", "strided": "s"}
+RESIZE_CODES = {mode: mode[0] for mode in RESIZES}
 
 
 def status_of(run: Run) -> str:
