@@ -40,6 +40,25 @@ SLOW = ("Swin (torchvision)", "Swin V2 (timm, derived)", "ConvNeXt (derived)", "
         "ResNet (torchvision, derived)")     # 20-35 s each on a loaded 2-core machine
 
 
+@pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_tracing_leaves_every_module_in_its_mode_and_the_batchnorm_statistics_alone(name, mode):
+    """A split's stem is a wrapper of the network's own modules (in train mode whatever the network's): tracing
+    restores each module's own mode, never the wrapper's onto the network's BatchNorms (a closed-form matrix
+    traces block cuts after putting its frozen networks in eval mode; before, its stem BatchNorms went back to
+    train mode there, computed the fit's targets with batch statistics and overwrote their running ones)."""
+    spec = get_spec(name)
+    model = load_model(name, False, None, 10)
+    parts = spec.split(model)
+    model.train(mode == "train")
+    modes = {id(m): m.training for m in model.modules()}
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    trace_cuts(spec, parts, 32)
+    trace_blocks(spec, parts, 32, model)
+    assert {id(m): m.training for m in model.modules()} == modes
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stats.items())
+
+
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FAMILIES])
 def test_every_family_lists_its_blocks_and_stitches_at_blocks(family):
     name, kwargs, img = FAMILIES[family]

@@ -52,6 +52,9 @@ def _images(n_batches=3, batch=16, seed=1):
 
 
 # ------------------------------------------------------------------------------------------ the shared pass
+BLOCKS = ["model.source_stage=null", "model.destination_stage=null"]     # cuts (i, j) below: block cuts
+
+
 @pytest.mark.parametrize("overrides,cuts", [
     # ResNet-18 with itself (one network: one forward per batch), one- and two-adapter chains, a strided
     # bottleneck, the destination schedule
@@ -63,10 +66,18 @@ def _images(n_batches=3, batch=16, seed=1):
     (["model.adapter=linear_relu", "model.source=vit_tiny_patch16_224", f"model.source_kwargs={VIT}",
       "model.destination=resnet18", "model.destination_kwargs={}", "model.schedule=destination"],
      [(2, 3), (3, 3)]),
+    # block cuts: chains across stage boundaries, each intermediate link fitted to the destination's first block
+    # of the stage between -- forwards (paper schedule: its shapes are ResNet-18's own), and backwards from ViT
+    # blocks into ResNet-18 (destination schedule), besides one-adapter cells
+    ([*BLOCKS, "model.adapter=linear"], [(0, 4), (1, 7), (2, 3), (5, 5)]),
+    ([*BLOCKS, "model.adapter=bottleneck", "model.source=vit_tiny_patch16_224", f"model.source_kwargs={VIT}",
+      "model.destination=resnet18", "model.destination_kwargs={}", "model.schedule=destination"],
+     [(11, 0), (6, 1), (3, 4), (0, 3)]),
 ])
 def test_the_shared_pass_fit_of_every_cell_equals_its_one_cell_least_squares_init(overrides, cuts):
+    keys = ("source_block", "destination_block") if BLOCKS[0] in overrides else ("source_stage", "destination_stage")
     cfgs = [load_config(TINY, ["model.init=least_squares", "train.epochs=0", "model.random_init=none",
-                               *overrides, f"model.source_stage={s}", f"model.destination_stage={t}"])
+                               *overrides, f"model.{keys[0]}={s}", f"model.{keys[1]}={t}"])
             for s, t in cuts]
     nets, cells = CF.build_cells(cfgs)
     images = _images(2, 8)
@@ -274,8 +285,10 @@ def test_the_cli_refuses_adapters_without_a_map_in_one_line(tmp_path):
 
 
 def test_dry_run_counts_the_cells_a_block_matrix_cannot_fit(tmp_path, capsys):
-    """Block cuts across two stage boundaries chain two adapters: no destination activation for the first, so
-    no closed form (the trainer refuses model.init=least_squares there too, now before building)."""
+    """Block cuts across stage boundaries chain adapters, each intermediate one fitted to the destination's first
+    block of the stage between; the paper schedule's backward chains upsample at once, so their first adapter
+    has no such activation: no closed form for them (the trainer refuses model.init=least_squares there too,
+    before building), but with the destination schedule."""
     from stitching.config import ConfigError
     from stitching.matrix.__main__ import main
 
@@ -286,13 +299,17 @@ def test_dry_run_counts_the_cells_a_block_matrix_cannot_fit(tmp_path, capsys):
     assert main([str(spec), "--closed-form", "--launcher", "local", "--runs-dir", str(runs), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "8 groups (one per control and seed" in out
-    assert "cells that cannot be stitched or fitted in closed form: 48" in out     # 6 of 16 cells x 4 x 2 seeds
-    assert "a chain of 2 adapters between block cuts has no destination activation" in out
-    assert "       0 .. ..  x  x\n" in out         # sender block 0: receivers 0 and 2 (two seeds), not 4 or 6
-    assert "total runs: 81 (" in out and not runs.exists()
-    with pytest.raises(ConfigError, match="model.init='least_squares': a chain of 3 adapters between block cuts"):
-        load_config(TINY, ["model.init=least_squares", "model.source_stage=null", "model.destination_stage=null",
-                           "model.source_block=0", "model.destination_block=6"])
+    assert "cells that cannot be stitched or fitted in closed form: 24" in out     # 3 of 16 cells x 4 x 2 seeds
+    assert ("model.schedule: least-squares init fits adapter 1 to the destination's own activation after the first "
+            "block of\n          stage 3 (256@2x2 (image)), but it outputs 256@8x8: use model.schedule=destination") in out
+    assert "       0 .. .. .. ..\n" in out         # sender block 0 into every receiver: chains of 1, 2 and 3
+    assert "       6  x  x .. ..\n" in out         # sender block 6 (stage 4) back into stages 1 and 2: none
+    assert "total runs: 105 (" in out and not runs.exists()
+    back = ["model.init=least_squares", *BLOCKS, "model.source_block=6", "model.destination_block=0"]
+    with pytest.raises(ConfigError, match="model.schedule='paper': least-squares init fits adapter 1 to the "
+                                          "destination's own activation after the first block of stage 3"):
+        load_config(TINY, back)
+    assert load_config(TINY, [*back, "model.schedule=destination"]).model.schedule == "destination"
 
 
 # ------------------------------------------------------------------------------------------ calibrated scores

@@ -23,6 +23,24 @@ def split_model(name: str, model: nn.Module, kwargs: dict | None = None) -> Part
     return get_spec(name, kwargs).split(model)
 
 
+def _eval_mode(*roots: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Put ``roots`` and all their sub-modules in eval mode for a trace; returns every module's own mode.
+
+    A split's stem or head may be a wrapper made by the split (a ``Sequential`` of the network's modules, in
+    train mode whatever the network's), so each module's mode is recorded and restored by itself: restoring the
+    wrapper's would set the network's own modules (its BatchNorms) back to train mode."""
+    was = [(m, m.training) for root in roots for m in root.modules()]
+    for root in roots:
+        root.eval()
+    return was
+
+
+def _restore_mode(was: list[tuple[nn.Module, bool]]) -> None:
+    """Each module back in the mode :func:`_eval_mode` recorded (children first recorded after their parent)."""
+    for m, mode in was:
+        m.training = mode
+
+
 @torch.no_grad()
 def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, str], tuple[int, int, int]]:
     """Run a zero image through ``parts`` and return (channels, H, W) at every cut point.
@@ -31,10 +49,7 @@ def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, 
     the declared stride (checked where ``img_size`` is a multiple of it): the registry entry is wrong for this
     model, and nothing should be stitched on top of it (the shape plan is made from the declaration).
     """
-    training = [m.training for m in (parts.stem, parts.head)]
-    was = {id(b): b.training for b in parts.blocks()}
-    for m in [parts.stem, parts.head, *parts.blocks()]:
-        m.eval()
+    was = _eval_mode(parts.stem, parts.head, *parts.blocks())
     params = itertools.chain(*(m.parameters() for m in (parts.stem, *parts.blocks())))
     device = next(iter(p.device for p in params), torch.device("cpu"))     # (a stem may have none: Swin)
     try:
@@ -47,9 +62,7 @@ def trace_cuts(spec: ModelSpec, parts: Parts, img_size: int) -> dict[tuple[int, 
                     shapes[(s, "first")] = spatial_shape(x, spec.first[s - 1].format)
             shapes[(s, "end")] = spatial_shape(x, spec.end[s - 1].format)
     finally:
-        parts.stem.train(training[0]), parts.head.train(training[1])
-        for b in parts.blocks():
-            b.train(was[id(b)])
+        _restore_mode(was)
     for (s, where), (c, _, _) in shapes.items():
         declared = spec.cut(s, where)
         if c != declared.channels:
@@ -111,9 +124,7 @@ def trace_blocks(spec: ModelSpec, parts: Parts, img_size: int, model: nn.Module 
     last block gives other channels than the spec declares: nothing should be stitched there.
     """
     blocks = parts.blocks()
-    was = [m.training for m in (parts.stem, parts.head, *blocks)]
-    for m in (parts.stem, parts.head, *blocks):
-        m.eval()
+    was = _eval_mode(parts.stem, parts.head, *blocks)
     params = itertools.chain(*(m.parameters() for m in (parts.stem, *blocks)))
     device = next(iter(p.device for p in params), torch.device("cpu"))
     names = block_names(parts, model)
@@ -139,8 +150,7 @@ def trace_blocks(spec: ModelSpec, parts: Parts, img_size: int, model: nn.Module 
                 out.append(TracedBlock(i, names[i], s, k == 0, fmt, c, h, w, 0.0))
                 i += 1
     finally:
-        for m, mode in zip((parts.stem, parts.head, *blocks), was):
-            m.train(mode)
+        _restore_mode(was)
     n = len(out)
     return [TracedBlock(**{**b.__dict__, "relative_depth": (b.index + 1) / n}) for b in out]
 

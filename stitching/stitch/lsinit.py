@@ -55,7 +55,8 @@ from stitching.kinds import FINETUNE, FIT_SHORTCUT, STITCHED, adapter_kind, kind
 from stitching.models.formats import Convert, convert, is_token, prefix_tokens
 from stitching.similarity import LeastSquares, channels_last_samples
 from stitching.stitch.adapters import ADAPTER_INITS, Adapter
-from stitching.stitch.plan import PlanError, Shape, StitchPlan, nominal_shape, plan_config, plan_stitch
+from stitching.stitch.plan import (PlanError, Shape, StitchPlan, first_block_shapes, nominal_shape, plan_config,
+                                   plan_stitch)
 from stitching.stitch.posembed import PosReinject
 
 LEAST_SQUARES = "least_squares"
@@ -75,11 +76,8 @@ def link_targets(plan: StitchPlan, destination_cut: Callable[[int, str], Shape])
         raise PlanError("model.code_quirks", True, "the paper code's padded 1x1 convolutions and 'no downsample' "
                         "maps change the shapes the least-squares fit targets: use model.code_quirks=false or "
                         "model.init=default")
-    if k > 1 and plan.source_stage is None:
-        raise PlanError("model.init", "least_squares", f"a chain of {k} adapters between block cuts has no "
-                        "destination activation for its intermediate links; use a one-adapter gap or "
-                        "model.init=default")
-    points = [(plan.source_stage + n, "first") for n in range(1, k)] + [None]
+    points = [(stage, "first") for stage in plan.link_stages] + [None]
+    assert len(points) == k, f"{plan.link_stages} for a chain of {k}"
     for n, (step, point) in enumerate(zip(plan.steps, points), 1):
         want = plan.destination_cut if point is None else destination_cut(*point)
         where = ("the receiving point" if point is None else f"after the first block of stage {point[0]}")
@@ -117,8 +115,13 @@ def check_config(cfg, specs) -> None:
         raise cfg.error("model.init", f"{m.adapter} adapters have no linear map to fit in closed form (fitted: "
                         f"{', '.join(kinds_with('fit'))}); use model.init=default")
     if blocks:                          # declared block shapes at data.img_size (the trainer checks the traced)
+        from stitching.models.trace import list_blocks
+
         try:
-            link_targets(plan_config(m, cfg.data.img_size), lambda st, w: None)   # (one link: no intermediate)
+            plan = plan_config(m, cfg.data.img_size)
+            firsts = first_block_shapes(list_blocks(m.destination or m.source, m.destination_args(),
+                                                    cfg.data.img_size))
+            link_targets(plan, lambda st, w: firsts[st])
         except PlanError as err:
             raise cfg.error(err.key, str(err)) from None
         return

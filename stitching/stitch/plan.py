@@ -119,6 +119,9 @@ class StitchPlan:
     destination_block: int | None = None
     quirks: bool = False                    # model.code_quirks: the paper code's padding and "no downsample" maps
     end_resize: tuple[int, int] | None = None   # quirks: the last output resized to this size before the destination
+    #: the destination stages whose first block's output the intermediate adapters (all but the last) stand for:
+    #: adapter n of a chain from stage s lands there (``destination`` schedule) -- the least-squares fit's targets
+    link_stages: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -254,7 +257,8 @@ def plan_stitch(src: ModelSpec, dst: ModelSpec, s: int, t: int, adapter: str, re
     if adapter == FINETUNE:
         return _plan_finetune(plan, src, dst, lambda st, w: shape(dst, shapes_dst, st, w))
     k = max(t - s, 1)
-    inter = [shape(dst, shapes_dst, st, "first") for st in range(s + 1, s + k)] if schedule == "destination" else []
+    plan.link_stages = tuple(range(s + 1, s + k))
+    inter = [shape(dst, shapes_dst, st, "first") for st in plan.link_stages] if schedule == "destination" else []
     return _plan_chain(plan, src, dst, k, inter, f"{src.name} {s} -> {dst.name} {t}")
 
 
@@ -297,16 +301,24 @@ def plan_blocks(src: ModelSpec, dst: ModelSpec, i: int, j: int, adapter: str, re
         raise PlanError("model.adapter", adapter, "the fine-tuning baseline takes stage cuts "
                         "(model.source_stage / destination_stage), not block cuts")
     a, b = blocks_src[i], blocks_dst[j]
-    shape = lambda blk: Shape(blk.format, blk.channels, blk.height, blk.width)  # noqa: E731
-    plan = StitchPlan(src.name, dst.name, None, None, adapter, resize, schedule, style, shape(a), shape(b),
-                      working_format=a.format, source_block=i, destination_block=j, quirks=quirks)
+    plan = StitchPlan(src.name, dst.name, None, None, adapter, resize, schedule, style, block_shape(a),
+                      block_shape(b), working_format=a.format, source_block=i, destination_block=j, quirks=quirks)
     k = max(abs(b.stage - a.stage), 1)
     way = 1 if b.stage >= a.stage else -1
-    inter = []
-    if schedule == "destination":
-        firsts = {blk.stage: blk for blk in blocks_dst if blk.first}
-        inter = [shape(firsts[a.stage + way * n]) for n in range(1, k)]
+    plan.link_stages = tuple(a.stage + way * n for n in range(1, k))
+    firsts = first_block_shapes(blocks_dst)
+    inter = [firsts[st] for st in plan.link_stages] if schedule == "destination" else []
     return _plan_chain(plan, src, dst, k, inter, f"{src.name} block {i} -> {dst.name} block {j}")
+
+
+def block_shape(blk) -> Shape:
+    """The output of a block of :func:`~stitching.models.trace.list_blocks` / ``trace_blocks`` as a :class:`Shape`."""
+    return Shape(blk.format, blk.channels, blk.height, blk.width)
+
+
+def first_block_shapes(blocks: list) -> dict[int, Shape]:
+    """Stage -> the output of its first block, from a block list (:func:`~stitching.models.trace.list_blocks`)."""
+    return {blk.stage: block_shape(blk) for blk in blocks if blk.first}
 
 
 def _check_choices(adapter: str, resize: str, schedule: str, style: str, quirks: bool = False) -> None:
