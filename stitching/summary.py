@@ -118,7 +118,7 @@ def build_stitched(cfg):
         raise cfg.error("model.source_stage" if cfg.is_original else "model.adapter",
                         "--similarity needs a stitched config (a join between two networks)")
     try:
-        return build_model(cfg.model, cfg.data.img_size, cfg.num_classes)
+        return build_model(cfg.model, cfg.data.img_size, cfg.num_classes, normalize=cfg.data.normalize)
     except PretrainedError as err:      # offline, no cache: one line, not the hub's traceback
         raise cfg.error(err.key, str(err)) from None
 

@@ -81,7 +81,8 @@ def test_the_shared_pass_fit_of_every_cell_equals_its_one_cell_least_squares_ini
             for s, t in cuts]
     nets, cells = CF.build_cells(cfgs)
     images = _images(2, 8)
-    passes = CF.fit_cells(cells, CF.SharedForward(nets, CF.parts_of(nets)), images, "cpu")
+    passes = CF.fit_cells(cells, CF.SharedForward(nets, CF.parts_of(nets), cells[0].built.destination_input), images,
+                          "cpu")
     assert passes == max(len(c.chain) for c in cells) + 1
     for cfg, cell in zip(cfgs, cells):
         torch.manual_seed(cfg.train.seed)       # the trainer's build, then its fit on the same batches

@@ -314,3 +314,50 @@ def test_a_resumed_run_does_not_fit_again_and_matches_an_uninterrupted_one(tmp_p
     a, b = _row(straight), _row(out)
     for key in ("init_residual", "top1", "val_loss", "train_loss"):
         assert float(a[key]) == float(b[key]), key
+
+
+VIT = {"patch_size": 8, "img_size": 32}
+
+
+@pytest.mark.parametrize("normalize", ["model", "imagenet"])
+def test_the_fit_target_is_the_destination_on_its_own_preprocessing(normalize):
+    """The stitched model sees images preprocessed for its source (ViT-Ti: mean/std 0.5); the target the fit,
+    the similarity and the matching objectives compare with is the destination's activation on ITS preprocessing
+    (ResNet-18: ImageNet's), as the destination computes it alone: the same images through each model's own
+    evaluation transform (their crops made equal; a difference of crop or interpolation is not undone). (Before, the destination ran on the source's normalisation: on the MNIST study's
+    ViT-Ti -> ResNet-18, ResNet-18's own suffix then classified its own activation at 21 % instead of 98 %, and
+    every fitted cell was near chance.)"""
+    from PIL import Image
+
+    from stitching.data.transforms import build_transforms
+    from stitching.stitch.stitcher import Renormalize
+
+    cfg = load_config(TINY, ["model.init=least_squares", "model.source=vit_tiny_patch16_224",
+                             f"model.source_kwargs={VIT}", "model.destination=resnet18", "model.source_stage=2",
+                             "model.destination_stage=3", f"data.normalize={normalize}",
+                             # the same geometry for both models (crop, interpolation): normalisation alone differs
+                             "data.eval_crop_pct=1.0", "data.eval_interpolation=bilinear"])
+    torch.manual_seed(0)
+    built = build_model(cfg.model, cfg.data.img_size, cfg.num_classes, normalize=normalize)
+    assert isinstance(built.destination_input, Renormalize if normalize == "model" else nn.Identity)
+    assert built.target[0] is built.destination_input
+    g = torch.Generator().manual_seed(3)
+    pictures = [Image.fromarray(torch.randint(0, 256, (40, 40, 3), generator=g, dtype=torch.uint8).numpy())
+                for _ in range(4)]
+
+    def seen_by(model_name, kwargs):
+        from stitching.models.registry import get_spec
+        from stitching.models.weights import load_model
+
+        spec = get_spec(model_name, kwargs)
+        _, evaluation = build_transforms(spec.data_config(load_model(model_name, False, None, 10, kwargs)), cfg.data)
+        return torch.stack([evaluation(p) for p in pictures])
+
+    x_source, x_destination = seen_by("vit_tiny_patch16_224", VIT), seen_by("resnet18", None)
+    assert not torch.allclose(x_source, x_destination) or normalize == "imagenet"
+    own = nn.Sequential(*list(built.target)[1:]).eval()      # the destination's stem and blocks, alone
+    with torch.no_grad():
+        torch.testing.assert_close(built.target.eval()(x_source), own(x_destination), rtol=1e-4, atol=1e-4)
+    # a network stitched to itself takes its own preprocessing already
+    self_built = build_model(load_config(TINY).model, 32, 10, normalize="model")
+    assert isinstance(self_built.destination_input, nn.Identity)

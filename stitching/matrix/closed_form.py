@@ -157,18 +157,20 @@ def _activations(stem: nn.Module, blocks: list, depths: set[int], x: torch.Tenso
 
 class SharedForward:
     """One forward of each network per batch: the source's activations at the depths asked for, and the
-    destination's (the same tensors when the destination is the source network)."""
+    destination's (the same tensors when the destination is the source network), computed on its own input
+    (``into``: the cells' :func:`~stitching.stitch.stitcher.destination_input`, as their ``target`` s)."""
 
-    def __init__(self, nets: Networks, parts: tuple):
+    def __init__(self, nets: Networks, parts: tuple, into: nn.Module | None = None):
         self.src, self.dst = parts          # each (stem, blocks, head)
         self.same = nets.same
+        self.into = into if into is not None else nn.Identity()
 
     def __call__(self, x, src_depths: set[int], dst_depths: set[int]) -> tuple[dict, dict]:
         if self.same:
             acts = _activations(self.src[0], self.src[1], src_depths | dst_depths, x)
             return acts, acts
         hs = _activations(self.src[0], self.src[1], src_depths, x) if src_depths else {}
-        ys = _activations(self.dst[0], self.dst[1], dst_depths, x) if dst_depths else {}
+        ys = _activations(self.dst[0], self.dst[1], dst_depths, self.into(x)) if dst_depths else {}
         return hs, ys
 
 
@@ -336,7 +338,7 @@ def build_cells(cfgs: list[Config]) -> tuple[Networks, list[Cell]]:
     cells = []
     for cfg in cfgs:
         torch.set_rng_state(rng)
-        built = assemble(nets, cfg.model, cfg.train.frozen_bn)
+        built = assemble(nets, cfg.model, cfg.train.frozen_bn, cfg.data.normalize)
         lsinit.check_run(cfg, built)
         chain, reinject = lsinit.adapter_chain(built)
         built.model.eval()
@@ -397,7 +399,7 @@ def _compute(group_dir: Path, cfgs: list[Config], total: int, stop: _Stop, say) 
     # the fit: the trainer's images and batches, every cell fed from one forward per network per batch
     per_device, _ = batch_split(cfg0, 1)
     images, n_fit = lsinit.fit_images(cfg0, cells[0].built, per_device)
-    shared = SharedForward(nets, canonical)
+    shared = SharedForward(nets, canonical, cells[0].built.destination_input)
     passes = fit_cells(cells, shared, images, device, stop)
     say(f"{group_dir.name}: fitted {len(cells)} cells on {n_fit} training images in {passes} shared passes "
         f"({time.time() - t0:.1f} s)")

@@ -229,7 +229,8 @@ class _Destination:
 
     def __init__(self, built, points):
         parts = built.destination_parts
-        self.runs = [(built.target if point is None else nn.Sequential(parts.stem, *parts.blocks()[:depth]), cut)
+        self.runs = [(built.target if point is None else
+                      nn.Sequential(built.target[0], parts.stem, *parts.blocks()[:depth]), cut)
                      for point, (depth, cut) in zip(points, link_points(built, points))]
 
 

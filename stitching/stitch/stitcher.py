@@ -27,6 +27,12 @@ are public too: :func:`load_networks` (the two networks loaded, split and traced
 (:data:`RANDOM_INIT`) builds the named side(s) with random weights, whatever ``pretrained`` and the weights
 files say: the controls of a stitching matrix. With ``both`` on a model stitched to itself the two sides stay
 one (random) network, as the real cells are one network.
+
+The stitched model receives images preprocessed for the *source* (``data.normalize: model``: its mean/std).
+``BuiltModel.target`` -- the destination's own network up to the join, whose activation the least-squares fit,
+the similarity at the join and the matching / distillation objectives compare with -- first maps them to the
+destination's own normalisation (:class:`Renormalize`; the identity where the two agree or with ``data.normalize:
+imagenet``), so that it computes the activation the destination computes on its own input.
 """
 
 from __future__ import annotations
@@ -103,6 +109,33 @@ def _load(key: str, *args) -> nn.Module:
         raise
 
 
+class Renormalize(nn.Module):
+    """Per-channel ``x * scale + shift``: an image normalised with one mean/std re-normalised with another
+    (``(x * std_in + mean_in - mean_out) / std_out``); the constants follow the input's device and dtype."""
+
+    def __init__(self, mean_in, std_in, mean_out, std_out):
+        super().__init__()
+        m_in, s_in, m_out, s_out = (torch.tensor(v, dtype=torch.float64) for v in (mean_in, std_in, mean_out, std_out))
+        self.register_buffer("scale", (s_in / s_out).float().view(1, -1, 1, 1))
+        self.register_buffer("shift", ((m_in - m_out) / s_out).float().view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x) + self.shift.to(x)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale.flatten().tolist()}, shift={self.shift.flatten().tolist()}"
+
+
+def destination_input(source_config: dict, destination_config: dict, normalize: str = "model") -> nn.Module:
+    """The map from the stitched model's input (preprocessed with the source's mean/std: ``data.normalize:
+    model``) to the destination's own (its data config's): :class:`Renormalize`, or ``nn.Identity`` where they
+    agree or every model takes ImageNet's (``data.normalize: imagenet``)."""
+    stats = lambda c: tuple(tuple(float(v) for v in c[k]) for k in ("mean", "std"))  # noqa: E731
+    if normalize != "model" or stats(source_config) == stats(destination_config):
+        return nn.Identity()
+    return Renormalize(*stats(source_config), *stats(destination_config))
+
+
 @dataclass
 class BuiltModel:
     """What :func:`build_model` returns: the module, its kind, the source's eval preprocessing, the plan."""
@@ -112,10 +145,13 @@ class BuiltModel:
     data_config: dict       # the source model's own preprocessing (timm data config)
     plan: StitchPlan | None
     target: nn.Module | None = None   # stitched: the destination's own network up to the receiving point
-                                      # (its stem and blocks before the suffix; modules shared, not copied)
+                                      # (destination_input, its stem and blocks before the suffix; modules
+                                      # shared, not copied)
     destination_parts: object = None  # stitched: the destination split (registry.Parts; modules shared)
     destination_cuts: dict | None = None  # stitched: (stage, "first"|"end") -> its traced Shape (plan.Shape)
     source_parts: object = None       # stitched / finetune: the source split (registry.Parts; modules shared)
+    destination_input: nn.Module | None = None  # stitched: the model's input -> the destination's own
+                                                # (:func:`destination_input`), the first module of ``target``
 
 
 @dataclass
@@ -138,6 +174,7 @@ class Networks:
     img_size: int
     blocks_source: list | None = None
     blocks_destination: list | None = None
+    destination_data_config: dict | None = None     # the destination's own preprocessing (timm data config)
 
     def blocks(self) -> tuple[list, list]:
         """(source, destination) traced block lists (block cuts)."""
@@ -148,13 +185,15 @@ class Networks:
         return self.blocks_source, self.blocks_destination
 
 
-def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval") -> BuiltModel:
+def build_model(mcfg, img_size: int = 224, num_classes: int = 1000, frozen_bn: str = "eval",
+                normalize: str = "model") -> BuiltModel:
     """Build the network a config's ``model`` section describes (see :mod:`stitching.config`);
-    ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`)."""
+    ``frozen_bn`` is the config's ``train.frozen_bn`` (:data:`FROZEN_BN_MODES`), ``normalize`` its
+    ``data.normalize`` (the target's :func:`destination_input`)."""
     nets = load_networks(mcfg, img_size, num_classes)
     if nets.destination is None:
         return BuiltModel(nets.source, ORIGINAL, nets.data_config, None)
-    return assemble(nets, mcfg, frozen_bn)
+    return assemble(nets, mcfg, frozen_bn, normalize)
 
 
 def load_networks(mcfg, img_size: int = 224, num_classes: int = 1000) -> Networks:
@@ -185,13 +224,14 @@ def load_networks(mcfg, img_size: int = 224, num_classes: int = 1000) -> Network
     src_shapes = trace_cuts(src_spec, src_parts, img_size)
     dst_shapes = src_shapes if same else trace_cuts(dst_spec, dst_parts, img_size)
     return Networks(src_model, dst_model, src_spec, dst_spec, src_parts, dst_parts, src_shapes, dst_shapes,
-                    data_config, same, img_size)
+                    data_config, same, img_size,
+                    destination_data_config=data_config if same else dst_spec.data_config(dst_model))
 
 
-def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
+def assemble(nets: Networks, mcfg, frozen_bn: str = "eval", normalize: str = "model") -> BuiltModel:
     """The stitched model of ``mcfg``'s cut, adapter, resize, schedule, style and position embedding on the
     loaded ``nets`` (their modules shared, not copied; only the adapters are new, drawn from the global
-    random generator as :func:`build_model` draws them)."""
+    random generator as :func:`build_model` draws them); ``normalize``: the config's ``data.normalize``."""
     src_parts, dst_parts = nets.source_parts, nets.destination_parts
     traced = nets.blocks() if getattr(mcfg, "source_block", None) is not None else None   # block cuts
     cut = layout(mcfg, nets.source_spec, nets.destination_spec, src_parts, dst_parts, nets.source_shapes,
@@ -200,7 +240,8 @@ def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
     src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
     prefix = nn.Sequential(src_parts.stem, *src_blocks[: cut.prefix_end])
     suffix = nn.Sequential(*dst_blocks[cut.suffix_start:], dst_parts.head)
-    target = nn.Sequential(dst_parts.stem, *dst_blocks[: cut.suffix_start])
+    into = destination_input(nets.data_config, nets.destination_data_config or nets.data_config, normalize)
+    target = nn.Sequential(into, dst_parts.stem, *dst_blocks[: cut.suffix_start])
 
     if plan.kind == FINETUNE:
         middle = nn.Sequential(*[dst_blocks[i] for i in cut.kept])
@@ -210,7 +251,7 @@ def assemble(nets: Networks, mcfg, frozen_bn: str = "eval") -> BuiltModel:
     model = StitchedModel(prefix, nn.Sequential(*adapter_layers(mcfg, plan, nets.destination)), suffix,
                           frozen=True, plan=plan, frozen_bn=frozen_bn)
     cuts = {k: Shape(nets.destination_spec.cut(*k).format, *v) for k, v in nets.destination_shapes.items()}
-    return BuiltModel(model, STITCHED, nets.data_config, plan, target, dst_parts, cuts, nets.source_parts)
+    return BuiltModel(model, STITCHED, nets.data_config, plan, target, dst_parts, cuts, nets.source_parts, into)
 
 
 @dataclass(frozen=True)

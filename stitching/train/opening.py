@@ -132,7 +132,8 @@ def build_model(r: Trainer) -> tuple:
     cfg = r.cfg
     torch.manual_seed(cfg.train.seed)
     try:
-        r.built = build_stitched(cfg.model, cfg.data.img_size, cfg.num_classes, frozen_bn=cfg.train.frozen_bn)
+        r.built = build_stitched(cfg.model, cfg.data.img_size, cfg.num_classes, frozen_bn=cfg.train.frozen_bn,
+                                  normalize=cfg.data.normalize)
     except (ValueError, FileNotFoundError) as err:
         key = getattr(err, "key", None) or ("model.destination_weights" if "destination" in str(err)
                                             else "model.source_weights")
