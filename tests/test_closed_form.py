@@ -100,6 +100,37 @@ def test_the_shared_pass_fit_of_every_cell_equals_its_one_cell_least_squares_ini
                          and "model.source=vit_tiny_patch16_224" not in overrides)
 
 
+@pytest.mark.parametrize("budget", [0, 10_000, CF.FIT_CACHE_BYTES])
+def test_the_kept_activations_give_the_streamed_fit_and_spare_the_later_passes_their_forwards(budget):
+    """Chains of 1-3 links (4 passes): with the activations kept (the default budget), only the first pass runs
+    the networks; with none kept (0), or a budget the first batches overflow, every pass runs them; the fitted
+    adapters and residuals are the same numbers whichever way."""
+    cuts = [(0, 4), (7, 1), (2, 3), (5, 5)]
+    cfgs = [load_config(TINY, ["model.init=least_squares", "train.epochs=0", *BLOCKS, "model.adapter=bottleneck",
+                               "model.schedule=destination", f"model.source_block={s}", f"model.destination_block={t}"])
+            for s, t in cuts]
+    images = _images(3, 8)
+
+    def run(cache_bytes):
+        nets, cells = CF.build_cells(cfgs)
+        shared = CF.SharedForward(nets, CF.parts_of(nets), cells[0].built.destination_input)
+        calls = []
+        counted = lambda x, *a: (calls.append(1), CF.SharedForward.__call__(shared, x, *a))[1]  # noqa: E731
+        passes = CF.fit_cells(cells, counted, images, "cpu", cache_bytes=cache_bytes)
+        return passes, len(calls), cells
+
+    passes, forwards, cells = run(budget)
+    _, streamed_forwards, streamed = run(0)
+    assert passes == 4 and streamed_forwards == 4 * 3          # 3 batches a pass
+    assert forwards == (3 if budget == CF.FIT_CACHE_BYTES else 12)
+    for a, b in zip(cells, streamed):
+        assert a.residual == b.residual
+        assert [x["residual"] for x in a.links] == pytest.approx([x["residual"] for x in b.links], rel=0, abs=0,
+                                                                 nan_ok=True)     # (nan: nothing fitted)
+        for (k, v), w in zip(a.built.model.adapters.state_dict().items(), b.built.model.adapters.state_dict().values()):
+            assert torch.equal(v, w), k
+
+
 # ------------------------------------------------------------------------------------------ the command
 @pytest.fixture
 def matrix_file(tmp_path) -> Path:

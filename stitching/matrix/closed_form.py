@@ -24,10 +24,13 @@ only in their cuts -- are computed together, here (:func:`run_group`):
    (``init_residual``: the fit's residual; ``wall_time_s``: the group's wall time shared equally among the
    cells it computed).
 
-Memory is bounded by one batch: the activations of one batch at the blocks the cells read (sender and
+Memory: the fit's first pass keeps the activations the later passes read, for every fit batch, while they total
+at most :data:`FIT_CACHE_BYTES` (2 GiB; the later passes then run no network); past that, and otherwise, it is
+bounded by one batch: the activations of one batch at the blocks the cells read (sender and
 receiver), the cells' accumulators (per link being fitted, float64: ``c_in^2 + c_in c_out + c_in + c_out``
 numbers; the similarity's per cell: three scalars and the least-squares sums of the destination cut's
-channels) and one cell's adapters and suffix at a time in evaluation; nothing grows with the number of images.
+channels) and one cell's adapters and suffix at a time in evaluation; beyond the kept activations, nothing grows
+with the number of images.
 
 A finished cell (``result.csv``) is left alone, so a group stopped (the trainer's signals,
 :mod:`stitching.train.stop`: SIGTERM / SIGUSR1 stop it at the next batch with
@@ -174,29 +177,68 @@ class SharedForward:
         return hs, ys
 
 
-@torch.no_grad()
-def fit_cells(cells: list[Cell], shared: SharedForward, images, device, stop: _Stop | None = None) -> int:
-    """Fit every cell's chain and measure its residual in shared passes over ``images()``; returns the number
-    of passes. Pass p fits link p of every chain longer than p and measures the chains of exactly p links."""
-    passes = 0
+#: the fit's activations kept between its passes up to this many bytes (the sender's and the receiver's at every
+#: depth a pass reads, for every fit batch): each pass after the first then runs no network. Past it, the kept
+#: batches are dropped and every pass runs both networks again (memory back to one batch's activations).
+FIT_CACHE_BYTES = 2 * 2**30
+
+
+def _passes(cells: list[Cell]) -> list[tuple[list, list]]:
+    """Per pass p: (the cells fitting link p: chains longer than p, the cells measured: chains of exactly p)."""
     longest = max(len(c.chain) for c in cells)
-    for p in range(longest + 1):
+    return [([c for c in cells if len(c.chain) > p], [c for c in cells if len(c.chain) == p]) for p in range(longest + 1)]
+
+
+def _depths(p: int, fitting: list[Cell], measured: list[Cell]) -> tuple[set[int], set[int]]:
+    """(sender depths, receiver depths) pass ``p`` reads."""
+    return ({c.source_depth for c in fitting + measured},
+            {c.points[p][0] for c in fitting} | {c.receiving_depth for c in measured})
+
+
+@torch.no_grad()
+def fit_cells(cells: list[Cell], shared: SharedForward, images, device, stop: _Stop | None = None,
+              cache_bytes: int = FIT_CACHE_BYTES) -> int:
+    """Fit every cell's chain and measure its residual in shared passes over ``images()``; returns the number
+    of passes. Pass p fits link p of every chain longer than p and measures the chains of exactly p links.
+    The first pass keeps every activation the later passes read while they fit in ``cache_bytes``
+    (:data:`FIT_CACHE_BYTES`); the later passes then read them instead of running the networks again (the same
+    tensors: the same numbers)."""
+    plan = _passes(cells)
+    every = [_depths(p, *fm) for p, fm in enumerate(plan)]
+    later_src = set().union(*(d[0] for d in every[1:]))
+    later_dst = set().union(*(d[1] for d in every[1:]))
+    kept: list | None = [] if cache_bytes > 0 and len(plan) > 1 else None
+    size = 0
+    passes = 0
+    filled = False
+    for p, (fitting, measured) in enumerate(plan):
         fits = [(c, lsinit.LinkFit(c.built, c.chain, p, c.points[p][1], c.minus if p == len(c.chain) - 1 else None))
-                for c in cells if len(c.chain) > p]
+                for c in fitting]
         for c, link in [f for f in fits if f[1].skip]:
             c.links.append(link.finish())
         fits = [f for f in fits if not f[1].skip]
-        measures = [(c, lsinit.ChainMeasure(c.built, c.chain)) for c in cells if len(c.chain) == p]
+        measures = [(c, lsinit.ChainMeasure(c.built, c.chain)) for c in measured]
         if not fits and not measures:
             continue
-        src_depths = {c.source_depth for c, _ in fits + measures}
-        dst_depths = {c.points[p][0] for c, _ in fits} | {c.receiving_depth for c, _ in measures}
+        src_depths, dst_depths = every[p]
+        from_kept = p > 0 and kept is not None and filled
         passes += 1
         try:
-            for x in images():
+            for x in (kept if from_kept else images()):
                 if stop is not None:
                     stop.check()
-                hs, ys = shared(x.to(device), src_depths, dst_depths)
+                if from_kept:
+                    hs, ys = x
+                elif not filled and kept is not None:      # the first pass: also what the later ones read
+                    hs, ys = shared(x.to(device), src_depths | later_src, dst_depths | later_dst)
+                    size += sum(t.numel() * t.element_size() for t in {id(t): t for t in (*hs.values(),
+                                                                                          *ys.values())}.values())
+                    if size <= cache_bytes:
+                        kept.append((hs, ys))
+                    else:
+                        kept = None                        # too large: every pass runs the networks
+                else:
+                    hs, ys = shared(x.to(device), src_depths, dst_depths)
                 for c, link in fits:
                     link.update(hs[c.source_depth], ys[c.points[p][0]])
                 for c, m in measures:
@@ -204,6 +246,7 @@ def fit_cells(cells: list[Cell], shared: SharedForward, images, device, stop: _S
         finally:
             for _, m in measures:
                 m.close()
+        filled = True                                       # (the first pass that ran kept what it could)
         for c, link in fits:
             c.links.append(link.finish())
         for c, m in measures:
