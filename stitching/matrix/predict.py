@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         atomic_write(out / "prediction.md", text.encode())
         pairs, rhos = {}, {}
         for label, (column, sign) in PREDICTORS.items():     # rho of the oriented predictor, as in the table
-            label += " (lower: better; rho of its negative)" if sign < 0 else ""
+            label += "\n(lower: better; rho of its negative)" if sign < 0 else ""
             pairs[label] = paired(trained, other, column)
             rhos[label] = spearman(pairs[label]["trained"], sign * pairs[label]["predictor"])
         title = ""
