@@ -230,7 +230,7 @@ class _Destination:
     def __init__(self, built, points):
         parts = built.destination_parts
         self.runs = [(built.target if point is None else
-                      nn.Sequential(built.target[0], parts.stem, *parts.blocks()[:depth]), cut)
+                      nn.Sequential(built.destination_input, parts.stem, *parts.blocks()[:depth]), cut)
                      for point, (depth, cut) in zip(points, link_points(built, points))]
 
 

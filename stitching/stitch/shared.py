@@ -182,7 +182,7 @@ class SharedFrozen:
             return True
         m.prefix = nn.Sequential(*hs.modules[:n]).requires_grad_(False).eval()   # frozen, as StitchedModel makes
         m.suffix = nn.Sequential(*hd.modules[k:]).requires_grad_(False).eval()   # its own (other runs' may not be)
-        built.target = nn.Sequential(built.target[0], *hd.modules[:k])      # (its destination_input first)
+        built.target = nn.Sequential(built.destination_input, *hd.modules[:k])
         built.source_parts = parts_of(built.source_parts, hs.modules)
         built.destination_parts = parts_of(built.destination_parts, hd.modules)
         return True
