@@ -23,6 +23,7 @@ from stitching import rundir as R
 from stitching import rundir_ending
 from stitching.validate import load_config
 from stitching.matrix import closed_form as CF
+from stitching.matrix import passes as P
 from stitching.stitch.lsinit import fit
 from stitching.stitch.stitcher import build_model
 from tests.conftest import ROOT
@@ -81,7 +82,7 @@ def test_the_shared_pass_fit_of_every_cell_equals_its_one_cell_least_squares_ini
             for s, t in cuts]
     nets, cells = CF.build_cells(cfgs)
     images = _images(2, 8)
-    passes = CF.fit_cells(cells, CF.SharedForward(nets, CF.parts_of(nets), cells[0].built.destination_input), images,
+    passes = P.fit_cells(cells, P.SharedForward(nets, P.parts_of(nets), cells[0].built.destination_input), images,
                           "cpu")
     assert passes == max(len(c.chain) for c in cells) + 1
     for cfg, cell in zip(cfgs, cells):
@@ -100,7 +101,7 @@ def test_the_shared_pass_fit_of_every_cell_equals_its_one_cell_least_squares_ini
                          and "model.source=vit_tiny_patch16_224" not in overrides)
 
 
-@pytest.mark.parametrize("budget", [0, 10_000, CF.FIT_CACHE_BYTES])
+@pytest.mark.parametrize("budget", [0, 10_000, P.FIT_CACHE_BYTES])
 def test_the_kept_activations_give_the_streamed_fit_and_spare_the_later_passes_their_forwards(budget):
     """Chains of 1-3 links (4 passes): with the activations kept (the default budget), only the first pass runs
     the networks; with none kept (0), or a budget the first batches overflow, every pass runs them; the fitted
@@ -113,16 +114,16 @@ def test_the_kept_activations_give_the_streamed_fit_and_spare_the_later_passes_t
 
     def run(cache_bytes):
         nets, cells = CF.build_cells(cfgs)
-        shared = CF.SharedForward(nets, CF.parts_of(nets), cells[0].built.destination_input)
+        shared = P.SharedForward(nets, P.parts_of(nets), cells[0].built.destination_input)
         calls = []
-        counted = lambda x, *a: (calls.append(1), CF.SharedForward.__call__(shared, x, *a))[1]  # noqa: E731
-        passes = CF.fit_cells(cells, counted, images, "cpu", cache_bytes=cache_bytes)
+        counted = lambda x, *a: (calls.append(1), P.SharedForward.__call__(shared, x, *a))[1]  # noqa: E731
+        passes = P.fit_cells(cells, counted, images, "cpu", cache_bytes=cache_bytes)
         return passes, len(calls), cells
 
     passes, forwards, cells = run(budget)
     _, streamed_forwards, streamed = run(0)
     assert passes == 4 and streamed_forwards == 4 * 3          # 3 batches a pass
-    assert forwards == (3 if budget == CF.FIT_CACHE_BYTES else 12)
+    assert forwards == (3 if budget == P.FIT_CACHE_BYTES else 12)
     for a, b in zip(cells, streamed):
         assert a.residual == b.residual
         assert [x["residual"] for x in a.links] == pytest.approx([x["residual"] for x in b.links], rel=0, abs=0,

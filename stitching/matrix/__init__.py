@@ -10,7 +10,8 @@ receiver and both built with random weights (config ``model.random_init``). The 
 - :mod:`~stitching.matrix.cells`: the cells read back from the tidy results table, their calibrated scores
   against the controls, and the relative depth of each cut.
 - :mod:`~stitching.matrix.closed_form`: closed-form matrices (``--closed-form``): every cell's adapters fitted by
-  least squares and evaluated without training, the cells of one control and seed sharing their passes.
+  least squares and evaluated without training, the cells of one control and seed sharing their passes
+  (:mod:`~stitching.matrix.passes`: the fit, similarity and evaluation passes themselves).
 - :mod:`~stitching.matrix.predict`: how well a closed-form matrix, CKA and the least-squares residual predict
   the trained matrix (Spearman's rho, agreement of the top cells).
 - ``__main__``: the command ``python -m stitching.matrix MATRIX.yaml --launcher local|slurm [--closed-form]
