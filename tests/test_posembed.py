@@ -42,8 +42,8 @@ def test_reinjection_adds_exactly_the_interpolated_embedding():
     # saved with the model: the destination's stem, which holds the embedding, is not part of it
     assert [k for k in reinject.model.state_dict() if "embedding" in k] == \
         [f"adapters.{len(reinject.model.adapters) - 1}.embedding"]
-    pos = reinject.target[0].pos_embed                                         # the destination's (ViTStem)
-    assert torch.equal(pos, plain.target[0].pos_embed)
+    pos = reinject.destination_parts.stem.pos_embed                            # the destination's (ViTStem)
+    assert torch.equal(pos, plain.destination_parts.stem.pos_embed)
     x = torch.randn(2, 3, 32, 32)
     added = _suffix_input(reinject, x) - _suffix_input(plain, x)
     # 32 px, 16 px patches: the 14x14 grid of the embedding resampled to 2x2; the class token keeps its row
