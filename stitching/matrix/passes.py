@@ -49,12 +49,10 @@ class Cell:
         return self.points[-1][0]
 
 
-
 def parts_of(nets: Networks) -> tuple:
     """((stem, blocks, head) of the source, the same of the destination): what :class:`SharedForward` runs."""
     return ((nets.source_parts.stem, nets.source_parts.blocks(), nets.source_parts.head),
             (nets.destination_parts.stem, nets.destination_parts.blocks(), nets.destination_parts.head))
-
 
 
 def _activations(stem: nn.Module, blocks: list, depths: set[int], x: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -126,7 +124,7 @@ def fit_cells(cells: list[Cell], shared: SharedForward, images, device, stop=Non
         if not fits and not measures:
             continue
         src_depths, dst_depths = every[p]
-        from_kept = p > 0 and kept is not None and filled
+        from_kept = filled and kept is not None
         passes += 1
         try:
             for x in (kept if from_kept else images()):

@@ -36,7 +36,7 @@ def _eval_mode(*roots: nn.Module) -> list[tuple[nn.Module, bool]]:
 
 
 def _restore_mode(was: list[tuple[nn.Module, bool]]) -> None:
-    """Each module back in the mode :func:`_eval_mode` recorded (children first recorded after their parent)."""
+    """Each module back in the mode :func:`_eval_mode` recorded, set on the module alone (not its children)."""
     for m, mode in was:
         m.training = mode
 

@@ -240,7 +240,7 @@ def assemble(nets: Networks, mcfg, frozen_bn: str = "eval", normalize: str = "mo
     src_blocks, dst_blocks = src_parts.blocks(), dst_parts.blocks()
     prefix = nn.Sequential(src_parts.stem, *src_blocks[: cut.prefix_end])
     suffix = nn.Sequential(*dst_blocks[cut.suffix_start:], dst_parts.head)
-    into = destination_input(nets.data_config, nets.destination_data_config or nets.data_config, normalize)
+    into = destination_input(nets.data_config, nets.destination_data_config, normalize)
     target = nn.Sequential(into, dst_parts.stem, *dst_blocks[: cut.suffix_start])
 
     if plan.kind == FINETUNE:
