@@ -18,8 +18,10 @@ STUDY=$(realpath "${1:-runs/mnist}")
 shift $(( $# > 0 ? 1 : 0 ))
 D=$STUDY/measure
 mkdir -p "$D"
+# the study's folder inside the templates' single-quoted YAML strings ('' for '), escaped for sed
+FOLDER=$(printf '%s' "$STUDY" | sed -e "s/'/''/g" -e 's/[\\|&]/\\&/g')
 for f in "$HERE"/*.yaml; do                 # the matrix files, their base the study's own configs
-  sed "s|STUDY|$STUDY|" "$f" > "$D/$(basename "$f")"
+  sed "s|STUDY|$FOLDER|" "$f" > "$D/$(basename "$f")"
 done
 T=$D/times.txt
 MATRICES=("$@")
